@@ -1,0 +1,7 @@
+//! The S-CORE algorithm as pure, synchronous Rust: the data-centre tree and
+//! its cost model (paper eq. 1), the migration decision (eq. 2), the token and
+//! its policies, and the wire format of every peer message. No I/O, no clock,
+//! no randomness that is not passed in: the agent and the simulator drive the
+//! same functions.
+
+pub mod token;

@@ -1,0 +1,2 @@
+//! score-sim: replays the paper's evaluation on score-core.
+fn main() {}
