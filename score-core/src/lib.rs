@@ -4,4 +4,9 @@
 //! no randomness that is not passed in: the agent and the simulator drive the
 //! same functions.
 
+pub mod cost;
+pub mod decision;
+pub mod policy;
 pub mod token;
+pub mod topology;
+pub mod wire;
