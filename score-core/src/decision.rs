@@ -1,1 +1,516 @@
-//! (being written)
+//! The migration decision for one VM (paper §II equation 2, §III-F).
+//!
+//! The holder of the token for VM u on host x calls [`plan`] with u's peers
+//! (their hosts and rates λ(z,u), both directions summed). The plan holds u's
+//! current cost and the candidate hosts in the paper's order (§III-F.3): the
+//! hosts of u's peers, ranked by the communication cost of the peer that lives
+//! there, λ(u,z)·W(ℓ(x, host(z))), highest first, ties to the lower peer VM
+//! ID, each host once, x excluded. Every candidate y carries the cost u would
+//! have there and its benefit `2·Σ_z λ(z,u)·(W(ℓ(x,z)) − W(ℓ(y,z)))`, which is
+//! exactly the drop of the equation 1 total (each pair counted twice, see
+//! [`crate::cost`]).
+//!
+//! [`Plan::decide`] then asks for the capacity of candidates, lazily, through a
+//! callback (the agent asks hosts over the network), and applies a [`Rule`]:
+//!
+//! - [`Rule::PaperFirst`] walks the candidates in order and migrates to the
+//!   first one whose benefit is strictly greater than c_m and which has room
+//!   (a free slot and enough free memory). A full host (or one that does not
+//!   answer: the callback returns `None`) is skipped and the walk goes on; a
+//!   candidate whose benefit is not above c_m is skipped as well, *without*
+//!   asking its capacity, since its answer could not change the outcome. So
+//!   the result is the paper's ("repeated until a hypervisor with available
+//!   capacity is found, the overall communication cost of moving to that
+//!   hypervisor is reduced"), with fewer capacity requests.
+//! - [`Rule::BestBenefit`] takes, among all candidates with room, the one with
+//!   the largest benefit, if it is above c_m. It asks candidates in order of
+//!   decreasing benefit (ties in candidate order) and stops at the first with
+//!   room, which is the same answer as asking them all.
+//!
+//! The paper's rule can leave a better host unused (it takes the first that
+//! improves, not the best); best-benefit needs, in the worst case, as many
+//! capacity answers but moves each VM further down in one step.
+//!
+//! c_m is [`MigrationCost::Absolute`] or [`MigrationCost::FractionOfVmCost`]
+//! (c_m = f × u's current cost). The test "benefit > c_m" is strict. A
+//! negative c_m is taken as 0 (a move must never raise the total cost); a NaN
+//! c_m never migrates.
+//!
+//! Costs are computed from per-level rate sums (peers grouped by host, then by
+//! rack, pod, ... in one pass), so a candidate that is as good as the current
+//! host gets a benefit of exactly 0 in the cases that matter (swapping a peer
+//! on the own host for one on the candidate, ...), and c_m = 0 does not move
+//! VMs back and forth on rounding noise. Planning costs O(P log P + C·depth·log P)
+//! for P peers and C candidates.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::VmId;
+use crate::topology::{HostId, Topology};
+
+/// One peer z of the deciding VM u.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peer {
+    /// The peer's VM ID.
+    pub id: VmId,
+    /// The host it runs on.
+    pub host: HostId,
+    /// λ(z, u): all traffic between z and u, both directions summed.
+    pub rate: f64,
+}
+
+/// What a candidate host answers to a capacity request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    /// How many more VMs it can host.
+    pub free_slots: u32,
+    /// Free memory for VMs, in MiB.
+    pub free_mem_mb: u64,
+}
+
+impl Capacity {
+    /// Whether a VM needing `mem_need_mb` MiB fits: one free slot and the memory.
+    pub fn fits(&self, mem_need_mb: u64) -> bool {
+        self.free_slots >= 1 && self.free_mem_mb >= mem_need_mb
+    }
+}
+
+/// How [`Plan::decide`] chooses among candidates (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rule {
+    /// The paper's: the first candidate in order with room and benefit > c_m.
+    #[default]
+    PaperFirst,
+    /// The candidate with room and the largest benefit, if above c_m.
+    BestBenefit,
+}
+
+impl Rule {
+    /// Every rule.
+    pub const ALL: [Rule; 2] = [Rule::PaperFirst, Rule::BestBenefit];
+
+    /// The rule's name in configuration and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::PaperFirst => "paper-first",
+            Rule::BestBenefit => "best-benefit",
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Error parsing a [`Rule`] name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    /// The name is not one of the rules.
+    #[error("unknown rule {0:?} (expected paper-first or best-benefit)")]
+    UnknownRule(String),
+}
+
+impl FromStr for Rule {
+    type Err = DecisionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Rule::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| DecisionError::UnknownRule(s.to_string()))
+    }
+}
+
+/// The migration cost c_m of equation 2.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationCost {
+    /// A fixed value, in the unit of the benefit (rate × weight).
+    Absolute(f64),
+    /// A fraction of the deciding VM's current cost C(u).
+    FractionOfVmCost(f64),
+}
+
+impl Default for MigrationCost {
+    /// c_m = 0, as in the paper's simulations (§IV-A).
+    fn default() -> Self {
+        MigrationCost::Absolute(0.0)
+    }
+}
+
+impl MigrationCost {
+    /// c_m for a VM whose current cost is `cost_before`; negative values are
+    /// taken as 0, NaN stays NaN (and then nothing migrates).
+    pub fn threshold(self, cost_before: f64) -> f64 {
+        let c = match self {
+            MigrationCost::Absolute(a) => a,
+            MigrationCost::FractionOfVmCost(f) => f * cost_before,
+        };
+        if c < 0.0 { 0.0 } else { c }
+    }
+}
+
+/// A candidate host for the deciding VM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// The candidate host.
+    pub host: HostId,
+    /// The peer that made it a candidate (the most costly one living there).
+    pub peer: VmId,
+    /// That peer's communication cost now, λ(u,z)·W(ℓ(x, host)): the rank key.
+    pub peer_cost: f64,
+    /// C(u) if u ran on this host.
+    pub cost_after: f64,
+    /// 2·(C(u) now − C(u) there): the drop of the equation 1 total.
+    pub benefit: f64,
+    /// u's level if it ran on this host.
+    pub level_after: u8,
+}
+
+/// The costs of VM u now and on every candidate host, in the paper's order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The deciding VM.
+    pub vm: VmId,
+    /// Its host now.
+    pub host: HostId,
+    /// C(u) now: Σ_z λ(z,u)·W(ℓ(x, z)).
+    pub cost_before: f64,
+    /// u's level now: the highest level its traffic crosses.
+    pub level: u8,
+    /// u's aggregate load: Σ_z λ(z,u).
+    pub load: f64,
+    /// Number of peers taken into account.
+    pub peers_used: u32,
+    /// Peers ignored: a rate that is zero, negative or not finite, a host
+    /// that the topology does not have, or the VM itself.
+    pub peers_ignored: u32,
+    /// The candidate hosts, in the paper's order.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Why a VM stays where it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StayReason {
+    /// It has no (usable) peer.
+    NoPeers,
+    /// All its peers run on its own host: it already costs nothing.
+    AllPeersLocal,
+    /// No candidate's benefit is above c_m (whatever their room).
+    NotWorthIt {
+        /// The largest benefit among the candidates.
+        best_benefit: f64,
+        /// The candidate that has it.
+        best_host: HostId,
+        /// The c_m it had to exceed.
+        c_m: f64,
+    },
+    /// Some candidates' benefit is above c_m, but none of them has room (or
+    /// answered).
+    NoRoom {
+        /// Capacity requests made (all refused).
+        asked: u32,
+        /// The c_m in force.
+        c_m: f64,
+    },
+}
+
+/// The outcome of equation 2 for one VM, with its numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Migrate u from `from` to `to`.
+    Migrate {
+        /// The VM.
+        vm: VmId,
+        /// Its host now.
+        from: HostId,
+        /// The chosen host.
+        to: HostId,
+        /// C(u) now.
+        cost_before: f64,
+        /// C(u) on `to`.
+        cost_after: f64,
+        /// 2·(cost_before − cost_after): the drop of the equation 1 total.
+        benefit: f64,
+        /// The c_m it exceeded.
+        c_m: f64,
+        /// u's level on `to` (what the holder writes in the token).
+        level_after: u8,
+        /// Capacity requests made.
+        asked: u32,
+    },
+    /// u stays on its host.
+    Stay {
+        /// The VM.
+        vm: VmId,
+        /// Its host.
+        host: HostId,
+        /// C(u) now.
+        cost_before: f64,
+        /// u's level now (what the holder writes in the token).
+        level: u8,
+        /// Why it stays.
+        reason: StayReason,
+    },
+}
+
+impl Decision {
+    /// Whether nothing is to be done (u stays).
+    pub fn is_noop(&self) -> bool {
+        matches!(self, Decision::Stay { .. })
+    }
+
+    /// The destination host, if u migrates.
+    pub fn target(&self) -> Option<HostId> {
+        match *self {
+            Decision::Migrate { to, .. } => Some(to),
+            Decision::Stay { .. } => None,
+        }
+    }
+
+    /// C(u) before the decision.
+    pub fn cost_before(&self) -> f64 {
+        match *self {
+            Decision::Migrate { cost_before, .. } | Decision::Stay { cost_before, .. } => {
+                cost_before
+            }
+        }
+    }
+
+    /// C(u) after the decision (unchanged when u stays).
+    pub fn cost_after(&self) -> f64 {
+        match *self {
+            Decision::Migrate { cost_after, .. } => cost_after,
+            Decision::Stay { cost_before, .. } => cost_before,
+        }
+    }
+
+    /// The drop of the equation 1 total (0 when u stays).
+    pub fn benefit(&self) -> f64 {
+        match *self {
+            Decision::Migrate { benefit, .. } => benefit,
+            Decision::Stay { .. } => 0.0,
+        }
+    }
+
+    /// u's level after the decision: what the holder writes in the token.
+    pub fn level_after(&self) -> u8 {
+        match *self {
+            Decision::Migrate { level_after, .. } => level_after,
+            Decision::Stay { level, .. } => level,
+        }
+    }
+}
+
+/// Peer rates summed per group at every level, groups in host order.
+struct LevelSums {
+    /// `sums[l]`: (group at level l, Σ rate of peers in it), sorted by group.
+    /// Levels 0..depth; the root's sum is `total`.
+    sums: Vec<Vec<(u32, f64)>>,
+    total: f64,
+}
+
+impl LevelSums {
+    /// `hosts` sorted by host ID, one entry per host.
+    fn new(topo: &Topology, hosts: Vec<(HostId, f64)>) -> Self {
+        let depth = topo.depth();
+        let total = hosts.iter().map(|&(_, r)| r).sum();
+        let mut sums = Vec::with_capacity(usize::from(depth));
+        sums.push(hosts);
+        // Host IDs are in tree order, so every group is a run of consecutive
+        // entries: merging runs of the level below gives this level, and a
+        // group with a single child gets that child's sum bit for bit.
+        for l in 1..depth {
+            let below = &sums[usize::from(l) - 1];
+            let mut out: Vec<(u32, f64)> = Vec::with_capacity(below.len());
+            for &(child, r) in below {
+                // Any host of the child group tells its parent.
+                let any_host = topo.group_hosts(l - 1, child).start;
+                let g = topo.group_of(any_host, l);
+                match out.last_mut() {
+                    Some(last) if last.0 == g => last.1 += r,
+                    _ => out.push((g, r)),
+                }
+            }
+            sums.push(out);
+        }
+        LevelSums { sums, total }
+    }
+
+    /// Rate of peers at each level 0..=depth from host `y`, and `y`'s cost
+    /// and level. S_l(y) is the sum in y's level-l group; peers at exactly
+    /// level l are S_l − S_{l−1}.
+    fn cost_at(&self, topo: &Topology, y: HostId) -> (f64, u8) {
+        let depth = topo.depth();
+        let w = topo.weights();
+        let mut prev = self.lookup(0, y);
+        let mut cost = 0.0;
+        let mut level = 0u8;
+        for l in 1..=depth {
+            let s = if l == depth {
+                self.total
+            } else {
+                self.lookup(l, topo.group_of(y, l))
+            };
+            let at_l = s - prev;
+            if at_l > 0.0 {
+                cost += w.cumulative(l) * at_l;
+                level = l;
+            }
+            prev = s;
+        }
+        (cost, level)
+    }
+
+    fn lookup(&self, level: u8, group: u32) -> f64 {
+        let v = &self.sums[usize::from(level)];
+        match v.binary_search_by_key(&group, |&(g, _)| g) {
+            Ok(i) => v[i].1,
+            Err(_) => 0.0,
+        }
+    }
+}
+
+/// Computes u's cost now and its candidate hosts in the paper's order.
+///
+/// `vm` runs on `host`; `peers` are its peers with their hosts and rates.
+/// Peers with a rate that is not a finite number > 0, with a host outside
+/// the topology, or with `vm`'s own ID are ignored (and counted). Panics if
+/// `host` is not a host of `topo`.
+pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
+    let n_hosts = topo.host_count();
+    assert!(host < n_hosts, "deciding VM's host {host} not in topology");
+    let usable: Vec<&Peer> = peers
+        .iter()
+        .filter(|z| z.rate.is_finite() && z.rate > 0.0 && z.host < n_hosts && z.id != vm)
+        .collect();
+    let peers_ignored = (peers.len() - usable.len()) as u32;
+
+    // Rates per host, sorted by host.
+    let mut by_host: Vec<(HostId, f64)> = usable.iter().map(|z| (z.host, z.rate)).collect();
+    by_host.sort_by_key(|&(h, _)| h);
+    let mut merged: Vec<(HostId, f64)> = Vec::with_capacity(by_host.len());
+    for (h, r) in by_host {
+        match merged.last_mut() {
+            Some(last) if last.0 == h => last.1 += r,
+            _ => merged.push((h, r)),
+        }
+    }
+    let load = merged.iter().map(|&(_, r)| r).sum();
+    let sums = LevelSums::new(topo, merged);
+    let (cost_before, level) = sums.cost_at(topo, host);
+
+    // Candidate order: each peer's cost now, highest first, ties to lower ID.
+    let w = topo.weights();
+    let mut ranked: Vec<(f64, VmId, HostId)> = usable
+        .iter()
+        .filter(|z| z.host != host)
+        .map(|z| {
+            (
+                z.rate * w.cumulative(topo.level(host, z.host)),
+                z.id,
+                z.host,
+            )
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut seen = std::collections::HashSet::with_capacity(ranked.len());
+    let mut candidates = Vec::new();
+    for (peer_cost, peer, y) in ranked {
+        if !seen.insert(y) {
+            continue;
+        }
+        let (cost_after, level_after) = sums.cost_at(topo, y);
+        candidates.push(Candidate {
+            host: y,
+            peer,
+            peer_cost,
+            cost_after,
+            benefit: 2.0 * (cost_before - cost_after),
+            level_after,
+        });
+    }
+    Plan {
+        vm,
+        host,
+        cost_before,
+        level,
+        load,
+        peers_used: usable.len() as u32,
+        peers_ignored,
+        candidates,
+    }
+}
+
+impl Plan {
+    /// Applies equation 2 with `rule`: see the module documentation.
+    /// `capacity(h)` is asked lazily, only for candidates whose benefit is
+    /// above c_m, and `None` (no answer) counts as no room.
+    pub fn decide(
+        &self,
+        rule: Rule,
+        cm: MigrationCost,
+        mem_need_mb: u64,
+        mut capacity: impl FnMut(HostId) -> Option<Capacity>,
+    ) -> Decision {
+        let stay = |reason| Decision::Stay {
+            vm: self.vm,
+            host: self.host,
+            cost_before: self.cost_before,
+            level: self.level,
+            reason,
+        };
+        if self.peers_used == 0 {
+            return stay(StayReason::NoPeers);
+        }
+        if self.candidates.is_empty() {
+            return stay(StayReason::AllPeersLocal);
+        }
+        let c_m = cm.threshold(self.cost_before);
+        let mut worthy: Vec<&Candidate> =
+            self.candidates.iter().filter(|c| c.benefit > c_m).collect();
+        if worthy.is_empty() {
+            // The first of the largest benefits, in candidate order.
+            let mut best = &self.candidates[0];
+            for c in &self.candidates[1..] {
+                if c.benefit.total_cmp(&best.benefit) == Ordering::Greater {
+                    best = c;
+                }
+            }
+            return stay(StayReason::NotWorthIt {
+                best_benefit: best.benefit,
+                best_host: best.host,
+                c_m,
+            });
+        }
+        if rule == Rule::BestBenefit {
+            // Stable: equal benefits keep the paper's order.
+            worthy.sort_by(|a, b| b.benefit.total_cmp(&a.benefit));
+        }
+        let mut asked = 0u32;
+        for c in worthy {
+            asked += 1;
+            if capacity(c.host).is_some_and(|cap| cap.fits(mem_need_mb)) {
+                return Decision::Migrate {
+                    vm: self.vm,
+                    from: self.host,
+                    to: c.host,
+                    cost_before: self.cost_before,
+                    cost_after: c.cost_after,
+                    benefit: c.benefit,
+                    c_m,
+                    level_after: c.level_after,
+                    asked,
+                };
+            }
+        }
+        stay(StayReason::NoRoom { asked, c_m })
+    }
+}

@@ -28,7 +28,7 @@ pub struct Load(pub u8);
 impl Load {
     /// Quantises a rate in bytes per second. Negative and NaN rates are zero.
     pub fn from_rate(bytes_per_second: f64) -> Self {
-        if !(bytes_per_second > 0.0) {
+        if bytes_per_second.is_nan() || bytes_per_second <= 0.0 {
             return Load(0);
         }
         let q = (8.0 * (1.0 + bytes_per_second).log2()).round();

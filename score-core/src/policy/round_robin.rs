@@ -1,0 +1,37 @@
+//! Round-robin token policy (paper §II): the token goes to the VMs in
+//! ascending order of ID, wrapping from the highest to the lowest.
+
+use super::TokenPolicy;
+use crate::token::{Token, VmId};
+
+/// Ascending ID after the current holder, wrapping; skips VMs already
+/// visited in this round (a VM that joined mid-round is visited when the
+/// order reaches it). Never returns the current VM unless it is the only one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundRobin;
+
+impl TokenPolicy for RoundRobin {
+    fn name(&self) -> &'static str {
+        "round-robin"
+    }
+
+    fn next(&mut self, token: &Token, current: Option<VmId>) -> Option<VmId> {
+        next_in_order(token, current)
+    }
+}
+
+/// The first unvisited VM after `current` in ascending ID order, wrapping,
+/// with `current` itself last.
+pub(crate) fn next_in_order(token: &Token, current: Option<VmId>) -> Option<VmId> {
+    let entries = token.entries();
+    let start = match current {
+        Some(c) => entries.partition_point(|e| e.id <= c),
+        None => 0,
+    };
+    let (head, tail) = entries.split_at(start);
+    // `tail` is every ID above current, `head` wraps round to current itself.
+    tail.iter()
+        .chain(head.iter())
+        .find(|e| !e.visited)
+        .map(|e| e.id)
+}
