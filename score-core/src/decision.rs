@@ -321,7 +321,6 @@ impl LevelSums {
     /// `hosts` sorted by host ID, one entry per host.
     fn new(topo: &Topology, hosts: Vec<(HostId, f64)>) -> Self {
         let depth = topo.depth();
-        let total = hosts.iter().map(|&(_, r)| r).sum();
         let mut sums = Vec::with_capacity(usize::from(depth));
         sums.push(hosts);
         // Host IDs are in tree order, so every group is a run of consecutive
@@ -341,6 +340,9 @@ impl LevelSums {
             }
             sums.push(out);
         }
+        // The root's sum from the level below too, so that when all peers
+        // share one pod (say) the two sums are the same bits.
+        let total = sums[usize::from(depth) - 1].iter().map(|&(_, r)| r).sum();
         LevelSums { sums, total }
     }
 
@@ -512,5 +514,175 @@ impl Plan {
             }
         }
         stay(StayReason::NoRoom { asked, c_m })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::LinkWeights;
+    use std::net::Ipv4Addr;
+
+    fn topo() -> Topology {
+        Topology::regular(
+            &[4, 4, 4, 4],
+            LinkWeights::paper(),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap()
+    }
+
+    fn room(_: HostId) -> Option<Capacity> {
+        Some(Capacity {
+            free_slots: 1,
+            free_mem_mb: 1024,
+        })
+    }
+
+    #[test]
+    fn cost_neutral_moves_have_exactly_zero_benefit() {
+        let t = topo();
+        // u on host 0 with z1 on host 0 and z2 on host 1 (same rack), equal
+        // non-integer rates; z3 and z4 far away. Moving to host 1 swaps z1
+        // and z2: mathematically no change, and it must be exactly 0 so that
+        // c_m = 0 does not move u back and forth.
+        let r = 0.1 + 0.2;
+        let peers = [
+            Peer {
+                id: 1,
+                host: 0,
+                rate: r,
+            },
+            Peer {
+                id: 2,
+                host: 1,
+                rate: r,
+            },
+            Peer {
+                id: 3,
+                host: 200,
+                rate: 0.7,
+            },
+            Peer {
+                id: 4,
+                host: 17,
+                rate: 1.3,
+            },
+        ];
+        let p = plan(&t, 9, 0, &peers);
+        let c = p.candidates.iter().find(|c| c.host == 1).unwrap();
+        assert_eq!(c.benefit, 0.0);
+        assert_eq!(c.cost_after, p.cost_before);
+        // Only host 1 has room: u must stay, and host 1 is not even asked.
+        let mut asked = Vec::new();
+        let d = p.decide(Rule::BestBenefit, MigrationCost::default(), 0, |h| {
+            asked.push(h);
+            (h == 1).then_some(Capacity {
+                free_slots: 1,
+                free_mem_mb: 1,
+            })
+        });
+        assert!(d.is_noop());
+        assert!(!asked.contains(&1));
+    }
+
+    #[test]
+    fn bad_peers_are_ignored_and_counted() {
+        let t = topo();
+        let peers = [
+            Peer {
+                id: 1,
+                host: 5,
+                rate: f64::NAN,
+            },
+            Peer {
+                id: 2,
+                host: 5,
+                rate: -1.0,
+            },
+            Peer {
+                id: 3,
+                host: 9999,
+                rate: 1.0,
+            },
+            Peer {
+                id: 9,
+                host: 5,
+                rate: 1.0,
+            },
+            Peer {
+                id: 4,
+                host: 5,
+                rate: 2.0,
+            },
+        ];
+        let p = plan(&t, 9, 0, &peers);
+        assert_eq!(p.peers_ignored, 4);
+        assert_eq!(p.peers_used, 1);
+        assert_eq!(p.load, 2.0);
+        assert_eq!(p.candidates.len(), 1);
+    }
+
+    #[test]
+    fn peers_sharing_a_host_make_one_candidate() {
+        let t = topo();
+        // Racks of 4, pods of 16, level-3 groups of 64 hosts. Two peers on
+        // host 70 (level 4 from host 0), the costlier is id 8 (2 W(4)); one
+        // on host 4 (level 2, W(2)).
+        let peers = [
+            Peer {
+                id: 7,
+                host: 70,
+                rate: 1.0,
+            },
+            Peer {
+                id: 8,
+                host: 70,
+                rate: 2.0,
+            },
+            Peer {
+                id: 6,
+                host: 4,
+                rate: 1.0,
+            },
+        ];
+        let p = plan(&t, 1, 0, &peers);
+        let hosts: Vec<HostId> = p.candidates.iter().map(|c| c.host).collect();
+        assert_eq!(hosts, [70, 4]);
+        assert_eq!(p.candidates[0].peer, 8);
+        assert_eq!(p.candidates[0].peer_cost, 2.0 * t.weights().cumulative(4));
+        // On host 70 both peers are local and host 4 is at level 4: W(4).
+        assert_eq!(p.candidates[0].cost_after, t.weights().cumulative(4));
+        assert_eq!(p.candidates[0].level_after, 4);
+    }
+
+    #[test]
+    fn negative_and_nan_migration_costs() {
+        assert_eq!(MigrationCost::Absolute(-3.0).threshold(10.0), 0.0);
+        assert_eq!(MigrationCost::FractionOfVmCost(0.1).threshold(10.0), 1.0);
+        assert!(MigrationCost::Absolute(f64::NAN).threshold(1.0).is_nan());
+        let t = topo();
+        let p = plan(
+            &t,
+            1,
+            0,
+            &[Peer {
+                id: 2,
+                host: 255,
+                rate: 1.0,
+            }],
+        );
+        let d = p.decide(Rule::PaperFirst, MigrationCost::Absolute(f64::NAN), 0, room);
+        assert!(d.is_noop());
+        let d = p.decide(Rule::PaperFirst, MigrationCost::Absolute(-1.0), 0, room);
+        assert_eq!(d.target(), Some(255));
+    }
+
+    #[test]
+    fn rule_names_round_trip() {
+        for r in Rule::ALL {
+            assert_eq!(r.name().parse::<Rule>().unwrap(), r);
+        }
+        assert!("first".parse::<Rule>().is_err());
     }
 }
