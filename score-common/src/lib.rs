@@ -1,1 +1,103 @@
+//! Types shared byte for byte by score's eBPF classifiers (score-ebpf) and the
+//! agent that reads their maps (score-agent).
+//!
+//! Every type is `#[repr(C)]`, made of fixed-width integers with explicit
+//! padding, and checked for size at compile time: the kernel writes these
+//! bytes and user space reads them back, so a silent layout change would be
+//! a silent miscount. The `user` feature adds `aya::Pod` for the agent.
 #![no_std]
+
+/// Name of the per-CPU hash map of byte and packet counters per VM pair.
+pub const FLOWS_MAP: &str = "SCORE_FLOWS";
+/// Name of the hash map from a hosted VM's IPv4 address to its MAC address
+/// (the paper's IP->MAC lookup, §III-C/E).
+pub const VM_MACS_MAP: &str = "SCORE_VM_MACS";
+/// Name of the per-CPU array of datapath statistics (see [`Stat`]).
+pub const STATS_MAP: &str = "SCORE_STATS";
+
+/// Names of the two classifiers, as the agent looks them up in the object.
+pub const PROG_INGRESS: &str = "score_vif_ingress";
+/// See [`PROG_INGRESS`].
+pub const PROG_EGRESS: &str = "score_vif_egress";
+
+/// Default capacity of [`FLOWS_MAP`]: 16 VMs x 100 peers x 2 directions is
+/// 3,200 pairs (the paper's worst case per host, §IV-D); 65,536 leaves room
+/// for busy hosts and for pairs not yet evicted. The agent may override it.
+pub const DEFAULT_FLOWS_MAX: u32 = 65_536;
+/// Capacity of [`VM_MACS_MAP`]: far more VMs than one hypervisor runs.
+pub const VM_MACS_MAX: u32 = 4_096;
+
+/// Key of [`FLOWS_MAP`]: one direction of a VM pair.
+///
+/// Both addresses are stored exactly as they appear in the IPv4 header, that
+/// is in network byte order; `u32::from_be(src)` gives the host-order value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    /// Source IPv4 address, network byte order.
+    pub src: u32,
+    /// Destination IPv4 address, network byte order.
+    pub dst: u32,
+}
+
+/// Value of [`FLOWS_MAP`], per CPU: user space sums `bytes` and `packets`
+/// over CPUs, and takes the smallest `first_seen_ns` and largest
+/// `last_seen_ns` that are not zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairCounters {
+    /// Bytes of the frames counted: `skb->len` at the classifier, i.e. the
+    /// Ethernet header (14 bytes) plus the whole IP packet, no FCS.
+    pub bytes: u64,
+    /// Frames counted.
+    pub packets: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first frame on this CPU.
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` of the latest frame on this CPU.
+    pub last_seen_ns: u64,
+}
+
+/// Value of [`VM_MACS_MAP`]: where a hosted VM was last seen sending.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmMac {
+    /// The VM's MAC address, as on the wire.
+    pub mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+    /// Interface index of the VM's backend interface (its vif).
+    pub ifindex: u32,
+}
+
+/// Indices into [`STATS_MAP`]: events the datapath counts instead of
+/// logging, because a classifier must never log per packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A new pair could not be inserted because [`FLOWS_MAP`] was full.
+    FlowsMapFull = 0,
+    /// A VM's MAC could not be recorded because [`VM_MACS_MAP`] was full.
+    MacsMapFull = 1,
+    /// Frames seen that were not IPv4 (ARP, IPv6, ...), passed uncounted.
+    NotIpv4 = 2,
+    /// IPv4 frames to a multicast or broadcast address, or from 0.0.0.0:
+    /// they belong to no VM pair, and are passed uncounted.
+    NotUnicast = 3,
+}
+
+/// Number of slots in [`STATS_MAP`].
+pub const STATS_LEN: u32 = 4;
+
+const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
+const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), made only of integers and byte arrays,
+    // with explicit padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::PairKey {}
+    unsafe impl aya::Pod for super::PairCounters {}
+    unsafe impl aya::Pod for super::VmMac {}
+}

@@ -1,0 +1,225 @@
+//! Ties the datapath to the host's interfaces and to the flow table: attach
+//! to every interface that matches the patterns, now and as they come and
+//! go, and drain the kernel counters into the flow table on an interval.
+//! Shared by `watch` and `run`.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::IfacePatterns,
+    datapath::{Datapath, DatapathError, DatapathStats},
+    flows::FlowTable,
+    links::{LinkEvent, LinkMonitor, current_links},
+};
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What the collector shares with the rest of the agent.
+#[derive(Debug)]
+pub struct Collector {
+    datapath: Mutex<Datapath>,
+    flows: Mutex<FlowTable>,
+    stats: Mutex<DatapathStats>,
+    patterns: IfacePatterns,
+    evict: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Collector {
+    /// Wraps a loaded datapath. `evict` removes idle pairs from the kernel
+    /// map too (the daemon); `watch` keeps everything it counted.
+    pub fn new(
+        datapath: Datapath,
+        flows: FlowTable,
+        patterns: IfacePatterns,
+        evict: bool,
+    ) -> Arc<Self> {
+        Arc::new(Collector {
+            datapath: Mutex::new(datapath),
+            flows: Mutex::new(flows),
+            stats: Mutex::new(DatapathStats::default()),
+            patterns,
+            evict,
+        })
+    }
+
+    /// Attaches to every matching interface that exists now.
+    pub fn attach_existing(&self) -> std::io::Result<usize> {
+        let mut n = 0;
+        for (name, index) in current_links()? {
+            if self.on_event(&LinkEvent::Up { name, index }) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies one link event; true if it attached a new interface.
+    pub fn on_event(&self, ev: &LinkEvent) -> bool {
+        match ev {
+            LinkEvent::Up { name, index } if self.patterns.matches(name) => {
+                match lock(&self.datapath).attach(name, *index) {
+                    Ok(true) => {
+                        info!(iface = %name, ifindex = index, "attached");
+                        true
+                    }
+                    Ok(false) => false,
+                    // The interface may vanish between event and attach; log
+                    // and carry on: the agent must outlive any one VM.
+                    Err(e) => {
+                        warn!(iface = %name, error = %e, "attach failed");
+                        false
+                    }
+                }
+            }
+            LinkEvent::Gone { name, .. } => {
+                if lock(&self.datapath).forget(name).is_some() {
+                    info!(iface = %name, "interface gone, detached");
+                }
+                false
+            }
+            LinkEvent::Up { .. } => false,
+        }
+    }
+
+    /// Follows link events until cancelled.
+    pub async fn follow(self: Arc<Self>, mut monitor: LinkMonitor, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                batch = monitor.next() => match batch {
+                    Ok(events) => for ev in &events { self.on_event(ev); },
+                    Err(e) => {
+                        // ENOBUFS: events were lost; rescan to catch up.
+                        warn!(error = %e, "link monitor read failed; rescanning interfaces");
+                        let _ = self.attach_existing();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// One drain: snapshot the kernel map into the flow table, evict idle
+    /// pairs, refresh the datapath statistics. Blocking (map syscalls).
+    pub fn drain(&self) -> Result<(), DatapathError> {
+        let started = std::time::Instant::now();
+        let (snapshot, stats) = {
+            let dp = lock(&self.datapath);
+            (dp.snapshot()?, dp.stats()?)
+        };
+        let now = monotonic_ns();
+        let evicted = {
+            let mut flows = lock(&self.flows);
+            flows.update(now, snapshot);
+            if self.evict {
+                flows.evict_idle(now)
+            } else {
+                Vec::new()
+            }
+        };
+        if !evicted.is_empty() {
+            let n = lock(&self.datapath).remove_pairs(&evicted)?;
+            debug!(evicted = n, "idle pairs removed from the kernel map");
+        }
+        let previous = std::mem::replace(&mut *lock(&self.stats), stats);
+        if stats.flows_map_full > previous.flows_map_full {
+            warn!(
+                failed_updates = stats.flows_map_full,
+                "flow map full: new pairs are not being counted (raise flows_max)"
+            );
+        }
+        debug!(elapsed_us = started.elapsed().as_micros() as u64, "drained");
+        Ok(())
+    }
+
+    /// Drains every `interval` until cancelled, on a blocking thread.
+    pub async fn drain_loop(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    let me = self.clone();
+                    match tokio::task::spawn_blocking(move || me.drain()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "drain failed"),
+                        Err(e) => warn!(error = %e, "drain task failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The flow table, for reading.
+    pub fn flows(&self) -> MutexGuard<'_, FlowTable> {
+        lock(&self.flows)
+    }
+
+    /// The datapath statistics as of the last drain.
+    pub fn stats(&self) -> DatapathStats {
+        *lock(&self.stats)
+    }
+
+    /// Interfaces attached now.
+    pub fn attached(&self) -> Vec<String> {
+        lock(&self.datapath).attached()
+    }
+
+    /// Detaches from everything (clean shutdown).
+    pub fn detach_all(&self) {
+        lock(&self.datapath).detach_all();
+    }
+
+    /// Forwards the kernel's aya-log records into tracing until cancelled.
+    pub fn forward_kernel_logs(&self, cancel: CancellationToken) {
+        let Some(logger) = lock(&self.datapath).take_logger() else {
+            debug!("the eBPF object carries no log ring");
+            return;
+        };
+        // SAFETY: the logger owns the ring's fd, and the AsyncFd owns the
+        // logger, so the fd stays open and the same for the AsyncFd's life.
+        let mut fd = match unsafe { AsyncFd::register(logger) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "cannot poll the kernel log ring");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    guard = fd.readable_mut() => match guard {
+                        Ok(mut g) => {
+                            g.get_inner_mut().flush();
+                            g.clear_ready();
+                        }
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+    }
+}

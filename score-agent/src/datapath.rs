@@ -1,0 +1,369 @@
+//! The kernel side as the agent sees it: loads score-ebpf's classifiers,
+//! attaches them to VM backend interfaces (TCX on kernels >= 6.6, so no
+//! qdisc is ever added and closing the link detaches it), and reads and
+//! trims the maps. Map iteration is a series of blocking syscalls: async
+//! callers run these methods on a blocking thread.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use score_common::{
+    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat, VM_MACS_MAP,
+    VmMac,
+};
+use serde::Serialize;
+
+use crate::flows::{Pair, Totals};
+
+/// The eBPF object built by build.rs (empty when built without bpf-linker).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/score-tc"));
+
+/// What went wrong in the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The binary carries no eBPF program.
+    #[error(
+        "this score-agent was built without its eBPF program (bpf-linker or the pinned nightly \
+         was missing at build time); run `cargo xtask setup` and rebuild"
+    )]
+    NoProgram,
+    /// The object failed to load (verifier, permissions, map pinning).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// Program or interface concerned.
+        name: String,
+        /// The kernel's answer.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object or has the wrong type.
+    #[error("eBPF map {0} missing or of the wrong type")]
+    Map(&'static str),
+    /// A map operation failed.
+    #[error("eBPF map operation: {0}")]
+    MapOp(#[from] aya::maps::MapError),
+    /// bpffs could not be prepared for pinning.
+    #[error("preparing bpffs at {path}: {reason}")]
+    Bpffs {
+        /// The pin directory.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// Counters the classifiers keep instead of logging.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct DatapathStats {
+    /// New pairs refused because the flow map was full.
+    pub flows_map_full: u64,
+    /// VM MACs not recorded because their map was full.
+    pub macs_map_full: u64,
+    /// Non-IPv4 frames passed uncounted.
+    pub not_ipv4: u64,
+    /// Multicast, broadcast or unspecified-source frames passed uncounted.
+    pub not_unicast: u64,
+}
+
+/// How to load the datapath.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the flow map.
+    pub flows_max: u32,
+    /// Pin the maps in this bpffs directory (reusing maps already there),
+    /// or keep them private to this process.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The loaded classifiers and their maps.
+pub struct Datapath {
+    bpf: Ebpf,
+    attached: HashMap<String, Attached>,
+}
+
+struct Attached {
+    ifindex: u32,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("attached", &self.attached.keys())
+            .finish()
+    }
+}
+
+/// Whether this binary carries its eBPF program.
+pub fn has_program() -> bool {
+    !OBJECT.is_empty()
+}
+
+impl Datapath {
+    /// Loads the object and both classifiers; attaches nothing yet.
+    pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        if !has_program() {
+            return Err(DatapathError::NoProgram);
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(FLOWS_MAP, opts.flows_max);
+        let pins: Vec<(&'static str, PathBuf)>;
+        if let Some(dir) = &opts.pin_dir {
+            prepare_bpffs(dir)?;
+            pins = [FLOWS_MAP, VM_MACS_MAP, STATS_MAP]
+                .map(|m| (m, dir.join(m)))
+                .to_vec();
+            for (name, path) in &pins {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut bpf = loader.load(OBJECT)?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            classifier(&mut bpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    name: name.into(),
+                    source,
+                })?;
+        }
+        Ok(Datapath {
+            bpf,
+            attached: HashMap::new(),
+        })
+    }
+
+    /// Hands the object's aya-log ring to the caller, who forwards its
+    /// records to `log` (and so to tracing). None if the object logs nothing.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.bpf).ok()
+    }
+
+    /// Attaches both classifiers to an interface; a no-op if already done.
+    pub fn attach(&mut self, iface: &str, ifindex: u32) -> Result<bool, DatapathError> {
+        if let Some(a) = self.attached.get(iface) {
+            if a.ifindex == ifindex {
+                return Ok(false);
+            }
+            // Same name, new interface (a VM restarted): the old links went
+            // with the old device.
+            self.forget(iface);
+        }
+        let err = |source| DatapathError::Program {
+            name: format!("{iface}"),
+            source,
+        };
+        let ingress = classifier(&mut self.bpf, PROG_INGRESS)?
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(err)?;
+        let egress =
+            match classifier(&mut self.bpf, PROG_EGRESS)?.attach(iface, TcAttachType::Egress) {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = classifier(&mut self.bpf, PROG_INGRESS).map(|p| p.detach(ingress));
+                    return Err(err(e));
+                }
+            };
+        self.attached.insert(
+            iface.to_owned(),
+            Attached {
+                ifindex,
+                ingress,
+                egress,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Detaches from an interface that still exists.
+    pub fn detach(&mut self, iface: &str) {
+        if let Some(a) = self.attached.remove(iface) {
+            if let Ok(p) = classifier(&mut self.bpf, PROG_INGRESS) {
+                let _ = p.detach(a.ingress);
+            }
+            if let Ok(p) = classifier(&mut self.bpf, PROG_EGRESS) {
+                let _ = p.detach(a.egress);
+            }
+        }
+    }
+
+    /// Forgets an interface that has gone (its links went with it), and
+    /// drops the MAC entries of VMs that were behind it.
+    pub fn forget(&mut self, iface: &str) -> Option<u32> {
+        let ifindex = self.attached.get(iface)?.ifindex;
+        self.detach(iface);
+        let _ = self.drop_vm_macs_on(ifindex);
+        Some(ifindex)
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for n in names {
+            self.detach(&n);
+        }
+    }
+
+    /// Interfaces attached now, sorted.
+    pub fn attached(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.attached.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Reads every pair's counters, summed over CPUs.
+    pub fn snapshot(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
+        let map: PerCpuHashMap<&MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
+            self.bpf
+                .map(FLOWS_MAP)
+                .ok_or(DatapathError::Map(FLOWS_MAP))?,
+        )?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            // An entry deleted between get_next_key and lookup is skipped.
+            let Ok((key, values)) = item else { continue };
+            out.push((pair_of(&key), Totals::sum(values.iter())));
+        }
+        Ok(out)
+    }
+
+    /// Deletes pairs from the flow map (evicted as idle).
+    pub fn remove_pairs(&mut self, pairs: &[Pair]) -> Result<usize, DatapathError> {
+        let mut map: PerCpuHashMap<&mut MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
+            self.bpf
+                .map_mut(FLOWS_MAP)
+                .ok_or(DatapathError::Map(FLOWS_MAP))?,
+        )?;
+        let mut n = 0;
+        for &(src, dst) in pairs {
+            let key = PairKey {
+                src: u32::from(src).to_be(),
+                dst: u32::from(dst).to_be(),
+            };
+            if map.remove(&key).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The datapath's own counters, summed over CPUs.
+    pub fn stats(&self) -> Result<DatapathStats, DatapathError> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.bpf
+                .map(STATS_MAP)
+                .ok_or(DatapathError::Map(STATS_MAP))?,
+        )?;
+        let get =
+            |s: Stat| -> Result<u64, DatapathError> { Ok(map.get(&(s as u32), 0)?.iter().sum()) };
+        Ok(DatapathStats {
+            flows_map_full: get(Stat::FlowsMapFull)?,
+            macs_map_full: get(Stat::MacsMapFull)?,
+            not_ipv4: get(Stat::NotIpv4)?,
+            not_unicast: get(Stat::NotUnicast)?,
+        })
+    }
+
+    /// Hosted VMs seen sending: address, MAC and the interface behind them.
+    pub fn vm_macs(&self) -> Result<Vec<(Ipv4Addr, VmMac)>, DatapathError> {
+        let map: BpfHashMap<&MapData, u32, VmMac> = BpfHashMap::try_from(
+            self.bpf
+                .map(VM_MACS_MAP)
+                .ok_or(DatapathError::Map(VM_MACS_MAP))?,
+        )?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
+            .collect())
+    }
+
+    fn drop_vm_macs_on(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let gone: Vec<u32> = self
+            .vm_macs()?
+            .into_iter()
+            .filter(|(_, m)| m.ifindex == ifindex)
+            .map(|(ip, _)| u32::from(ip).to_be())
+            .collect();
+        let mut map: BpfHashMap<&mut MapData, u32, VmMac> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(VM_MACS_MAP)
+                .ok_or(DatapathError::Map(VM_MACS_MAP))?,
+        )?;
+        for k in gone {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The loaded program of one classifier, for BPF_PROG_TEST_RUN benches.
+    pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.bpf, name)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn classifier<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    bpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| DatapathError::Program {
+            name: name.into(),
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })
+}
+
+fn pair_of(key: &PairKey) -> Pair {
+    (
+        Ipv4Addr::from(u32::from_be(key.src)),
+        Ipv4Addr::from(u32::from_be(key.dst)),
+    )
+}
+
+/// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if the
+/// system has none there yet, and creates the directory.
+fn prepare_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let fail = |reason: String| DatapathError::Bpffs {
+        path: dir.to_owned(),
+        reason,
+    };
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let is_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: c is a valid NUL-terminated path and st a writable statfs.
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).map_err(|e| fail(e.to_string()))?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .map_err(|e| fail(format!("running mount: {e}")))?;
+        if !status.success() {
+            return Err(fail(format!("mount -t bpf failed: {status}")));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    if !is_bpffs(dir) {
+        return Err(fail("not on a bpf filesystem".into()));
+    }
+    Ok(())
+}

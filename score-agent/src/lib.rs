@@ -1,0 +1,38 @@
+//! score-agent: the S-CORE daemon of one hypervisor host. It loads the
+//! eBPF counters onto the VM backend interfaces, keeps a flow table of
+//! per-pair rates, and (with the peer protocol) takes part in the token
+//! ring. The binary is a thin shell over this library.
+
+pub mod collector;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod flows;
+pub mod http;
+pub mod links;
+pub mod watch;
+
+/// Everything that can stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad configuration (exit code 2).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The kernel side failed.
+    #[error(transparent)]
+    Datapath(#[from] datapath::DatapathError),
+    /// The netlink socket for link events failed.
+    #[error("netlink: {0}")]
+    Netlink(std::io::Error),
+    /// The HTTP address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A background task died.
+    #[error("task failed: {0}")]
+    Task(String),
+}
