@@ -1,1 +1,224 @@
-//! (being written)
+//! Wire format of every peer message (paper §III-D/F, BRIEF "The peer
+//! protocol"): a versioned binary datagram authenticated with the cluster key.
+//!
+//! Layout, byte order and the reasons behind them are in `docs/WIRE.md`.
+//! Decoding is done in two steps: [`Frame::check`] validates the frame and
+//! its MAC, then [`Message::parse`] parses the body; [`decode`] does both.
+//! Nothing here panics on input bytes, and nothing allocates in proportion to
+//! a length an attacker claims before that length is checked against the
+//! bytes actually received.
+//!
+//! - [`auth`]: the cluster key and HMAC-SHA256.
+//! - [`frame`]: the datagram header, sealing and checking a frame.
+//! - [`message`]: the message bodies.
+//! - [`token_codec`]: the compact token encoding.
+//! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
+//! - [`replay`]: per-sender replay windows over sequence numbers.
+
+pub mod auth;
+pub mod chunk;
+pub mod frame;
+pub mod message;
+pub mod replay;
+pub mod token_codec;
+
+pub use auth::{ClusterKey, KeyError, MAC_LEN, MIN_KEY_LEN};
+pub use chunk::{
+    CHUNK_DATA_LEN, CHUNK_HEADER_LEN, ChunkBitmap, ChunkOutcome, MAX_CHUNKS, MAX_TOKEN_BYTES,
+    Reassembler, ReassemblyError, ReassemblyLimits, token_chunks,
+};
+pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
+pub use message::{
+    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, TokenChunk,
+    TokenOrder,
+};
+pub use replay::{REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
+pub use token_codec::{TOKEN_FORMAT, TokenCodecError, decode_token, encode_token};
+
+/// The kind byte of a datagram: which message its payload holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Kind {
+    /// One chunk of an encoded token.
+    TokenChunk = 1,
+    /// Acknowledgement of the chunks of a token transfer.
+    HopAck = 2,
+    /// "Who hosts VM v?", sent to v's own address.
+    LocationRequest = 3,
+    /// The answer: the host of VM v.
+    LocationResponse = 4,
+    /// "How much room do you have?", sent to a candidate host.
+    CapacityRequest = 5,
+    /// The answer: free VM slots and free memory.
+    CapacityResponse = 6,
+    /// A VM moved from one host to another (invalidates location caches).
+    MigrationNotice = 7,
+    /// A host's measured flows, for the global policy's coordinator.
+    FlowReport = 8,
+    /// The coordinator's token order for the global policy.
+    TokenOrder = 9,
+}
+
+impl Kind {
+    /// Every kind, in wire-value order.
+    pub const ALL: [Kind; 9] = [
+        Kind::TokenChunk,
+        Kind::HopAck,
+        Kind::LocationRequest,
+        Kind::LocationResponse,
+        Kind::CapacityRequest,
+        Kind::CapacityResponse,
+        Kind::MigrationNotice,
+        Kind::FlowReport,
+        Kind::TokenOrder,
+    ];
+
+    /// The kind a wire byte stands for, if any.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Kind::ALL.get(usize::from(b).wrapping_sub(1)).copied()
+    }
+
+    /// A short lowercase name, for metrics labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::TokenChunk => "token_chunk",
+            Kind::HopAck => "hop_ack",
+            Kind::LocationRequest => "location_request",
+            Kind::LocationResponse => "location_response",
+            Kind::CapacityRequest => "capacity_request",
+            Kind::CapacityResponse => "capacity_response",
+            Kind::MigrationNotice => "migration_notice",
+            Kind::FlowReport => "flow_report",
+            Kind::TokenOrder => "token_order",
+        }
+    }
+}
+
+/// Why a datagram was rejected (or could not be built).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum WireError {
+    /// The datagram is shorter than a header and a MAC, or than the payload
+    /// its header declares.
+    #[error("datagram truncated: {len} bytes, at least {needed} needed")]
+    Truncated {
+        /// Bytes received.
+        len: usize,
+        /// Bytes the frame needs.
+        needed: usize,
+    },
+    /// The first four bytes are not [`MAGIC`].
+    #[error("bad magic")]
+    BadMagic,
+    /// The version byte is not one this build speaks.
+    #[error("unsupported version {0} (this build speaks {VERSION})")]
+    BadVersion(u8),
+    /// The kind byte names no known message.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// The declared payload length exceeds [`MAX_PAYLOAD`], or the datagram
+    /// carries more bytes than header, payload and MAC.
+    #[error("bad length: header declares {declared} payload bytes, datagram has {actual}")]
+    BadLength {
+        /// Payload length in the header.
+        declared: usize,
+        /// Payload bytes actually present (datagram minus header and MAC).
+        actual: usize,
+    },
+    /// The MAC does not match: wrong key, forged or altered datagram.
+    #[error("bad mac")]
+    BadMac,
+    /// The datagram is from an older token epoch than the current one.
+    #[error("stale epoch {got}, current is {current}")]
+    StaleEpoch {
+        /// Epoch in the datagram.
+        got: u64,
+        /// The receiver's current epoch.
+        current: u64,
+    },
+    /// The sequence number was already accepted from this sender, or is too
+    /// far behind the newest one to tell.
+    #[error("replayed or too old sequence number {seq}")]
+    Replayed {
+        /// The rejected sequence number.
+        seq: u64,
+    },
+    /// The body is shorter than its kind requires.
+    #[error("{} body truncated", kind.name())]
+    BodyTruncated {
+        /// Kind of the message.
+        kind: Kind,
+    },
+    /// The body has bytes left over after its last field.
+    #[error("{} body has {extra} trailing bytes", kind.name())]
+    TrailingBytes {
+        /// Kind of the message.
+        kind: Kind,
+        /// Bytes left over.
+        extra: usize,
+    },
+    /// A body field holds a value the protocol forbids.
+    #[error("{} body: invalid {field}", kind.name())]
+    InvalidField {
+        /// Kind of the message.
+        kind: Kind,
+        /// Which field.
+        field: &'static str,
+    },
+    /// Encoding: the body would not fit in [`MAX_PAYLOAD`] bytes.
+    #[error("payload of {len} bytes exceeds the maximum of {MAX_PAYLOAD}")]
+    PayloadTooLarge {
+        /// Size of the body.
+        len: usize,
+    },
+    /// Encoding a token failed, or its encoding exceeds [`MAX_TOKEN_BYTES`].
+    #[error("token encoding: {0}")]
+    Token(#[from] TokenCodecError),
+}
+
+impl WireError {
+    /// A short lowercase reason, for a bounded metrics label
+    /// (`score_datagrams_rejected_total{reason=...}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WireError::Truncated { .. } => "truncated",
+            WireError::BadMagic => "bad_magic",
+            WireError::BadVersion(_) => "bad_version",
+            WireError::UnknownKind(_) => "unknown_kind",
+            WireError::BadLength { .. } => "bad_length",
+            WireError::BadMac => "bad_mac",
+            WireError::StaleEpoch { .. } => "stale_epoch",
+            WireError::Replayed { .. } => "replayed",
+            WireError::BodyTruncated { .. }
+            | WireError::TrailingBytes { .. }
+            | WireError::InvalidField { .. } => "bad_body",
+            WireError::PayloadTooLarge { .. } => "too_large",
+            WireError::Token(_) => "bad_token",
+        }
+    }
+}
+
+/// Decodes one datagram: checks the frame and its MAC with `key`, then
+/// parses the body. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8], key: &ClusterKey) -> Result<Datagram, WireError> {
+    let frame = Frame::check(bytes, key)?;
+    let message = Message::parse(frame.kind, frame.payload)?;
+    Ok(Datagram {
+        header: frame.header,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_bytes_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(Kind::from_u8(0), None);
+        assert_eq!(Kind::from_u8(10), None);
+        assert_eq!(Kind::from_u8(255), None);
+    }
+}
