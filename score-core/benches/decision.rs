@@ -44,26 +44,34 @@ fn decision(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("plan", n), &ps, |b, ps| {
             b.iter(|| plan(&topo, 1, 0, black_box(ps)))
         });
-        g.bench_with_input(BenchmarkId::new("plan+decide/paper-first", n), &ps, |b, ps| {
-            b.iter(|| {
-                plan(&topo, 1, 0, black_box(ps)).decide(
-                    Rule::PaperFirst,
-                    MigrationCost::Absolute(0.0),
-                    1024,
-                    half_full,
-                )
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("plan+decide/best-benefit", n), &ps, |b, ps| {
-            b.iter(|| {
-                plan(&topo, 1, 0, black_box(ps)).decide(
-                    Rule::BestBenefit,
-                    MigrationCost::Absolute(0.0),
-                    1024,
-                    room,
-                )
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("plan+decide/paper-first", n),
+            &ps,
+            |b, ps| {
+                b.iter(|| {
+                    plan(&topo, 1, 0, black_box(ps)).decide(
+                        Rule::PaperFirst,
+                        MigrationCost::Absolute(0.0),
+                        1024,
+                        half_full,
+                    )
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("plan+decide/best-benefit", n),
+            &ps,
+            |b, ps| {
+                b.iter(|| {
+                    plan(&topo, 1, 0, black_box(ps)).decide(
+                        Rule::BestBenefit,
+                        MigrationCost::Absolute(0.0),
+                        1024,
+                        room,
+                    )
+                })
+            },
+        );
     }
     g.finish();
 }

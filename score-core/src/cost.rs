@@ -360,3 +360,92 @@ impl<'a> CostModel<'a> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn traffic_is_symmetric_and_sums_both_directions() {
+        let t = Traffic::from_triples(
+            4,
+            [
+                (0, 1, 2.0),
+                (1, 0, 3.0),
+                (2, 2, 9.0),
+                (3, 1, 0.0),
+                (0, 1, 1.0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(t.vm_count(), 4);
+        assert_eq!(t.pair_count(), 1);
+        assert_eq!(t.rate(0, 1), 6.0);
+        assert_eq!(t.rate(1, 0), 6.0);
+        assert_eq!(t.neighbours(1), &[Neighbour { vm: 0, rate: 6.0 }]);
+        assert!(t.neighbours(2).is_empty());
+        assert!(t.neighbours(3).is_empty());
+        assert_eq!(t.load(0), 6.0);
+        assert_eq!(t.pairs().collect::<Vec<_>>(), [(0, 1, 6.0)]);
+    }
+
+    #[test]
+    fn traffic_rejects_bad_input() {
+        assert_eq!(
+            Traffic::from_triples(2, [(0, 2, 1.0)]),
+            Err(CostError::VmOutOfRange { vm: 2, vm_count: 2 })
+        );
+        assert!(matches!(
+            Traffic::from_triples(2, [(0, 1, -1.0)]),
+            Err(CostError::BadRate { u: 0, v: 1, .. })
+        ));
+        assert!(matches!(
+            Traffic::from_triples(2, [(0, 1, f64::INFINITY)]),
+            Err(CostError::BadRate { .. })
+        ));
+    }
+
+    #[test]
+    fn rows_are_sorted() {
+        let t =
+            Traffic::from_triples(5, [(4, 2, 1.0), (2, 0, 1.0), (3, 2, 1.0), (2, 1, 1.0)]).unwrap();
+        let ids: Vec<VmIdx> = t.neighbours(2).iter().map(|n| n.vm).collect();
+        assert_eq!(ids, [0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn placement_counts_follow_moves() {
+        assert_eq!(
+            Placement::new(2, vec![0, 2]),
+            Err(CostError::HostOutOfRange {
+                vm: 1,
+                host: 2,
+                host_count: 2
+            })
+        );
+        let mut p = Placement::new(3, vec![0, 0, 2]).unwrap();
+        assert_eq!(p.counts(), [2, 0, 1]);
+        assert_eq!(p.move_vm(1, 1), 0);
+        assert_eq!(p.counts(), [1, 1, 1]);
+        assert_eq!(p.host(1), 1);
+        assert_eq!(p.hosts(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn move_to_own_host_changes_nothing() {
+        let topo = Topology::regular(
+            &[2, 2],
+            LinkWeights::paper_truncated(2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap();
+        let t = Traffic::from_triples(2, [(0, 1, 3.0)]).unwrap();
+        let p = Placement::new(4, vec![0, 3]).unwrap();
+        let m = CostModel::new(&topo, &t);
+        assert_eq!(m.move_delta(&p, 0, 0), 0.0);
+        // Moving 0 next to 1: 2 * 3 * (W(0) - W(2)).
+        assert_eq!(m.move_delta(&p, 0, 3), -6.0 * topo.weights().cumulative(2));
+        assert_eq!(pair_cost(topo.weights(), 3.0, 1), 3.0);
+    }
+}

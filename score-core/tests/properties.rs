@@ -196,3 +196,94 @@ proptest! {
         }
     }
 }
+
+/// A random tree of depth 1..=4 with uneven fan-out (1..=3 children, 1..=4
+/// hosts per rack), with each host's path of child indices from the root.
+fn uneven_tree(seed: u64) -> (Topology, Vec<Vec<usize>>) {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    use score_core::topology::{NodeSpec, TopologySpec};
+
+    fn node(
+        rng: &mut StdRng,
+        level: usize,
+        path: &mut Vec<usize>,
+        next: &mut u32,
+        paths: &mut Vec<Vec<usize>>,
+    ) -> NodeSpec {
+        let mut n = NodeSpec::default();
+        if level == 1 {
+            for i in 0..rng.random_range(1..=4) {
+                path.push(i);
+                paths.push(path.clone());
+                path.pop();
+                n.hosts.push(Ipv4Addr::from(0x0a00_0000 + *next));
+                *next += 1;
+            }
+        } else {
+            for i in 0..rng.random_range(1..=3) {
+                path.push(i);
+                n.children.push(node(rng, level - 1, path, next, paths));
+                path.pop();
+            }
+        }
+        n
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let depth = rng.random_range(1..=4usize);
+    let mut paths = Vec::new();
+    let root = node(&mut rng, depth, &mut Vec::new(), &mut 0, &mut paths);
+    let spec = TopologySpec {
+        weights: Some((0..depth).map(|_| rng.random_range(0.5..20.0)).collect()),
+        hosts: root.hosts,
+        children: root.children,
+        ..TopologySpec::default()
+    };
+    (Topology::from_spec(&spec).unwrap(), paths)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// On trees with uneven fan-out, level() is depth minus the common
+    /// prefix of the two hosts' paths, and the plan's per-level sums agree
+    /// with the cost model computed peer by peer.
+    #[test]
+    fn uneven_trees_levels_and_plans(
+        seed in any::<u64>(),
+        vms in prop::collection::vec(any::<prop::sample::Index>(), 2..16),
+        triples in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), rate()), 0..40),
+    ) {
+        let (topo, paths) = uneven_tree(seed);
+        let n = topo.host_count();
+        prop_assert_eq!(n as usize, paths.len());
+        let depth = usize::from(topo.depth());
+        for a in 0..n {
+            for b in 0..n {
+                let (pa, pb) = (&paths[a as usize], &paths[b as usize]);
+                let common = pa.iter().zip(pb).take_while(|(x, y)| x == y).count();
+                prop_assert_eq!(usize::from(topo.level(a, b)), depth - common);
+            }
+        }
+        let host_of: Vec<u32> = vms.iter().map(|i| i.index(n as usize) as u32).collect();
+        let k = host_of.len();
+        let traffic = Traffic::from_triples(
+            k as u32,
+            triples.iter().map(|(a, b, r)| (a.index(k) as u32, b.index(k) as u32, *r)),
+        ).unwrap();
+        let p = Placement::new(n, host_of).unwrap();
+        let m = CostModel::new(&topo, &traffic);
+        for u in 0..k as u32 {
+            let pl = plan(&topo, u, p.host(u), &m.peers(&p, u));
+            let c = m.vm_cost(&p, u);
+            prop_assert!(close(pl.cost_before, c, c));
+            prop_assert_eq!(pl.level, m.vm_level(&p, u));
+            for cand in &pl.candidates {
+                let mut q = p.clone();
+                q.move_vm(u, cand.host);
+                prop_assert!(close(cand.cost_after, m.vm_cost(&q, u), c));
+                prop_assert_eq!(cand.level_after, m.vm_level(&q, u));
+            }
+        }
+    }
+}

@@ -202,3 +202,41 @@ fn pick_unvisited<K: Ord>(
         .map(|e| e.id);
     best.or_else(|| current.filter(|&c| token.get(c).is_some_and(|e| !e.visited)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Load;
+
+    #[test]
+    fn pick_prefers_others_over_current() {
+        let mut t = Token::new(0, [1, 2]);
+        t.update(2, 3, Load(0));
+        t.get_mut(2).unwrap().visited = false;
+        // 2 has the higher level but is the current holder: 1 goes first.
+        assert_eq!(Distributed.next(&t, Some(2)), Some(1));
+        // 1 visited: only 2 is left, so 2 it is.
+        t.get_mut(1).unwrap().visited = true;
+        assert_eq!(Distributed.next(&t, Some(2)), Some(2));
+        // Both visited: the round is over for the policy.
+        t.get_mut(2).unwrap().visited = true;
+        assert_eq!(Distributed.next(&t, Some(2)), None);
+        assert_eq!(RoundRobin.next(&t, Some(2)), None);
+    }
+
+    #[test]
+    fn advance_marks_and_rolls_over() {
+        let mut t = Token::new(5, [4, 8]);
+        let mut p = RoundRobin;
+        assert_eq!(advance(&mut p, &mut t, Some(4)), Some(8));
+        assert!(t.get(4).unwrap().visited);
+        assert_eq!(t.round, 0);
+        // Marking 8 completes the round: flags cleared, round counted, and
+        // the new round starts after 8.
+        assert_eq!(advance(&mut p, &mut t, Some(8)), Some(4));
+        assert_eq!(t.round, 1);
+        assert!(t.entries().iter().all(|e| !e.visited));
+        assert_eq!(t.holder, Some(4));
+        assert_eq!(t.epoch, 5);
+    }
+}
