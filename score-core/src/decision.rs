@@ -27,6 +27,10 @@
 //!   decreasing benefit (ties in candidate order) and stops at the first with
 //!   room, which is the same answer as asking them all.
 //!
+//! A caller that gets capacity answers asynchronously (the agent) drives the
+//! same walk step by step with [`Plan::decider`]: [`Decider::next_host`],
+//! [`Decider::answer`], [`Decider::finish`].
+//!
 //! The paper's rule can leave a better host unused (it takes the first that
 //! improves, not the best); best-benefit needs, in the worst case, as many
 //! capacity answers but moves each VM further down in one step.
@@ -53,7 +57,7 @@ use crate::token::VmId;
 use crate::topology::{HostId, Topology};
 
 /// One peer z of the deciding VM u.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Peer {
     /// The peer's VM ID.
     pub id: VmId,
@@ -158,7 +162,7 @@ impl MigrationCost {
 }
 
 /// A candidate host for the deciding VM.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Candidate {
     /// The candidate host.
     pub host: HostId,
@@ -175,7 +179,7 @@ pub struct Candidate {
 }
 
 /// The costs of VM u now and on every candidate host, in the paper's order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     /// The deciding VM.
     pub vm: VmId,
@@ -197,7 +201,8 @@ pub struct Plan {
 }
 
 /// Why a VM stays where it is.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
 pub enum StayReason {
     /// It has no (usable) peer.
     NoPeers,
@@ -223,7 +228,8 @@ pub enum StayReason {
 }
 
 /// The outcome of equation 2 for one VM, with its numbers.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "decision", rename_all = "kebab-case")]
 pub enum Decision {
     /// Migrate u from `from` to `to`.
     Migrate {
@@ -454,7 +460,9 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
 impl Plan {
     /// Applies equation 2 with `rule`: see the module documentation.
     /// `capacity(h)` is asked lazily, only for candidates whose benefit is
-    /// above c_m, and `None` (no answer) counts as no room.
+    /// above c_m, and `None` (no answer) counts as no room. For callers that
+    /// cannot answer synchronously (the agent asks over the network), the
+    /// same walk is available step by step with [`Plan::decider`].
     pub fn decide(
         &self,
         rule: Rule,
@@ -462,26 +470,137 @@ impl Plan {
         mem_need_mb: u64,
         mut capacity: impl FnMut(HostId) -> Option<Capacity>,
     ) -> Decision {
+        let mut d = self.decider(rule, cm, mem_need_mb);
+        while let Some(h) = d.next_host() {
+            d.answer(capacity(h));
+        }
+        d.finish()
+    }
+
+    /// Starts the decision of [`Plan::decide`] without a callback: ask
+    /// [`Decider::next_host`] for the host whose capacity is needed, give
+    /// its answer to [`Decider::answer`], and repeat until `next_host` is
+    /// `None`; then [`Decider::finish`] gives the decision.
+    pub fn decider(&self, rule: Rule, cm: MigrationCost, mem_need_mb: u64) -> Decider<'_> {
+        let c_m = cm.threshold(self.cost_before);
+        let mut queue: Vec<usize> = (0..self.candidates.len())
+            .filter(|&i| self.candidates[i].benefit > c_m)
+            .collect();
+        if rule == Rule::BestBenefit {
+            // Stable: equal benefits keep the paper's order.
+            queue.sort_by(|&a, &b| {
+                self.candidates[b]
+                    .benefit
+                    .total_cmp(&self.candidates[a].benefit)
+            });
+        }
+        Decider {
+            plan: self,
+            c_m,
+            mem_need_mb,
+            queue,
+            pos: 0,
+            chosen: None,
+        }
+    }
+}
+
+/// A decision in progress: the capacity questions of [`Plan::decide`], one
+/// at a time, for callers that get the answers asynchronously.
+#[derive(Debug, Clone)]
+pub struct Decider<'p> {
+    plan: &'p Plan,
+    c_m: f64,
+    mem_need_mb: u64,
+    /// Indices of the candidates above c_m, in the order they are asked.
+    queue: Vec<usize>,
+    /// Questions answered so far.
+    pos: usize,
+    /// The candidate taken, once one had room.
+    chosen: Option<usize>,
+}
+
+impl Decider<'_> {
+    /// The host whose capacity is needed now; `None` once decided.
+    pub fn next_host(&self) -> Option<HostId> {
+        if self.chosen.is_some() {
+            return None;
+        }
+        self.queue
+            .get(self.pos)
+            .map(|&i| self.plan.candidates[i].host)
+    }
+
+    /// The hosts that may still be asked, in order, starting with
+    /// [`next_host`](Self::next_host) (a caller may prefetch them; answers
+    /// must still be given in this order).
+    pub fn pending_hosts(&self) -> impl Iterator<Item = HostId> + '_ {
+        let from = if self.chosen.is_some() {
+            self.queue.len()
+        } else {
+            self.pos
+        };
+        self.queue[from..]
+            .iter()
+            .map(|&i| self.plan.candidates[i].host)
+    }
+
+    /// The answer for [`next_host`](Self::next_host) (`None`: no answer,
+    /// taken as no room). Ignored once decided.
+    pub fn answer(&mut self, capacity: Option<Capacity>) {
+        let Some(&i) = self.queue.get(self.pos) else {
+            return;
+        };
+        if self.chosen.is_some() {
+            return;
+        }
+        self.pos += 1;
+        if capacity.is_some_and(|c| c.fits(self.mem_need_mb)) {
+            self.chosen = Some(i);
+        }
+    }
+
+    /// The c_m in force for this decision.
+    pub fn c_m(&self) -> f64 {
+        self.c_m
+    }
+
+    /// The decision. Called before every question is answered, it decides
+    /// with the answers so far (the unasked hosts count as full).
+    pub fn finish(self) -> Decision {
+        let p = self.plan;
+        let c_m = self.c_m;
         let stay = |reason| Decision::Stay {
-            vm: self.vm,
-            host: self.host,
-            cost_before: self.cost_before,
-            level: self.level,
+            vm: p.vm,
+            host: p.host,
+            cost_before: p.cost_before,
+            level: p.level,
             reason,
         };
-        if self.peers_used == 0 {
+        if p.peers_used == 0 {
             return stay(StayReason::NoPeers);
         }
-        if self.candidates.is_empty() {
+        if p.candidates.is_empty() {
             return stay(StayReason::AllPeersLocal);
         }
-        let c_m = cm.threshold(self.cost_before);
-        let mut worthy: Vec<&Candidate> =
-            self.candidates.iter().filter(|c| c.benefit > c_m).collect();
-        if worthy.is_empty() {
+        if let Some(i) = self.chosen {
+            let c = &p.candidates[i];
+            return Decision::Migrate {
+                vm: p.vm,
+                from: p.host,
+                to: c.host,
+                cost_before: p.cost_before,
+                cost_after: c.cost_after,
+                benefit: c.benefit,
+                c_m,
+                level_after: c.level_after,
+                asked: self.pos as u32,
+            };
+        }
+        if self.queue.is_empty() {
             // The first of the largest benefits, in candidate order.
-            let mut best = &self.candidates[0];
-            for c in &self.candidates[1..] {
+            let mut best = &p.candidates[0];
+            for c in &p.candidates[1..] {
                 if c.benefit.total_cmp(&best.benefit) == Ordering::Greater {
                     best = c;
                 }
@@ -492,28 +611,10 @@ impl Plan {
                 c_m,
             });
         }
-        if rule == Rule::BestBenefit {
-            // Stable: equal benefits keep the paper's order.
-            worthy.sort_by(|a, b| b.benefit.total_cmp(&a.benefit));
-        }
-        let mut asked = 0u32;
-        for c in worthy {
-            asked += 1;
-            if capacity(c.host).is_some_and(|cap| cap.fits(mem_need_mb)) {
-                return Decision::Migrate {
-                    vm: self.vm,
-                    from: self.host,
-                    to: c.host,
-                    cost_before: self.cost_before,
-                    cost_after: c.cost_after,
-                    benefit: c.benefit,
-                    c_m,
-                    level_after: c.level_after,
-                    asked,
-                };
-            }
-        }
-        stay(StayReason::NoRoom { asked, c_m })
+        stay(StayReason::NoRoom {
+            asked: self.pos as u32,
+            c_m,
+        })
     }
 }
 
@@ -676,6 +777,81 @@ mod tests {
         assert!(d.is_noop());
         let d = p.decide(Rule::PaperFirst, MigrationCost::Absolute(-1.0), 0, room);
         assert_eq!(d.target(), Some(255));
+    }
+
+    #[test]
+    fn decider_asks_step_by_step() {
+        let t = topo();
+        // Peers in three other racks, costliest first: hosts 255, 40, 5.
+        let peers = [
+            Peer {
+                id: 2,
+                host: 255,
+                rate: 3.0,
+            },
+            Peer {
+                id: 3,
+                host: 40,
+                rate: 2.0,
+            },
+            Peer {
+                id: 4,
+                host: 5,
+                rate: 1.0,
+            },
+        ];
+        let p = plan(&t, 1, 0, &peers);
+        let mut d = p.decider(Rule::PaperFirst, MigrationCost::default(), 512);
+        let improving: Vec<HostId> = d.pending_hosts().collect();
+        assert_eq!(d.next_host(), Some(improving[0]));
+        // First has no answer, second not enough memory, third fits.
+        d.answer(None);
+        d.answer(Some(Capacity {
+            free_slots: 3,
+            free_mem_mb: 100,
+        }));
+        let last = d.next_host();
+        d.answer(Some(Capacity {
+            free_slots: 1,
+            free_mem_mb: 512,
+        }));
+        assert_eq!(d.next_host(), None);
+        assert_eq!(d.pending_hosts().count(), 0);
+        // Extra answers are ignored.
+        d.answer(None);
+        let dec = d.finish();
+        assert_eq!(dec.target(), last);
+        assert!(matches!(dec, Decision::Migrate { asked: 3, .. }));
+        // Finishing early: the unasked hosts count as full.
+        let d = p.decider(Rule::PaperFirst, MigrationCost::default(), 512);
+        assert!(matches!(
+            d.finish(),
+            Decision::Stay {
+                reason: StayReason::NoRoom { asked: 0, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn decisions_serialize_for_export() {
+        let t = topo();
+        let p = plan(
+            &t,
+            1,
+            0,
+            &[Peer {
+                id: 2,
+                host: 0,
+                rate: 1.0,
+            }],
+        );
+        let d = p.decide(Rule::PaperFirst, MigrationCost::default(), 0, room);
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(
+            json,
+            r#"{"decision":"stay","vm":1,"host":0,"cost_before":0.0,"level":0,"reason":{"reason":"all-peers-local"}}"#
+        );
     }
 
     #[test]
