@@ -160,7 +160,7 @@ impl Datapath {
             self.forget(iface);
         }
         let err = |source| DatapathError::Program {
-            name: format!("{iface}"),
+            name: iface.to_string(),
             source,
         };
         let ingress = classifier(&mut self.bpf, PROG_INGRESS)?

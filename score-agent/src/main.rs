@@ -172,7 +172,7 @@ fn print_report(report: &score_agent::watch::WatchReport, json: bool) {
     }
     let s = report.stats;
     eprintln!(
-        "score-agent: watched {:.1} s; {} pairs; flow map full: {} failed updates; non-IPv4 frames: {}",
+        "score-agent: watched {:.1} s; {} pairs; updates lost to a full flow map: {}; non-IPv4 frames: {}",
         report.seconds,
         report.pairs.len(),
         s.flows_map_full,

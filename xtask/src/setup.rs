@@ -1,0 +1,108 @@
+//! `cargo xtask setup`: makes a fresh machine of our kind (Debian 12, root,
+//! registries reachable) able to build and test score. Each step checks
+//! first and does nothing when its piece is already there.
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+
+use crate::run;
+
+/// The nightly that builds the eBPF side, pinned by date: bpf-linker 0.10.4
+/// loads this rustc's LLVM 22; a moved `nightly` would bring LLVM 23.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// The last bpf-linker that needs no system LLVM (see shared TOOLCHAIN.md).
+pub const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Debian packages the tests and the test bed use.
+pub const APT_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+    "prometheus",
+    "iperf3",
+];
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn stdout_of(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs every setup step.
+pub fn setup() -> Result<()> {
+    toolchain()?;
+    bpf_linker()?;
+    apt()?;
+    Ok(())
+}
+
+fn toolchain() -> Result<()> {
+    let has_src = stdout_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+    .lines()
+    .any(|l| l.starts_with("rust-src"));
+    if has_src {
+        return Ok(());
+    }
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+        "--no-self-update",
+    ]))
+    .context("installing the eBPF toolchain")
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = stdout_of(Command::new("bpf-linker").arg("--version"));
+    if version.contains(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    run(Command::new("cargo").args([
+        &format!("+{EBPF_TOOLCHAIN}"),
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+    ]))
+    .context("installing bpf-linker")
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !stdout_of(Command::new("dpkg-query").args(["-W", "-f", "${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !succeeds(Command::new("apt-get").arg("--version")) {
+        eprintln!(
+            "xtask: no apt-get here; install these yourself: {}",
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+    .context("installing apt packages")
+}
