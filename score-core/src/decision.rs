@@ -429,11 +429,14 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
         })
         .collect();
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut seen = std::collections::HashSet::with_capacity(ranked.len());
+    // Each host once: a flag per entry of the per-host sums (sorted by host).
+    let hosts = &sums.sums[0];
+    let mut seen = vec![false; hosts.len()];
     let mut candidates = Vec::new();
     for (peer_cost, peer, y) in ranked {
-        if !seen.insert(y) {
-            continue;
+        match hosts.binary_search_by_key(&y, |&(h, _)| h) {
+            Ok(i) if !seen[i] => seen[i] = true,
+            _ => continue,
         }
         let (cost_after, level_after) = sums.cost_at(topo, y);
         candidates.push(Candidate {
