@@ -16,8 +16,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use score_common::{
-    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat, VM_MACS_MAP,
-    VmMac,
+    FLOWS_MAP, PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat,
+    VM_MACS_MAP, VmMac,
 };
 use serde::Serialize;
 
@@ -52,6 +52,9 @@ pub enum DatapathError {
     /// A map operation failed.
     #[error("eBPF map operation: {0}")]
     MapOp(#[from] aya::maps::MapError),
+    /// Per-CPU values could not be built (CPU count unknown).
+    #[error("per-CPU map values: {0}")]
+    PerCpu(String),
     /// bpffs could not be prepared for pinning.
     #[error("preparing bpffs at {path}: {reason}")]
     Bpffs {
@@ -129,7 +132,7 @@ impl Datapath {
             }
         }
         let mut bpf = loader.load(OBJECT)?;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_BENCH_EMPTY] {
             classifier(&mut bpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -304,6 +307,36 @@ impl Datapath {
             let _ = map.remove(&k);
         }
         Ok(())
+    }
+
+    /// Writes pairs straight into the flow map, as if the classifiers had
+    /// counted them (benchmarks pre-fill the map this way). Each pair gets
+    /// `counters` on CPU 0 and zeros elsewhere.
+    pub fn insert_pairs(
+        &mut self,
+        pairs: impl IntoIterator<Item = Pair>,
+        counters: PairCounters,
+    ) -> Result<usize, DatapathError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PerCpu(e.to_string()))?;
+        let mut map: PerCpuHashMap<&mut MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
+            self.bpf
+                .map_mut(FLOWS_MAP)
+                .ok_or(DatapathError::Map(FLOWS_MAP))?,
+        )?;
+        let mut values = vec![PairCounters::default(); cpus];
+        values[0] = counters;
+        let mut n = 0;
+        for (src, dst) in pairs {
+            let key = PairKey {
+                src: u32::from(src).to_be(),
+                dst: u32::from(dst).to_be(),
+            };
+            let per_cpu = aya::maps::PerCpuValues::try_from(values.clone())
+                .map_err(|e| DatapathError::PerCpu(e.to_string()))?;
+            map.insert(key, per_cpu, 0)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The loaded program of one classifier, for BPF_PROG_TEST_RUN benches.

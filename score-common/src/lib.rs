@@ -20,6 +20,9 @@ pub const PROG_INGRESS: &str = "score_vif_ingress";
 /// See [`PROG_INGRESS`].
 pub const PROG_EGRESS: &str = "score_vif_egress";
 
+/// An empty classifier, the baseline of the per-packet cost benchmark.
+pub const PROG_BENCH_EMPTY: &str = "score_bench_empty";
+
 /// Default capacity of [`FLOWS_MAP`]: 16 VMs x 100 peers x 2 directions is
 /// 3,200 pairs (the paper's worst case per host, §IV-D); 65,536 leaves room
 /// for busy hosts and for pairs not yet evicted. The agent may override it.

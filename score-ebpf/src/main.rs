@@ -70,6 +70,13 @@ mod kernel {
         TC_ACT_OK
     }
 
+    /// Does nothing: the baseline the counting classifiers are measured
+    /// against with BPF_PROG_TEST_RUN (`cargo xtask bench flows`).
+    #[classifier]
+    pub fn score_bench_empty(_ctx: TcContext) -> i32 {
+        TC_ACT_OK
+    }
+
     #[inline(always)]
     fn bump(stat: Stat) -> u64 {
         match STATS.get_ptr_mut(stat as u32) {
