@@ -1,2 +1,211 @@
-//! score-sim: replays the paper's evaluation on score-core.
-fn main() {}
+//! The `score-sim` command: parses arguments, loads or builds the scenario,
+//! and hands it to the library ([`score_sim::experiment::run_scenario`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use score_core::decision::Rule;
+use score_core::policy::PolicyKind;
+use score_sim::experiment::{ExperimentOptions, run_scenario};
+use score_sim::scenario::Scenario;
+
+/// Data-centre-scale simulator of S-CORE: replays the paper's evaluation
+/// on score-core's own decision and token-policy code.
+#[derive(Debug, Parser)]
+#[command(name = "score-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the whole paper reproduction (defaults of every scenario field).
+    Paper {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        o: Overrides,
+    },
+    /// Run one scenario file.
+    Run {
+        /// Scenario TOML file (missing fields take the paper's defaults).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        o: Overrides,
+    },
+    /// Print the default (paper) scenario as TOML, a template for `run`.
+    Scenario,
+}
+
+/// Command-line overrides of scenario fields.
+#[derive(Debug, Args)]
+struct Overrides {
+    /// Seed of traffic, placement and baselines.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of VMs.
+    #[arg(long)]
+    vms: Option<u32>,
+    /// Most token rounds per policy.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Policies to run (repeat or comma-separate): round-robin, global,
+    /// distributed, load-aware.
+    #[arg(long, value_delimiter = ',')]
+    policy: Vec<PolicyKind>,
+    /// Decision rule: paper-first or best-benefit.
+    #[arg(long)]
+    rule: Option<Rule>,
+    /// c_m as a fraction of the deciding VM's own cost (0.1 = 10%).
+    #[arg(long)]
+    cm: Option<f64>,
+    /// Batches of new flows during the run (0: static traffic only).
+    #[arg(long)]
+    dynamic_batches: Option<u32>,
+    /// Generations of the genetic algorithm.
+    #[arg(long)]
+    ga_generations: Option<u32>,
+    /// Skip the centralised baselines.
+    #[arg(long)]
+    no_baselines: bool,
+    /// Skip the c_m sweep (Fig. 2c).
+    #[arg(long)]
+    no_sweep: bool,
+    /// Do not write the per-hand-off CSV files.
+    #[arg(long)]
+    no_step_csv: bool,
+    /// Do not draw figures.
+    #[arg(long)]
+    no_plots: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl Overrides {
+    fn apply(&self, s: &mut Scenario) {
+        if let Some(v) = self.seed {
+            s.seed = v;
+        }
+        if let Some(v) = self.vms {
+            s.vms.count = v;
+        }
+        if let Some(v) = self.rounds {
+            s.rounds = v;
+        }
+        if !self.policy.is_empty() {
+            s.policies = self.policy.clone();
+        }
+        if let Some(v) = self.rule {
+            s.rule = v;
+        }
+        if let Some(v) = self.cm {
+            s.migration_cost = score_sim::scenario::MigrationCostSpec::VmFraction(v);
+        }
+        if let Some(v) = self.dynamic_batches {
+            s.traffic.dynamic.batches = v;
+        }
+        if let Some(v) = self.ga_generations {
+            s.baselines.ga.generations = v;
+        }
+        if self.no_baselines {
+            s.baselines.enabled = false;
+        }
+        if self.no_sweep {
+            s.cm_sweep.clear();
+        }
+    }
+}
+
+fn run(mut s: Scenario, out: PathBuf, o: &Overrides) -> anyhow::Result<()> {
+    o.apply(&mut s);
+    s.validate().context("invalid scenario")?;
+    if let Some(t) = o.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot start the worker threads")?;
+    }
+    let opts = ExperimentOptions {
+        out: out.clone(),
+        progress: !o.quiet,
+        step_csv: !o.no_step_csv,
+        plots: !o.no_plots,
+    };
+    let sum = run_scenario(&s, &opts)?;
+    println!(
+        "{}: {} hosts, {} VMs, initial cost {:.4e} (eq. 1, each pair twice)",
+        s.name, sum.setup.hosts, sum.setup.vms, sum.setup.initial_cost
+    );
+    for b in &sum.baselines {
+        println!(
+            "  baseline {:<22} reduction {:6.2}%  ({:.1} s)",
+            b.name, b.reduction_pct, b.elapsed_s
+        );
+    }
+    for p in &sum.policies {
+        println!(
+            "  policy   {:<22} reduction {:6.2}%  of best baseline {:>6}  migrations {:>7}  rounds {:>2}  never moved {:>6}  ({:.1} s)",
+            p.policy,
+            p.reduction_pct,
+            p.fraction_of_best_baseline
+                .map(|f| format!("{:.1}%", f * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            p.migrations,
+            p.rounds_to_converge,
+            p.never_moved,
+            p.elapsed_s
+        );
+    }
+    for p in &sum.dynamic_policies {
+        println!(
+            "  dynamic  {:<22} reduction {:6.2}%  migrations {:>7}  ({:.1} s)",
+            p.policy, p.reduction_pct, p.migrations, p.elapsed_s
+        );
+    }
+    for p in &sum.cm_sweep {
+        println!(
+            "  c_m {:>16} {:>4.0}%  reduction {:6.2}%  ratio {:.3}  migrations {}",
+            p.reading,
+            p.fraction * 100.0,
+            p.reduction_pct,
+            p.ratio,
+            p.migrations
+        );
+    }
+    println!("outputs in {}; total {:.1} s", out.display(), sum.elapsed_s);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Paper { out, o } => run(Scenario::default(), out, &o),
+        Cmd::Run { scenario, out, o } => std::fs::read_to_string(&scenario)
+            .with_context(|| format!("cannot read {}", scenario.display()))
+            .and_then(|text| Scenario::from_toml_str(&text).context("invalid scenario file"))
+            .and_then(|s| run(s, out, &o)),
+        Cmd::Scenario => {
+            print!("{}", Scenario::default().to_toml_string());
+            Ok(())
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("score-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

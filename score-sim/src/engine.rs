@@ -1,0 +1,436 @@
+//! One policy's run: the token circulates among the VMs exactly as it would
+//! among the agents. At each hand-off the holder asks score-core for the
+//! decision ([`decide`]: [`plan`] then [`Plan::decide`], the agent's two
+//! calls), migrates if told to, writes what it learnt into the token
+//! ([`Token::update`]) and hands the token on with score-core's
+//! [`advance`] and the policy's own choice. The total cost (eq. 1) is
+//! recorded after every hand-off and every round.
+
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
+use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
+use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move};
+use score_core::token::{Load, Token, VmId};
+use score_core::topology::{HostId, Topology};
+
+use crate::scenario::{MigrationCostSpec, TokenInit};
+use crate::traffic::{Flow, FlowEvent};
+use crate::world::{HostLists, HostShape, Setup, core_traffic};
+
+/// How a run is made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunOptions {
+    /// Decision rule.
+    pub rule: Rule,
+    /// c_m and how to read it.
+    pub cm: MigrationCostSpec,
+    /// Most token rounds.
+    pub max_rounds: u32,
+    /// What the token knows before its first round.
+    pub token_init: TokenInit,
+    /// Keep the placement after this many rounds (heat maps).
+    pub snapshot_round: Option<u32>,
+    /// Whether the workload's dynamic flow events are applied.
+    pub dynamic: bool,
+    /// Whether to record the cost after every hand-off (else per round).
+    pub record_steps: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            rule: Rule::PaperFirst,
+            cm: MigrationCostSpec::Absolute(0.0),
+            max_rounds: 10,
+            token_init: TokenInit::Measured,
+            snapshot_round: None,
+            dynamic: false,
+            record_steps: true,
+        }
+    }
+}
+
+/// What a policy's run produced.
+#[derive(Debug, Clone)]
+pub struct PolicyRun {
+    /// The policy.
+    pub policy: PolicyKind,
+    /// c_m as score-core applied it.
+    pub c_m: MigrationCost,
+    /// Equation 1 total before the first hand-off.
+    pub initial_cost: f64,
+    /// Equation 1 total at the end (under the traffic at the end).
+    pub final_cost: f64,
+    /// What the initial placement would cost under the traffic at the end
+    /// (differs from `initial_cost` only when flows appeared during the run).
+    pub final_cost_unmoved: f64,
+    /// Total after every hand-off (empty unless `record_steps`).
+    pub step_costs: Vec<f64>,
+    /// Total at the start and after every completed round.
+    pub round_costs: Vec<f64>,
+    /// Migrations in every completed round (and the last, partial one).
+    pub round_migrations: Vec<u64>,
+    /// Hand-offs made.
+    pub handoffs: u64,
+    /// Migrations made.
+    pub migrations: u64,
+    /// Completed rounds.
+    pub rounds: u32,
+    /// Rounds until the last one that migrated a VM (0: nothing moved).
+    pub rounds_to_converge: u32,
+    /// Whether a round without migration was reached (with no flows left to
+    /// appear) before `max_rounds`.
+    pub converged: bool,
+    /// VMs that never moved.
+    pub never_moved: u32,
+    /// The placement at the end.
+    pub final_placement: Placement,
+    /// The placement after `snapshot_round` rounds, if asked and reached.
+    pub snapshot: Option<Placement>,
+    /// Wall-clock time of the run, seconds.
+    pub elapsed_s: f64,
+}
+
+impl PolicyRun {
+    /// Cost reduction in percent of what the placement would cost without
+    /// migrations (under the same traffic).
+    pub fn reduction_pct(&self) -> f64 {
+        if self.final_cost_unmoved > 0.0 {
+            100.0 * (1.0 - self.final_cost / self.final_cost_unmoved)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The decision for the token holder `u`, as the agent makes it: its peers
+/// and where they are, [`plan`], then [`Plan::decide`] with the hosts'
+/// capacity answers. Returns the plan (for the token update) and the decision.
+pub fn decide(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    shape: HostShape,
+    u: VmIdx,
+    rule: Rule,
+    cm: MigrationCost,
+) -> (Plan, Decision) {
+    let peers = model.peers(placement, u);
+    let p = plan(model.topo, u, placement.host(u), &peers);
+    let d = p.decide(rule, cm, shape.vm_mem_mb, |h| {
+        Some(shape.capacity(placement.count(h)))
+    });
+    (p, d)
+}
+
+/// The mutable state of one run.
+struct State<'a> {
+    topo: &'a Topology,
+    traffic: Traffic,
+    flows: Vec<Flow>,
+    placement: Placement,
+    lists: HostLists,
+    shape: HostShape,
+    total: f64,
+}
+
+impl State<'_> {
+    fn model(&self) -> CostModel<'_> {
+        CostModel::new(self.topo, &self.traffic)
+    }
+
+    /// Adds a batch of flows and rebuilds the traffic matrix.
+    fn add_flows(&mut self, batch: &[FlowEvent]) -> Result<(), CostError> {
+        for e in batch {
+            self.flows.push(e.flow);
+        }
+        self.traffic = core_traffic(self.traffic.vm_count(), &self.flows)?;
+        // Exact recomputation: the spike is what the new flows cost where
+        // their VMs are now.
+        self.total = self.model().total_cost(&self.placement);
+        Ok(())
+    }
+}
+
+/// The global policy's ranking, kept up to date incrementally. After a move
+/// of u from x to y, the only VMs whose best move can change are u, the
+/// peers of every VM now on x or y (their peer moved, or the room on a
+/// candidate host changed); each is re-evaluated with score-core's
+/// [`best_move`], exactly as [`score_core::policy::rank_by_saving`] would.
+struct GlobalIndex {
+    heap: BinaryHeap<Entry>,
+    version: Vec<u32>,
+    stamp: Vec<u32>,
+    epoch: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Entry {
+    saving: f64,
+    vm: VmIdx,
+    version: u32,
+}
+
+impl Eq for Entry {}
+
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Largest saving first, ties to the lower VM (rank_by_saving's order).
+        self.saving.total_cmp(&o.saving).then(o.vm.cmp(&self.vm))
+    }
+}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl GlobalIndex {
+    fn new(st: &State<'_>, rule: Rule, cm: MigrationCost) -> Self {
+        let n = st.placement.vm_count() as usize;
+        let mut g = GlobalIndex {
+            heap: BinaryHeap::with_capacity(n),
+            version: vec![0; n],
+            stamp: vec![0; n],
+            epoch: 0,
+        };
+        for u in 0..n as VmIdx {
+            g.refresh(st, u, rule, cm);
+        }
+        g
+    }
+
+    fn refresh(&mut self, st: &State<'_>, u: VmIdx, rule: Rule, cm: MigrationCost) {
+        let v = &mut self.version[u as usize];
+        *v = v.wrapping_add(1);
+        let version = *v;
+        let shape = st.shape;
+        let placement = &st.placement;
+        let best = best_move(&st.model(), placement, u, rule, cm, shape.vm_mem_mb, |h| {
+            Some(shape.capacity(placement.count(h)))
+        });
+        if let Some(r) = best {
+            self.heap.push(Entry {
+                saving: r.saving,
+                vm: u,
+                version,
+            });
+        }
+    }
+
+    /// Re-evaluates the VMs a move (or new traffic) can have affected.
+    fn after_change(
+        &mut self,
+        st: &State<'_>,
+        touched_vms: &[VmIdx],
+        touched_hosts: &[HostId],
+        rule: Rule,
+        cm: MigrationCost,
+    ) {
+        self.epoch = self.epoch.wrapping_add(1);
+        let mut todo: Vec<VmIdx> = Vec::new();
+        let mut mark = |u: VmIdx, stamp: &mut Vec<u32>, epoch: u32| {
+            if stamp[u as usize] != epoch {
+                stamp[u as usize] = epoch;
+                todo.push(u);
+            }
+        };
+        for &u in touched_vms {
+            mark(u, &mut self.stamp, self.epoch);
+        }
+        for &h in touched_hosts {
+            for &v in st.lists.on(h) {
+                for z in st.traffic.neighbours(v) {
+                    mark(z.vm, &mut self.stamp, self.epoch);
+                }
+            }
+        }
+        for u in todo {
+            self.refresh(st, u, rule, cm);
+        }
+    }
+
+    /// The best `k` VMs that would migrate now, best first.
+    fn top(&mut self, k: usize) -> Vec<VmId> {
+        let mut out = Vec::with_capacity(k);
+        let mut keep = Vec::with_capacity(k);
+        while out.len() < k {
+            match self.heap.pop() {
+                None => break,
+                Some(e) if e.version != self.version[e.vm as usize] => {}
+                Some(e) => {
+                    out.push(e.vm);
+                    keep.push(e);
+                }
+            }
+        }
+        self.heap.extend(keep);
+        out
+    }
+}
+
+/// Runs one policy from the setup's initial placement and traffic.
+pub fn run_policy(
+    setup: &Setup,
+    kind: PolicyKind,
+    opts: &RunOptions,
+    mut on_handoff: impl FnMut(u64),
+) -> Result<PolicyRun, CostError> {
+    let started = Instant::now();
+    let n = setup.vms();
+    let mut st = State {
+        topo: &setup.topo,
+        traffic: setup.traffic.clone(),
+        flows: setup.workload.flows.clone(),
+        placement: setup.placement.clone(),
+        lists: HostLists::new(&setup.placement),
+        shape: setup.shape,
+        total: 0.0,
+    };
+    st.total = st.model().total_cost(&st.placement);
+    let initial_cost = st.total;
+    let cm = opts.cm.resolve(initial_cost, n);
+    let events: &[FlowEvent] = if opts.dynamic {
+        &setup.workload.events
+    } else {
+        &[]
+    };
+
+    let mut token = Token::new(0, 0..n);
+    if opts.token_init == TokenInit::Measured {
+        let model = st.model();
+        for u in 0..n {
+            let level = model.vm_level(&st.placement, u);
+            let load = Load::from_rate(model.vm_load(u));
+            if let Some(e) = token.get_mut(u) {
+                e.level = level;
+                e.load = load;
+            }
+        }
+    }
+    let mut policy: Box<dyn TokenPolicy> = kind.build();
+    let mut global = kind
+        .needs_global_knowledge()
+        .then(|| GlobalIndex::new(&st, opts.rule, cm));
+    if let Some(g) = global.as_mut() {
+        policy.feed_ranking(g.top(2));
+    }
+
+    let max_handoffs = u64::from(opts.max_rounds) * u64::from(n);
+    let mut step_costs = Vec::new();
+    if opts.record_steps {
+        step_costs.reserve(max_handoffs.min(50_000_000) as usize);
+    }
+    let mut round_costs = vec![initial_cost];
+    let mut round_migrations = Vec::new();
+    let mut moved = vec![false; n as usize];
+    let (mut handoffs, mut migrations, mut this_round) = (0u64, 0u64, 0u64);
+    let mut rounds_to_converge = 0u32;
+    let mut converged = false;
+    let mut snapshot = None;
+    let mut next_event = 0usize;
+
+    let mut holder = advance(policy.as_mut(), &mut token, None);
+    while let Some(u) = holder {
+        if handoffs >= max_handoffs {
+            break;
+        }
+        // Flows due before this hand-off appear now.
+        if next_event < events.len() && events[next_event].at <= handoffs {
+            let end = next_event
+                + events[next_event..]
+                    .iter()
+                    .take_while(|e| e.at <= handoffs)
+                    .count();
+            st.add_flows(&events[next_event..end])?;
+            if let Some(g) = global.as_mut() {
+                let vms: Vec<VmIdx> = events[next_event..end]
+                    .iter()
+                    .flat_map(|e| [e.flow.a, e.flow.b])
+                    .collect();
+                g.after_change(&st, &vms, &[], opts.rule, cm);
+            }
+            next_event = end;
+        }
+
+        let (p, d) = decide(&st.model(), &st.placement, st.shape, u, opts.rule, cm);
+        if let Decision::Migrate {
+            from, to, benefit, ..
+        } = d
+        {
+            st.placement.move_vm(u, to);
+            st.lists.moved(u, from, to);
+            // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
+            st.total -= benefit;
+            moved[u as usize] = true;
+            migrations += 1;
+            this_round += 1;
+            if let Some(g) = global.as_mut() {
+                g.after_change(&st, &[u], &[from, to], opts.rule, cm);
+            }
+        }
+        token.update(u, d.level_after(), Load::from_rate(p.load));
+        handoffs += 1;
+        if opts.record_steps {
+            step_costs.push(st.total);
+        }
+        on_handoff(handoffs);
+
+        if let Some(g) = global.as_mut() {
+            policy.feed_ranking(g.top(2));
+        }
+        let round_before = token.round;
+        holder = advance(policy.as_mut(), &mut token, Some(u));
+        if token.round != round_before {
+            // A round ended: resynchronise the running total (no drift).
+            st.total = st.model().total_cost(&st.placement);
+            round_costs.push(st.total);
+            round_migrations.push(this_round);
+            if this_round > 0 {
+                rounds_to_converge = token.round;
+            }
+            if opts.snapshot_round == Some(token.round) {
+                snapshot = Some(st.placement.clone());
+            }
+            let quiet = this_round == 0 && next_event >= events.len();
+            this_round = 0;
+            if quiet {
+                converged = true;
+                break;
+            }
+            if token.round >= opts.max_rounds {
+                break;
+            }
+        }
+    }
+    if this_round > 0 || round_migrations.is_empty() {
+        round_migrations.push(this_round);
+    }
+    let final_cost = st.model().total_cost(&st.placement);
+    let final_cost_unmoved = st.model().total_cost(&setup.placement);
+    if snapshot.is_none() && opts.snapshot_round.is_some() {
+        // Converged before the snapshot round: the placement no longer changes.
+        snapshot = Some(st.placement.clone());
+    }
+    Ok(PolicyRun {
+        policy: kind,
+        c_m: cm,
+        initial_cost,
+        final_cost,
+        final_cost_unmoved,
+        step_costs,
+        round_costs,
+        round_migrations,
+        handoffs,
+        migrations,
+        rounds: token.round,
+        rounds_to_converge,
+        converged,
+        never_moved: moved.iter().filter(|&&m| !m).count() as u32,
+        final_placement: st.placement,
+        snapshot,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
