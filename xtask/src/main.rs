@@ -105,15 +105,10 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     }
     // One at a time: they share the kernel (bpffs, namespaces, links).
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "--locked",
-        "-p",
-        "score-agent",
-        "--test",
-        "privileged",
-        "--",
-    ]);
+    // Every #[ignore]d test of score-agent is privileged; cargo runs the
+    // test binaries one after another and --test-threads=1 serialises
+    // the tests inside each.
+    cmd.args(["test", "--locked", "-p", "score-agent", "--"]);
     cmd.args(["--ignored", "--test-threads=1"]);
     if let Some(f) = filter {
         cmd.arg(f);
