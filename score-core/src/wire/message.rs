@@ -576,12 +576,12 @@ mod tests {
         }
     }
 
-    fn round_trip(m: Message) -> usize {
+    fn round_trip(m: &Message) -> usize {
         let mut b = BytesMut::new();
         m.encode(&header(), &key(), &mut b).unwrap();
         let d = decode(&b, &key()).unwrap();
         assert_eq!(d.header, header());
-        assert_eq!(d.message, m);
+        assert_eq!(&d.message, m);
         b.len()
     }
 
@@ -589,20 +589,20 @@ mod tests {
     fn fixed_size_messages_round_trip_with_their_sizes() {
         let h = 28 + 32;
         assert_eq!(
-            round_trip(Message::LocationRequest { vm: 0x0a00_0005 }),
+            round_trip(&Message::LocationRequest { vm: 0x0a00_0005 }),
             h + 4
         );
         assert_eq!(
-            round_trip(Message::LocationResponse {
+            round_trip(&Message::LocationResponse {
                 in_reply_to: 98,
                 vm: 0x0a00_0005,
                 host: Ipv4Addr::new(192, 168, 0, 3)
             }),
             h + 16
         );
-        assert_eq!(round_trip(Message::CapacityRequest { vm: 7 }), h + 4);
+        assert_eq!(round_trip(&Message::CapacityRequest { vm: 7 }), h + 4);
         assert_eq!(
-            round_trip(Message::CapacityResponse {
+            round_trip(&Message::CapacityResponse {
                 in_reply_to: 1,
                 free_slots: 3,
                 free_memory_mib: 65_536
@@ -610,7 +610,7 @@ mod tests {
             h + 20
         );
         assert_eq!(
-            round_trip(Message::MigrationNotice {
+            round_trip(&Message::MigrationNotice {
                 vm: 9,
                 from: Ipv4Addr::new(1, 2, 3, 4),
                 to: Ipv4Addr::new(5, 6, 7, 8)
@@ -645,14 +645,14 @@ mod tests {
         for p in parts {
             assert_eq!(p.parts, 3);
             back.extend_from_slice(&p.entries);
-            assert!(round_trip(Message::FlowReport(p)) <= crate::wire::MAX_DATAGRAM);
+            assert!(round_trip(&Message::FlowReport(p)) <= crate::wire::MAX_DATAGRAM);
         }
         assert_eq!(back, flows);
 
         let empty = FlowReport::split(5, &[]).unwrap();
         assert_eq!(empty.len(), 1);
         assert_eq!((empty[0].part, empty[0].parts), (0, 1));
-        round_trip(Message::FlowReport(empty[0].clone()));
+        round_trip(&Message::FlowReport(empty[0].clone()));
 
         let vms: Vec<VmId> = (0..1000).rev().collect();
         let parts = TokenOrder::split(1, &vms).unwrap();
@@ -660,7 +660,7 @@ mod tests {
         let back: Vec<VmId> = parts.iter().flat_map(|p| p.vms.clone()).collect();
         assert_eq!(back, vms);
         for p in parts {
-            round_trip(Message::TokenOrder(p));
+            round_trip(&Message::TokenOrder(p));
         }
     }
 

@@ -1,0 +1,356 @@
+//! Properties of the wire format: every message round-trips, arbitrary bytes
+//! never panic the decoders, any altered or forged datagram is refused, and
+//! token chunks reassemble in any order with duplicates.
+
+use std::net::Ipv4Addr;
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use score_core::token::{Load, Token, TokenEntry};
+use score_core::wire::{
+    ChunkBitmap, ChunkOutcome, ClusterKey, FlowEntry, FlowReport, HEADER_LEN, Header, HopAck, Kind,
+    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, Reassembler, TokenChunk, TokenOrder,
+    WireError, decode, decode_token, encode_token, seal, token_chunks,
+};
+
+fn key_strategy() -> impl Strategy<Value = ClusterKey> {
+    proptest::collection::vec(any::<u8>(), 16..80)
+        .prop_filter_map("degenerate key", |b| ClusterKey::new(&b).ok())
+}
+
+fn header_strategy() -> impl Strategy<Value = Header> {
+    (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(a, epoch, seq)| Header {
+        sender: Ipv4Addr::from(a),
+        epoch,
+        seq,
+    })
+}
+
+fn entry_strategy() -> impl Strategy<Value = TokenEntry> {
+    (any::<u32>(), 0u8..=15, any::<u8>(), any::<bool>()).prop_map(|(id, level, load, visited)| {
+        TokenEntry {
+            id,
+            level,
+            load: Load(load),
+            visited,
+        }
+    })
+}
+
+/// Tokens of three shapes: random sparse IDs, a dense block with gaps, and
+/// small clustered sets near the top of the address space.
+fn token_strategy(max: usize) -> impl Strategy<Value = Token> {
+    let sparse = proptest::collection::vec(entry_strategy(), 0..max).boxed();
+    let dense = (
+        any::<u32>(),
+        proptest::collection::vec((1u32..4, 0u8..=3, any::<bool>()), 0..max),
+    )
+        .prop_map(|(base, steps)| {
+            let mut id = base;
+            let mut out = Vec::new();
+            for (step, level, visited) in steps {
+                out.push(TokenEntry {
+                    id,
+                    level,
+                    load: Load(0),
+                    visited,
+                });
+                match id.checked_add(step) {
+                    Some(n) => id = n,
+                    None => break,
+                }
+            }
+            out
+        })
+        .boxed();
+    let top = proptest::collection::vec(entry_strategy(), 0..20)
+        .prop_map(|v| {
+            v.into_iter()
+                .map(|mut e| {
+                    e.id = u32::MAX - (e.id % 64);
+                    e
+                })
+                .collect()
+        })
+        .boxed();
+    (
+        prop_oneof![sparse, dense, top],
+        any::<u64>(),
+        any::<u32>(),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(entries, epoch, round, holder)| {
+            Token::from_entries(epoch, round, holder, entries)
+        })
+}
+
+fn rate_strategy() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        Just(0.0),
+        0.0f64..1e12,
+        any::<u64>().prop_map(|v| v as f64),
+        Just(f64::MAX),
+    ]
+}
+
+fn message_strategy() -> impl Strategy<Value = Message> {
+    let ip = any::<u32>().prop_map(Ipv4Addr::from);
+    let chunk = (
+        token_strategy(400),
+        any::<u64>(),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(t, transfer, i)| {
+            let chunks = token_chunks(&t, transfer).unwrap();
+            let c = chunks[i.index(chunks.len())].clone();
+            Message::TokenChunk(c)
+        });
+    let ack = (
+        any::<u64>(),
+        1u16..=8192,
+        proptest::collection::vec(any::<u16>(), 0..64),
+    )
+        .prop_map(|(transfer, count, marks)| {
+            let mut received = ChunkBitmap::new(count);
+            for m in marks {
+                received.set(m % count);
+            }
+            Message::HopAck(HopAck { transfer, received })
+        });
+    let flows =
+        (
+            any::<u64>(),
+            proptest::collection::vec(
+                (any::<u32>(), any::<u32>(), rate_strategy())
+                    .prop_map(|(vm, peer, rate)| FlowEntry { vm, peer, rate }),
+                0..=MAX_FLOW_ENTRIES,
+            ),
+            1u16..=u16::MAX,
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(|(report, entries, parts, i)| {
+                Message::FlowReport(FlowReport {
+                    report,
+                    part: i.index(usize::from(parts)) as u16,
+                    parts,
+                    entries,
+                })
+            });
+    let order = (
+        any::<u64>(),
+        proptest::collection::vec(any::<u32>(), 0..=MAX_ORDER_VMS),
+        1u16..=u16::MAX,
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(order, vms, parts, i)| {
+            Message::TokenOrder(TokenOrder {
+                order,
+                part: i.index(usize::from(parts)) as u16,
+                parts,
+                vms,
+            })
+        });
+    prop_oneof![
+        chunk,
+        ack,
+        any::<u32>().prop_map(|vm| Message::LocationRequest { vm }),
+        (any::<u64>(), any::<u32>(), ip.clone()).prop_map(|(in_reply_to, vm, host)| {
+            Message::LocationResponse {
+                in_reply_to,
+                vm,
+                host,
+            }
+        }),
+        any::<u32>().prop_map(|vm| Message::CapacityRequest { vm }),
+        (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
+            |(in_reply_to, free_slots, free_memory_mib)| Message::CapacityResponse {
+                in_reply_to,
+                free_slots,
+                free_memory_mib,
+            }
+        ),
+        (any::<u32>(), ip.clone(), ip).prop_map(|(vm, from, to)| Message::MigrationNotice {
+            vm,
+            from,
+            to
+        }),
+        flows,
+        order,
+    ]
+}
+
+fn sealed(m: &Message, h: &Header, k: &ClusterKey) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    m.encode(h, k, &mut b).unwrap();
+    b.to_vec()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_message_round_trips(m in message_strategy(), h in header_strategy(), k in key_strategy()) {
+        let b = sealed(&m, &h, &k);
+        prop_assert!(b.len() <= score_core::wire::MAX_DATAGRAM);
+        let d = decode(&b, &k).unwrap();
+        prop_assert_eq!(d.header, h);
+        prop_assert_eq!(d.message.kind(), m.kind());
+        prop_assert_eq!(d.message, m);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_refused(
+        m in message_strategy(),
+        h in header_strategy(),
+        k in key_strategy(),
+        pos in any::<prop::sample::Index>(),
+        flip in 1u8..=255,
+    ) {
+        let mut b = sealed(&m, &h, &k);
+        let i = pos.index(b.len());
+        b[i] ^= flip;
+        let err = decode(&b, &k).unwrap_err();
+        // Bytes 0..8 (magic, version, kind, length) are checked before the
+        // MAC and may fail on structure; anything else must fail the MAC,
+        // as must a change of kind to another known kind.
+        let structural = i < 8
+            && !(i == 5 && Kind::from_u8(b[5]).is_some());
+        if structural {
+            prop_assert!(err != WireError::BadMac, "{:?} at {}", err, i);
+        } else {
+            prop_assert_eq!(err, WireError::BadMac);
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_fails_the_mac(m in message_strategy(), h in header_strategy(), k in key_strategy(), other in key_strategy()) {
+        let b = sealed(&m, &h, &k);
+        prop_assume!(k.sign(b"probe") != other.sign(b"probe"));
+        prop_assert_eq!(decode(&b, &other).unwrap_err(), WireError::BadMac);
+    }
+
+    #[test]
+    fn truncated_or_extended_datagrams_are_refused(m in message_strategy(), h in header_strategy(), k in key_strategy(), cut in any::<prop::sample::Index>(), extra in proptest::collection::vec(any::<u8>(), 1..16)) {
+        let b = sealed(&m, &h, &k);
+        let n = cut.index(b.len());
+        prop_assert!(decode(&b[..n], &k).is_err());
+        let mut longer = b.clone();
+        longer.extend_from_slice(&extra);
+        prop_assert!(decode(&longer, &k).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400), k in key_strategy()) {
+        let _ = decode(&bytes, &k);
+        let _ = decode_token(&bytes);
+        for kind in Kind::ALL {
+            let _ = Message::parse(kind, &bytes);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bodies_behind_a_valid_mac_never_panic(
+        kind in any::<u8>(),
+        body in proptest::collection::vec(any::<u8>(), 0..1200),
+        h in header_strategy(),
+        k in key_strategy(),
+    ) {
+        let mut b = BytesMut::new();
+        seal(kind, &h, &body, &k, &mut b).unwrap();
+        match decode(&b, &k) {
+            Ok(d) => {
+                // What decodes re-encodes to the very same datagram.
+                prop_assert_eq!(sealed(&d.message, &d.header, &k), b.to_vec());
+            }
+            Err(e) => prop_assert!(e != WireError::BadMac),
+        }
+    }
+
+    #[test]
+    fn a_datagram_header_valid_prefix_with_random_tail_never_panics(
+        h in header_strategy(),
+        k in key_strategy(),
+        kind in 0u8..12,
+        len in any::<u16>(),
+        tail in proptest::collection::vec(any::<u8>(), 0..1400),
+    ) {
+        // Structurally plausible frames reach the length and MAC checks.
+        let mut b = b"SCOR\x01".to_vec();
+        b.push(kind);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&h.sender.octets());
+        b.extend_from_slice(&h.epoch.to_be_bytes());
+        b.extend_from_slice(&h.seq.to_be_bytes());
+        b.extend_from_slice(&tail);
+        let r = decode(&b, &k);
+        prop_assert!(r.is_err());
+        if b.len() < HEADER_LEN + MAC_LEN {
+            let is_truncated = matches!(r, Err(WireError::Truncated { .. }));
+            prop_assert!(is_truncated);
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip(t in token_strategy(3000)) {
+        let mut b = BytesMut::new();
+        encode_token(&t, &mut b).unwrap();
+        prop_assert_eq!(decode_token(&b).unwrap(), t);
+    }
+
+    #[test]
+    fn altered_tokens_never_panic(t in token_strategy(300), pos in any::<prop::sample::Index>(), flip in 1u8..=255) {
+        let mut b = BytesMut::new();
+        encode_token(&t, &mut b).unwrap();
+        let i = pos.index(b.len());
+        b[i] ^= flip;
+        if let Ok(u) = decode_token(&b) {
+            // Whatever decodes is a valid token that round-trips itself.
+            let mut c = BytesMut::new();
+            encode_token(&u, &mut c).unwrap();
+            prop_assert_eq!(decode_token(&c).unwrap(), u);
+        }
+    }
+
+    #[test]
+    fn chunks_reassemble_in_any_order_with_duplicates(
+        t in token_strategy(3000),
+        transfer in any::<u64>(),
+        order_keys in proptest::collection::vec(any::<u32>(), 64),
+        dups in proptest::collection::vec(any::<prop::sample::Index>(), 0..16),
+    ) {
+        let chunks = token_chunks(&t, transfer).unwrap();
+        let n = chunks.len();
+        // A permutation of the chunks, then duplicates sprinkled in.
+        let mut seq: Vec<usize> = (0..n).collect();
+        seq.sort_by_key(|&i| (order_keys[i % order_keys.len()], i));
+        for (j, d) in dups.iter().enumerate() {
+            let at = (j * 7) % (seq.len() + 1);
+            seq.insert(at, d.index(n));
+        }
+        let h = Header { sender: Ipv4Addr::new(10, 9, 8, 7), epoch: t.epoch, seq: 0 };
+        let mut r = Reassembler::default();
+        let mut got = None;
+        let mut seen = std::collections::HashSet::new();
+        for &i in &seq {
+            let c: &TokenChunk = &chunks[i];
+            let out = r.insert(&h, c).unwrap();
+            let first = seen.insert(i);
+            match out {
+                ChunkOutcome::Complete(tok) => {
+                    prop_assert!(first && seen.len() == n && got.is_none());
+                    got = Some(tok);
+                }
+                ChunkOutcome::Incomplete { received, count } => {
+                    prop_assert!(first);
+                    prop_assert_eq!(usize::from(received), seen.len());
+                    prop_assert_eq!(usize::from(count), n);
+                }
+                ChunkOutcome::Duplicate => prop_assert!(!first),
+                ChunkOutcome::AlreadyComplete => prop_assert!(got.is_some()),
+            }
+        }
+        prop_assert_eq!(got, Some(t));
+        prop_assert_eq!(r.in_progress(), 0);
+        prop_assert!(r.ack(h.sender, transfer).unwrap().received.is_complete());
+    }
+}
