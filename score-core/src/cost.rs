@@ -302,7 +302,8 @@ impl<'a> CostModel<'a> {
 
     /// Change of [`total_cost`](Self::total_cost) if `u` moved to `to`:
     /// 2·Σ_z λ(u,z)·(W(ℓ(to, z)) − W(ℓ(now, z))). Negative is a saving; it
-    /// is minus the benefit of equation 2.
+    /// is minus the benefit of equation 2. Panics if `u` or `to` is out of
+    /// range.
     pub fn move_delta(&self, p: &Placement, u: VmIdx, to: HostId) -> f64 {
         let x = p.host(u);
         if x == to {

@@ -132,7 +132,9 @@ impl FromStr for Rule {
     }
 }
 
-/// The migration cost c_m of equation 2.
+/// The migration cost c_m of equation 2, in the unit of the benefit (the
+/// drop of the equation 1 total). The paper's Fig. 2c sets c_m to a share of
+/// the *overall* cost; a driver expresses that as `Absolute(f × total)`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationCost {

@@ -20,7 +20,8 @@
 //! distributed and load-aware pick among the VMs not yet visited in the
 //! round; the current holder is chosen only if it is the only one left, so
 //! the token moves on whenever it can. Global ignores the visited flags (it
-//! always follows the ranking) but rounds are still counted.
+//! always follows the ranking), so with it a round is counted only when
+//! every VM happens to have held the token.
 //!
 //! The holder hands the token on with [`advance`], which does the
 //! bookkeeping: it marks the current VM visited (the holder normally did it
