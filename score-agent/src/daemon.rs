@@ -25,6 +25,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let datapath = Datapath::load(&LoadOptions {
         flows_max: config.flows_max,
         pin_dir: Some(config.pin_path.clone()),
+        control_port: None,
     })?;
     let listener = http::bind(config.http_listen)
         .await

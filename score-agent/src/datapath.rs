@@ -76,6 +76,10 @@ pub struct DatapathStats {
     pub not_ipv4: u64,
     /// Multicast, broadcast or unspecified-source frames passed uncounted.
     pub not_unicast: u64,
+    /// Control datagrams handed to the agent.
+    pub control_intercepted: u64,
+    /// Control datagrams let through to the guest: the ring was full.
+    pub control_ring_full: u64,
 }
 
 /// How to load the datapath.
@@ -86,6 +90,63 @@ pub struct LoadOptions {
     /// Pin the maps in this bpffs directory (reusing maps already there),
     /// or keep them private to this process.
     pub pin_dir: Option<PathBuf>,
+    /// Intercept UDP datagrams to this port of a hosted VM (the peer
+    /// protocol's port) and hand them to the agent; None: pass them on.
+    pub control_port: Option<u16>,
+}
+
+/// A control datagram caught on its way to a hosted VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intercepted {
+    /// Who sent it.
+    pub src: std::net::SocketAddrV4,
+    /// The hosted VM it was addressed to.
+    pub vm: Ipv4Addr,
+    /// Its UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads intercepted control datagrams out of the ring buffer.
+pub struct ControlReader {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+}
+
+impl std::fmt::Debug for ControlReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlReader")
+    }
+}
+
+impl std::os::fd::AsRawFd for ControlReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+impl ControlReader {
+    /// Takes every datagram waiting in the ring.
+    pub fn drain(&mut self) -> Vec<Intercepted> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<score_common::ControlFrame>() {
+                continue;
+            }
+            // SAFETY: the ring record holds one ControlFrame (a Pod type), written by
+            // the classifier; read_unaligned copes with any alignment.
+            let frame: score_common::ControlFrame =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let len = usize::from(frame.len).min(frame.data.len());
+            out.push(Intercepted {
+                src: std::net::SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(frame.src)),
+                    frame.sport,
+                ),
+                vm: Ipv4Addr::from(u32::from_be(frame.dst)),
+                payload: frame.data[..len].to_vec(),
+            });
+        }
+        out
+    }
 }
 
 /// The loaded classifiers and their maps.
@@ -121,6 +182,8 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(FLOWS_MAP, opts.flows_max);
+        let port = opts.control_port.unwrap_or(0);
+        loader.override_global(score_common::CONTROL_PORT_GLOBAL, &port, true);
         let pins: Vec<(&'static str, PathBuf)>;
         if let Some(dir) = &opts.pin_dir {
             prepare_bpffs(dir)?;
@@ -150,6 +213,17 @@ impl Datapath {
     /// records to `log` (and so to tracing). None if the object logs nothing.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.bpf).ok()
+    }
+
+    /// Hands the ring of intercepted control datagrams to the caller (once).
+    pub fn take_control_reader(&mut self) -> Result<ControlReader, DatapathError> {
+        let map = self
+            .bpf
+            .take_map(score_common::CONTROL_RING)
+            .ok_or(DatapathError::Map(score_common::CONTROL_RING))?;
+        Ok(ControlReader {
+            ring: aya::maps::RingBuf::try_from(map)?,
+        })
     }
 
     /// Attaches both classifiers to an interface; a no-op if already done.
@@ -274,6 +348,8 @@ impl Datapath {
             macs_map_full: get(Stat::MacsMapFull)?,
             not_ipv4: get(Stat::NotIpv4)?,
             not_unicast: get(Stat::NotUnicast)?,
+            control_intercepted: get(Stat::ControlIntercepted)?,
+            control_ring_full: get(Stat::ControlRingFull)?,
         })
     }
 

@@ -54,6 +54,7 @@ pub async fn watch(
     let datapath = Datapath::load(&LoadOptions {
         flows_max,
         pin_dir: None,
+        control_port: None,
     })?;
     let flows = FlowTable::new(u64::MAX, u64::MAX, monotonic_ns());
     let collector = Collector::new(datapath, flows, patterns, false);

@@ -15,6 +15,19 @@ pub const VM_MACS_MAP: &str = "SCORE_VM_MACS";
 /// Name of the per-CPU array of datapath statistics (see [`Stat`]).
 pub const STATS_MAP: &str = "SCORE_STATS";
 
+/// Name of the ring buffer that carries intercepted S-CORE control
+/// datagrams (addressed to a hosted VM) from the classifier to the agent.
+pub const CONTROL_RING: &str = "SCORE_CONTROL";
+/// Name of the global that holds the UDP port of the S-CORE peer protocol
+/// (host order); 0, the default, turns interception off.
+pub const CONTROL_PORT_GLOBAL: &str = "SCORE_CONTROL_PORT";
+/// Size of [`CONTROL_RING`] in bytes (a power of two, page multiple): room
+/// for about 200 datagrams in flight to the agent.
+pub const CONTROL_RING_BYTES: u32 = 256 * 1024;
+/// Largest control payload the classifier hands over; longer datagrams are
+/// not S-CORE's (its datagrams are at most 1,260 bytes) and pass untouched.
+pub const CONTROL_MAX_PAYLOAD: usize = 1_280;
+
 /// Names of the two classifiers, as the agent looks them up in the object.
 pub const PROG_INGRESS: &str = "score_vif_ingress";
 /// See [`PROG_INGRESS`].
@@ -72,6 +85,26 @@ pub struct VmMac {
     pub ifindex: u32,
 }
 
+/// One intercepted control datagram, as the classifier writes it into
+/// [`CONTROL_RING`]: who sent it, which hosted VM it was addressed to, and
+/// its UDP payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ControlFrame {
+    /// Source IPv4 address, network byte order.
+    pub src: u32,
+    /// Destination IPv4 address (the hosted VM), network byte order.
+    pub dst: u32,
+    /// UDP source port, host order.
+    pub sport: u16,
+    /// Bytes of `data` that hold the payload.
+    pub len: u16,
+    /// Interface index of the vif it was caught on.
+    pub ifindex: u32,
+    /// The UDP payload; only the first `len` bytes are meaningful.
+    pub data: [u8; CONTROL_MAX_PAYLOAD],
+}
+
 /// Indices into [`STATS_MAP`]: events the datapath counts instead of
 /// logging, because a classifier must never log per packet.
 #[repr(u32)]
@@ -86,15 +119,20 @@ pub enum Stat {
     /// IPv4 frames to a multicast or broadcast address, or from 0.0.0.0:
     /// they belong to no VM pair, and are passed uncounted.
     NotUnicast = 3,
+    /// Control datagrams handed to the agent (and kept from the guest).
+    ControlIntercepted = 4,
+    /// Control datagrams passed on to the guest because the ring was full.
+    ControlRingFull = 5,
 }
 
 /// Number of slots in [`STATS_MAP`].
-pub const STATS_LEN: u32 = 4;
+pub const STATS_LEN: u32 = 6;
 
 const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
 const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
+const _: () = assert!(core::mem::size_of::<ControlFrame>() == 16 + CONTROL_MAX_PAYLOAD);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -103,4 +141,5 @@ mod pod {
     unsafe impl aya::Pod for super::PairKey {}
     unsafe impl aya::Pod for super::PairCounters {}
     unsafe impl aya::Pod for super::VmMac {}
+    unsafe impl aya::Pod for super::ControlFrame {}
 }

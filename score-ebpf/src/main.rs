@@ -23,6 +23,13 @@
 //! target has no 64-bit fetch-add on every CPU level) and do not bounce cache
 //! lines between cores; the agent sums them.
 //!
+//! Interception (the paper's NAT redirect of §III-D, without iptables): at
+//! egress, a UDP datagram to the S-CORE port of a hosted VM is an S-CORE
+//! control message (a token hop, a location request). It is copied into the
+//! `SCORE_CONTROL` ring buffer for the agent and dropped, so the guest never
+//! sees it, and it is not counted as VM traffic. The port comes from the
+//! `SCORE_CONTROL_PORT` global, set at load time; 0 turns interception off.
+//!
 //! Every error path passes the packet (`TC_ACT_OK`): counting must never
 //! drop traffic. Nothing is logged per packet; the one log line is the first
 //! time, per CPU, that the flow map is found full.
@@ -32,16 +39,24 @@
 #[cfg(target_arch = "bpf")]
 mod kernel {
     use aya_ebpf::{
-        bindings::{BPF_NOEXIST, TC_ACT_OK},
-        helpers::bpf_ktime_get_ns,
+        Global,
+        bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+        helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
         macros::{classifier, map},
-        maps::{HashMap, PerCpuArray, PerCpuHashMap},
+        maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::TcContext,
     };
     use aya_log_ebpf::warn;
     use score_common::{
-        DEFAULT_FLOWS_MAX, PairCounters, PairKey, STATS_LEN, Stat, VM_MACS_MAX, VmMac,
+        CONTROL_MAX_PAYLOAD, CONTROL_RING_BYTES, ControlFrame, DEFAULT_FLOWS_MAX, PairCounters,
+        PairKey, STATS_LEN, Stat, VM_MACS_MAX, VmMac,
     };
+
+    #[map(name = "SCORE_CONTROL")]
+    static CONTROL: RingBuf = RingBuf::with_byte_size(CONTROL_RING_BYTES, 0);
+
+    #[unsafe(no_mangle)]
+    static SCORE_CONTROL_PORT: Global<u16> = Global::new(0);
 
     #[map(name = "SCORE_FLOWS")]
     static FLOWS: PerCpuHashMap<PairKey, PairCounters> =
@@ -66,8 +81,99 @@ mod kernel {
 
     #[classifier]
     pub fn score_vif_egress(ctx: TcContext) -> i32 {
+        if intercept(&ctx) {
+            return TC_ACT_SHOT;
+        }
         let _ = count(&ctx, false);
         TC_ACT_OK
+    }
+
+    const IPPROTO_UDP: u8 = 17;
+
+    /// Hands an S-CORE control datagram to the agent; true if it did, and
+    /// the frame must then be kept from the guest.
+    #[inline(always)]
+    fn intercept(ctx: &TcContext) -> bool {
+        let port = SCORE_CONTROL_PORT.load();
+        if port == 0 {
+            return false;
+        }
+        let Ok(ethertype) = ctx.load::<u16>(12) else {
+            return false;
+        };
+        if u16::from_be(ethertype) != ETH_P_IP {
+            return false;
+        }
+        let Ok(ver_ihl) = ctx.load::<u8>(ETH_HDR_LEN) else {
+            return false;
+        };
+        let Ok(proto) = ctx.load::<u8>(ETH_HDR_LEN + 9) else {
+            return false;
+        };
+        if proto != IPPROTO_UDP || ver_ihl >> 4 != 4 {
+            return false;
+        }
+        // Fragments (MF set or an offset) carry no whole UDP datagram.
+        let Ok(frag) = ctx.load::<u16>(ETH_HDR_LEN + 6) else {
+            return false;
+        };
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return false;
+        }
+        let l4 = ETH_HDR_LEN + usize::from(ver_ihl & 0x0f) * 4;
+        let Ok(dport) = ctx.load::<u16>(l4 + 2) else {
+            return false;
+        };
+        if u16::from_be(dport) != port {
+            return false;
+        }
+        let (Ok(sport), Ok(udp_len)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 4)) else {
+            return false;
+        };
+        let udp_len = usize::from(u16::from_be(udp_len));
+        if udp_len <= 8 || udp_len - 8 > CONTROL_MAX_PAYLOAD {
+            return false;
+        }
+        let len = udp_len - 8;
+        let (Ok(src), Ok(dst)) = (
+            ctx.load::<u32>(ETH_HDR_LEN + 12),
+            ctx.load::<u32>(ETH_HDR_LEN + 16),
+        ) else {
+            return false;
+        };
+        let Some(mut entry) = CONTROL.reserve::<ControlFrame>(0) else {
+            bump(Stat::ControlRingFull);
+            return false;
+        };
+        let frame = entry.as_mut_ptr();
+        // The verifier needs the copy length visibly inside [1, MAX].
+        let n = (len as u32) & 0x7ff;
+        if n == 0 || n as usize > CONTROL_MAX_PAYLOAD {
+            entry.discard(0);
+            return false;
+        }
+        let copied = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                (l4 + 8) as u32,
+                (*frame).data.as_mut_ptr() as *mut _,
+                n,
+            )
+        };
+        if copied != 0 {
+            entry.discard(0);
+            return false;
+        }
+        unsafe {
+            (*frame).src = src;
+            (*frame).dst = dst;
+            (*frame).sport = u16::from_be(sport);
+            (*frame).len = n as u16;
+            (*frame).ifindex = (*ctx.skb.skb).ifindex;
+        }
+        entry.submit(0);
+        bump(Stat::ControlIntercepted);
+        true
     }
 
     /// Does nothing: the baseline the counting classifiers are measured
