@@ -26,8 +26,9 @@ pub const CHUNK_DATA_LEN: usize = MAX_PAYLOAD - CHUNK_HEADER_LEN;
 /// chunk (1 KiB) fits one datagram.
 pub const MAX_CHUNKS: usize = 8192;
 
-/// Largest encoded token (about 9.7 MB: some 4 million VMs in a dense
-/// address block, or 3 million random sparse ones with loads).
+/// Largest encoded token (9.7 MB: about 6 million VMs of a dense address
+/// block with loads at 1.5 bytes each, or 3 million random sparse ones with
+/// loads at 3.1 bytes each; see `docs/WIRE.md`).
 pub const MAX_TOKEN_BYTES: usize = MAX_CHUNKS * CHUNK_DATA_LEN;
 
 /// Number of chunks a token of `total_len` bytes takes; `None` if that
