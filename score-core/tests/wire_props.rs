@@ -176,6 +176,8 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         }),
         flows,
         order,
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(holder, round)| Message::TokenSeen { holder, round }),
     ]
 }
 

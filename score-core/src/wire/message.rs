@@ -214,6 +214,15 @@ pub enum Message {
     FlowReport(FlowReport),
     /// Part of the coordinator's token order.
     TokenOrder(TokenOrder),
+    /// "The token is alive": sent by a holder to the watchers at every hop
+    /// (its header carries the epoch), and by a watcher that regenerated
+    /// the token to the other watchers.
+    TokenSeen {
+        /// The VM the token is being handed to (0: none yet).
+        holder: VmId,
+        /// The token's round.
+        round: u32,
+    },
 }
 
 impl Message {
@@ -229,6 +238,7 @@ impl Message {
             Message::MigrationNotice { .. } => Kind::MigrationNotice,
             Message::FlowReport(_) => Kind::FlowReport,
             Message::TokenOrder(_) => Kind::TokenOrder,
+            Message::TokenSeen { .. } => Kind::TokenSeen,
         }
     }
 
@@ -345,6 +355,10 @@ impl Message {
                     buf.put_u32(*v);
                 }
             }
+            Message::TokenSeen { holder, round } => {
+                buf.put_u32(*holder);
+                buf.put_u32(*round);
+            }
         }
     }
 
@@ -440,6 +454,10 @@ impl Message {
                     vms,
                 })
             }
+            Kind::TokenSeen => Message::TokenSeen {
+                holder: r.u32()?,
+                round: r.u32()?,
+            },
         };
         r.end()?;
         Ok(msg)

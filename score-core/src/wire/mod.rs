@@ -57,11 +57,13 @@ pub enum Kind {
     FlowReport = 8,
     /// The coordinator's token order for the global policy.
     TokenOrder = 9,
+    /// The token is alive (holder to watchers) or was regenerated.
+    TokenSeen = 10,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -71,6 +73,7 @@ impl Kind {
         Kind::MigrationNotice,
         Kind::FlowReport,
         Kind::TokenOrder,
+        Kind::TokenSeen,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -90,6 +93,7 @@ impl Kind {
             Kind::MigrationNotice => "migration_notice",
             Kind::FlowReport => "flow_report",
             Kind::TokenOrder => "token_order",
+            Kind::TokenSeen => "token_seen",
         }
     }
 }
@@ -218,7 +222,7 @@ mod tests {
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(10), None);
+        assert_eq!(Kind::from_u8(11), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
