@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
-use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move};
+use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
 use score_core::token::{Load, Token, VmId};
 use score_core::topology::{HostId, Topology};
 
@@ -36,6 +36,12 @@ pub struct RunOptions {
     pub dynamic: bool,
     /// Whether to record the cost after every hand-off (else per round).
     pub record_steps: bool,
+    /// Record every hand-off's holder and decision in [`PolicyRun::trace`].
+    pub trace: bool,
+    /// Slow self-checks after every hand-off (tests): the running total
+    /// against a full recomputation, and the global policy's incremental
+    /// ranking against score-core's [`score_core::policy::rank_by_saving`].
+    pub self_check: bool,
 }
 
 impl Default for RunOptions {
@@ -48,6 +54,8 @@ impl Default for RunOptions {
             snapshot_round: None,
             dynamic: false,
             record_steps: true,
+            trace: false,
+            self_check: false,
         }
     }
 }
@@ -91,6 +99,8 @@ pub struct PolicyRun {
     pub snapshot: Option<Placement>,
     /// Wall-clock time of the run, seconds.
     pub elapsed_s: f64,
+    /// Every hand-off's holder and where it moved (if `trace`).
+    pub trace: Vec<(VmId, Option<HostId>)>,
 }
 
 impl PolicyRun {
@@ -331,6 +341,7 @@ pub fn run_policy(
     let mut converged = false;
     let mut snapshot = None;
     let mut next_event = 0usize;
+    let mut trace = Vec::new();
 
     let mut holder = advance(policy.as_mut(), &mut token, None);
     while let Some(u) = holder {
@@ -373,6 +384,12 @@ pub fn run_policy(
         }
         token.update(u, d.level_after(), Load::from_rate(p.load));
         handoffs += 1;
+        if opts.trace {
+            trace.push((u, d.target()));
+        }
+        if opts.self_check {
+            self_check(&st, global.as_mut(), opts.rule, cm);
+        }
         if opts.record_steps {
             step_costs.push(st.total);
         }
@@ -432,5 +449,35 @@ pub fn run_policy(
         final_placement: st.placement,
         snapshot,
         elapsed_s: started.elapsed().as_secs_f64(),
+        trace,
     })
+}
+
+/// The slow checks of [`RunOptions::self_check`]; panics on a mismatch.
+fn self_check(st: &State<'_>, global: Option<&mut GlobalIndex>, rule: Rule, cm: MigrationCost) {
+    let model = st.model();
+    let exact = model.total_cost(&st.placement);
+    assert!(
+        (exact - st.total).abs() <= 1e-9 * exact.abs().max(1.0),
+        "running total {} drifted from {exact}",
+        st.total
+    );
+    if let Some(g) = global {
+        let shape = st.shape;
+        let placement = &st.placement;
+        let full = rank_by_saving(
+            &model,
+            placement,
+            rule,
+            cm,
+            |_| shape.vm_mem_mb,
+            |h| Some(shape.capacity(placement.count(h))),
+        );
+        let ours = g.top(1);
+        assert_eq!(
+            ours.first().copied(),
+            full.first().map(|r| r.vm),
+            "incremental global ranking differs from rank_by_saving"
+        );
+    }
 }

@@ -153,6 +153,8 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
         snapshot_round: None,
         dynamic: false,
         record_steps: true,
+        trace: false,
+        self_check: false,
     };
     let max_handoffs = u64::from(s.rounds) * u64::from(n);
     let bars: Vec<ProgressBar> = jobs
@@ -198,9 +200,11 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
                     s.seed,
                     |g| pb.set_position(u64::from(g)),
                 ))),
-                Job::Search => {
-                    JobOut::Baseline(Box::new(baseline::search::run(&setup, &s.baselines.search)))
-                }
+                Job::Search => JobOut::Baseline(Box::new(baseline::search::run(
+                    &setup,
+                    &s.baselines.search,
+                    s.seed,
+                ))),
                 Job::Policy { kind, dynamic } => {
                     let o = RunOptions {
                         dynamic: *dynamic,

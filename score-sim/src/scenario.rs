@@ -216,6 +216,14 @@ pub struct SearchParams {
     pub max_passes: u32,
     /// Whether swaps (two VMs exchange hosts) are tried besides moves.
     pub swaps: bool,
+    /// Data centres with at most this many hosts try every host as a
+    /// destination (not only the hosts of a VM's peers and their racks).
+    pub all_hosts_below: u32,
+    /// Extra local searches from random placements (multi-start), run only
+    /// when there are at most `restart_max_vms` VMs.
+    pub restarts: u32,
+    /// Largest VM count for which the random restarts are made.
+    pub restart_max_vms: u32,
 }
 
 impl Default for SearchParams {
@@ -223,6 +231,9 @@ impl Default for SearchParams {
         SearchParams {
             max_passes: 30,
             swaps: true,
+            all_hosts_below: 64,
+            restarts: 16,
+            restart_max_vms: 2000,
         }
     }
 }

@@ -14,9 +14,11 @@
 //!   whose B host lies outside those racks and has room, then A's host if it
 //!   has room, then a random host with room (repair). Whole racks of A are
 //!   inherited intact, so co-located groups survive crossover.
-//! - Mutation: `mutation_rate × VMs` times per child, a random VM moves to
-//!   the host of a random peer if that host has room (90%), or to a random
-//!   host with room (10%).
+//! - Mutation: `mutation_rate × VMs` times per child (at least once, plus a
+//!   geometric number of extra times with mean 1), a
+//!   random VM picks a target host: the host of a random peer (80%) or any
+//!   host (20%); it moves there if the host has room (60% of the time), else
+//!   it swaps places with a random VM of that host.
 //!
 //! Children of one generation are made in parallel, each with its own RNG
 //! seeded from (seed, generation, index), so the result does not depend on
@@ -32,7 +34,7 @@ use score_core::topology::HostId;
 
 use super::{BaselineRun, BaselineStats};
 use crate::scenario::GaParams;
-use crate::world::{Setup, random_placement};
+use crate::world::{HostLists, Setup, random_placement};
 
 /// Runs the GA on the setup's initial traffic; `on_generation` is called
 /// after each generation with its number.
@@ -189,21 +191,42 @@ fn mutate(
     if n == 0 {
         return p;
     }
-    let times = ((f64::from(n) * rate).round() as u64).max(1);
+    let hosts = p.host_count();
+    let mut lists = HostLists::new(&p);
+    // At least one change, plus a geometric number of extra ones (mean 1),
+    // so that a child can also jump out of a single-change local optimum.
+    let mut times = ((f64::from(n) * rate).round() as u64).max(1);
+    while r.random_bool(0.5) {
+        times += 1;
+    }
     for _ in 0..times {
         let v = r.random_range(0..n);
+        let from = p.host(v);
         let peers = model.traffic.neighbours(v);
-        let to = if !peers.is_empty() && r.random_bool(0.9) {
-            let z = peers[r.random_range(0..peers.len())].vm;
-            Some(p.host(z))
+        let roll: f64 = r.random();
+        // Target host: a peer's (guided) or any host (exploration).
+        let to = if !peers.is_empty() && roll < 0.8 {
+            p.host(peers[r.random_range(0..peers.len())].vm)
         } else {
-            any_room(p.counts(), cap, r)
+            r.random_range(0..hosts)
         };
-        if let Some(h) = to
-            && h != p.host(v)
-            && p.count(h) < cap
-        {
-            p.move_vm(v, h);
+        if to == from {
+            continue;
+        }
+        if p.count(to) < cap && r.random_bool(0.6) {
+            p.move_vm(v, to);
+            lists.moved(v, from, to);
+        } else {
+            // Swap with a random VM on the target host, if it has any.
+            let on_to = lists.on(to);
+            if on_to.is_empty() {
+                continue;
+            }
+            let w = on_to[r.random_range(0..on_to.len())];
+            p.move_vm(v, to);
+            lists.moved(v, from, to);
+            p.move_vm(w, from);
+            lists.moved(w, to, from);
         }
     }
     p

@@ -6,8 +6,10 @@
 //!    the sequence fills the hosts in tree order, so that VMs close in the
 //!    sequence share a host, then a rack, then a pod.
 //! 2. Local search from the greedy placement and, separately, from the
-//!    initial one: for each VM, every host of one of its peers and, in the
-//!    rack of each such host, the first host with room, are tried as a move
+//!    initial one (and, for small data centres, from `restarts` random
+//!    placements): for each VM, every host of one of its peers and, in the
+//!    rack of each such host, the first host with room (every host, in data
+//!    centres of at most `all_hosts_below` hosts), are tried as a move
 //!    (if it has room) and as a swap with each VM there; the best improving
 //!    change is applied. Passes repeat until none improves (or
 //!    `max_passes`). The better of the two results is kept.
@@ -20,15 +22,17 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use score_core::cost::{CostModel, Placement, VmIdx};
 use score_core::topology::HostId;
 
 use super::{BaselineRun, BaselineStats};
 use crate::scenario::SearchParams;
-use crate::world::{HostLists, Setup};
+use crate::world::{HostLists, Setup, random_placement};
 
 /// Runs the baseline on the setup's initial traffic and placement.
-pub fn run(setup: &Setup, params: &SearchParams) -> BaselineRun {
+pub fn run(setup: &Setup, params: &SearchParams, seed: u64) -> BaselineRun {
     let started = Instant::now();
     let model = setup.model();
     let cap = setup.shape.max_vms();
@@ -39,7 +43,18 @@ pub fn run(setup: &Setup, params: &SearchParams) -> BaselineRun {
         ..BaselineStats::default()
     };
     let mut best: Option<(f64, Placement)> = None;
-    for start in [greedy, setup.placement.clone()] {
+    let mut starts = vec![greedy, setup.placement.clone()];
+    if setup.vms() <= params.restart_max_vms {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xbb67_ae85_84ca_a73b);
+        for _ in 0..params.restarts {
+            if let Ok(h) = random_placement(setup.topo.host_count(), cap, setup.vms(), &mut rng)
+                && let Ok(p) = Placement::new(setup.topo.host_count(), h)
+            {
+                starts.push(p);
+            }
+        }
+    }
+    for start in starts {
         let mut p = start;
         let (passes, moves, swaps) = local_search(&model, &mut p, cap, params);
         stats.passes += passes;
@@ -173,6 +188,10 @@ pub fn local_search(
                         }
                     }
                 }
+            }
+            if topo.host_count() <= params.all_hosts_below {
+                cands.clear();
+                cands.extend((0..topo.host_count()).filter(|&h| h != x));
             }
             cands.sort_unstable();
             cands.dedup();
