@@ -3,6 +3,7 @@
 //! per-pair rates, and (with the peer protocol) takes part in the token
 //! ring. The binary is a thin shell over this library.
 
+pub mod backend;
 pub mod collector;
 pub mod config;
 pub mod daemon;
