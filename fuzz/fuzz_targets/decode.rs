@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use score_core::wire::{
-    ClusterKey, Header, Kind, Message, Reassembler, ReassemblyLimits, decode, decode_token,
-    encode_token, seal,
+    ChunkOutcome, ClusterKey, Header, Kind, Message, Reassembler, ReassemblyLimits, decode,
+    decode_token, encode_token, seal,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -59,15 +59,17 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(decode_token(&b).expect("re-decodes"), t);
     }
 
-    // 5. The reassembler, fed records [len: u8][epoch: u8][chunk body].
+    // 5. The reassembler, fed records [len: u16 LE][epoch: u8][chunk body]
+    //    (u16 lengths so that full 1200-byte chunks, hence transfers of
+    //    several chunks, can be built).
     let mut r = Reassembler::new(ReassemblyLimits {
         max_transfers: 3,
         max_bytes: 64 * 1024,
         remember_completed: 4,
     });
     let mut rest = data;
-    while let [len, epoch, tail @ ..] = rest {
-        let n = usize::from(*len).min(tail.len());
+    while let [lo, hi, epoch, tail @ ..] = rest {
+        let n = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
         let (body, next) = tail.split_at(n);
         rest = next;
         if let Ok(Message::TokenChunk(c)) = Message::parse(Kind::TokenChunk, body) {
@@ -75,7 +77,9 @@ fuzz_target!(|data: &[u8]| {
                 epoch: u64::from(*epoch),
                 ..header
             };
-            let _ = r.insert(&h, &c);
+            if let Ok(ChunkOutcome::Complete(t)) = r.insert(&h, &c) {
+                assert_eq!(t.epoch, h.epoch);
+            }
             assert!(r.in_progress() <= 3);
             assert!(r.buffered_bytes() <= 64 * 1024);
         }
