@@ -1,9 +1,16 @@
 //! `cargo xtask`: what plain cargo cannot do. Installs the eBPF toolchain
 //! and test tools (`setup`), runs every tier of tests (`test`), and runs the
-//! benchmarks (`bench`). Building stays with cargo: score-agent's build.rs
-//! builds the eBPF object.
+//! benchmarks (`bench`), builds the emulated data centre (`testbed`) and
+//! runs S-CORE on it (`demo`). Building stays with cargo: score-agent's
+//! build.rs builds the eBPF object.
 
+mod demo;
+mod measure;
+mod netns;
+mod optimum;
 mod setup;
+mod testbed;
+mod traffic;
 
 use std::process::Command;
 
@@ -37,6 +44,75 @@ enum Task {
         /// Which suite: flows (datapath), core (decision, wire), sim.
         suite: String,
     },
+    /// The emulated data centre: network namespaces as switches, hosts and
+    /// VMs, one score-agent per host (root).
+    Testbed {
+        #[command(subcommand)]
+        command: TestbedCommand,
+    },
+    /// S-CORE on the emulated data centre, from nothing: builds, sets up,
+    /// runs agents and traffic, reports the measured cost per round, tears
+    /// down (root).
+    Demo(demo::DemoArgs),
+    /// Traffic generator run inside a VM namespace by the testbed: listens
+    /// on --listen (discarding) and sends UDP to every --to at its rate.
+    #[command(hide = true)]
+    Traffic {
+        /// Address and port to listen on (the VM's own).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// ADDR:PORT:BYTES_PER_SECOND (frame bytes); repeatable.
+        #[arg(long = "to")]
+        to: Vec<traffic::Target>,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedCommand {
+    /// Build the data centre and write its state, topology, key and agent
+    /// configs under /run/score-testbed.
+    Up {
+        #[command(flatten)]
+        sizes: testbed::Sizes,
+        /// Also build score-agent and start one per host.
+        #[arg(long)]
+        agents: bool,
+        /// Also start the traffic generators in the VMs.
+        #[arg(long)]
+        traffic: bool,
+        #[command(flatten)]
+        rates: traffic::Rates,
+        /// Token policy of the agents: round-robin, global, distributed,
+        /// load-aware.
+        #[arg(long, default_value = "distributed")]
+        policy: String,
+        /// How long a host holds the token for one VM.
+        #[arg(long, default_value = "1s")]
+        token_hold: String,
+        /// Build and run the release agent.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Stop agents and traffic, delete every namespace, unmount the bpffs,
+    /// remove the state. Safe when nothing is up.
+    Down,
+    /// Hosts, where each VM is now, agents alive; with --cost, the measured
+    /// communication cost and the best centralised one.
+    Status {
+        /// Also print the measured cost (needs agents).
+        #[arg(long)]
+        cost: bool,
+    },
+    /// Move a VM to another host as the netns backend does (by hand).
+    Migrate {
+        /// The VM: address, namespace or vif.
+        vm: String,
+        /// The host: namespace (dc-h3) or address.
+        host: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -47,6 +123,87 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { suite } => bench(&suite),
+        Task::Testbed { command } => testbed_command(command),
+        Task::Demo(args) => demo::demo(&args),
+        Task::Traffic {
+            listen,
+            to,
+            duration,
+        } => {
+            traffic::check(&to)?;
+            traffic::generate(listen, &to, duration)
+        }
+    }
+}
+
+fn testbed_command(command: TestbedCommand) -> Result<()> {
+    match command {
+        TestbedCommand::Up {
+            sizes,
+            agents,
+            traffic: with_traffic,
+            rates,
+            policy,
+            token_hold,
+            release,
+        } => {
+            let binary = if agents {
+                Some(demo::build_agent(release)?)
+            } else {
+                None
+            };
+            let mut state = testbed::up(&sizes)?;
+            println!(
+                "testbed: {} namespaces up in {:.2} s (state in {})",
+                state.namespaces.len(),
+                state.setup_seconds,
+                testbed::STATE_FILE
+            );
+            let started = (|| -> Result<()> {
+                if let Some(binary) = binary {
+                    let opts = testbed::AgentOptions {
+                        binary,
+                        policy,
+                        token_hold,
+                    };
+                    testbed::start_agents(&mut state, &opts)?;
+                }
+                if with_traffic {
+                    let flows = traffic::plan(&state, &rates);
+                    traffic::start(&mut state, &flows)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = started {
+                let _ = testbed::down();
+                return Err(e.context("starting agents/traffic (the testbed was removed)"));
+            }
+            testbed::status()
+        }
+        TestbedCommand::Down => {
+            let r = testbed::down()?;
+            println!(
+                "testbed: removed {} namespaces, stopped {} processes in {:.2} s",
+                r.namespaces, r.processes, r.seconds
+            );
+            Ok(())
+        }
+        TestbedCommand::Status { cost } => {
+            testbed::status()?;
+            if cost {
+                measure::print_cost()?;
+            }
+            Ok(())
+        }
+        TestbedCommand::Migrate { vm, host } => {
+            let state = testbed::State::load()?.context("no testbed is up")?;
+            let took = testbed::migrate(&state, &vm, &host)?;
+            println!(
+                "testbed: {vm} relinked to {host} in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,285 @@
+//! Traffic for the emulated data centre: the pattern (which VM sends how
+//! much to which) and the generator that runs inside each VM namespace
+//! (`xtask traffic`, started through `ip netns exec`).
+//!
+//! The pattern makes the placement matter: every VM has one chatty partner
+//! that starts in another pod (or rack, or host, for smaller trees), plus
+//! light background traffic to a couple of others. Rates are in bytes per
+//! second of whole frames as the agent counts them (14 + 20 + 8 + payload
+//! for a UDP datagram), so the measured λ can be checked against the plan.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    str::FromStr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::testbed::State;
+
+/// The UDP port every generator listens on (and sends to).
+pub const PORT: u16 = 2000;
+/// Bytes the agent counts per frame beyond the UDP payload.
+const FRAME_OVERHEAD: u64 = 14 + 20 + 8;
+/// UDP payload of one datagram.
+const PAYLOAD: u64 = 1200;
+
+/// One directed stream of the plan.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Flow {
+    /// Sending VM.
+    pub src: Ipv4Addr,
+    /// Receiving VM.
+    pub dst: Ipv4Addr,
+    /// Frame bytes per second, as the agent counts them.
+    pub rate: u64,
+}
+
+/// Rates of the pattern.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct Rates {
+    /// Frame bytes/s of each chatty pair, one way (the way back is half).
+    #[arg(long, default_value_t = 200_000)]
+    pub chatty: u64,
+    /// Frame bytes/s of each background stream.
+    #[arg(long, default_value_t = 10_000)]
+    pub background: u64,
+    /// Background streams per VM.
+    #[arg(long, default_value_t = 2)]
+    pub background_peers: u32,
+}
+
+/// The pattern for the testbed in `state` (VMs at their initial hosts).
+///
+/// Chatty pairs: VMs in address order, each unpaired VM takes the first
+/// unpaired VM after it that starts in another pod (else another rack, else
+/// another host). Background: VM k sends to VMs k+3, k+7, ... (mod n), a
+/// spread that crosses every level.
+pub fn plan(state: &State, rates: &Rates) -> Vec<Flow> {
+    let host_of = |vm: &crate::testbed::Vm| {
+        state
+            .hosts
+            .iter()
+            .find(|h| h.name == vm.initial_host)
+            .cloned()
+    };
+    let n = state.vms.len();
+    let mut partner: Vec<Option<usize>> = vec![None; n];
+    for a in 0..n {
+        if partner[a].is_some() {
+            continue;
+        }
+        let ha = host_of(&state.vms[a]);
+        // Farthest first: another pod, then another rack, then another host.
+        let distance = |b: usize| {
+            let hb = host_of(&state.vms[b]);
+            match (&ha, &hb) {
+                (Some(x), Some(y)) if x.pod != y.pod => 3,
+                (Some(x), Some(y)) if x.rack != y.rack => 2,
+                (Some(x), Some(y)) if x.name != y.name => 1,
+                _ => 0,
+            }
+        };
+        let best = (a + 1..n)
+            .filter(|&b| partner[b].is_none())
+            .max_by_key(|&b| (distance(b), std::cmp::Reverse(b)));
+        if let Some(b) = best {
+            partner[a] = Some(b);
+            partner[b] = Some(a);
+        }
+    }
+    let mut flows = Vec::new();
+    for (a, p) in partner.iter().enumerate() {
+        if let Some(b) = *p
+            && a < b
+        {
+            flows.push(Flow {
+                src: state.vms[a].address,
+                dst: state.vms[b].address,
+                rate: rates.chatty,
+            });
+            flows.push(Flow {
+                src: state.vms[b].address,
+                dst: state.vms[a].address,
+                rate: rates.chatty / 2,
+            });
+        }
+    }
+    if rates.background > 0 && n > 2 {
+        for (a, pa) in partner.iter().enumerate() {
+            for j in 0..rates.background_peers as usize {
+                let b = (a + 3 + 4 * j) % n;
+                if b != a && Some(b) != *pa {
+                    flows.push(Flow {
+                        src: state.vms[a].address,
+                        dst: state.vms[b].address,
+                        rate: rates.background,
+                    });
+                }
+            }
+        }
+    }
+    flows
+}
+
+/// Starts one generator per VM (inside its namespace) for `flows`, and
+/// records the PIDs in the state. Every VM gets one, even one that sends
+/// nothing, so that it listens on [`PORT`] and answers no datagram with an
+/// ICMP "port unreachable".
+pub fn start(state: &mut State, flows: &[Flow]) -> Result<()> {
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    for vm in &mut state.vms {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &vm.name])
+            .arg(&exe)
+            .args(["traffic", "--listen"])
+            .arg(SocketAddrV4::new(vm.address, PORT).to_string());
+        for f in flows.iter().filter(|f| f.src == vm.address) {
+            cmd.arg("--to").arg(format!("{}:{PORT}:{}", f.dst, f.rate));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting traffic in {}", vm.name))?;
+        vm.traffic_pid = Some(child.id());
+    }
+    state.traffic = flows.to_vec();
+    state.save()
+}
+
+/// A `--to ADDR:PORT:RATE` target of the generator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Target {
+    /// Where to send.
+    pub addr: SocketAddr,
+    /// Frame bytes per second.
+    pub rate: u64,
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, rate) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected ADDR:PORT:BYTES_PER_SECOND"))?;
+        Ok(Target {
+            addr: addr.parse().map_err(|e| format!("{addr:?}: {e}"))?,
+            rate: rate.parse().map_err(|e| format!("{rate:?}: {e}"))?,
+        })
+    }
+}
+
+/// The generator: binds `listen` and discards what arrives there, and sends
+/// UDP datagrams of [`PAYLOAD`] bytes to every target at its rate, paced
+/// every 5 ms, until killed. Send errors (the link flaps while the VM
+/// moves, ARP is not resolved yet) are counted, not fatal.
+pub fn generate(listen: SocketAddr, targets: &[Target], duration: Option<f64>) -> Result<()> {
+    let sink = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            // Nothing to do with the data: only absorb it.
+            if sink.recv(&mut buf).is_err() {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    if targets.is_empty() && duration.is_none() {
+        loop {
+            thread::park();
+        }
+    }
+    let sock = UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).context("binding the sender")?;
+    let frame = PAYLOAD + FRAME_OVERHEAD;
+    let buf = vec![0x5a_u8; PAYLOAD as usize];
+    let started = Instant::now();
+    let mut sent = vec![0u64; targets.len()];
+    let mut errors = 0u64;
+    loop {
+        let elapsed = started.elapsed().as_secs_f64();
+        if duration.is_some_and(|d| elapsed >= d) {
+            break;
+        }
+        for (t, sent) in targets.iter().zip(&mut sent) {
+            // Frames owed by now; never more than a 100 ms burst at once,
+            // so a stall (a migration) is not followed by a flood.
+            let owed = (t.rate as f64 * elapsed / frame as f64) as u64;
+            let burst = (t.rate / frame / 10).max(1);
+            if owed > *sent + burst {
+                *sent = owed - burst;
+            }
+            while *sent < owed {
+                if sock.send_to(&buf, t.addr).is_err() {
+                    errors += 1;
+                }
+                *sent += 1;
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    if errors > 0 {
+        eprintln!("traffic: {errors} send errors");
+    }
+    Ok(())
+}
+
+/// Checks generator arguments before anything is bound.
+pub fn check(targets: &[Target]) -> Result<()> {
+    for t in targets {
+        if t.rate > 100_000_000 {
+            bail!(
+                "{}: {} B/s is more than this generator is for",
+                t.addr,
+                t.rate
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_parses() {
+        let t: Target = "198.18.1.9:2000:300000".parse().unwrap();
+        assert_eq!(t.addr, "198.18.1.9:2000".parse().unwrap());
+        assert_eq!(t.rate, 300_000);
+        assert!("198.18.1.9:2000".parse::<Target>().is_err());
+        assert!("x:1:2".parse::<Target>().is_err());
+    }
+
+    #[test]
+    fn generator_sends_at_its_rate() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let rate = 124_200; // 100 frames of 1242 bytes per second
+        let h = thread::spawn(move || {
+            generate(
+                "127.0.0.1:0".parse().unwrap(),
+                &[Target { addr: to, rate }],
+                Some(1.0),
+            )
+        });
+        let mut n = 0u64;
+        let mut buf = [0u8; 2048];
+        while let Ok(len) = rx.recv(&mut buf) {
+            assert_eq!(len as u64, PAYLOAD);
+            n += 1;
+        }
+        h.join().unwrap().unwrap();
+        assert!((90..=101).contains(&n), "{n} datagrams in 1 s at 100/s");
+    }
+}
