@@ -317,11 +317,13 @@ impl XlBackend {
                 reason,
             });
         }
-        if stderr.contains(says::UNDEFINED) {
+        if let Some(at) = stderr.find(says::UNDEFINED) {
+            // xl's own warning says what to check: keep all of it.
+            let start = stderr[..at].rfind('\n').map_or(0, |i| i + 1);
             return Err(BackendError::Undefined {
                 vm: ip,
                 to: addr,
-                reason,
+                reason: tail(&stderr[start..], 8),
             });
         }
         let passed_go = stderr.contains(says::GO);
