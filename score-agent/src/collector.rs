@@ -17,6 +17,7 @@ use crate::{
     datapath::{Datapath, DatapathError, DatapathStats},
     flows::FlowTable,
     links::{LinkEvent, LinkMonitor, current_links},
+    metrics::{DrainSample, Metrics, PairSample},
 };
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -38,6 +39,10 @@ pub struct Collector {
     stats: Mutex<DatapathStats>,
     patterns: IfacePatterns,
     evict: bool,
+    metrics: Arc<Metrics>,
+    /// When this collector started: pinned counters older than this are
+    /// not this run's traffic (see [`DrainSample::since_ns`]).
+    started_ns: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,12 +52,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Collector {
     /// Wraps a loaded datapath. `evict` removes idle pairs from the kernel
-    /// map too (the daemon); `watch` keeps everything it counted.
+    /// map too (the daemon); `watch` keeps everything it counted. Every
+    /// drain is folded into `metrics`.
     pub fn new(
         datapath: Datapath,
         flows: FlowTable,
         patterns: IfacePatterns,
         evict: bool,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Collector {
             datapath: Mutex::new(datapath),
@@ -60,6 +67,8 @@ impl Collector {
             stats: Mutex::new(DatapathStats::default()),
             patterns,
             evict,
+            metrics,
+            started_ns: monotonic_ns(),
         })
     }
 
@@ -121,22 +130,47 @@ impl Collector {
     }
 
     /// One drain: snapshot the kernel map into the flow table, evict idle
-    /// pairs, refresh the datapath statistics. Blocking (map syscalls).
+    /// pairs, refresh the datapath statistics and the metrics. Blocking
+    /// (map syscalls).
     pub fn drain(&self) -> Result<(), DatapathError> {
+        let result = self.drain_once();
+        if result.is_err() {
+            self.metrics.drain_failed();
+        }
+        result
+    }
+
+    fn drain_once(&self) -> Result<(), DatapathError> {
         let started = std::time::Instant::now();
-        let (snapshot, stats) = {
+        // The VM table is read after the pairs, so that every VM whose
+        // frames were counted is already known as hosted.
+        let (snapshot, stats, hosted, attached) = {
             let dp = lock(&self.datapath);
-            (dp.snapshot()?, dp.stats()?)
+            let snapshot = dp.snapshot()?;
+            let stats = dp.stats()?;
+            let hosted: Vec<std::net::Ipv4Addr> =
+                dp.vm_macs()?.into_iter().map(|(ip, _)| ip).collect();
+            (snapshot, stats, hosted, dp.attached().len())
         };
         let now = monotonic_ns();
-        let evicted = {
+        let (evicted, pairs) = {
             let mut flows = lock(&self.flows);
-            flows.update(now, snapshot);
-            if self.evict {
+            flows.update(now, snapshot.iter().copied());
+            // Rates as of this drain, before eviction forgets idle pairs.
+            let pairs: Vec<PairSample> = snapshot
+                .iter()
+                .map(|&(pair, totals)| PairSample {
+                    pair,
+                    totals,
+                    rate_bps: flows.rate(&pair),
+                })
+                .collect();
+            let evicted = if self.evict {
                 flows.evict_idle(now)
             } else {
                 Vec::new()
-            }
+            };
+            (evicted, pairs)
         };
         if !evicted.is_empty() {
             let n = lock(&self.datapath).remove_pairs(&evicted)?;
@@ -149,8 +183,24 @@ impl Collector {
                 "flow map full: new pairs are not being counted (raise flows_max)"
             );
         }
-        debug!(elapsed_us = started.elapsed().as_micros() as u64, "drained");
+        let took = started.elapsed();
+        self.metrics.observe_drain(
+            &DrainSample {
+                pairs: &pairs,
+                hosted: &hosted,
+                stats,
+                attached,
+                since_ns: self.started_ns,
+            },
+            took,
+        );
+        debug!(elapsed_us = took.as_micros() as u64, "drained");
         Ok(())
+    }
+
+    /// The metrics every drain updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Drains every `interval` until cancelled, on a blocking thread.

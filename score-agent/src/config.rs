@@ -48,6 +48,9 @@ pub struct Config {
     /// Interface name patterns of the VM backend interfaces to watch (glob
     /// syntax: `vif*`, `tap?`, `vif[0-9]*.0`). Xen's are `vif*`.
     pub interfaces: Vec<String>,
+    /// What `/metrics` exports (`[metrics]` table; every key optional).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// How often the kernel maps are drained into the flow table.
     #[serde(default = "defaults::drain_interval", with = "humantime_serde")]
     pub drain_interval: Duration,
@@ -171,6 +174,17 @@ impl Config {
                 "must be an absolute path under a bpffs".into(),
             ));
         }
+        if self.metrics.top_k > crate::metrics::MAX_TOP_K {
+            // Each exported pair is two series: keep the label set bounded.
+            return Err(invalid(
+                "metrics.top_k",
+                format!(
+                    "{} is above the maximum of {}",
+                    self.metrics.top_k,
+                    crate::metrics::MAX_TOP_K
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -284,6 +298,22 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn metrics_table_is_optional_and_checked() {
+        let c = parse("interfaces = [\"vif*\"]\n").unwrap();
+        assert_eq!(c.metrics.top_k, crate::metrics::DEFAULT_TOP_K);
+        let c = parse("interfaces = [\"vif*\"]\n[metrics]\ntop_k = 3\n").unwrap();
+        assert_eq!(c.metrics.top_k, 3);
+        let e = parse("interfaces = [\"vif*\"]\n[metrics]\ntop_k = 5000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config key `metrics.top_k`"), "{e}");
+        let e = parse("interfaces = [\"vif*\"]\n[metrics]\ntopk = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topk") && e.contains("line 3"), "{e}");
     }
 
     #[test]

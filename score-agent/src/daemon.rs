@@ -3,7 +3,7 @@
 //! shutdown detaches from every interface, leaving the pinned maps (and so
 //! the counters) for the next run.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -16,6 +16,7 @@ use crate::{
     flows::FlowTable,
     http,
     links::LinkMonitor,
+    metrics::Metrics,
 };
 
 /// Runs the daemon until `shutdown` completes. The configuration must
@@ -38,7 +39,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.idle_timeout.as_nanos() as u64,
         monotonic_ns(),
     );
-    let collector = Collector::new(datapath, flows, patterns, true);
+    let metrics = Arc::new(Metrics::new(config.metrics.top_k));
+    metrics.set_flow_map_capacity(config.flows_max);
+    let collector = Collector::new(datapath, flows, patterns, true, metrics);
     let cancel = CancellationToken::new();
     collector.forward_kernel_logs(cancel.clone());
 
@@ -60,7 +63,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .drain_loop(config.drain_interval, cancel.clone()),
         ),
     ];
-    let server = tokio::spawn(http::serve(listener, collector.clone(), cancel.clone()));
+    let server = tokio::spawn(http::serve(
+        listener,
+        http::AppState::new(collector.clone()),
+        cancel.clone(),
+    ));
 
     shutdown.await;
     info!("shutting down");

@@ -1,14 +1,36 @@
-//! The agent's HTTP face: `/flows` (the flow table and datapath health, as
-//! JSON) and `/healthz`. Bound only after the configuration is validated and
-//! the datapath is loaded; served until shutdown.
+//! The agent's HTTP face: `/metrics` (Prometheus text format), `/flows`
+//! (the flow table and datapath health, as JSON) and `/healthz`. Bound only
+//! after the configuration is validated and the datapath is loaded; served
+//! until shutdown.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    Json, Router, extract::State, http::header::CONTENT_TYPE, response::IntoResponse, routing::get,
+};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{collector::Collector, datapath::DatapathStats, flows::FlowView};
+use crate::{collector::Collector, datapath::DatapathStats, flows::FlowView, metrics::Metrics};
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The flow table and datapath.
+    pub collector: Arc<Collector>,
+    /// The agent's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The collector and the metrics it updates.
+    pub fn new(collector: Arc<Collector>) -> Self {
+        AppState {
+            metrics: collector.metrics().clone(),
+            collector,
+        }
+    }
+}
 
 /// The body of `GET /flows`.
 #[derive(Debug, Serialize)]
@@ -21,13 +43,19 @@ pub struct FlowsReply {
     pub pairs: Vec<FlowView>,
 }
 
-async fn flows(State(c): State<Arc<Collector>>) -> Json<FlowsReply> {
+async fn flows(State(state): State<AppState>) -> Json<FlowsReply> {
+    let c = &state.collector;
     let pairs = c.flows().views();
     Json(FlowsReply {
         interfaces: c.attached(),
         stats: c.stats(),
         pairs,
     })
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let m = &state.metrics;
+    ([(CONTENT_TYPE, m.content_type())], m.render())
 }
 
 /// Binds `addr`; the listener is returned so that bind errors surface
@@ -39,13 +67,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 /// Serves until `cancel` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    collector: Arc<Collector>,
+    state: AppState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route("/metrics", get(metrics))
         .route("/flows", get(flows))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(collector);
+        .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod flows;
 pub mod http;
 pub mod links;
+pub mod metrics;
 pub mod watch;
 
 /// Everything that can stop the agent.

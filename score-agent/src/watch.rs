@@ -16,6 +16,7 @@ use crate::{
     datapath::{Datapath, DatapathStats, LoadOptions},
     flows::FlowTable,
     links::LinkMonitor,
+    metrics::Metrics,
 };
 
 /// One pair in the report (the JSON object of `watch --json`).
@@ -57,7 +58,9 @@ pub async fn watch(
         control_port: None,
     })?;
     let flows = FlowTable::new(u64::MAX, u64::MAX, monotonic_ns());
-    let collector = Collector::new(datapath, flows, patterns, false);
+    // watch serves no metrics; the collector updates a private set.
+    let metrics = std::sync::Arc::new(Metrics::new(0));
+    let collector = Collector::new(datapath, flows, patterns, false, metrics);
     let cancel = CancellationToken::new();
     collector.forward_kernel_logs(cancel.clone());
     let monitor = LinkMonitor::open().map_err(AgentError::Netlink)?;

@@ -1,0 +1,1106 @@
+//! The agent's Prometheus metrics, all declared in this one module: per
+//! hosted VM traffic and cost, host cost, the top-K pairs by rate, token and
+//! decision events, rejected datagrams, and the health of the BPF maps. They
+//! live in the agent's own [`Registry`] (not the process-global one) and are
+//! served as text at `GET /metrics`. docs/METRICS.md lists every metric.
+//!
+//! Label cardinality is bounded by construction: `vm` labels exist only for
+//! the VMs hosted here and are removed when a VM leaves, pair labels only
+//! for the K busiest pairs (reset at every drain), and `reason` / `outcome`
+//! labels come from fixed enums.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::{
+    datapath::DatapathStats,
+    flows::{Pair, Totals},
+};
+
+/// Default number of pairs exported by `score_top_pair_*`.
+pub const DEFAULT_TOP_K: usize = 10;
+
+/// Largest `top_k` the configuration accepts: each pair is two series.
+pub const MAX_TOP_K: usize = 1000;
+
+/// The `[metrics]` table of the configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How many of the busiest directed pairs (by windowed rate) to export
+    /// with `src`/`dst` labels; 0 exports none. At most [`MAX_TOP_K`].
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    DEFAULT_TOP_K
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            top_k: DEFAULT_TOP_K,
+        }
+    }
+}
+
+/// What became of a migration the decision asked for
+/// (`score_migrations_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MigrationOutcome {
+    /// The hypervisor moved the VM.
+    Done,
+    /// The hypervisor failed; the VM stayed where it was.
+    Failed,
+    /// Advisory mode: the migration was decided and reported, not made.
+    Advisory,
+}
+
+impl MigrationOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [MigrationOutcome; 3] = [Self::Done, Self::Failed, Self::Advisory];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Advisory => "advisory",
+        }
+    }
+}
+
+/// Why a peer datagram was dropped (`score_datagrams_rejected_total{reason}`).
+/// A fixed set, so that hostile input cannot grow the label space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Shorter than a header and MAC, or than its declared payload.
+    Truncated,
+    /// Not an S-CORE datagram.
+    BadMagic,
+    /// A protocol version this build does not speak.
+    BadVersion,
+    /// A message kind this build does not know.
+    UnknownKind,
+    /// Declared and actual lengths disagree.
+    BadLength,
+    /// Authentication failed (wrong key, forged or altered).
+    BadMac,
+    /// From an older token epoch.
+    StaleEpoch,
+    /// A sequence number already seen (or too old to tell).
+    Replayed,
+    /// Anything else (a malformed body, for example).
+    Other,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [RejectReason; 9] = [
+        Self::Truncated,
+        Self::BadMagic,
+        Self::BadVersion,
+        Self::UnknownKind,
+        Self::BadLength,
+        Self::BadMac,
+        Self::StaleEpoch,
+        Self::Replayed,
+        Self::Other,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::BadMagic => "bad_magic",
+            Self::BadVersion => "bad_version",
+            Self::UnknownKind => "unknown_kind",
+            Self::BadLength => "bad_length",
+            Self::BadMac => "bad_mac",
+            Self::StaleEpoch => "stale_epoch",
+            Self::Replayed => "replayed",
+            Self::Other => "other",
+        }
+    }
+
+    /// The reason named by `label` (for instance score-core's
+    /// `WireError::reason()`); any label outside the fixed set is `Other`.
+    pub fn from_label(label: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.label() == label)
+            .unwrap_or(Self::Other)
+    }
+}
+
+/// One directed pair as seen at a drain.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairSample {
+    /// Source and destination addresses.
+    pub pair: Pair,
+    /// The kernel's cumulative counters for the pair.
+    pub totals: Totals,
+    /// Its windowed rate, bytes per second.
+    pub rate_bps: f64,
+}
+
+/// Everything one drain of the kernel maps tells the metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct DrainSample<'a> {
+    /// Every pair in the kernel map at this drain.
+    pub pairs: &'a [PairSample],
+    /// The VMs hosted here now (seen sending on an attached interface).
+    pub hosted: &'a [Ipv4Addr],
+    /// The datapath's own counters at this drain.
+    pub stats: DatapathStats,
+    /// Interfaces the classifiers are attached to.
+    pub attached: usize,
+    /// CLOCK_MONOTONIC ns at which this agent started counting: the bytes a
+    /// pair had before (counters pinned by an earlier run) are not new
+    /// traffic, so they are not added to this process's counters.
+    pub since_ns: u64,
+}
+
+#[derive(Debug, Default)]
+struct DrainState {
+    /// Cumulative bytes of each pair at the last drain, to turn the
+    /// kernel's totals into counter increments.
+    last_bytes: HashMap<Pair, u64>,
+    /// The datapath's counters at the last drain (`None` before the first).
+    last_stats: Option<DatapathStats>,
+    /// VMs that have `vm` labels now.
+    labelled: BTreeSet<Ipv4Addr>,
+}
+
+/// The agent's metrics. Cheap to update from any thread; share it in an
+/// `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    top_k: usize,
+    /// Held while a drain updates the drain-derived metrics and while
+    /// rendering, so that a scrape never sees a half-updated top-K set.
+    state: Mutex<DrainState>,
+
+    vm_transmit_bytes: IntCounterVec,
+    vm_receive_bytes: IntCounterVec,
+    vm_transmit_rate: GaugeVec,
+    vm_receive_rate: GaugeVec,
+    vm_cost: GaugeVec,
+    vm_level: IntGaugeVec,
+    vms_hosted: IntGauge,
+    host_cost: Gauge,
+    top_pair_rate: GaugeVec,
+    top_pair_bytes: IntGaugeVec,
+
+    token_received: IntCounter,
+    token_passed: IntCounter,
+    token_retransmitted: IntCounter,
+    token_lost: IntCounter,
+    token_regenerated: IntCounter,
+    token_epoch: IntGauge,
+
+    decisions: IntCounter,
+    migrations: IntCounterVec,
+    migration_benefit: Histogram,
+    rejected: IntCounterVec,
+
+    flow_map_entries: IntGauge,
+    flow_map_capacity: IntGauge,
+    flow_map_full: IntCounter,
+    vm_map_full: IntCounter,
+    uncounted_frames: IntCounterVec,
+    control_intercepted: IntCounter,
+    control_ring_full: IntCounter,
+    attached_interfaces: IntGauge,
+    drain_duration: Histogram,
+    drain_failures: IntCounter,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a metric built from constant names and help texts. These
+/// cannot fail at run time (names are valid and unique, which the unit
+/// tests prove by constructing [`Metrics`]), so a failure is a bug here.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    made: prometheus::Result<C>,
+) -> C {
+    let c = made.expect("metric definition is valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(DEFAULT_TOP_K)
+    }
+}
+
+impl Metrics {
+    /// Declares every metric in a new registry; `top_k` busiest pairs are
+    /// exported at each drain.
+    pub fn new(top_k: usize) -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help));
+        let int_gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help));
+        let vm = &["vm"];
+        let pair = &["src", "dst"];
+
+        let m = Metrics {
+            top_k: top_k.min(MAX_TOP_K),
+            state: Mutex::new(DrainState::default()),
+            vm_transmit_bytes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_vm_transmit_bytes_total",
+                        "Bytes sent by a hosted VM (Ethernet header + IP packet), counted by the eBPF classifiers since this agent started.",
+                    ),
+                    vm,
+                ),
+            ),
+            vm_receive_bytes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_vm_receive_bytes_total",
+                        "Bytes received by a hosted VM (Ethernet header + IP packet), counted by the eBPF classifiers since this agent started.",
+                    ),
+                    vm,
+                ),
+            ),
+            vm_transmit_rate: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "score_vm_transmit_bytes_per_second",
+                        "Rate at which a hosted VM sends, averaged over the rate window (sum over its peers).",
+                    ),
+                    vm,
+                ),
+            ),
+            vm_receive_rate: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "score_vm_receive_bytes_per_second",
+                        "Rate at which a hosted VM receives, averaged over the rate window (sum over its peers).",
+                    ),
+                    vm,
+                ),
+            ),
+            vm_cost: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "score_vm_communication_cost",
+                        "Communication cost of a hosted VM: sum over its peers of lambda times the cumulative link weight W(level) (bytes per second x weight).",
+                    ),
+                    vm,
+                ),
+            ),
+            vm_level: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "score_vm_communication_level",
+                        "Communication level of a hosted VM: the highest tree level its traffic crosses (0: all peers on this host).",
+                    ),
+                    vm,
+                ),
+            ),
+            vms_hosted: int_gauge(
+                "score_vms_hosted",
+                "VMs hosted here (seen sending on an attached interface).",
+            ),
+            host_cost: reg(
+                &r,
+                Gauge::new(
+                    "score_host_communication_cost",
+                    "Sum of the communication costs of the VMs hosted here.",
+                ),
+            ),
+            top_pair_rate: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "score_top_pair_bytes_per_second",
+                        "Windowed rate of one of the top-K directed pairs by rate; the set is replaced at every drain.",
+                    ),
+                    pair,
+                ),
+            ),
+            top_pair_bytes: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "score_top_pair_bytes",
+                        "Bytes counted by the kernel for one of the top-K directed pairs by rate, since its map entry was created; the set is replaced at every drain.",
+                    ),
+                    pair,
+                ),
+            ),
+            token_received: counter(
+                "score_token_received_total",
+                "Tokens received (complete, authenticated, current epoch).",
+            ),
+            token_passed: counter(
+                "score_token_passed_total",
+                "Tokens passed on to the next holder and acknowledged.",
+            ),
+            token_retransmitted: counter(
+                "score_token_retransmitted_total",
+                "Token datagrams sent again after an acknowledgement time-out.",
+            ),
+            token_lost: counter(
+                "score_token_lost_total",
+                "Times the token was declared lost (no token seen within the time-out, or retries exhausted).",
+            ),
+            token_regenerated: counter(
+                "score_token_regenerated_total",
+                "Tokens regenerated by this agent with a higher epoch.",
+            ),
+            token_epoch: int_gauge(
+                "score_token_epoch",
+                "The newest token epoch this agent has accepted.",
+            ),
+            decisions: counter(
+                "score_decisions_evaluated_total",
+                "Migration decisions evaluated (one per token hold for a hosted VM).",
+            ),
+            migrations: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_migrations_total",
+                        "Migrations decided, by outcome: done, failed (the VM stayed), advisory (reported, not made).",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            migration_benefit: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "score_migration_benefit",
+                        "Benefit (equation 2: drop of the equation 1 total, bytes per second x weight) of each migration decided.",
+                    )
+                    .buckets(
+                        prometheus::exponential_buckets(1.0, 10.0, 13)
+                            .expect("constant bucket layout"),
+                    ),
+                ),
+            ),
+            rejected: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_datagrams_rejected_total",
+                        "Peer datagrams dropped, by reason.",
+                    ),
+                    &["reason"],
+                ),
+            ),
+            flow_map_entries: int_gauge(
+                "score_bpf_flow_map_entries",
+                "Directed pairs in the kernel flow map at the last drain.",
+            ),
+            flow_map_capacity: int_gauge(
+                "score_bpf_flow_map_capacity",
+                "Capacity of the kernel flow map (flows_max), in directed pairs.",
+            ),
+            flow_map_full: counter(
+                "score_bpf_flow_map_full_total",
+                "Kernel flow map updates that failed because the map was full: frames of new pairs left uncounted.",
+            ),
+            vm_map_full: counter(
+                "score_bpf_vm_map_full_total",
+                "VM MAC records that failed because the VM map was full.",
+            ),
+            uncounted_frames: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_bpf_uncounted_frames_total",
+                        "Frames the classifiers passed without counting, by reason: not_ipv4, not_unicast.",
+                    ),
+                    &["reason"],
+                ),
+            ),
+            control_intercepted: counter(
+                "score_bpf_control_intercepted_total",
+                "S-CORE control datagrams intercepted by the classifiers and handed to the agent.",
+            ),
+            control_ring_full: counter(
+                "score_bpf_control_ring_full_total",
+                "S-CORE control datagrams let through to the guest because the ring to the agent was full.",
+            ),
+            attached_interfaces: int_gauge(
+                "score_bpf_attached_interfaces",
+                "VM interfaces the classifiers are attached to.",
+            ),
+            drain_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "score_drain_duration_seconds",
+                        "Time to drain the kernel maps into the flow table (map iteration, rates, eviction).",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5,
+                    ]),
+                ),
+            ),
+            drain_failures: counter(
+                "score_drain_failures_total",
+                "Drains that failed (a map could not be read).",
+            ),
+            registry: r,
+        };
+        // Series of fixed label sets exist from the start at 0, so that
+        // `rate()` and alerts see the first event.
+        for o in MigrationOutcome::ALL {
+            m.migrations.with_label_values(&[o.label()]);
+        }
+        for reason in RejectReason::ALL {
+            m.rejected.with_label_values(&[reason.label()]);
+        }
+        for reason in ["not_ipv4", "not_unicast"] {
+            m.uncounted_frames.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// The registry, to register metrics declared elsewhere.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// How many pairs `score_top_pair_*` exports.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Every metric in the Prometheus text exposition format (0.0.4).
+    pub fn render(&self) -> String {
+        let _state = lock(&self.state);
+        let families = self.registry.gather();
+        let mut out = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&families, &mut out) {
+            warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// The content type of [`Metrics::render`]'s output.
+    pub fn content_type(&self) -> String {
+        TextEncoder::new().format_type().to_owned()
+    }
+
+    // ---- token ------------------------------------------------------------
+
+    /// A token was received (complete, authenticated, current epoch).
+    pub fn token_received(&self) {
+        self.token_received.inc();
+    }
+
+    /// The token was passed on and acknowledged.
+    pub fn token_passed(&self) {
+        self.token_passed.inc();
+    }
+
+    /// A token datagram was sent again after a time-out.
+    pub fn token_retransmitted(&self) {
+        self.token_retransmitted.inc();
+    }
+
+    /// The token was declared lost.
+    pub fn token_lost(&self) {
+        self.token_lost.inc();
+    }
+
+    /// This agent regenerated the token.
+    pub fn token_regenerated(&self) {
+        self.token_regenerated.inc();
+    }
+
+    /// The newest epoch accepted.
+    pub fn set_token_epoch(&self, epoch: u64) {
+        self.token_epoch.set(clamp_i64(epoch));
+    }
+
+    // ---- decisions --------------------------------------------------------
+
+    /// A migration decision was evaluated.
+    pub fn decision_evaluated(&self) {
+        self.decisions.inc();
+    }
+
+    /// A decided migration ended with `outcome`.
+    pub fn migration(&self, outcome: MigrationOutcome) {
+        self.migrations.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// The benefit of a migration decided (whatever its outcome).
+    pub fn observe_benefit(&self, benefit: f64) {
+        if benefit.is_finite() {
+            self.migration_benefit.observe(benefit);
+        }
+    }
+
+    /// A peer datagram was dropped.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected.with_label_values(&[reason.label()]).inc();
+    }
+
+    // ---- cost -------------------------------------------------------------
+
+    /// The communication cost and level of hosted VM `vm`. The series is
+    /// removed at the next drain if `vm` is no longer hosted here.
+    pub fn set_vm_cost(&self, vm: Ipv4Addr, cost: f64, level: u8) {
+        let mut state = lock(&self.state);
+        let l = vm.to_string();
+        self.vm_cost.with_label_values(&[&l]).set(cost);
+        self.vm_level.with_label_values(&[&l]).set(i64::from(level));
+        state.labelled.insert(vm);
+    }
+
+    /// The total communication cost of the VMs hosted here.
+    pub fn set_host_cost(&self, cost: f64) {
+        self.host_cost.set(cost);
+    }
+
+    /// Removes every series of `vm` now (it migrated away).
+    pub fn forget_vm(&self, vm: Ipv4Addr) {
+        let mut state = lock(&self.state);
+        self.remove_vm_series(vm);
+        state.labelled.remove(&vm);
+    }
+
+    fn remove_vm_series(&self, vm: Ipv4Addr) {
+        let l = [vm.to_string()];
+        // Absent series are fine: a VM may have traffic but no cost yet.
+        let _ = self.vm_transmit_bytes.remove_label_values(&l);
+        let _ = self.vm_receive_bytes.remove_label_values(&l);
+        let _ = self.vm_transmit_rate.remove_label_values(&l);
+        let _ = self.vm_receive_rate.remove_label_values(&l);
+        let _ = self.vm_cost.remove_label_values(&l);
+        let _ = self.vm_level.remove_label_values(&l);
+    }
+
+    // ---- datapath ---------------------------------------------------------
+
+    /// The capacity of the kernel flow map.
+    pub fn set_flow_map_capacity(&self, flows_max: u32) {
+        self.flow_map_capacity.set(i64::from(flows_max));
+    }
+
+    /// A drain failed.
+    pub fn drain_failed(&self) {
+        self.drain_failures.inc();
+    }
+
+    /// Folds one drain into the metrics: per-VM bytes and rates, the top-K
+    /// pairs, the BPF counters, and how long the drain took.
+    pub fn observe_drain(&self, sample: &DrainSample<'_>, took: Duration) {
+        let mut state = lock(&self.state);
+        let hosted: BTreeSet<Ipv4Addr> = sample.hosted.iter().copied().collect();
+
+        // Per-VM: the increments of every pair since the last drain, and
+        // the sum of the pairs' rates.
+        let mut tx: HashMap<Ipv4Addr, (u64, f64)> = HashMap::new();
+        let mut rx: HashMap<Ipv4Addr, (u64, f64)> = HashMap::new();
+        for vm in &hosted {
+            tx.insert(*vm, (0, 0.0));
+            rx.insert(*vm, (0, 0.0));
+        }
+        let mut last = HashMap::with_capacity(sample.pairs.len());
+        for p in sample.pairs {
+            let bytes = p.totals.bytes;
+            let before = match state.last_bytes.get(&p.pair) {
+                // Fewer bytes than last time: the entry was deleted and
+                // created again, so everything in it is new.
+                Some(&b) if b <= bytes => b,
+                Some(_) => 0,
+                // First sight: bytes from before this agent counted are a
+                // baseline, not traffic of this run.
+                None if p.totals.first_seen_ns < sample.since_ns => bytes,
+                None => 0,
+            };
+            last.insert(p.pair, bytes);
+            let delta = bytes - before;
+            let (src, dst) = p.pair;
+            if src == dst {
+                continue; // self traffic is ignored (BRIEF, conventions)
+            }
+            if let Some(t) = tx.get_mut(&src) {
+                t.0 += delta;
+                t.1 += p.rate_bps;
+            }
+            if let Some(t) = rx.get_mut(&dst) {
+                t.0 += delta;
+                t.1 += p.rate_bps;
+            }
+        }
+        state.last_bytes = last;
+
+        for (vm, (delta, rate)) in &tx {
+            let l = [vm.to_string()];
+            self.vm_transmit_bytes.with_label_values(&l).inc_by(*delta);
+            self.vm_transmit_rate.with_label_values(&l).set(*rate);
+        }
+        for (vm, (delta, rate)) in &rx {
+            let l = [vm.to_string()];
+            self.vm_receive_bytes.with_label_values(&l).inc_by(*delta);
+            self.vm_receive_rate.with_label_values(&l).set(*rate);
+        }
+        let gone: Vec<Ipv4Addr> = state.labelled.difference(&hosted).copied().collect();
+        for vm in gone {
+            self.remove_vm_series(vm);
+        }
+        state.labelled = hosted;
+        self.vms_hosted.set(clamp_i64(state.labelled.len() as u64));
+
+        self.export_top_pairs(sample.pairs);
+
+        // Kernel counters: increments since the last drain. The first
+        // drain is the baseline (counters pinned by an earlier run are not
+        // this run's events).
+        let now = sample.stats;
+        let prev = state.last_stats.unwrap_or(now);
+        let inc = |c: &IntCounter, new: u64, old: u64| {
+            // A smaller value: the map was created again; all of it is new.
+            c.inc_by(if new >= old { new - old } else { new });
+        };
+        inc(&self.flow_map_full, now.flows_map_full, prev.flows_map_full);
+        inc(&self.vm_map_full, now.macs_map_full, prev.macs_map_full);
+        inc(
+            &self.uncounted_frames.with_label_values(&["not_ipv4"]),
+            now.not_ipv4,
+            prev.not_ipv4,
+        );
+        inc(
+            &self.uncounted_frames.with_label_values(&["not_unicast"]),
+            now.not_unicast,
+            prev.not_unicast,
+        );
+        inc(
+            &self.control_intercepted,
+            now.control_intercepted,
+            prev.control_intercepted,
+        );
+        inc(
+            &self.control_ring_full,
+            now.control_ring_full,
+            prev.control_ring_full,
+        );
+        state.last_stats = Some(now);
+
+        self.flow_map_entries
+            .set(clamp_i64(sample.pairs.len() as u64));
+        self.attached_interfaces
+            .set(clamp_i64(sample.attached as u64));
+        self.drain_duration.observe(took.as_secs_f64());
+    }
+
+    /// Replaces the top-K pair series with the `top_k` busiest pairs:
+    /// highest rate first, then most bytes, then lowest (src, dst).
+    fn export_top_pairs(&self, pairs: &[PairSample]) {
+        self.top_pair_rate.reset();
+        self.top_pair_bytes.reset();
+        let k = self.top_k.min(pairs.len());
+        if k == 0 {
+            return;
+        }
+        let mut ranked: Vec<&PairSample> = pairs.iter().collect();
+        let order = |a: &&PairSample, b: &&PairSample| {
+            b.rate_bps
+                .total_cmp(&a.rate_bps)
+                .then(b.totals.bytes.cmp(&a.totals.bytes))
+                .then(a.pair.cmp(&b.pair))
+        };
+        // Linear-time selection, then a sort of the K kept only.
+        if k < ranked.len() {
+            ranked.select_nth_unstable_by(k - 1, order);
+            ranked.truncate(k);
+        }
+        ranked.sort_unstable_by(order);
+        for p in ranked {
+            let l = [p.pair.0.to_string(), p.pair.1.to_string()];
+            self.top_pair_rate.with_label_values(&l).set(p.rate_bps);
+            self.top_pair_bytes
+                .with_label_values(&l)
+                .set(clamp_i64(p.totals.bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, last)
+    }
+
+    fn pair(src: u8, dst: u8, bytes: u64, rate: f64) -> PairSample {
+        PairSample {
+            pair: (ip(src), ip(dst)),
+            totals: Totals {
+                bytes,
+                packets: 1,
+                first_seen_ns: 2_000,
+                last_seen_ns: 3_000,
+            },
+            rate_bps: rate,
+        }
+    }
+
+    fn drain(m: &Metrics, pairs: &[PairSample], hosted: &[Ipv4Addr], stats: DatapathStats) {
+        m.observe_drain(
+            &DrainSample {
+                pairs,
+                hosted,
+                stats,
+                attached: hosted.len(),
+                since_ns: 1_000,
+            },
+            Duration::from_millis(3),
+        );
+    }
+
+    /// The value of the sample line `series` (name and labels, exactly as
+    /// rendered), if there is one.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::new(3);
+        let text = m.render();
+        let mut types = 0;
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            types += 1;
+            let mut it = line.split(' ').skip(2);
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert!(name.starts_with("score_"), "{line}");
+            assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+        }
+        // Families without series yet (vector metrics with no label set)
+        // are not rendered; the rest are.
+        assert!(types >= 20, "{text}");
+    }
+
+    #[test]
+    fn fixed_label_sets_start_at_zero() {
+        let text = Metrics::new(3).render();
+        for r in RejectReason::ALL {
+            let s = format!("score_datagrams_rejected_total{{reason=\"{}\"}}", r.label());
+            assert_eq!(value(&text, &s), Some(0.0), "{s}\n{text}");
+        }
+        for o in ["done", "failed", "advisory"] {
+            let s = format!("score_migrations_total{{outcome=\"{o}\"}}");
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
+    }
+
+    #[test]
+    fn token_and_decision_events_are_counted() {
+        let m = Metrics::default();
+        m.token_received();
+        m.token_received();
+        m.token_passed();
+        m.token_retransmitted();
+        m.token_retransmitted();
+        m.token_retransmitted();
+        m.token_lost();
+        m.token_regenerated();
+        m.set_token_epoch(7);
+        m.decision_evaluated();
+        m.migration(MigrationOutcome::Done);
+        m.migration(MigrationOutcome::Advisory);
+        m.migration(MigrationOutcome::Advisory);
+        m.observe_benefit(2500.0);
+        m.observe_benefit(f64::NAN);
+        m.rejected(RejectReason::BadMac);
+        m.rejected(RejectReason::from_label("replayed"));
+        m.rejected(RejectReason::from_label("bad_body"));
+        let t = m.render();
+        assert_eq!(value(&t, "score_token_received_total"), Some(2.0));
+        assert_eq!(value(&t, "score_token_passed_total"), Some(1.0));
+        assert_eq!(value(&t, "score_token_retransmitted_total"), Some(3.0));
+        assert_eq!(value(&t, "score_token_lost_total"), Some(1.0));
+        assert_eq!(value(&t, "score_token_regenerated_total"), Some(1.0));
+        assert_eq!(value(&t, "score_token_epoch"), Some(7.0));
+        assert_eq!(value(&t, "score_decisions_evaluated_total"), Some(1.0));
+        assert_eq!(
+            value(&t, "score_migrations_total{outcome=\"done\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "score_migrations_total{outcome=\"advisory\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&t, "score_migrations_total{outcome=\"failed\"}"),
+            Some(0.0)
+        );
+        // NaN is not observed: one observation, in the 1e4 bucket.
+        assert_eq!(value(&t, "score_migration_benefit_count"), Some(1.0));
+        assert_eq!(value(&t, "score_migration_benefit_sum"), Some(2500.0));
+        assert_eq!(
+            value(&t, "score_migration_benefit_bucket{le=\"1000\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "score_migration_benefit_bucket{le=\"10000\"}"),
+            Some(1.0)
+        );
+        for (reason, n) in [("bad_mac", 1.0), ("replayed", 1.0), ("other", 1.0)] {
+            let s = format!("score_datagrams_rejected_total{{reason=\"{reason}\"}}");
+            assert_eq!(value(&t, &s), Some(n), "{s}");
+        }
+    }
+
+    #[test]
+    fn vm_bytes_count_increments_of_hosted_vms_only() {
+        let m = Metrics::new(10);
+        let hosted = [ip(1), ip(2)];
+        // 1 -> 2 both hosted; 1 -> 9 and 9 -> 2 with a peer elsewhere.
+        drain(
+            &m,
+            &[
+                pair(1, 2, 1000, 100.0),
+                pair(1, 9, 300, 30.0),
+                pair(9, 2, 50, 5.0),
+            ],
+            &hosted,
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}"),
+            Some(1300.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_receive_bytes_total{vm=\"198.18.0.2\"}"),
+            Some(1050.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_receive_bytes_total{vm=\"198.18.0.1\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_per_second{vm=\"198.18.0.1\"}"),
+            Some(130.0)
+        );
+        assert!(!t.contains("vm=\"198.18.0.9\""), "{t}");
+        assert_eq!(value(&t, "score_vms_hosted"), Some(2.0));
+
+        // Next drain: 1 -> 2 grew by 500, 1 -> 9 was evicted and came back
+        // with 40 bytes (all new), 9 -> 2 unchanged.
+        drain(
+            &m,
+            &[
+                pair(1, 2, 1500, 100.0),
+                pair(1, 9, 40, 30.0),
+                pair(9, 2, 50, 0.0),
+            ],
+            &hosted,
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}"),
+            Some(1300.0 + 540.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_receive_bytes_total{vm=\"198.18.0.2\"}"),
+            Some(1550.0)
+        );
+    }
+
+    #[test]
+    fn bytes_from_before_the_agent_started_are_a_baseline() {
+        let m = Metrics::new(10);
+        let mut old = pair(1, 2, 1_000_000, 0.0);
+        old.totals.first_seen_ns = 10; // before since_ns = 1000
+        drain(&m, &[old], &[ip(1)], DatapathStats::default());
+        old.totals.bytes += 700;
+        drain(&m, &[old], &[ip(1)], DatapathStats::default());
+        let t = m.render();
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}"),
+            Some(700.0)
+        );
+        // The pair's own gauge shows the kernel's whole count.
+        assert_eq!(
+            value(
+                &t,
+                "score_top_pair_bytes{dst=\"198.18.0.2\",src=\"198.18.0.1\"}"
+            ),
+            Some(1_000_700.0)
+        );
+    }
+
+    #[test]
+    fn a_vm_that_leaves_loses_its_series() {
+        let m = Metrics::new(10);
+        m.set_vm_cost(ip(1), 42.5, 3);
+        m.set_vm_cost(ip(2), 1.0, 1);
+        m.set_host_cost(43.5);
+        drain(
+            &m,
+            &[pair(1, 2, 10, 1.0)],
+            &[ip(1), ip(2)],
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, "score_vm_communication_cost{vm=\"198.18.0.1\"}"),
+            Some(42.5)
+        );
+        assert_eq!(
+            value(&t, "score_vm_communication_level{vm=\"198.18.0.1\"}"),
+            Some(3.0)
+        );
+        assert_eq!(value(&t, "score_host_communication_cost"), Some(43.5));
+        // VM 2 migrated away: gone at the next drain.
+        drain(
+            &m,
+            &[pair(1, 2, 20, 1.0)],
+            &[ip(1)],
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert!(!t.contains("vm=\"198.18.0.2\""), "{t}");
+        assert!(t.contains("vm=\"198.18.0.1\""), "{t}");
+        // And forget_vm removes at once.
+        m.forget_vm(ip(1));
+        assert!(!m.render().contains("vm=\"198.18.0.1\""));
+    }
+
+    #[test]
+    fn top_k_pairs_are_the_busiest_and_replaced_each_drain() {
+        let m = Metrics::new(2);
+        let hosted = [ip(1)];
+        drain(
+            &m,
+            &[
+                pair(1, 2, 10, 5.0),
+                pair(1, 3, 20, 50.0),
+                pair(1, 4, 30, 500.0),
+                pair(1, 5, 40, 50.0),
+            ],
+            &hosted,
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        let s = |d: u8| {
+            format!("score_top_pair_bytes_per_second{{dst=\"198.18.0.{d}\",src=\"198.18.0.1\"}}")
+        };
+        assert_eq!(value(&t, &s(4)), Some(500.0), "{t}");
+        // Tie at 50 B/s broken by bytes: .5 (40 B) before .3 (20 B).
+        assert_eq!(value(&t, &s(5)), Some(50.0), "{t}");
+        assert_eq!(value(&t, &s(3)), None, "{t}");
+        assert_eq!(value(&t, &s(2)), None, "{t}");
+        assert_eq!(t.matches("score_top_pair_bytes{").count(), 2, "{t}");
+
+        drain(
+            &m,
+            &[pair(1, 2, 11, 1.0)],
+            &hosted,
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert_eq!(value(&t, &s(2)), Some(1.0), "{t}");
+        assert_eq!(value(&t, &s(4)), None, "{t}");
+
+        let none = Metrics::new(0);
+        drain(
+            &none,
+            &[pair(1, 2, 1, 1.0)],
+            &hosted,
+            DatapathStats::default(),
+        );
+        assert!(!none.render().contains("score_top_pair_bytes{"));
+    }
+
+    #[test]
+    fn kernel_counters_advance_by_increments_after_a_baseline() {
+        let m = Metrics::new(1);
+        let stats = |full: u64, ipv6: u64| DatapathStats {
+            flows_map_full: full,
+            not_ipv4: ipv6,
+            ..Default::default()
+        };
+        m.set_flow_map_capacity(4096);
+        // Pinned counters from an earlier run: a baseline, not events.
+        drain(&m, &[pair(1, 2, 1, 1.0)], &[ip(1)], stats(100, 7));
+        drain(&m, &[pair(1, 2, 1, 1.0)], &[ip(1)], stats(104, 9));
+        // The map was recreated: its counter restarted at 3.
+        drain(&m, &[pair(1, 2, 1, 1.0)], &[ip(1)], stats(3, 9));
+        m.drain_failed();
+        let t = m.render();
+        assert_eq!(value(&t, "score_bpf_flow_map_full_total"), Some(7.0));
+        assert_eq!(
+            value(&t, "score_bpf_uncounted_frames_total{reason=\"not_ipv4\"}"),
+            Some(2.0)
+        );
+        assert_eq!(value(&t, "score_bpf_flow_map_entries"), Some(1.0));
+        assert_eq!(value(&t, "score_bpf_flow_map_capacity"), Some(4096.0));
+        assert_eq!(value(&t, "score_bpf_attached_interfaces"), Some(1.0));
+        assert_eq!(value(&t, "score_drain_duration_seconds_count"), Some(3.0));
+        assert_eq!(
+            value(&t, "score_drain_duration_seconds_bucket{le=\"0.0025\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "score_drain_duration_seconds_bucket{le=\"0.005\"}"),
+            Some(3.0)
+        );
+        assert_eq!(value(&t, "score_drain_failures_total"), Some(1.0));
+    }
+
+    #[test]
+    fn reasons_round_trip_through_their_labels() {
+        for r in RejectReason::ALL {
+            assert_eq!(RejectReason::from_label(r.label()), r);
+        }
+        assert_eq!(RejectReason::from_label("too_large"), RejectReason::Other);
+    }
+
+    #[test]
+    fn config_defaults() {
+        let c: MetricsConfig = toml::from_str("").unwrap();
+        assert_eq!(c, MetricsConfig::default());
+        assert_eq!(c.top_k, DEFAULT_TOP_K);
+        assert!(toml::from_str::<MetricsConfig>("topk = 3").is_err());
+    }
+}
