@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use score_core::{cost::Placement, topology::HostId};
 
 use crate::{
     measure::{self, Snapshot},
@@ -137,6 +138,35 @@ fn level_line(c: &measure::Cost) -> String {
         .join(", ")
 }
 
+/// Where the token is: the agents' own round counter when they export one
+/// (`score_token_round`), else token hops divided by the VM count.
+#[derive(Clone, Copy, Debug)]
+struct Round {
+    n: f64,
+    exact: bool,
+}
+
+impl Round {
+    fn of(metrics: &[Option<String>], vms: usize) -> Option<Round> {
+        if let Some(n) = measure::metric_max(metrics, "score_token_round") {
+            return Some(Round { n, exact: true });
+        }
+        let hops = measure::metric_sum(metrics, "score_token_received_total", "")?;
+        Some(Round {
+            n: (hops / vms.max(1) as f64).floor(),
+            exact: false,
+        })
+    }
+
+    fn label(&self) -> String {
+        if self.exact {
+            format!("round {:.0}", self.n)
+        } else {
+            format!("~round {:.0} (token hops / VMs)", self.n)
+        }
+    }
+}
+
 /// Runs the demo.
 pub fn demo(args: &DemoArgs) -> Result<()> {
     testbed::require_root("the demo")?;
@@ -197,60 +227,34 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     );
     let topo = state.topology()?;
 
-    // Warm-up: rates are averaged over the agents' 10 s window.
-    let warm = Duration::from_secs(12);
-    let w0 = Instant::now();
-    let mut snap: Option<Snapshot> = None;
-    while w0.elapsed() < warm {
-        if !sleep(Duration::from_secs(2)) {
-            bail!("interrupted");
-        }
-        let s = measure::snapshot(&state, None)?;
-        let seen: f64 = s.traffic.pairs().map(|p| p.2).sum();
-        println!(
-            "demo:       warming up {:>4.1} s: measured {} of {} MB/s planned{}",
-            w0.elapsed().as_secs_f64(),
-            mb(seen),
-            mb(planned as f64),
-            if s.silent.is_empty() {
-                String::new()
-            } else {
-                format!(" (silent: {})", s.silent.join(" "))
-            }
-        );
-        snap = Some(s);
-    }
-    let first = snap.context("no measurement")?;
-    let c0 = measure::cost(&topo, &first.traffic, &first.placement);
+    // The initial placement, as set up (VM i on its initial host).
+    let initial = Placement::new(
+        state.hosts.len() as u32,
+        state
+            .vms
+            .iter()
+            .map(|v| state.host_index(&v.initial_host).unwrap_or(0) as HostId)
+            .collect(),
+    )?;
     let slots = state.sizes.slots;
-    let best0 = optimum::optimum(&topo, &first.traffic, slots, &first.placement, 20_000_000)?;
-    println!();
-    println!(
-        "cost at start (eq. 1, every pair counted twice, MB/s x W): {}   [{}]",
-        mb(c0.total),
-        level_line(&c0)
-    );
-    println!(
-        "best centralised placement for this traffic: {} ({}, {} nodes)",
-        mb(best0.cost),
-        if best0.proven {
-            "optimal"
-        } else {
-            "best found"
-        },
-        best0.nodes
-    );
-    println!();
-
-    // The run: poll every 2 s, report moves as seen, cost per round.
-    let mut last = first.placement.clone();
-    let mut latest = first;
-    let mut moves: Vec<(f64, usize, usize, usize)> = Vec::new();
-    let mut round = measure::metric_max(&latest.metrics, "score_token_round");
-    let mut next_report = Duration::from_secs(args.period);
+    let n_vms = state.vms.len();
+    // One loop from the moment traffic starts: a snapshot every 2 s, moves
+    // reported as seen. The start cost is the initial placement under the
+    // traffic measured once the agents' 10 s rate window is full (the
+    // traffic is steady, so this is the cost before any move, even if the
+    // agents move VMs during the warm-up); then one cost line per token
+    // round (or per --period seconds when the agents export no round).
+    let warm = Duration::from_secs(12);
+    let total = warm + Duration::from_secs(args.duration);
     let r0 = Instant::now();
+    let mut last = initial.clone();
+    let mut latest: Option<Snapshot> = None;
+    let mut c0: Option<measure::Cost> = None;
+    let mut moves: Vec<(f64, usize, usize, usize)> = Vec::new();
+    let mut round: Option<Round> = None;
+    let mut next_report = warm + Duration::from_secs(args.period);
     let mut interrupted_run = false;
-    while r0.elapsed() < Duration::from_secs(args.duration) {
+    while r0.elapsed() < total {
         if !sleep(Duration::from_secs(2)) {
             interrupted_run = true;
             break;
@@ -268,30 +272,78 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             }
         }
         last = s.placement.clone();
-        let r = measure::metric_max(&s.metrics, "score_token_round");
-        let due = match (r, round) {
-            (Some(now), Some(before)) => now > before,
-            (Some(_), None) => true,
-            _ => r0.elapsed() >= next_report,
-        };
-        if due {
-            let c = measure::cost(&topo, &s.traffic, &s.placement);
-            let label = match r {
-                Some(n) => format!("round {n:.0}"),
-                None => format!("{t:>6.1} s"),
-            };
-            println!(
-                "  {label}: cost {} ({:+.1}% from start), {} migrations so far   [{}]",
-                mb(c.total),
-                100.0 * (c.total - c0.total) / c0.total.max(f64::MIN_POSITIVE),
-                moves.len(),
-                level_line(&c)
-            );
-            round = r;
-            next_report += Duration::from_secs(args.period);
+        let r = Round::of(&s.metrics, n_vms);
+        match &c0 {
+            None if r0.elapsed() < warm => {
+                let seen: f64 = s.traffic.pairs().map(|p| p.2).sum();
+                println!(
+                    "  {t:>6.1} s  warming up: measured {} of {} MB/s planned{}",
+                    mb(seen),
+                    mb(planned as f64),
+                    if s.silent.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (silent: {})", s.silent.join(" "))
+                    }
+                );
+            }
+            None => {
+                let c = measure::cost(&topo, &s.traffic, &initial);
+                let best = optimum::optimum(&topo, &s.traffic, slots, &initial, 20_000_000)?;
+                println!();
+                println!(
+                    "cost at start (eq. 1, every pair counted twice, MB/s x W): {}   [{}]",
+                    mb(c.total),
+                    level_line(&measure::cost(&topo, &s.traffic, &initial))
+                );
+                println!(
+                    "best centralised placement for this traffic: {} ({}, {} search nodes)",
+                    mb(best.cost),
+                    if best.proven { "optimal" } else { "best found" },
+                    best.nodes
+                );
+                println!();
+                c0 = Some(c);
+                round = r;
+            }
+            Some(start) => {
+                // A new round; or, when the token does not move (or its
+                // round is unknown), a line every --period seconds anyway
+                // (every 3 periods while rounds are known).
+                let advanced = match (r, round) {
+                    (Some(now), Some(before)) => now.n > before.n,
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                let due = advanced || r0.elapsed() >= next_report;
+                if due {
+                    let c = measure::cost(&topo, &s.traffic, &s.placement);
+                    let label = match r {
+                        Some(r) => r.label(),
+                        None => format!("{t:>6.1} s"),
+                    };
+                    println!(
+                        "  {label}: cost {} ({:+.1}% from start), {} migrations so far   [{}]",
+                        mb(c.total),
+                        100.0 * (c.total - start.total) / start.total.max(f64::MIN_POSITIVE),
+                        moves.len(),
+                        level_line(&c)
+                    );
+                    round = r;
+                    let every = if r.is_some() {
+                        3 * args.period
+                    } else {
+                        args.period
+                    };
+                    next_report = r0.elapsed() + Duration::from_secs(every);
+                }
+            }
         }
-        latest = s;
+        latest = Some(s);
     }
+    let (Some(latest), Some(c0)) = (latest, c0) else {
+        bail!("interrupted before the first measurement");
+    };
     report(&state, &topo, &latest, &c0, &moves, slots)?;
     if interrupted_run {
         println!("demo: interrupted");

@@ -20,6 +20,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "prometheus",
     "iperf3",
+    // The testbed: a gratuitous ARP after a hand-made move; reading an
+    // agent's /metrics inside its host namespace.
+    "arping",
+    "curl",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {
