@@ -105,6 +105,9 @@ enum TestbedCommand {
         /// Also print the measured cost (needs agents).
         #[arg(long)]
         cost: bool,
+        /// Print JSON (hosts, agents, where each VM is, cost with --cost).
+        #[arg(long)]
+        json: bool,
     },
     /// Move a VM to another host as the netns backend does (by hand).
     Migrate {
@@ -188,10 +191,16 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
             );
             Ok(())
         }
-        TestbedCommand::Status { cost } => {
+        TestbedCommand::Status { cost, json } => {
+            if json {
+                let state = testbed::State::load()?.context("no testbed is up")?;
+                let report = testbed::status_report(&state, cost)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
             testbed::status()?;
-            if cost {
-                measure::print_cost()?;
+            if cost && let Some(state) = testbed::State::load()? {
+                measure::print_cost(&state)?;
             }
             Ok(())
         }

@@ -121,16 +121,37 @@ pub fn cost(topo: &Topology, traffic: &Traffic, placement: &Placement) -> Cost {
     }
 }
 
-/// `testbed status --cost`: the measured cost now and the best
-/// centralised placement for the same traffic.
-pub fn print_cost() -> Result<()> {
-    let state = State::load()?.context("no testbed is up")?;
+/// The measured cost and the best centralised one (`testbed status
+/// --cost`), in bytes per second times link weight.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CostReport {
+    /// Equation 1 total of the placement now (each pair counted twice).
+    pub measured: f64,
+    /// λ per level now (0 same host .. 3 across pods), bytes/s.
+    pub by_level: Vec<f64>,
+    /// Equation 1 total of the initial placement under the same traffic.
+    pub initial: f64,
+    /// The best centralised placement's total for the same traffic.
+    pub optimum: f64,
+    /// Whether `optimum` is proven optimal (else the best found).
+    pub proven: bool,
+    /// Hosts whose agent did not answer /flows.
+    pub silent: Vec<String>,
+}
+
+/// Measures the cost now (see [`CostReport`]).
+pub fn cost_report(state: &State) -> Result<CostReport> {
     let topo = state.topology()?;
-    let s = snapshot(&state, None)?;
-    if !s.silent.is_empty() {
-        println!("agents not answering: {}", s.silent.join(" "));
-    }
+    let s = snapshot(state, None)?;
     let c = cost(&topo, &s.traffic, &s.placement);
+    let initial = Placement::new(
+        state.hosts.len() as u32,
+        state
+            .vms
+            .iter()
+            .map(|v| state.host_index(&v.initial_host).unwrap_or(0) as HostId)
+            .collect(),
+    )?;
     let best = crate::optimum::optimum(
         &topo,
         &s.traffic,
@@ -138,15 +159,33 @@ pub fn print_cost() -> Result<()> {
         &s.placement,
         20_000_000,
     )?;
+    Ok(CostReport {
+        measured: c.total,
+        by_level: c.by_level,
+        initial: cost(&topo, &s.traffic, &initial).total,
+        optimum: best.cost,
+        proven: best.proven,
+        silent: s.silent,
+    })
+}
+
+/// Prints a [`CostReport`] for people.
+pub fn print_cost(state: &State) -> Result<()> {
+    let r = cost_report(state)?;
+    if !r.silent.is_empty() {
+        println!("agents not answering: {}", r.silent.join(" "));
+    }
     println!(
-        "measured cost (eq. 1, each pair twice): {:.0} B/s x W; by level (host, rack, pod, core): {:?} B/s",
-        c.total,
-        c.by_level.iter().map(|r| r.round()).collect::<Vec<_>>()
+        "measured cost now (eq. 1, each pair twice): {:.0} B/s x W (initial placement: {:.0}); \
+         traffic by level (host, rack, pod, core): {:?} B/s",
+        r.measured,
+        r.initial,
+        r.by_level.iter().map(|x| x.round()).collect::<Vec<_>>()
     );
     println!(
         "best centralised placement for this traffic: {:.0} ({})",
-        best.cost,
-        if best.proven { "optimal" } else { "best found" }
+        r.optimum,
+        if r.proven { "optimal" } else { "best found" }
     );
     Ok(())
 }

@@ -913,6 +913,88 @@ pub fn migrate(state: &State, vm: &str, to: &str) -> Result<Duration> {
     Ok(took)
 }
 
+/// Machine-readable status (`testbed status --json`), for tests and tools.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// The state file it was read from.
+    pub state_file: &'static str,
+    /// Every host and its agent.
+    pub hosts: Vec<HostStatus>,
+    /// Every VM and where it is now.
+    pub vms: Vec<VmStatus>,
+    /// The measured cost, when asked for.
+    pub cost: Option<crate::measure::CostReport>,
+}
+
+/// A host in a [`StatusReport`].
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    /// Namespace.
+    pub name: String,
+    /// br0 address.
+    pub address: Ipv4Addr,
+    /// Agent PID, if one was started.
+    pub agent_pid: Option<u32>,
+    /// Whether that agent process runs.
+    pub agent_alive: bool,
+    /// Whether it answers GET /healthz.
+    pub agent_serving: bool,
+}
+
+/// A VM in a [`StatusReport`].
+#[derive(Debug, Serialize)]
+pub struct VmStatus {
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// Its vif.
+    pub vif: String,
+    /// Where it started.
+    pub initial_host: String,
+    /// The host namespace holding its vif now (none while it moves).
+    pub host: Option<String>,
+    /// Whether its traffic generator runs.
+    pub traffic_alive: bool,
+}
+
+/// Builds a [`StatusReport`] of the testbed that is up.
+pub fn status_report(state: &State, with_cost: bool) -> Result<StatusReport> {
+    let at = locate(state)?;
+    let addr: SocketAddr = AGENT_HTTP.parse()?;
+    let mut hosts = Vec::new();
+    for h in &state.hosts {
+        let agent_alive = h.agent_pid.is_some_and(alive);
+        hosts.push(HostStatus {
+            name: h.name.clone(),
+            address: h.address,
+            agent_pid: h.agent_pid,
+            agent_alive,
+            agent_serving: agent_alive && netns::http_get(&h.name, addr, "/healthz")?.is_some(),
+        });
+    }
+    let vms = state
+        .vms
+        .iter()
+        .map(|v| VmStatus {
+            address: v.address,
+            vif: v.vif.clone(),
+            initial_host: v.initial_host.clone(),
+            host: at.get(&v.vif).map(|&i| state.hosts[i].name.clone()),
+            traffic_alive: v.traffic_pid.is_some_and(alive),
+        })
+        .collect();
+    let cost = if with_cost {
+        Some(crate::measure::cost_report(state)?)
+    } else {
+        None
+    };
+    Ok(StatusReport {
+        state_file: STATE_FILE,
+        hosts,
+        vms,
+        cost,
+    })
+}
+
 /// Prints hosts, where each VM is, and the agents' health.
 pub fn status() -> Result<()> {
     let Some(state) = State::load()? else {
