@@ -285,3 +285,29 @@ fn the_agent_must_run_in_a_named_namespace() {
     });
     assert_eq!(home, dc.a);
 }
+
+#[test]
+#[ignore = "privileged: needs root and netns; run by `cargo xtask test`"]
+fn a_vm_that_cannot_be_announced_is_moved_with_an_error() {
+    let dc = Dc::new();
+    // P1's namespace is not named prefix + address: no gratuitous ARP.
+    let mac = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &dc.p1,
+        "cat",
+        "/sys/class/net/eth0/address",
+    ]);
+    let p1 = VmRef {
+        ip: P1.parse().unwrap(),
+        mac: score_agent::backend::parse_mac(mac.trim()).unwrap(),
+        vif: "vif6.0".into(),
+    };
+    let err = dc.migrate(&dc.a, p1, HOST_B).unwrap_err();
+    assert!(matches!(err, BackendError::DoneWithError { .. }), "{err:?}");
+    assert!(err.at_target());
+    assert!(err.to_string().contains("gratuitous ARP"), "{err}");
+    let out = sh(&["ip", "-n", &dc.b, "link", "show", "dev", "vif6.0"]);
+    assert!(out.contains("master br0"), "{out}");
+}
