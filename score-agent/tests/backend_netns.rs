@@ -88,11 +88,15 @@ impl Dc {
     }
 
     fn config(&self) -> BackendConfig {
+        self.config_with_timeout("5s")
+    }
+
+    fn config_with_timeout(&self, timeout: &str) -> BackendConfig {
         let text = format!(
             r#"
             kind = "netns"
             vm_netns_prefix = "{PREFIX}vm-"
-            timeout = "5s"
+            timeout = "{timeout}"
             [hosts]
             "{HOST_A}" = "{a}"
             "{HOST_B}" = "{b}"
@@ -128,7 +132,16 @@ impl Dc {
         vm: VmRef,
         to: Ipv4Addr,
     ) -> Result<score_agent::backend::MigrationReport, BackendError> {
-        let config = self.config();
+        self.migrate_with(self.config(), from, vm, to)
+    }
+
+    fn migrate_with(
+        &self,
+        config: BackendConfig,
+        from: &str,
+        vm: VmRef,
+        to: Ipv4Addr,
+    ) -> Result<score_agent::backend::MigrationReport, BackendError> {
         in_netns(from, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -310,4 +323,30 @@ fn a_vm_that_cannot_be_announced_is_moved_with_an_error() {
     assert!(err.to_string().contains("gratuitous ARP"), "{err}");
     let out = sh(&["ip", "-n", &dc.b, "link", "show", "dev", "vif6.0"]);
     assert!(out.contains("master br0"), "{out}");
+}
+
+#[test]
+#[ignore = "privileged: needs root and netns; run by `cargo xtask test`"]
+fn a_time_out_is_reported_with_where_the_vm_was_found() {
+    let dc = Dc::new();
+    // No `ip` finishes within a millisecond: the time-out strikes while
+    // the backend is still looking at the vif, before it moves.
+    let config = dc.config_with_timeout("1ms");
+    let err = dc
+        .migrate_with(config, &dc.a, dc.vm_ref(), HOST_B)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::TimedOut {
+                placement: Placement::Source,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.still_at_source());
+    dc.assert_absent(&dc.b);
+    dc.assert_attached(&dc.a);
+    dc.reachable();
 }
