@@ -232,6 +232,12 @@ impl Collector {
         *lock(&self.stats)
     }
 
+    /// Runs `f` on the datapath, under its lock (blocking map syscalls:
+    /// keep it short, or call from a blocking thread).
+    pub fn with_datapath<R>(&self, f: impl FnOnce(&mut Datapath) -> R) -> R {
+        f(&mut lock(&self.datapath))
+    }
+
     /// Interfaces attached now.
     pub fn attached(&self) -> Vec<String> {
         lock(&self.datapath).attached()

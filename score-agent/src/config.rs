@@ -73,6 +73,21 @@ pub struct Config {
     /// default: the flow table is not for the world to read.
     #[serde(default = "defaults::http_listen")]
     pub http_listen: SocketAddr,
+    /// This host (distributed mode; with `[topology]` and `[peer]`).
+    #[serde(default)]
+    pub node: Option<crate::cluster::NodeConfig>,
+    /// The data-centre tree (distributed mode).
+    #[serde(default)]
+    pub topology: Option<crate::cluster::TopologyConfig>,
+    /// The peer protocol (distributed mode).
+    #[serde(default)]
+    pub peer: Option<crate::cluster::PeerConfig>,
+    /// Token policy and decision rule.
+    #[serde(default)]
+    pub policy: crate::cluster::PolicyConfig,
+    /// The hypervisor backend (advisory when absent: nothing moves).
+    #[serde(default)]
+    pub backend: crate::backend::BackendConfig,
 }
 
 mod defaults {
@@ -130,12 +145,49 @@ impl Config {
         Ok(config)
     }
 
+    /// The distributed settings, files read and checked; `None` when the
+    /// agent only counts (no `[node]`, `[topology]` or `[peer]` table).
+    pub fn cluster(
+        &self,
+        coordinator: bool,
+    ) -> Result<Option<crate::cluster::ClusterSettings>, ConfigError> {
+        match (&self.node, &self.topology, &self.peer) {
+            (None, None, None) if !coordinator => Ok(None),
+            (Some(n), Some(t), Some(p)) => {
+                crate::cluster::ClusterSettings::resolve(n, t, p, &self.policy, coordinator)
+                    .map(Some)
+            }
+            _ => {
+                let missing = [
+                    ("node", self.node.is_none()),
+                    ("topology", self.topology.is_none()),
+                    ("peer", self.peer.is_none()),
+                ]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>()
+                .join(", ");
+                Err(ConfigError::Invalid {
+                    key: missing,
+                    reason: "the distributed agent needs [node], [topology] and [peer]".into(),
+                })
+            }
+        }
+    }
+
     /// Checks every value; called by [`Config::load`] before anything runs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: String| ConfigError::Invalid {
             key: key.into(),
             reason,
         };
+        self.backend.validate().map_err(|e| match e {
+            crate::backend::BackendConfigError::Invalid { key, reason } => {
+                ConfigError::Invalid { key, reason }
+            }
+            other => invalid("backend", other.to_string()),
+        })?;
         validate_patterns(&self.interfaces)
             .map_err(|(i, reason)| invalid(&format!("interfaces[{i}]"), reason))?;
         if self.interfaces.is_empty() {

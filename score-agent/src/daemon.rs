@@ -10,6 +10,8 @@ use tracing::info;
 
 use crate::{
     AgentError,
+    backend::Backend,
+    cluster::ClusterSettings,
     collector::{Collector, monotonic_ns},
     config::{Config, IfacePatterns},
     datapath::{Datapath, LoadOptions},
@@ -20,14 +22,28 @@ use crate::{
 };
 
 /// Runs the daemon until `shutdown` completes. The configuration must
-/// already be validated ([`Config::load`] does it).
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// already be validated ([`Config::load`] does it), and `cluster` resolved
+/// from it ([`Config::cluster`]): with it the agent takes part in the
+/// token ring, without it the agent only counts.
+pub async fn run(
+    config: Config,
+    cluster: Option<ClusterSettings>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let patterns = IfacePatterns::new(&config.interfaces)?;
-    let datapath = Datapath::load(&LoadOptions {
+    let backend = match &cluster {
+        Some(_) => Some(Backend::from_config(&config.backend).map_err(AgentError::Backend)?),
+        None => None,
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
         flows_max: config.flows_max,
         pin_dir: Some(config.pin_path.clone()),
-        control_port: None,
+        control_port: cluster.as_ref().map(|c| c.peer.port),
     })?;
+    let control = match &cluster {
+        Some(_) => Some(datapath.take_control_reader()?),
+        None => None,
+    };
     let listener = http::bind(config.http_listen)
         .await
         .map_err(|source| AgentError::Bind {
@@ -41,7 +57,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let metrics = Arc::new(Metrics::new(config.metrics.top_k));
     metrics.set_flow_map_capacity(config.flows_max);
-    let collector = Collector::new(datapath, flows, patterns, true, metrics);
+    let collector = Collector::new(datapath, flows, patterns, true, metrics.clone());
     let cancel = CancellationToken::new();
     collector.forward_kernel_logs(cancel.clone());
 
@@ -55,7 +71,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "score-agent running"
     );
 
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(collector.clone().follow(monitor, cancel.clone())),
         tokio::spawn(
             collector
@@ -68,6 +84,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         http::AppState::new(collector.clone()),
         cancel.clone(),
     ));
+
+    let mut peer = None;
+    if let (Some(cluster), Some(backend), Some(control)) = (cluster, backend, control) {
+        info!(
+            address = %cluster.node.address,
+            port = cluster.peer.port,
+            policy = %cluster.policy.kind,
+            backend = backend.kind(),
+            coordinator = cluster.coordinator,
+            "joining the token ring"
+        );
+        let (p, peer_tasks) = crate::distributed::start(
+            cluster,
+            backend,
+            collector.clone(),
+            metrics.clone(),
+            control,
+            cancel.clone(),
+        )
+        .await?;
+        tasks.extend(peer_tasks);
+        peer = Some(p);
+    }
+    let _ = &peer;
 
     shutdown.await;
     info!("shutting down");

@@ -82,6 +82,17 @@ pub struct DatapathStats {
     pub control_ring_full: u64,
 }
 
+/// A VM running on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostedVm {
+    /// Its address (its ID in the token).
+    pub ip: Ipv4Addr,
+    /// Its MAC, as learnt from its frames.
+    pub mac: [u8; 6],
+    /// Its backend interface on this host.
+    pub vif: String,
+}
+
 /// How to load the datapath.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -365,6 +376,35 @@ impl Datapath {
             .filter_map(Result::ok)
             .map(|(k, v)| (Ipv4Addr::from(u32::from_be(k)), v))
             .collect())
+    }
+
+    /// The VMs behind the attached interfaces, as seen sending: address,
+    /// MAC and vif name. A VM that has sent nothing yet is not listed.
+    pub fn hosted_vms(&self) -> Result<Vec<HostedVm>, DatapathError> {
+        let mut out: Vec<HostedVm> = self
+            .vm_macs()?
+            .into_iter()
+            .filter_map(|(ip, m)| {
+                let vif = self
+                    .attached
+                    .iter()
+                    .find(|(_, a)| a.ifindex == m.ifindex)?
+                    .0
+                    .clone();
+                Some(HostedVm {
+                    ip,
+                    mac: m.mac,
+                    vif,
+                })
+            })
+            .collect();
+        out.sort_by_key(|v| v.ip);
+        Ok(out)
+    }
+
+    /// Number of attached interfaces: each is one VM's vif.
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
     }
 
     fn drop_vm_macs_on(&mut self, ifindex: u32) -> Result<(), DatapathError> {

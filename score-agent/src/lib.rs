@@ -4,14 +4,17 @@
 //! ring. The binary is a thin shell over this library.
 
 pub mod backend;
+pub mod cluster;
 pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod distributed;
 pub mod flows;
 pub mod http;
 pub mod links;
 pub mod metrics;
+pub mod peer;
 pub mod watch;
 
 /// Everything that can stop the agent.
@@ -34,6 +37,9 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The hypervisor backend cannot run here.
+    #[error(transparent)]
+    Backend(backend::BackendConfigError),
     /// A background task died.
     #[error("task failed: {0}")]
     Task(String),

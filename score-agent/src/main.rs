@@ -40,6 +40,10 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// Also act as the global policy's coordinator: collect every
+        /// host's flow reports and send the token order.
+        #[arg(long)]
+        coordinator: bool,
     },
 }
 
@@ -68,7 +72,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // netlink-packet-route warns about every link attribute a
+                // newer kernel made longer: noise to an operator.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -76,7 +84,10 @@ fn main() -> ExitCode {
 
     // Validate before building the runtime, loading or binding anything.
     let config = match &cli.command {
-        Command::Run { config } => match Config::load(config) {
+        Command::Run {
+            config,
+            coordinator,
+        } => match Config::load(config).and_then(|c| c.cluster(*coordinator).map(|cl| (c, cl))) {
             Ok(c) => Some(c),
             Err(e) => {
                 eprintln!("score-agent: {e}");
@@ -111,8 +122,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { .. } => {
-                let config = config.expect("validated above");
-                score_agent::daemon::run(config, shutdown_signal()).await
+                let (config, cluster) = config.expect("validated above");
+                score_agent::daemon::run(config, cluster, shutdown_signal()).await
             }
             Command::Watch {
                 ifaces,

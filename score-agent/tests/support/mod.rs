@@ -193,7 +193,7 @@ impl Agent {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_score-agent")])
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,netlink_packet_route=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -328,7 +328,10 @@ pub struct BpfFs {
 
 impl BpfFs {
     pub fn mount(path: &str) -> BpfFs {
-        let _ = Command::new("umount").arg(path).status();
+        let _ = Command::new("umount")
+            .arg(path)
+            .stderr(Stdio::null())
+            .status();
         std::fs::create_dir_all(path).unwrap();
         sh(&["mount", "-t", "bpf", "bpf", path]);
         BpfFs {
@@ -430,7 +433,11 @@ impl Prometheus {
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while http_get(&self.ns, &self.addr, "/-/ready").is_none() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("prometheus exited with {status}:\n{}", self.log());
             }
             assert!(

@@ -1,0 +1,416 @@
+//! The distributed half of the configuration: this host's identity and
+//! capacity (`[node]`), the data-centre tree (`[topology]`), the peer
+//! protocol (`[peer]`) and the token policy and decision rule (`[policy]`).
+//! Validated, with the topology and the cluster key read and checked, before
+//! anything is bound: a bad file or a key readable by others ends the agent
+//! with one line.
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use score_core::{
+    decision::{MigrationCost, Rule},
+    policy::PolicyKind,
+    topology::{HostId, Topology},
+    wire::ClusterKey,
+};
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `[node]`: this hypervisor host.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This host's address (its dom0 address); must be a host of the topology.
+    pub address: Ipv4Addr,
+    /// How many VMs this host can run.
+    pub vm_slots: u32,
+    /// Memory for VMs, MiB.
+    pub memory_mib: u64,
+    /// Memory of one VM, MiB (the paper's VMs are 1 GB).
+    #[serde(default = "defaults::vm_memory_mib")]
+    pub vm_memory_mib: u64,
+}
+
+/// `[topology]`: where the data-centre tree is described.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// A score-core topology file (TOML, or JSON if it ends in `.json`).
+    pub file: PathBuf,
+}
+
+/// `[peer]`: the peer protocol.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// UDP port of the protocol, on every host and (intercepted) every VM.
+    #[serde(default = "defaults::port")]
+    pub port: u16,
+    /// File holding the cluster key (at least 16 bytes); must not be
+    /// readable or writable by group or others.
+    pub key_file: PathBuf,
+    /// How long to wait for a hop acknowledgement before resending.
+    #[serde(default = "defaults::hop_timeout", with = "humantime_serde")]
+    pub hop_timeout: Duration,
+    /// Resends of a token hop before its VM is skipped.
+    #[serde(default = "defaults::hop_retries")]
+    pub hop_retries: u32,
+    /// How long to wait for a location or capacity answer.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// With no sign of the token for this long, it is taken as lost.
+    #[serde(default = "defaults::token_timeout", with = "humantime_serde")]
+    pub token_timeout: Duration,
+    /// The lowest-addressed hosts of the topology that watch for token loss
+    /// and regenerate it (the lowest one still answering does).
+    #[serde(default = "defaults::watchers")]
+    pub watchers: u32,
+    /// How often this host reports its VMs' flows to the watchers (and the
+    /// coordinator).
+    #[serde(default = "defaults::report_interval", with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// Address of the host running `score-agent run --coordinator`, needed
+    /// by the global policy.
+    #[serde(default)]
+    pub coordinator: Option<Ipv4Addr>,
+}
+
+/// The migration cost c_m as written in the file: a number (absolute, in
+/// rate × weight units) or a percentage of the VM's current cost ("10%").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MigrationCostSetting {
+    /// Absolute c_m.
+    Absolute(f64),
+    /// "N%" of the deciding VM's cost.
+    Text(String),
+}
+
+impl Default for MigrationCostSetting {
+    fn default() -> Self {
+        MigrationCostSetting::Absolute(0.0)
+    }
+}
+
+impl MigrationCostSetting {
+    fn resolve(&self) -> Result<MigrationCost, ConfigError> {
+        match self {
+            MigrationCostSetting::Absolute(a) if a.is_finite() && *a >= 0.0 => {
+                Ok(MigrationCost::Absolute(*a))
+            }
+            MigrationCostSetting::Absolute(a) => Err(invalid(
+                "policy.migration_cost",
+                format!("{a} is not a finite number >= 0"),
+            )),
+            MigrationCostSetting::Text(t) => {
+                let pct = t
+                    .strip_suffix('%')
+                    .and_then(|n| n.trim().parse::<f64>().ok())
+                    .filter(|p| p.is_finite() && *p >= 0.0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "policy.migration_cost",
+                            format!("{t:?}: expected a number or \"N%\""),
+                        )
+                    })?;
+                Ok(MigrationCost::FractionOfVmCost(pct / 100.0))
+            }
+        }
+    }
+}
+
+/// `[policy]`: who gets the token next and how a holder decides.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// round-robin, global, distributed or load-aware (paper §II).
+    #[serde(default = "defaults::policy")]
+    pub kind: PolicyKind,
+    /// paper-first (the paper's rule) or best-benefit.
+    #[serde(default)]
+    pub rule: Rule,
+    /// c_m of equation 2.
+    #[serde(default)]
+    pub migration_cost: MigrationCostSetting,
+    /// A VM migrates at most once per this time (no oscillation).
+    #[serde(default = "defaults::hold_down", with = "humantime_serde")]
+    pub hold_down: Duration,
+    /// The least time a holder keeps the token (the paper: seconds to hours).
+    #[serde(default = "defaults::token_hold", with = "humantime_serde")]
+    pub token_hold: Duration,
+    /// Peers exchanging less than this (bytes/s, both directions) are ignored.
+    #[serde(default)]
+    pub min_rate: f64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            kind: defaults::policy(),
+            rule: Rule::default(),
+            migration_cost: MigrationCostSetting::default(),
+            hold_down: defaults::hold_down(),
+            token_hold: defaults::token_hold(),
+            min_rate: 0.0,
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    use score_core::policy::PolicyKind;
+
+    pub fn vm_memory_mib() -> u64 {
+        1024
+    }
+    pub fn port() -> u16 {
+        7946
+    }
+    pub fn hop_timeout() -> Duration {
+        Duration::from_millis(300)
+    }
+    pub fn hop_retries() -> u32 {
+        5
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn token_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn watchers() -> u32 {
+        2
+    }
+    pub fn report_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn policy() -> PolicyKind {
+        PolicyKind::Distributed
+    }
+    pub fn hold_down() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn token_hold() -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+/// Everything the peer protocol needs, checked and loaded.
+#[derive(Debug)]
+pub struct ClusterSettings {
+    /// This host.
+    pub node: NodeConfig,
+    /// This host in the topology.
+    pub me: HostId,
+    /// The data-centre tree.
+    pub topology: Arc<Topology>,
+    /// The cluster key.
+    pub key: ClusterKey,
+    /// The peer protocol settings.
+    pub peer: PeerConfig,
+    /// The policy settings.
+    pub policy: PolicyConfig,
+    /// c_m, resolved.
+    pub migration_cost: MigrationCost,
+    /// The watcher hosts, lowest address first.
+    pub watchers: Vec<Ipv4Addr>,
+    /// Whether this agent is the global policy's coordinator.
+    pub coordinator: bool,
+}
+
+/// Reads the key file, refusing one that group or others may read.
+pub fn read_key(path: &Path) -> Result<ClusterKey, ConfigError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            "peer.key_file",
+            format!(
+                "{} is accessible by group or others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))?;
+    ClusterKey::new(&bytes)
+        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))
+}
+
+/// Reads and parses a topology file.
+pub fn read_topology(path: &Path) -> Result<Topology, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("topology.file", format!("{}: {e}", path.display())))?;
+    let parsed = if path.extension().is_some_and(|e| e == "json") {
+        Topology::from_json_str(&text)
+    } else {
+        Topology::from_toml_str(&text)
+    };
+    parsed.map_err(|e| {
+        invalid(
+            "topology.file",
+            format!("{}: {e}", path.display()).replace('\n', " "),
+        )
+    })
+}
+
+impl ClusterSettings {
+    /// Checks the distributed tables together: all of `[node]`, `[topology]`
+    /// and `[peer]` are needed; files are read here.
+    pub fn resolve(
+        node: &NodeConfig,
+        topology: &TopologyConfig,
+        peer: &PeerConfig,
+        policy: &PolicyConfig,
+        coordinator: bool,
+    ) -> Result<Self, ConfigError> {
+        if node.vm_slots == 0 {
+            return Err(invalid("node.vm_slots", "must be at least 1"));
+        }
+        if node.vm_memory_mib == 0 || node.vm_memory_mib > node.memory_mib {
+            return Err(invalid(
+                "node.vm_memory_mib",
+                "must be between 1 and node.memory_mib",
+            ));
+        }
+        if peer.port == 0 {
+            return Err(invalid("peer.port", "must not be 0"));
+        }
+        for (key, d) in [
+            ("peer.hop_timeout", peer.hop_timeout),
+            ("peer.request_timeout", peer.request_timeout),
+            ("peer.token_timeout", peer.token_timeout),
+            ("peer.report_interval", peer.report_interval),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        if peer.watchers == 0 {
+            return Err(invalid(
+                "peer.watchers",
+                "at least one host must watch for token loss",
+            ));
+        }
+        let worst_hop = peer.hop_timeout * (peer.hop_retries + 1);
+        if peer.token_timeout <= policy.token_hold + worst_hop {
+            return Err(invalid(
+                "peer.token_timeout",
+                format!(
+                    "{:?} must exceed policy.token_hold plus a hop's retries ({:?})",
+                    peer.token_timeout,
+                    policy.token_hold + worst_hop
+                ),
+            ));
+        }
+        if !(policy.min_rate.is_finite() && policy.min_rate >= 0.0) {
+            return Err(invalid("policy.min_rate", "must be a finite number >= 0"));
+        }
+        let migration_cost = policy.migration_cost.resolve()?;
+        let topo = read_topology(&topology.file)?;
+        let me = topo.host_by_addr(node.address).ok_or_else(|| {
+            invalid(
+                "node.address",
+                format!("{} is not a host of the topology", node.address),
+            )
+        })?;
+        if policy.kind == PolicyKind::Global && peer.coordinator.is_none() && !coordinator {
+            return Err(invalid(
+                "peer.coordinator",
+                "the global policy needs a coordinator address",
+            ));
+        }
+        if let Some(c) = peer.coordinator {
+            if topo.host_by_addr(c).is_none() {
+                return Err(invalid(
+                    "peer.coordinator",
+                    format!("{c} is not a host of the topology"),
+                ));
+            }
+        }
+        let key = read_key(&peer.key_file)?;
+        let mut hosts: Vec<Ipv4Addr> = (0..topo.host_count()).map(|h| topo.host_addr(h)).collect();
+        hosts.sort();
+        let watchers = hosts.into_iter().take(peer.watchers as usize).collect();
+        Ok(ClusterSettings {
+            node: node.clone(),
+            me,
+            topology: Arc::new(topo),
+            key,
+            peer: peer.clone(),
+            policy: policy.clone(),
+            migration_cost,
+            watchers,
+            coordinator,
+        })
+    }
+
+    /// Every host address of the topology.
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        (0..self.topology.host_count()).map(|h| self.topology.host_addr(h))
+    }
+
+    /// Whether this host watches for token loss.
+    pub fn is_watcher(&self) -> bool {
+        self.watchers.contains(&self.node.address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_cost_forms() {
+        assert_eq!(
+            MigrationCostSetting::Absolute(3.0).resolve().unwrap(),
+            MigrationCost::Absolute(3.0)
+        );
+        assert_eq!(
+            MigrationCostSetting::Text("10%".into()).resolve().unwrap(),
+            MigrationCost::FractionOfVmCost(0.1)
+        );
+        for bad in ["10", "x%", "-5%"] {
+            let e = MigrationCostSetting::Text(bad.into())
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("policy.migration_cost"), "{e}");
+        }
+        assert!(MigrationCostSetting::Absolute(f64::NAN).resolve().is_err());
+    }
+
+    #[test]
+    fn key_file_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, (1..=32u8).collect::<Vec<u8>>()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_key(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("peer.key_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_key(&path).is_ok());
+        std::fs::write(&path, [1u8, 2, 3, 4]).unwrap();
+        assert!(read_key(&path).is_err(), "a 4-byte key is too short");
+    }
+}

@@ -1,0 +1,105 @@
+//! Wiring of the distributed agent: the hypervisor backend behind the
+//! protocol's [`Migrator`], the Prometheus metrics behind its
+//! [`PeerMetrics`], and the start of the peer protocol's tasks.
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    AgentError,
+    backend::{Backend, HostRef, VmRef},
+    cluster::ClusterSettings,
+    collector::Collector,
+    datapath::{ControlReader, HostedVm},
+    metrics::{Metrics, MigrationOutcome, RejectReason},
+    peer::{self, MigrationResult, Migrator, Peer, PeerMetrics},
+};
+
+impl PeerMetrics for Metrics {
+    fn token_received(&self) {
+        Metrics::token_received(self)
+    }
+    fn token_passed(&self) {
+        Metrics::token_passed(self)
+    }
+    fn token_retransmitted(&self) {
+        Metrics::token_retransmitted(self)
+    }
+    fn token_lost(&self) {
+        Metrics::token_lost(self)
+    }
+    fn token_regenerated(&self) {
+        Metrics::token_regenerated(self)
+    }
+    fn set_token_epoch(&self, epoch: u64) {
+        Metrics::set_token_epoch(self, epoch)
+    }
+    fn decision_evaluated(&self) {
+        Metrics::decision_evaluated(self)
+    }
+    fn migration(&self, outcome: &str) {
+        let o = match outcome {
+            "done" => MigrationOutcome::Done,
+            "advisory" => MigrationOutcome::Advisory,
+            _ => MigrationOutcome::Failed,
+        };
+        Metrics::migration(self, o)
+    }
+    fn observe_benefit(&self, benefit: f64) {
+        Metrics::observe_benefit(self, benefit)
+    }
+    fn set_vm_cost(&self, vm: &str, cost: f64, level: u8) {
+        if let Ok(ip) = vm.parse::<Ipv4Addr>() {
+            Metrics::set_vm_cost(self, ip, cost, level)
+        }
+    }
+    fn rejected(&self, reason: &str) {
+        Metrics::rejected(self, RejectReason::from_label(reason))
+    }
+}
+
+/// The backend as the protocol calls it.
+pub fn migrator(backend: Backend) -> Migrator {
+    let backend = Arc::new(backend);
+    Arc::new(move |vm: HostedVm, to: Ipv4Addr| {
+        let b = backend.clone();
+        Box::pin(async move {
+            let vm = VmRef {
+                ip: vm.ip,
+                mac: vm.mac,
+                vif: vm.vif,
+            };
+            match b.migrate(&vm, &HostRef { addr: to }).await {
+                Ok(r) if r.advisory => MigrationResult::Advisory,
+                Ok(r) => MigrationResult::Done(r.duration),
+                // Moved, though the backend complained afterwards.
+                Err(e) if e.at_target() => MigrationResult::Done(Duration::ZERO),
+                Err(e) if e.still_at_source() => MigrationResult::Failed(e.to_string()),
+                Err(e) => MigrationResult::Undefined(e.to_string()),
+            }
+        })
+    })
+}
+
+/// Starts the peer protocol with the configured backend.
+pub async fn start(
+    cluster: ClusterSettings,
+    backend: Backend,
+    collector: Arc<Collector>,
+    metrics: Arc<Metrics>,
+    control: ControlReader,
+    cancel: CancellationToken,
+) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
+    let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
+    peer::start(
+        Arc::new(cluster),
+        collector,
+        metrics,
+        migrator(backend),
+        control,
+        cancel,
+    )
+    .await
+    .map_err(|source| AgentError::Bind { addr, source })
+}
