@@ -182,6 +182,15 @@ struct DrainState {
     last_stats: Option<DatapathStats>,
     /// VMs that have `vm` labels now.
     labelled: BTreeSet<Ipv4Addr>,
+    /// The communication cost last set for each hosted VM; the host cost
+    /// is their sum.
+    costs: HashMap<Ipv4Addr, f64>,
+}
+
+impl DrainState {
+    fn host_cost(&self) -> f64 {
+        self.costs.values().sum()
+    }
 }
 
 /// The agent's metrics. Cheap to update from any thread; share it in an
@@ -211,6 +220,7 @@ pub struct Metrics {
     token_lost: IntCounter,
     token_regenerated: IntCounter,
     token_epoch: IntGauge,
+    token_round: IntGauge,
 
     decisions: IntCounter,
     migrations: IntCounterVec,
@@ -316,7 +326,7 @@ impl Metrics {
                 GaugeVec::new(
                     Opts::new(
                         "score_vm_communication_cost",
-                        "Communication cost of a hosted VM: sum over its peers of lambda times the cumulative link weight W(level) (bytes per second x weight).",
+                        "Communication cost of a hosted VM as of its last decision: sum over its peers of lambda times the cumulative link weight W(level) (bytes per second x weight).",
                     ),
                     vm,
                 ),
@@ -339,7 +349,7 @@ impl Metrics {
                 &r,
                 Gauge::new(
                     "score_host_communication_cost",
-                    "Sum of the communication costs of the VMs hosted here.",
+                    "Sum of score_vm_communication_cost over the VMs hosted here.",
                 ),
             ),
             top_pair_rate: reg(
@@ -385,6 +395,10 @@ impl Metrics {
             token_epoch: int_gauge(
                 "score_token_epoch",
                 "The newest token epoch this agent has accepted.",
+            ),
+            token_round: int_gauge(
+                "score_token_round",
+                "Rounds the token has completed (every VM held it once), as of the last round this agent saw end.",
             ),
             decisions: counter(
                 "score_decisions_evaluated_total",
@@ -552,6 +566,11 @@ impl Metrics {
         self.token_epoch.set(clamp_i64(epoch));
     }
 
+    /// The token completed `round` rounds.
+    pub fn set_token_round(&self, round: u64) {
+        self.token_round.set(clamp_i64(round));
+    }
+
     // ---- decisions --------------------------------------------------------
 
     /// A migration decision was evaluated.
@@ -578,17 +597,21 @@ impl Metrics {
 
     // ---- cost -------------------------------------------------------------
 
-    /// The communication cost and level of hosted VM `vm`. The series is
-    /// removed at the next drain if `vm` is no longer hosted here.
+    /// The communication cost and level of hosted VM `vm`; the host cost
+    /// becomes the sum of the hosted VMs' costs. The series are removed
+    /// at the next drain if `vm` is no longer hosted here.
     pub fn set_vm_cost(&self, vm: Ipv4Addr, cost: f64, level: u8) {
         let mut state = lock(&self.state);
         let l = vm.to_string();
         self.vm_cost.with_label_values(&[&l]).set(cost);
         self.vm_level.with_label_values(&[&l]).set(i64::from(level));
         state.labelled.insert(vm);
+        state.costs.insert(vm, cost);
+        self.host_cost.set(state.host_cost());
     }
 
-    /// The total communication cost of the VMs hosted here.
+    /// Overrides the host's total cost (normally the sum that
+    /// [`Metrics::set_vm_cost`] keeps) until the next VM cost or drain.
     pub fn set_host_cost(&self, cost: f64) {
         self.host_cost.set(cost);
     }
@@ -598,6 +621,8 @@ impl Metrics {
         let mut state = lock(&self.state);
         self.remove_vm_series(vm);
         state.labelled.remove(&vm);
+        state.costs.remove(&vm);
+        self.host_cost.set(state.host_cost());
     }
 
     fn remove_vm_series(&self, vm: Ipv4Addr) {
@@ -680,8 +705,10 @@ impl Metrics {
         let gone: Vec<Ipv4Addr> = state.labelled.difference(&hosted).copied().collect();
         for vm in gone {
             self.remove_vm_series(vm);
+            state.costs.remove(&vm);
         }
         state.labelled = hosted;
+        self.host_cost.set(state.host_cost());
         self.vms_hosted.set(clamp_i64(state.labelled.len() as u64));
 
         self.export_top_pairs(sample.pairs);
@@ -842,6 +869,7 @@ mod tests {
         m.token_lost();
         m.token_regenerated();
         m.set_token_epoch(7);
+        m.set_token_round(3);
         m.decision_evaluated();
         m.migration(MigrationOutcome::Done);
         m.migration(MigrationOutcome::Advisory);
@@ -858,6 +886,7 @@ mod tests {
         assert_eq!(value(&t, "score_token_lost_total"), Some(1.0));
         assert_eq!(value(&t, "score_token_regenerated_total"), Some(1.0));
         assert_eq!(value(&t, "score_token_epoch"), Some(7.0));
+        assert_eq!(value(&t, "score_token_round"), Some(3.0));
         assert_eq!(value(&t, "score_decisions_evaluated_total"), Some(1.0));
         assert_eq!(
             value(&t, "score_migrations_total{outcome=\"done\"}"),
@@ -974,7 +1003,7 @@ mod tests {
         let m = Metrics::new(10);
         m.set_vm_cost(ip(1), 42.5, 3);
         m.set_vm_cost(ip(2), 1.0, 1);
-        m.set_host_cost(43.5);
+        m.set_vm_cost(ip(2), 1.5, 1); // a later decision replaces it
         drain(
             &m,
             &[pair(1, 2, 10, 1.0)],
@@ -990,8 +1019,8 @@ mod tests {
             value(&t, "score_vm_communication_level{vm=\"198.18.0.1\"}"),
             Some(3.0)
         );
-        assert_eq!(value(&t, "score_host_communication_cost"), Some(43.5));
-        // VM 2 migrated away: gone at the next drain.
+        assert_eq!(value(&t, "score_host_communication_cost"), Some(44.0));
+        // VM 2 migrated away: gone at the next drain, and from the sum.
         drain(
             &m,
             &[pair(1, 2, 20, 1.0)],
@@ -1001,9 +1030,17 @@ mod tests {
         let t = m.render();
         assert!(!t.contains("vm=\"198.18.0.2\""), "{t}");
         assert!(t.contains("vm=\"198.18.0.1\""), "{t}");
+        assert_eq!(value(&t, "score_host_communication_cost"), Some(42.5));
         // And forget_vm removes at once.
         m.forget_vm(ip(1));
-        assert!(!m.render().contains("vm=\"198.18.0.1\""));
+        let t = m.render();
+        assert!(!t.contains("vm=\"198.18.0.1\""), "{t}");
+        assert_eq!(value(&t, "score_host_communication_cost"), Some(0.0));
+        m.set_host_cost(7.0);
+        assert_eq!(
+            value(&m.render(), "score_host_communication_cost"),
+            Some(7.0)
+        );
     }
 
     #[test]
