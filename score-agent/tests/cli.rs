@@ -66,3 +66,49 @@ fn watch_rejects_a_bad_pattern() {
     assert_eq!(code, Some(2));
     assert_one_line(&err, "vif[");
 }
+
+/// The example configuration shipped for operators parses and validates,
+/// with every key it shows.
+#[test]
+fn example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/agent.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let c = score_agent::config::Config::parse(std::path::Path::new(path), &text).unwrap();
+    assert_eq!(c.interfaces, ["vif*"]);
+    let node = c.node.expect("[node]");
+    assert_eq!(node.vm_slots, 16);
+    let peer = c.peer.expect("[peer]");
+    assert_eq!(peer.port, 7946);
+    assert_eq!(c.policy.kind, score_core::policy::PolicyKind::Distributed);
+    // The distributed settings need the topology and key files, which an
+    // example cannot ship: resolving says which key names the missing file.
+    let err = c_cluster_error(&text);
+    assert!(err.contains("topology.file"), "{err}");
+}
+
+fn c_cluster_error(text: &str) -> String {
+    let c = score_agent::config::Config::parse(std::path::Path::new("x.toml"), text).unwrap();
+    c.cluster(false).unwrap_err().to_string()
+}
+
+#[test]
+fn a_world_readable_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, (1..=32u8).collect::<Vec<u8>>()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let topo = dir.path().join("topology.toml");
+    std::fs::write(
+        &topo,
+        "[[children]]\nhosts = [\"10.0.0.1\", \"10.0.0.2\"]\n",
+    )
+    .unwrap();
+    let (code, err) = run_with(&format!(
+        "interfaces = [\"vif*\"]\n[node]\naddress = \"10.0.0.1\"\nvm_slots = 4\nmemory_mib = 4096\n\
+         [topology]\nfile = \"{}\"\n[peer]\nkey_file = \"{}\"\n",
+        topo.display(),
+        key.display()
+    ));
+    assert_eq!(code, Some(2));
+    assert_one_line(&err, "peer.key_file");
+}
