@@ -35,6 +35,9 @@ impl PeerMetrics for Metrics {
     fn set_token_epoch(&self, epoch: u64) {
         Metrics::set_token_epoch(self, epoch)
     }
+    fn set_token_round(&self, round: u64) {
+        Metrics::set_token_round(self, round)
+    }
     fn decision_evaluated(&self) {
         Metrics::decision_evaluated(self)
     }

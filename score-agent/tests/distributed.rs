@@ -133,6 +133,45 @@ fn agents_bring_chatty_pairs_together() {
 
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn global_policy_follows_the_coordinators_order() {
+    // h1 runs the coordinator. v3 (h2) - v4 (h4) talk ten times more than
+    // v1 (h1) - v2 (h3): the global order puts v3 or v4 first, where the
+    // ID order of the other policies' first round would start with v1.
+    let mut dc = Dc::build("sct-glob-", tree(), &[0, 2, 1, 3]);
+    let o = Options {
+        policy: "global",
+        ..Options::default()
+    };
+    dc.chat(0, 1, 30_000);
+    dc.chat(1, 0, 30_000);
+    dc.chat(2, 3, 300_000);
+    dc.chat(3, 2, 300_000);
+    dc.start_agents(&o);
+    dc.wait_until("both pairs together", Duration::from_secs(60), |dc| {
+        let (h0, h1, h2, h3) = (dc.host_of(0), dc.host_of(1), dc.host_of(2), dc.host_of(3));
+        h0.is_some() && h0 == h1 && h2.is_some() && h2 == h3
+    });
+    let logs = dc.stop_agents();
+    let moves: Vec<&str> = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|l| l.contains("migration done"))
+        .collect();
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    let first = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|l| l.contains("migration done"))
+        .min_by_key(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+        .unwrap();
+    assert!(
+        first.contains("vm=198.18.1.3") || first.contains("vm=198.18.1.4"),
+        "the chattiest pair moves first: {first}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn a_lost_token_is_regenerated_once() {
     let mut dc = Dc::build("sct-tok-", tree(), &[0, 1, 2, 3]);
     let o = Options::default();
