@@ -289,7 +289,8 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             }
             None => {
                 let c = measure::cost(&topo, &s.traffic, &initial);
-                let best = optimum::optimum(&topo, &s.traffic, slots, &initial, 20_000_000)?;
+                let best =
+                    optimum::optimum(&topo, &s.traffic, slots, &initial, optimum::NODE_LIMIT)?;
                 println!();
                 println!(
                     "cost at start (eq. 1, every pair counted twice, MB/s x W): {}   [{}]",
@@ -297,10 +298,9 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
                     level_line(&measure::cost(&topo, &s.traffic, &initial))
                 );
                 println!(
-                    "best centralised placement for this traffic: {} ({}, {} search nodes)",
+                    "best centralised placement for this traffic: {} ({})",
                     mb(best.cost),
-                    if best.proven { "optimal" } else { "best found" },
-                    best.nodes
+                    optimum::describe(&best)
                 );
                 println!();
                 c0 = Some(c);
@@ -361,7 +361,7 @@ fn report(
     slots: u32,
 ) -> Result<()> {
     let c = measure::cost(topo, &s.traffic, &s.placement);
-    let best = optimum::optimum(topo, &s.traffic, slots, &s.placement, 20_000_000)?;
+    let best = optimum::optimum(topo, &s.traffic, slots, &s.placement, optimum::NODE_LIMIT)?;
     println!();
     println!("== result ==");
     println!(
@@ -374,7 +374,7 @@ fn report(
     println!(
         "best centralised placement for the final measured traffic: {} ({})",
         mb(best.cost),
-        if best.proven { "optimal" } else { "best found" }
+        optimum::describe(&best)
     );
     let groups: Vec<String> = (0..topo.host_count())
         .filter(|&h| best.placement.count(h) > 0)

@@ -135,6 +135,10 @@ pub struct CostReport {
     pub optimum: f64,
     /// Whether `optimum` is proven optimal (else the best found).
     pub proven: bool,
+    /// A lower bound on the optimum (= `optimum` when proven).
+    pub optimum_lower_bound: f64,
+    /// Search nodes the optimum took.
+    pub search_nodes: u64,
     /// Hosts whose agent did not answer /flows.
     pub silent: Vec<String>,
 }
@@ -157,7 +161,7 @@ pub fn cost_report(state: &State) -> Result<CostReport> {
         &s.traffic,
         state.sizes.slots,
         &s.placement,
-        20_000_000,
+        crate::optimum::NODE_LIMIT,
     )?;
     Ok(CostReport {
         measured: c.total,
@@ -165,6 +169,8 @@ pub fn cost_report(state: &State) -> Result<CostReport> {
         initial: cost(&topo, &s.traffic, &initial).total,
         optimum: best.cost,
         proven: best.proven,
+        optimum_lower_bound: best.lower_bound,
+        search_nodes: best.nodes,
         silent: s.silent,
     })
 }
@@ -183,9 +189,15 @@ pub fn print_cost(state: &State) -> Result<()> {
         r.by_level.iter().map(|x| x.round()).collect::<Vec<_>>()
     );
     println!(
-        "best centralised placement for this traffic: {:.0} ({})",
+        "best centralised placement for this traffic: {:.0} ({} in {} search nodes{})",
         r.optimum,
-        if r.proven { "optimal" } else { "best found" }
+        if r.proven { "optimal" } else { "best found" },
+        r.search_nodes,
+        if r.proven {
+            String::new()
+        } else {
+            format!("; the optimum is at least {:.0}", r.optimum_lower_bound)
+        }
     );
     Ok(())
 }
