@@ -1,6 +1,7 @@
 //! Fuzz target for every decoder of score-core's wire format: whole
 //! datagrams, each message body (also sealed with a valid MAC, so the fuzzer
-//! gets past authentication), the token decoder and the reassembler. Any
+//! gets past authentication), the token decoder, the token reassembler and
+//! the token-order parts assembler. Any
 //! panic is a bug; so is a value that decodes but does not re-encode to the
 //! same thing.
 
@@ -11,8 +12,8 @@ use std::net::Ipv4Addr;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use score_core::wire::{
-    ChunkOutcome, ClusterKey, Header, Kind, Message, Reassembler, ReassemblyLimits, decode,
-    decode_token, encode_token, seal,
+    ChunkOutcome, ClusterKey, Header, Kind, Message, PartsAssembler, PartsLimits, Reassembler,
+    ReassemblyLimits, decode, decode_token, encode_token, seal,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -67,6 +68,10 @@ fuzz_target!(|data: &[u8]| {
         max_bytes: 64 * 1024,
         remember_completed: 4,
     });
+    let mut orders: PartsAssembler<u32> = PartsAssembler::new(PartsLimits {
+        max_lists: 2,
+        max_items: 1000,
+    });
     let mut rest = data;
     while let [lo, hi, epoch, tail @ ..] = rest {
         let n = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
@@ -82,6 +87,13 @@ fuzz_target!(|data: &[u8]| {
             }
             assert!(r.in_progress() <= 3);
             assert!(r.buffered_bytes() <= 64 * 1024);
+        }
+        // The same records as parts of token orders, the epoch byte naming
+        // the sender.
+        if let Ok(Message::TokenOrder(o)) = Message::parse(Kind::TokenOrder, body) {
+            let _ = orders.insert_token_order(Ipv4Addr::new(10, 0, 0, *epoch), o);
+            assert!(orders.in_progress() <= 2);
+            assert!(orders.buffered_items() <= 1000);
         }
     }
 });

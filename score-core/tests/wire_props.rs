@@ -9,8 +9,8 @@ use proptest::prelude::*;
 use score_core::token::{Load, Token, TokenEntry};
 use score_core::wire::{
     ChunkBitmap, ChunkOutcome, ClusterKey, FlowEntry, FlowReport, HEADER_LEN, Header, HopAck, Kind,
-    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, Reassembler, TokenChunk, TokenOrder,
-    WireError, decode, decode_token, encode_token, seal, token_chunks,
+    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, PartsAssembler, PartsOutcome, Reassembler,
+    TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal, token_chunks,
 };
 
 fn key_strategy() -> impl Strategy<Value = ClusterKey> {
@@ -354,5 +354,34 @@ proptest! {
         prop_assert_eq!(got, Some(t));
         prop_assert_eq!(r.in_progress(), 0);
         prop_assert!(r.ack(h.sender, transfer).unwrap().received.is_complete());
+    }
+
+    #[test]
+    fn token_orders_assemble_in_any_order_with_duplicates(
+        vms in proptest::collection::vec(any::<u32>(), 0..3000),
+        order_keys in proptest::collection::vec(any::<u32>(), 16),
+        dups in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let parts = TokenOrder::split(3, &vms).unwrap();
+        let n = parts.len();
+        let mut seq: Vec<usize> = (0..n).collect();
+        seq.sort_by_key(|&i| (order_keys[i % order_keys.len()], i));
+        for (j, d) in dups.iter().enumerate() {
+            seq.insert((j * 5) % (seq.len() + 1), d.index(n));
+        }
+        let mut a: PartsAssembler<u32> = PartsAssembler::default();
+        let mut done = None;
+        for &i in &seq {
+            let from = Ipv4Addr::new(10, 0, 0, 1);
+            match a.insert_token_order(from, parts[i].clone()).unwrap() {
+                PartsOutcome::Complete(v) => {
+                    prop_assert!(done.is_none());
+                    done = Some(v);
+                }
+                PartsOutcome::Superseded => prop_assert!(done.is_some()),
+                PartsOutcome::Duplicate | PartsOutcome::Incomplete { .. } => {}
+            }
+        }
+        prop_assert_eq!(done, Some(vms));
     }
 }

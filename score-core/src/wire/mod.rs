@@ -13,12 +13,14 @@
 //! - [`message`]: the message bodies.
 //! - [`token_codec`]: the compact token encoding.
 //! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
+//! - [`parts`]: reassembly of flow reports and token orders sent in parts.
 //! - [`replay`]: per-sender replay windows over sequence numbers.
 
 pub mod auth;
 pub mod chunk;
 pub mod frame;
 pub mod message;
+pub mod parts;
 pub mod replay;
 pub mod token_codec;
 
@@ -32,6 +34,7 @@ pub use message::{
     Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, TokenChunk,
     TokenOrder,
 };
+pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
 pub use replay::{REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
 pub use token_codec::{TOKEN_FORMAT, TokenCodecError, decode_token, encode_token};
 
