@@ -4,7 +4,7 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -27,10 +27,12 @@ struct State {
 
 /// Records calls; answers each with the next queued result, or with a
 /// success when the queue is empty. Optionally takes `delay` per call
-/// (a `tokio::time::sleep`, so paused test clocks drive it).
-#[derive(Debug, Default)]
+/// (a `tokio::time::sleep`, so paused test clocks drive it). Clones share
+/// the record and the queue: a test keeps one and gives the agent
+/// `Backend::Recording(fake.clone())`.
+#[derive(Clone, Debug, Default)]
 pub struct RecordingBackend {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     delay: Duration,
 }
 
@@ -43,7 +45,7 @@ impl RecordingBackend {
     /// A fake whose every call takes `delay` before answering.
     pub fn with_delay(delay: Duration) -> Self {
         RecordingBackend {
-            state: Mutex::default(),
+            state: Arc::default(),
             delay,
         }
     }
@@ -105,20 +107,17 @@ mod tests {
             addr: Ipv4Addr::new(198, 18, 0, 12),
         };
         let fake = RecordingBackend::new();
+        let backend = Backend::Recording(fake.clone());
         fake.push_result(Err(BackendError::TimedOut {
             vm: vm().ip,
             to: to.addr,
             after: Duration::from_secs(1),
             placement: Placement::Unknown,
         }));
-        let backend = Backend::Recording(fake);
         let first = backend.migrate(&vm(), &to).await.unwrap_err();
         assert!(first.is_undefined());
         let second = backend.migrate(&vm(), &to).await.unwrap();
         assert!(!second.advisory);
-        let Backend::Recording(fake) = &backend else {
-            unreachable!()
-        };
         assert_eq!(
             fake.calls(),
             vec![
