@@ -1,8 +1,12 @@
-//! Time of one full token round (every VM holds the token once) at the
-//! paper's scale and at ten times the hosts. Plain timing (no criterion):
-//! one round at 10x takes too long for criterion's repeated sampling.
+//! Time of one full token round (every VM holds the token once) for each
+//! policy, at the paper's scale and at ten times the hosts (same fill, same
+//! traffic model). Plain timing rather than criterion: one round at 10x
+//! takes minutes, too long for repeated sampling. Both wall-clock time and
+//! the CPU time of the running thread are printed: on a shared machine the
+//! CPU time is the figure that does not depend on other load.
 //!
-//! Run: `cargo bench -p score-sim --bench round`
+//! Run: `cargo bench -p score-sim --bench round` (add `-- --paper-only` to
+//! skip the 10x scale).
 
 use std::time::Instant;
 
@@ -11,11 +15,24 @@ use score_sim::engine::{RunOptions, run_policy};
 use score_sim::scenario::Scenario;
 use score_sim::world::Setup;
 
+/// CPU time of the calling thread in seconds, from /proc (Linux); `None`
+/// elsewhere.
+fn thread_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // Linux reports them in USER_HZ, 100 on every mainstream platform.
+    Some(ticks / 100.0)
+}
+
 fn main() {
     let scales: &[(&str, Vec<u32>, u32)] = &[
-        ("paper (2560 hosts, 30720 VMs)", vec![20, 8, 4, 4], 30_720),
+        ("paper: 2560 hosts, 30720 VMs", vec![20, 8, 4, 4], 30_720),
         (
-            "10x hosts (25600 hosts, 307200 VMs)",
+            "10x hosts: 25600 hosts, 307200 VMs",
             vec![20, 8, 4, 40],
             307_200,
         ),
@@ -32,16 +49,21 @@ fn main() {
         s.vms.count = *vms;
         let t = Instant::now();
         let setup = Setup::build(&s).expect("scenario");
-        println!("{label}: setup {:.2} s", t.elapsed().as_secs_f64());
+        println!("{label}: set-up {:.2} s", t.elapsed().as_secs_f64());
         for kind in PolicyKind::ALL {
             let opts = RunOptions {
                 max_rounds: 1,
                 record_steps: false,
                 ..RunOptions::default()
             };
+            let cpu0 = thread_cpu_s();
             let run = run_policy(&setup, kind, &opts, |_| {}).expect("run");
+            let cpu = match (cpu0, thread_cpu_s()) {
+                (Some(a), Some(b)) => format!("{:8.2} s", b - a),
+                _ => "       -".to_string(),
+            };
             println!(
-                "  {:<12} one round: {:>8.3} s  ({} hand-offs, {} migrations, {:.1}% reduction)",
+                "  {:<12} one round: wall {:8.2} s  cpu {cpu}  ({} hand-offs, {} migrations, {:.1}% reduction)",
                 kind.name(),
                 run.elapsed_s,
                 run.handoffs,

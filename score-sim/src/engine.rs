@@ -164,13 +164,19 @@ impl State<'_> {
 }
 
 /// The global policy's ranking, kept up to date incrementally. After a move
-/// of u from x to y, the only VMs whose best move can change are u, the
-/// peers of every VM now on x or y (their peer moved, or the room on a
-/// candidate host changed); each is re-evaluated with score-core's
-/// [`best_move`], exactly as [`score_core::policy::rank_by_saving`] would.
+/// of u from x to y, a VM's best move can change only if its own cost
+/// changed (u and u's peers) or if the room on one of its candidate hosts
+/// changed. All VMs have the same size, so a host's answer to "is there
+/// room?" changes only when it crosses full: if x was full before u left,
+/// every VM with a peer on x may now choose x; if y became full, only the
+/// VMs whose chosen move went to y must choose again. Each affected VM is
+/// re-evaluated with score-core's [`best_move`], exactly as
+/// [`score_core::policy::rank_by_saving`] would (a self-check compares them).
 struct GlobalIndex {
     heap: BinaryHeap<Entry>,
     version: Vec<u32>,
+    /// Where each VM's current best move goes.
+    target: Vec<Option<HostId>>,
     stamp: Vec<u32>,
     epoch: u32,
 }
@@ -203,6 +209,7 @@ impl GlobalIndex {
         let mut g = GlobalIndex {
             heap: BinaryHeap::with_capacity(n),
             version: vec![0; n],
+            target: vec![None; n],
             stamp: vec![0; n],
             epoch: 0,
         };
@@ -221,6 +228,7 @@ impl GlobalIndex {
         let best = best_move(&st.model(), placement, u, rule, cm, shape.vm_mem_mb, |h| {
             Some(shape.capacity(placement.count(h)))
         });
+        self.target[u as usize] = best.map(|r| r.to);
         if let Some(r) = best {
             self.heap.push(Entry {
                 saving: r.saving,
@@ -230,34 +238,60 @@ impl GlobalIndex {
         }
     }
 
-    /// Re-evaluates the VMs a move (or new traffic) can have affected.
+    /// Re-evaluates the VMs a change can have affected: `touched_vms` (whose
+    /// cost changed) and their peers, the peers of the VMs on `freed` (a
+    /// host that was full and now has room), and, among the peers of the
+    /// VMs on `filled` (a host that just became full), those whose move
+    /// went there.
     fn after_change(
         &mut self,
         st: &State<'_>,
         touched_vms: &[VmIdx],
-        touched_hosts: &[HostId],
+        freed: Option<HostId>,
+        filled: Option<HostId>,
         rule: Rule,
         cm: MigrationCost,
     ) {
         self.epoch = self.epoch.wrapping_add(1);
+        let epoch = self.epoch;
         let mut todo: Vec<VmIdx> = Vec::new();
-        let mut mark = |u: VmIdx, stamp: &mut Vec<u32>, epoch: u32| {
+        let stamp = &mut self.stamp;
+        let mut mark = |u: VmIdx| {
             if stamp[u as usize] != epoch {
                 stamp[u as usize] = epoch;
                 todo.push(u);
             }
         };
         for &u in touched_vms {
-            mark(u, &mut self.stamp, self.epoch);
+            mark(u);
+            for z in st.traffic.neighbours(u) {
+                mark(z.vm);
+            }
         }
-        for &h in touched_hosts {
+        if let Some(h) = freed {
             for &v in st.lists.on(h) {
                 for z in st.traffic.neighbours(v) {
-                    mark(z.vm, &mut self.stamp, self.epoch);
+                    mark(z.vm);
+                }
+            }
+        }
+        if let Some(h) = filled {
+            for &v in st.lists.on(h) {
+                for z in st.traffic.neighbours(v) {
+                    if self.target[z.vm as usize] == Some(h) {
+                        mark(z.vm);
+                    }
                 }
             }
         }
         for u in todo {
+            self.refresh(st, u, rule, cm);
+        }
+    }
+
+    /// Re-evaluates exactly these VMs (their own traffic changed).
+    fn after_change_own(&mut self, st: &State<'_>, vms: &[VmIdx], rule: Rule, cm: MigrationCost) {
+        for &u in vms {
             self.refresh(st, u, rule, cm);
         }
     }
@@ -361,7 +395,9 @@ pub fn run_policy(
                     .iter()
                     .flat_map(|e| [e.flow.a, e.flow.b])
                     .collect();
-                g.after_change(&st, &vms, &[], opts.rule, cm);
+                // New flows change only their two VMs' costs (and so their
+                // peers' rankings are untouched: their peers did not move).
+                g.after_change_own(&st, &vms, opts.rule, cm);
             }
             next_event = end;
         }
@@ -379,7 +415,11 @@ pub fn run_policy(
             migrations += 1;
             this_round += 1;
             if let Some(g) = global.as_mut() {
-                g.after_change(&st, &[u], &[from, to], opts.rule, cm);
+                let max = st.shape.max_vms();
+                // Counts are after the move: x was full if it is one short now.
+                let freed = (st.placement.count(from) + 1 == max).then_some(from);
+                let filled = (st.placement.count(to) == max).then_some(to);
+                g.after_change(&st, &[u], freed, filled, opts.rule, cm);
             }
         }
         token.update(u, d.level_after(), Load::from_rate(p.load));

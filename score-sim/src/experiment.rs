@@ -189,7 +189,7 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
         .map(|(job, pb)| {
             pb.enable_steady_tick(Duration::from_millis(250));
             let tick = |h: u64| {
-                if h % 1024 == 0 {
+                if h.is_multiple_of(1024) {
                     pb.set_position(h);
                 }
             };

@@ -1,7 +1,7 @@
 //! The `score-sim` command: parses arguments, loads or builds the scenario,
 //! and hands it to the library ([`score_sim::experiment::run_scenario`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -128,7 +128,7 @@ impl Overrides {
     }
 }
 
-fn run(mut s: Scenario, out: PathBuf, o: &Overrides) -> anyhow::Result<()> {
+fn run(mut s: Scenario, out: &Path, o: &Overrides) -> anyhow::Result<()> {
     o.apply(&mut s);
     s.validate().context("invalid scenario")?;
     if let Some(t) = o.threads {
@@ -138,7 +138,7 @@ fn run(mut s: Scenario, out: PathBuf, o: &Overrides) -> anyhow::Result<()> {
             .context("cannot start the worker threads")?;
     }
     let opts = ExperimentOptions {
-        out: out.clone(),
+        out: out.to_path_buf(),
         progress: !o.quiet,
         step_csv: !o.no_step_csv,
         plots: !o.no_plots,
@@ -191,11 +191,11 @@ fn run(mut s: Scenario, out: PathBuf, o: &Overrides) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Paper { out, o } => run(Scenario::default(), out, &o),
+        Cmd::Paper { out, o } => run(Scenario::default(), &out, &o),
         Cmd::Run { scenario, out, o } => std::fs::read_to_string(&scenario)
             .with_context(|| format!("cannot read {}", scenario.display()))
             .and_then(|text| Scenario::from_toml_str(&text).context("invalid scenario file"))
-            .and_then(|s| run(s, out, &o)),
+            .and_then(|s| run(s, &out, &o)),
         Cmd::Scenario => {
             print!("{}", Scenario::default().to_toml_string());
             Ok(())

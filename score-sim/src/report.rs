@@ -112,6 +112,9 @@ pub struct PolicySummary {
     pub converged: bool,
     /// VMs that never moved.
     pub never_moved: u32,
+    /// Hand-offs needed to reach 50%, 70% and 75% reduction of the
+    /// initial cost (speed of the policy); `None` if never reached.
+    pub handoffs_to_reduction: Vec<(f64, Option<u64>)>,
     /// Cost after every completed round.
     pub round_costs: Vec<f64>,
     /// Migrations per round.
@@ -140,6 +143,18 @@ impl PolicySummary {
             rounds_to_converge: run.rounds_to_converge,
             converged: run.converged,
             never_moved: run.never_moved,
+            handoffs_to_reduction: [50.0, 70.0, 75.0]
+                .iter()
+                .map(|&pct| {
+                    let target = run.initial_cost * (1.0 - pct / 100.0);
+                    let at = run
+                        .step_costs
+                        .iter()
+                        .position(|&c| c <= target)
+                        .map(|i| i as u64 + 1);
+                    (pct, at)
+                })
+                .collect(),
             round_costs: run.round_costs.clone(),
             round_migrations: run.round_migrations.clone(),
             elapsed_s: run.elapsed_s,

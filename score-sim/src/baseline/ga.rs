@@ -151,8 +151,8 @@ fn crossover(
             counts[ha as usize] += 1;
         }
     }
-    for v in 0..n {
-        if host_of[v].is_some() {
+    for (v, slot) in host_of.iter_mut().enumerate() {
+        if slot.is_some() {
             continue;
         }
         let hb = b.host(v as VmIdx);
@@ -166,7 +166,7 @@ fn crossover(
         };
         if let Some(h) = pick {
             counts[h as usize] += 1;
-            host_of[v] = Some(h);
+            *slot = Some(h);
         }
     }
     // Every VM found a host: the VMs fit (the scenario checked it), and

@@ -59,9 +59,11 @@ pub fn tiny(fanout: &[u32], slots: u32, vms: u32, p: f64, seed: u64) -> Setup {
 /// A scaled-down paper scenario: 4 hosts per rack, 4 racks per pod, 2 pods
 /// per core group, 2 core groups (64 hosts, all four weights), 8 slots.
 pub fn small_scenario(vms: u32, seed: u64) -> Scenario {
-    let mut s = Scenario::default();
-    s.name = "small".into();
-    s.seed = seed;
+    let mut s = Scenario {
+        name: "small".into(),
+        seed,
+        ..Scenario::default()
+    };
     if let Some(r) = s.topology.regular.as_mut() {
         r.fanout = vec![4, 4, 2, 2];
     }
