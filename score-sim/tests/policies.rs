@@ -174,23 +174,27 @@ fn simulator_runs_score_cores_own_loop() {
 fn global_index_matches_rank_by_saving() {
     // self_check compares the incremental ranking with score-core's full
     // rank_by_saving after every hand-off, also with new flows appearing.
-    let mut s = common::small_scenario(200, 4);
-    s.traffic.dynamic.batches = 3;
-    s.traffic.dynamic.every_rounds = 0.05;
-    let setup = Setup::build(&s).unwrap();
-    for cm in [
-        MigrationCostSpec::Absolute(0.0),
-        MigrationCostSpec::VmFraction(0.2),
-    ] {
-        let o = RunOptions {
-            cm,
-            max_rounds: 3,
-            dynamic: true,
-            self_check: true,
-            ..RunOptions::default()
-        };
-        let run = run_policy(&setup, PolicyKind::Global, &o, |_| {}).unwrap();
-        assert!(run.migrations > 0);
+    // 200 VMs in 512 slots, and 480 (94% full, so hosts keep filling up
+    // and freeing room).
+    for vms in [200, 480] {
+        let mut s = common::small_scenario(vms, 4);
+        s.traffic.dynamic.batches = 3;
+        s.traffic.dynamic.every_rounds = 0.05;
+        let setup = Setup::build(&s).unwrap();
+        for cm in [
+            MigrationCostSpec::Absolute(0.0),
+            MigrationCostSpec::VmFraction(0.2),
+        ] {
+            let o = RunOptions {
+                cm,
+                max_rounds: 3,
+                dynamic: true,
+                self_check: true,
+                ..RunOptions::default()
+            };
+            let run = run_policy(&setup, PolicyKind::Global, &o, |_| {}).unwrap();
+            assert!(run.migrations > 0);
+        }
     }
 }
 
