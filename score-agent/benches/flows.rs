@@ -1,0 +1,1121 @@
+//! `cargo xtask bench flows`: what score's per-VM-pair accounting costs, in
+//! three parts, all measured against a baseline taken side by side in the
+//! same run (never timed assertions; the numbers go to docs/BENCHMARKS.md):
+//!
+//! 1. `packet`: per-frame cost of the classifiers with BPF_PROG_TEST_RUN,
+//!    against the empty classifier `score_bench_empty`; existing-pair and
+//!    new-pair (insert) paths.
+//! 2. `drain`: time to drain 1k, 10k and 100k pairs from the kernel map into
+//!    the flow table (`Datapath::snapshot`, `FlowTable::update`, both).
+//! 3. `agent`: CPU and RSS of the real `score-agent run` daemon on 16 vifs
+//!    carrying 16 VMs x 100 peers x 2 directions of real frames, against the
+//!    same daemon on the same vifs with no traffic (paper §IV-D).
+//!
+//! Needs root (BPF, network namespaces, bpffs). Everything it creates
+//! (namespaces, the bpffs mount, the agent process, files) is removed by
+//! `Drop` guards, also when a part fails. Arguments after `--`: part names
+//! to run only those, `--quick` for short runs while developing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::programs::{TestRun, TestRunOptions};
+use score_agent::{
+    collector::monotonic_ns,
+    datapath::{Datapath, LoadOptions},
+    flows::{FlowTable, Pair},
+};
+use score_common::{PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters};
+
+/// Frame size of the per-packet benchmark and of the agent's traffic.
+const FRAME_LEN: usize = 128;
+/// TC_ACT_OK: what every score classifier returns.
+const TC_ACT_OK: u32 = 0;
+const SEC: u64 = 1_000_000_000;
+/// The peer protocol's default port (`[cluster]`), for the interception
+/// check at egress.
+const PEER_PORT: u16 = 7946;
+
+/// How long each part runs; `--quick` shrinks everything.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// BPF_PROG_TEST_RUN rounds, and repeats per round.
+    rounds: usize,
+    repeat: u32,
+    /// Single-shot runs per round for the new-pair path.
+    singles: usize,
+    /// Timed drains per map size.
+    drains: usize,
+    /// Agent warm-up (the flow table fills its 30 s window) and measurement.
+    agent_warmup: Duration,
+    agent_measure: Duration,
+}
+
+const FULL: Plan = Plan {
+    rounds: 10,
+    repeat: 1_000_000,
+    singles: 10_000,
+    drains: 11,
+    agent_warmup: Duration::from_secs(35),
+    agent_measure: Duration::from_secs(60),
+};
+
+const QUICK: Plan = Plan {
+    rounds: 3,
+    repeat: 100_000,
+    singles: 1_000,
+    drains: 3,
+    agent_warmup: Duration::from_secs(3),
+    agent_measure: Duration::from_secs(5),
+};
+
+fn main() -> ExitCode {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "flows bench: needs root (it loads eBPF programs, creates network namespaces and \
+             mounts a bpffs); run `cargo xtask bench flows` as root"
+        );
+        return ExitCode::from(2);
+    }
+    if !score_agent::datapath::has_program() {
+        eprintln!(
+            "flows bench: this build carries no eBPF program; run `cargo xtask setup` and rebuild"
+        );
+        return ExitCode::from(2);
+    }
+    // cargo passes `--bench`; everything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let plan = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let parts: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |p: &str| parts.is_empty() || parts.contains(&p);
+
+    println!("score flows bench ({plan:?})");
+    println!("machine: {}", machine());
+    let mut failed = false;
+    for (name, run) in [
+        ("packet", packet as fn(&Plan) -> Result<()>),
+        ("drain", drain),
+        ("agent", agent),
+    ] {
+        if !wants(name) {
+            continue;
+        }
+        println!("\n== {name} ==");
+        if let Err(e) = run(&plan) {
+            eprintln!("flows bench: part {name} failed: {e:#}");
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}, Linux {kernel}")
+}
+
+// ---------------------------------------------------------------- summaries
+
+/// Median and spread of repeated measurements.
+#[derive(Clone, Copy, Debug)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+    p10: f64,
+    p90: f64,
+    n: usize,
+}
+
+fn summarize(values: &[f64]) -> Summary {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    Summary {
+        median: at(0.5),
+        min: at(0.0),
+        max: at(1.0),
+        p10: at(0.1),
+        p90: at(0.9),
+        n: v.len(),
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = f.precision().unwrap_or(1);
+        write!(
+            f,
+            "{:.p$} (min {:.p$}, max {:.p$}, n={})",
+            self.median, self.min, self.max, self.n
+        )
+    }
+}
+
+// ------------------------------------------------------------------- frames
+
+/// A 128-byte Ethernet + IPv4 + UDP frame from `src` to `dst`.
+fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; FRAME_LEN];
+    f[0..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&src_mac);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (FRAME_LEN - 14) as u16;
+    {
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        ip[6] = 0x40; // don't fragment
+        ip[8] = 64;
+        ip[9] = 17; // UDP
+        ip[12..16].copy_from_slice(&src.octets());
+        ip[16..20].copy_from_slice(&dst.octets());
+        let mut sum: u32 = ip
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&9u16.to_be_bytes()); // discard
+    udp[4..6].copy_from_slice(&((FRAME_LEN - 34) as u16).to_be_bytes());
+    f
+}
+
+const VM_MAC: [u8; 6] = [0x02, 0x5c, 0, 0, 1, 1];
+const PEER_MAC: [u8; 6] = [0x02, 0x5c, 0, 0, 2, 1];
+
+/// `n` distinct host-order pairs from one VM-like source to many peers.
+fn pairs(n: usize) -> Vec<Pair> {
+    (0..n)
+        .map(|i| {
+            let i = i as u32;
+            (
+                Ipv4Addr::new(198, 18, 0, 1 + (i % 200) as u8),
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i / 200),
+            )
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------ part 1: packet
+
+/// One BPF_PROG_TEST_RUN call: (kernel's per-repeat ns, wall ns per repeat).
+fn test_run(dp: &mut Datapath, prog: &str, frame: &[u8], repeat: u32) -> Result<(f64, f64)> {
+    let p = dp.program_mut(prog)?;
+    let started = Instant::now();
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {prog}"))?;
+    let wall = started.elapsed().as_nanos() as f64 / f64::from(repeat);
+    ensure!(
+        r.return_value == TC_ACT_OK,
+        "{prog} returned {} instead of TC_ACT_OK",
+        r.return_value
+    );
+    Ok((r.duration.as_nanos() as f64, wall))
+}
+
+fn packets_of(dp: &Datapath, pair: Pair) -> Result<(u64, u64)> {
+    Ok(dp
+        .snapshot()?
+        .into_iter()
+        .find(|(p, _)| *p == pair)
+        .map_or((0, 0), |(_, t)| (t.packets, t.bytes)))
+}
+
+fn packet(plan: &Plan) -> Result<()> {
+    let load = |control_port| -> Result<Datapath> {
+        let mut dp = Datapath::load(&LoadOptions {
+            flows_max: score_common::DEFAULT_FLOWS_MAX,
+            pin_dir: None,
+            control_port,
+        })?;
+        // The paper's per-host worst case already in the map, so the hash
+        // lookups run in a populated table.
+        let now = monotonic_ns();
+        let background = PairCounters {
+            bytes: 1000,
+            packets: 10,
+            first_seen_ns: now,
+            last_seen_ns: now,
+        };
+        dp.insert_pairs(pairs(3200), background)?;
+        Ok(dp)
+    };
+    // Interception of control datagrams off (`watch`, a daemon without
+    // [cluster]) and on (the distributed agent: every frame at egress is
+    // first checked for the peer protocol's port).
+    let mut dps = [load(None)?, load(Some(PEER_PORT))?];
+
+    let vm = Ipv4Addr::new(198, 18, 200, 1);
+    let peer = Ipv4Addr::new(198, 19, 200, 1);
+    // Ingress sees the VM's frames; egress those delivered to it from a
+    // peer that is not hosted here (a hosted sender's frames are skipped at
+    // egress, having been counted at the sender's ingress).
+    let out = udp_frame(vm, peer, VM_MAC, PEER_MAC);
+    let inb = udp_frame(peer, vm, PEER_MAC, VM_MAC);
+    // (label, datapath, program, frame, pair it counts)
+    let progs: [(&str, usize, &str, &[u8], Option<Pair>); 4] = [
+        ("empty", 0, PROG_BENCH_EMPTY, &out, None),
+        ("ingress", 0, PROG_INGRESS, &out, Some((vm, peer))),
+        ("egress", 0, PROG_EGRESS, &inb, Some((peer, vm))),
+        ("egress+intercept", 1, PROG_EGRESS, &inb, Some((peer, vm))),
+    ];
+    // The pair is created by the first run; the timed runs then take the
+    // existing-pair path.
+    for (_, d, prog, frame, _) in &progs {
+        test_run(&mut dps[*d], prog, frame, 1000)?;
+    }
+    let before: Vec<(u64, u64)> = progs
+        .iter()
+        .map(|(_, d, _, _, p)| p.map_or(Ok((0, 0)), |p| packets_of(&dps[*d], p)))
+        .collect::<Result<_>>()?;
+
+    // Interleaved rounds, so drift (other work on this shared machine)
+    // affects the programs alike; differences are taken within a round.
+    let mut kernel: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut wall: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut extra: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        let mut base = 0.0;
+        for (label, d, prog, frame, _) in &progs {
+            let (k, w) = test_run(&mut dps[*d], prog, frame, plan.repeat)?;
+            kernel.entry(label).or_default().push(k);
+            wall.entry(label).or_default().push(w);
+            if *prog == PROG_BENCH_EMPTY {
+                base = w;
+            } else {
+                extra.entry(label).or_default().push(w - base);
+            }
+        }
+    }
+    // The runs really counted: every repeat is one frame of FRAME_LEN bytes.
+    let runs = plan.rounds as u64 * u64::from(plan.repeat);
+    for ((label, d, _, _, pair), (p0, b0)) in progs.iter().zip(before) {
+        if let Some(pair) = pair {
+            let (p1, b1) = packets_of(&dps[*d], *pair)?;
+            let (p, b) = (p1.saturating_sub(p0), b1.saturating_sub(b0));
+            ensure!(
+                p == runs && b == runs * FRAME_LEN as u64,
+                "{label} counted {p} frames / {b} bytes for {runs} runs"
+            );
+        }
+    }
+    println!(
+        "existing pair, {} rounds x {} repeats, {FRAME_LEN}-byte frame, 3,200 pairs in the map",
+        plan.rounds, plan.repeat
+    );
+    println!("  ns per frame: kernel's average (integer ns) | wall clock / repeats");
+    for (label, ..) in &progs {
+        println!(
+            "  {label:<18} kernel {:.0} | wall {:.2}",
+            summarize(&kernel[label]),
+            summarize(&wall[label])
+        );
+    }
+    for (label, ..) in &progs[1..] {
+        println!(
+            "  {label:<18} minus empty (wall, same round): {:.2} ns",
+            summarize(&extra[label])
+        );
+    }
+    let dp = &mut dps[0];
+
+    // New pair (first frame: lookup miss + insert) against the existing
+    // pair, one frame per call: the same frames are run twice, the first
+    // time each inserts its pair, the second time it finds it.
+    let mut first = Vec::new();
+    let mut again = Vec::new();
+    let mut empty = Vec::new();
+    for round in 0..plan.rounds {
+        let frames: Vec<(Pair, Vec<u8>)> = (0..plan.singles)
+            .map(|i| {
+                let dst = Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(198, 20, 0, 0)) + (round * plan.singles + i) as u32,
+                );
+                ((vm, dst), udp_frame(vm, dst, VM_MAC, PEER_MAC))
+            })
+            .collect();
+        for pass in [&mut first, &mut again] {
+            for (_, f) in &frames {
+                pass.push(test_run(dp, PROG_INGRESS, f, 1)?.0);
+            }
+        }
+        for (_, f) in &frames {
+            empty.push(test_run(dp, PROG_BENCH_EMPTY, f, 1)?.0);
+        }
+        // Back to 3,200 pairs, so that every round inserts into the same fill.
+        let fresh: Vec<Pair> = frames.iter().map(|(p, _)| *p).collect();
+        let removed = dp.remove_pairs(&fresh)?;
+        ensure!(
+            removed == fresh.len(),
+            "only {removed} of {} new pairs were inserted",
+            fresh.len()
+        );
+    }
+    let (f, a, e) = (summarize(&first), summarize(&again), summarize(&empty));
+    println!(
+        "one frame per call (kernel's ns, {} calls each; includes the test timer's overhead):",
+        f.n
+    );
+    println!(
+        "  empty              {e:.0} (p10 {:.0}, p90 {:.0})",
+        e.p10, e.p90
+    );
+    println!(
+        "  ingress, new pair  {f:.0} (p10 {:.0}, p90 {:.0})",
+        f.p10, f.p90
+    );
+    println!(
+        "  ingress, existing  {a:.0} (p10 {:.0}, p90 {:.0})",
+        a.p10, a.p90
+    );
+    println!(
+        "  insert extra (median new - median existing): {:.0} ns",
+        f.median - a.median
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------- part 2: drain
+
+fn drain(plan: &Plan) -> Result<()> {
+    println!(
+        "{} drains per size after warm-up; ms: median (min, max)",
+        plan.drains
+    );
+    println!(
+        "  {:>7} | {:<26} | {:<26} | {:<26} | {:<26} | ns/pair",
+        "pairs", "snapshot", "update (steady)", "snapshot+update", "update (first sight)"
+    );
+    for n in [1_000usize, 10_000, 100_000] {
+        let mut dp = Datapath::load(&LoadOptions {
+            // Room for 100k pairs; a prealloc'd hash at 77% fill at most.
+            flows_max: 131_072,
+            pin_dir: None,
+            control_port: None,
+        })?;
+        let now = monotonic_ns();
+        let counters = PairCounters {
+            bytes: 128_000,
+            packets: 1000,
+            first_seen_ns: now.saturating_sub(SEC),
+            last_seen_ns: now,
+        };
+        let inserted = dp.insert_pairs(pairs(n), counters)?;
+        ensure!(inserted == n, "inserted {inserted} of {n} pairs");
+
+        // A table in steady state: 30 s window, 1 s drains, so every pair
+        // already holds a full window of samples and each drain adds one
+        // and drops one, as in the daemon.
+        let window = 30 * SEC;
+        let mut table = FlowTable::new(window, 120 * SEC, 0);
+        let warm = dp.snapshot()?;
+        ensure!(warm.len() == n, "snapshot saw {} of {n} pairs", warm.len());
+        let mut clock = now;
+        for _ in 0..31 {
+            clock += SEC;
+            table.update(clock, warm.iter().copied());
+        }
+        let first_sight: Vec<f64> = (0..plan.drains)
+            .map(|_| {
+                let mut t = FlowTable::new(window, 120 * SEC, 0);
+                let started = Instant::now();
+                t.update(clock, warm.iter().copied());
+                ms(started.elapsed())
+            })
+            .collect();
+
+        let (mut snap, mut upd, mut both) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..plan.drains {
+            clock += SEC;
+            let t0 = Instant::now();
+            let s = dp.snapshot()?;
+            let t1 = Instant::now();
+            let len = s.len();
+            table.update(clock, s);
+            let t2 = Instant::now();
+            ensure!(len == n, "snapshot saw {len} of {n} pairs");
+            snap.push(ms(t1 - t0));
+            upd.push(ms(t2 - t1));
+            both.push(ms(t2 - t0));
+        }
+        ensure!(table.len() == n, "flow table holds {} of {n}", table.len());
+        let b = summarize(&both);
+        println!(
+            "  {n:>7} | {:<26} | {:<26} | {:<26} | {:<26} | {:.0}",
+            format!("{:.3}", summarize(&snap)),
+            format!("{:.3}", summarize(&upd)),
+            format!("{b:.3}"),
+            format!("{:.3}", summarize(&first_sight)),
+            b.median * 1e6 / n as f64
+        );
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ------------------------------------------------------------- part 3: agent
+
+const HOST_NS: &str = "scbench-host";
+const VMS_NS: &str = "scbench-vms";
+const BPFFS: &str = "/run/score-bench-bpf";
+const VMS: usize = 16;
+const PEERS: usize = 100;
+
+/// Namespaces, the bpffs mount and files of the agent part; all removed on
+/// drop, whatever happened in between.
+struct Bed {
+    namespaces: Vec<String>,
+    mounted: bool,
+    files: Vec<PathBuf>,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        // Leftovers of a run that was killed before its guards ran.
+        for ns in [HOST_NS, VMS_NS] {
+            let _ = quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        let _ = quiet(Command::new("umount").arg(BPFFS));
+        Bed {
+            namespaces: Vec::new(),
+            mounted: false,
+            files: Vec::new(),
+        }
+    }
+
+    fn netns(&mut self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        // No IPv6 chatter (router solicitations, MLD) on the vifs: the only
+        // frames are the ones this bench sends.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            sh(&["ip", "netns", "exec", name, "sysctl", "-qw", key])?;
+        }
+        Ok(())
+    }
+
+    fn mount_bpffs(&mut self) -> Result<()> {
+        std::fs::create_dir_all(BPFFS)?;
+        sh(&["mount", "-t", "bpf", "bpf", BPFFS])?;
+        self.mounted = true;
+        Ok(())
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = quiet(Command::new("ip").args(["netns", "del", &ns]));
+        }
+        if self.mounted {
+            let _ = quiet(Command::new("umount").arg(BPFFS));
+            let _ = std::fs::remove_dir(BPFFS);
+        }
+        for f in self.files.drain(..) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn quiet(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawning {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: a valid netns fd; only this thread changes namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+/// Raw packet sockets on the named interfaces of the calling thread's
+/// namespace: what they send leaves through the interface's TC egress.
+fn packet_sockets(names: &[String]) -> Result<Vec<OwnedFd>> {
+    names
+        .iter()
+        .map(|name| {
+            let cname = std::ffi::CString::new(name.as_str())?;
+            // SAFETY: a valid NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            ensure!(ifindex != 0, "no interface {name}");
+            // Protocol 0: send only, never receive.
+            // SAFETY: plain socket(2).
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh socket we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = 0x0800u16.to_be();
+            sa.sll_ifindex = ifindex as i32;
+            // SAFETY: sa is a valid sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            ensure!(
+                rc == 0,
+                "bind to {name}: {}",
+                std::io::Error::last_os_error()
+            );
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// 16 VMs x 100 peers, both directions, one 128-byte frame per directed
+/// pair per second: VM frames enter vif i from the VM side (TC ingress),
+/// peer frames leave through vif i towards the VM (TC egress). Both are
+/// addressed to MACs nobody owns, so each side's stack drops them at once.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+fn vm_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, 1 + i as u8)
+}
+fn peer_ip(i: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, i as u8, 1 + j as u8)
+}
+
+impl Traffic {
+    fn start() -> Result<Traffic> {
+        let vm_side: Vec<String> = (0..VMS).map(|i| format!("eth{i}")).collect();
+        let host_side: Vec<String> = (0..VMS).map(|i| format!("vif{i}.0")).collect();
+        let vm_socks = in_netns(VMS_NS, move || packet_sockets(&vm_side))?;
+        let host_socks = in_netns(HOST_NS, move || packet_sockets(&host_side))?;
+        let mut batches = Vec::new();
+        for i in 0..VMS {
+            let mut mac = VM_MAC;
+            mac[5] = 1 + i as u8;
+            let out: Vec<Vec<u8>> = (0..PEERS)
+                .map(|j| udp_frame(vm_ip(i), peer_ip(i, j), mac, PEER_MAC))
+                .collect();
+            let inb: Vec<Vec<u8>> = (0..PEERS)
+                .map(|j| udp_frame(peer_ip(i, j), vm_ip(i), PEER_MAC, mac))
+                .collect();
+            batches.push((out, inb));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (flag, ok, bad) = (stop.clone(), sent.clone(), failed.clone());
+        let thread = thread::spawn(move || {
+            let send = |fd: &OwnedFd, f: &[u8]| {
+                // SAFETY: f is a valid buffer of f.len() bytes.
+                let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+                if n == f.len() as isize {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+            // One VM's 200 frames every 1/16 s: small bursts, far below
+            // the veth backlog (netdev_max_backlog), so none is dropped
+            // before the ingress classifier sees it.
+            let slot = Duration::from_secs(1) / VMS as u32;
+            let mut next = Instant::now();
+            'outer: loop {
+                for (i, (out, inb)) in batches.iter().enumerate() {
+                    if flag.load(Ordering::Relaxed) {
+                        break 'outer;
+                    }
+                    for (o, n) in out.iter().zip(inb) {
+                        send(&vm_socks[i], o);
+                        send(&host_socks[i], n);
+                    }
+                    next += slot;
+                    if let Some(d) = next.checked_duration_since(Instant::now()) {
+                        thread::sleep(d);
+                    }
+                }
+            }
+        });
+        Ok(Traffic {
+            stop,
+            sent,
+            failed,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The daemon, started in the host namespace; killed on drop if still up.
+struct AgentProc {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl AgentProc {
+    fn start(config: &Path) -> Result<AgentProc> {
+        // `ip netns exec` execs the agent in place: the child's pid is the
+        // agent's.
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", HOST_NS, env!("CARGO_BIN_EXE_score-agent")])
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting score-agent")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Ok(AgentProc {
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the agent runs and has attached to every vif.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains("score-agent running") && log.matches(" attached").count() >= VMS {
+                return Ok(());
+            }
+            let exited = match self.child.as_mut() {
+                Some(c) => c.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                bail!("score-agent exited ({status}):\n{log}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "score-agent not ready after {timeout:?}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then wait for the clean shutdown (detach from every vif).
+    fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                ensure!(status.success(), "score-agent exited with {status}");
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("score-agent did not stop within 10 s of SIGTERM")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// CPU time of every live thread of `pid`, in ns (scheduler accounting,
+/// exact, unlike the 10 ms ticks of /proc/PID/stat), and their ids.
+fn cpu_ns(pid: u32) -> Result<(u64, BTreeSet<u32>)> {
+    let mut total = 0;
+    let mut tids = BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue; // the thread just exited
+        };
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("schedstat")?;
+        total += ns;
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.insert(tid);
+        }
+    }
+    Ok((total, tids))
+}
+
+/// utime + stime of `pid` in clock ticks (exited threads included).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15.
+    let utime: u64 = f.get(11).context("utime")?.parse()?;
+    let stime: u64 = f.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// VmRSS, RssAnon, RssFile and VmHWM of `pid`, in KiB.
+fn memory_kib(pid: u32) -> Result<[u64; 4]> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let get = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("{key} in /proc/{pid}/status"))
+    };
+    Ok([
+        get("VmRSS:")?,
+        get("RssAnon:")?,
+        get("RssFile:")?,
+        get("VmHWM:")?,
+    ])
+}
+
+/// Kernel memory of the BPF maps `pid` holds (fdinfo `memlock`), by map:
+/// (map_type, max_entries, bytes).
+fn map_memory(pid: u32) -> Result<Vec<(u32, u32, u64)>> {
+    let mut maps = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(t), Some(max), Some(mem)) =
+            (field("map_type:"), field("max_entries:"), field("memlock:"))
+        {
+            maps.push((t as u32, max as u32, mem));
+        }
+    }
+    maps.sort();
+    maps.dedup();
+    Ok(maps)
+}
+
+/// `GET /flows` from the agent, inside its namespace.
+fn flows_reply() -> Result<serde_json::Value> {
+    let text = in_netns(HOST_NS, || {
+        let mut s = TcpStream::connect_timeout(&"127.0.0.1:9464".parse()?, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /flows HTTP/1.0\r\nHost: score\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    let body = text.split_once("\r\n\r\n").context("HTTP reply")?.1;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// What one agent run measured.
+#[derive(Debug)]
+struct AgentRun {
+    cpu_percent: f64,
+    cpu_ms: f64,
+    ticks: u64,
+    rss: Summary,
+    anon: Summary,
+    file_kib: f64,
+    hwm_kib: u64,
+    maps: Vec<(u32, u32, u64)>,
+    pairs: usize,
+    median_rate: f64,
+    threads_lost: usize,
+}
+
+fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
+    // Fresh, empty maps for each run: drop the pins of the previous one.
+    let pins = Path::new(BPFFS).join("score");
+    if pins.exists() {
+        for e in std::fs::read_dir(&pins)? {
+            std::fs::remove_file(e?.path())?;
+        }
+    }
+    let mut agent = AgentProc::start(config)?;
+    agent.wait_ready(Duration::from_secs(30))?;
+    let pid = agent.pid();
+    let load = if traffic {
+        Some(Traffic::start()?)
+    } else {
+        None
+    };
+    thread::sleep(plan.agent_warmup);
+
+    let (ns0, tids0) = cpu_ns(pid)?;
+    let ticks0 = cpu_ticks(pid)?;
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < plan.agent_measure {
+        thread::sleep(Duration::from_secs(1));
+        samples.push(memory_kib(pid)?);
+    }
+    let (ns1, tids1) = cpu_ns(pid)?;
+    let ticks1 = cpu_ticks(pid)?;
+    let wall = started.elapsed();
+    let maps = map_memory(pid)?;
+
+    // After the measured window, so the request costs the agent nothing
+    // that was counted.
+    let reply = flows_reply()?;
+    let pairs = reply["pairs"].as_array().context("pairs")?;
+    let mut rates: Vec<f64> = pairs
+        .iter()
+        .filter_map(|p| p["rate_bps"].as_f64())
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let median_rate = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+    let full = reply["stats"]["flows_map_full"].as_u64().unwrap_or(0);
+    ensure!(full == 0, "the flow map overflowed ({full} failed inserts)");
+    if let Some(t) = &load {
+        println!(
+            "  traffic: {} frames sent, {} failed",
+            t.sent.load(Ordering::Relaxed),
+            t.failed.load(Ordering::Relaxed)
+        );
+    }
+    drop(load);
+    agent.stop()?;
+
+    let cpu = ns1.saturating_sub(ns0) as f64;
+    Ok(AgentRun {
+        cpu_percent: 100.0 * cpu / wall.as_nanos() as f64,
+        cpu_ms: cpu / 1e6,
+        ticks: ticks1 - ticks0,
+        rss: summarize(&samples.iter().map(|s| s[0] as f64).collect::<Vec<_>>()),
+        anon: summarize(&samples.iter().map(|s| s[1] as f64).collect::<Vec<_>>()),
+        file_kib: samples.last().map_or(0.0, |s| s[2] as f64),
+        hwm_kib: samples.last().map_or(0, |s| s[3]),
+        maps,
+        pairs: pairs.len(),
+        median_rate,
+        threads_lost: tids0.difference(&tids1).count(),
+    })
+}
+
+fn agent(plan: &Plan) -> Result<()> {
+    let mut bed = Bed::new();
+    bed.netns(HOST_NS)?;
+    bed.netns(VMS_NS)?;
+    for i in 0..VMS {
+        let vif = format!("vif{i}.0");
+        let eth = format!("eth{i}");
+        sh(&[
+            "ip", "-n", HOST_NS, "link", "add", &vif, "type", "veth", "peer", "name", &eth,
+            "netns", VMS_NS,
+        ])?;
+        sh(&["ip", "-n", HOST_NS, "link", "set", &vif, "up"])?;
+        sh(&["ip", "-n", VMS_NS, "link", "set", &eth, "up"])?;
+    }
+    bed.mount_bpffs()?;
+    let config = PathBuf::from(format!(
+        "/run/score-bench-agent-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"vif*\"]\ndrain_interval = \"1s\"\nrate_window = \"30s\"\n\
+             idle_timeout = \"2m\"\npin_path = \"{BPFFS}/score\"\nflows_max = {}\n\
+             http_listen = \"127.0.0.1:9464\"\n",
+            score_common::DEFAULT_FLOWS_MAX
+        ),
+    )?;
+    bed.files.push(config.clone());
+    println!(
+        "score-agent run: {VMS} vifs, 1 s drain, 30 s window; warm-up {:?}, measured {:?}",
+        plan.agent_warmup, plan.agent_measure
+    );
+
+    println!("baseline: no traffic, empty map");
+    let base = agent_run(plan, &config, false)?;
+    report_run(&base);
+    println!(
+        "loaded: {VMS} VMs x {PEERS} peers x 2 directions, 1 frame of {FRAME_LEN} B per pair per s"
+    );
+    let loaded = agent_run(plan, &config, true)?;
+    report_run(&loaded);
+    ensure!(
+        loaded.pairs == VMS * PEERS * 2,
+        "the agent's flow table holds {} pairs, expected {}",
+        loaded.pairs,
+        VMS * PEERS * 2
+    );
+
+    let maps_kib = loaded.maps.iter().map(|m| m.2).sum::<u64>() as f64 / 1024.0;
+    println!("summary:");
+    println!(
+        "  CPU: loaded {:.4}% of a core, baseline {:.4}%, difference {:.4}%",
+        loaded.cpu_percent,
+        base.cpu_percent,
+        loaded.cpu_percent - base.cpu_percent
+    );
+    println!(
+        "  RSS: loaded {:.0} KiB, baseline {:.0} KiB, difference {:.0} KiB (anon {:.0} KiB); \
+         kernel maps {maps_kib:.0} KiB (not in RSS)",
+        loaded.rss.median,
+        base.rss.median,
+        loaded.rss.median - base.rss.median,
+        loaded.anon.median - base.anon.median
+    );
+    Ok(())
+}
+
+fn report_run(r: &AgentRun) {
+    println!(
+        "  CPU {:.4}% of a core ({:.1} ms over the window; utime+stime {} ticks){}",
+        r.cpu_percent,
+        r.cpu_ms,
+        r.ticks,
+        if r.threads_lost > 0 {
+            format!(
+                " [{} threads exited during the window: undercounted]",
+                r.threads_lost
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  VmRSS KiB {:.0}; RssAnon KiB {:.0}; RssFile {:.0} KiB; VmHWM {} KiB",
+        r.rss, r.anon, r.file_kib, r.hwm_kib
+    );
+    println!(
+        "  flow table: {} pairs, median rate {:.1} B/s",
+        r.pairs, r.median_rate
+    );
+    for (t, max, mem) in &r.maps {
+        println!("  map type {t}, max_entries {max}: {} KiB", mem / 1024);
+    }
+}
