@@ -548,6 +548,8 @@ pub fn up(sizes: &Sizes) -> Result<State> {
     }
     let started = Instant::now();
     let dir = Path::new(DIR);
+    // Logs outlive `down` for a post-mortem; a new testbed starts afresh.
+    let _ = fs::remove_dir_all(dir.join("logs"));
     for sub in ["agents", "logs", "bpf"] {
         fs::create_dir_all(dir.join(sub))?;
     }
