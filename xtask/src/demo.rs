@@ -425,6 +425,23 @@ fn report(
         );
     }
     println!("  (* = moved)");
+    let answered = testbed::reachable(state);
+    let at = testbed::locate(state)?;
+    let on_no_host = state
+        .vms
+        .iter()
+        .filter(|v| !at.contains_key(&v.vif))
+        .count();
+    println!(
+        "every VM still there: {} of {} answer ping at their address{}",
+        answered.iter().filter(|&&ok| ok).count(),
+        answered.len(),
+        if on_no_host > 0 {
+            format!(" ({on_no_host} on no host)")
+        } else {
+            String::new()
+        }
+    );
     println!(
         "metrics: inside each host namespace at http://{AGENT_HTTP}/metrics, e.g. \
          `ip netns exec {} curl -s http://{AGENT_HTTP}/metrics`; logs in {}/logs",

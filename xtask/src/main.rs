@@ -108,6 +108,9 @@ enum TestbedCommand {
         /// Print JSON (hosts, agents, where each VM is, cost with --cost).
         #[arg(long)]
         json: bool,
+        /// Also ping every VM at its address from the first host.
+        #[arg(long)]
+        ping: bool,
     },
     /// Move a VM to another host as the netns backend does (by hand).
     Migrate {
@@ -181,7 +184,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 let _ = testbed::down();
                 return Err(e.context("starting agents/traffic (the testbed was removed)"));
             }
-            testbed::status()
+            testbed::status(false)
         }
         TestbedCommand::Down => {
             let r = testbed::down()?;
@@ -191,14 +194,14 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
             );
             Ok(())
         }
-        TestbedCommand::Status { cost, json } => {
+        TestbedCommand::Status { cost, json, ping } => {
             if json {
                 let state = testbed::State::load()?.context("no testbed is up")?;
-                let report = testbed::status_report(&state, cost)?;
+                let report = testbed::status_report(&state, cost, ping)?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(());
             }
-            testbed::status()?;
+            testbed::status(ping)?;
             if cost && let Some(state) = testbed::State::load()? {
                 measure::print_cost(&state)?;
             }

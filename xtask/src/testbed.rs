@@ -915,6 +915,32 @@ pub fn migrate(state: &State, vm: &str, to: &str) -> Result<Duration> {
     Ok(took)
 }
 
+/// Whether each VM answers one ping at its address, sent from the first
+/// host's namespace (so across the tree for most VMs); all pings in
+/// parallel, 1 s time-out each.
+pub fn reachable(state: &State) -> Vec<bool> {
+    let from = state.hosts[0].name.clone();
+    let handles: Vec<_> = state
+        .vms
+        .iter()
+        .map(|v| {
+            let (from, to) = (from.clone(), v.address.to_string());
+            std::thread::spawn(move || {
+                Command::new("ip")
+                    .args([
+                        "netns", "exec", &from, "ping", "-c", "1", "-W", "1", "-q", &to,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or(false))
+        .collect()
+}
+
 /// Machine-readable status (`testbed status --json`), for tests and tools.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -956,11 +982,18 @@ pub struct VmStatus {
     pub host: Option<String>,
     /// Whether its traffic generator runs.
     pub traffic_alive: bool,
+    /// Whether it answered a ping (with `--ping`).
+    pub reachable: Option<bool>,
 }
 
 /// Builds a [`StatusReport`] of the testbed that is up.
-pub fn status_report(state: &State, with_cost: bool) -> Result<StatusReport> {
+pub fn status_report(state: &State, with_cost: bool, ping: bool) -> Result<StatusReport> {
     let at = locate(state)?;
+    let pings = if ping {
+        reachable(state).into_iter().map(Some).collect()
+    } else {
+        vec![None; state.vms.len()]
+    };
     let addr: SocketAddr = AGENT_HTTP.parse()?;
     let mut hosts = Vec::new();
     for h in &state.hosts {
@@ -976,12 +1009,14 @@ pub fn status_report(state: &State, with_cost: bool) -> Result<StatusReport> {
     let vms = state
         .vms
         .iter()
-        .map(|v| VmStatus {
+        .zip(pings)
+        .map(|(v, reachable)| VmStatus {
             address: v.address,
             vif: v.vif.clone(),
             initial_host: v.initial_host.clone(),
             host: at.get(&v.vif).map(|&i| state.hosts[i].name.clone()),
             traffic_alive: v.traffic_pid.is_some_and(alive),
+            reachable,
         })
         .collect();
     let cost = if with_cost {
@@ -997,8 +1032,9 @@ pub fn status_report(state: &State, with_cost: bool) -> Result<StatusReport> {
     })
 }
 
-/// Prints hosts, where each VM is, and the agents' health.
-pub fn status() -> Result<()> {
+/// Prints hosts, where each VM is, and the agents' health; with `ping`,
+/// whether every VM answers at its address.
+pub fn status(ping: bool) -> Result<()> {
     let Some(state) = State::load()? else {
         println!("no testbed is up ({STATE_FILE} not found)");
         return Ok(());
@@ -1064,6 +1100,27 @@ pub fn status() -> Result<()> {
         println!("VMs on no host: {}", lost.join(" "));
     }
     println!("(* = moved since set-up)");
+    if ping {
+        let answered = reachable(&state);
+        let silent: Vec<String> = state
+            .vms
+            .iter()
+            .zip(&answered)
+            .filter(|(_, ok)| !**ok)
+            .map(|(v, _)| v.address.to_string())
+            .collect();
+        println!(
+            "ping from {}: {} of {} VMs answer{}",
+            state.hosts[0].name,
+            answered.iter().filter(|&&ok| ok).count(),
+            answered.len(),
+            if silent.is_empty() {
+                String::new()
+            } else {
+                format!("; silent: {}", silent.join(" "))
+            }
+        );
+    }
     if let Some(a) = &state.agents {
         println!(
             "agents: {} ({}, policy {}), /flows and /metrics at http://{AGENT_HTTP} inside each host: \
