@@ -47,6 +47,9 @@ pub struct DemoArgs {
     /// Leave the data centre up at the end (`cargo xtask testbed down`).
     #[arg(long)]
     keep: bool,
+    /// Run this score-agent binary instead of building one.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
 }
 
 /// Set by SIGINT/SIGTERM; the demo checks it between steps.
@@ -174,8 +177,17 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     println!("demo: [1/5] setup (toolchain, bpf-linker, apt packages)");
     crate::setup::setup()?;
-    println!("demo: [2/5] building score-agent");
-    let binary = build_agent(args.release)?;
+    let binary = match &args.agent_bin {
+        Some(path) => {
+            println!("demo: [2/5] using {}", path.display());
+            std::fs::canonicalize(path)
+                .with_context(|| format!("--agent-bin {}", path.display()))?
+        }
+        None => {
+            println!("demo: [2/5] building score-agent");
+            build_agent(args.release)?
+        }
+    };
     if interrupted() {
         bail!("interrupted");
     }

@@ -95,6 +95,10 @@ enum TestbedCommand {
         /// Build and run the release agent.
         #[arg(long)]
         release: bool,
+        /// Run this score-agent binary instead of building one (implies
+        /// --agents).
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
     },
     /// Stop agents and traffic, delete every namespace, unmount the bpffs,
     /// remove the state. Safe when nothing is up.
@@ -152,11 +156,15 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
             policy,
             token_hold,
             release,
+            agent_bin,
         } => {
-            let binary = if agents {
-                Some(demo::build_agent(release)?)
-            } else {
-                None
+            let binary = match agent_bin {
+                Some(path) => Some(
+                    std::fs::canonicalize(&path)
+                        .with_context(|| format!("--agent-bin {}", path.display()))?,
+                ),
+                None if agents => Some(demo::build_agent(release)?),
+                None => None,
             };
             let mut state = testbed::up(&sizes)?;
             println!(
