@@ -5,6 +5,7 @@
 //! build.rs builds the eBPF object.
 
 mod demo;
+mod guest;
 mod measure;
 mod netns;
 mod optimum;
@@ -54,6 +55,14 @@ enum Task {
     /// runs agents and traffic, reports the measured cost per round, tears
     /// down (root).
     Demo(demo::DemoArgs),
+    /// Install QEMU (bookworm-backports) and build the tiny real guest
+    /// (Debian cloud kernel + busybox initramfs) into /var/cache/score-guest,
+    /// unless it is current (root).
+    Guest {
+        /// Rebuild even if the cached guest is current.
+        #[arg(long)]
+        force: bool,
+    },
     /// Traffic generator run inside a VM namespace by the testbed: listens
     /// on --listen (discarding) and sends UDP to every --to at its rate.
     #[command(hide = true)]
@@ -135,6 +144,7 @@ fn main() -> Result<()> {
         Task::Bench { suite } => bench(&suite),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
+        Task::Guest { force } => guest::guest(force).map(|_| ()),
         Task::Traffic {
             listen,
             to,

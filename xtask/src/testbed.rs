@@ -481,6 +481,7 @@ pub fn agent_config(
          \n[peer]\n\
          port = {PEER_PORT}\n\
          key_file = \"{key}\"\n\
+         {coordinator}\
          \n[policy]\n\
          kind = \"{policy}\"\n\
          token_hold = \"{token_hold}\"\n\
@@ -492,6 +493,13 @@ pub fn agent_config(
         mem = slots * VM_MEMORY_MIB,
         topo = state.topology_file.display(),
         key = state.key_file.display(),
+        // The global policy's coordinator runs beside the first host's
+        // agent (`score-agent run --coordinator`, see `spawn_agent`).
+        coordinator = if policy == "global" {
+            format!("coordinator = \"{}\"\n", state.hosts[0].address)
+        } else {
+            String::new()
+        },
     ));
     for h in &state.hosts {
         s.push_str(&format!("\"{}\" = \"{}\"\n", h.address, h.name));
@@ -627,7 +635,8 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
     }
     // Try the first host alone: a config refusal shows within a moment.
     let first = state.hosts[0].clone();
-    let pid = spawn_agent(&first, &opts.binary)?;
+    let global = opts.policy == "global";
+    let pid = spawn_agent(&first, &opts.binary, global)?;
     match wait_healthy(&first, pid, Duration::from_secs(20))? {
         Health::Up => state.hosts[0].agent_pid = Some(pid),
         Health::Exited(log) if log.contains("unknown field `node`") => {
@@ -642,7 +651,7 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
                     agent_config(state, h, &opts.policy, &opts.token_hold, false),
                 )?;
             }
-            let pid = spawn_agent(&first, &opts.binary)?;
+            let pid = spawn_agent(&first, &opts.binary, false)?;
             match wait_healthy(&first, pid, Duration::from_secs(20))? {
                 Health::Up => state.hosts[0].agent_pid = Some(pid),
                 Health::Exited(log) => bail!("agent on {} exited:\n{log}", first.name),
@@ -652,7 +661,7 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
     }
     let mut pids = Vec::new();
     for h in &state.hosts[1..] {
-        pids.push(spawn_agent(h, &opts.binary)?);
+        pids.push(spawn_agent(h, &opts.binary, false)?);
     }
     for (h, pid) in state.hosts[1..].iter_mut().zip(&pids) {
         h.agent_pid = Some(*pid);
@@ -668,7 +677,9 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
     Ok(())
 }
 
-fn spawn_agent(h: &Host, binary: &Path) -> Result<u32> {
+/// Starts the agent of host `h`; `coordinator` adds `--coordinator` (the
+/// global policy's central planner, on the first host).
+fn spawn_agent(h: &Host, binary: &Path, coordinator: bool) -> Result<u32> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -680,6 +691,7 @@ fn spawn_agent(h: &Host, binary: &Path) -> Result<u32> {
         .arg("run")
         .arg("--config")
         .arg(&h.config)
+        .args(coordinator.then_some("--coordinator"))
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or("info".into()),
