@@ -88,7 +88,9 @@ fn sleep(d: Duration) -> bool {
 /// Builds score-agent with cargo and returns the binary's path.
 pub fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = crate::cargo();
-    cmd.args(["build", "--locked", "-p", "score-agent"]);
+    // Quiet: aya-build relays the eBPF crate's whole build as warnings;
+    // errors still show.
+    cmd.args(["build", "--quiet", "--locked", "-p", "score-agent"]);
     if release {
         cmd.arg("--release");
     }
@@ -110,20 +112,30 @@ struct Teardown {
 
 impl Drop for Teardown {
     fn drop(&mut self) {
+        // writeln, not println: this may run while unwinding from a
+        // println that failed (stdout closed), and a second panic would
+        // abort before the teardown.
+        use std::io::Write as _;
+        let mut out = std::io::stderr();
         if self.keep {
-            println!(
+            let _ = writeln!(
+                out,
                 "demo: the testbed stays up: `cargo xtask testbed status`, `cargo xtask testbed down`"
             );
             return;
         }
-        println!("demo: tearing down");
-        match testbed::down() {
-            Ok(r) => println!(
+        let _ = writeln!(out, "demo: tearing down");
+        let _ = match testbed::down() {
+            Ok(r) => writeln!(
+                out,
                 "demo: removed {} namespaces and stopped {} processes in {:.2} s",
                 r.namespaces, r.processes, r.seconds
             ),
-            Err(e) => eprintln!("demo: teardown failed: {e:#} (run `cargo xtask testbed down`)"),
-        }
+            Err(e) => writeln!(
+                out,
+                "demo: teardown failed: {e:#} (run `cargo xtask testbed down`)"
+            ),
+        };
     }
 }
 
@@ -185,7 +197,13 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         }
         None => {
             println!("demo: [2/5] building score-agent");
-            build_agent(args.release)?
+            let started = Instant::now();
+            let bin = build_agent(args.release)?;
+            println!(
+                "demo:       built in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            bin
         }
     };
     if interrupted() {
