@@ -251,9 +251,16 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     traffic::start(&mut state, &flows)?;
     let planned: u64 = flows.iter().map(|f| f.rate).sum();
     println!(
-        "demo: [5/5] traffic: {} streams, {} MB/s in all; chatty pairs start in different pods",
+        "demo: [5/5] traffic: {} streams, {} MB/s in all; {}",
         flows.len(),
-        mb(planned as f64)
+        mb(planned as f64),
+        match args.rates.pattern {
+            traffic::Pattern::Pairs => "chatty pairs start in different pods".to_string(),
+            traffic::Pattern::Groups => format!(
+                "groups of {} talk all to all, each spread over the pods",
+                args.rates.group_size
+            ),
+        }
     );
     let topo = state.topology()?;
 

@@ -1157,6 +1157,27 @@ pub fn status(ping: bool) -> Result<()> {
     Ok(())
 }
 
+/// A state as `up` would write it, without making anything (tests).
+#[cfg(test)]
+pub fn planned_state(sizes: &Sizes) -> State {
+    let bp = blueprint(sizes);
+    State {
+        version: 1,
+        sizes: *sizes,
+        topology_file: PathBuf::from(DIR).join("topology.toml"),
+        key_file: PathBuf::from(DIR).join("cluster.key"),
+        bpffs: PathBuf::from(DIR).join("bpf"),
+        namespaces: Vec::new(),
+        switches: bp.switches,
+        hosts: bp.hosts,
+        vms: bp.vms,
+        agents: None,
+        agent_mode: None,
+        traffic: Vec::new(),
+        setup_seconds: 0.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,10 +40,27 @@ pub struct Flow {
     pub rate: u64,
 }
 
-/// Rates of the pattern.
+/// Which VMs talk a lot.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Chatty pairs, each split across pods at the start.
+    Pairs,
+    /// Groups of `--group-size` VMs talking all to all (tenants), each
+    /// spread over both pods at the start.
+    Groups,
+}
+
+/// The pattern and its rates.
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct Rates {
-    /// Frame bytes/s of each chatty pair, one way (the way back is half).
+    /// Which VMs talk a lot: chatty pairs or all-to-all groups.
+    #[arg(long, value_enum, default_value_t = Pattern::Pairs)]
+    pub pattern: Pattern,
+    /// VMs per group (`--pattern groups`).
+    #[arg(long, default_value_t = 4)]
+    pub group_size: u32,
+    /// Frame bytes/s of each chatty pair, one way (the way back is half);
+    /// with groups, what each member sends to the rest of its group in all.
     #[arg(long, default_value_t = 200_000)]
     pub chatty: u64,
     /// Frame bytes/s of each background stream.
@@ -61,6 +78,9 @@ pub struct Rates {
 /// another host). Background: VM k sends to VMs k+3, k+7, ... (mod n), a
 /// spread that crosses every level.
 pub fn plan(state: &State, rates: &Rates) -> Vec<Flow> {
+    if rates.pattern == Pattern::Groups {
+        return plan_groups(state, rates);
+    }
     let host_of = |vm: &crate::testbed::Vm| {
         state
             .hosts
@@ -115,6 +135,44 @@ pub fn plan(state: &State, rates: &Rates) -> Vec<Flow> {
             for j in 0..rates.background_peers as usize {
                 let b = (a + 3 + 4 * j) % n;
                 if b != a && Some(b) != *pa {
+                    flows.push(Flow {
+                        src: state.vms[a].address,
+                        dst: state.vms[b].address,
+                        rate: rates.background,
+                    });
+                }
+            }
+        }
+    }
+    flows
+}
+
+/// Groups: VM i (from 0, address order) joins group i mod (n / size), so
+/// that a group's members start on hosts `n / size` apart (VM i starts on
+/// host i mod hosts): spread over racks and pods. Each member sends
+/// `chatty / (size - 1)` to every other member; background as for pairs,
+/// to VMs outside the group.
+fn plan_groups(state: &State, rates: &Rates) -> Vec<Flow> {
+    let n = state.vms.len();
+    let size = (rates.group_size.max(2) as usize).min(n.max(1));
+    let groups = (n / size).max(1);
+    let group = |i: usize| i % groups;
+    let mut flows = Vec::new();
+    let per_peer = rates.chatty / (size as u64 - 1).max(1);
+    for a in 0..n {
+        for b in (0..n).filter(|&b| b != a && group(b) == group(a)) {
+            flows.push(Flow {
+                src: state.vms[a].address,
+                dst: state.vms[b].address,
+                rate: per_peer,
+            });
+        }
+    }
+    if rates.background > 0 && n > 2 {
+        for a in 0..n {
+            for j in 0..rates.background_peers as usize {
+                let b = (a + 3 + 4 * j) % n;
+                if b != a && group(b) != group(a) {
                     flows.push(Flow {
                         src: state.vms[a].address,
                         dst: state.vms[b].address,
@@ -249,6 +307,82 @@ pub fn check(targets: &[Target]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sizes() -> crate::testbed::Sizes {
+        crate::testbed::Sizes {
+            pods: 2,
+            racks_per_pod: 2,
+            hosts_per_rack: 2,
+            vms_per_host: 2,
+            slots: 4,
+        }
+    }
+
+    fn rates(pattern: Pattern) -> Rates {
+        Rates {
+            pattern,
+            group_size: 4,
+            chatty: 300,
+            background: 10,
+            background_peers: 2,
+        }
+    }
+
+    #[test]
+    fn every_vm_has_one_chatty_partner_in_the_other_pod() {
+        let state = crate::testbed::planned_state(&sizes());
+        let flows = plan(&state, &rates(Pattern::Pairs));
+        let pod = |a: Ipv4Addr| {
+            let vm = state.vms.iter().find(|v| v.address == a).unwrap();
+            let h = state
+                .hosts
+                .iter()
+                .find(|h| h.name == vm.initial_host)
+                .unwrap();
+            h.pod.clone()
+        };
+        for vm in &state.vms {
+            let out: Vec<&Flow> = flows
+                .iter()
+                .filter(|f| f.src == vm.address && f.rate >= 150)
+                .collect();
+            assert_eq!(out.len(), 1, "{}", vm.address);
+            assert_ne!(pod(out[0].src), pod(out[0].dst));
+            // The way back runs at half the rate.
+            assert!(
+                flows
+                    .iter()
+                    .any(|f| f.src == out[0].dst && f.dst == vm.address && f.rate >= 150)
+            );
+        }
+        // Background: two streams out of every VM, none to itself.
+        let light = flows.iter().filter(|f| f.rate == 10).count();
+        assert_eq!(light, 32);
+        assert!(flows.iter().all(|f| f.src != f.dst));
+    }
+
+    #[test]
+    fn groups_talk_all_to_all_across_pods() {
+        let state = crate::testbed::planned_state(&sizes());
+        let flows = plan(&state, &rates(Pattern::Groups));
+        // 4 groups of 4: 12 directed streams each at 300 / 3.
+        let heavy: Vec<&Flow> = flows.iter().filter(|f| f.rate == 100).collect();
+        assert_eq!(heavy.len(), 4 * 12);
+        let first = state.vms[0].address;
+        let peers: Vec<Ipv4Addr> = heavy
+            .iter()
+            .filter(|f| f.src == first)
+            .map(|f| f.dst)
+            .collect();
+        assert_eq!(peers.len(), 3);
+        // Members 0, 4, 8, 12 start on hosts 1, 5, 1, 5: both pods.
+        let hosts: Vec<&str> = [0, 4, 8, 12]
+            .iter()
+            .map(|&i| state.vms[i].initial_host.as_str())
+            .collect();
+        assert_eq!(hosts, ["dc-h1", "dc-h5", "dc-h1", "dc-h5"]);
+        assert!(peers.contains(&state.vms[4].address));
+    }
 
     #[test]
     fn target_parses() {
