@@ -69,8 +69,8 @@ pub struct Config {
     /// Capacity of the kernel flow map, in directed pairs.
     #[serde(default = "defaults::flows_max")]
     pub flows_max: u32,
-    /// Where the agent serves `/flows` (and later `/metrics`). Loopback by
-    /// default: the flow table is not for the world to read.
+    /// Where the agent serves `/metrics`, `/flows` and `/healthz`. Loopback
+    /// by default: the flow table is not for the world to read.
     #[serde(default = "defaults::http_listen")]
     pub http_listen: SocketAddr,
     /// This host (distributed mode; with `[topology]` and `[peer]`).
