@@ -4,6 +4,7 @@
 //! runs S-CORE on it (`demo`). Building stays with cargo: score-agent's
 //! build.rs builds the eBPF object.
 
+mod check;
 mod demo;
 mod guest;
 mod measure;
@@ -125,6 +126,10 @@ enum TestbedCommand {
         #[arg(long)]
         ping: bool,
     },
+    /// Check the testbed itself on a fresh one (no agents): reachability,
+    /// traffic between pods crosses the core, a UDP stream survives a
+    /// move, down leaves nothing.
+    Check,
     /// Move a VM to another host as the netns backend does (by hand).
     Migrate {
         /// The VM: address, namespace or vif.
@@ -225,6 +230,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
             }
             Ok(())
         }
+        TestbedCommand::Check => check::check(),
         TestbedCommand::Migrate { vm, host } => {
             let state = testbed::State::load()?.context("no testbed is up")?;
             let took = testbed::migrate(&state, &vm, &host)?;
