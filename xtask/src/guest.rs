@@ -33,8 +33,8 @@ const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/score-bookworm-backport
 /// Kernel modules the guest loads, in dependency order (the .deb ships no
 /// modules.dep: depmod runs at install time).
 const MODULES: &[&str] = &[
-    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko",
@@ -152,7 +152,14 @@ pub fn install() -> Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "-t", BACKPORTS])
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "-t",
+            BACKPORTS,
+        ])
         .args(["qemu-system-x86", "busybox-static"]))
     .context("installing qemu-system-x86 from bookworm-backports")
 }
@@ -214,7 +221,12 @@ pub fn build(force: bool) -> Result<Guest> {
     let busybox = fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
     let stamp = format!(
         "{package} {:016x}\n",
-        fnv(&[INIT.as_bytes(), STATUS_CGI.as_bytes(), &busybox])
+        fnv(&[
+            INIT.as_bytes(),
+            STATUS_CGI.as_bytes(),
+            MODULES.join(" ").as_bytes(),
+            &busybox
+        ])
     );
     let stamp_file = dir.join("STAMP");
     if !force
@@ -253,14 +265,30 @@ pub fn build(force: bool) -> Result<Guest> {
         .context("no vmlinuz in the kernel package")?;
     let release = vmlinuz
         .file_name()
-        .map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_owned())
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_owned()
+        })
         .unwrap_or_default();
     let moddir = root.join("lib/modules").join(&release).join("kernel");
 
     let mut cpio = Cpio::default();
     for d in [
-        "bin", "dev", "etc", "lib", "lib/modules", "lib64", "proc", "run", "sys", "tmp", "usr",
-        "usr/bin", "www", "www/cgi-bin",
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "lib64",
+        "proc",
+        "run",
+        "sys",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "www",
+        "www/cgi-bin",
     ] {
         cpio.dir(d);
     }
@@ -287,8 +315,7 @@ pub fn build(force: bool) -> Result<Guest> {
     add_iperf3(&mut cpio)?;
     let image = cpio.finish();
 
-    fs::copy(&vmlinuz, &guest.kernel)
-        .with_context(|| format!("copying {}", vmlinuz.display()))?;
+    fs::copy(&vmlinuz, &guest.kernel).with_context(|| format!("copying {}", vmlinuz.display()))?;
     fs::write(&guest.initrd, &image)?;
     fs::write(&stamp_file, stamp)?;
     let _ = fs::remove_dir_all(&work);
@@ -321,7 +348,10 @@ fn add_iperf3(cpio: &mut Cpio) -> Result<()> {
         // "/lib64/ld-linux-x86-64.so.2 (0x...)".
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
             files.push(PathBuf::from(p));
