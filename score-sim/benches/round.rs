@@ -5,8 +5,9 @@
 //! the CPU time of the running thread are printed: on a shared machine the
 //! CPU time is the figure that does not depend on other load.
 //!
-//! Run: `cargo bench -p score-sim --bench round` (add `-- --paper-only` to
-//! skip the 10x scale).
+//! Run: `cargo bench -p score-sim --bench round`; after `--`, `--paper-only`
+//! or `--10x-only` picks one scale and `--policy NAME` (repeatable) picks
+//! policies.
 
 use std::time::Instant;
 
@@ -37,9 +38,17 @@ fn main() {
             307_200,
         ),
     ];
-    let only_paper = std::env::args().any(|a| a == "--paper-only");
+    let args: Vec<String> = std::env::args().collect();
+    let only_paper = args.iter().any(|a| a == "--paper-only");
+    let only_10x = args.iter().any(|a| a == "--10x-only");
+    // `--policy NAME` (repeatable) limits the policies timed.
+    let wanted: Vec<PolicyKind> = args
+        .windows(2)
+        .filter(|w| w[0] == "--policy")
+        .filter_map(|w| w[1].parse().ok())
+        .collect();
     for (label, fanout, vms) in scales {
-        if only_paper && *vms > 30_720 {
+        if (only_paper && *vms > 30_720) || (only_10x && *vms <= 30_720) {
             continue;
         }
         let mut s = Scenario::default();
@@ -51,6 +60,9 @@ fn main() {
         let setup = Setup::build(&s).expect("scenario");
         println!("{label}: set-up {:.2} s", t.elapsed().as_secs_f64());
         for kind in PolicyKind::ALL {
+            if !wanted.is_empty() && !wanted.contains(&kind) {
+                continue;
+            }
             let opts = RunOptions {
                 max_rounds: 1,
                 record_steps: false,

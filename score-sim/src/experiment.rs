@@ -229,7 +229,11 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
                     }
                 }
             };
-            pb.finish();
+            // Runs end early when they converge: show the bar as done.
+            if let Some(len) = pb.length() {
+                pb.set_position(len);
+            }
+            pb.finish_with_message("done");
             Ok(out)
         })
         .collect();

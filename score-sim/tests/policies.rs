@@ -18,7 +18,7 @@ fn checked(cm: MigrationCostSpec, rule: Rule) -> RunOptions {
     RunOptions {
         rule,
         cm,
-        max_rounds: 6,
+        max_rounds: 4,
         self_check: true,
         trace: true,
         ..RunOptions::default()
@@ -27,7 +27,7 @@ fn checked(cm: MigrationCostSpec, rule: Rule) -> RunOptions {
 
 #[test]
 fn policies_never_raise_the_cost() {
-    let s = common::small_scenario(300, 11);
+    let s = common::small_scenario(200, 11);
     let setup = Setup::build(&s).unwrap();
     for cm in [
         MigrationCostSpec::Absolute(0.0),
