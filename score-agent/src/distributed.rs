@@ -57,6 +57,11 @@ impl PeerMetrics for Metrics {
             Metrics::set_vm_cost(self, ip, cost, level)
         }
     }
+    fn vm_left(&self, vm: &str) {
+        if let Ok(ip) = vm.parse::<Ipv4Addr>() {
+            Metrics::forget_vm(self, ip)
+        }
+    }
     fn rejected(&self, reason: &str) {
         Metrics::rejected(self, RejectReason::from_label(reason))
     }

@@ -39,7 +39,7 @@ use score_core::{
     token::{Load, Token, VmId},
     wire::{
         ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, Message, Reassembler,
-        TokenOrder, WireError, token_chunks,
+        TokenOrder, token_chunks,
     },
 };
 use serde::Serialize;
@@ -81,6 +81,8 @@ pub trait PeerMetrics: Send + Sync {
     fn set_vm_cost(&self, _vm: &str, _cost: f64, _level: u8) {}
     /// A datagram was dropped, for `reason`.
     fn rejected(&self, _reason: &str) {}
+    /// A hosted VM migrated away: its series go now.
+    fn vm_left(&self, _vm: &str) {}
 }
 
 /// Metrics that go nowhere.
@@ -1018,9 +1020,4 @@ async fn token_loop(
             Err(_) => p.maybe_regenerate(policy.as_mut()).await,
         }
     }
-}
-
-/// Whether an error is about the protocol (counted) rather than local.
-pub fn is_protocol_error(e: &WireError) -> bool {
-    !matches!(e, WireError::PayloadTooLarge { .. })
 }
