@@ -1157,6 +1157,20 @@ pub fn status(ping: bool) -> Result<()> {
     Ok(())
 }
 
+/// The topology of a state's blueprint, without reading the file (tests).
+#[cfg(test)]
+pub fn topology_of(state: &State) -> Result<score_core::topology::Topology> {
+    let bp = Blueprint {
+        switches: state.switches.clone(),
+        hosts: state.hosts.clone(),
+        vms: state.vms.clone(),
+        links: Vec::new(),
+    };
+    Ok(score_core::topology::Topology::from_toml_str(
+        &topology_toml(&bp)?,
+    )?)
+}
+
 /// A state as `up` would write it, without making anything (tests).
 #[cfg(test)]
 pub fn planned_state(sizes: &Sizes) -> State {
