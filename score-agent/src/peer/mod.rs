@@ -52,7 +52,7 @@ use crate::{
     collector::Collector,
     datapath::{ControlReader, HostedVm},
 };
-use net::{Net, Via, reject_reason};
+use net::{Net, Via};
 
 /// What the protocol reports as it runs; the agent's Prometheus metrics
 /// implement it, tests use [`NoMetrics`].
@@ -231,7 +231,7 @@ impl Peer {
             Ok(d) => d,
             Err(e) => {
                 debug!(error = %e, ?via, "datagram rejected");
-                self.metrics.rejected(reject_reason(&e));
+                self.metrics.rejected(e.reason());
                 return;
             }
         };
@@ -242,7 +242,7 @@ impl Peer {
         );
         if token_kind {
             if let Err(e) = h.check_epoch(self.epoch()) {
-                self.metrics.rejected(reject_reason(&e));
+                self.metrics.rejected(e.reason());
                 return;
             }
             self.adopt_epoch(h.epoch);

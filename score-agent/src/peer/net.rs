@@ -30,21 +30,6 @@ pub enum Via {
     Vm(Ipv4Addr),
 }
 
-/// Why a received datagram was dropped: the metrics label.
-pub fn reject_reason(e: &WireError) -> &'static str {
-    match e {
-        WireError::Truncated { .. } => "truncated",
-        WireError::BadMagic => "bad_magic",
-        WireError::BadVersion(_) => "bad_version",
-        WireError::UnknownKind(_) => "unknown_kind",
-        WireError::BadLength { .. } | WireError::PayloadTooLarge { .. } => "bad_length",
-        WireError::BadMac => "bad_mac",
-        WireError::StaleEpoch { .. } => "stale_epoch",
-        WireError::Replayed { .. } => "replayed",
-        _ => "other",
-    }
-}
-
 /// The socket, the key and the bookkeeping of requests in flight.
 pub struct Net {
     sock: UdpSocket,
@@ -271,5 +256,136 @@ impl Net {
             debug!(error = %e, "udp receive");
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> ClusterKey {
+        ClusterKey::new(
+            &(0..32u8)
+                .map(|b| b.wrapping_mul(7).wrapping_add(seed))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    /// Two agents on loopback addresses (127.0.0.0/8 all answer), same port.
+    async fn pair() -> (Arc<Net>, Arc<Net>) {
+        for port in 40_000..40_100u16 {
+            let a = Net::bind(Ipv4Addr::new(127, 0, 0, 1), port, key(1), 4).await;
+            let b = Net::bind(Ipv4Addr::new(127, 0, 0, 2), port, key(1), 4).await;
+            if let (Ok(a), Ok(b)) = (a, b) {
+                return (a, b);
+            }
+        }
+        panic!("no free port pair on loopback");
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_answer() {
+        let (a, b) = pair().await;
+        let server = tokio::spawn({
+            let b = b.clone();
+            async move {
+                let mut buf = [0u8; 2048];
+                let (n, _) = b.recv(&mut buf).await.unwrap();
+                let d = b.open(&buf[..n]).unwrap();
+                assert_eq!(d.message, Message::CapacityRequest { vm: 9 });
+                let reply = Message::CapacityResponse {
+                    in_reply_to: d.header.seq,
+                    free_slots: 3,
+                    free_memory_mib: 512,
+                };
+                b.send(d.header.sender, 0, &reply).await.unwrap();
+            }
+        });
+        let client = tokio::spawn({
+            let a = a.clone();
+            async move {
+                let mut buf = [0u8; 2048];
+                let (n, _) = a.recv(&mut buf).await.unwrap();
+                let d = a.open(&buf[..n]).unwrap();
+                if let Message::CapacityResponse { in_reply_to, .. } = d.message {
+                    a.answer(in_reply_to, d.message);
+                }
+            }
+        });
+        let got = a
+            .request(
+                b.me(),
+                0,
+                &Message::CapacityRequest { vm: 9 },
+                Duration::from_secs(2),
+            )
+            .await;
+        server.await.unwrap();
+        client.await.unwrap();
+        assert!(
+            matches!(got, Some(Message::CapacityResponse { free_slots: 3, .. })),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_request_times_out() {
+        let (a, b) = pair().await;
+        let got = a
+            .request(
+                b.me(),
+                0,
+                &Message::LocationRequest { vm: 1 },
+                Duration::from_millis(50),
+            )
+            .await;
+        assert!(got.is_none());
+        assert!(
+            a.pending.lock().unwrap().is_empty(),
+            "the waiter is unregistered"
+        );
+    }
+
+    #[tokio::test]
+    async fn replays_and_foreign_keys_are_refused() {
+        let (a, b) = pair().await;
+        a.send(b.me(), 0, &Message::LocationRequest { vm: 5 })
+            .await
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = b.recv(&mut buf).await.unwrap();
+        let bytes = buf[..n].to_vec();
+        assert!(b.open(&bytes).is_ok());
+        let again = b.open(&bytes).unwrap_err();
+        assert_eq!(again.reason(), "replayed");
+        let stranger = Net::bind(Ipv4Addr::new(127, 0, 0, 3), b.port(), key(2), 4)
+            .await
+            .unwrap();
+        stranger
+            .send(b.me(), 0, &Message::LocationRequest { vm: 5 })
+            .await
+            .unwrap();
+        let (n, _) = b.recv(&mut buf).await.unwrap();
+        assert_eq!(b.open(&buf[..n]).unwrap_err().reason(), "bad_mac");
+    }
+
+    #[tokio::test]
+    async fn acks_reach_their_transfer_only() {
+        let (a, _b) = pair().await;
+        let mut waiter = a.await_acks(77);
+        let ack = |t| HopAck {
+            transfer: t,
+            received: score_core::wire::ChunkBitmap::full(2),
+        };
+        assert!(!a.deliver_ack(ack(78)), "no one waits for transfer 78");
+        assert!(a.deliver_ack(ack(77)));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert_eq!(
+            waiter.next_until(deadline).await.map(|x| x.transfer),
+            Some(77)
+        );
+        drop(waiter);
+        assert!(!a.deliver_ack(ack(77)), "unregistered when dropped");
     }
 }
