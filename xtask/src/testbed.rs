@@ -267,8 +267,9 @@ struct Blueprint {
     switches: Vec<Switch>,
     hosts: Vec<Host>,
     vms: Vec<Vm>,
-    /// (child namespace, index of its switch or host in `switches`/`hosts`)
-    /// per switch: the veth name on the parent side and the child.
+    /// Every link between switches and hosts: (parent namespace, name of
+    /// the veth end on the parent's side, child namespace). The child's end
+    /// is always `uplink`.
     links: Vec<(String, String, String)>,
 }
 
@@ -360,8 +361,7 @@ fn batches(bp: &Blueprint) -> Vec<(String, Vec<String>)> {
             lines.push("link set dev uplink master br0 up".into());
         }
         lines.push("link set br0 up".into());
-        for (parent, end, child) in bp.links.iter().filter(|l| l.0 == sw.name) {
-            let _ = parent;
+        for (_, end, child) in bp.links.iter().filter(|l| l.0 == sw.name) {
             lines.push(format!(
                 "link add {end} type veth peer name uplink netns {child}"
             ));
