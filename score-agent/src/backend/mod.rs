@@ -19,7 +19,7 @@
 //! # Configuration
 //!
 //! [`BackendConfig`] is the `[backend]` table of the agent's TOML file,
-//! selected by `kind = "netns" | "advisory" | "xl"`; [`BackendConfig::validate`]
+//! selected by `kind = "netns" | "advisory" | "xl" | "qemu"`; [`BackendConfig::validate`]
 //! checks every key without touching the system, [`Backend::from_config`]
 //! then checks what the host must provide (the tool, the namespace).
 
@@ -29,11 +29,13 @@ use serde::Deserialize;
 
 mod advisory;
 mod netns;
+mod qemu;
 mod recording;
 mod xl;
 
 pub use advisory::AdvisoryBackend;
 pub use netns::NetnsBackend;
+pub use qemu::{QemuBackend, QemuMigration, QemuMigrationStats, qmp};
 pub use recording::{MigrationCall, RecordingBackend};
 pub use xl::XlBackend;
 
@@ -235,6 +237,8 @@ pub enum BackendConfig {
     Advisory(AdvisoryConfig),
     /// Xen, through its `xl` tool.
     Xl(XlConfig),
+    /// QEMU guests run directly, through their QMP sockets.
+    Qemu(QemuConfig),
 }
 
 impl Default for BackendConfig {
@@ -295,6 +299,29 @@ pub struct XlConfig {
     pub timeout: Duration,
 }
 
+/// `kind = "qemu"`: the keys of the QEMU backend.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuConfig {
+    /// A glob matching the QMP sockets of the guests this host runs
+    /// (`/run/score-qemu/h1/*.qmp`); the VM is the running guest whose
+    /// NIC has the VM's MAC.
+    pub qmp_sockets: String,
+    /// The incoming helper: program and leading arguments; the agent adds
+    /// `TARGET VM_IP VM_MAC TAP` and reads `uri=` and `qmp=` lines from
+    /// its stdout (docs/BACKENDS.md, "Real guests").
+    pub incoming_helper: Vec<String>,
+    /// Host address -> the name the helper is given for that host. Every
+    /// host a VM may move to.
+    pub hosts: BTreeMap<String, String>,
+    /// Longest time the helper may take to have the target listening.
+    #[serde(default = "defaults::qemu_helper_timeout", with = "humantime_serde")]
+    pub helper_timeout: Duration,
+    /// Longest time one migration may take, helper included.
+    #[serde(default = "defaults::xl_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
 mod defaults {
     use std::{path::PathBuf, time::Duration};
 
@@ -315,6 +342,11 @@ mod defaults {
     pub fn netns_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    // Starting QEMU takes well under a second; an incoming helper that
+    // reaches its host over ssh adds a connection set-up.
+    pub fn qemu_helper_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
     pub fn xl_path() -> PathBuf {
         PathBuf::from("xl")
     }
@@ -333,6 +365,7 @@ impl BackendConfig {
             BackendConfig::Netns(_) => "netns",
             BackendConfig::Advisory(_) => "advisory",
             BackendConfig::Xl(_) => "xl",
+            BackendConfig::Qemu(_) => "qemu",
         }
     }
 
@@ -342,6 +375,7 @@ impl BackendConfig {
             BackendConfig::Advisory(_) => Ok(()),
             BackendConfig::Netns(c) => c.validate(),
             BackendConfig::Xl(c) => c.validate(),
+            BackendConfig::Qemu(c) => c.validate(),
         }
     }
 }
@@ -484,6 +518,54 @@ impl XlConfig {
     }
 }
 
+impl QemuConfig {
+    /// Checks every key.
+    pub fn validate(&self) -> Result<(), BackendConfigError> {
+        self.parsed_hosts()?;
+        if self.hosts.is_empty() {
+            return Err(invalid(
+                "backend.hosts",
+                "list every host a VM may move to (address = name for the helper)",
+            ));
+        }
+        if self.qmp_sockets.is_empty() {
+            return Err(invalid("backend.qmp_sockets", "must not be empty"));
+        }
+        glob::Pattern::new(&self.qmp_sockets)
+            .map_err(|e| invalid("backend.qmp_sockets", format!("not a glob pattern: {e}")))?;
+        match self.incoming_helper.first() {
+            None => {
+                return Err(invalid(
+                    "backend.incoming_helper",
+                    "name the program that starts the incoming QEMU on a target host",
+                ));
+            }
+            Some(p) if p.is_empty() => {
+                return Err(invalid("backend.incoming_helper[0]", "must not be empty"));
+            }
+            Some(_) => {}
+        }
+        if self.helper_timeout.is_zero() {
+            return Err(invalid(
+                "backend.helper_timeout",
+                "must be greater than zero",
+            ));
+        }
+        check_timeout(self.timeout)
+    }
+
+    pub(crate) fn parsed_hosts(&self) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
+        // Passed as one argument, never through a shell: any printable name.
+        parse_hosts(&self.hosts, |name| {
+            if name.is_empty() || name.starts_with('-') || name.chars().any(|c| c.is_control()) {
+                Err(format!("`{name}` is not a host name to pass to the helper"))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
 /// The hypervisor backend the agent calls.
 #[derive(Debug)]
 pub enum Backend {
@@ -493,6 +575,8 @@ pub enum Backend {
     Advisory(AdvisoryBackend),
     /// Xen's `xl`.
     Xl(XlBackend),
+    /// QEMU over QMP.
+    Qemu(QemuBackend),
     /// Records calls and answers as told (tests).
     Recording(RecordingBackend),
 }
@@ -506,6 +590,7 @@ impl Backend {
             BackendConfig::Netns(c) => Backend::Netns(NetnsBackend::from_config(c)?),
             BackendConfig::Advisory(_) => Backend::Advisory(AdvisoryBackend),
             BackendConfig::Xl(c) => Backend::Xl(XlBackend::from_config(c)?),
+            BackendConfig::Qemu(c) => Backend::Qemu(QemuBackend::from_config(c)?),
         })
     }
 
@@ -521,6 +606,7 @@ impl Backend {
                     Backend::Netns(b) => b.migrate(vm, to).await,
                     Backend::Advisory(b) => b.migrate(vm, to).await,
                     Backend::Xl(b) => b.migrate(vm, to).await,
+                    Backend::Qemu(b) => b.migrate(vm, to).await,
                     Backend::Recording(b) => b.migrate(vm, to).await,
                 }
             },
@@ -541,6 +627,7 @@ impl Backend {
             Backend::Netns(_) => "netns",
             Backend::Advisory(_) => "advisory",
             Backend::Xl(_) => "xl",
+            Backend::Qemu(_) => "qemu",
             Backend::Recording(_) => "recording",
         }
     }
