@@ -112,8 +112,15 @@ pub async fn run(
     shutdown.await;
     info!("shutting down");
     cancel.cancel();
+    // Every task watches `cancel`; the grace period bounds a slow syscall.
     for t in tasks {
-        let _ = t.await;
+        let abort = t.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), t)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     let _ = server.await;
     collector.detach_all();

@@ -307,6 +307,12 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         cmd.arg(f);
     }
     run(&mut cmd)?;
+    if filter.is_none() {
+        // The emulated data centre's own check: reachability, traffic
+        // really crossing the core, a VM move, a clean teardown.
+        eprintln!("xtask: checking the emulated data centre (testbed check)");
+        check::check()?;
+    }
     eprintln!("xtask: all tests passed");
     Ok(())
 }

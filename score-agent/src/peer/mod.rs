@@ -982,42 +982,53 @@ async fn token_loop(
                 p.metrics.token_received();
                 p.metrics.set_token_epoch(token.epoch);
                 let span = info_span!("token", vm = %vm, epoch = token.epoch, round = token.round);
-                async {
-                    info!(from = %h.sender, "token received");
-                    let hosted = p.hosted();
-                    // Hold the token a little: rates need time, the paper
-                    // passes it every few seconds at most.
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(p.cfg.policy.token_hold) => {}
-                    }
-                    p.tell_watchers(
-                        &Message::TokenSeen {
-                            holder: u32::from(vm),
-                            round: token.round,
-                        },
-                        token.epoch,
-                    )
-                    .await;
+                let _enter = span.enter();
+                info!(from = %h.sender, "token received");
+                let hosted = p.hosted();
+                // Hold the token a little: rates need time, the paper passes
+                // it every few seconds at most. Shutdown may cut the hold
+                // and the hand-off (the watchers then regenerate the token),
+                // never a migration under way: that runs to its end, bounded
+                // by the backend's own time-out.
+                drop(_enter);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(p.cfg.policy.token_hold) => {}
+                }
+                let decide = async {
+                    let seen = Message::TokenSeen {
+                        holder: u32::from(vm),
+                        round: token.round,
+                    };
+                    p.tell_watchers(&seen, token.epoch).await;
                     if let Some(u) = hosted.iter().find(|x| x.ip == vm) {
                         let (level, load) = p.decide_for(u).await;
                         token.update(u32::from(vm), level, load);
                     }
-                    // VMs started here since the token last came are added.
-                    for x in &hosted {
-                        token.insert(u32::from(x.ip));
-                    }
-                    if token.epoch < p.epoch() {
-                        info!("a newer token exists; this one ends here");
-                        return;
-                    }
-                    p.hand_on(policy.as_mut(), token, Some(u32::from(vm))).await;
                 }
-                .instrument(span)
-                .await;
+                .instrument(span.clone());
+                decide.await;
+                // VMs started here since the token last came are added.
+                for x in &hosted {
+                    token.insert(u32::from(x.ip));
+                }
+                if token.epoch < p.epoch() {
+                    info!(parent: &span, "a newer token exists; this one ends here");
+                    continue;
+                }
+                let pass = p
+                    .hand_on(policy.as_mut(), token, Some(u32::from(vm)))
+                    .instrument(span);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = pass => {}
+                }
             }
             Ok(None) => return,
-            Err(_) => p.maybe_regenerate(policy.as_mut()).await,
+            Err(_) => tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = p.maybe_regenerate(policy.as_mut()) => {}
+            },
         }
     }
 }
