@@ -100,8 +100,7 @@ while :; do sleep 3600; done
 /// `GET /cgi-bin/status`: what a test reads to tell a live migration (same
 /// boot id, uptime still counting) from a reboot.
 const STATUS_CGI: &str = r#"#!/bin/sh
-echo "Content-Type: text/plain"
-echo ""
+printf 'Content-Type: text/plain\r\n\r\n'
 echo "boot_id=$(cat /proc/sys/kernel/random/boot_id)"
 echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
 echo "counter=$(cat /run/counter 2>/dev/null)"

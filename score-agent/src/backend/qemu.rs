@@ -688,7 +688,7 @@ fn resolve(program: &Path) -> Option<PathBuf> {
 /// socket; commands are sent one at a time and answered in order,
 /// asynchronous events in between are skipped.
 pub mod qmp {
-    use std::{path::Path, time::Duration};
+    use std::path::Path;
 
     use serde_json::{Value, json};
     use tokio::{

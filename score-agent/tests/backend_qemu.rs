@@ -1,0 +1,576 @@
+//! The qemu backend with real guests: QEMU (TCG) running the tiny guest of
+//! `cargo xtask guest` in host namespaces under one rack bridge, live
+//! migrated by the backend through `tests/fixtures/qemu-vm` (the test
+//! bed's incoming helper). Privileged: `#[ignore]`d, run by
+//! `cargo xtask test`; each test skips with a printed reason when QEMU or
+//! the guest is missing.
+//!
+//! `qemu_migration_times` is also the measurement of docs/BENCHMARKS.md
+//! ("Live migration of real guests"): `SCORE_QEMU_ROUNDS` migrations per
+//! point (default 2), `SCORE_QEMU_BG` background rates in Mbit/s (default
+//! `0`), links shaped to `SCORE_QEMU_LINK` Mbit/s (default 1000).
+
+mod support;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use score_agent::backend::{
+    Backend, BackendConfig, BackendError, HostRef, Placement, QemuBackend, VmRef, parse_mac,
+    qmp::Qmp,
+};
+use support::{Lab, http_get, sh};
+
+const PREFIX: &str = "sct-qm-";
+const GUEST_DIR: &str = "/var/cache/score-guest";
+const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const MAC: &str = "02:00:00:01:00:05";
+const TAP: &str = "tap5";
+const HOST_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+const HOST_C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        return Some("no qemu-system-x86_64: run `cargo xtask guest` (installs it)".into());
+    }
+    for f in ["vmlinuz", "initrd.img"] {
+        if !Path::new(GUEST_DIR).join(f).exists() {
+            return Some(format!("no {GUEST_DIR}/{f}: run `cargo xtask guest`"));
+        }
+    }
+    None
+}
+
+macro_rules! skip_unless_ready {
+    () => {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// What the guest's status service says.
+#[derive(Debug, Clone, PartialEq)]
+struct Status {
+    boot_id: String,
+    uptime: f64,
+    counter: u64,
+}
+
+fn status(ns: &str) -> Option<Status> {
+    let body = http_get(ns, &format!("{VM}:80"), "/cgi-bin/status")?;
+    let field = |k: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_owned)
+    };
+    Some(Status {
+        boot_id: field("boot_id")?,
+        uptime: field("uptime")?.parse().ok()?,
+        counter: field("counter")?.parse().ok()?,
+    })
+}
+
+fn wait_status(ns: &str, timeout: Duration) -> Status {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = status(ns) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never answered from {ns}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Hosts A, B and C (198.18.0.11-13 on their br0) under one rack bridge,
+/// and a directory for the guests' sockets; QEMUs killed and everything
+/// removed in `Drop`.
+struct Bed {
+    lab: Lab,
+    rack: String,
+    a: String,
+    b: String,
+    c: String,
+    dir: PathBuf,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let dir = PathBuf::from(format!("/run/{PREFIX}qemu"));
+        kill_qemus(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut lab = Lab::new(PREFIX);
+        let rack = lab.host("rack");
+        let mut hosts = Vec::new();
+        for (name, addr) in [("a", HOST_A), ("b", HOST_B), ("c", HOST_C)] {
+            let ns = lab.host(name);
+            let rack_end = format!("up-{name}");
+            sh(&[
+                "ip", "-n", &rack, "link", "add", &rack_end, "type", "veth", "peer", "name", "up0",
+                "netns", &ns,
+            ]);
+            sh(&[
+                "ip", "-n", &rack, "link", "set", &rack_end, "master", "br0", "up",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "up0", "master", "br0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/16"),
+                "dev",
+                "br0",
+            ]);
+            hosts.push(ns);
+        }
+        let c = hosts.pop().unwrap();
+        let b = hosts.pop().unwrap();
+        let a = hosts.pop().unwrap();
+        Bed {
+            lab,
+            rack,
+            a,
+            b,
+            c,
+            dir,
+        }
+    }
+
+    fn dir(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// Boots the guest in `host`; returns its first status.
+    fn start_guest(&self, host: &str) -> Status {
+        sh(&[
+            &fixture("qemu-vm"),
+            "--dir",
+            &self.dir(),
+            "start",
+            host,
+            &VM.to_string(),
+            MAC,
+            TAP,
+        ]);
+        let t = Instant::now();
+        let s = wait_status(host, Duration::from_secs(90));
+        eprintln!("guest up in {:.1} s: {s:?}", t.elapsed().as_secs_f64());
+        s
+    }
+
+    fn config_text(&self, home: &str, helper: &[String], timeout: &str) -> String {
+        let helper: Vec<String> = helper.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            r#"
+            kind = "qemu"
+            qmp_sockets = "{dir}/{home}/*.qmp"
+            incoming_helper = [{helper}]
+            timeout = "{timeout}"
+            helper_timeout = "20s"
+            [hosts]
+            "{HOST_A}" = "{a}"
+            "{HOST_B}" = "{b}"
+            "#,
+            dir = self.dir(),
+            helper = helper.join(", "),
+            a = self.a,
+            b = self.b,
+        )
+    }
+
+    fn helper(&self) -> Vec<String> {
+        vec![
+            fixture("qemu-vm"),
+            "--dir".into(),
+            self.dir(),
+            "incoming".into(),
+        ]
+    }
+
+    /// The backend of the agent on `home`.
+    fn backend(&self, home: &str) -> Backend {
+        let config: BackendConfig =
+            toml::from_str(&self.config_text(home, &self.helper(), "60s")).unwrap();
+        Backend::from_config(&config).unwrap()
+    }
+
+    fn qemu_backend(&self, home: &str) -> QemuBackend {
+        let BackendConfig::Qemu(c) =
+            toml::from_str(&self.config_text(home, &self.helper(), "60s")).unwrap()
+        else {
+            panic!()
+        };
+        QemuBackend::from_config(&c).unwrap()
+    }
+
+    fn qmp_socket(&self, host: &str) -> PathBuf {
+        self.dir.join(host).join(format!("{VM}.qmp"))
+    }
+
+    /// The guest's QEMU in `host` says it runs.
+    fn runs_in(&self, host: &str) -> bool {
+        let path = self.qmp_socket(host);
+        rt().block_on(async {
+            let Ok(mut q) = Qmp::connect(&path).await else {
+                return false;
+            };
+            q.execute("query-status", None)
+                .await
+                .is_ok_and(|s| s["status"] == "running")
+        })
+    }
+
+    fn has_tap(&self, host: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", host, "link", "show", "dev", TAP])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+fn kill_qemus(dir: &Path) {
+    let Ok(hosts) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for host in hosts.flatten() {
+        let Ok(files) = std::fs::read_dir(host.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if f.path().extension().is_some_and(|e| e == "pid")
+                && let Ok(pid) = std::fs::read_to_string(f.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                // SAFETY: kill(2) on a PID that this test's QEMU wrote.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        kill_qemus(&self.dir);
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = &self.lab;
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn vm_ref() -> VmRef {
+    VmRef {
+        ip: VM,
+        mac: parse_mac(MAC).unwrap(),
+        vif: TAP.into(),
+    }
+}
+
+#[test]
+#[ignore = "privileged: runs QEMU guests in network namespaces"]
+fn qemu_live_migration_keeps_the_guest_running() {
+    skip_unless_ready!();
+    let bed = Bed::new();
+    let before = bed.start_guest(&bed.a);
+
+    let t = Instant::now();
+    let report = rt()
+        .block_on(
+            bed.backend(&bed.a)
+                .migrate(&vm_ref(), &HostRef { addr: HOST_B }),
+        )
+        .unwrap();
+    eprintln!("A -> B: {:?} (wall {:?})", report.duration, t.elapsed());
+    assert!(!report.advisory);
+    assert!(bed.runs_in(&bed.b), "the guest runs at B");
+    assert!(
+        !bed.has_tap(&bed.a),
+        "the source QEMU quit (its tap is gone)"
+    );
+    assert!(bed.has_tap(&bed.b));
+    // From the third host: the rack bridge learnt the guest's new port
+    // from QEMU's own announcement.
+    let after = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(
+        after.boot_id, before.boot_id,
+        "a live migration, not a reboot"
+    );
+    assert!(after.uptime > before.uptime, "{before:?} -> {after:?}");
+    assert!(after.counter >= before.counter, "{before:?} -> {after:?}");
+    let fdb = sh(&["bridge", "-n", &bed.rack, "fdb", "show", "br", "br0"]);
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with(MAC) && l.contains("up-b")),
+        "the rack bridge sends the guest's MAC towards B:\n{fdb}"
+    );
+
+    // And back, by B's backend, which finds the guest under B's sockets.
+    let report = rt()
+        .block_on(
+            bed.backend(&bed.b)
+                .migrate(&vm_ref(), &HostRef { addr: HOST_A }),
+        )
+        .unwrap();
+    eprintln!("B -> A: {:?}", report.duration);
+    assert!(bed.runs_in(&bed.a));
+    assert!(!bed.has_tap(&bed.b));
+    let back = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(back.boot_id, before.boot_id);
+    assert!(back.uptime > after.uptime);
+}
+
+#[test]
+#[ignore = "privileged: runs QEMU guests in network namespaces"]
+fn qemu_migration_failure_leaves_the_guest_at_the_source() {
+    skip_unless_ready!();
+    let bed = Bed::new();
+    let before = bed.start_guest(&bed.a);
+
+    // Nothing listens at the target: the helper names a closed port.
+    let helper = vec![
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        format!("echo uri=tcp:{HOST_B}:9"),
+        "closed-port".into(),
+    ];
+    let config: BackendConfig = toml::from_str(&bed.config_text(&bed.a, &helper, "30s")).unwrap();
+    let backend = Backend::from_config(&config).unwrap();
+    let err = rt()
+        .block_on(backend.migrate(&vm_ref(), &HostRef { addr: HOST_B }))
+        .unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err, BackendError::Failed { .. }), "{err:?}");
+    assert_eq!(err.placement(), Placement::Source);
+    assert!(err.still_at_source());
+    assert!(bed.runs_in(&bed.a), "the source QEMU still runs the guest");
+    let after = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(after.boot_id, before.boot_id);
+    assert!(after.uptime > before.uptime);
+
+    // A helper that fails: nothing started, still at the source.
+    let helper = vec!["/bin/false".to_owned()];
+    let config: BackendConfig = toml::from_str(&bed.config_text(&bed.a, &helper, "30s")).unwrap();
+    let err = rt()
+        .block_on(
+            Backend::from_config(&config)
+                .unwrap()
+                .migrate(&vm_ref(), &HostRef { addr: HOST_B }),
+        )
+        .unwrap_err();
+    assert_eq!(err.placement(), Placement::Source, "{err}");
+    assert!(err.to_string().contains("incoming helper failed"), "{err}");
+
+    // Unknown MAC: not found, nothing done. Unknown target: refused.
+    let mut other = vm_ref();
+    other.mac[5] = 0x99;
+    let err = rt()
+        .block_on(
+            bed.backend(&bed.a)
+                .migrate(&other, &HostRef { addr: HOST_B }),
+        )
+        .unwrap_err();
+    assert_eq!(err.placement(), Placement::Absent, "{err}");
+    let err = rt()
+        .block_on(
+            bed.backend(&bed.a)
+                .migrate(&vm_ref(), &HostRef { addr: HOST_C }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Refused { .. }), "{err}");
+    assert!(bed.runs_in(&bed.a));
+}
+
+/// `ping -D -i 0.01` from host C to the guest, running until stopped.
+struct Pinger {
+    child: Child,
+}
+
+impl Pinger {
+    fn start(ns: &str) -> Pinger {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "ping", "-n", "-D", "-i", "0.01", "-W", "1",
+            ])
+            .arg(VM.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Pinger { child }
+    }
+
+    /// Stops it; returns the longest gap between two replies, in ms.
+    fn stop(self) -> f64 {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let times: Vec<f64> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        assert!(times.len() > 10, "too few replies:\n{text}");
+        times
+            .windows(2)
+            .map(|w| (w[1] - w[0]) * 1000.0)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Median, minimum and maximum.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+#[test]
+#[ignore = "privileged: runs QEMU guests in network namespaces"]
+fn qemu_migration_times() {
+    skip_unless_ready!();
+    let rounds: usize = env_or("SCORE_QEMU_ROUNDS", "2").parse().unwrap();
+    let link: u32 = env_or("SCORE_QEMU_LINK", "1000").parse().unwrap();
+    let rates: Vec<u32> = env_or("SCORE_QEMU_BG", "0")
+        .split(',')
+        .map(|r| r.trim().parse().unwrap())
+        .collect();
+    let bed = Bed::new();
+    // Every link between a host and the rack: 1 Gbit/s as in the paper's
+    // test bed (§IV-F), each direction.
+    for (ns, dev) in [
+        (&bed.a, "up0"),
+        (&bed.b, "up0"),
+        (&bed.rack, "up-a"),
+        (&bed.rack, "up-b"),
+    ] {
+        let rate = format!("{link}mbit");
+        sh(&[
+            "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+            "256kb", "latency", "20ms",
+        ]);
+    }
+    let boot = bed.start_guest(&bed.a);
+    let backends = [
+        (bed.a.clone(), bed.qemu_backend(&bed.a), HOST_B),
+        (bed.b.clone(), bed.qemu_backend(&bed.b), HOST_A),
+    ];
+    let rt = rt();
+    println!(
+        "| background (Mbit/s) | n | QEMU total-time (ms) | QEMU downtime (ms) | ping gap (ms) | backend call (ms) | RAM sent (MB) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut at = 0usize;
+    for rate in rates {
+        // Background traffic on the migration's path, both ways: UDP at
+        // `rate` from A to B and from B to A.
+        let mut bg = Vec::new();
+        if rate > 0 {
+            bg.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &bed.b, "iperf3", "-s", "-p", "5299"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            bg.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &bed.a, "iperf3", "-c"])
+                    .arg(HOST_B.to_string())
+                    .args([
+                        "-p", "5299", "-u", "--bidir", "-l", "1400", "-t", "3600", "-b",
+                    ])
+                    .arg(format!("{rate}M"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let (mut total, mut down, mut gap, mut call, mut sent) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let (from, backend, to) = &backends[at];
+            let pinger = Pinger::start(&bed.c);
+            std::thread::sleep(Duration::from_millis(500));
+            let m = rt
+                .block_on(backend.migrate_with_stats(&vm_ref(), &HostRef { addr: *to }))
+                .unwrap_or_else(|e| panic!("migration from {from}: {e}"));
+            std::thread::sleep(Duration::from_millis(700));
+            let g = pinger.stop();
+            let ms = |v: Option<u64>| v.unwrap() as f64;
+            total.push(ms(m.stats.total_ms));
+            down.push(ms(m.stats.downtime_ms));
+            sent.push(ms(m.stats.transferred_bytes) / 1e6);
+            call.push(m.report.duration.as_secs_f64() * 1000.0);
+            gap.push(g);
+            eprintln!(
+                "bg {rate}: {from} -> {to}: total {:?} ms, downtime {:?} ms, ping gap {g:.0} ms, call {:?} (helper {:?})",
+                m.stats.total_ms, m.stats.downtime_ms, m.report.duration, m.helper
+            );
+            at = 1 - at;
+        }
+        for mut c in bg {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let f = |v: &[f64]| {
+            let (m, lo, hi) = spread(v);
+            format!("{m:.0} ({lo:.0}-{hi:.0})")
+        };
+        println!(
+            "| {rate} | {rounds} | {} | {} | {} | {} | {} |",
+            f(&total),
+            f(&down),
+            f(&gap),
+            f(&call),
+            f(&sent)
+        );
+        assert!(
+            gap.iter().all(|g| *g < 10_000.0),
+            "the guest stopped answering for more than 10 s: {gap:?}"
+        );
+    }
+    let home = if at == 0 { &bed.a } else { &bed.b };
+    let end = wait_status(home, Duration::from_secs(10));
+    assert_eq!(end.boot_id, boot.boot_id, "every migration was live");
+}
