@@ -5,7 +5,7 @@
 //! (rayon); each run is itself sequential and deterministic, so the results
 //! do not depend on the number of threads.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -388,7 +388,7 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
                     points: summary
                         .cm_sweep
                         .iter()
-                        .filter(|p| p.reading == rd.reading() || p.fraction == 0.0)
+                        .filter(|p| p.reading == rd.reading())
                         .map(|p| (p.fraction * 100.0, p.ratio))
                         .collect(),
                 })
@@ -507,9 +507,4 @@ fn setup_summary(s: &Scenario, setup: &Setup, initial: f64) -> SetupSummary {
         rule: s.rule.name().to_string(),
         migration_cost: format!("{:?}", s.migration_cost),
     }
-}
-
-/// The output folder's path for a file (helper for callers).
-pub fn out_file(out: &Path, name: &str) -> PathBuf {
-    out.join(name)
 }

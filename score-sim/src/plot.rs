@@ -212,7 +212,7 @@ fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>
                 });
         }
         for (j, &(name, cost)) in baselines.iter().enumerate() {
-            let color = PALETTE[(4 + j) % PALETTE.len()];
+            let color = PALETTE[(4 + 2 * j) % PALETTE.len()];
             let y = cost / initial;
             let dashes = dashed(0.0, max_x, y, 60);
             for seg in dashes.chunks(2) {
@@ -320,7 +320,7 @@ fn draw_sweep<DB: DrawingBackend>(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::MiddleRight)
             .draw()
             .map_err(|e| e.to_string())?;
         Ok(())
