@@ -318,7 +318,9 @@ impl Decision {
 }
 
 /// Peer rates summed per group at every level, groups in host order.
-struct LevelSums {
+/// Shared with [`crate::swap`], which costs hosts outside the paper's
+/// candidate set with the same sums (so equal costs are equal bit for bit).
+pub(crate) struct LevelSums {
     /// `sums[l]`: (group at level l, Σ rate of peers in it), sorted by group.
     /// Levels 0..depth; the root's sum is `total`.
     sums: Vec<Vec<(u32, f64)>>,
@@ -357,7 +359,7 @@ impl LevelSums {
     /// Rate of peers at each level 0..=depth from host `y`, and `y`'s cost
     /// and level. S_l(y) is the sum in y's level-l group; peers at exactly
     /// level l are S_l − S_{l−1}.
-    fn cost_at(&self, topo: &Topology, y: HostId) -> (f64, u8) {
+    pub(crate) fn cost_at(&self, topo: &Topology, y: HostId) -> (f64, u8) {
         let depth = topo.depth();
         let w = topo.weights();
         let mut prev = self.lookup(0, y);
@@ -388,21 +390,17 @@ impl LevelSums {
     }
 }
 
-/// Computes u's cost now and its candidate hosts in the paper's order.
-///
-/// `vm` runs on `host`; `peers` are its peers with their hosts and rates.
-/// Peers with a rate that is not a finite number > 0, with a host outside
-/// the topology, or with `vm`'s own ID are ignored (and counted). Panics if
-/// `host` is not a host of `topo`.
-pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
+/// The peers [`plan`] takes into account (see there).
+pub(crate) fn usable_peers<'a>(topo: &Topology, vm: VmId, peers: &'a [Peer]) -> Vec<&'a Peer> {
     let n_hosts = topo.host_count();
-    assert!(host < n_hosts, "deciding VM's host {host} not in topology");
-    let usable: Vec<&Peer> = peers
+    peers
         .iter()
         .filter(|z| z.rate.is_finite() && z.rate > 0.0 && z.host < n_hosts && z.id != vm)
-        .collect();
-    let peers_ignored = (peers.len() - usable.len()) as u32;
+        .collect()
+}
 
+/// The per-level sums of usable peers' rates, and their total (the load).
+pub(crate) fn level_sums(topo: &Topology, usable: &[&Peer]) -> (LevelSums, f64) {
     // Rates per host, sorted by host.
     let mut by_host: Vec<(HostId, f64)> = usable.iter().map(|z| (z.host, z.rate)).collect();
     by_host.sort_by_key(|&(h, _)| h);
@@ -414,7 +412,21 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
         }
     }
     let load = merged.iter().map(|&(_, r)| r).sum();
-    let sums = LevelSums::new(topo, merged);
+    (LevelSums::new(topo, merged), load)
+}
+
+/// Computes u's cost now and its candidate hosts in the paper's order.
+///
+/// `vm` runs on `host`; `peers` are its peers with their hosts and rates.
+/// Peers with a rate that is not a finite number > 0, with a host outside
+/// the topology, or with `vm`'s own ID are ignored (and counted). Panics if
+/// `host` is not a host of `topo`.
+pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
+    let n_hosts = topo.host_count();
+    assert!(host < n_hosts, "deciding VM's host {host} not in topology");
+    let usable = usable_peers(topo, vm, peers);
+    let peers_ignored = (peers.len() - usable.len()) as u32;
+    let (sums, load) = level_sums(topo, &usable);
     let (cost_before, level) = sums.cost_at(topo, host);
 
     // Candidate order: each peer's cost now, highest first, ties to lower ID.

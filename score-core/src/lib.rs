@@ -6,7 +6,9 @@
 
 pub mod cost;
 pub mod decision;
+pub mod optimum;
 pub mod policy;
+pub mod swap;
 pub mod token;
 pub mod topology;
 pub mod wire;
