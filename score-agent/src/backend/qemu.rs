@@ -847,6 +847,7 @@ pub mod qmp {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use std::time::Duration;
         use tokio::{io::AsyncBufReadExt, net::UnixListener};
 
         /// A fake QEMU monitor: greets, then answers each command from
