@@ -20,7 +20,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::{
@@ -32,13 +32,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use aya::programs::{TestRun, TestRunOptions};
+use aya::{
+    maps::MapData,
+    programs::{TestRun, TestRunOptions},
+};
 use score_agent::{
     collector::monotonic_ns,
     datapath::{Datapath, LoadOptions},
-    flows::{FlowTable, Pair},
+    flows::{FlowTable, Pair, Totals},
 };
-use score_common::{PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters};
+use score_common::{FLOWS_MAP, PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey};
 
 /// Frame size of the per-packet benchmark and of the agent's traffic.
 const FRAME_LEN: usize = 128;
@@ -251,6 +254,10 @@ fn pairs(n: usize) -> Vec<Pair> {
 
 // ------------------------------------------------------------ part 1: packet
 
+/// What one row of the per-packet table runs: label, index of the datapath,
+/// program, frame, and the pair the frame is counted under.
+type Subject<'a> = (&'a str, usize, &'a str, &'a [u8], Option<Pair>);
+
 /// One BPF_PROG_TEST_RUN call: (kernel's per-repeat ns, wall ns per repeat).
 fn test_run(dp: &mut Datapath, prog: &str, frame: &[u8], repeat: u32) -> Result<(f64, f64)> {
     let p = dp.program_mut(prog)?;
@@ -311,7 +318,7 @@ fn packet(plan: &Plan) -> Result<()> {
     let out = udp_frame(vm, peer, VM_MAC, PEER_MAC);
     let inb = udp_frame(peer, vm, PEER_MAC, VM_MAC);
     // (label, datapath, program, frame, pair it counts)
-    let progs: [(&str, usize, &str, &[u8], Option<Pair>); 4] = [
+    let progs: [Subject; 4] = [
         ("empty", 0, PROG_BENCH_EMPTY, &out, None),
         ("ingress", 0, PROG_INGRESS, &out, Some((vm, peer))),
         ("egress", 0, PROG_EGRESS, &inb, Some((peer, vm))),
@@ -338,10 +345,12 @@ fn packet(plan: &Plan) -> Result<()> {
             let (k, w) = test_run(&mut dps[*d], prog, frame, plan.repeat)?;
             kernel.entry(label).or_default().push(k);
             wall.entry(label).or_default().push(w);
+            // The kernel's timer stops while the test loop is rescheduled,
+            // so its figure, unlike the wall clock, ignores other load.
             if *prog == PROG_BENCH_EMPTY {
-                base = w;
+                base = k;
             } else {
-                extra.entry(label).or_default().push(w - base);
+                extra.entry(label).or_default().push(k - base);
             }
         }
     }
@@ -371,18 +380,19 @@ fn packet(plan: &Plan) -> Result<()> {
     }
     for (label, ..) in &progs[1..] {
         println!(
-            "  {label:<18} minus empty (wall, same round): {:.2} ns",
+            "  {label:<18} minus empty (kernel, same round): {:.0} ns",
             summarize(&extra[label])
         );
     }
     let dp = &mut dps[0];
 
     // New pair (first frame: lookup miss + insert) against the existing
-    // pair, one frame per call: the same frames are run twice, the first
-    // time each inserts its pair, the second time it finds it.
-    let mut first = Vec::new();
-    let mut again = Vec::new();
-    let mut empty = Vec::new();
+    // pair, one frame per call, side by side: for each fresh frame, the
+    // empty program, then the classifier twice (the first run inserts the
+    // pair, the second finds it). One-shot runs see cold caches and the
+    // timer's own overhead, hence the paired differences.
+    let (mut empty, mut first, mut again) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut d_first, mut d_again, mut d_insert) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..plan.rounds {
         let frames: Vec<(Pair, Vec<u8>)> = (0..plan.singles)
             .map(|i| {
@@ -392,13 +402,16 @@ fn packet(plan: &Plan) -> Result<()> {
                 ((vm, dst), udp_frame(vm, dst, VM_MAC, PEER_MAC))
             })
             .collect();
-        for pass in [&mut first, &mut again] {
-            for (_, f) in &frames {
-                pass.push(test_run(dp, PROG_INGRESS, f, 1)?.0);
-            }
-        }
         for (_, f) in &frames {
-            empty.push(test_run(dp, PROG_BENCH_EMPTY, f, 1)?.0);
+            let e = test_run(dp, PROG_BENCH_EMPTY, f, 1)?.0;
+            let n = test_run(dp, PROG_INGRESS, f, 1)?.0;
+            let x = test_run(dp, PROG_INGRESS, f, 1)?.0;
+            empty.push(e);
+            first.push(n);
+            again.push(x);
+            d_first.push(n - e);
+            d_again.push(x - e);
+            d_insert.push(n - x);
         }
         // Back to 3,200 pairs, so that every round inserts into the same fill.
         let fresh: Vec<Pair> = frames.iter().map(|(p, _)| *p).collect();
@@ -409,27 +422,22 @@ fn packet(plan: &Plan) -> Result<()> {
             fresh.len()
         );
     }
-    let (f, a, e) = (summarize(&first), summarize(&again), summarize(&empty));
     println!(
-        "one frame per call (kernel's ns, {} calls each; includes the test timer's overhead):",
-        f.n
+        "one frame per call, ingress (kernel's ns, {} fresh pairs; includes the test \
+         timer's overhead): median (min, max) [p10, p90]",
+        first.len()
     );
-    println!(
-        "  empty              {e:.0} (p10 {:.0}, p90 {:.0})",
-        e.p10, e.p90
-    );
-    println!(
-        "  ingress, new pair  {f:.0} (p10 {:.0}, p90 {:.0})",
-        f.p10, f.p90
-    );
-    println!(
-        "  ingress, existing  {a:.0} (p10 {:.0}, p90 {:.0})",
-        a.p10, a.p90
-    );
-    println!(
-        "  insert extra (median new - median existing): {:.0} ns",
-        f.median - a.median
-    );
+    for (what, v) in [
+        ("empty", &empty),
+        ("new pair", &first),
+        ("existing pair", &again),
+        ("new - empty", &d_first),
+        ("existing - empty", &d_again),
+        ("new - existing", &d_insert),
+    ] {
+        let s = summarize(v);
+        println!("  {what:<18} {s:.0} [{:.0}, {:.0}]", s.p10, s.p90);
+    }
     Ok(())
 }
 
@@ -437,20 +445,23 @@ fn packet(plan: &Plan) -> Result<()> {
 
 fn drain(plan: &Plan) -> Result<()> {
     println!(
-        "{} drains per size after warm-up; ms: median (min, max)",
+        "{} drains per size after warm-up; ms, median (min, max); wall clock, and this \
+         thread's CPU time (what the drain costs when other work shares the cores)",
         plan.drains
     );
-    println!(
-        "  {:>7} | {:<26} | {:<26} | {:<26} | {:<26} | ns/pair",
-        "pairs", "snapshot", "update (steady)", "snapshot+update", "update (first sight)"
-    );
+    // The flow map is pinned here so that the bench can reopen it for the
+    // batched read below; unmounted (and the pins gone) on drop.
+    let mount = BpfMount::new(Path::new(DRAIN_BPFFS))?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     for n in [1_000usize, 10_000, 100_000] {
+        let pins = mount.0.join(format!("n{n}"));
         let mut dp = Datapath::load(&LoadOptions {
             // Room for 100k pairs; a prealloc'd hash at 77% fill at most.
             flows_max: 131_072,
-            pin_dir: None,
+            pin_dir: Some(pins.clone()),
             control_port: None,
         })?;
+        let flow_map = MapData::from_pin(pins.join(FLOWS_MAP))?;
         let now = monotonic_ns();
         let counters = PairCounters {
             bytes: 128_000,
@@ -473,45 +484,192 @@ fn drain(plan: &Plan) -> Result<()> {
             clock += SEC;
             table.update(clock, warm.iter().copied());
         }
-        let first_sight: Vec<f64> = (0..plan.drains)
-            .map(|_| {
-                let mut t = FlowTable::new(window, 120 * SEC, 0);
-                let started = Instant::now();
-                t.update(clock, warm.iter().copied());
-                ms(started.elapsed())
-            })
-            .collect();
+        let mut first_sight = Times::default();
+        for _ in 0..plan.drains {
+            let mut t = FlowTable::new(window, 120 * SEC, 0);
+            let t0 = Stamp::now();
+            t.update(clock, warm.iter().copied());
+            first_sight.push(t0, Stamp::now());
+        }
 
-        let (mut snap, mut upd, mut both) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut snap, mut upd, mut both) = (Times::default(), Times::default(), Times::default());
         for _ in 0..plan.drains {
             clock += SEC;
-            let t0 = Instant::now();
+            let t0 = Stamp::now();
             let s = dp.snapshot()?;
-            let t1 = Instant::now();
+            let t1 = Stamp::now();
             let len = s.len();
             table.update(clock, s);
-            let t2 = Instant::now();
+            let t2 = Stamp::now();
             ensure!(len == n, "snapshot saw {len} of {n} pairs");
-            snap.push(ms(t1 - t0));
-            upd.push(ms(t2 - t1));
-            both.push(ms(t2 - t0));
+            snap.push(t0, t1);
+            upd.push(t1, t2);
+            both.push(t0, t2);
         }
         ensure!(table.len() == n, "flow table holds {} of {n}", table.len());
-        let b = summarize(&both);
-        println!(
-            "  {n:>7} | {:<26} | {:<26} | {:<26} | {:<26} | {:.0}",
-            format!("{:.3}", summarize(&snap)),
-            format!("{:.3}", summarize(&upd)),
-            format!("{b:.3}"),
-            format!("{:.3}", summarize(&first_sight)),
-            b.median * 1e6 / n as f64
-        );
+
+        // The same read with BPF_MAP_LOOKUP_BATCH, which the agent does not
+        // use (aya 0.14 has no batch API): what batching would save.
+        let mut batch = Times::default();
+        let mut expected = dp.snapshot()?;
+        expected.sort_by_key(|(p, _)| *p);
+        for _ in 0..plan.drains {
+            let t0 = Stamp::now();
+            let mut got = batch_snapshot(flow_map.fd().as_fd(), cpus)?;
+            batch.push(t0, Stamp::now());
+            got.sort_by_key(|(p, _)| *p);
+            ensure!(
+                got == expected,
+                "the batched read disagrees with snapshot()"
+            );
+        }
+        println!("  {n} pairs:");
+        for (what, t) in [
+            ("snapshot", &snap),
+            ("update (steady state)", &upd),
+            ("snapshot + update", &both),
+            ("update (first sight)", &first_sight),
+            ("batched read (alt.)", &batch),
+        ] {
+            let (w, c) = (summarize(&t.wall), summarize(&t.cpu));
+            println!(
+                "    {what:<22} wall {w:.3} | cpu {c:.3} | cpu {:.0} ns/pair",
+                c.median * 1e6 / n as f64
+            );
+        }
     }
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+const DRAIN_BPFFS: &str = "/run/score-bench-drain-bpf";
+
+/// A bpffs mounted by the bench, unmounted and removed on drop.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new(path: &Path) -> Result<BpfMount> {
+        let _ = quiet(Command::new("umount").arg(path)); // a killed run's
+        std::fs::create_dir_all(path)?;
+        sh(&["mount", "-t", "bpf", "bpf", &path.to_string_lossy()])?;
+        Ok(BpfMount(path.to_owned()))
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = quiet(Command::new("umount").arg(&self.0));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `union bpf_attr` as BPF_MAP_*_BATCH reads it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every pair of the flow map, read 4,096 entries per syscall.
+fn batch_snapshot(fd: BorrowedFd<'_>, cpus: usize) -> Result<Vec<(Pair, Totals)>> {
+    const CHUNK: usize = 4096;
+    let mut keys = vec![PairKey::default(); CHUNK];
+    // Per-CPU values come as one slot per possible CPU, each rounded up to
+    // 8 bytes (PairCounters already is).
+    let mut values = vec![PairCounters::default(); CHUNK * cpus];
+    let mut out = Vec::new();
+    // For hash maps the batch cursor is a u32 bucket index.
+    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+    let mut started = false;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if started {
+                (&raw const cursor_in) as u64
+            } else {
+                0
+            },
+            out_batch: (&raw mut cursor_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at buffers of CHUNK keys and CHUNK x cpus
+        // values, and at two u32 cursors, all alive across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        for i in 0..(attr.count as usize).min(CHUNK) {
+            let k = keys[i];
+            out.push((
+                (
+                    Ipv4Addr::from(u32::from_be(k.src)),
+                    Ipv4Addr::from(u32::from_be(k.dst)),
+                ),
+                Totals::sum(&values[i * cpus..(i + 1) * cpus]),
+            ));
+        }
+        match err {
+            None => {}
+            // The last batch: the map has no more entries.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => bail!("BPF_MAP_LOOKUP_BATCH: {e}"),
+        }
+        cursor_in = cursor_out;
+        started = true;
+    }
+}
+
+/// Wall clock and the calling thread's CPU time at one instant.
+#[derive(Clone, Copy)]
+struct Stamp {
+    wall: Instant,
+    cpu_ns: u64,
+}
+
+impl Stamp {
+    fn now() -> Stamp {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is a valid timespec to write into.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Stamp {
+            wall: Instant::now(),
+            cpu_ns: ts.tv_sec as u64 * SEC + ts.tv_nsec as u64,
+        }
+    }
+}
+
+/// Intervals in ms, wall and CPU.
+#[derive(Default)]
+struct Times {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Times {
+    fn push(&mut self, from: Stamp, to: Stamp) {
+        self.wall.push((to.wall - from.wall).as_secs_f64() * 1e3);
+        self.cpu
+            .push(to.cpu_ns.saturating_sub(from.cpu_ns) as f64 / 1e6);
+    }
 }
 
 // ------------------------------------------------------------- part 3: agent
