@@ -10,6 +10,7 @@
 //! point (default 2), `SCORE_QEMU_BG` background rates in Mbit/s (default
 //! `0`), links shaped to `SCORE_QEMU_LINK` Mbit/s (default 1000).
 
+mod dc;
 mod support;
 
 use std::{
@@ -23,7 +24,7 @@ use score_agent::backend::{
     Backend, BackendConfig, BackendError, HostRef, Placement, QemuBackend, VmRef, parse_mac,
     qmp::Qmp,
 };
-use support::{Lab, http_get, sh};
+use support::{Agent, BpfFs, Lab, http_get, sh};
 
 const PREFIX: &str = "sct-qm-";
 const GUEST_DIR: &str = "/var/cache/score-guest";
@@ -73,7 +74,11 @@ struct Status {
 }
 
 fn status(ns: &str) -> Option<Status> {
-    let body = http_get(ns, &format!("{VM}:80"), "/cgi-bin/status")?;
+    status_of(ns, VM)
+}
+
+fn status_of(ns: &str, vm: Ipv4Addr) -> Option<Status> {
+    let body = http_get(ns, &format!("{vm}:80"), "/cgi-bin/status")?;
     let field = |k: &str| {
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
@@ -214,9 +219,9 @@ impl Bed {
         Backend::from_config(&config).unwrap()
     }
 
-    fn qemu_backend(&self, home: &str) -> QemuBackend {
+    fn qemu_backend(&self, home: &str, timeout: &str) -> QemuBackend {
         let BackendConfig::Qemu(c) =
-            toml::from_str(&self.config_text(home, &self.helper(), "60s")).unwrap()
+            toml::from_str(&self.config_text(home, &self.helper(), timeout)).unwrap()
         else {
             panic!()
         };
@@ -466,6 +471,7 @@ fn env_or(key: &str, default: &str) -> String {
 fn qemu_migration_times() {
     skip_unless_ready!();
     let rounds: usize = env_or("SCORE_QEMU_ROUNDS", "2").parse().unwrap();
+    let timeout = env_or("SCORE_QEMU_TIMEOUT", "60s");
     let link: u32 = env_or("SCORE_QEMU_LINK", "1000").parse().unwrap();
     let rates: Vec<u32> = env_or("SCORE_QEMU_BG", "0")
         .split(',')
@@ -473,27 +479,29 @@ fn qemu_migration_times() {
         .collect();
     let bed = Bed::new();
     // Every link between a host and the rack: 1 Gbit/s as in the paper's
-    // test bed (§IV-F), each direction.
-    for (ns, dev) in [
-        (&bed.a, "up0"),
-        (&bed.b, "up0"),
-        (&bed.rack, "up-a"),
-        (&bed.rack, "up-b"),
-    ] {
-        let rate = format!("{link}mbit");
-        sh(&[
-            "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
-            "256kb", "latency", "20ms",
-        ]);
+    // test bed (§IV-F), each direction; 0 leaves the veths unshaped.
+    if link > 0 {
+        for (ns, dev) in [
+            (&bed.a, "up0"),
+            (&bed.b, "up0"),
+            (&bed.rack, "up-a"),
+            (&bed.rack, "up-b"),
+        ] {
+            let rate = format!("{link}mbit");
+            sh(&[
+                "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                "256kb", "latency", "20ms",
+            ]);
+        }
     }
     let boot = bed.start_guest(&bed.a);
     let backends = [
-        (bed.a.clone(), bed.qemu_backend(&bed.a), HOST_B),
-        (bed.b.clone(), bed.qemu_backend(&bed.b), HOST_A),
+        (bed.a.clone(), bed.qemu_backend(&bed.a, &timeout), HOST_B),
+        (bed.b.clone(), bed.qemu_backend(&bed.b, &timeout), HOST_A),
     ];
     let rt = rt();
     println!(
-        "| background (Mbit/s) | n | QEMU total-time (ms) | QEMU downtime (ms) | ping gap (ms) | backend call (ms) | RAM sent (MB) |"
+        "| background (Mbit/s) | n (failed) | QEMU total-time (ms) | QEMU downtime (ms) | ping gap (ms) | backend call (ms) | RAM sent (MB) |"
     );
     println!("|---|---|---|---|---|---|---|");
     let mut at = 0usize;
@@ -528,13 +536,24 @@ fn qemu_migration_times() {
         }
         let (mut total, mut down, mut gap, mut call, mut sent) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut failed = 0usize;
         for _ in 0..rounds {
             let (from, backend, to) = &backends[at];
             let pinger = Pinger::start(&bed.c);
             std::thread::sleep(Duration::from_millis(500));
-            let m = rt
-                .block_on(backend.migrate_with_stats(&vm_ref(), &HostRef { addr: *to }))
-                .unwrap_or_else(|e| panic!("migration from {from}: {e}"));
+            let m = match rt.block_on(backend.migrate_with_stats(&vm_ref(), &HostRef { addr: *to }))
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    // A migration that did not finish in time is a data
+                    // point too; the guest must still be at the source.
+                    let _ = pinger.stop();
+                    eprintln!("bg {rate}: {from} -> {to}: {e}");
+                    assert_eq!(e.placement(), Placement::Source, "{e}");
+                    failed += 1;
+                    continue;
+                }
+            };
             std::thread::sleep(Duration::from_millis(700));
             let g = pinger.stop();
             let ms = |v: Option<u64>| v.unwrap() as f64;
@@ -554,16 +573,23 @@ fn qemu_migration_times() {
             let _ = c.wait();
         }
         let f = |v: &[f64]| {
+            if v.is_empty() {
+                return "-".to_owned();
+            }
             let (m, lo, hi) = spread(v);
             format!("{m:.0} ({lo:.0}-{hi:.0})")
         };
         println!(
-            "| {rate} | {rounds} | {} | {} | {} | {} | {} |",
+            "| {rate} | {rounds} ({failed}) | {} | {} | {} | {} | {} |",
             f(&total),
             f(&down),
             f(&gap),
             f(&call),
             f(&sent)
+        );
+        assert!(
+            failed * 2 <= rounds,
+            "{failed} of {rounds} migrations failed"
         );
         assert!(
             gap.iter().all(|g| *g < 10_000.0),
@@ -573,4 +599,145 @@ fn qemu_migration_times() {
     let home = if at == 0 { &bed.a } else { &bed.b };
     let end = wait_status(home, Duration::from_secs(10));
     assert_eq!(end.boot_id, boot.boot_id, "every migration was live");
+}
+
+/// Two real guests on two hosts of one rack, each sending 2 Mbit/s of UDP
+/// (iperf3 in the guest) to the other; one score-agent per host with the
+/// qemu backend, counting on the taps. The agents bring the pair onto one
+/// host by a live migration.
+#[test]
+#[ignore = "privileged: runs QEMU guests and score-agents in network namespaces"]
+fn agents_live_migrate_a_real_guest_to_its_peer() {
+    skip_unless_ready!();
+    let bed = Bed::new();
+    let hosts = [(bed.a.clone(), HOST_A), (bed.b.clone(), HOST_B)];
+    let guests = [
+        (Ipv4Addr::new(198, 18, 1, 1), "02:00:00:01:00:01", "tap1"),
+        (Ipv4Addr::new(198, 18, 1, 2), "02:00:00:01:00:02", "tap2"),
+    ];
+    for (i, (ip, mac, tap)) in guests.iter().enumerate() {
+        let peer = guests[1 - i].0;
+        sh(&[
+            &fixture("qemu-vm"),
+            "--dir",
+            &bed.dir(),
+            "start",
+            &hosts[i].0,
+            &ip.to_string(),
+            mac,
+            tap,
+            &format!("score.peers={peer}:2M"),
+        ]);
+    }
+    let boot: Vec<Status> = guests
+        .iter()
+        .map(|(ip, ..)| {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Some(s) = status_of(&bed.c, *ip) {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "guest {ip} never answered");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+        .collect();
+
+    let work = tempfile::tempdir().unwrap();
+    let key_path = work.path().join("cluster.key");
+    std::fs::write(&key_path, [7u8; 32]).unwrap();
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let topology = work.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            "weights = [1.0, 2.718281828459045, 20.085536923187668]\n\
+             [[children]]\n[[children.children]]\nhosts = [\"{HOST_A}\", \"{HOST_B}\"]\n"
+        ),
+    )
+    .unwrap();
+    let bpffs = BpfFs::mount(&format!("/run/{PREFIX}bpf-{}", std::process::id()));
+    let helper: Vec<String> = bed.helper().iter().map(|a| format!("{a:?}")).collect();
+    let mut agents = Vec::new();
+    for (ns, addr) in &hosts {
+        let config = format!(
+            "interfaces = [\"tap*\"]\ndrain_interval = \"200ms\"\nrate_window = \"3s\"\nidle_timeout = \"6s\"\n\
+             pin_path = \"{bpf}/{ns}\"\nhttp_listen = \"{http}\"\n\
+             [node]\naddress = \"{addr}\"\nvm_slots = 2\nmemory_mib = 4096\nvm_memory_mib = 256\n\
+             [topology]\nfile = \"{topo}\"\n\
+             [peer]\nport = 7946\nkey_file = \"{key}\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
+             request_timeout = \"300ms\"\ntoken_timeout = \"10s\"\nreport_interval = \"1s\"\n\
+             [policy]\nkind = \"distributed\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\n\
+             [backend]\nkind = \"qemu\"\nqmp_sockets = \"{dir}/{ns}/*.qmp\"\nincoming_helper = [{helper}]\n\
+             timeout = \"60s\"\n[backend.hosts]\n\"{HOST_A}\" = \"{a}\"\n\"{HOST_B}\" = \"{b}\"\n",
+            bpf = bpffs.path,
+            http = dc::HTTP,
+            topo = topology.display(),
+            key = key_path.display(),
+            dir = bed.dir(),
+            helper = helper.join(", "),
+            a = bed.a,
+            b = bed.b,
+        );
+        let path = work.path().join(format!("{ns}.toml"));
+        std::fs::write(&path, config).unwrap();
+        agents.push(Agent::start(
+            ns,
+            &["run", "--config", path.to_str().unwrap()],
+        ));
+    }
+    for a in &agents {
+        a.wait_for(&["score-agent running"], Duration::from_secs(30));
+    }
+
+    // Together: both taps on one host, each guest's QEMU running there.
+    let on = |tap: &str| -> Vec<usize> {
+        (0..2)
+            .filter(|&h| {
+                Command::new("ip")
+                    .args(["-n", &hosts[h].0, "link", "show", "dev", tap])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let host = loop {
+        let (g1, g2) = (on("tap1"), on("tap2"));
+        if g1.len() == 1 && g1 == g2 {
+            break g1[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pair was never brought together (tap1 on {g1:?}, tap2 on {g2:?}):\n{}\n{}",
+            agents[0].stderr(),
+            agents[1].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("both guests on {}", hosts[host].0);
+    // Both are the same machines as before, and answer from there.
+    for ((ip, ..), before) in guests.iter().zip(&boot) {
+        let now = status_of(&bed.c, *ip).expect("the guest answers");
+        assert_eq!(now.boot_id, before.boot_id, "{ip} was live-migrated");
+        assert!(now.uptime > before.uptime);
+    }
+    let done: f64 = (0..2)
+        .map(|h| {
+            http_get(&hosts[h].0, dc::HTTP, "/metrics")
+                .map(|t| dc::metric_value(&t, "score_migrations_total{outcome=\"done\"}"))
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(done, 1.0, "one live migration brought them together");
+    let logs: String = agents.iter().map(Agent::stderr).collect();
+    assert!(logs.contains("qemu: migration completed"), "{logs}");
+    assert!(logs.contains("migration done"), "{logs}");
+    for a in agents {
+        a.stop(libc::SIGTERM);
+    }
 }
