@@ -645,7 +645,10 @@ fn agents_live_migrate_a_real_guest_to_its_peer() {
 
     let work = tempfile::tempdir().unwrap();
     let key_path = work.path().join("cluster.key");
-    std::fs::write(&key_path, [7u8; 32]).unwrap();
+    let key: Vec<u8> = (0..32u8)
+        .map(|b| b.wrapping_mul(41).wrapping_add(3))
+        .collect();
+    std::fs::write(&key_path, key).unwrap();
     std::fs::set_permissions(
         &key_path,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
