@@ -919,7 +919,19 @@ impl AgentProc {
     fn start(config: &Path) -> Result<AgentProc> {
         // `ip netns exec` execs the agent in place: the child's pid is the
         // agent's.
-        let mut child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        // If the bench dies without running its guards (SIGKILL), the agent
+        // goes with it rather than run on in a namespace nobody owns.
+        // SAFETY: prctl is async-signal-safe, and nothing else runs here.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["netns", "exec", HOST_NS, env!("CARGO_BIN_EXE_score-agent")])
             .arg("run")
             .arg("--config")
@@ -954,6 +966,18 @@ impl AgentProc {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Fails with the agent's log if it has exited.
+    fn alive(&mut self) -> Result<()> {
+        let exited = match self.child.as_mut() {
+            Some(c) => c.try_wait()?,
+            None => None,
+        };
+        match exited {
+            Some(status) => bail!("score-agent exited ({status}):\n{}", self.log()),
+            None => Ok(()),
+        }
+    }
+
     /// Waits until the agent runs and has attached to every vif.
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -962,13 +986,7 @@ impl AgentProc {
             if log.contains("score-agent running") && log.matches(" attached").count() >= VMS {
                 return Ok(());
             }
-            let exited = match self.child.as_mut() {
-                Some(c) => c.try_wait()?,
-                None => None,
-            };
-            if let Some(status) = exited {
-                bail!("score-agent exited ({status}):\n{log}");
-            }
+            self.alive()?;
             ensure!(
                 Instant::now() < deadline,
                 "score-agent not ready after {timeout:?}:\n{log}"
@@ -1137,6 +1155,7 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
     let mut samples = Vec::new();
     while started.elapsed() < plan.agent_measure {
         thread::sleep(Duration::from_secs(1));
+        agent.alive()?;
         samples.push(memory_kib(pid)?);
     }
     let (ns1, tids1) = cpu_ns(pid)?;
@@ -1197,10 +1216,8 @@ fn agent(plan: &Plan) -> Result<()> {
         sh(&["ip", "-n", VMS_NS, "link", "set", &eth, "up"])?;
     }
     bed.mount_bpffs()?;
-    let config = PathBuf::from(format!(
-        "/run/score-bench-agent-{}.toml",
-        std::process::id()
-    ));
+    // A fixed name: a killed run's file is simply overwritten.
+    let config = PathBuf::from("/run/score-bench-agent.toml");
     std::fs::write(
         &config,
         format!(
