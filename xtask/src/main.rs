@@ -43,7 +43,9 @@ enum Task {
     },
     /// Run a benchmark suite and print its results.
     Bench {
-        /// Which suite: flows (datapath), core (decision, wire), sim.
+        /// Which suite: flows (datapath), compare (score against OVS and
+        /// nftables), scale (agent cost at 1k-1M pairs, token at 1k-1M
+        /// VMs), core (decision, wire), sim.
         suite: String,
     },
     /// The emulated data centre: network namespaces as switches, hosts and
@@ -326,6 +328,22 @@ fn bench(suite: &str) -> Result<()> {
             }
             run(cargo().args(["bench", "--locked", "-p", "score-agent", "--bench", "flows"]))
         }
+        "compare" | "scale" => {
+            setup::setup()?;
+            if !is_root() {
+                bail!("the {suite} benchmark needs root (eBPF, namespaces, OVS, nftables)");
+            }
+            run(cargo().args([
+                "bench",
+                "--locked",
+                "-p",
+                "score-agent",
+                "--bench",
+                "compare",
+                "--",
+                suite,
+            ]))
+        }
         "core" => {
             run(cargo().args([
                 "bench",
@@ -338,6 +356,8 @@ fn bench(suite: &str) -> Result<()> {
             run(cargo().args(["bench", "--locked", "-p", "score-core", "--bench", "wire"]))
         }
         "sim" => run(cargo().args(["bench", "--locked", "-p", "score-sim"])),
-        other => bail!("unknown bench suite {other:?}: expected flows, core or sim"),
+        other => {
+            bail!("unknown bench suite {other:?}: expected flows, compare, scale, core or sim")
+        }
     }
 }

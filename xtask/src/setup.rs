@@ -24,6 +24,10 @@ pub const APT_PACKAGES: &[&str] = &[
     // agent's /metrics inside its host namespace.
     "arping",
     "curl",
+    // `bench compare`: the baselines score is measured against (OVS with
+    // the userspace datapath, started by hand; nftables bridge sets).
+    "openvswitch-switch",
+    "nftables",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {

@@ -1,0 +1,1473 @@
+//! `cargo xtask bench compare` and `cargo xtask bench scale`: score's
+//! per-pair accounting against what a user would pick instead, and the
+//! agent's own cost as the work grows. Numbers go to docs/BENCHMARKS.md.
+//!
+//! `compare` sends the same frames through three counters in a row: a VM
+//! namespace's veth into the host namespace, where score's classifiers
+//! count at the vif (TC ingress) and the real `score-agent` daemon drains
+//! them; the vif is a port of an Open vSwitch bridge with the userspace
+//! datapath (this kernel has no openvswitch module), megaflows off, polled
+//! with `ovs-appctl dpctl/dump-flows` as the paper did; OVS floods the
+//! frames out of an uplink into a Linux bridge whose nftables bridge table
+//! counts each pair in a dynamic set. Pairs grow 100 -> 1k -> 10k -> 30k;
+//! at each size every poller is timed several times, interleaved, and the
+//! three tables are checked to agree byte for byte after converting what
+//! each counts. Then the kernel program's CPU under a fixed packet rate,
+//! with the program attached and detached.
+//!
+//! `scale` pre-fills the flow map with 1k..1M pairs and measures the
+//! daemon's drain and RSS, and times token processing (decode, policy
+//! advance, encode) for data centres of 1k, 100k and 1M VMs.
+//!
+//! Needs root. Everything created (namespaces `scb-cmp-*`, OVS processes
+//! and their database, the nft table, the bpffs mount, the sysctl
+//! `kernel.bpf_stats_enabled`) is removed or restored by `Drop` guards,
+//! also when a step fails. Arguments after `--`: `compare` and/or `scale`
+//! (default both), `--quick` for short runs, `--max-pairs N`.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use bytes::BytesMut;
+use score_agent::{
+    collector::monotonic_ns,
+    datapath::{Datapath, LoadOptions},
+    flows::{FlowTable, Pair, Totals},
+};
+use score_common::PairCounters;
+use score_core::{
+    policy::{PolicyKind, advance},
+    token::{Load, Token, TokenEntry},
+    wire::{decode_token, encode_token},
+};
+
+const SEC: u64 = 1_000_000_000;
+const NS_HOST: &str = "scb-cmp-host";
+const NS_VMS: &str = "scb-cmp-vms";
+const NS_BRIDGE: &str = "scb-cmp-br";
+const NS_SCALE: &str = "scb-cmp-scale";
+const BPFFS: &str = "/run/scb-cmp-bpf";
+const OVS_DIR: &str = "/run/scb-cmp-ovs";
+const NFT_TABLE: &str = "scb_cmp";
+/// Frames sent per pair: the first one of each pair is OVS's upcall.
+const FRAMES_PER_PAIR: u64 = 3;
+/// Ethernet header: score and OVS count it, nftables' bridge hooks do not.
+const ETH_HLEN: u64 = 14;
+const AGENT_HTTP: &str = "127.0.0.1:9464";
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Timed polls per size and poller.
+    polls: usize,
+    /// Frames per second while filling (OVS reads its ports through
+    /// AF_PACKET sockets: faster bursts overflow them on a loaded machine).
+    fill_rate: u64,
+    /// Fixed rate and window of the CPU measurement.
+    cpu_rate: u64,
+    cpu_window: Duration,
+    cpu_rounds: usize,
+    /// Token hops timed per data-centre size.
+    token_hops: [usize; 3],
+}
+
+const FULL: Plan = Plan {
+    polls: 9,
+    fill_rate: 12_000,
+    cpu_rate: 20_000,
+    cpu_window: Duration::from_secs(5),
+    cpu_rounds: 3,
+    token_hops: [400, 40, 9],
+};
+
+const QUICK: Plan = Plan {
+    polls: 3,
+    fill_rate: 12_000,
+    cpu_rate: 20_000,
+    cpu_window: Duration::from_secs(2),
+    cpu_rounds: 1,
+    token_hops: [50, 5, 3],
+};
+
+fn main() -> ExitCode {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("compare bench: needs root (eBPF, namespaces, OVS, nftables)");
+        return ExitCode::from(2);
+    }
+    if !score_agent::datapath::has_program() {
+        eprintln!("compare bench: this build carries no eBPF program; run `cargo xtask setup`");
+        return ExitCode::from(2);
+    }
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let plan = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let max_pairs = args
+        .iter()
+        .position(|a| a == "--max-pairs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(30_000);
+    let parts: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| matches!(*a, "compare" | "scale"))
+        .collect();
+    let wants = |p: &str| parts.is_empty() || parts.contains(&p);
+    println!("score compare/scale bench ({plan:?})");
+    println!("machine: {}", machine());
+    let mut failed = false;
+    if wants("compare") {
+        println!("\n== compare ==");
+        if let Err(e) = compare(&plan, max_pairs) {
+            eprintln!("compare bench: compare failed: {e:#}");
+            failed = true;
+        }
+    }
+    if wants("scale") {
+        println!("\n== scale ==");
+        if let Err(e) = scale(&plan) {
+            eprintln!("compare bench: scale failed: {e:#}");
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}, Linux {kernel}")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- summaries
+
+/// Median and spread of repeated measurements.
+#[derive(Clone, Copy, Debug)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(values: &[f64]) -> Summary {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Summary {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    // Upper median for an even count: never flatters.
+    Summary {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = f.precision().unwrap_or(2);
+        write!(f, "{:.p$} [{:.p$}-{:.p$}]", self.median, self.min, self.max)
+    }
+}
+
+/// CPU time of the calling thread, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * SEC + ts.tv_nsec as u64
+}
+
+// ------------------------------------------------------------ the test bed
+
+/// Everything the bench creates; dropped in reverse: processes, then
+/// namespaces (their nft tables and links go with them), the bpffs mount,
+/// directories, and the sysctl put back.
+#[derive(Default)]
+struct Bed {
+    children: Vec<(String, Child)>,
+    namespaces: Vec<String>,
+    mount: Option<PathBuf>,
+    dirs: Vec<PathBuf>,
+    bpf_stats_was: Option<String>,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        // Leftovers of a run killed before its guards ran.
+        for ns in [NS_HOST, NS_VMS, NS_BRIDGE, NS_SCALE] {
+            let _ = quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        for pidfile in ["ovs-vswitchd.pid", "ovsdb-server.pid"] {
+            if let Some(pid) = std::fs::read_to_string(Path::new(OVS_DIR).join(pidfile))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2); the pid file is our own harness's.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(OVS_DIR);
+        let _ = quiet(Command::new("umount").arg(BPFFS));
+        Bed::default()
+    }
+
+    fn netns(&mut self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        // No IPv6 chatter: the only frames are the ones this bench sends.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            sh(&["ip", "netns", "exec", name, "sysctl", "-qw", key])?;
+        }
+        Ok(())
+    }
+
+    fn mount_bpffs(&mut self) -> Result<PathBuf> {
+        std::fs::create_dir_all(BPFFS)?;
+        sh(&["mount", "-t", "bpf", "bpf", BPFFS])?;
+        self.mount = Some(PathBuf::from(BPFFS));
+        Ok(Path::new(BPFFS).join("score"))
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<u32> {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let pid = child.id();
+        self.children.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Turns on the kernel's per-program run time accounting, restoring
+    /// the previous value on drop (it is machine-wide).
+    fn bpf_stats(&mut self) -> Result<()> {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let was = std::fs::read_to_string(path)?.trim().to_owned();
+        std::fs::write(path, "1")?;
+        self.bpf_stats_was = Some(was);
+        Ok(())
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for (_, mut c) in self.children.drain(..).rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = quiet(Command::new("ip").args(["netns", "del", &ns]));
+        }
+        if let Some(m) = self.mount.take() {
+            let _ = quiet(Command::new("umount").arg(&m));
+            let _ = std::fs::remove_dir(&m);
+        }
+        for d in self.dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(was) = self.bpf_stats_was.take() {
+            let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", was);
+        }
+    }
+}
+
+fn quiet(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawning {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: a valid netns fd; only this thread changes namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in {ns} panicked"))?
+}
+
+/// A command that runs inside network namespace `ns`, entered between fork
+/// and exec (cheaper than `ip netns exec`, which also remounts /sys: the
+/// pollers' times should be theirs, not ours).
+fn command_in(ns: &str, program: &str) -> Result<Command> {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: setns(2) is async-signal-safe; the fd outlives the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// VmRSS of `pid`, KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("VmRSS of {pid}"))
+}
+
+// ------------------------------------------------------------------- agent
+
+/// The real daemon, in a namespace; SIGTERM on `stop` (it detaches its
+/// classifiers), SIGKILL on drop if still running.
+struct Agent {
+    child: Option<Child>,
+    ns: &'static str,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(ns: &'static str, config: &Path) -> Result<Agent> {
+        let log = config.with_extension("log");
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_score-agent")])
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("starting score-agent")?;
+        let mut agent = Agent {
+            child: Some(child),
+            ns,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            if text.contains("score-agent running") {
+                return Ok(agent);
+            }
+            if let Some(c) = agent.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("score-agent exited ({status}):\n{text}");
+            }
+            ensure!(Instant::now() < deadline, "score-agent not ready:\n{text}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's Prometheus text.
+    fn metrics(&self) -> Result<String> {
+        in_netns(self.ns, || {
+            let mut s = TcpStream::connect_timeout(&AGENT_HTTP.parse()?, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: score\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+    }
+
+    /// (sum of seconds, count) of the daemon's drain-duration histogram.
+    fn drains(&self) -> Result<(f64, u64)> {
+        let text = self.metrics()?;
+        let get = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .with_context(|| format!("{name} in /metrics"))
+        };
+        Ok((
+            get("score_drain_duration_seconds_sum ")?,
+            get("score_drain_duration_seconds_count ")? as u64,
+        ))
+    }
+
+    /// Waits until the daemon has finished `n` more drains.
+    fn wait_drains(&self, n: u64, timeout: Duration) -> Result<(f64, u64)> {
+        let (_, c0) = self.drains()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (s, c) = self.drains()?;
+            if c >= c0 + n {
+                return Ok((s, c));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "daemon drained {} of {n}",
+                c - c0
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child (`ip netns exec` execs in place).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                ensure!(status.success(), "score-agent exited with {status}");
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("score-agent did not stop within 15 s of SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn agent_config(dir: &Path, interfaces: &str, pins: &Path, flows_max: u32) -> Result<PathBuf> {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "interfaces = [\"{interfaces}\"]\ndrain_interval = \"1s\"\nrate_window = \"30s\"\n\
+             idle_timeout = \"1h\"\npin_path = \"{}\"\nflows_max = {flows_max}\n\
+             http_listen = \"{AGENT_HTTP}\"\n",
+            pins.display()
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Time to drain the map into a flow table, as the daemon does at each
+/// tick: wall ms and this thread's CPU ms per drain. Also returns the
+/// last snapshot, for the byte check.
+fn time_drains(
+    dp: &Datapath,
+    table: &mut FlowTable,
+    clock: &mut u64,
+    polls: usize,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<(Pair, Totals)>)> {
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    let mut last = Vec::new();
+    for _ in 0..polls {
+        *clock += SEC;
+        let (t0, c0) = (Instant::now(), thread_cpu_ns());
+        let snap = dp.snapshot()?;
+        last.clone_from(&snap);
+        table.update(*clock, snap);
+        wall.push(t0.elapsed().as_secs_f64() * 1e3);
+        cpu.push((thread_cpu_ns() - c0) as f64 / 1e6);
+    }
+    Ok((wall, cpu, last))
+}
+
+// -------------------------------------------------------------- traffic
+
+/// Pair `i` of the compare traffic: 200 source VMs behind the one vif
+/// (score remembers up to 4,096 hosted addresses), each talking to
+/// up to 150+ peers.
+fn pair(i: usize) -> Pair {
+    let i = i as u32;
+    (
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + i % 200),
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i / 200),
+    )
+}
+
+/// Frame length of pair `i` (Ethernet header included, no FCS): sizes
+/// differ between pairs, so a counter that mixed pairs up would show.
+fn frame_len(i: usize) -> u64 {
+    96 + (i as u64 % 16) * 64
+}
+
+fn udp_frame(i: usize) -> Vec<u8> {
+    let (src, dst) = pair(i);
+    let len = frame_len(i) as usize;
+    let mut f = vec![0u8; len];
+    // Destination MAC nobody owns: OVS's NORMAL action floods it to the
+    // uplink, and the Linux bridge floods it to its sink port.
+    f[0..6].copy_from_slice(&[0x02, 0x5c, 0xee, 0, 0, 1]);
+    let s = src.octets();
+    f[6..12].copy_from_slice(&[0x02, 0x5c, 0x01, s[1], s[2], s[3]]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (len - 14) as u16;
+    {
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        ip[6] = 0x40;
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src.octets());
+        ip[16..20].copy_from_slice(&dst.octets());
+        let mut sum: u32 = ip
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&9u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&((len - 34) as u16).to_be_bytes());
+    f
+}
+
+/// A raw packet socket on `iface` of namespace `ns`: what it sends enters
+/// the veth's peer through its TC ingress.
+fn packet_socket(ns: &str, iface: &str) -> Result<OwnedFd> {
+    let iface = iface.to_owned();
+    in_netns(ns, move || {
+        let cname = std::ffi::CString::new(iface.as_str())?;
+        // SAFETY: a valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        ensure!(ifindex != 0, "no interface {iface}");
+        // SAFETY: plain socket(2); protocol 0: send only.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        ensure!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = 0x0800u16.to_be();
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: sa is a valid sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+        Ok(fd)
+    })
+}
+
+/// Sends `frames` in order at `rate` frames per second (bursts of 16);
+/// returns (sent, failed, this thread's CPU ns).
+fn send_paced(fd: &OwnedFd, frames: &[&[u8]], rate: u64) -> (u64, u64, u64) {
+    let started = Instant::now();
+    let c0 = thread_cpu_ns();
+    let (mut ok, mut bad) = (0u64, 0u64);
+    for (n, f) in frames.iter().enumerate() {
+        // SAFETY: f is a valid buffer of f.len() bytes.
+        let rc = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        if rc == f.len() as isize {
+            ok += 1;
+        } else {
+            bad += 1;
+        }
+        if n % 16 == 15 {
+            let due = Duration::from_secs_f64((n + 1) as f64 / rate as f64);
+            if let Some(d) = due.checked_sub(started.elapsed()) {
+                thread::sleep(d);
+            }
+        }
+    }
+    (ok, bad, thread_cpu_ns() - c0)
+}
+
+// -------------------------------------------------------------- baselines
+
+/// Open vSwitch run by hand: ovsdb-server, and ovs-vswitchd in the host
+/// namespace, all files under OVS_DIR. The processes belong to the bed.
+struct Ovs {
+    ctl: PathBuf,
+    vswitchd: u32,
+}
+
+fn ovs_vsctl(args: &[&str]) -> Result<String> {
+    let db = format!("--db=unix:{OVS_DIR}/db.sock");
+    let mut all = vec!["ovs-vsctl", db.as_str(), "--timeout=60"];
+    all.extend_from_slice(args);
+    sh(&all)
+}
+
+fn start_ovs(bed: &mut Bed, ports: &[&str]) -> Result<Ovs> {
+    let dir = Path::new(OVS_DIR);
+    std::fs::create_dir_all(dir)?;
+    bed.dirs.push(dir.to_owned());
+    let db = dir.join("conf.db");
+    sh(&[
+        "ovsdb-tool",
+        "create",
+        &db.to_string_lossy(),
+        "/usr/share/openvswitch/vswitch.ovsschema",
+    ])?;
+    let p = |name: &str| format!("{}", dir.join(name).display());
+    bed.spawn(
+        "ovsdb-server",
+        Command::new("ovsdb-server")
+            .env("OVS_RUNDIR", OVS_DIR)
+            .arg(&db)
+            .arg(format!("--remote=punix:{}", p("db.sock")))
+            .arg(format!("--unixctl={}", p("ovsdb-server.ctl")))
+            .arg(format!("--pidfile={}", p("ovsdb-server.pid")))
+            .arg(format!("--log-file={}", p("ovsdb-server.log"))),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.join("db.sock").exists() {
+        ensure!(Instant::now() < deadline, "ovsdb-server did not come up");
+        thread::sleep(Duration::from_millis(20));
+    }
+    ovs_vsctl(&["--no-wait", "init"])?;
+    // `ip netns exec` execs in place: the child's pid is vswitchd's.
+    let vswitchd = bed.spawn(
+        "ovs-vswitchd",
+        Command::new("ip")
+            .env("OVS_RUNDIR", OVS_DIR)
+            .args(["netns", "exec", NS_HOST, "ovs-vswitchd"])
+            .arg(format!("unix:{}", p("db.sock")))
+            .arg(format!("--unixctl={}", p("ovs-vswitchd.ctl")))
+            .arg(format!("--pidfile={}", p("ovs-vswitchd.pid")))
+            .arg(format!("--log-file={}", p("ovs-vswitchd.log"))),
+    )?;
+    let ctl = dir.join("ovs-vswitchd.ctl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl.exists() {
+        ensure!(Instant::now() < deadline, "ovs-vswitchd did not come up");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut args = vec![
+        "add-br",
+        "br-cmp",
+        "--",
+        "set",
+        "bridge",
+        "br-cmp",
+        "datapath_type=netdev",
+    ];
+    for port in ports {
+        args.extend_from_slice(&["--", "add-port", "br-cmp", port]);
+    }
+    // Idle flows stay for an hour (default 10 s) and the flow limit is far
+    // above our pair counts, so every pair keeps its datapath flow.
+    args.extend_from_slice(&[
+        "--",
+        "set",
+        "Open_vSwitch",
+        ".",
+        "other_config:max-idle=3600000",
+        "other_config:flow-limit=1000000",
+    ]);
+    ovs_vsctl(&args)?;
+    let ovs = Ovs { ctl, vswitchd };
+    // Exact-match datapath flows, one per microflow, as the paper's OVS
+    // (before megaflows) kept them.
+    ovs.appctl(&["upcall/disable-megaflows"])?;
+    Ok(ovs)
+}
+
+impl Ovs {
+    fn appctl(&self, args: &[&str]) -> Result<String> {
+        let ctl = self.ctl.to_string_lossy().into_owned();
+        let mut all = vec!["ovs-appctl", "-t", ctl.as_str()];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// One poll as the paper's collector did it: dump the datapath flows,
+    /// parse them into per-pair (packets, bytes). Returns the table and
+    /// the ms spent in ovs-appctl and in parsing.
+    fn poll(&self) -> Result<(HashMap<Pair, (u64, u64)>, f64, f64)> {
+        let t0 = Instant::now();
+        let text = self.appctl(&["dpctl/dump-flows"])?;
+        let t1 = Instant::now();
+        let table = parse_ovs(&text);
+        Ok((
+            table,
+            (t1 - t0).as_secs_f64() * 1e3,
+            t1.elapsed().as_secs_f64() * 1e3,
+        ))
+    }
+}
+
+/// `ipv4(src=A,dst=B,...)` and `packets:P, bytes:B` of each flow line.
+fn parse_ovs(text: &str) -> HashMap<Pair, (u64, u64)> {
+    let mut table: HashMap<Pair, (u64, u64)> = HashMap::new();
+    let field = |line: &str, key: &str, end: char| -> Option<String> {
+        let at = line.find(key)? + key.len();
+        let rest = &line[at..];
+        Some(rest[..rest.find(end).unwrap_or(rest.len())].to_owned())
+    };
+    for line in text.lines() {
+        let Some(ipv4) = field(line, "ipv4(src=", ')') else {
+            continue;
+        };
+        let src = ipv4.split(',').next().and_then(|s| s.parse().ok());
+        let dst = field(&ipv4, "dst=", ',').and_then(|s| s.parse().ok());
+        let packets = field(line, "packets:", ',').and_then(|s| s.parse::<u64>().ok());
+        let bytes = field(line, "bytes:", ',').and_then(|s| s.parse::<u64>().ok());
+        if let (Some(s), Some(d), Some(p), Some(b)) = (src, dst, packets, bytes) {
+            let e = table.entry((s, d)).or_default();
+            e.0 += p;
+            e.1 += b;
+        }
+    }
+    table
+}
+
+const NFT_RULES: &str = "table bridge scb_cmp {
+  set pairs {
+    type ipv4_addr . ipv4_addr
+    size 1048576
+    flags dynamic
+  }
+  chain count_pairs {
+    type filter hook forward priority 0; policy accept;
+    ether type ip update @pairs { ip saddr . ip daddr counter }
+  }
+}
+";
+
+fn nft_load() -> Result<()> {
+    let mut child = command_in(NS_BRIDGE, "nft")?
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(NFT_RULES.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// One poll of the nftables set: list it and parse every element's
+/// counter. Returns the table and ms in nft and in parsing.
+fn nft_poll() -> Result<(HashMap<Pair, (u64, u64)>, f64, f64)> {
+    let t0 = Instant::now();
+    let out = command_in(NS_BRIDGE, "nft")?
+        .args(["list", "set", "bridge", NFT_TABLE, "pairs"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "nft list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t1 = Instant::now();
+    let table = parse_nft(&String::from_utf8_lossy(&out.stdout));
+    Ok((
+        table,
+        (t1 - t0).as_secs_f64() * 1e3,
+        t1.elapsed().as_secs_f64() * 1e3,
+    ))
+}
+
+/// Elements as nft prints them: `A . B counter packets P bytes N,`.
+fn parse_nft(text: &str) -> HashMap<Pair, (u64, u64)> {
+    let tokens: Vec<&str> = text
+        .split_whitespace()
+        .map(|t| t.trim_matches(|c| c == ',' || c == '{' || c == '}'))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut table = HashMap::new();
+    for w in tokens.windows(8) {
+        if w[1] != "." || w[3] != "counter" || w[4] != "packets" || w[6] != "bytes" {
+            continue;
+        }
+        if let (Ok(s), Ok(d), Ok(p), Ok(b)) = (
+            w[0].parse::<Ipv4Addr>(),
+            w[2].parse::<Ipv4Addr>(),
+            w[5].parse::<u64>(),
+            w[7].parse::<u64>(),
+        ) {
+            table.insert((s, d), (p, b));
+        }
+    }
+    table
+}
+
+// ---------------------------------------------------------------- compare
+
+/// Ids of the BPF programs `pid` holds open, from its fdinfo.
+fn prog_ids(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for e in dir.flatten() {
+        if let Ok(text) = std::fs::read_to_string(e.path())
+            && let Some(id) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// (run_time_ns, run_cnt) summed over the programs, from the kernel's
+/// per-program accounting (kernel.bpf_stats_enabled).
+fn prog_runtime(ids: &[u32]) -> Result<(u64, u64)> {
+    let (mut ns, mut cnt) = (0, 0);
+    for id in ids {
+        let out = sh(&["bpftool", "prog", "show", "id", &id.to_string(), "-j"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        ns += v["run_time_ns"].as_u64().unwrap_or(0);
+        cnt += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok((ns, cnt))
+}
+
+/// System and softirq time of all CPUs (/proc/stat, in USER_HZ ticks).
+fn proc_stat_sys_softirq() -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let cpu = text.lines().next().context("/proc/stat")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq
+    Ok((*f.get(2).context("system")?, *f.get(6).context("softirq")?))
+}
+
+struct Row {
+    pairs: usize,
+    score: Summary,
+    score_cpu: Summary,
+    daemon_drain_ms: f64,
+    agent_rss: u64,
+    ovs: Summary,
+    ovs_parse: Summary,
+    ovs_rss: u64,
+    nft: Summary,
+    nft_parse: Summary,
+    load: String,
+}
+
+fn compare(plan: &Plan, max_pairs: usize) -> Result<()> {
+    let mut bed = Bed::new();
+    for ns in [NS_HOST, NS_VMS, NS_BRIDGE] {
+        bed.netns(ns)?;
+    }
+    // VM side -> vif0 (score, OVS port) ... up0 (OVS port) -> up1 (Linux
+    // bridge port, nftables) -> br0 -> sink0 (the bridge floods there).
+    sh(&[
+        "ip", "-n", NS_HOST, "link", "add", "vif0", "type", "veth", "peer", "name", "eth0",
+        "netns", NS_VMS,
+    ])?;
+    sh(&[
+        "ip", "-n", NS_HOST, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns",
+        NS_BRIDGE,
+    ])?;
+    sh(&[
+        "ip", "-n", NS_BRIDGE, "link", "add", "br0", "type", "bridge",
+    ])?;
+    sh(&[
+        "ip", "-n", NS_BRIDGE, "link", "add", "sink0", "type", "veth", "peer", "name", "sink1",
+    ])?;
+    for port in ["up1", "sink0"] {
+        sh(&["ip", "-n", NS_BRIDGE, "link", "set", port, "master", "br0"])?;
+    }
+    for (ns, link) in [
+        (NS_HOST, "vif0"),
+        (NS_HOST, "up0"),
+        (NS_VMS, "eth0"),
+        (NS_BRIDGE, "up1"),
+        (NS_BRIDGE, "br0"),
+        (NS_BRIDGE, "sink0"),
+        (NS_BRIDGE, "sink1"),
+    ] {
+        sh(&["ip", "-n", ns, "link", "set", link, "up"])?;
+    }
+    nft_load()?;
+    let ovs = start_ovs(&mut bed, &["vif0", "up0"])?;
+    let pins = bed.mount_bpffs()?;
+    bed.bpf_stats()?;
+    let work = PathBuf::from("/run/scb-cmp-work");
+    std::fs::create_dir_all(&work)?;
+    bed.dirs.push(work.clone());
+    let flows_max = 65_536u32;
+    let config = agent_config(&work, "vif*", &pins, flows_max)?;
+    let agent = Agent::start(NS_HOST, &config)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log_text().contains(" attached") {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not attach to vif0:\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The bench's own handle on the daemon's pinned maps: its drains time
+    // the same map iteration and flow-table update the daemon runs.
+    let dp = Datapath::load(&LoadOptions {
+        flows_max,
+        pin_dir: Some(pins.clone()),
+        control_port: None,
+    })?;
+    let sock = packet_socket(NS_VMS, "eth0")?;
+    println!(
+        "path: {NS_VMS}/eth0 -> vif0 [score TC ingress, daemon drains 1/s] -> OVS br-cmp \
+         (userspace datapath: this kernel has no openvswitch module; megaflows off) -> up0 -> \
+         Linux bridge br0 [nft bridge set, forward hook] -> sink0"
+    );
+    println!(
+        "{FRAMES_PER_PAIR} UDP frames per pair, {}-{} B, sent at {} frames/s; {} polls per size",
+        frame_len(0),
+        frame_len(15),
+        plan.fill_rate,
+        plan.polls
+    );
+
+    let mut sizes: Vec<usize> = [100, 1_000, 10_000, 30_000, 50_000]
+        .into_iter()
+        .filter(|&n| n <= max_pairs)
+        .collect();
+    if !sizes.contains(&max_pairs) && max_pairs > 100 {
+        sizes.push(max_pairs);
+    }
+    let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
+    let mut clock = monotonic_ns();
+    let mut rows = Vec::new();
+    let mut done = 0usize;
+    let frames: Vec<Vec<u8>> = (0..*sizes.last().unwrap_or(&0)).map(udp_frame).collect();
+    for &n in &sizes {
+        // The new pairs, FRAMES_PER_PAIR rounds over them (the first round
+        // makes OVS's upcalls and the set's new elements).
+        let batch: Vec<&[u8]> = (0..FRAMES_PER_PAIR)
+            .flat_map(|_| frames[done..n].iter().map(Vec::as_slice))
+            .collect();
+        let (sent, failed, _) = send_paced(&sock, &batch, plan.fill_rate);
+        ensure!(failed == 0, "{failed} frames failed to send");
+        done = n;
+        // Let OVS and the daemon catch up.
+        thread::sleep(Duration::from_millis(1500));
+        let _ = agent.wait_drains(1, Duration::from_secs(30))?;
+        // The daemon's own drains (map iteration, flow table, metrics),
+        // from its histogram over three of them.
+        let (ds0, dc0) = agent.drains()?;
+        let (ds1, dc1) = agent.wait_drains(3, Duration::from_secs(30))?;
+        let daemon_drain_ms = (ds1 - ds0) / (dc1 - dc0) as f64 * 1e3;
+
+        let (mut sw, mut sc, mut ow, mut op, mut nw, mut np) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut snap, mut ovs_t, mut nft_t) = (Vec::new(), HashMap::new(), HashMap::new());
+        // Interleaved, so drift on this shared machine hits all three.
+        for _ in 0..plan.polls {
+            let (w, c, s) = time_drains(&dp, &mut table, &mut clock, 1)?;
+            sw.extend(w);
+            sc.extend(c);
+            snap = s;
+            let (t, e, p) = ovs.poll()?;
+            ow.push(e + p);
+            op.push(p);
+            ovs_t = t;
+            let (t, e, p) = nft_poll()?;
+            nw.push(e + p);
+            np.push(p);
+            nft_t = t;
+        }
+        check_agreement(n, sent, &snap, &ovs_t, &nft_t)?;
+        let row = Row {
+            pairs: n,
+            score: summarize(&sw),
+            score_cpu: summarize(&sc),
+            daemon_drain_ms,
+            agent_rss: rss_kib(agent.pid())?,
+            ovs: summarize(&ow),
+            ovs_parse: summarize(&op),
+            ovs_rss: rss_kib(ovs.vswitchd)?,
+            nft: summarize(&nw),
+            nft_parse: summarize(&np),
+            load: loadavg(),
+        };
+        println!(
+            "{n} pairs: score drain {:.3} ms (cpu {:.3}, daemon's own mean {:.3}); OVS dump {:.2} ms \
+             (parse {:.2}); nft list {:.2} ms (parse {:.2}); agent RSS {} KiB, vswitchd RSS {} KiB; load {}",
+            row.score,
+            row.score_cpu,
+            row.daemon_drain_ms,
+            row.ovs,
+            row.ovs_parse,
+            row.nft,
+            row.nft_parse,
+            row.agent_rss,
+            row.ovs_rss,
+            row.load
+        );
+        rows.push(row);
+    }
+    print_table(&rows);
+    let stats = dp.stats()?;
+    println!(
+        "score datapath: flows_map_full {}, macs_map_full {}, not_ipv4 {}, not_unicast {}",
+        stats.flows_map_full, stats.macs_map_full, stats.not_ipv4, stats.not_unicast
+    );
+    println!(
+        "OVS: {}",
+        ovs.appctl(&["dpctl/show"])?
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+    );
+
+    // Kernel program CPU under a fixed rate, over the pairs already known
+    // (no new entries): attached (daemon up) and detached (daemon
+    // stopped, which detaches the classifiers), alternating.
+    let known: Vec<&[u8]> = frames[..done.min(10_000)]
+        .iter()
+        .map(Vec::as_slice)
+        .collect();
+    let window_frames = (plan.cpu_rate as f64 * plan.cpu_window.as_secs_f64()) as usize;
+    let load: Vec<&[u8]> = known.iter().cycle().take(window_frames).copied().collect();
+    let mut agent = Some(agent);
+    let mut att: Vec<CpuWindow> = Vec::new();
+    let mut det: Vec<CpuWindow> = Vec::new();
+    for round in 0..plan.cpu_rounds * 2 {
+        let attached = round % 2 == 0;
+        if attached && agent.is_none() {
+            let a = Agent::start(NS_HOST, &config)?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !a.log_text().contains(" attached") {
+                ensure!(Instant::now() < deadline, "agent did not re-attach");
+                thread::sleep(Duration::from_millis(50));
+            }
+            agent = Some(a);
+        } else if !attached && let Some(a) = agent.take() {
+            a.stop()?;
+        }
+        let ids = agent
+            .as_ref()
+            .map(|a| prog_ids(a.pid()))
+            .unwrap_or_default();
+        let w = cpu_window(&sock, &load, plan.cpu_rate, &ids)?;
+        if attached { att.push(w) } else { det.push(w) }
+    }
+    report_cpu(&att, &det, known.len(), plan);
+    if let Some(a) = agent.take() {
+        a.stop()?;
+    }
+    drop(dp);
+    Ok(())
+}
+
+struct CpuWindow {
+    frames: u64,
+    sender_ns: u64,
+    sys_ticks: u64,
+    softirq_ticks: u64,
+    prog_ns: u64,
+    prog_runs: u64,
+}
+
+fn cpu_window(sock: &OwnedFd, load: &[&[u8]], rate: u64, ids: &[u32]) -> Result<CpuWindow> {
+    let (p0, r0) = prog_runtime(ids)?;
+    let (s0, q0) = proc_stat_sys_softirq()?;
+    let (sent, failed, sender_ns) = send_paced(sock, load, rate);
+    ensure!(failed == 0, "{failed} frames failed");
+    let (s1, q1) = proc_stat_sys_softirq()?;
+    let (p1, r1) = prog_runtime(ids)?;
+    Ok(CpuWindow {
+        frames: sent,
+        sender_ns,
+        sys_ticks: s1 - s0,
+        softirq_ticks: q1 - q0,
+        prog_ns: p1 - p0,
+        prog_runs: r1 - r0,
+    })
+}
+
+fn report_cpu(att: &[CpuWindow], det: &[CpuWindow], pairs: usize, plan: &Plan) {
+    let hz = 100.0; // USER_HZ
+    let per = |ws: &[CpuWindow], f: &dyn Fn(&CpuWindow) -> f64| {
+        summarize(&ws.iter().map(f).collect::<Vec<_>>())
+    };
+    let sender = |w: &CpuWindow| w.sender_ns as f64 / w.frames as f64;
+    let sys = |w: &CpuWindow| (w.sys_ticks + w.softirq_ticks) as f64 / hz * 1e9 / w.frames as f64;
+    let soft = |w: &CpuWindow| w.softirq_ticks as f64 / hz * 1e9 / w.frames as f64;
+    println!(
+        "\nkernel program CPU at {} frames/s over {pairs} known pairs, {} windows of {:?} each way \
+         (median [min-max], ns per frame):",
+        plan.cpu_rate,
+        att.len(),
+        plan.cpu_window
+    );
+    println!(
+        "  bpf_stats (kernel's own run time of score's programs, attached): {:.1} ns/run, {} runs for {} frames",
+        per(att, &|w| w.prog_ns as f64 / w.prog_runs.max(1) as f64),
+        att.iter().map(|w| w.prog_runs).sum::<u64>(),
+        att.iter().map(|w| w.frames).sum::<u64>()
+    );
+    println!(
+        "  sender thread CPU (send syscall + veth + TC, softirq often runs inline): attached {:.0}, detached {:.0}",
+        per(att, &sender),
+        per(det, &sender)
+    );
+    println!(
+        "  whole machine system+softirq (/proc/stat; other engineers share it): attached {:.0}, detached {:.0}; softirq alone {:.0} vs {:.0}",
+        per(att, &sys),
+        per(det, &sys),
+        per(att, &soft),
+        per(det, &soft)
+    );
+    println!("  load average now: {}", loadavg());
+}
+
+/// The three tables must agree on the traffic: score counts frames with
+/// their Ethernet header (skb->len at TC); OVS counts the same bytes but
+/// not the first frame of each flow (it went up as an upcall and was
+/// executed outside the new datapath flow); nftables' bridge hooks see
+/// the frame without its Ethernet header.
+fn check_agreement(
+    n: usize,
+    _sent: u64,
+    score: &[(Pair, Totals)],
+    ovs: &HashMap<Pair, (u64, u64)>,
+    nft: &HashMap<Pair, (u64, u64)>,
+) -> Result<()> {
+    let score: HashMap<Pair, (u64, u64)> = score
+        .iter()
+        .map(|(p, t)| (*p, (t.packets, t.bytes)))
+        .collect();
+    let (mut ok_s, mut ok_o, mut ok_n) = (0, 0, 0);
+    let (mut sum_s, mut sum_o, mut sum_n, mut expect) = (0u64, 0u64, 0u64, 0u64);
+    let mut first_bad: Vec<String> = Vec::new();
+    for i in 0..n {
+        let p = pair(i);
+        let len = frame_len(i);
+        let want = FRAMES_PER_PAIR * len;
+        expect += want;
+        let s = score.get(&p).copied().unwrap_or_default();
+        let o = ovs.get(&p).copied().unwrap_or_default();
+        let f = nft.get(&p).copied().unwrap_or_default();
+        // Converted to score's unit (L2 bytes of every frame).
+        let o_conv = o.1 + len;
+        let f_conv = f.1 + f.0 * ETH_HLEN;
+        sum_s += s.1;
+        sum_o += o_conv;
+        sum_n += f_conv;
+        ok_s += usize::from(s.1 == want && s.0 == FRAMES_PER_PAIR);
+        ok_o += usize::from(o_conv == want && o.0 + 1 == FRAMES_PER_PAIR);
+        ok_n += usize::from(f_conv == want && f.0 == FRAMES_PER_PAIR);
+        if (s.1 != want || o_conv != want || f_conv != want) && first_bad.len() < 3 {
+            first_bad.push(format!(
+                "{}->{}: want {want} B; score {:?}, OVS {:?}, nft {:?}",
+                p.0, p.1, s, o, f
+            ));
+        }
+    }
+    println!(
+        "  bytes check over {n} pairs (L2 bytes; OVS + the first frame, nft + 14 B per frame): \
+         expected {expect}, score {sum_s}, OVS {sum_o}, nft {sum_n}; pairs exact: score {ok_s}, OVS {ok_o}, nft {ok_n}"
+    );
+    for b in &first_bad {
+        println!("    mismatch: {b}");
+    }
+    ensure!(
+        ok_s == n && ok_o == n && ok_n == n,
+        "the three counters disagree on {} pairs: the comparison would be void",
+        n - ok_s.min(ok_o).min(ok_n)
+    );
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n| pairs | score drain ms | OVS dump-flows ms | nft list ms | OVS / score | nft / score | score-agent RSS MiB | ovs-vswitchd RSS MiB | load avg |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.3} | {:.1} | {:.1} | {:.0}x | {:.0}x | {:.1} | {:.1} | {} |",
+            r.pairs,
+            r.score,
+            r.ovs,
+            r.nft,
+            r.ovs.median / r.score.median,
+            r.nft.median / r.score.median,
+            r.agent_rss as f64 / 1024.0,
+            r.ovs_rss as f64 / 1024.0,
+            r.load
+        );
+    }
+}
+
+// ------------------------------------------------------------------ scale
+
+/// Pair `i` of the pre-filled maps: 1,000 sources x up to 1,000 peers.
+fn scale_pair(i: usize) -> Pair {
+    let i = i as u32;
+    (
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i % 1000),
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i / 1000),
+    )
+}
+
+fn scale(plan: &Plan) -> Result<()> {
+    let mut bed = Bed::new();
+    bed.netns(NS_SCALE)?;
+    let pins = bed.mount_bpffs()?;
+    let work = PathBuf::from("/run/scb-cmp-work");
+    std::fs::create_dir_all(&work)?;
+    bed.dirs.push(work.clone());
+    println!(
+        "drain and RSS with a pre-filled map ({} polls each; the daemon drains every 1 s)",
+        plan.polls
+    );
+    println!(
+        "| pairs | drain ms (wall) | drain ms (CPU) | ns per pair | daemon's mean drain ms | daemon RSS MiB | kernel map MiB | load avg |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+    for n in [1_000usize, 10_000, 100_000, 1_000_000] {
+        if pins.exists() {
+            for e in std::fs::read_dir(&pins)? {
+                std::fs::remove_file(e?.path())?;
+            }
+        }
+        let flows_max = (n + n / 4) as u32;
+        let mut dp = Datapath::load(&LoadOptions {
+            flows_max,
+            pin_dir: Some(pins.clone()),
+            control_port: None,
+        })?;
+        let now = monotonic_ns();
+        let inserted = dp.insert_pairs(
+            (0..n).map(scale_pair),
+            PairCounters {
+                bytes: 128_000,
+                packets: 1000,
+                first_seen_ns: now.saturating_sub(SEC),
+                last_seen_ns: now,
+            },
+        )?;
+        ensure!(inserted == n, "inserted {inserted} of {n}");
+        let config = agent_config(&work, "scbnone*", &pins, flows_max)?;
+        let agent = Agent::start(NS_SCALE, &config)?;
+        // Steady state: a few drains so the flow table and the metrics'
+        // per-pair baselines are full.
+        agent.wait_drains(3, Duration::from_secs(300))?;
+        let (s0, c0) = agent.drains()?;
+        let (s1, c1) = agent.wait_drains(3, Duration::from_secs(300))?;
+        let daemon_ms = (s1 - s0) / (c1 - c0) as f64 * 1e3;
+        let rss = rss_kib(agent.pid())?;
+        let map_kib = map_kib(agent.pid());
+        agent.stop()?;
+
+        let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
+        let mut clock = monotonic_ns();
+        time_drains(&dp, &mut table, &mut clock, 2)?;
+        let (w, c, last) = time_drains(&dp, &mut table, &mut clock, plan.polls)?;
+        ensure!(last.len() == n, "snapshot saw {} of {n}", last.len());
+        let (w, c) = (summarize(&w), summarize(&c));
+        println!(
+            "| {n} | {w:.2} | {c:.2} | {:.0} | {daemon_ms:.2} | {:.1} | {:.1} | {} |",
+            c.median * 1e6 / n as f64,
+            rss as f64 / 1024.0,
+            map_kib as f64 / 1024.0,
+            loadavg()
+        );
+    }
+    drop(bed);
+    tokens(plan)
+}
+
+/// Kernel memory of the flow map held by `pid` (fdinfo memlock of the
+/// largest map), KiB.
+fn map_kib(pid: u32) -> u64 {
+    let mut best = 0;
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        for e in dir.flatten() {
+            if let Ok(text) = std::fs::read_to_string(e.path())
+                && let Some(m) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                best = best.max(m);
+            }
+        }
+    }
+    best / 1024
+}
+
+/// A data centre's token: `n` VMs, 40 per host in a /26 per host, levels
+/// and loads spread deterministically, half visited.
+fn dc_token(n: usize) -> Token {
+    let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let entries = (0..n as u32)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            TokenEntry {
+                id: base + (i / 40) * 64 + i % 40,
+                level: (x % 4) as u8,
+                load: Load((x >> 8) as u8),
+                visited: (x >> 16) & 1 == 1,
+            }
+        })
+        .collect();
+    Token::from_entries(7, 3, None, entries)
+}
+
+fn tokens(plan: &Plan) -> Result<()> {
+    println!(
+        "\ntoken processing per hop: decode + update + policy advance + encode (ms, median [min-max])"
+    );
+    println!(
+        "| VMs | policy | encoded KiB | decode | advance | encode | total | ns per VM | load avg |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---|");
+    for (k, n) in [1_000usize, 100_000, 1_000_000].into_iter().enumerate() {
+        for kind in [
+            PolicyKind::RoundRobin,
+            PolicyKind::Distributed,
+            PolicyKind::LoadAware,
+        ] {
+            let token = dc_token(n);
+            let mut policy = kind.build();
+            let mut buf = BytesMut::new();
+            encode_token(&token, &mut buf)?;
+            let mut bytes = buf.to_vec();
+            let mut holder = token.entries()[n / 2].id;
+            let size = bytes.len();
+            let (mut dec, mut adv, mut enc, mut tot) = (vec![], vec![], vec![], vec![]);
+            for hop in 0..plan.token_hops[k] {
+                let t0 = Instant::now();
+                let mut t = decode_token(&bytes)?;
+                let t1 = Instant::now();
+                t.update(holder, (hop % 4) as u8, Load(100));
+                let next = advance(policy.as_mut(), &mut t, Some(holder))
+                    .context("advance on a non-empty token")?;
+                let t2 = Instant::now();
+                let mut out = BytesMut::with_capacity(size + 64);
+                encode_token(&t, &mut out)?;
+                let t3 = Instant::now();
+                let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+                dec.push(ms(t0, t1));
+                adv.push(ms(t1, t2));
+                enc.push(ms(t2, t3));
+                tot.push(ms(t0, t3));
+                bytes = out.to_vec();
+                holder = next;
+            }
+            let total = summarize(&tot);
+            println!(
+                "| {n} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {total:.3} | {:.0} | {} |",
+                kind.name(),
+                size as f64 / 1024.0,
+                summarize(&dec),
+                summarize(&adv),
+                summarize(&enc),
+                total.median * 1e6 / n as f64,
+                loadavg()
+            );
+        }
+    }
+    Ok(())
+}
