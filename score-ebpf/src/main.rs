@@ -98,49 +98,53 @@ mod kernel {
         if port == 0 {
             return false;
         }
-        let Ok(ethertype) = ctx.load::<u16>(12) else {
-            return false;
-        };
-        if u16::from_be(ethertype) != ETH_P_IP {
-            return false;
-        }
-        let Ok(ver_ihl) = ctx.load::<u8>(ETH_HDR_LEN) else {
-            return false;
-        };
-        let Ok(proto) = ctx.load::<u8>(ETH_HDR_LEN + 9) else {
-            return false;
-        };
-        if proto != IPPROTO_UDP || ver_ihl >> 4 != 4 {
+        // Direct packet access only: the agent's datagrams are small and
+        // sit in the linear part; anything else passes to the guest.
+        let data = ctx.data();
+        let end = ctx.data_end();
+        if data + ETH_HDR_LEN + 20 > end {
             return false;
         }
+        let p = data as *const u8;
+        // SAFETY: every read below is inside the bounds checked before it.
+        let (ethertype, ver_ihl, proto, frag, src, dst) = unsafe {
+            (
+                u16::from_be(core::ptr::read_unaligned(p.add(12) as *const u16)),
+                *p.add(ETH_HDR_LEN),
+                *p.add(ETH_HDR_LEN + 9),
+                u16::from_be(core::ptr::read_unaligned(
+                    p.add(ETH_HDR_LEN + 6) as *const u16
+                )),
+                core::ptr::read_unaligned(p.add(ETH_HDR_LEN + 12) as *const u32),
+                core::ptr::read_unaligned(p.add(ETH_HDR_LEN + 16) as *const u32),
+            )
+        };
         // Fragments (MF set or an offset) carry no whole UDP datagram.
-        let Ok(frag) = ctx.load::<u16>(ETH_HDR_LEN + 6) else {
-            return false;
-        };
-        if u16::from_be(frag) & 0x3fff != 0 {
+        if ethertype != ETH_P_IP || proto != IPPROTO_UDP || ver_ihl >> 4 != 4 || frag & 0x3fff != 0
+        {
             return false;
         }
         let l4 = ETH_HDR_LEN + usize::from(ver_ihl & 0x0f) * 4;
-        let Ok(dport) = ctx.load::<u16>(l4 + 2) else {
-            return false;
-        };
-        if u16::from_be(dport) != port {
+        if data + l4 + 8 > end {
             return false;
         }
-        let (Ok(sport), Ok(udp_len)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 4)) else {
-            return false;
+        // SAFETY: l4 + 8 bytes are inside the packet (checked above).
+        let (sport, dport, udp_len) = unsafe {
+            let u = p.add(l4);
+            (
+                core::ptr::read_unaligned(u as *const u16),
+                u16::from_be(core::ptr::read_unaligned(u.add(2) as *const u16)),
+                u16::from_be(core::ptr::read_unaligned(u.add(4) as *const u16)),
+            )
         };
-        let udp_len = usize::from(u16::from_be(udp_len));
+        if dport != port {
+            return false;
+        }
+        let udp_len = usize::from(udp_len);
         if udp_len <= 8 || udp_len - 8 > CONTROL_MAX_PAYLOAD {
             return false;
         }
         let len = udp_len - 8;
-        let (Ok(src), Ok(dst)) = (
-            ctx.load::<u32>(ETH_HDR_LEN + 12),
-            ctx.load::<u32>(ETH_HDR_LEN + 16),
-        ) else {
-            return false;
-        };
         let Some(mut entry) = CONTROL.reserve::<ControlFrame>(0) else {
             bump(Stat::ControlRingFull);
             return false;
@@ -194,16 +198,64 @@ mod kernel {
         }
     }
 
+    /// What the counting path needs of a frame's headers.
+    struct Headers {
+        /// EtherType, host order.
+        ethertype: u16,
+        /// IPv4 source and destination, network order (meaningless unless
+        /// `ethertype` is IPv4).
+        src: u32,
+        dst: u32,
+        /// Source MAC.
+        mac: [u8; 6],
+    }
+
+    /// Reads the headers by direct packet access when the linear part of
+    /// the skb holds them (the usual case: no helper call at all), and with
+    /// `bpf_skb_load_bytes` otherwise.
+    #[inline(always)]
+    fn headers(ctx: &TcContext) -> Option<Headers> {
+        let data = ctx.data();
+        let end = ctx.data_end();
+        if data + ETH_HDR_LEN + 20 <= end {
+            // SAFETY: the bounds check above covers every byte read, and
+            // the verifier checks it again.
+            unsafe {
+                let p = data as *const u8;
+                return Some(Headers {
+                    ethertype: u16::from_be(core::ptr::read_unaligned(p.add(12) as *const u16)),
+                    src: core::ptr::read_unaligned(p.add(ETH_HDR_LEN + 12) as *const u32),
+                    dst: core::ptr::read_unaligned(p.add(ETH_HDR_LEN + 16) as *const u32),
+                    mac: core::ptr::read_unaligned(p.add(6) as *const [u8; 6]),
+                });
+            }
+        }
+        let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+        if ethertype != ETH_P_IP {
+            return Some(Headers {
+                ethertype,
+                src: 0,
+                dst: 0,
+                mac: [0; 6],
+            });
+        }
+        Some(Headers {
+            ethertype,
+            src: ctx.load(ETH_HDR_LEN + 12).ok()?,
+            dst: ctx.load(ETH_HDR_LEN + 16).ok()?,
+            mac: ctx.load(6).ok()?,
+        })
+    }
+
     #[inline(always)]
     fn count(ctx: &TcContext, from_vm: bool) -> Result<(), ()> {
-        let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
-        if ethertype != ETH_P_IP {
+        let h = headers(ctx).ok_or(())?;
+        if h.ethertype != ETH_P_IP {
             bump(Stat::NotIpv4);
             return Ok(());
         }
         // Addresses stay in network order, as PairKey documents.
-        let src: u32 = ctx.load(ETH_HDR_LEN + 12).map_err(|_| ())?;
-        let dst: u32 = ctx.load(ETH_HDR_LEN + 16).map_err(|_| ())?;
+        let (src, dst) = (h.src, h.dst);
         // Only unicast traffic is traffic between two VMs: multicast and
         // broadcast (IGMP reports, DHCP, ...) name no peer.
         let dst_host = u32::from_be(dst);
@@ -213,7 +265,7 @@ mod kernel {
         }
 
         if from_vm {
-            remember_mac(ctx, src);
+            remember_mac(ctx, src, h.mac);
         } else if VM_MACS.get_ptr(src).is_some() {
             // Sent by a VM on this host: already counted at its own vif.
             return Ok(());
@@ -265,12 +317,7 @@ mod kernel {
     /// Records the sending VM's MAC and vif, writing only when it changed so
     /// that the shared (not per-CPU) map is not written on every frame.
     #[inline(always)]
-    fn remember_mac(ctx: &TcContext, src: u32) {
-        // Source MAC at offset 6; a fixed-size load keeps the verifier happy
-        // where `load_bytes` into a slice would need a bounded length.
-        let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
-            return;
-        };
+    fn remember_mac(ctx: &TcContext, src: u32, mac: [u8; 6]) {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         if let Some(known) = VM_MACS.get_ptr(src) {
             let known = unsafe { &*known };
