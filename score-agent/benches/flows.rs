@@ -17,6 +17,7 @@
 //! to run only those, `--quick` for short runs while developing.
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, TcpStream},
@@ -25,7 +26,7 @@ use std::{
     process::{Child, Command, ExitCode, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -252,6 +253,50 @@ fn pairs(n: usize) -> Vec<Pair> {
         .collect()
 }
 
+/// The global allocator, counting live heap bytes so that the flow
+/// table's memory can be measured rather than estimated.
+struct CountingAlloc;
+
+static HEAP_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only
+// a counter is kept beside it.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) };
+        HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP_LIVE.fetch_add(new_size, Ordering::Relaxed);
+            HEAP_LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
 // ------------------------------------------------------------ part 1: packet
 
 /// What one row of the per-packet table runs: label, index of the datapath,
@@ -476,14 +521,20 @@ fn drain(plan: &Plan) -> Result<()> {
         // already holds a full window of samples and each drain adds one
         // and drops one, as in the daemon.
         let window = 30 * SEC;
-        let mut table = FlowTable::new(window, 120 * SEC, 0);
         let warm = dp.snapshot()?;
         ensure!(warm.len() == n, "snapshot saw {} of {n} pairs", warm.len());
+        let heap_before = HEAP_LIVE.load(Ordering::Relaxed);
+        let mut table = FlowTable::new(window, 120 * SEC, 0);
         let mut clock = now;
         for _ in 0..31 {
             clock += SEC;
             table.update(clock, warm.iter().copied());
         }
+        // The table's own heap at steady state, the daemon's largest
+        // user-space cost per pair.
+        let table_heap = HEAP_LIVE
+            .load(Ordering::Relaxed)
+            .saturating_sub(heap_before);
         let mut first_sight = Times::default();
         for _ in 0..plan.drains {
             let mut t = FlowTable::new(window, 120 * SEC, 0);
@@ -507,6 +558,9 @@ fn drain(plan: &Plan) -> Result<()> {
             both.push(t0, t2);
         }
         ensure!(table.len() == n, "flow table holds {} of {n}", table.len());
+        let table_heap_end = HEAP_LIVE
+            .load(Ordering::Relaxed)
+            .saturating_sub(heap_before);
 
         // The same read with BPF_MAP_LOOKUP_BATCH, which the agent does not
         // use (aya 0.14 has no batch API): what batching would save.
@@ -523,7 +577,13 @@ fn drain(plan: &Plan) -> Result<()> {
                 "the batched read disagrees with snapshot()"
             );
         }
-        println!("  {n} pairs:");
+        println!(
+            "  {n} pairs: flow table heap at steady state {} KiB ({} B per pair; {} B per \
+             pair after the timed drains)",
+            table_heap / 1024,
+            table_heap / n,
+            table_heap_end / n
+        );
         for (what, t) in [
             ("snapshot", &snap),
             ("update (steady state)", &upd),
