@@ -393,6 +393,31 @@ fn qemu_migration_failure_leaves_the_guest_at_the_source() {
     assert_eq!(err.placement(), Placement::Source, "{err}");
     assert!(err.to_string().contains("incoming helper failed"), "{err}");
 
+    // A target that never answers (an address nobody has: the connection
+    // hangs in ARP): the time-out cancels the migration, and the guest
+    // runs at the source.
+    let helper = vec![
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        "echo uri=tcp:198.18.0.99:4444".into(),
+        "black-hole".into(),
+    ];
+    let config: BackendConfig = toml::from_str(&bed.config_text(&bed.a, &helper, "3s")).unwrap();
+    let t = Instant::now();
+    let err = rt()
+        .block_on(
+            Backend::from_config(&config)
+                .unwrap()
+                .migrate(&vm_ref(), &HostRef { addr: HOST_B }),
+        )
+        .unwrap_err();
+    eprintln!("after {:?}: {err}", t.elapsed());
+    assert!(matches!(err, BackendError::TimedOut { .. }), "{err:?}");
+    assert_eq!(err.placement(), Placement::Source, "{err}");
+    assert!(bed.runs_in(&bed.a));
+    let after_cancel = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(after_cancel.boot_id, before.boot_id);
+
     // Unknown MAC: not found, nothing done. Unknown target: refused.
     let mut other = vm_ref();
     other.mac[5] = 0x99;
