@@ -7,6 +7,7 @@
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -309,13 +310,21 @@ impl Datapath {
         v
     }
 
-    /// Reads every pair's counters, summed over CPUs.
+    /// Reads every pair's counters, summed over CPUs: in batches of 4,096
+    /// entries per syscall (BPF_MAP_LOOKUP_BATCH, 3-5x faster than two
+    /// syscalls per pair, docs/BENCHMARKS.md), or pair by pair where the
+    /// kernel refuses the batch.
     pub fn snapshot(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
-        let map: PerCpuHashMap<&MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
-            self.bpf
-                .map(FLOWS_MAP)
-                .ok_or(DatapathError::Map(FLOWS_MAP))?,
-        )?;
+        let data = self
+            .bpf
+            .map(FLOWS_MAP)
+            .ok_or(DatapathError::Map(FLOWS_MAP))?;
+        if let (aya::maps::Map::PerCpuHashMap(md), Ok(cpus)) = (data, aya::util::nr_cpus()) {
+            if let Ok(all) = batch_read(md.fd().as_fd(), cpus) {
+                return Ok(all);
+            }
+        }
+        let map: PerCpuHashMap<&MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(data)?;
         let mut out = Vec::new();
         for item in map.iter() {
             // An entry deleted between get_next_key and lookup is skipped.
@@ -474,6 +483,84 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifi
             name: name.into(),
             source: aya::programs::ProgramError::UnexpectedProgramType,
         })
+}
+
+/// `union bpf_attr` as the BPF_MAP_*_BATCH commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of the per-CPU flow map, 4,096 per syscall. aya 0.14 has
+/// no batch API, so this is the raw syscall. Fails (and the caller falls
+/// back) on kernels without batch support or when a hash bucket holds
+/// more entries than fit the buffer (ENOSPC).
+fn batch_read(
+    fd: std::os::fd::BorrowedFd<'_>,
+    cpus: usize,
+) -> std::io::Result<Vec<(Pair, Totals)>> {
+    use std::os::fd::AsRawFd;
+    const CHUNK: usize = 4096;
+    let mut keys = vec![PairKey::default(); CHUNK];
+    // One value per possible CPU, each rounded up to 8 bytes (ours are).
+    let mut values = vec![PairCounters::default(); CHUNK * cpus];
+    let mut out = Vec::new();
+    // For hash maps the batch cursor is a u32 bucket index.
+    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+    let mut started = false;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if started {
+                (&raw const cursor_in) as u64
+            } else {
+                0
+            },
+            out_batch: (&raw mut cursor_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at buffers of CHUNK keys and CHUNK x cpus
+        // values, and at two u32 cursors, all alive across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        if let Some(e) = &err {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+        for i in 0..(attr.count as usize).min(CHUNK) {
+            out.push((
+                pair_of(&keys[i]),
+                Totals::sum(&values[i * cpus..(i + 1) * cpus]),
+            ));
+        }
+        if err.is_some() {
+            // ENOENT: that was the last batch.
+            return Ok(out);
+        }
+        cursor_in = cursor_out;
+        started = true;
+    }
 }
 
 fn pair_of(key: &PairKey) -> Pair {
