@@ -987,3 +987,100 @@ fn agents_bring_real_chatty_guests_together() {
         a.stop(libc::SIGTERM);
     }
 }
+
+/// Two chatting real guests on two hosts, agents whose incoming helper
+/// names a port where nothing listens on the target: every migration
+/// fails, is counted, the guests keep running where they were, and the
+/// token moves on.
+#[test]
+#[ignore = "privileged: runs QEMU guests and score-agents in network namespaces"]
+fn agents_count_a_failed_real_migration_and_move_on() {
+    skip_unless_ready!();
+    let bed = Bed::new();
+    let hosts = [(bed.a.clone(), HOST_A), (bed.b.clone(), HOST_B)];
+    let guests = [
+        (Ipv4Addr::new(198, 18, 1, 1), "02:00:00:01:00:01", "tap1"),
+        (Ipv4Addr::new(198, 18, 1, 2), "02:00:00:01:00:02", "tap2"),
+    ];
+    for (i, (ip, mac, tap)) in guests.iter().enumerate() {
+        sh(&[
+            &fixture("qemu-vm"),
+            "--dir",
+            &bed.dir(),
+            "start",
+            &hosts[i].0,
+            &ip.to_string(),
+            mac,
+            tap,
+            &format!("score.peers={}:2M", guests[1 - i].0),
+        ]);
+    }
+    let boot: Vec<Status> = guests
+        .iter()
+        .map(|(ip, ..)| {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Some(s) = status_of(&bed.c, *ip) {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "guest {ip} never answered");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+        .collect();
+    // The helper "starts" nothing and sends the source to port 9 of the
+    // target host ($1 is the target's name).
+    let helper = vec![
+        "/bin/sh".to_owned(),
+        "-c".into(),
+        format!(
+            "if [ \"$1\" = {a} ]; then echo uri=tcp:{HOST_A}:9; else echo uri=tcp:{HOST_B}:9; fi",
+            a = bed.a
+        ),
+        "closed-port".into(),
+    ];
+    let topology =
+        format!("[[children]]\n[[children.children]]\nhosts = [\"{HOST_A}\", \"{HOST_B}\"]\n");
+    let (_work, _bpffs, agents) = start_agents(&bed.dir(), &helper, &hosts, &topology);
+    let metric = |name: &str| -> f64 {
+        hosts
+            .iter()
+            .map(|(ns, _)| {
+                http_get(ns, dc::HTTP, "/metrics")
+                    .map(|t| dc::metric_value(&t, name))
+                    .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric("score_migrations_total{outcome=\"failed\"}") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed migration counted:\n{}",
+            agents.iter().map(Agent::stderr).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let passed = metric("score_token_passed_total");
+    assert_eq!(metric("score_migrations_total{outcome=\"done\"}"), 0.0);
+    for (i, (ip, _, tap)) in guests.iter().enumerate() {
+        let ok = Command::new("ip")
+            .args(["-n", &hosts[i].0, "link", "show", "dev", tap])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "{ip} still on its host");
+        let now = status_of(&bed.c, *ip).expect("the guest answers");
+        assert_eq!(now.boot_id, boot[i].boot_id, "{ip} kept running");
+        assert!(now.uptime > boot[i].uptime);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric("score_token_passed_total") <= passed {
+        assert!(Instant::now() < deadline, "the token did not move on");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let logs: String = agents.iter().map(Agent::stderr).collect();
+    assert!(logs.contains("Connection refused"), "{logs}");
+    for a in agents {
+        a.stop(libc::SIGTERM);
+    }
+}
