@@ -125,7 +125,7 @@ pub fn guest(force: bool) -> Result<Guest> {
 
 /// Adds bookworm-backports (from the archive the image's own sources name)
 /// and installs qemu-system-x86 from it, plus busybox-static. Kept out of
-/// plain `cargo xtask setup`: QEMU with its dependencies is about 100 MB
+/// plain `cargo xtask setup`: QEMU with its dependencies took 99 MiB here
 /// that only the real-guest tests use.
 pub fn install() -> Result<()> {
     let have = |p: &str| {
