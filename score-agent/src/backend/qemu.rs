@@ -1033,3 +1033,273 @@ mod config_tests {
         assert!(e.message().contains("xl_path"), "{e}");
     }
 }
+
+/// The backend's decisions against fake QEMU monitors (no QEMU needed):
+/// each fake keeps a run state and answers `query-migrate` from a script.
+#[cfg(test)]
+mod flow_tests {
+    use std::{
+        collections::VecDeque,
+        sync::{Arc, Mutex},
+    };
+
+    use serde_json::{Value, json};
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+        net::UnixListener,
+    };
+
+    use super::*;
+    use crate::backend::{BackendConfig, BackendError, HostRef, Placement, VmRef};
+
+    #[derive(Debug)]
+    struct Vm {
+        status: String,
+        /// `query-migrate` answers, the last one repeated.
+        script: VecDeque<Value>,
+        /// The run state QEMU leaves after a failed migration.
+        after_failure: String,
+        commands: Vec<String>,
+    }
+
+    type Shared = Arc<Mutex<Vm>>;
+
+    fn vm(status: &str, script: Vec<Value>, after_failure: &str) -> Shared {
+        Arc::new(Mutex::new(Vm {
+            status: status.into(),
+            script: script.into(),
+            after_failure: after_failure.into(),
+            commands: Vec::new(),
+        }))
+    }
+
+    fn answer(vm: &Shared, cmd: &str) -> Value {
+        let mut v = vm.lock().unwrap();
+        v.commands.push(cmd.to_owned());
+        match cmd {
+            "query-rx-filter" => json!([{"name": "net0", "main-mac": "02:00:00:01:00:05"}]),
+            "query-status" => json!({"status": v.status, "running": v.status == "running"}),
+            "query-migrate" => {
+                let a = if v.script.len() > 1 {
+                    v.script.pop_front().unwrap()
+                } else {
+                    v.script.front().cloned().unwrap_or(json!({}))
+                };
+                match a["status"].as_str() {
+                    Some("completed") => v.status = "postmigrate".into(),
+                    Some("failed") | Some("cancelled") => v.status = v.after_failure.clone(),
+                    _ => {}
+                }
+                a
+            }
+            "migrate_cancel" => {
+                v.script = VecDeque::from([json!({"status": "cancelled"})]);
+                json!({})
+            }
+            "cont" => {
+                v.status = "running".into();
+                json!({})
+            }
+            _ => json!({}),
+        }
+    }
+
+    /// Serves `vm` on `path`, one client after another, as QEMU does.
+    fn serve(path: PathBuf, vm: Shared) {
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                let _ = w.write_all(b"{\"QMP\": {\"version\": {}}}\r\n").await;
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let msg: Value = serde_json::from_str(&line).unwrap();
+                    line.clear();
+                    let cmd = msg["execute"].as_str().unwrap_or("").to_owned();
+                    let ret = answer(&vm, &cmd);
+                    let reply = json!({"return": ret, "id": msg["id"]});
+                    let _ = w.write_all(format!("{reply}\r\n").as_bytes()).await;
+                    if cmd == "quit" {
+                        vm.lock().unwrap().status = "quit".into();
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        backend: QemuBackend,
+        source: Shared,
+        target: Shared,
+    }
+
+    fn setup(source: Shared, target: Shared, timeout: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        let src = dir.path().join("a/vm.qmp");
+        let dst = dir.path().join("b.qmp");
+        serve(src, source.clone());
+        serve(dst.clone(), target.clone());
+        let text = format!(
+            r#"
+            kind = "qemu"
+            qmp_sockets = "{}/a/*.qmp"
+            incoming_helper = ["/bin/sh", "-c", "echo uri=tcp:127.0.0.1:1; echo qmp={}", "helper"]
+            timeout = "{timeout}"
+            hosts = {{ "198.18.0.12" = "b" }}
+            "#,
+            dir.path().display(),
+            dst.display()
+        );
+        let BackendConfig::Qemu(c) = toml::from_str(&text).unwrap() else {
+            panic!()
+        };
+        Setup {
+            _dir: dir,
+            backend: QemuBackend::from_config(&c).unwrap(),
+            source,
+            target,
+        }
+    }
+
+    fn vm_ref() -> VmRef {
+        VmRef {
+            ip: Ipv4Addr::new(198, 18, 1, 5),
+            mac: [2, 0, 0, 1, 0, 5],
+            vif: "tap5".into(),
+        }
+    }
+
+    const B: HostRef = HostRef {
+        addr: Ipv4Addr::new(198, 18, 0, 12),
+    };
+
+    #[tokio::test]
+    async fn completed_quits_the_source() {
+        let s = setup(
+            vm(
+                "running",
+                vec![
+                    json!({"status": "active"}),
+                    json!({"status": "completed", "total-time": 800, "downtime": 40}),
+                ],
+                "running",
+            ),
+            vm("running", vec![], "running"),
+            "10s",
+        );
+        let m = s.backend.migrate_with_stats(&vm_ref(), &B).await.unwrap();
+        assert_eq!(m.stats.total_ms, Some(800));
+        assert_eq!(m.stats.downtime_ms, Some(40));
+        let src = s.source.lock().unwrap();
+        assert!(src.commands.contains(&"migrate".to_owned()));
+        assert_eq!(src.commands.last().map(String::as_str), Some("quit"));
+        assert!(
+            !s.target
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"quit".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_resumes_a_paused_source_and_stops_the_target() {
+        let s = setup(
+            vm(
+                "running",
+                vec![json!({"status": "failed", "error-desc": "broken pipe"})],
+                "paused",
+            ),
+            vm("inmigrate", vec![], "inmigrate"),
+            "10s",
+        );
+        let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
+        assert!(matches!(e, BackendError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("broken pipe"), "{e}");
+        let src = s.source.lock().unwrap();
+        assert!(
+            src.commands.contains(&"cont".to_owned()),
+            "{:?}",
+            src.commands
+        );
+        assert_eq!(src.status, "running");
+        assert!(
+            s.target
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"quit".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn completed_but_target_not_running_is_undefined() {
+        let s = setup(
+            vm("running", vec![json!({"status": "completed"})], "running"),
+            vm("inmigrate", vec![], "inmigrate"),
+            "30s",
+        );
+        let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
+        assert_eq!(e.placement(), Placement::Unknown, "{e}");
+        // Neither copy was touched: an operator must look.
+        assert!(
+            !s.source
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"quit".to_owned())
+        );
+        assert!(
+            !s.source
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"cont".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn time_out_cancels_and_keeps_the_guest_at_the_source() {
+        let s = setup(
+            vm("running", vec![json!({"status": "active"})], "running"),
+            vm("inmigrate", vec![], "inmigrate"),
+            "1s",
+        );
+        let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
+        assert!(matches!(e, BackendError::TimedOut { .. }), "{e}");
+        assert_eq!(e.placement(), Placement::Source);
+        assert!(
+            s.source
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"migrate_cancel".to_owned())
+        );
+        assert!(
+            s.target
+                .lock()
+                .unwrap()
+                .commands
+                .contains(&"quit".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_paused_copy_is_not_the_vm() {
+        let s = setup(
+            vm("postmigrate", vec![], "postmigrate"),
+            vm("running", vec![], "running"),
+            "10s",
+        );
+        let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
+        assert_eq!(e.placement(), Placement::Absent, "{e}");
+        assert!(e.to_string().contains("postmigrate"), "{e}");
+    }
+}
