@@ -1105,8 +1105,8 @@ mod flow_tests {
     }
 
     /// Serves `vm` on `path`, one client after another, as QEMU does.
-    fn serve(path: PathBuf, vm: Shared) {
-        let listener = UnixListener::bind(&path).unwrap();
+    fn serve(path: &Path, vm: Shared) {
+        let listener = UnixListener::bind(path).unwrap();
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
@@ -1144,8 +1144,8 @@ mod flow_tests {
         std::fs::create_dir(dir.path().join("a")).unwrap();
         let src = dir.path().join("a/vm.qmp");
         let dst = dir.path().join("b.qmp");
-        serve(src, source.clone());
-        serve(dst.clone(), target.clone());
+        serve(&src, source.clone());
+        serve(&dst, target.clone());
         let text = format!(
             r#"
             kind = "qemu"
