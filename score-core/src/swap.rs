@@ -117,6 +117,9 @@ pub enum SwapError {
     /// The name is not one of the candidate sets.
     #[error("unknown candidate set {0:?} (expected paper, peer-racks, peer-pods or all)")]
     UnknownCandidateSet(String),
+    /// The label is not a scope's (see [`Scope::label`]).
+    #[error("unknown scope {0:?} (expected a candidate set, swap, or swap+<candidate set>)")]
+    UnknownScope(String),
 }
 
 impl FromStr for CandidateSet {
@@ -168,6 +171,29 @@ impl Scope {
             (false, c) => c.name().to_string(),
             (true, CandidateSet::Paper) => "swap".to_string(),
             (true, c) => format!("swap+{}", c.name()),
+        }
+    }
+}
+
+impl FromStr for Scope {
+    type Err = SwapError;
+
+    /// Parses [`Scope::label`]'s form (no bound on swap requests).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SwapError::UnknownScope(s.to_string());
+        match s.strip_prefix("swap") {
+            Some("") => Ok(Scope::swaps(CandidateSet::Paper)),
+            Some(rest) => {
+                let set = rest.strip_prefix('+').ok_or_else(bad)?;
+                set.parse().map(Scope::swaps).map_err(|_| bad())
+            }
+            None => s
+                .parse()
+                .map(|candidates| Scope {
+                    candidates,
+                    ..Scope::PAPER
+                })
+                .map_err(|_| bad()),
         }
     }
 }
@@ -1127,6 +1153,19 @@ mod tests {
             Scope::swaps(CandidateSet::PeerRacks).label(),
             "swap+peer-racks"
         );
+        for set in CandidateSet::ALL {
+            for swaps in [false, true] {
+                let sc = Scope {
+                    candidates: set,
+                    swaps,
+                    max_swap_asks: None,
+                };
+                assert_eq!(sc.label().parse::<Scope>().unwrap(), sc);
+            }
+        }
+        for bad in ["swap+", "swapx", "swap+racks", "racks", ""] {
+            assert!(bad.parse::<Scope>().is_err(), "{bad}");
+        }
         let s: Scope = serde_json::from_str(r#"{"candidates":"peer-pods","swaps":true}"#).unwrap();
         assert_eq!(s, Scope::swaps(CandidateSet::PeerPods));
     }
