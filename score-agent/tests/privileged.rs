@@ -53,6 +53,7 @@ fn watch_counts_every_pair_exactly_once() {
     let x = lab.vm(&h, "up0", "x", X);
     let _sinks = [sink(&a, A), sink(&b, B), sink(&x, X)];
 
+    let programs_before = score_program_ids();
     let agent = Agent::start(&h, &["watch", "--iface", "vif*", "--json"]);
     agent.wait_for(
         &["iface=vif1.0", "iface=vif2.0", "watching"],
@@ -96,9 +97,10 @@ fn watch_counts_every_pair_exactly_once() {
     for p in v.as_array().unwrap() {
         assert!(p["rate_bps"].as_f64().unwrap() > 0.0);
     }
+    let left = new_score_programs(&programs_before);
     assert!(
-        !score_programs_loaded(),
-        "classifiers left loaded after exit"
+        left.is_empty(),
+        "classifiers left loaded after exit: {left:?}"
     );
 }
 
@@ -228,6 +230,7 @@ fn daemon_counters_survive_a_restart() {
     .unwrap();
     let config = config.to_str().unwrap();
 
+    let programs_before = score_program_ids();
     let agent = Agent::start(&h, &["run", "--config", config]);
     agent.wait_for(&["score-agent running"], Duration::from_secs(20));
     ping(&a, B);
@@ -237,9 +240,10 @@ fn daemon_counters_survive_a_restart() {
     let (code, _, err) = agent.stop(libc::SIGTERM);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("detached from every interface"), "{err}");
+    let left = new_score_programs(&programs_before);
     assert!(
-        !score_programs_loaded(),
-        "classifiers left attached after shutdown"
+        left.is_empty(),
+        "classifiers left attached after shutdown: {left:?}"
     );
     assert!(
         std::path::Path::new(&pin).join("SCORE_FLOWS").exists(),

@@ -266,13 +266,33 @@ impl Drop for Agent {
     }
 }
 
-/// Whether any score classifier is still loaded in the kernel.
-pub fn score_programs_loaded() -> bool {
+/// IDs of the score classifiers loaded in the kernel now. A test takes
+/// them before starting its agent and checks afterwards that the agent
+/// left none of its own behind (programs of other processes may exist).
+pub fn score_program_ids() -> std::collections::BTreeSet<u64> {
     let out = Command::new("bpftool")
-        .args(["prog", "show"])
+        .args(["-j", "prog", "show"])
         .output()
         .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout).contains("score_vif_")
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    progs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| {
+                    p["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("score_vif"))
+                })
+                .filter_map(|p| p["id"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether classifiers other than those in `before` are loaded.
+pub fn new_score_programs(before: &std::collections::BTreeSet<u64>) -> Vec<u64> {
+    score_program_ids().difference(before).copied().collect()
 }
 
 /// A UDP socket on port 9 inside a VM that swallows what the tests send,
