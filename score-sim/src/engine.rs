@@ -5,6 +5,12 @@
 //! ([`Token::update`]) and hands the token on with score-core's
 //! [`advance`] and the policy's own choice. The total cost (eq. 1) is
 //! recorded after every hand-off and every round.
+//!
+//! Beyond the paper (issue 8), [`RunOptions::scope`] lets the holder look
+//! at wider candidate sets and propose swaps ([`decide_scoped`]): a full
+//! host asked for a swap picks the partner among its own VMs with
+//! score-core's [`choose_swap_partner`], from what it measures (here: its
+//! VMs' peers and where they are). A swap is two migrations.
 
 use std::collections::BinaryHeap;
 use std::time::Instant;
@@ -12,6 +18,9 @@ use std::time::Instant;
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
+use score_core::swap::{
+    Scope, Settings, Step, choose_swap_partner, decide_with, local_vms, plan_with,
+};
 use score_core::token::{Load, Token, VmId};
 use score_core::topology::{HostId, Topology};
 
@@ -24,6 +33,10 @@ use crate::world::{HostLists, HostShape, Setup, core_traffic};
 pub struct RunOptions {
     /// Decision rule.
     pub rule: Rule,
+    /// Candidate set and swaps (beyond the paper; default: the paper's).
+    /// The global policy's ranking stays that of single migrations over
+    /// the paper's candidates; its holder decides with this scope.
+    pub scope: Scope,
     /// c_m and how to read it.
     pub cm: MigrationCostSpec,
     /// Most token rounds.
@@ -48,6 +61,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             rule: Rule::PaperFirst,
+            scope: Scope::PAPER,
             cm: MigrationCostSpec::Absolute(0.0),
             max_rounds: 10,
             token_init: TokenInit::Measured,
@@ -82,8 +96,10 @@ pub struct PolicyRun {
     pub round_migrations: Vec<u64>,
     /// Hand-offs made.
     pub handoffs: u64,
-    /// Migrations made.
+    /// Migrations made (a swap counts two).
     pub migrations: u64,
+    /// Swaps made (each also counted as two migrations).
+    pub swaps: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last one that migrated a VM (0: nothing moved).
@@ -132,6 +148,38 @@ pub fn decide(
         Some(shape.capacity(placement.count(h)))
     });
     (p, d)
+}
+
+/// [`decide`] with a [`Scope`]: [`plan_with`] the scope's candidates, then
+/// score-core's [`decide_with`]; capacity requests are answered from the
+/// host's VM count, swap requests by the asked host with
+/// [`choose_swap_partner`] over its VMs (`lists`). With
+/// [`Scope::PAPER`] the step is exactly [`decide`]'s decision.
+pub fn decide_scoped(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    u: VmIdx,
+    settings: Settings,
+) -> (Plan, Step) {
+    let peers = model.peers(placement, u);
+    let x = placement.host(u);
+    let p = plan_with(model.topo, u, x, &peers, settings.scope.candidates);
+    let free_mem = |h: HostId| shape.capacity(placement.count(h)).free_mem_mb;
+    let step = decide_with(
+        model.topo,
+        &p,
+        &peers,
+        settings,
+        free_mem(x),
+        |h| Some(shape.capacity(placement.count(h))),
+        |r| {
+            let local = local_vms(model, placement, lists.on(r.to), |_| shape.vm_mem_mb);
+            choose_swap_partner(model.topo, r.to, free_mem(r.to), &local, r, settings.cm)
+        },
+    );
+    (p, step)
 }
 
 /// The mutable state of one run.
@@ -371,6 +419,13 @@ pub fn run_policy(
     let mut round_migrations = Vec::new();
     let mut moved = vec![false; n as usize];
     let (mut handoffs, mut migrations, mut this_round) = (0u64, 0u64, 0u64);
+    let mut swaps = 0u64;
+    let settings = Settings {
+        rule: opts.rule,
+        cm,
+        mem_need_mb: st.shape.vm_mem_mb,
+        scope: opts.scope,
+    };
     let mut rounds_to_converge = 0u32;
     let mut converged = false;
     let mut snapshot = None;
@@ -402,24 +457,53 @@ pub fn run_policy(
             next_event = end;
         }
 
-        let (p, d) = decide(&st.model(), &st.placement, st.shape, u, opts.rule, cm);
-        if let Decision::Migrate {
-            from, to, benefit, ..
-        } = d
-        {
-            st.placement.move_vm(u, to);
-            st.lists.moved(u, from, to);
-            // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
-            st.total -= benefit;
-            moved[u as usize] = true;
-            migrations += 1;
-            this_round += 1;
-            if let Some(g) = global.as_mut() {
-                let max = st.shape.max_vms();
-                // Counts are after the move: x was full if it is one short now.
-                let freed = (st.placement.count(from) + 1 == max).then_some(from);
-                let filled = (st.placement.count(to) == max).then_some(to);
-                g.after_change(&st, &[u], freed, filled, opts.rule, cm);
+        let (p, d) = if opts.scope == Scope::PAPER {
+            let (p, d) = decide(&st.model(), &st.placement, st.shape, u, opts.rule, cm);
+            (p, Step::Single(d))
+        } else {
+            decide_scoped(&st.model(), &st.placement, &st.lists, st.shape, u, settings)
+        };
+        match d {
+            Step::Single(Decision::Migrate {
+                from, to, benefit, ..
+            }) => {
+                st.placement.move_vm(u, to);
+                st.lists.moved(u, from, to);
+                // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
+                st.total -= benefit;
+                moved[u as usize] = true;
+                migrations += 1;
+                this_round += 1;
+                if let Some(g) = global.as_mut() {
+                    let max = st.shape.max_vms();
+                    // Counts are after the move: x was full if it is one short now.
+                    let freed = (st.placement.count(from) + 1 == max).then_some(from);
+                    let filled = (st.placement.count(to) == max).then_some(to);
+                    g.after_change(&st, &[u], freed, filled, opts.rule, cm);
+                }
+            }
+            Step::Single(Decision::Stay { .. }) => {}
+            Step::Swap(s) => {
+                let w = s.partner;
+                st.placement.move_vm(u, s.to);
+                st.lists.moved(u, s.from, s.to);
+                st.placement.move_vm(w, s.from);
+                st.lists.moved(w, s.to, s.from);
+                // score-core's swap benefit is the exact drop of the total.
+                st.total -= s.benefit;
+                moved[u as usize] = true;
+                moved[w as usize] = true;
+                migrations += 2;
+                swaps += 1;
+                this_round += 1;
+                // The holder learnt w's new level from w's host.
+                if let Some(e) = token.get_mut(w) {
+                    e.level = s.partner_level_after;
+                }
+                if let Some(g) = global.as_mut() {
+                    // Both hosts keep their counts: no host crosses full.
+                    g.after_change(&st, &[u, w], None, None, opts.rule, cm);
+                }
             }
         }
         token.update(u, d.level_after(), Load::from_rate(p.load));
@@ -482,6 +566,7 @@ pub fn run_policy(
         round_migrations,
         handoffs,
         migrations,
+        swaps,
         rounds: token.round,
         rounds_to_converge,
         converged,

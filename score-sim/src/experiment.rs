@@ -147,6 +147,7 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
     });
     let base = RunOptions {
         rule: s.rule,
+        scope: s.scope,
         cm: s.migration_cost,
         max_rounds: s.rounds,
         token_init: s.token_init,

@@ -10,6 +10,9 @@
 //! - [`engine`]: one policy's run: [`engine::decide`] (score-core's `plan`
 //!   and `Plan::decide`), `Token::update`, `policy::advance`.
 //! - [`baseline`]: the genetic algorithm and greedy + local search.
+//! - [`capacity`]: beyond the paper (issue 8): capacity-tight data
+//!   centres, swaps and wider candidate sets, the exact optimum of small
+//!   instances.
 //! - [`experiment`]: a whole scenario in parallel, then [`report`] (JSON,
 //!   CSV) and [`plot`] (PNG, SVG).
 //!
@@ -18,6 +21,7 @@
 //! the default scenario).
 
 pub mod baseline;
+pub mod capacity;
 pub mod engine;
 pub mod experiment;
 pub mod plot;

@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use score_core::decision::Rule;
 use score_core::policy::PolicyKind;
+use score_core::swap::Scope;
+use score_sim::capacity::{CapacityOptions, outputs, read_summary, run_capacity};
 use score_sim::experiment::{ExperimentOptions, run_scenario};
 use score_sim::scenario::Scenario;
 
@@ -43,6 +45,45 @@ enum Cmd {
     },
     /// Print the default (paper) scenario as TOML, a template for `run`.
     Scenario,
+    /// Beyond the paper (issue 8): the paper scenario at 80%, 90% and 95%
+    /// fill, every policy with the paper's rule, with swaps, and with swaps
+    /// over the peers' racks; small instances against the exact optimum.
+    Capacity {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fills as fractions of the slots (default: the paper's VM count,
+        /// 0.8, 0.9, 0.95).
+        #[arg(long, value_delimiter = ',')]
+        fill: Vec<f64>,
+        /// Policies (default: all four).
+        #[arg(long, value_delimiter = ',')]
+        policy: Vec<PolicyKind>,
+        /// Decision variants, each `paper`, `swap`, `swap+<set>` or a
+        /// candidate set (peer-racks, peer-pods, all), all with the paper's
+        /// rule (default: paper, swap, swap+peer-racks).
+        #[arg(long, value_delimiter = ',')]
+        variant: Vec<Scope>,
+        /// Fan-out of the regular tree instead of the paper's 20,8,4,4
+        /// (e.g. 20,8,2,2: a quarter of the paper's hosts).
+        #[arg(long, value_delimiter = ',')]
+        fanout: Vec<u32>,
+        /// Seeds per small brute-force case (0: skip them).
+        #[arg(long, default_value_t = 30)]
+        small_seeds: u32,
+        /// Most token rounds per run.
+        #[arg(long, default_value_t = 30)]
+        rounds: u32,
+        /// Do not draw the figure.
+        #[arg(long)]
+        no_plots: bool,
+        /// Only redraw the tables and the figure from OUT/capacity.json.
+        #[arg(long)]
+        replot: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 /// Command-line overrides of scenario fields.
@@ -188,6 +229,112 @@ fn run(mut s: Scenario, out: &Path, o: &Overrides) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `capacity` command's arguments.
+struct CapacityArgs {
+    out: PathBuf,
+    fill: Vec<f64>,
+    policy: Vec<PolicyKind>,
+    variant: Vec<Scope>,
+    fanout: Vec<u32>,
+    small_seeds: u32,
+    rounds: u32,
+    no_plots: bool,
+    replot: bool,
+    threads: Option<usize>,
+}
+
+fn capacity(a: CapacityArgs) -> anyhow::Result<()> {
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot start the worker threads")?;
+    }
+    let mut opts = CapacityOptions::standard(a.out.clone());
+    if !a.fill.is_empty() {
+        opts.fills = a.fill.iter().map(|&f| Some(f)).collect();
+    }
+    if !a.policy.is_empty() {
+        opts.policies = a.policy;
+    }
+    if !a.variant.is_empty() {
+        opts.variants = a.variant.iter().map(|&v| (Rule::PaperFirst, v)).collect();
+    }
+    opts.small_seeds = a.small_seeds;
+    opts.plots = !a.no_plots;
+    let mut s = Scenario {
+        rounds: a.rounds,
+        ..Scenario::default()
+    };
+    if !a.fanout.is_empty() {
+        if let Some(r) = s.topology.regular.as_mut() {
+            r.fanout = a.fanout.clone();
+        }
+        s.name = format!("paper-fanout-{:?}", a.fanout);
+        if opts.fills.contains(&None) {
+            // The paper's VM count fits only the paper's tree: its fill.
+            let d = Scenario::default();
+            let hosts = d.validate().context("default scenario")?.host_count();
+            let paper_fill = f64::from(d.vms.count) / f64::from(d.slots_per_host() * hosts);
+            opts.fills = opts
+                .fills
+                .iter()
+                .map(|f| Some(f.unwrap_or(paper_fill)))
+                .collect();
+        }
+    }
+    if a.replot {
+        let sum = read_summary(&a.out.join("capacity.json"))?;
+        outputs(&sum, &opts)?;
+        println!("redrawn in {}", a.out.display());
+        return Ok(());
+    }
+    let sum = run_capacity(&s, &opts)?;
+    for f in &sum.fills {
+        println!(
+            "fill {:.0}% ({} VMs): baseline {:.2}% ({} VMs moved), local search from initial {:.2}%",
+            100.0 * f.fill,
+            f.vms,
+            f.baseline_reduction_pct,
+            f.baseline_moved_vms,
+            f.local_search_from_initial_pct
+        );
+        for r in &f.runs {
+            println!(
+                "  {:<12} {:<12} {:<16} reduction {:6.2}%  of best {:.3}  migrations {:>6} (swaps {:>6})  rounds {:>2}{}  ({:.1} s)",
+                r.policy,
+                r.rule,
+                r.scope,
+                r.reduction_pct,
+                r.fraction_of_best_baseline,
+                r.migrations,
+                r.swaps,
+                r.rounds_to_converge,
+                if r.converged { "" } else { "+" },
+                r.elapsed_s
+            );
+        }
+    }
+    for c in &sum.small {
+        println!(
+            "small {:?} {} slots {} VMs: {} instances",
+            c.fanout, c.slots, c.vms, c.instances
+        );
+        for r in &c.rows {
+            println!(
+                "  {:<12} {:<16} mean {:.3} min {:.3} >=95% {}/{}",
+                r.policy, r.scope, r.mean_fraction, r.min_fraction, r.at_least_95, c.instances
+            );
+        }
+    }
+    println!(
+        "outputs in {}; total {:.1} s",
+        a.out.display(),
+        sum.elapsed_s
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -196,6 +343,29 @@ fn main() -> ExitCode {
             .with_context(|| format!("cannot read {}", scenario.display()))
             .and_then(|text| Scenario::from_toml_str(&text).context("invalid scenario file"))
             .and_then(|s| run(s, &out, &o)),
+        Cmd::Capacity {
+            out,
+            fill,
+            policy,
+            variant,
+            fanout,
+            small_seeds,
+            rounds,
+            no_plots,
+            replot,
+            threads,
+        } => capacity(CapacityArgs {
+            out,
+            fill,
+            policy,
+            variant,
+            fanout,
+            small_seeds,
+            rounds,
+            no_plots,
+            replot,
+            threads,
+        }),
         Cmd::Scenario => {
             print!("{}", Scenario::default().to_toml_string());
             Ok(())

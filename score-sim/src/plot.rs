@@ -1,7 +1,8 @@
 //! The paper's figures, drawn with plotters as PNG and SVG: cost against
 //! token hand-offs with the baselines as lines (Fig. 2b), the ratio of cost
 //! reduction against c_m (Fig. 2c), and rack-to-rack traffic heat maps
-//! before and after migration (Fig. 2a/2d). Text uses the DejaVu Sans font
+//! before and after migration (Fig. 2a/2d), and issue 8's reduction
+//! against host fill. Text uses the DejaVu Sans font
 //! shipped in `assets/` (no system font library needed).
 
 use std::path::Path;
@@ -269,19 +270,59 @@ pub fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), Plo
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.0))
         .fold(1.0f64, f64::max);
+    let axes = Axes {
+        x: -0.5..x_max + 0.5,
+        y: 0.0..1.1,
+        x_desc: "c_m (% of the reference cost)",
+        y_desc: "cost reduction / reduction at c_m = 0",
+        legend: SeriesLabelPosition::MiddleRight,
+    };
     both(
         stem,
         (900, 560),
-        |r| draw_sweep(r, title, lines, x_max),
-        |r| draw_sweep(r, title, lines, x_max),
+        |r| draw_lines(r, title, lines, &axes),
+        |r| draw_lines(r, title, lines, &axes),
     )
 }
 
-fn draw_sweep<DB: DrawingBackend>(
+/// Issue 8: cost reduction over the best centralised baseline's against
+/// the fill of the hosts (x in percent), one line per variant.
+pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
+    let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
+    let (x_min, x_max) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    let y_min = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .fold(1.0f64, f64::min);
+    let axes = Axes {
+        x: x_min - 1.0..x_max + 1.0,
+        y: (y_min - 0.05).clamp(0.0, 0.9)..1.02,
+        x_desc: "hosts' slots filled (%)",
+        y_desc: "cost reduction / best centralised baseline's",
+        legend: SeriesLabelPosition::LowerLeft,
+    };
+    both(
+        stem,
+        (900, 600),
+        |r| draw_lines(r, title, lines, &axes),
+        |r| draw_lines(r, title, lines, &axes),
+    )
+}
+
+/// Ranges, labels and legend place of a line chart.
+struct Axes<'a> {
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    legend: SeriesLabelPosition,
+}
+
+fn draw_lines<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
     lines: &[SweepLine],
-    x_max: f64,
+    axes: &Axes<'_>,
 ) -> DrawResult {
     {
         root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -290,12 +331,12 @@ fn draw_sweep<DB: DrawingBackend>(
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            .build_cartesian_2d(-0.5..x_max + 0.5, 0.0..1.1)
+            .build_cartesian_2d(axes.x.clone(), axes.y.clone())
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc("c_m (% of the reference cost)")
-            .y_desc("cost reduction / reduction at c_m = 0")
+            .x_desc(axes.x_desc)
+            .y_desc(axes.y_desc)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -320,7 +361,7 @@ fn draw_sweep<DB: DrawingBackend>(
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::MiddleRight)
+            .position(axes.legend.clone())
             .draw()
             .map_err(|e| e.to_string())?;
         Ok(())

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 
 use score_core::decision::{MigrationCost, Rule};
 use score_core::policy::PolicyKind;
+use score_core::swap::Scope;
 use score_core::topology::{PAPER_FANOUT, RegularSpec, Topology, TopologyError, TopologySpec};
 use serde::{Deserialize, Serialize};
 
@@ -283,6 +284,9 @@ pub struct Scenario {
     /// Decision rule: `paper-first` (the paper's: first candidate, in order
     /// of peer cost, with room and a benefit above c_m) or `best-benefit`.
     pub rule: Rule,
+    /// Beyond the paper (issue 8): candidate set and swaps; the default is
+    /// the paper's (hosts of the VM's peers, no swaps).
+    pub scope: Scope,
     /// c_m (the paper's simulation uses 0).
     pub migration_cost: MigrationCostSpec,
     /// Most token rounds per policy; a run stops earlier after a round with
@@ -320,6 +324,7 @@ impl Default for Scenario {
             traffic: TrafficParams::default(),
             policies: PolicyKind::ALL.to_vec(),
             rule: Rule::PaperFirst,
+            scope: Scope::PAPER,
             migration_cost: MigrationCostSpec::default(),
             rounds: 10,
             baselines: BaselineParams::default(),

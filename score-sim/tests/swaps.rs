@@ -1,0 +1,116 @@
+//! Beyond the paper (issue 8): the simulator's runs with swaps and wider
+//! candidate sets keep its invariants, the scoped decision path equals the
+//! paper's when it adds nothing, and on small instances the runs are
+//! measured against the exact optimum.
+
+mod common;
+
+use score_core::decision::Rule;
+use score_core::policy::PolicyKind;
+use score_core::swap::{CandidateSet, Scope};
+use score_sim::capacity::{SMALL_CASES, run_small};
+use score_sim::engine::{RunOptions, run_policy};
+use score_sim::world::Setup;
+
+fn scopes() -> [Scope; 3] {
+    [
+        Scope::swaps(CandidateSet::Paper),
+        Scope::swaps(CandidateSet::PeerRacks),
+        Scope {
+            candidates: CandidateSet::PeerPods,
+            swaps: false,
+            max_swap_asks: None,
+        },
+    ]
+}
+
+#[test]
+fn the_scoped_path_with_nothing_added_is_the_papers() {
+    let setup = Setup::build(&common::small_scenario(400, 3)).unwrap();
+    for kind in PolicyKind::ALL {
+        for rule in Rule::ALL {
+            let base = RunOptions {
+                rule,
+                max_rounds: 4,
+                trace: true,
+                ..RunOptions::default()
+            };
+            // Not Scope::PAPER (so the engine takes the scoped path), but
+            // the same decisions: the paper's candidates, no swaps.
+            let scoped = RunOptions {
+                scope: Scope {
+                    max_swap_asks: Some(3),
+                    ..Scope::PAPER
+                },
+                ..base
+            };
+            let a = run_policy(&setup, kind, &base, |_| {}).unwrap();
+            let b = run_policy(&setup, kind, &scoped, |_| {}).unwrap();
+            assert_eq!(a.trace, b.trace, "{kind} {rule}");
+            assert_eq!(a.final_cost, b.final_cost);
+            assert_eq!(b.swaps, 0);
+        }
+    }
+}
+
+#[test]
+fn swaps_keep_the_running_total_exact_and_capacity() {
+    // 92% of the slots: many candidate hosts are full.
+    let setup = Setup::build(&common::small_scenario(470, 5)).unwrap();
+    for kind in PolicyKind::ALL {
+        for scope in scopes() {
+            let o = RunOptions {
+                scope,
+                max_rounds: 3,
+                self_check: true,
+                ..RunOptions::default()
+            };
+            let r = run_policy(&setup, kind, &o, |_| {}).unwrap();
+            assert!(setup.fits(&r.final_placement), "{kind} {}", scope.label());
+            assert!(
+                r.round_costs
+                    .windows(2)
+                    .all(|w| w[1] <= w[0] * (1.0 + 1e-12))
+            );
+            assert!(r.migrations >= 2 * r.swaps);
+            if scope.swaps {
+                assert!(r.swaps > 0, "{kind} {}: no swap at 92% fill", scope.label());
+            }
+        }
+    }
+}
+
+#[test]
+fn small_instances_against_the_exact_optimum() {
+    let variants = [
+        (Rule::PaperFirst, Scope::PAPER),
+        (Rule::PaperFirst, Scope::swaps(CandidateSet::PeerRacks)),
+    ];
+    let policies = [PolicyKind::Distributed, PolicyKind::LoadAware];
+    // run_small itself asserts that no run beats the optimum.
+    let cases = run_small(&SMALL_CASES[..2], 10, &policies, &variants).unwrap();
+    for c in &cases {
+        assert!(c.instances >= 8);
+        for pair in c.rows.chunks(2) {
+            let (paper, swap) = (&pair[0], &pair[1]);
+            assert_eq!(swap.scope, "swap+peer-racks");
+            assert!(paper.mean_fraction <= 1.0 + 1e-9 && swap.mean_fraction <= 1.0 + 1e-9);
+            // Measured (30 seeds, release): the paper's rule 0.40-0.49 of
+            // the optimum's reduction, swaps over the peers' racks
+            // 0.87-0.94. Guard the gain, not the exact figures.
+            assert!(
+                swap.mean_fraction > paper.mean_fraction + 0.2,
+                "{:?}: swaps {} vs paper {}",
+                c.fanout,
+                swap.mean_fraction,
+                paper.mean_fraction
+            );
+            assert!(
+                swap.mean_fraction >= 0.8,
+                "{:?}: {}",
+                c.fanout,
+                swap.mean_fraction
+            );
+        }
+    }
+}
