@@ -21,7 +21,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, TcpStream},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::{
@@ -33,16 +33,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use aya::{
-    maps::MapData,
-    programs::{TestRun, TestRunOptions},
-};
+use aya::programs::{TestRun, TestRunOptions};
 use score_agent::{
     collector::monotonic_ns,
     datapath::{Datapath, LoadOptions},
-    flows::{FlowTable, Pair, Totals},
+    flows::{FlowTable, Pair},
 };
-use score_common::{FLOWS_MAP, PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey};
+use score_common::{PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters};
 
 /// Frame size of the per-packet benchmark and of the agent's traffic.
 const FRAME_LEN: usize = 128;
@@ -497,7 +494,6 @@ fn drain(plan: &Plan) -> Result<()> {
     // The flow map is pinned here so that the bench can reopen it for the
     // batched read below; unmounted (and the pins gone) on drop.
     let mount = BpfMount::new(Path::new(DRAIN_BPFFS))?;
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     for n in [1_000usize, 10_000, 100_000] {
         let pins = mount.0.join(format!("n{n}"));
         let mut dp = Datapath::load(&LoadOptions {
@@ -506,7 +502,6 @@ fn drain(plan: &Plan) -> Result<()> {
             pin_dir: Some(pins.clone()),
             control_port: None,
         })?;
-        let flow_map = MapData::from_pin(pins.join(FLOWS_MAP))?;
         let now = monotonic_ns();
         let counters = PairCounters {
             bytes: 128_000,
@@ -562,19 +557,20 @@ fn drain(plan: &Plan) -> Result<()> {
             .load(Ordering::Relaxed)
             .saturating_sub(heap_before);
 
-        // The same read with BPF_MAP_LOOKUP_BATCH, which the agent does not
-        // use (aya 0.14 has no batch API): what batching would save.
+        // The agent's snapshot reads the map with BPF_MAP_LOOKUP_BATCH; the
+        // same read pair by pair (two syscalls per pair, its fallback) is
+        // what batching saves.
         let mut batch = Times::default();
         let mut expected = dp.snapshot()?;
         expected.sort_by_key(|(p, _)| *p);
         for _ in 0..plan.drains {
             let t0 = Stamp::now();
-            let mut got = batch_snapshot(flow_map.fd().as_fd(), cpus)?;
+            let mut got = dp.snapshot_per_pair()?;
             batch.push(t0, Stamp::now());
             got.sort_by_key(|(p, _)| *p);
             ensure!(
                 got == expected,
-                "the batched read disagrees with snapshot()"
+                "the per-pair read disagrees with snapshot()"
             );
         }
         println!(
@@ -589,7 +585,7 @@ fn drain(plan: &Plan) -> Result<()> {
             ("update (steady state)", &upd),
             ("snapshot + update", &both),
             ("update (first sight)", &first_sight),
-            ("batched read (alt.)", &batch),
+            ("per-pair read (old)", &batch),
         ] {
             let (w, c) = (summarize(&t.wall), summarize(&t.cpu));
             println!(
@@ -619,79 +615,6 @@ impl Drop for BpfMount {
     fn drop(&mut self) {
         let _ = quiet(Command::new("umount").arg(&self.0));
         let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// `union bpf_attr` as BPF_MAP_*_BATCH reads it.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// Every pair of the flow map, read 4,096 entries per syscall.
-fn batch_snapshot(fd: BorrowedFd<'_>, cpus: usize) -> Result<Vec<(Pair, Totals)>> {
-    const CHUNK: usize = 4096;
-    let mut keys = vec![PairKey::default(); CHUNK];
-    // Per-CPU values come as one slot per possible CPU, each rounded up to
-    // 8 bytes (PairCounters already is).
-    let mut values = vec![PairCounters::default(); CHUNK * cpus];
-    let mut out = Vec::new();
-    // For hash maps the batch cursor is a u32 bucket index.
-    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
-    let mut started = false;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if started {
-                (&raw const cursor_in) as u64
-            } else {
-                0
-            },
-            out_batch: (&raw mut cursor_out) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: attr points at buffers of CHUNK keys and CHUNK x cpus
-        // values, and at two u32 cursors, all alive across the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        for i in 0..(attr.count as usize).min(CHUNK) {
-            let k = keys[i];
-            out.push((
-                (
-                    Ipv4Addr::from(u32::from_be(k.src)),
-                    Ipv4Addr::from(u32::from_be(k.dst)),
-                ),
-                Totals::sum(&values[i * cpus..(i + 1) * cpus]),
-            ));
-        }
-        match err {
-            None => {}
-            // The last batch: the map has no more entries.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Some(e) => bail!("BPF_MAP_LOOKUP_BATCH: {e}"),
-        }
-        cursor_in = cursor_out;
-        started = true;
     }
 }
 

@@ -324,6 +324,16 @@ impl Datapath {
                 return Ok(all);
             }
         }
+        self.snapshot_per_pair()
+    }
+
+    /// [`Datapath::snapshot`] the slow way: two syscalls per pair. The
+    /// fallback, and the baseline of the drain benchmark.
+    pub fn snapshot_per_pair(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
+        let data = self
+            .bpf
+            .map(FLOWS_MAP)
+            .ok_or(DatapathError::Map(FLOWS_MAP))?;
         let map: PerCpuHashMap<&MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(data)?;
         let mut out = Vec::new();
         for item in map.iter() {
