@@ -16,6 +16,9 @@
 //! `Drop` guards, also when a part fails. Arguments after `--`: part names
 //! to run only those, `--quick` for short runs while developing.
 
+mod common;
+
+use common::{in_netns, machine, quiet, sh};
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::{BTreeMap, BTreeSet},
@@ -137,23 +140,6 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}, Linux {kernel}")
 }
 
 // ---------------------------------------------------------------- summaries
@@ -721,43 +707,6 @@ impl Drop for Bed {
             let _ = std::fs::remove_file(f);
         }
     }
-}
-
-fn quiet(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()
-}
-
-fn sh(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("spawning {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a thread inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let path = format!("/var/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: a valid netns fd; only this thread changes namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
 }
 
 /// Raw packet sockets on the named interfaces of the calling thread's
