@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use score_core::token::{Load, Token, TokenEntry};
 use score_core::wire::{
     ChunkBitmap, ChunkOutcome, ClusterKey, FlowEntry, FlowReport, HEADER_LEN, Header, HopAck, Kind,
-    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, PartsAssembler, PartsOutcome, Reassembler,
+    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler,
+    PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
     TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal, token_chunks,
 };
 
@@ -178,6 +179,103 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         order,
         (any::<u32>(), any::<u32>())
             .prop_map(|(holder, round)| Message::TokenSeen { holder, round }),
+        swap_strategy(),
+    ]
+}
+
+/// The swap messages (issue 8).
+fn swap_strategy() -> impl Strategy<Value = Message> {
+    let ip = any::<u32>().prop_map(Ipv4Addr::from);
+    let finite = prop_oneof![
+        -1e12f64..1e12,
+        Just(0.0),
+        Just(-0.0),
+        Just(f64::MAX),
+        Just(f64::MIN)
+    ];
+    let propose = (
+        (any::<u32>(), ip.clone(), ip),
+        (finite.clone(), rate_strategy(), rate_strategy()),
+        (any::<u64>(), any::<u64>(), any::<bool>()),
+        proptest::collection::vec((any::<u32>(), rate_strategy()), 0..=MAX_SWAP_PEERS),
+    )
+        .prop_map(
+            |(
+                (vm, from, to),
+                (gain, cost_before, c_m),
+                (mem_mib, from_free_mem_mib, from_headroom),
+                peers_on_target,
+            )| {
+                Message::SwapPropose(SwapProposal {
+                    vm,
+                    from,
+                    to,
+                    gain,
+                    cost_before,
+                    c_m,
+                    mem_mib,
+                    from_free_mem_mib,
+                    from_headroom,
+                    peers_on_target,
+                })
+            },
+        );
+    let accept = (
+        (any::<u64>(), any::<u32>(), any::<u32>()),
+        (finite.clone(), rate_strategy(), rate_strategy()),
+        (finite, rate_strategy(), any::<u8>(), any::<bool>()),
+    )
+        .prop_map(
+            |(
+                (in_reply_to, vm, partner),
+                (partner_gain, partner_cost_before, partner_cost_after),
+                (benefit, c_m, partner_level_after, first),
+            )| {
+                Message::SwapAccept(SwapAcceptance {
+                    in_reply_to,
+                    vm,
+                    partner,
+                    partner_gain,
+                    partner_cost_before,
+                    partner_cost_after,
+                    benefit,
+                    c_m,
+                    partner_level_after,
+                    order: if first {
+                        SwapOrder::PartnerFirst
+                    } else {
+                        SwapOrder::ProposerFirst
+                    },
+                })
+            },
+        );
+    prop_oneof![
+        propose,
+        accept,
+        (
+            any::<u64>(),
+            any::<u32>(),
+            prop::sample::select(SwapRefusal::ALL.to_vec())
+        )
+            .prop_map(|(in_reply_to, vm, reason)| Message::SwapRefuse {
+                in_reply_to,
+                vm,
+                reason
+            }),
+        (any::<u32>(), any::<u32>(), any::<bool>())
+            .prop_map(|(vm, partner, go)| Message::SwapCommit { vm, partner, go }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            prop::sample::select(SwapResult::ALL.to_vec())
+        )
+            .prop_map(|(in_reply_to, vm, partner, result)| Message::SwapDone {
+                in_reply_to,
+                vm,
+                partner,
+                result
+            }),
     ]
 }
 

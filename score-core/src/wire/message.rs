@@ -146,6 +146,171 @@ impl TokenOrder {
     }
 }
 
+/// Fixed fields of a [`SwapProposal`] before its peer list.
+const SWAP_PROPOSE_FIXED_LEN: usize = 4 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 1 + 2;
+
+/// Bytes per peer of a [`SwapProposal`]: VM, rate.
+const SWAP_PEER_LEN: usize = 4 + 8;
+
+/// Most peers a [`SwapProposal`] carries (95).
+pub const MAX_SWAP_PEERS: usize = (MAX_PAYLOAD - SWAP_PROPOSE_FIXED_LEN) / SWAP_PEER_LEN;
+
+/// "Take my VM `vm`, and send me one of yours in exchange" (issue 8): what
+/// the holder of the token for `vm` sends a full candidate host. It
+/// carries what the asked host needs to evaluate the swap with only its
+/// own measurements (score-core's `swap::SwapRequest`, with addresses).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwapProposal {
+    /// The proposing VM u.
+    pub vm: VmId,
+    /// u's host x (where the partner would go); the sender.
+    pub from: Ipv4Addr,
+    /// The asked host y (where u would go).
+    pub to: Ipv4Addr,
+    /// u's benefit of moving to y alone (finite).
+    pub gain: f64,
+    /// C(u) now (finite, >= 0).
+    pub cost_before: f64,
+    /// u's share of the threshold, c_m for u (finite, >= 0).
+    pub c_m: f64,
+    /// u's memory, MiB.
+    pub mem_mib: u64,
+    /// Free memory on x now, MiB.
+    pub from_free_mem_mib: u64,
+    /// Whether x can hold one VM more than its slots for the time of the
+    /// swap (its migration headroom), so the partner may move first.
+    pub from_headroom: bool,
+    /// u's peers on y with λ(u, w) as x measures it, at most
+    /// [`MAX_SWAP_PEERS`], rates finite and >= 0.
+    pub peers_on_target: Vec<(VmId, f64)>,
+}
+
+/// Which of the two live migrations of a swap goes first: the one into
+/// the host that has headroom for a VM more than its slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SwapOrder {
+    /// u moves x -> y first (y has the headroom), then w y -> x.
+    ProposerFirst = 0,
+    /// w moves y -> x first (x has the headroom), then u x -> y.
+    PartnerFirst = 1,
+}
+
+impl SwapOrder {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::ProposerFirst),
+            1 => Some(Self::PartnerFirst),
+            _ => None,
+        }
+    }
+}
+
+/// The asked host accepts: it gives `partner` (chosen from its own VMs
+/// with its own measurements) and has reserved it for this swap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SwapAcceptance {
+    /// Sequence number of the proposal answered.
+    pub in_reply_to: u64,
+    /// The proposing VM u.
+    pub vm: VmId,
+    /// The partner w (on y, would go to x).
+    pub partner: VmId,
+    /// w's benefit of moving to x with u still there (finite).
+    pub partner_gain: f64,
+    /// C(w) now (finite, >= 0).
+    pub partner_cost_before: f64,
+    /// C(w) on x after the swap (finite, >= 0).
+    pub partner_cost_after: f64,
+    /// The swap's benefit: the drop of the equation 1 total (finite).
+    pub benefit: f64,
+    /// The threshold it exceeds, c_m(u) + c_m(w) (finite, >= 0).
+    pub c_m: f64,
+    /// w's communication level on x after the swap.
+    pub partner_level_after: u8,
+    /// Which migration goes first.
+    pub order: SwapOrder,
+}
+
+/// Why an asked host refused a swap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SwapRefusal {
+    /// Swaps are off on the asked host (the paper's rule).
+    Disabled = 1,
+    /// No VM of the asked host makes the swap worth two migrations.
+    NoPartner = 2,
+    /// Neither host may hold a VM more than its slots for the time of the
+    /// swap (both migration headrooms are used or 0).
+    NoHeadroom = 3,
+    /// A swap is already in progress there, or the partner moved recently.
+    Busy = 4,
+    /// The proposal does not make sense to the asked host (it is not `to`,
+    /// or `vm` is hosted there).
+    Invalid = 5,
+}
+
+impl SwapRefusal {
+    /// Every reason, in wire-value order.
+    pub const ALL: [SwapRefusal; 5] = [
+        Self::Disabled,
+        Self::NoPartner,
+        Self::NoHeadroom,
+        Self::Busy,
+        Self::Invalid,
+    ];
+
+    /// A short lowercase name, for metrics labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::NoPartner => "no_partner",
+            Self::NoHeadroom => "no_headroom",
+            Self::Busy => "busy",
+            Self::Invalid => "invalid",
+        }
+    }
+
+    fn from_u8(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u8 == b)
+    }
+}
+
+/// What became of the asked host's part of a swap (its partner's
+/// migration), in answer to a [`Message::SwapCommit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SwapResult {
+    /// The partner runs on the proposer's host now.
+    Done = 1,
+    /// The partner's migration failed; it still runs on the asked host.
+    Failed = 2,
+    /// The partner's migration failed and where it runs is not known.
+    Undefined = 3,
+    /// Advisory mode on the asked host: nothing moved.
+    Advisory = 4,
+    /// The reservation was released (the answer to a cancel).
+    Cancelled = 5,
+    /// The asked host knows no such swap (expired or never accepted).
+    Unknown = 6,
+}
+
+impl SwapResult {
+    /// Every result, in wire-value order.
+    pub const ALL: [SwapResult; 6] = [
+        Self::Done,
+        Self::Failed,
+        Self::Undefined,
+        Self::Advisory,
+        Self::Cancelled,
+        Self::Unknown,
+    ];
+
+    fn from_u8(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u8 == b)
+    }
+}
+
 fn split_list<T, M>(
     items: &[T],
     per_part: usize,
@@ -223,6 +388,43 @@ pub enum Message {
         /// The token's round.
         round: u32,
     },
+    /// A swap proposal, from the holder of the token for its VM to a full
+    /// candidate host (issue 8).
+    SwapPropose(SwapProposal),
+    /// The asked host accepts a swap and names the partner.
+    SwapAccept(SwapAcceptance),
+    /// The asked host refuses a swap.
+    SwapRefuse {
+        /// Sequence number of the proposal answered.
+        in_reply_to: u64,
+        /// The proposing VM.
+        vm: VmId,
+        /// Why.
+        reason: SwapRefusal,
+    },
+    /// From the proposer to the asked host, for an accepted swap: move the
+    /// partner now (`go`), or release it (the swap will not happen).
+    SwapCommit {
+        /// The proposing VM.
+        vm: VmId,
+        /// The partner the asked host gave.
+        partner: VmId,
+        /// true: migrate the partner to the proposer's host now; false:
+        /// cancel.
+        go: bool,
+    },
+    /// The asked host's answer to a [`Message::SwapCommit`], once its part
+    /// has ended.
+    SwapDone {
+        /// Sequence number of the commit answered.
+        in_reply_to: u64,
+        /// The proposing VM.
+        vm: VmId,
+        /// The partner.
+        partner: VmId,
+        /// What became of the partner's migration.
+        result: SwapResult,
+    },
 }
 
 impl Message {
@@ -239,6 +441,11 @@ impl Message {
             Message::FlowReport(_) => Kind::FlowReport,
             Message::TokenOrder(_) => Kind::TokenOrder,
             Message::TokenSeen { .. } => Kind::TokenSeen,
+            Message::SwapPropose(_) => Kind::SwapPropose,
+            Message::SwapAccept(_) => Kind::SwapAccept,
+            Message::SwapRefuse { .. } => Kind::SwapRefuse,
+            Message::SwapCommit { .. } => Kind::SwapCommit,
+            Message::SwapDone { .. } => Kind::SwapDone,
         }
     }
 
@@ -292,6 +499,8 @@ impl Message {
                 o.vms.len(),
                 MAX_ORDER_VMS,
             ),
+            Message::SwapPropose(p) => p.check(),
+            Message::SwapAccept(a) => a.check(),
             _ => Ok(()),
         }
     }
@@ -358,6 +567,59 @@ impl Message {
             Message::TokenSeen { holder, round } => {
                 buf.put_u32(*holder);
                 buf.put_u32(*round);
+            }
+            Message::SwapPropose(p) => {
+                buf.put_u32(p.vm);
+                buf.put_slice(&p.from.octets());
+                buf.put_slice(&p.to.octets());
+                buf.put_u64(p.gain.to_bits());
+                buf.put_u64(p.cost_before.to_bits());
+                buf.put_u64(p.c_m.to_bits());
+                buf.put_u64(p.mem_mib);
+                buf.put_u64(p.from_free_mem_mib);
+                buf.put_u8(u8::from(p.from_headroom));
+                buf.put_u16(p.peers_on_target.len() as u16); // <= MAX_SWAP_PEERS
+                for &(vm, rate) in &p.peers_on_target {
+                    buf.put_u32(vm);
+                    buf.put_u64(rate.to_bits());
+                }
+            }
+            Message::SwapAccept(a) => {
+                buf.put_u64(a.in_reply_to);
+                buf.put_u32(a.vm);
+                buf.put_u32(a.partner);
+                buf.put_u64(a.partner_gain.to_bits());
+                buf.put_u64(a.partner_cost_before.to_bits());
+                buf.put_u64(a.partner_cost_after.to_bits());
+                buf.put_u64(a.benefit.to_bits());
+                buf.put_u64(a.c_m.to_bits());
+                buf.put_u8(a.partner_level_after);
+                buf.put_u8(a.order as u8);
+            }
+            Message::SwapRefuse {
+                in_reply_to,
+                vm,
+                reason,
+            } => {
+                buf.put_u64(*in_reply_to);
+                buf.put_u32(*vm);
+                buf.put_u8(*reason as u8);
+            }
+            Message::SwapCommit { vm, partner, go } => {
+                buf.put_u32(*vm);
+                buf.put_u32(*partner);
+                buf.put_u8(u8::from(*go));
+            }
+            Message::SwapDone {
+                in_reply_to,
+                vm,
+                partner,
+                result,
+            } => {
+                buf.put_u64(*in_reply_to);
+                buf.put_u32(*vm);
+                buf.put_u32(*partner);
+                buf.put_u8(*result as u8);
             }
         }
     }
@@ -458,6 +720,72 @@ impl Message {
                 holder: r.u32()?,
                 round: r.u32()?,
             },
+            Kind::SwapPropose => {
+                let vm = r.u32()?;
+                let from = r.ip()?;
+                let to = r.ip()?;
+                let gain = r.f64()?;
+                let cost_before = r.f64()?;
+                let c_m = r.f64()?;
+                let mem_mib = r.u64()?;
+                let from_free_mem_mib = r.u64()?;
+                let from_headroom = r.flag("from_headroom")?;
+                let n = usize::from(r.u16()?);
+                if n > MAX_SWAP_PEERS {
+                    return Err(r.invalid("peer count"));
+                }
+                r.expect_exactly(n * SWAP_PEER_LEN)?;
+                let mut peers_on_target = Vec::with_capacity(n);
+                for _ in 0..n {
+                    peers_on_target.push((r.u32()?, r.f64()?));
+                }
+                let p = SwapProposal {
+                    vm,
+                    from,
+                    to,
+                    gain,
+                    cost_before,
+                    c_m,
+                    mem_mib,
+                    from_free_mem_mib,
+                    from_headroom,
+                    peers_on_target,
+                };
+                p.check()?;
+                Message::SwapPropose(p)
+            }
+            Kind::SwapAccept => {
+                let a = SwapAcceptance {
+                    in_reply_to: r.u64()?,
+                    vm: r.u32()?,
+                    partner: r.u32()?,
+                    partner_gain: r.f64()?,
+                    partner_cost_before: r.f64()?,
+                    partner_cost_after: r.f64()?,
+                    benefit: r.f64()?,
+                    c_m: r.f64()?,
+                    partner_level_after: r.u8()?,
+                    order: SwapOrder::from_u8(r.u8()?).ok_or(r.invalid("order"))?,
+                };
+                a.check()?;
+                Message::SwapAccept(a)
+            }
+            Kind::SwapRefuse => Message::SwapRefuse {
+                in_reply_to: r.u64()?,
+                vm: r.u32()?,
+                reason: SwapRefusal::from_u8(r.u8()?).ok_or(r.invalid("reason"))?,
+            },
+            Kind::SwapCommit => Message::SwapCommit {
+                vm: r.u32()?,
+                partner: r.u32()?,
+                go: r.flag("go")?,
+            },
+            Kind::SwapDone => Message::SwapDone {
+                in_reply_to: r.u64()?,
+                vm: r.u32()?,
+                partner: r.u32()?,
+                result: SwapResult::from_u8(r.u8()?).ok_or(r.invalid("result"))?,
+            },
         };
         r.end()?;
         Ok(msg)
@@ -489,6 +817,64 @@ impl Datagram {
 /// Rates are measured byte counts over a window: finite and not negative.
 fn valid_rate(rate: f64) -> bool {
     rate.is_finite() && rate >= 0.0
+}
+
+impl SwapProposal {
+    /// The checks [`Message::parse`] makes: finite numbers, costs and
+    /// rates not negative, at most [`MAX_SWAP_PEERS`] peers.
+    fn check(&self) -> Result<(), WireError> {
+        let bad = |field| {
+            Err(WireError::InvalidField {
+                kind: Kind::SwapPropose,
+                field,
+            })
+        };
+        if !self.gain.is_finite() {
+            return bad("gain");
+        }
+        if !valid_rate(self.cost_before) {
+            return bad("cost_before");
+        }
+        if !valid_rate(self.c_m) {
+            return bad("c_m");
+        }
+        if self.peers_on_target.len() > MAX_SWAP_PEERS {
+            return bad("peer count");
+        }
+        if self.peers_on_target.iter().any(|&(_, r)| !valid_rate(r)) {
+            return bad("rate");
+        }
+        Ok(())
+    }
+}
+
+impl SwapAcceptance {
+    /// The checks [`Message::parse`] makes: finite numbers, costs and the
+    /// threshold not negative.
+    fn check(&self) -> Result<(), WireError> {
+        let bad = |field| {
+            Err(WireError::InvalidField {
+                kind: Kind::SwapAccept,
+                field,
+            })
+        };
+        if !self.partner_gain.is_finite() {
+            return bad("partner_gain");
+        }
+        if !self.benefit.is_finite() {
+            return bad("benefit");
+        }
+        if !valid_rate(self.partner_cost_before) {
+            return bad("partner_cost_before");
+        }
+        if !valid_rate(self.partner_cost_after) {
+            return bad("partner_cost_after");
+        }
+        if !valid_rate(self.c_m) {
+            return bad("c_m");
+        }
+        Ok(())
+    }
 }
 
 fn check_list(kind: Kind, part: u16, parts: u16, n: usize, max: usize) -> Result<(), WireError> {
@@ -526,6 +912,23 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// A boolean byte: 0 or 1, nothing else (one encoding per value).
+    fn flag(&mut self, field: &'static str) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(self.invalid(field)),
+        }
+    }
+
+    fn f64(&mut self) -> Result<f64, WireError> {
+        Ok(f64::from_bits(self.u64()?))
     }
 
     fn u16(&mut self) -> Result<u16, WireError> {
@@ -634,6 +1037,185 @@ mod tests {
                 to: Ipv4Addr::new(5, 6, 7, 8)
             }),
             h + 12
+        );
+    }
+
+    fn proposal() -> SwapProposal {
+        SwapProposal {
+            vm: 0x0a00_0001,
+            from: Ipv4Addr::new(10, 1, 0, 1),
+            to: Ipv4Addr::new(10, 1, 0, 2),
+            gain: 1234.5,
+            cost_before: 800.0,
+            c_m: 0.0,
+            mem_mib: 1024,
+            from_free_mem_mib: 0,
+            from_headroom: true,
+            peers_on_target: vec![(0x0a00_0003, 150_000.0), (0x0a00_0004, 0.5)],
+        }
+    }
+
+    #[test]
+    fn swap_messages_round_trip_with_their_sizes() {
+        let h = 28 + 32;
+        let p = proposal();
+        assert_eq!(
+            round_trip(&Message::SwapPropose(p.clone())),
+            h + SWAP_PROPOSE_FIXED_LEN + 2 * SWAP_PEER_LEN
+        );
+        assert_eq!(SWAP_PROPOSE_FIXED_LEN, 55);
+        assert_eq!(MAX_SWAP_PEERS, 95);
+        let full = SwapProposal {
+            peers_on_target: (0..MAX_SWAP_PEERS as u32).map(|i| (i, 1.0)).collect(),
+            ..p
+        };
+        assert!(round_trip(&Message::SwapPropose(full)) <= crate::wire::MAX_DATAGRAM);
+        let accept = SwapAcceptance {
+            in_reply_to: 77,
+            vm: 1,
+            partner: 4,
+            partner_gain: 9.0,
+            partner_cost_before: 4.5,
+            partner_cost_after: 0.0,
+            benefit: -0.0,
+            c_m: 3.0,
+            partner_level_after: 2,
+            order: SwapOrder::PartnerFirst,
+        };
+        assert_eq!(round_trip(&Message::SwapAccept(accept)), h + 58);
+        for reason in SwapRefusal::ALL {
+            let m = Message::SwapRefuse {
+                in_reply_to: 5,
+                vm: 1,
+                reason,
+            };
+            assert_eq!(round_trip(&m), h + 13);
+        }
+        for go in [false, true] {
+            let m = Message::SwapCommit {
+                vm: 1,
+                partner: 4,
+                go,
+            };
+            assert_eq!(round_trip(&m), h + 9);
+        }
+        for result in SwapResult::ALL {
+            let m = Message::SwapDone {
+                in_reply_to: 6,
+                vm: 1,
+                partner: 4,
+                result,
+            };
+            assert_eq!(round_trip(&m), h + 17);
+        }
+    }
+
+    #[test]
+    fn swap_fields_are_checked_both_ways() {
+        let k = key();
+        let mut b = BytesMut::new();
+        for (bad, field) in [
+            (
+                SwapProposal {
+                    gain: f64::NAN,
+                    ..proposal()
+                },
+                "gain",
+            ),
+            (
+                SwapProposal {
+                    cost_before: -1.0,
+                    ..proposal()
+                },
+                "cost_before",
+            ),
+            (
+                SwapProposal {
+                    c_m: f64::INFINITY,
+                    ..proposal()
+                },
+                "c_m",
+            ),
+            (
+                SwapProposal {
+                    peers_on_target: vec![(1, -2.0)],
+                    ..proposal()
+                },
+                "rate",
+            ),
+        ] {
+            let m = Message::SwapPropose(bad);
+            assert!(matches!(
+                m.encode(&header(), &k, &mut b),
+                Err(WireError::InvalidField { field: f, .. }) if f == field
+            ));
+            assert!(b.is_empty());
+            // Sealed by hand, the parser refuses it too.
+            let mut body = BytesMut::new();
+            m.put_body(&mut body);
+            seal(Kind::SwapPropose as u8, &header(), &body, &k, &mut b).unwrap();
+            assert!(matches!(
+                decode(&b, &k),
+                Err(WireError::InvalidField { field: f, .. }) if f == field
+            ));
+            b.clear();
+        }
+        // Enumerated bytes accept their values only.
+        let mut body = BytesMut::new();
+        Message::SwapCommit {
+            vm: 1,
+            partner: 2,
+            go: true,
+        }
+        .put_body(&mut body);
+        body[8] = 2;
+        seal(Kind::SwapCommit as u8, &header(), &body, &k, &mut b).unwrap();
+        assert!(matches!(
+            decode(&b, &k),
+            Err(WireError::InvalidField { field: "go", .. })
+        ));
+        for (kind, len, field) in [
+            (Kind::SwapRefuse, 13, "reason"),
+            (Kind::SwapDone, 17, "result"),
+            (Kind::SwapAccept, 58, "order"),
+        ] {
+            for v in [0u8, 7, 255] {
+                if kind == Kind::SwapAccept && v == 0 {
+                    continue;
+                }
+                let mut body = vec![0u8; len];
+                body[len - 1] = v;
+                b.clear();
+                seal(kind as u8, &header(), &body, &k, &mut b).unwrap();
+                assert_eq!(
+                    decode(&b, &k),
+                    Err(WireError::InvalidField { kind, field }),
+                    "{kind:?} {v}"
+                );
+            }
+        }
+        // A peer count past the maximum is refused before any allocation.
+        let mut body = BytesMut::new();
+        Message::SwapPropose(proposal()).put_body(&mut body);
+        body[53..55].copy_from_slice(&(MAX_SWAP_PEERS as u16 + 1).to_be_bytes());
+        b.clear();
+        seal(Kind::SwapPropose as u8, &header(), &body, &k, &mut b).unwrap();
+        assert!(matches!(
+            decode(&b, &k),
+            Err(WireError::InvalidField {
+                field: "peer count",
+                ..
+            })
+        ));
+        // A peer count larger than the body holds is truncation.
+        body[53..55].copy_from_slice(&3u16.to_be_bytes());
+        b.clear();
+        seal(Kind::SwapPropose as u8, &header(), &body, &k, &mut b).unwrap();
+        assert_eq!(
+            decode(&b, &k),
+            Err(WireError::BodyTruncated {
+                kind: Kind::SwapPropose
+            })
         );
     }
 

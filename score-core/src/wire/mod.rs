@@ -10,7 +10,8 @@
 //!
 //! - [`auth`]: the cluster key and HMAC-SHA256.
 //! - [`frame`]: the datagram header, sealing and checking a frame.
-//! - [`message`]: the message bodies.
+//! - [`message`]: the message bodies (the swap messages of issue 8 too:
+//!   propose, accept or refuse, commit, done).
 //! - [`token_codec`]: the compact token encoding.
 //! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
 //! - [`parts`]: reassembly of flow reports and token orders sent in parts.
@@ -31,7 +32,8 @@ pub use chunk::{
 };
 pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
 pub use message::{
-    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, Message, TokenChunk,
+    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS,
+    Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
     TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
@@ -62,11 +64,21 @@ pub enum Kind {
     TokenOrder = 9,
     /// The token is alive (holder to watchers) or was regenerated.
     TokenSeen = 10,
+    /// A swap proposal to a full candidate host (issue 8).
+    SwapPropose = 11,
+    /// The asked host accepts a swap and names the partner.
+    SwapAccept = 12,
+    /// The asked host refuses a swap.
+    SwapRefuse = 13,
+    /// Move the partner of an accepted swap now, or release it.
+    SwapCommit = 14,
+    /// The asked host's part of a swap has ended.
+    SwapDone = 15,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 15] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -77,6 +89,11 @@ impl Kind {
         Kind::FlowReport,
         Kind::TokenOrder,
         Kind::TokenSeen,
+        Kind::SwapPropose,
+        Kind::SwapAccept,
+        Kind::SwapRefuse,
+        Kind::SwapCommit,
+        Kind::SwapDone,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -97,6 +114,11 @@ impl Kind {
             Kind::FlowReport => "flow_report",
             Kind::TokenOrder => "token_order",
             Kind::TokenSeen => "token_seen",
+            Kind::SwapPropose => "swap_propose",
+            Kind::SwapAccept => "swap_accept",
+            Kind::SwapRefuse => "swap_refuse",
+            Kind::SwapCommit => "swap_commit",
+            Kind::SwapDone => "swap_done",
         }
     }
 }
@@ -225,7 +247,8 @@ mod tests {
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(11), None);
+        assert_eq!(Kind::from_u8(15), Some(Kind::SwapDone));
+        assert_eq!(Kind::from_u8(16), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
