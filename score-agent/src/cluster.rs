@@ -16,6 +16,7 @@ use std::{
 use score_core::{
     decision::{MigrationCost, Rule},
     policy::PolicyKind,
+    swap::{CandidateSet, Scope},
     topology::{HostId, Topology},
     wire::ClusterKey,
 };
@@ -43,6 +44,15 @@ pub struct NodeConfig {
     /// Memory of one VM, MiB (the paper's VMs are 1 GB).
     #[serde(default = "defaults::vm_memory_mib")]
     pub vm_memory_mib: u64,
+    /// VMs this host may run above `vm_slots` while a swap is under way
+    /// (issue 8). A live migration reserves the incoming VM's memory on
+    /// the target before the source lets go of it, so when two full hosts
+    /// exchange VMs, one of them holds both for the time of a migration:
+    /// `memory_mib` must have room for `vm_slots + migration_headroom` VMs.
+    /// 0 (the default) never overcommits; a swap then needs the other host
+    /// to have the headroom.
+    #[serde(default)]
+    pub migration_headroom: u32,
 }
 
 /// `[topology]`: where the data-centre tree is described.
@@ -155,6 +165,33 @@ pub struct PolicyConfig {
     /// Peers exchanging less than this (bytes/s, both directions) are ignored.
     #[serde(default)]
     pub min_rate: f64,
+    /// Candidate destinations (issue 8): paper (the hosts of the VM's
+    /// peers), peer-racks, peer-pods or all.
+    #[serde(default)]
+    pub candidates: CandidateSet,
+    /// Whether a full candidate is asked to exchange a VM (issue 8); off,
+    /// this host neither proposes nor accepts swaps: the paper's rule.
+    #[serde(default)]
+    pub swaps: bool,
+    /// Most swap proposals in one decision (absent: one per candidate).
+    #[serde(default)]
+    pub max_swap_asks: Option<u32>,
+    /// How long the proposer of an accepted swap waits for the partner's
+    /// migration to end before reporting the swap half done; bound it by
+    /// the backend's own migration time-out.
+    #[serde(default = "defaults::swap_timeout", with = "humantime_serde")]
+    pub swap_timeout: Duration,
+}
+
+impl PolicyConfig {
+    /// Candidates and swaps, as score-core takes them.
+    pub fn scope(&self) -> Scope {
+        Scope {
+            candidates: self.candidates,
+            swaps: self.swaps,
+            max_swap_asks: self.max_swap_asks,
+        }
+    }
 }
 
 impl Default for PolicyConfig {
@@ -166,6 +203,10 @@ impl Default for PolicyConfig {
             hold_down: defaults::hold_down(),
             token_hold: defaults::token_hold(),
             min_rate: 0.0,
+            candidates: CandidateSet::default(),
+            swaps: false,
+            max_swap_asks: None,
+            swap_timeout: defaults::swap_timeout(),
         }
     }
 }
@@ -207,6 +248,9 @@ mod defaults {
     }
     pub fn token_hold() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn swap_timeout() -> Duration {
+        Duration::from_secs(600)
     }
 }
 
@@ -288,6 +332,30 @@ impl ClusterSettings {
             return Err(invalid(
                 "node.vm_memory_mib",
                 "must be between 1 and node.memory_mib",
+            ));
+        }
+        let with_headroom = u64::from(node.vm_slots) + u64::from(node.migration_headroom);
+        if with_headroom.saturating_mul(node.vm_memory_mib) > node.memory_mib
+            && node.migration_headroom > 0
+        {
+            return Err(invalid(
+                "node.migration_headroom",
+                format!(
+                    "{} VMs above vm_slots need {} MiB in all, memory_mib is {}: the \
+                     incoming VM's memory is reserved before the outgoing one leaves",
+                    node.migration_headroom,
+                    with_headroom.saturating_mul(node.vm_memory_mib),
+                    node.memory_mib
+                ),
+            ));
+        }
+        if policy.swap_timeout.is_zero() {
+            return Err(invalid("policy.swap_timeout", "must be greater than zero"));
+        }
+        if policy.max_swap_asks == Some(0) && policy.swaps {
+            return Err(invalid(
+                "policy.max_swap_asks",
+                "0 with swaps = true asks no host: set swaps = false instead",
             ));
         }
         if peer.port == 0 {
@@ -395,6 +463,64 @@ mod tests {
             assert!(e.contains("policy.migration_cost"), "{e}");
         }
         assert!(MigrationCostSetting::Absolute(f64::NAN).resolve().is_err());
+    }
+
+    fn tables(
+        headroom: u32,
+        policy: &str,
+    ) -> (NodeConfig, TopologyConfig, PeerConfig, PolicyConfig) {
+        let node: NodeConfig = toml::from_str(&format!(
+            "address = \"10.0.0.1\"\nvm_slots = 2\nmemory_mib = 1024\nvm_memory_mib = 256\n\
+             migration_headroom = {headroom}\n"
+        ))
+        .unwrap();
+        let topo = TopologyConfig {
+            file: "/nonexistent/topology.toml".into(),
+        };
+        let peer: PeerConfig = toml::from_str("key_file = \"/nonexistent/key\"\n").unwrap();
+        let policy: PolicyConfig = toml::from_str(policy).unwrap();
+        (node, topo, peer, policy)
+    }
+
+    fn resolve_error(headroom: u32, policy: &str) -> String {
+        let (n, t, p, pol) = tables(headroom, policy);
+        ClusterSettings::resolve(&n, &t, &p, &pol, false)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn swap_keys_default_to_the_paper_and_are_checked() {
+        let (n, _, _, pol) = tables(0, "");
+        assert_eq!(n.migration_headroom, 0);
+        assert_eq!(pol.scope(), Scope::PAPER);
+        assert_eq!(pol.swap_timeout, Duration::from_secs(600));
+        let (_, _, _, pol) = tables(
+            0,
+            "candidates = \"peer-racks\"\nswaps = true\nmax_swap_asks = 3\nswap_timeout = \"2m\"\n",
+        );
+        assert_eq!(
+            pol.scope(),
+            Scope {
+                candidates: CandidateSet::PeerRacks,
+                swaps: true,
+                max_swap_asks: Some(3),
+            }
+        );
+        assert!(toml::from_str::<PolicyConfig>("candidates = \"racks\"\n").is_err());
+        // Two slots of 256 MiB plus two of headroom fill 1024 MiB exactly;
+        // a third is refused, with the reason.
+        let e = resolve_error(2, "");
+        assert!(e.contains("topology.file"), "headroom 2 fits: {e}");
+        let e = resolve_error(3, "");
+        assert!(
+            e.contains("node.migration_headroom") && e.contains("reserved before"),
+            "{e}"
+        );
+        let e = resolve_error(1, "swap_timeout = \"0s\"\n");
+        assert!(e.contains("policy.swap_timeout"), "{e}");
+        let e = resolve_error(1, "swaps = true\nmax_swap_asks = 0\n");
+        assert!(e.contains("policy.max_swap_asks"), "{e}");
     }
 
     #[test]

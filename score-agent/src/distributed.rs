@@ -12,7 +12,7 @@ use crate::{
     cluster::ClusterSettings,
     collector::Collector,
     datapath::{ControlReader, HostedVm},
-    metrics::{Metrics, MigrationOutcome, RejectReason},
+    metrics::{Metrics, MigrationOutcome, RejectReason, SwapOutcome},
     peer::{self, MigrationResult, Migrator, Peer, PeerMetrics},
 };
 
@@ -65,6 +65,14 @@ impl PeerMetrics for Metrics {
     fn rejected(&self, reason: &str) {
         Metrics::rejected(self, RejectReason::from_label(reason))
     }
+    fn swap(&self, outcome: &str) {
+        if let Some(o) = SwapOutcome::from_label(outcome) {
+            Metrics::swap(self, o)
+        }
+    }
+    fn swap_request(&self, answer: &str) {
+        Metrics::swap_request(self, answer)
+    }
 }
 
 /// The backend as the protocol calls it.
@@ -100,11 +108,13 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
+    let advisory = matches!(backend, Backend::Advisory(_));
     peer::start(
         Arc::new(cluster),
         collector,
         metrics,
         migrator(backend),
+        advisory,
         control,
         cancel,
     )

@@ -82,6 +82,53 @@ impl MigrationOutcome {
     }
 }
 
+/// What became of a swap this host proposed and the other host accepted
+/// (`score_swaps_total{outcome}`, counted by the proposer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SwapOutcome {
+    /// Both VMs moved: they exchanged hosts.
+    Done,
+    /// The first migration was made, the second failed (or its end was
+    /// never heard of): both VMs run, on the first one's target.
+    Partial,
+    /// The first migration failed: nothing moved, the partner was released.
+    Failed,
+    /// Advisory mode: the swap was agreed and reported, not made.
+    Advisory,
+}
+
+impl SwapOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [SwapOutcome; 4] = [Self::Done, Self::Partial, Self::Failed, Self::Advisory];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+            Self::Advisory => "advisory",
+        }
+    }
+
+    /// The outcome named by `label`, if any.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.label() == label)
+    }
+}
+
+/// Answers this host gave to swap proposals
+/// (`score_swap_requests_total{answer}`): `accepted`, or the refusal's
+/// name from score-core's `SwapRefusal` (a fixed set).
+pub const SWAP_ANSWERS: [&str; 6] = [
+    "accepted",
+    "disabled",
+    "no_partner",
+    "no_headroom",
+    "busy",
+    "invalid",
+];
+
 /// Why a peer datagram was dropped (`score_datagrams_rejected_total{reason}`).
 /// A fixed set, so that hostile input cannot grow the label space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -230,6 +277,8 @@ pub struct Metrics {
     decisions: IntCounter,
     migrations: IntCounterVec,
     migration_benefit: Histogram,
+    swaps: IntCounterVec,
+    swap_requests: IntCounterVec,
     rejected: IntCounterVec,
 
     flow_map_entries: IntGauge,
@@ -432,6 +481,26 @@ impl Metrics {
                     ),
                 ),
             ),
+            swaps: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_swaps_total",
+                        "Swaps this host proposed and the other host accepted, by outcome: done (both VMs exchanged hosts), partial (the first migration made, the second failed), failed (nothing moved), advisory (reported, not made).",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            swap_requests: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_swap_requests_total",
+                        "Swap proposals this host answered, by answer: accepted, or why it refused (disabled, no_partner, no_headroom, busy, invalid).",
+                    ),
+                    &["answer"],
+                ),
+            ),
             rejected: reg(
                 &r,
                 IntCounterVec::new(
@@ -506,6 +575,12 @@ impl Metrics {
         }
         for reason in RejectReason::ALL {
             m.rejected.with_label_values(&[reason.label()]);
+        }
+        for o in SwapOutcome::ALL {
+            m.swaps.with_label_values(&[o.label()]);
+        }
+        for a in SWAP_ANSWERS {
+            m.swap_requests.with_label_values(&[a]);
         }
         for reason in ["not_ipv4", "not_unicast"] {
             m.uncounted_frames.with_label_values(&[reason]);
@@ -592,6 +667,19 @@ impl Metrics {
     pub fn observe_benefit(&self, benefit: f64) {
         if benefit.is_finite() {
             self.migration_benefit.observe(benefit);
+        }
+    }
+
+    /// A swap this host proposed ended with `outcome`.
+    pub fn swap(&self, outcome: SwapOutcome) {
+        self.swaps.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// This host answered a swap proposal; answers outside
+    /// [`SWAP_ANSWERS`] are not counted (the label set stays fixed).
+    pub fn swap_request(&self, answer: &str) {
+        if SWAP_ANSWERS.contains(&answer) {
+            self.swap_requests.with_label_values(&[answer]).inc();
         }
     }
 
@@ -872,6 +960,43 @@ mod tests {
             let s = format!("score_migrations_total{{outcome=\"{o}\"}}");
             assert_eq!(value(&text, &s), Some(0.0), "{s}");
         }
+        for o in ["done", "partial", "failed", "advisory"] {
+            let s = format!("score_swaps_total{{outcome=\"{o}\"}}");
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
+        for a in SWAP_ANSWERS {
+            let s = format!("score_swap_requests_total{{answer=\"{a}\"}}");
+            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+        }
+    }
+
+    #[test]
+    fn swaps_are_counted_with_bounded_labels() {
+        let m = Metrics::default();
+        m.swap(SwapOutcome::Done);
+        m.swap(SwapOutcome::from_label("partial").unwrap());
+        assert_eq!(SwapOutcome::from_label("held"), None);
+        for r in score_core::wire::SwapRefusal::ALL {
+            assert!(SWAP_ANSWERS.contains(&r.name()), "{r:?}");
+        }
+        m.swap_request("accepted");
+        m.swap_request("no_partner");
+        m.swap_request("no_partner");
+        m.swap_request("anything else");
+        let t = m.render();
+        assert_eq!(value(&t, "score_swaps_total{outcome=\"done\"}"), Some(1.0));
+        assert_eq!(
+            value(&t, "score_swaps_total{outcome=\"partial\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "score_swap_requests_total{answer=\"no_partner\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            t.matches("score_swap_requests_total{").count(),
+            SWAP_ANSWERS.len()
+        );
     }
 
     #[test]

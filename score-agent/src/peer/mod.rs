@@ -17,8 +17,17 @@
 //! epoch and tells the other watchers. Datagrams of an older epoch are
 //! dropped everywhere, so an old token dies at its next hop. Only the lowest
 //! live watcher regenerates, so one epoch has one token.
+//!
+//! Swaps (issue 8, beyond the paper; `[policy] swaps`): when the holder's
+//! decision asks a full candidate host for a swap, it sends a swap proposal;
+//! that host picks the partner from its own VMs with its own measurements
+//! (score-core's `choose_swap_partner`), reserves it and accepts, or
+//! refuses. An agreed swap is two live migrations, ordered by [`swap`] so
+//! that no host runs more than `vm_slots + migration_headroom` VMs; each
+//! host migrates its own VM, the proposer drives the order with commits.
 
 pub mod net;
+pub mod swap;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -34,12 +43,18 @@ use std::{
 
 use score_core::{
     cost::{CostModel, Placement, Traffic},
-    decision::{self, Capacity, Decision, plan},
+    decision::{self, Capacity, Decision},
     policy::{self, TokenPolicy, rank_by_saving},
+    swap::{
+        LocalVm, Query, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
+        choose_swap_partner, plan_with,
+    },
     token::{Load, Token, VmId},
+    topology::HostId,
     wire::{
-        ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, Message, Reassembler,
-        TokenOrder, token_chunks,
+        ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, MAX_SWAP_PEERS, Message,
+        Reassembler, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenOrder,
+        token_chunks,
     },
 };
 use serde::Serialize;
@@ -83,6 +98,11 @@ pub trait PeerMetrics: Send + Sync {
     fn rejected(&self, _reason: &str) {}
     /// A hosted VM migrated away: its series go now.
     fn vm_left(&self, _vm: &str) {}
+    /// A swap this host proposed, and the other accepted, ended with
+    /// `outcome`: done, partial, failed or advisory.
+    fn swap(&self, _outcome: &str) {}
+    /// This host answered a swap proposal: accepted, or the refusal's name.
+    fn swap_request(&self, _answer: &str) {}
 }
 
 /// Metrics that go nowhere.
@@ -118,8 +138,9 @@ pub struct DecisionRecord {
     pub vm: Ipv4Addr,
     /// The token epoch.
     pub epoch: u64,
-    /// score-core's decision, with its numbers.
-    pub decision: Decision,
+    /// score-core's decision (a migration, a stay or a swap), with its
+    /// numbers.
+    pub decision: Step,
     /// What the backend did, if asked.
     pub outcome: Option<String>,
 }
@@ -138,6 +159,8 @@ struct State {
     last_decisions: Vec<DecisionRecord>,
     /// Epochs this agent created, to prove one token per epoch.
     regenerated: Vec<u64>,
+    /// Partners this host gave to swaps, by proposing VM.
+    swaps: swap::Reservations,
 }
 
 /// One agent's side of the protocol.
@@ -147,6 +170,9 @@ pub struct Peer {
     collector: Arc<Collector>,
     metrics: Arc<dyn PeerMetrics>,
     migrate: Migrator,
+    /// The backend only advises: a swap must not let the other host move
+    /// its VM first, since this one's would not follow.
+    advisory: bool,
     epoch: AtomicU64,
     state: Mutex<State>,
     tokens: mpsc::Sender<(Header, Token, Ipv4Addr)>,
@@ -214,6 +240,18 @@ impl Peer {
         self.collector
             .with_datapath(|d| d.hosted_vms())
             .unwrap_or_default()
+    }
+
+    /// This host's room, for swaps.
+    fn room(&self) -> swap::Room {
+        let n = &self.cfg.node;
+        swap::Room {
+            used: self.collector.with_datapath(|d| d.attached_count()) as u32,
+            slots: n.vm_slots,
+            headroom: n.migration_headroom,
+            memory_mib: n.memory_mib,
+            vm_memory_mib: n.vm_memory_mib,
+        }
     }
 
     fn capacity(&self) -> Capacity {
@@ -311,8 +349,31 @@ impl Peer {
                 let _ = self.net.send(h.sender, self.epoch(), &reply).await;
             }
             Message::LocationResponse { in_reply_to, .. }
-            | Message::CapacityResponse { in_reply_to, .. } => {
+            | Message::CapacityResponse { in_reply_to, .. }
+            | Message::SwapRefuse { in_reply_to, .. }
+            | Message::SwapDone { in_reply_to, .. } => {
                 self.net.answer(in_reply_to, d.message);
+            }
+            Message::SwapAccept(a) => {
+                if !self.net.answer(a.in_reply_to, Message::SwapAccept(a)) {
+                    // The proposer gave up waiting: release the partner.
+                    let cancel = Message::SwapCommit {
+                        vm: a.vm,
+                        partner: a.partner,
+                        go: false,
+                    };
+                    let _ = self.net.send(h.sender, self.epoch(), &cancel).await;
+                }
+            }
+            // Both may take long (locating peers, a live migration): off
+            // the receive loop, which must keep delivering answers.
+            Message::SwapPropose(p) => {
+                let me = self.clone();
+                tokio::spawn(async move { me.on_swap_propose(h, p).await });
+            }
+            Message::SwapCommit { vm, partner, go } => {
+                let me = self.clone();
+                tokio::spawn(async move { me.on_swap_commit(h, vm, partner, go).await });
             }
             Message::MigrationNotice { vm, to, .. } => {
                 self.state().locations.insert(vm, to);
@@ -386,108 +447,504 @@ impl Peer {
         }
     }
 
-    /// Holds the token for hosted VM `u`: decide, maybe migrate, and
-    /// return u's level and load for its token entry.
-    async fn decide_for(&self, u: &HostedVm) -> (u8, Load) {
+    /// VM `vm`'s measured peers above `min_rate`, located (peers that
+    /// cannot be located are left out); `known` gives one VM's host
+    /// without asking.
+    async fn located_peers(
+        &self,
+        vm: Ipv4Addr,
+        known: Option<(VmId, HostId)>,
+    ) -> Vec<decision::Peer> {
         let topo = &self.cfg.topology;
-        let peers_rates = self.collector.flows().peers_of(u.ip);
-        let load: f64 = peers_rates.iter().map(|(_, r)| r).sum();
+        let rates = self.collector.flows().peers_of(vm);
         let mut peers = Vec::new();
-        for (z, rate) in peers_rates {
+        for (z, rate) in rates {
             if rate <= self.cfg.policy.min_rate {
                 continue;
             }
-            let Some(host) = self.locate(z).await else {
-                debug!(peer = %z, "peer not located; left out");
-                continue;
+            let id = u32::from(z);
+            let host = match known {
+                Some((k, h)) if k == id => Some(h),
+                _ => match self.locate(z).await {
+                    Some(a) => topo.host_by_addr(a),
+                    None => {
+                        debug!(peer = %z, "peer not located; left out");
+                        None
+                    }
+                },
             };
-            if let Some(hid) = topo.host_by_addr(host) {
-                peers.push(decision::Peer {
-                    id: u32::from(z),
-                    host: hid,
-                    rate,
-                });
+            if let Some(host) = host {
+                peers.push(decision::Peer { id, host, rate });
             }
         }
-        let p = plan(topo, u32::from(u.ip), self.cfg.me, &peers);
-        let mut decider = p.decider(
-            self.cfg.policy.rule,
-            self.cfg.migration_cost,
-            self.cfg.node.vm_memory_mib,
-        );
-        while let Some(h) = decider.next_host() {
-            let c = self.ask_capacity(topo.host_addr(h), u32::from(u.ip)).await;
-            decider.answer(c);
-        }
-        let decision = decider.finish();
-        self.metrics.decision_evaluated();
-        let mut level = match decision {
-            Decision::Stay { level, .. } => level,
-            Decision::Migrate { .. } => p.level,
+        peers
+    }
+
+    /// Holds the token for hosted VM `u`: decide, maybe migrate or swap,
+    /// and return u's level and load for its token entry.
+    async fn decide_for(&self, u: &HostedVm) -> (u8, Load) {
+        let topo = &self.cfg.topology;
+        let uid = u32::from(u.ip);
+        let load: f64 = self
+            .collector
+            .flows()
+            .peers_of(u.ip)
+            .iter()
+            .map(|(_, r)| r)
+            .sum();
+        let peers = self.located_peers(u.ip, None).await;
+        let held = {
+            let s = self.state();
+            s.migrated_at
+                .get(&uid)
+                .is_some_and(|t| t.elapsed() < self.cfg.policy.hold_down)
+                || s.swaps.holds(uid)
         };
-        self.metrics
-            .set_vm_cost(&u.ip.to_string(), decision.cost_before(), level);
-        let mut outcome = None;
-        if let Decision::Migrate {
-            to,
-            benefit,
-            level_after,
-            ..
-        } = decision
-        {
-            let target = topo.host_addr(to);
-            let held = self
-                .state()
-                .migrated_at
-                .get(&u32::from(u.ip))
-                .is_some_and(|t| t.elapsed() < self.cfg.policy.hold_down);
-            if held {
-                info!(vm = %u.ip, "migration worth it but the VM moved recently: held down");
-                outcome = Some("held-down".to_owned());
-            } else {
-                info!(vm = %u.ip, to = %target, benefit, "migrating");
-                self.metrics.observe_benefit(benefit);
-                let result = (self.migrate)(u.clone(), target).await;
-                outcome = Some(format!("{result:?}"));
-                match result {
-                    MigrationResult::Done(took) => {
-                        info!(vm = %u.ip, to = %target, seconds = took.as_secs_f64(), "migration done");
-                        self.metrics.migration("done");
-                        level = level_after;
-                        self.state()
-                            .migrated_at
-                            .insert(u32::from(u.ip), Instant::now());
-                        self.announce_move(u.ip, target).await;
-                    }
-                    MigrationResult::Advisory => {
-                        info!(vm = %u.ip, to = %target, benefit, "advisory: would migrate");
-                        self.metrics.migration("advisory");
-                    }
-                    MigrationResult::Failed(e) => {
-                        warn!(vm = %u.ip, to = %target, error = %e, "migration failed; VM stays");
-                        self.metrics.migration("failed");
-                    }
-                    MigrationResult::Undefined(e) => {
-                        warn!(vm = %u.ip, to = %target, error = %e, "migration outcome unknown; not retried");
-                        self.metrics.migration("failed");
-                        self.state()
-                            .migrated_at
-                            .insert(u32::from(u.ip), Instant::now());
+        let mut scope = self.cfg.policy.scope();
+        if held {
+            // Reserve no partner for a VM that may not move anyway.
+            scope.swaps = false;
+        }
+        let p = plan_with(topo, uid, self.cfg.me, &peers, scope.candidates);
+        let settings = Settings {
+            rule: self.cfg.policy.rule,
+            cm: self.cfg.migration_cost,
+            mem_need_mb: self.cfg.node.vm_memory_mib,
+            scope,
+        };
+        let mut decider =
+            ScopedDecider::new(topo, &p, &peers, settings, self.capacity().free_mem_mb);
+        let mut accepted: Vec<(Ipv4Addr, SwapAcceptance)> = Vec::new();
+        while let Some(q) = decider.next_query() {
+            match q {
+                Query::Capacity(h) => {
+                    let c = self.ask_capacity(topo.host_addr(h), uid).await;
+                    decider.answer_capacity(c);
+                }
+                Query::Swap(r) => {
+                    let to = topo.host_addr(r.to);
+                    let a = self.propose_swap(&r, to).await;
+                    decider.answer_swap(a.as_ref().map(offer_of));
+                    if let Some(a) = a {
+                        accepted.push((to, a));
                     }
                 }
             }
+        }
+        let step = decider.finish();
+        // Partners reserved for swaps not chosen are released.
+        let chosen = match &step {
+            Step::Swap(s) => Some((topo.host_addr(s.to), s.partner)),
+            Step::Single(_) => None,
+        };
+        for (host, a) in &accepted {
+            if chosen != Some((*host, a.partner)) {
+                self.cancel_swap(*host, a.vm, a.partner).await;
+            }
+        }
+        self.metrics.decision_evaluated();
+        let cost_before = match &step {
+            Step::Single(d) => d.cost_before(),
+            Step::Swap(s) => s.cost_before,
+        };
+        let mut level = match step {
+            Step::Single(Decision::Stay { level, .. }) => level,
+            _ => p.level,
+        };
+        self.metrics
+            .set_vm_cost(&u.ip.to_string(), cost_before, level);
+        let mut outcome = None;
+        match step {
+            Step::Single(Decision::Migrate {
+                to,
+                benefit,
+                level_after,
+                ..
+            }) => {
+                let target = topo.host_addr(to);
+                if held {
+                    info!(vm = %u.ip, "migration worth it but the VM moved recently: held down");
+                    outcome = Some("held-down".to_owned());
+                } else {
+                    info!(vm = %u.ip, to = %target, benefit, "migrating");
+                    self.metrics.observe_benefit(benefit);
+                    let result = self.migrate_vm(u, target).await;
+                    if matches!(result, MigrationResult::Done(_)) {
+                        level = level_after;
+                    }
+                    outcome = Some(format!("{result:?}"));
+                }
+            }
+            Step::Swap(s) => {
+                let target = topo.host_addr(s.to);
+                let a = accepted
+                    .iter()
+                    .find(|(h, a)| *h == target && a.partner == s.partner)
+                    .map(|(_, a)| *a);
+                if let Some(a) = a {
+                    // u's level if it moved and the partner did not follow.
+                    let alone = p
+                        .candidates
+                        .iter()
+                        .find(|c| c.host == s.to)
+                        .map_or(p.level, |c| c.level_after);
+                    let (o, l) = self.execute_swap(u, &s, target, &a, p.level, alone).await;
+                    outcome = Some(format!("swap {o}"));
+                    level = l;
+                }
+            }
+            Step::Single(Decision::Stay { .. }) => {}
         }
         let mut s = self.state();
         s.last_decisions.push(DecisionRecord {
             vm: u.ip,
             epoch: self.epoch(),
-            decision,
+            decision: step,
             outcome,
         });
         if s.last_decisions.len() > 32 {
             s.last_decisions.remove(0);
         }
         (level, Load::from_rate(load))
+    }
+
+    /// Asks the backend to move hosted VM `vm` to `target`; logs, counts,
+    /// and on success records the move and announces it.
+    async fn migrate_vm(&self, vm: &HostedVm, target: Ipv4Addr) -> MigrationResult {
+        let result = (self.migrate)(vm.clone(), target).await;
+        let id = u32::from(vm.ip);
+        match &result {
+            MigrationResult::Done(took) => {
+                info!(vm = %vm.ip, to = %target, seconds = took.as_secs_f64(), "migration done");
+                self.metrics.migration("done");
+                self.state().migrated_at.insert(id, Instant::now());
+                self.announce_move(vm.ip, target).await;
+            }
+            MigrationResult::Advisory => {
+                info!(vm = %vm.ip, to = %target, "advisory: would migrate");
+                self.metrics.migration("advisory");
+            }
+            MigrationResult::Failed(e) => {
+                warn!(vm = %vm.ip, to = %target, error = %e, "migration failed; VM stays");
+                self.metrics.migration("failed");
+            }
+            MigrationResult::Undefined(e) => {
+                warn!(vm = %vm.ip, to = %target, error = %e, "migration outcome unknown; not retried");
+                self.metrics.migration("failed");
+                self.state().migrated_at.insert(id, Instant::now());
+            }
+        }
+        result
+    }
+
+    /// How long a proposer waits for the answer to a swap proposal: the
+    /// asked host may have to locate its VMs' peers first.
+    fn swap_answer_timeout(&self) -> Duration {
+        self.cfg.peer.request_timeout * 4
+    }
+
+    /// Sends the swap proposal of the decider's question to `to`; the
+    /// acceptance if it came.
+    async fn propose_swap(&self, r: &SwapRequest, to: Ipv4Addr) -> Option<SwapAcceptance> {
+        let mut peers_on_target = r.peers_on_target.clone();
+        // The largest rates first, if they must be cut to one datagram.
+        peers_on_target.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        peers_on_target.truncate(MAX_SWAP_PEERS);
+        let proposal = SwapProposal {
+            vm: r.vm,
+            from: self.net.me(),
+            to,
+            gain: r.gain,
+            cost_before: r.cost_before,
+            c_m: r.c_m,
+            mem_mib: r.mem_mb,
+            from_free_mem_mib: r.from_free_mem_mb,
+            // An advisory host moves nothing: the partner must not come
+            // first.
+            from_headroom: !self.advisory && self.room().can_hold_one_more(),
+            peers_on_target,
+        };
+        let vm = Ipv4Addr::from(r.vm);
+        let answer = self
+            .net
+            .request(
+                to,
+                self.epoch(),
+                &Message::SwapPropose(proposal),
+                self.swap_answer_timeout(),
+            )
+            .await;
+        match answer {
+            Some(Message::SwapAccept(a)) if a.vm == r.vm => {
+                info!(vm = %vm, host = %to, partner = %Ipv4Addr::from(a.partner), benefit = a.benefit, "swap accepted");
+                Some(a)
+            }
+            Some(Message::SwapAccept(a)) => {
+                self.cancel_swap(to, a.vm, a.partner).await;
+                None
+            }
+            Some(Message::SwapRefuse { reason, .. }) => {
+                info!(vm = %vm, host = %to, reason = reason.name(), "swap refused");
+                None
+            }
+            _ => {
+                debug!(vm = %vm, host = %to, "no answer to a swap proposal");
+                None
+            }
+        }
+    }
+
+    /// Releases a partner reserved for a swap that will not happen.
+    async fn cancel_swap(&self, host: Ipv4Addr, vm: VmId, partner: VmId) {
+        let m = Message::SwapCommit {
+            vm,
+            partner,
+            go: false,
+        };
+        for _ in 0..3 {
+            let a = self
+                .net
+                .request(host, self.epoch(), &m, self.cfg.peer.request_timeout)
+                .await;
+            if matches!(a, Some(Message::SwapDone { .. })) {
+                return;
+            }
+        }
+        debug!(host = %host, "swap cancel unanswered; the reservation expires there");
+    }
+
+    /// Tells the asked host to move the partner now, and waits (resending)
+    /// until its migration ended or `policy.swap_timeout`.
+    async fn commit_swap(&self, host: Ipv4Addr, vm: VmId, partner: VmId) -> Option<SwapResult> {
+        let m = Message::SwapCommit {
+            vm,
+            partner,
+            go: true,
+        };
+        let deadline = Instant::now() + self.cfg.policy.swap_timeout;
+        while Instant::now() < deadline {
+            let wait = (self.cfg.peer.request_timeout * 4).min(deadline - Instant::now());
+            if let Some(Message::SwapDone { result, .. }) =
+                self.net.request(host, self.epoch(), &m, wait).await
+            {
+                return Some(result);
+            }
+        }
+        None
+    }
+
+    /// Makes an agreed swap: the two migrations in the order the asked
+    /// host gave. Returns the outcome's label and u's level after.
+    async fn execute_swap(
+        &self,
+        u: &HostedVm,
+        s: &Swap,
+        target: Ipv4Addr,
+        a: &SwapAcceptance,
+        level_now: u8,
+        level_alone: u8,
+    ) -> (&'static str, u8) {
+        let partner = Ipv4Addr::from(s.partner);
+        info!(vm = %u.ip, to = %target, partner = %partner, benefit = s.benefit, c_m = s.c_m, order = ?a.order, "swapping");
+        self.metrics.observe_benefit(s.benefit);
+        let (outcome, level) = match a.order {
+            SwapOrder::ProposerFirst => match self.migrate_vm(u, target).await {
+                MigrationResult::Done(_) => match self.commit_swap(target, s.vm, s.partner).await {
+                    Some(SwapResult::Done) => ("done", s.level_after),
+                    r => {
+                        warn!(vm = %u.ip, partner = %partner, result = ?r, "swap half done: this VM moved, the partner did not follow; both run on the partner's host");
+                        ("partial", level_alone)
+                    }
+                },
+                MigrationResult::Advisory => {
+                    self.cancel_swap(target, s.vm, s.partner).await;
+                    ("advisory", level_now)
+                }
+                MigrationResult::Failed(_) | MigrationResult::Undefined(_) => {
+                    self.cancel_swap(target, s.vm, s.partner).await;
+                    ("failed", level_now)
+                }
+            },
+            SwapOrder::PartnerFirst => match self.commit_swap(target, s.vm, s.partner).await {
+                Some(SwapResult::Done) => {
+                    self.state().locations.insert(s.partner, self.net.me());
+                    match self.migrate_vm(u, target).await {
+                        MigrationResult::Done(_) => ("done", s.level_after),
+                        r => {
+                            warn!(vm = %u.ip, partner = %partner, result = ?r, "swap half done: the partner came, this VM could not go; both run here");
+                            ("partial", level_now)
+                        }
+                    }
+                }
+                Some(SwapResult::Advisory) => {
+                    info!(vm = %u.ip, to = %target, partner = %partner, "advisory: would swap");
+                    ("advisory", level_now)
+                }
+                r => {
+                    warn!(vm = %u.ip, partner = %partner, result = ?r, "swap failed: the partner did not move; nothing moved here");
+                    ("failed", level_now)
+                }
+            },
+        };
+        info!(vm = %u.ip, partner = %partner, outcome, "swap {outcome}");
+        self.metrics.swap(outcome);
+        (outcome, level)
+    }
+
+    /// The asked host's side of a proposal: choose, reserve, answer.
+    async fn on_swap_propose(self: Arc<Self>, h: Header, p: SwapProposal) {
+        let reply = match self.consider_swap(&h, &p).await {
+            Ok(a) => {
+                info!(vm = %Ipv4Addr::from(p.vm), from = %h.sender, partner = %Ipv4Addr::from(a.partner), benefit = a.benefit, order = ?a.order, "swap proposal accepted; partner reserved");
+                self.metrics.swap_request("accepted");
+                Message::SwapAccept(a)
+            }
+            Err(reason) => {
+                info!(vm = %Ipv4Addr::from(p.vm), from = %h.sender, reason = reason.name(), "swap proposal refused");
+                self.metrics.swap_request(reason.name());
+                Message::SwapRefuse {
+                    in_reply_to: h.seq,
+                    vm: p.vm,
+                    reason,
+                }
+            }
+        };
+        let _ = self.net.send(h.sender, self.epoch(), &reply).await;
+    }
+
+    async fn consider_swap(
+        &self,
+        h: &Header,
+        p: &SwapProposal,
+    ) -> Result<SwapAcceptance, SwapRefusal> {
+        if !self.cfg.policy.swaps {
+            return Err(SwapRefusal::Disabled);
+        }
+        let topo = &self.cfg.topology;
+        let from = topo
+            .host_by_addr(p.from)
+            .filter(|_| p.from == h.sender && p.to == self.net.me())
+            .ok_or(SwapRefusal::Invalid)?;
+        let hosted = self.hosted();
+        if hosted.iter().any(|x| u32::from(x.ip) == p.vm) {
+            return Err(SwapRefusal::Invalid);
+        }
+        {
+            let mut s = self.state();
+            s.swaps.expire(Instant::now());
+            if s.swaps.busy() {
+                return Err(SwapRefusal::Busy);
+            }
+        }
+        let order = if self.advisory {
+            // Nothing moves here: the partner "goes" first, so that the
+            // proposer hears "advisory" before it moves anything.
+            SwapOrder::PartnerFirst
+        } else {
+            swap::order(self.room().can_hold_one_more(), p.from_headroom)?
+        };
+        let mut local = Vec::new();
+        for w in &hosted {
+            let id = u32::from(w.ip);
+            let recent = self
+                .state()
+                .migrated_at
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < self.cfg.policy.hold_down);
+            if recent {
+                continue;
+            }
+            let peers = self.located_peers(w.ip, Some((p.vm, from))).await;
+            local.push(LocalVm {
+                id,
+                mem_mb: self.cfg.node.vm_memory_mib,
+                peers,
+            });
+        }
+        let req = SwapRequest {
+            vm: p.vm,
+            from,
+            to: self.cfg.me,
+            gain: p.gain,
+            cost_before: p.cost_before,
+            c_m: p.c_m,
+            mem_mb: p.mem_mib,
+            from_free_mem_mb: p.from_free_mem_mib,
+            peers_on_target: p.peers_on_target.clone(),
+        };
+        let offer = choose_swap_partner(
+            topo,
+            self.cfg.me,
+            self.capacity().free_mem_mb,
+            &local,
+            &req,
+            self.cfg.migration_cost,
+        )
+        .ok_or(SwapRefusal::NoPartner)?;
+        let until = Instant::now() + self.cfg.policy.swap_timeout;
+        if !self
+            .state()
+            .swaps
+            .reserve(p.vm, offer.partner, h.sender, until)
+        {
+            return Err(SwapRefusal::Busy);
+        }
+        Ok(SwapAcceptance {
+            in_reply_to: h.seq,
+            vm: p.vm,
+            partner: offer.partner,
+            partner_gain: offer.partner_gain,
+            partner_cost_before: offer.partner_cost_before,
+            partner_cost_after: offer.partner_cost_after,
+            benefit: offer.benefit,
+            c_m: offer.c_m,
+            partner_level_after: offer.partner_level_after,
+            order,
+        })
+    }
+
+    /// The asked host's side of a commit: move the partner (once), or
+    /// release it; answer with the result.
+    async fn on_swap_commit(self: Arc<Self>, h: Header, vm: VmId, partner: VmId, go: bool) {
+        let linger = Instant::now() + self.cfg.policy.swap_timeout;
+        let action = self
+            .state()
+            .swaps
+            .commit(h.sender, vm, partner, go, h.seq, linger);
+        let (reply_to, result) = match action {
+            swap::CommitAction::Wait => return,
+            swap::CommitAction::Reply(result) => (h.seq, result),
+            swap::CommitAction::Migrate(w) => {
+                let here = self.hosted().into_iter().find(|x| u32::from(x.ip) == w);
+                let result = match here {
+                    None => {
+                        warn!(partner = %Ipv4Addr::from(w), "swap partner no longer here");
+                        SwapResult::Failed
+                    }
+                    Some(wvm) => {
+                        info!(vm = %wvm.ip, to = %h.sender, "swap: moving the partner");
+                        match self.migrate_vm(&wvm, h.sender).await {
+                            MigrationResult::Done(_) => SwapResult::Done,
+                            MigrationResult::Advisory => SwapResult::Advisory,
+                            MigrationResult::Failed(_) => SwapResult::Failed,
+                            MigrationResult::Undefined(_) => SwapResult::Undefined,
+                        }
+                    }
+                };
+                let linger = Instant::now() + self.cfg.policy.swap_timeout;
+                match self.state().swaps.end(vm, result, linger) {
+                    Some(seq) => (seq, result),
+                    None => return,
+                }
+            }
+        };
+        let done = Message::SwapDone {
+            in_reply_to: reply_to,
+            vm,
+            partner,
+            result,
+        };
+        let _ = self.net.send(h.sender, self.epoch(), &done).await;
     }
 
     async fn announce_move(&self, vm: Ipv4Addr, to: Ipv4Addr) {
@@ -859,6 +1316,19 @@ impl Peer {
     }
 }
 
+/// The decider's view of an acceptance.
+fn offer_of(a: &SwapAcceptance) -> SwapOffer {
+    SwapOffer {
+        partner: a.partner,
+        partner_gain: a.partner_gain,
+        partner_cost_before: a.partner_cost_before,
+        partner_cost_after: a.partner_cost_after,
+        partner_level_after: a.partner_level_after,
+        benefit: a.benefit,
+        c_m: a.c_m,
+    }
+}
+
 fn rand_transfer() -> u64 {
     // Unique enough per sender: the wall clock in ns, as sequence numbers.
     std::time::SystemTime::now()
@@ -867,12 +1337,14 @@ fn rand_transfer() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the protocol's tasks; they stop when `cancel` fires.
+/// Starts the protocol's tasks; they stop when `cancel` fires. `advisory`:
+/// the backend behind `migrate` moves nothing.
 pub async fn start(
     cfg: Arc<ClusterSettings>,
     collector: Arc<Collector>,
     metrics: Arc<dyn PeerMetrics>,
     migrate: Migrator,
+    advisory: bool,
     control: ControlReader,
     cancel: CancellationToken,
 ) -> std::io::Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>)> {
@@ -885,6 +1357,7 @@ pub async fn start(
         collector,
         metrics,
         migrate,
+        advisory,
         epoch: AtomicU64::new(0),
         state: Mutex::new(State {
             reasm: Reassembler::default(),
@@ -896,6 +1369,7 @@ pub async fn start(
             last_seen: Instant::now(),
             last_decisions: Vec::new(),
             regenerated: Vec::new(),
+            swaps: swap::Reservations::default(),
         }),
         tokens: tx,
     });
