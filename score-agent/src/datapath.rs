@@ -165,6 +165,16 @@ impl ControlReader {
 pub struct Datapath {
     bpf: Ebpf,
     attached: HashMap<String, Attached>,
+    /// Buffers of the batched map read, kept from one drain to the next.
+    batch: BatchBuffers,
+}
+
+/// Keys and per-CPU values of one `BPF_MAP_LOOKUP_BATCH` call (about 290
+/// KiB on 2 CPUs): allocated once, not once per drain.
+#[derive(Default)]
+struct BatchBuffers {
+    keys: Vec<PairKey>,
+    values: Vec<PairCounters>,
 }
 
 struct Attached {
@@ -218,6 +228,7 @@ impl Datapath {
         Ok(Datapath {
             bpf,
             attached: HashMap::new(),
+            batch: BatchBuffers::default(),
         })
     }
 
@@ -315,16 +326,40 @@ impl Datapath {
     /// syscalls per pair, docs/BENCHMARKS.md), or pair by pair where the
     /// kernel refuses the batch.
     pub fn snapshot(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
+        let mut out = Vec::new();
+        let mut buffers = BatchBuffers::default();
+        self.read_flows(&mut buffers, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Datapath::snapshot`] into `out` (cleared first), reusing `out`'s
+    /// and the datapath's own buffers: what the collector calls at every
+    /// drain, so that a drain allocates nothing in steady state.
+    pub fn snapshot_into(&mut self, out: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
+        let mut buffers = std::mem::take(&mut self.batch);
+        let result = self.read_flows(&mut buffers, out);
+        self.batch = buffers;
+        result
+    }
+
+    fn read_flows(
+        &self,
+        buffers: &mut BatchBuffers,
+        out: &mut Vec<(Pair, Totals)>,
+    ) -> Result<(), DatapathError> {
+        out.clear();
         let data = self
             .bpf
             .map(FLOWS_MAP)
             .ok_or(DatapathError::Map(FLOWS_MAP))?;
         if let (aya::maps::Map::PerCpuHashMap(md), Ok(cpus)) = (data, aya::util::nr_cpus()) {
-            if let Ok(all) = batch_read(md.fd().as_fd(), cpus) {
-                return Ok(all);
+            if batch_read(md.fd().as_fd(), cpus, buffers, out).is_ok() {
+                return Ok(());
             }
+            out.clear();
         }
-        self.snapshot_per_pair()
+        *out = self.snapshot_per_pair()?;
+        Ok(())
     }
 
     /// [`Datapath::snapshot`] the slow way: two syscalls per pair. The
@@ -511,20 +546,22 @@ struct BatchAttr {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Every entry of the per-CPU flow map, 4,096 per syscall. aya 0.14 has
-/// no batch API, so this is the raw syscall. Fails (and the caller falls
-/// back) on kernels without batch support or when a hash bucket holds
-/// more entries than fit the buffer (ENOSPC).
+/// Every entry of the per-CPU flow map, 4,096 per syscall, appended to
+/// `out`. aya 0.14 has no batch API, so this is the raw syscall. Fails
+/// (and the caller falls back) on kernels without batch support or when a
+/// hash bucket holds more entries than fit the buffer (ENOSPC).
 fn batch_read(
     fd: std::os::fd::BorrowedFd<'_>,
     cpus: usize,
-) -> std::io::Result<Vec<(Pair, Totals)>> {
+    buffers: &mut BatchBuffers,
+    out: &mut Vec<(Pair, Totals)>,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     const CHUNK: usize = 4096;
-    let mut keys = vec![PairKey::default(); CHUNK];
+    let BatchBuffers { keys, values } = buffers;
+    keys.resize(CHUNK, PairKey::default());
     // One value per possible CPU, each rounded up to 8 bytes (ours are).
-    let mut values = vec![PairCounters::default(); CHUNK * cpus];
-    let mut out = Vec::new();
+    values.resize(CHUNK * cpus, PairCounters::default());
     // For hash maps the batch cursor is a u32 bucket index.
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut started = false;
@@ -558,15 +595,16 @@ fn batch_read(
                 return Err(std::io::Error::new(e.kind(), e.to_string()));
             }
         }
-        for i in 0..(attr.count as usize).min(CHUNK) {
-            out.push((
-                pair_of(&keys[i]),
-                Totals::sum(&values[i * cpus..(i + 1) * cpus]),
-            ));
-        }
+        let n = (attr.count as usize).min(CHUNK);
+        out.extend(
+            keys[..n]
+                .iter()
+                .zip(values.chunks_exact(cpus))
+                .map(|(k, v)| (pair_of(k), Totals::sum(v))),
+        );
         if err.is_some() {
             // ENOENT: that was the last batch.
-            return Ok(out);
+            return Ok(());
         }
         cursor_in = cursor_out;
         started = true;

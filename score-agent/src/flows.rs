@@ -5,13 +5,44 @@
 //! Time is CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns`
 //! reads, so kernel first/last-seen stamps and drain times compare directly.
 //! Callers pass the time in; nothing here reads a clock.
+//!
+//! # What "rate over the window" means here
+//!
+//! A pair keeps a few `(time, cumulative bytes)` samples, stored inline in
+//! a fixed ring (no allocation per pair, [`WINDOW_BUCKETS`] + 2 slots, 160
+//! bytes). Time is cut into buckets of `window / WINDOW_BUCKETS` (rounded
+//! up); the ring holds the latest sample of each bucket, and the anchor:
+//! the newest sample taken at or before `now - window`. The rate is the
+//! bytes between the anchor and the newest sample divided by the time
+//! between them. So:
+//!
+//! - once a pair is older than the window, the rate averages over a span of
+//!   at least `window` and less than `window` + one bucket + one drain
+//!   interval (the anchor is the last drain of its bucket);
+//! - when the drain interval is at least one bucket (e.g. 1 s drains with
+//!   a window of 8 s or less), every drain is its own bucket and the span is
+//!   exactly what a full list of samples would give: the newest drain at or
+//!   before `now - window`;
+//! - a pair born while the agent watched counts from its first frame
+//!   (kernel first-seen stamp, zero bytes); one that predates the agent
+//!   (pinned counters of an earlier run) has a rate from its second sample.
+//!
+//! This replaced a `VecDeque` of every drain's sample (32 samples at 1 s
+//! drains and a 30 s window, 0.5-1 KiB per pair on the heap); the ring is
+//! what bounds the agent's memory per pair (docs/BENCHMARKS.md).
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::Ipv4Addr,
-};
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use serde::Serialize;
+
+/// Buckets the rate window is cut into: the ring keeps one sample per
+/// bucket, so the averaging span is the window plus at most one bucket
+/// (12.5%) and one drain interval.
+pub const WINDOW_BUCKETS: u64 = 8;
+
+/// Slots of a pair's ring: one per bucket the window touches (the window
+/// spans at most `WINDOW_BUCKETS` + 1 buckets) plus the anchor.
+const RING: usize = WINDOW_BUCKETS as usize + 2;
 
 /// One directed VM pair, host-order addresses.
 pub type Pair = (Ipv4Addr, Ipv4Addr);
@@ -60,18 +91,96 @@ pub struct FlowView {
     pub rate_bps: f64,
 }
 
+/// A pair's samples: `(time, cumulative bytes)`, oldest first, in a ring
+/// stored inline. See the module documentation for what it keeps.
+#[derive(Clone, Copy, Debug, Default)]
+struct Window {
+    time: [u64; RING],
+    bytes: [u64; RING],
+    head: u8,
+    len: u8,
+}
+
+impl Window {
+    fn slot(&self, i: usize) -> usize {
+        (usize::from(self.head) + i) % RING
+    }
+
+    fn get(&self, i: usize) -> (u64, u64) {
+        let s = self.slot(i);
+        (self.time[s], self.bytes[s])
+    }
+
+    fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
+
+    fn pop_front(&mut self) {
+        if self.len > 0 {
+            self.head = ((usize::from(self.head) + 1) % RING) as u8;
+            self.len -= 1;
+        }
+    }
+
+    fn push_back(&mut self, time: u64, bytes: u64) {
+        if usize::from(self.len) == RING {
+            // Only reachable if time went backwards: keep the newest.
+            self.pop_front();
+        }
+        let s = self.slot(usize::from(self.len));
+        self.time[s] = time;
+        self.bytes[s] = bytes;
+        self.len += 1;
+    }
+
+    /// Adds the sample of a drain at `now`: drops anchors older than
+    /// needed, then either replaces the newest sample (same bucket, and it
+    /// is not the anchor) or appends.
+    fn record(&mut self, now: u64, bytes: u64, window_ns: u64, bucket_ns: u64) {
+        let horizon = now.saturating_sub(window_ns);
+        while self.len > 1 && self.get(1).0 <= horizon {
+            self.pop_front();
+        }
+        if self.len >= 2 {
+            let last = self.slot(usize::from(self.len) - 1);
+            if self.time[last] / bucket_ns == now / bucket_ns {
+                self.time[last] = now;
+                self.bytes[last] = bytes;
+                return;
+            }
+        }
+        self.push_back(now, bytes);
+    }
+
+    /// Bytes per second between the oldest and the newest sample.
+    fn rate(&self) -> f64 {
+        if self.len < 2 {
+            return 0.0;
+        }
+        let (t0, b0) = self.get(0);
+        let (t1, b1) = self.get(usize::from(self.len) - 1);
+        if t1 > t0 {
+            b1.saturating_sub(b0) as f64 / ((t1 - t0) as f64 / 1e9)
+        } else {
+            0.0
+        }
+    }
+}
+
 #[derive(Debug)]
 struct PairState {
-    totals: Totals,
-    /// (time, cumulative bytes) at each drain inside the window, plus the
-    /// newest one just before it, which anchors the oldest difference.
-    samples: VecDeque<(u64, u64)>,
+    bytes: u64,
+    packets: u64,
+    last_seen_ns: u64,
+    window: Window,
 }
 
 /// Windowed rates per directed pair.
 #[derive(Debug)]
 pub struct FlowTable {
     window_ns: u64,
+    bucket_ns: u64,
     idle_ns: u64,
     started_ns: u64,
     pairs: HashMap<Pair, PairState>,
@@ -83,6 +192,7 @@ impl FlowTable {
     pub fn new(window_ns: u64, idle_ns: u64, now_ns: u64) -> Self {
         FlowTable {
             window_ns,
+            bucket_ns: window_ns.div_ceil(WINDOW_BUCKETS).max(1),
             idle_ns,
             started_ns: now_ns,
             pairs: HashMap::new(),
@@ -91,28 +201,46 @@ impl FlowTable {
 
     /// Folds one drain of the kernel map, taken at `now_ns`, into the table.
     pub fn update(&mut self, now_ns: u64, snapshot: impl IntoIterator<Item = (Pair, Totals)>) {
+        self.update_each(now_ns, snapshot, |_, _, _| {});
+    }
+
+    /// [`FlowTable::update`], calling `seen(pair, totals, rate)` with each
+    /// pair's new rate as it goes: one hash lookup per pair instead of two
+    /// for a caller that wants every rate (the collector's metrics).
+    pub fn update_each<I, F>(&mut self, now_ns: u64, snapshot: I, mut seen: F)
+    where
+        I: IntoIterator<Item = (Pair, Totals)>,
+        F: FnMut(Pair, Totals, f64),
+    {
+        let (window_ns, bucket_ns, started_ns) = (self.window_ns, self.bucket_ns, self.started_ns);
         for (pair, totals) in snapshot {
             let state = self.pairs.entry(pair).or_insert_with(|| {
-                let mut samples = VecDeque::new();
+                let mut window = Window::default();
                 // A pair born while we watched started from zero bytes at its
                 // first frame; one that predates us (pinned counters from an
                 // earlier run) has no known start and waits for two samples.
-                if totals.first_seen_ns >= self.started_ns && totals.first_seen_ns <= now_ns {
-                    samples.push_back((totals.first_seen_ns, 0));
+                if totals.first_seen_ns >= started_ns && totals.first_seen_ns <= now_ns {
+                    window.push_back(totals.first_seen_ns, 0);
                 }
-                PairState { totals, samples }
+                PairState {
+                    bytes: totals.bytes,
+                    packets: totals.packets,
+                    last_seen_ns: totals.last_seen_ns,
+                    window,
+                }
             });
-            if totals.bytes < state.totals.bytes {
+            if totals.bytes < state.bytes {
                 // The kernel entry was deleted and recreated (eviction race,
                 // map reset): restart the history rather than go negative.
-                state.samples.clear();
+                state.window.clear();
             }
-            state.totals = totals;
-            state.samples.push_back((now_ns, totals.bytes));
-            let horizon = now_ns.saturating_sub(self.window_ns);
-            while state.samples.len() > 2 && state.samples[1].0 <= horizon {
-                state.samples.pop_front();
-            }
+            state.bytes = totals.bytes;
+            state.packets = totals.packets;
+            state.last_seen_ns = totals.last_seen_ns;
+            state
+                .window
+                .record(now_ns, totals.bytes, window_ns, bucket_ns);
+            seen(pair, totals, state.window.rate());
         }
     }
 
@@ -122,7 +250,7 @@ impl FlowTable {
         let idle_ns = self.idle_ns;
         let mut gone = Vec::new();
         self.pairs.retain(|pair, s| {
-            let keep = now_ns.saturating_sub(s.totals.last_seen_ns) <= idle_ns;
+            let keep = now_ns.saturating_sub(s.last_seen_ns) <= idle_ns;
             if !keep {
                 gone.push(*pair);
             }
@@ -138,9 +266,7 @@ impl FlowTable {
 
     /// Rate of one directed pair over the window, bytes per second.
     pub fn rate(&self, pair: &Pair) -> f64 {
-        self.pairs
-            .get(pair)
-            .map_or(0.0, |s| window_rate(&s.samples))
+        self.pairs.get(pair).map_or(0.0, |s| s.window.rate())
     }
 
     /// λ(u, v): both directions summed, as the cost model wants.
@@ -159,7 +285,7 @@ impl FlowTable {
             } else {
                 continue;
             };
-            *acc.entry(peer).or_default() += window_rate(&s.samples);
+            *acc.entry(peer).or_default() += s.window.rate();
         }
         acc.into_iter().collect()
     }
@@ -182,24 +308,22 @@ impl FlowTable {
             .map(|(&(src, dst), s)| FlowView {
                 src,
                 dst,
-                bytes: s.totals.bytes,
-                packets: s.totals.packets,
-                rate_bps: window_rate(&s.samples),
+                bytes: s.bytes,
+                packets: s.packets,
+                rate_bps: s.window.rate(),
             })
             .collect();
         v.sort_by_key(|f| (f.src, f.dst));
         v
     }
+
+    /// Bytes one pair's entry takes in the table, inline (the table keeps
+    /// no other memory per pair; the hash map's own slack comes on top).
+    pub const ENTRY_BYTES: usize = std::mem::size_of::<(Pair, PairState)>();
 }
 
-fn window_rate(samples: &VecDeque<(u64, u64)>) -> f64 {
-    match (samples.front(), samples.back()) {
-        (Some(&(t0, b0)), Some(&(t1, b1))) if t1 > t0 => {
-            (b1.saturating_sub(b0)) as f64 / ((t1 - t0) as f64 / 1e9)
-        }
-        _ => 0.0,
-    }
-}
+// The memory bound the window exists for: (pair, counters, 10-slot ring).
+const _: () = assert!(FlowTable::ENTRY_BYTES <= 200);
 
 #[cfg(test)]
 mod tests {
@@ -247,18 +371,147 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rate_is_averaged_over_the_window() {
-        let mut t = FlowTable::new(10 * S, 60 * S, 0);
-        let p = (ip(1), ip(2));
-        // 1000 B/s for 20 s, then 3000 B/s for 10 s: the 10 s window sees
-        // only the second part.
+    /// Drains every second from 1 s to `until` s; 1000 B/s up to 20 s,
+    /// 3000 B/s after. Returns the bytes at each second, index = second.
+    fn step_traffic(t: &mut FlowTable, p: Pair, from: u64, until: u64) -> Vec<u64> {
+        let mut cum = vec![0u64; (until + 1) as usize];
         let mut bytes = 0;
-        for sec in 1..=30u64 {
-            bytes += if sec <= 20 { 1000 } else { 3000 };
+        for sec in 1..=until {
+            if sec > from {
+                bytes += if sec - from <= 20 { 1000 } else { 3000 };
+            }
+            cum[sec as usize] = bytes;
+            if sec > from {
+                t.update(sec * S, [(p, tot(bytes, from * S + S / 2, sec * S))]);
+            }
+        }
+        cum
+    }
+
+    #[test]
+    fn drains_as_long_as_a_bucket_give_the_exact_window() {
+        // 8 s window: 1 s buckets, one per drain. 1000 B/s for 20 s, then
+        // 3000 B/s: at 30 s the window (22-30 s) sees only the second part.
+        let mut t = FlowTable::new(8 * S, 60 * S, 0);
+        let p = (ip(1), ip(2));
+        step_traffic(&mut t, p, 0, 30);
+        assert_eq!(t.rate(&p), 3000.0);
+    }
+
+    #[test]
+    fn coarse_buckets_average_over_the_window_and_at_most_one_bucket_more() {
+        // 16 s window: 2 s buckets, two drains each; the ring keeps the last
+        // drain of each bucket. At 30 s the horizon is 14 s; 14 s was
+        // replaced by 15 s (same bucket), so the anchor is 13 s: the rate is
+        // the average over 13-30 s, 17 s = window + one drain.
+        let mut t = FlowTable::new(16 * S, 60 * S, 0);
+        let p = (ip(1), ip(2));
+        let cum = step_traffic(&mut t, p, 0, 30);
+        let want = (cum[30] - cum[13]) as f64 / 17.0;
+        assert_eq!(want, 37_000.0 / 17.0);
+        assert!((t.rate(&p) - want).abs() < 1e-9, "{} vs {want}", t.rate(&p));
+        // At 31 s the horizon is 15 s, the last drain of its bucket: the
+        // span is exactly the window, 15-31 s (5 s at 1000 B/s, 11 at 3000).
+        t.update(31 * S, [(p, tot(cum[30] + 3000, S / 2, 31 * S))]);
+        assert!(
+            (t.rate(&p) - 38_000.0 / 16.0).abs() < 1e-9,
+            "{}",
+            t.rate(&p)
+        );
+    }
+
+    #[test]
+    fn the_ring_wraps_around_and_keeps_giving_the_same_rates() {
+        // The same traffic after 1,000 s of an idle-free steady 500 B/s,
+        // on the same 2 s grid: hundreds of wraps of the 10-slot ring.
+        let mut t = FlowTable::new(16 * S, 60 * S, 0);
+        let p = (ip(1), ip(2));
+        let mut bytes = 0;
+        for sec in 1..=1000u64 {
+            bytes += 500;
+            t.update(sec * S, [(p, tot(bytes, S / 2, sec * S))]);
+            if sec > 20 {
+                assert!((t.rate(&p) - 500.0).abs() < 1e-9, "{sec}: {}", t.rate(&p));
+            }
+            let w = &t.pairs[&p].window;
+            assert!(usize::from(w.len) <= RING);
+        }
+        // Then the step of the test above, shifted by 1,000 s.
+        for sec in 1001..=1030u64 {
+            bytes += if sec <= 1020 { 1000 } else { 3000 };
             t.update(sec * S, [(p, tot(bytes, S / 2, sec * S))]);
         }
-        assert!((t.rate(&p) - 3000.0).abs() < 1e-6, "{}", t.rate(&p));
+        assert!(
+            (t.rate(&p) - 37_000.0 / 17.0).abs() < 1e-9,
+            "{}",
+            t.rate(&p)
+        );
+    }
+
+    #[test]
+    fn irregular_drains_stay_within_the_documented_span() {
+        // Drains at uneven times over a 30 s window (3.75 s buckets): the
+        // span between anchor and newest sample is at least the window and
+        // less than window + bucket + the longest gap between drains.
+        let window = 30 * S;
+        let mut t = FlowTable::new(window, 600 * S, 0);
+        let p = (ip(1), ip(2));
+        let (mut now, mut bytes) = (0u64, 0u64);
+        let gaps = [
+            S,
+            333_333_000,
+            2 * S,
+            700_000_000,
+            S,
+            1_300_000_000,
+            90_000_000,
+        ];
+        for i in 0..400 {
+            let gap = gaps[i % gaps.len()];
+            now += gap;
+            bytes += gap / 1000; // 1 MB/s
+            t.update(now, [(p, tot(bytes, 0, now))]);
+            let w = &t.pairs[&p].window;
+            let span = w.get(usize::from(w.len) - 1).0 - w.get(0).0;
+            if now > window + 2 * S {
+                assert!(span >= window, "span {span} at {now}");
+                assert!(span < window + t.bucket_ns + 2 * S, "span {span} at {now}");
+            }
+            assert!((t.rate(&p) - 1e6).abs() < 1e-3, "{}", t.rate(&p));
+        }
+    }
+
+    #[test]
+    fn watch_averages_since_the_first_frame() {
+        // `watch` passes an endless window: the rate is the average since
+        // the pair's first frame, however many drains.
+        let mut t = FlowTable::new(u64::MAX, u64::MAX, 0);
+        let p = (ip(1), ip(2));
+        let mut bytes = 0;
+        for sec in 1..=200u64 {
+            bytes += if sec <= 100 { 100 } else { 300 };
+            t.update(sec * S, [(p, tot(bytes, S, sec * S))]);
+        }
+        assert!((t.rate(&p) - bytes as f64 / 199.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn update_each_reports_the_rates_rate_gives() {
+        let mut t = FlowTable::new(4 * S, 60 * S, 0);
+        let (a, b) = ((ip(1), ip(2)), (ip(2), ip(1)));
+        t.update(S, [(a, tot(100, S / 2, S)), (b, tot(10, S / 2, S))]);
+        let mut seen = Vec::new();
+        t.update_each(
+            2 * S,
+            [(a, tot(1100, S / 2, 2 * S)), (b, tot(30, S / 2, 2 * S))],
+            |p, tot, r| seen.push((p, tot.bytes, r)),
+        );
+        assert_eq!(
+            seen,
+            vec![(a, 1100, t.rate(&a)), (b, 30, t.rate(&b))],
+            "{seen:?}"
+        );
+        assert!((t.rate(&a) - 1100.0 / 1.5).abs() < 1e-9);
     }
 
     #[test]
@@ -313,6 +566,11 @@ mod tests {
         assert!(t.evict_idle(31 * S).is_empty());
         assert_eq!(t.evict_idle(32 * S), vec![(ip(1), ip(2))]);
         assert_eq!(t.len(), 1);
+        assert_eq!(t.rate(&(ip(1), ip(2))), 0.0);
+        // A pair that comes back after eviction starts a new history from
+        // its new kernel entry's first frame.
+        t.update(40 * S, [((ip(1), ip(2)), tot(500, 39 * S, 40 * S))]);
+        assert!((t.rate(&(ip(1), ip(2))) - 500.0).abs() < 1e-9);
     }
 
     #[test]
