@@ -6,6 +6,7 @@
 
 pub mod cost;
 pub mod decision;
+pub mod group;
 pub mod optimum;
 pub mod policy;
 pub mod swap;

@@ -12,6 +12,12 @@
 //! the *initial* placement (what moves and swaps of one or two VMs can reach
 //! from there, with global knowledge), and, on instances small enough to
 //! enumerate, the exact optimum ([`score_core::optimum::brute_force`]).
+//!
+//! A [`Variant`] is a rule, a [`Scope`], whether group moves are made
+//! ([`GroupMode`], score-core's [`score_core::group`]) and c_m: the
+//! scenario's (0), or a schedule in fractions of the mean VM cost that
+//! starts high and decays each round to a floor ([`CmSchedule`]), so that
+//! the large gains are made first and the many small moves are not made.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,16 +29,16 @@ use score_core::cost::{CostError, Placement, VmIdx};
 use score_core::decision::Rule;
 use score_core::optimum::{OptimumError, brute_force};
 use score_core::policy::PolicyKind;
-use score_core::swap::{CandidateSet, Scope};
+use score_core::swap::{CandidateSet, Scope, SwapError};
 use score_core::topology::{LinkWeights, Topology};
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::search;
-use crate::engine::{RunOptions, run_policy};
+use crate::engine::{GroupMode, RunOptions, run_policy};
 use crate::experiment::ExperimentError;
 use crate::plot::{self, SweepLine};
 use crate::report::ReportError;
-use crate::scenario::Scenario;
+use crate::scenario::{MigrationCostSpec, Scenario};
 use crate::traffic::Workload;
 use crate::world::{HostShape, Setup, WorldError};
 
@@ -46,8 +52,8 @@ pub struct CapacityOptions {
     pub fills: Vec<Option<f64>>,
     /// Policies.
     pub policies: Vec<PolicyKind>,
-    /// Decision variants: (rule, scope).
-    pub variants: Vec<(Rule, Scope)>,
+    /// Decision variants.
+    pub variants: Vec<Variant>,
     /// Seeds of the small brute-force instances per case (0: none).
     pub small_seeds: u32,
     /// Draw the figure.
@@ -64,13 +70,127 @@ impl CapacityOptions {
             fills: vec![None, Some(0.80), Some(0.90), Some(0.95)],
             policies: PolicyKind::ALL.to_vec(),
             variants: vec![
-                (Rule::PaperFirst, Scope::PAPER),
-                (Rule::PaperFirst, Scope::swaps(CandidateSet::Paper)),
-                (Rule::PaperFirst, Scope::swaps(CandidateSet::PeerRacks)),
+                Variant::scope(Scope::PAPER),
+                Variant::scope(Scope::swaps(CandidateSet::Paper)),
+                Variant::scope(Scope::swaps(CandidateSet::PeerRacks)),
             ],
             small_seeds: 30,
             plots: true,
         }
+    }
+}
+
+/// c_m decaying over the rounds: round r uses `start` × max(`decay`^r,
+/// `floor`) times the mean VM cost at the start (C^A / |V|).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CmSchedule {
+    /// c_m of the first round, in mean VM costs.
+    pub start: f64,
+    /// Factor per round.
+    pub decay: f64,
+    /// The floor, a fraction of `start`.
+    pub floor: f64,
+}
+
+/// One way of deciding: rule, scope, group moves, c_m.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variant {
+    /// The rule among candidates.
+    pub rule: Rule,
+    /// Candidates and swaps.
+    pub scope: Scope,
+    /// Group moves.
+    pub group: GroupMode,
+    /// c_m schedule; `None`: the scenario's c_m, constant.
+    pub cm: Option<CmSchedule>,
+}
+
+impl Variant {
+    /// The paper's rule with this scope, no group moves, the scenario's c_m.
+    pub fn scope(scope: Scope) -> Self {
+        Variant {
+            rule: Rule::PaperFirst,
+            scope,
+            group: GroupMode::Off,
+            cm: None,
+        }
+    }
+
+    /// Its name in reports and on the command line: the scope's label,
+    /// `+group` or `+group-best`, then `@start/decay/floor` if c_m has a
+    /// schedule (e.g. `swap+group@1/0.5/0.03`).
+    pub fn label(&self) -> String {
+        let mut l = format!("{}{}", self.scope.label(), self.group.suffix());
+        if let Some(c) = self.cm {
+            l.push_str(&format!("@{}/{}/{}", c.start, c.decay, c.floor));
+        }
+        l
+    }
+
+    /// Run options for the scenario `s`.
+    fn options(&self, s: &Scenario, max_rounds: u32) -> RunOptions {
+        let (cm, cm_decay, cm_floor) = match self.cm {
+            None => (s.migration_cost, 1.0, 0.0),
+            Some(c) => (MigrationCostSpec::MeanVmFraction(c.start), c.decay, c.floor),
+        };
+        RunOptions {
+            rule: self.rule,
+            scope: self.scope,
+            group: self.group,
+            cm,
+            cm_decay,
+            cm_floor,
+            max_rounds,
+            token_init: s.token_init,
+            record_steps: false,
+            ..RunOptions::default()
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = SwapError;
+
+    /// Parses [`Variant::label`]'s form, with the paper's rule.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SwapError::UnknownScope(s.to_string());
+        let (head, cm) = match s.split_once('@') {
+            None => (s, None),
+            Some((h, c)) => {
+                let xs: Vec<f64> = c
+                    .split('/')
+                    .map(|x| x.parse::<f64>().map_err(|_| bad()))
+                    .collect::<Result<_, _>>()?;
+                let ok = |x: f64| x.is_finite() && x >= 0.0;
+                match xs[..] {
+                    [start, decay, floor] if ok(start) && ok(decay) && ok(floor) => {
+                        (h, Some(CmSchedule { start, decay, floor }))
+                    }
+                    [start] if ok(start) => (
+                        h,
+                        Some(CmSchedule {
+                            start,
+                            decay: 1.0,
+                            floor: 0.0,
+                        }),
+                    ),
+                    _ => return Err(bad()),
+                }
+            }
+        };
+        let (scope, group) = if let Some(h) = head.strip_suffix("+group-best") {
+            (h, GroupMode::Best)
+        } else if let Some(h) = head.strip_suffix("+group") {
+            (h, GroupMode::WhenStuck)
+        } else {
+            (head, GroupMode::Off)
+        };
+        Ok(Variant {
+            rule: Rule::PaperFirst,
+            scope: scope.parse().map_err(|_| bad())?,
+            group,
+            cm,
+        })
     }
 }
 
@@ -91,6 +211,9 @@ pub struct VariantRun {
     pub migrations: u64,
     /// Swaps among them.
     pub swaps: u64,
+    /// Group moves among them (each one migration per member).
+    #[serde(default)]
+    pub groups: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last that moved a VM.
@@ -256,33 +379,26 @@ fn run_fill(
     let mut ls = setup.placement.clone();
     search::local_search(&model, &mut ls, setup.shape.max_vms(), &sc.baselines.search);
     let ls_red = reduction(initial, model.total_cost(&ls));
-    let jobs: Vec<(PolicyKind, Rule, Scope)> = opts
+    let jobs: Vec<(PolicyKind, Variant)> = opts
         .policies
         .iter()
-        .flat_map(|&k| opts.variants.iter().map(move |&(r, v)| (k, r, v)))
+        .flat_map(|&k| opts.variants.iter().map(move |&v| (k, v)))
         .collect();
     let runs: Result<Vec<VariantRun>, CostError> = jobs
         .par_iter()
-        .map(|&(kind, rule, scope)| {
-            let o = RunOptions {
-                rule,
-                scope,
-                cm: sc.migration_cost,
-                max_rounds: sc.rounds,
-                token_init: sc.token_init,
-                record_steps: false,
-                ..RunOptions::default()
-            };
+        .map(|&(kind, v)| {
+            let o = v.options(&sc, sc.rounds);
             let r = run_policy(&setup, kind, &o, |_| {})?;
             let red = r.reduction_pct();
             Ok(VariantRun {
                 policy: kind.name().to_string(),
-                rule: rule.name().to_string(),
-                scope: scope.label(),
+                rule: v.rule.name().to_string(),
+                scope: v.label(),
                 reduction_pct: red,
                 fraction_of_best_baseline: if base_red > 0.0 { red / base_red } else { 0.0 },
                 migrations: r.migrations,
                 swaps: r.swaps,
+                groups: r.groups,
                 rounds: r.rounds,
                 rounds_to_converge: r.rounds_to_converge,
                 converged: r.converged,
@@ -308,8 +424,9 @@ pub fn run_small(
     cases: &[SmallSpec],
     seeds: u32,
     policies: &[PolicyKind],
-    variants: &[(Rule, Scope)],
+    variants: &[Variant],
 ) -> Result<Vec<SmallCase>, ExperimentError> {
+    let scenario = Scenario::default();
     let mut out = Vec::new();
     for (k, &(fanout, slots, vms, p)) in cases.iter().enumerate() {
         let per_seed: Vec<Option<Vec<f64>>> = (0..u64::from(seeds))
@@ -331,13 +448,10 @@ pub fn run_small(
                 }
                 let mut fr = Vec::new();
                 for &kind in policies {
-                    for &(rule, scope) in variants {
+                    for v in variants {
                         let o = RunOptions {
-                            rule,
-                            scope,
-                            max_rounds: 50,
-                            record_steps: false,
-                            ..RunOptions::default()
+                            token_init: crate::scenario::TokenInit::Measured,
+                            ..v.options(&scenario, 50)
                         };
                         let r = run_policy(&setup, kind, &o, |_| {})?;
                         assert!(
@@ -356,12 +470,12 @@ pub fn run_small(
         let mut rows = Vec::new();
         let mut i = 0;
         for &kind in policies {
-            for &(_, scope) in variants {
+            for v in variants {
                 let xs: Vec<f64> = inst.iter().map(|v| v[i]).collect();
                 let n = xs.len().max(1) as f64;
                 rows.push(SmallRow {
                     policy: kind.name().to_string(),
-                    scope: scope.label(),
+                    scope: v.label(),
                     mean_fraction: xs.iter().sum::<f64>() / n,
                     min_fraction: xs.iter().copied().fold(f64::INFINITY, f64::min),
                     at_least_95: xs.iter().filter(|&&x| x >= 0.95 - 1e-9).count() as u32,
@@ -510,11 +624,11 @@ pub fn markdown(s: &CapacitySummary) -> String {
             f.local_search_from_initial_pct / f.baseline_reduction_pct,
             f.local_search_from_initial_moved_vms,
         ));
-        t.push_str("| policy | rule | scope | reduction | of best baseline | migrations (swaps) | rounds to converge |\n");
-        t.push_str("|---|---|---|---|---|---|---|\n");
+        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves) | of baseline's moves | rounds to converge |\n");
+        t.push_str("|---|---|---|---|---|---|---|---|\n");
         for r in &f.runs {
             t.push_str(&format!(
-                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}) | {}{} |\n",
+                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}) | {:.2} | {}{} |\n",
                 r.policy,
                 r.rule,
                 r.scope,
@@ -522,6 +636,8 @@ pub fn markdown(s: &CapacitySummary) -> String {
                 r.fraction_of_best_baseline,
                 r.migrations,
                 r.swaps,
+                r.groups,
+                r.migrations as f64 / f.baseline_moved_vms.max(1) as f64,
                 r.rounds_to_converge,
                 if r.converged { "" } else { " (not converged)" },
             ));
@@ -533,7 +649,7 @@ pub fn markdown(s: &CapacitySummary) -> String {
              ({} instances).\n\n",
             c.fanout, c.slots, c.vms, c.pair_prob, c.instances
         ));
-        t.push_str("| policy | scope | mean of optimum's reduction | min | instances >= 95% |\n");
+        t.push_str("| policy | variant | mean of optimum's reduction | min | instances >= 95% |\n");
         t.push_str("|---|---|---|---|---|\n");
         for r in &c.rows {
             t.push_str(&format!(

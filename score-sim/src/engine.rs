@@ -11,12 +11,17 @@
 //! host asked for a swap picks the partner among its own VMs with
 //! score-core's [`choose_swap_partner`], from what it measures (here: its
 //! VMs' peers and where they are). A swap is two migrations.
+//! [`RunOptions::group`] adds score-core's group moves
+//! ([`score_core::group`]): the holder's host moves u together with the
+//! peers it shares the host with, into a rack where their other peers run;
+//! each member is one migration.
 
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
+use score_core::group::{GroupLimits, GroupMove, decide_group};
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
 use score_core::swap::{
     Scope, Settings, Step, choose_swap_partner, decide_with, local_vms, plan_with,
@@ -51,6 +56,15 @@ pub struct RunOptions {
     pub record_steps: bool,
     /// Record every hand-off's holder and decision in [`PolicyRun::trace`].
     pub trace: bool,
+    /// Group moves (beyond the paper; default: off).
+    pub group: GroupMode,
+    /// c_m of round r is c_m × max(`cm_decay`^r, `cm_floor`) (decay 1:
+    /// constant, the paper's). The token carries the round, so every holder
+    /// knows it; with a decay, a round without migration ends the run only
+    /// once c_m has reached its floor.
+    pub cm_decay: f64,
+    /// The floor of the decay, a fraction of the first c_m.
+    pub cm_floor: f64,
     /// Slow self-checks after every hand-off (tests): the running total
     /// against a full recomputation, and the global policy's incremental
     /// ranking against score-core's [`score_core::policy::rank_by_saving`].
@@ -70,8 +84,53 @@ impl Default for RunOptions {
             record_steps: true,
             trace: false,
             self_check: false,
+            group: GroupMode::Off,
+            cm_decay: 1.0,
+            cm_floor: 0.0,
         }
     }
+}
+
+/// When the holder considers a group move ([`score_core::group`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupMode {
+    /// Never: the scope's decision alone.
+    #[default]
+    Off,
+    /// Only when the scope's decision lets u stay.
+    WhenStuck,
+    /// Always; the group move is made if its benefit net of its threshold
+    /// beats the scope's decision's.
+    Best,
+}
+
+impl GroupMode {
+    /// Suffix of a variant's label: `""`, `+group`, `+group-best`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            GroupMode::Off => "",
+            GroupMode::WhenStuck => "+group",
+            GroupMode::Best => "+group-best",
+        }
+    }
+}
+
+/// The holder's group move for `u` (`None` if it has none worth making):
+/// score-core's [`decide_group`] over the VMs of u's host as that host
+/// knows them (`lists`), capacity answered from the hosts' VM counts.
+pub fn decide_group_move(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    u: VmIdx,
+    cm: MigrationCost,
+) -> Option<GroupMove> {
+    let x = placement.host(u);
+    let local = local_vms(model, placement, lists.on(x), |_| shape.vm_mem_mb);
+    decide_group(model.topo, x, u, &local, cm, GroupLimits::default(), |h| {
+        Some(shape.capacity(placement.count(h)))
+    })
 }
 
 /// What a policy's run produced.
@@ -100,6 +159,8 @@ pub struct PolicyRun {
     pub migrations: u64,
     /// Swaps made (each also counted as two migrations).
     pub swaps: u64,
+    /// Group moves made (each also counted as one migration per member).
+    pub groups: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last one that migrated a VM (0: nothing moved).
@@ -383,7 +444,8 @@ pub fn run_policy(
     };
     st.total = st.model().total_cost(&st.placement);
     let initial_cost = st.total;
-    let cm = opts.cm.resolve(initial_cost, n);
+    let cm0 = opts.cm.resolve(initial_cost, n);
+    let mut cm = cm0;
     let events: &[FlowEvent] = if opts.dynamic {
         &setup.workload.events
     } else {
@@ -420,7 +482,8 @@ pub fn run_policy(
     let mut moved = vec![false; n as usize];
     let (mut handoffs, mut migrations, mut this_round) = (0u64, 0u64, 0u64);
     let mut swaps = 0u64;
-    let settings = Settings {
+    let mut groups = 0u64;
+    let mut settings = Settings {
         rule: opts.rule,
         cm,
         mem_need_mb: st.shape.vm_mem_mb,
@@ -463,61 +526,115 @@ pub fn run_policy(
         } else {
             decide_scoped(&st.model(), &st.placement, &st.lists, st.shape, u, settings)
         };
-        match d {
-            Step::Single(Decision::Migrate {
-                from, to, benefit, ..
-            }) => {
-                st.placement.move_vm(u, to);
-                st.lists.moved(u, from, to);
-                // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
-                st.total -= benefit;
-                moved[u as usize] = true;
-                migrations += 1;
-                this_round += 1;
-                if let Some(g) = global.as_mut() {
-                    let max = st.shape.max_vms();
-                    // Counts are after the move: x was full if it is one short now.
-                    let freed = (st.placement.count(from) + 1 == max).then_some(from);
-                    let filled = (st.placement.count(to) == max).then_some(to);
-                    g.after_change(&st, &[u], freed, filled, opts.rule, cm);
+        let group = match opts.group {
+            GroupMode::Off => None,
+            GroupMode::WhenStuck if !d.is_noop() => None,
+            _ => decide_group_move(&st.model(), &st.placement, &st.lists, st.shape, u, cm)
+                .filter(|g| d.is_noop() || g.benefit - g.c_m > d.benefit() - step_threshold(&d)),
+        };
+        if let Some(g) = group {
+            let x = g.from;
+            let max = st.shape.max_vms();
+            let was_full = st.placement.count(x) == max;
+            let mut filled = Vec::new();
+            for &(v, h) in &g.moves {
+                st.placement.move_vm(v, h);
+                st.lists.moved(v, x, h);
+                moved[v as usize] = true;
+                if st.placement.count(h) == max {
+                    filled.push(h);
                 }
             }
-            Step::Single(Decision::Stay { .. }) => {}
-            Step::Swap(s) => {
-                let w = s.partner;
-                st.placement.move_vm(u, s.to);
-                st.lists.moved(u, s.from, s.to);
-                st.placement.move_vm(w, s.from);
-                st.lists.moved(w, s.to, s.from);
-                // score-core's swap benefit is the exact drop of the total.
-                st.total -= s.benefit;
-                moved[u as usize] = true;
-                moved[w as usize] = true;
-                migrations += 2;
-                swaps += 1;
-                this_round += 1;
-                // The holder learnt w's new level from w's host.
-                if let Some(e) = token.get_mut(w) {
-                    e.level = s.partner_level_after;
-                }
-                if let Some(g) = global.as_mut() {
-                    // Both hosts keep their counts: no host crosses full.
-                    g.after_change(&st, &[u, w], None, None, opts.rule, cm);
+            st.total -= g.benefit;
+            migrations += u64::from(g.migrations());
+            groups += 1;
+            this_round += 1;
+            let members: Vec<VmIdx> = g.moves.iter().map(|&(v, _)| v).collect();
+            {
+                // The holder learnt every member's new level (it knows their peers).
+                let model = st.model();
+                for &v in &members {
+                    if let Some(e) = token.get_mut(v) {
+                        e.level = model.vm_level(&st.placement, v);
+                    }
                 }
             }
+            if let Some(gi) = global.as_mut() {
+                gi.after_change(&st, &members, was_full.then_some(x), None, opts.rule, cm);
+                for h in filled {
+                    gi.after_change(&st, &[], None, Some(h), opts.rule, cm);
+                }
+            }
+            let level = token.get_mut(u).map_or(0, |e| e.level);
+            token.update(u, level, Load::from_rate(p.load));
+            handoffs += 1;
+            if opts.trace {
+                trace.push((u, g.moves.first().map(|&(_, h)| h)));
+            }
+            if opts.self_check {
+                self_check(&st, global.as_mut(), opts.rule, cm);
+            }
+            if opts.record_steps {
+                step_costs.push(st.total);
+            }
+            on_handoff(handoffs);
+        } else {
+            match d {
+                Step::Single(Decision::Migrate {
+                    from, to, benefit, ..
+                }) => {
+                    st.placement.move_vm(u, to);
+                    st.lists.moved(u, from, to);
+                    // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
+                    st.total -= benefit;
+                    moved[u as usize] = true;
+                    migrations += 1;
+                    this_round += 1;
+                    if let Some(g) = global.as_mut() {
+                        let max = st.shape.max_vms();
+                        // Counts are after the move: x was full if it is one short now.
+                        let freed = (st.placement.count(from) + 1 == max).then_some(from);
+                        let filled = (st.placement.count(to) == max).then_some(to);
+                        g.after_change(&st, &[u], freed, filled, opts.rule, cm);
+                    }
+                }
+                Step::Single(Decision::Stay { .. }) => {}
+                Step::Swap(s) => {
+                    let w = s.partner;
+                    st.placement.move_vm(u, s.to);
+                    st.lists.moved(u, s.from, s.to);
+                    st.placement.move_vm(w, s.from);
+                    st.lists.moved(w, s.to, s.from);
+                    // score-core's swap benefit is the exact drop of the total.
+                    st.total -= s.benefit;
+                    moved[u as usize] = true;
+                    moved[w as usize] = true;
+                    migrations += 2;
+                    swaps += 1;
+                    this_round += 1;
+                    // The holder learnt w's new level from w's host.
+                    if let Some(e) = token.get_mut(w) {
+                        e.level = s.partner_level_after;
+                    }
+                    if let Some(g) = global.as_mut() {
+                        // Both hosts keep their counts: no host crosses full.
+                        g.after_change(&st, &[u, w], None, None, opts.rule, cm);
+                    }
+                }
+            }
+            token.update(u, d.level_after(), Load::from_rate(p.load));
+            handoffs += 1;
+            if opts.trace {
+                trace.push((u, d.target()));
+            }
+            if opts.self_check {
+                self_check(&st, global.as_mut(), opts.rule, cm);
+            }
+            if opts.record_steps {
+                step_costs.push(st.total);
+            }
+            on_handoff(handoffs);
         }
-        token.update(u, d.level_after(), Load::from_rate(p.load));
-        handoffs += 1;
-        if opts.trace {
-            trace.push((u, d.target()));
-        }
-        if opts.self_check {
-            self_check(&st, global.as_mut(), opts.rule, cm);
-        }
-        if opts.record_steps {
-            step_costs.push(st.total);
-        }
-        on_handoff(handoffs);
 
         if let Some(g) = global.as_mut() {
             policy.feed_ranking(g.top(2));
@@ -535,8 +652,24 @@ pub fn run_policy(
             if opts.snapshot_round == Some(token.round) {
                 snapshot = Some(st.placement.clone());
             }
-            let quiet = this_round == 0 && next_event >= events.len();
+            let mut quiet = this_round == 0 && next_event >= events.len();
             this_round = 0;
+            if opts.cm_decay < 1.0 {
+                // The token carries the round: every holder knows this
+                // round's c_m. A quiet round ends the run only once c_m
+                // has decayed to nothing that matters.
+                let f = opts
+                    .cm_decay
+                    .max(0.0)
+                    .powi(token.round.min(1 << 20) as i32)
+                    .max(opts.cm_floor);
+                quiet &= f <= opts.cm_floor;
+                cm = scale_cm(cm0, f);
+                settings.cm = cm;
+                if let Some(g) = global.as_mut() {
+                    *g = GlobalIndex::new(&st, opts.rule, cm);
+                }
+            }
             if quiet {
                 converged = true;
                 break;
@@ -557,7 +690,7 @@ pub fn run_policy(
     }
     Ok(PolicyRun {
         policy: kind,
-        c_m: cm,
+        c_m: cm0,
         initial_cost,
         final_cost,
         final_cost_unmoved,
@@ -567,6 +700,7 @@ pub fn run_policy(
         handoffs,
         migrations,
         swaps,
+        groups,
         rounds: token.round,
         rounds_to_converge,
         converged,
@@ -576,6 +710,24 @@ pub fn run_policy(
         elapsed_s: started.elapsed().as_secs_f64(),
         trace,
     })
+}
+
+/// c_m times `f`, in the same reading.
+fn scale_cm(cm: MigrationCost, f: f64) -> MigrationCost {
+    match cm {
+        MigrationCost::Absolute(a) => MigrationCost::Absolute(a * f),
+        MigrationCost::FractionOfVmCost(x) => MigrationCost::FractionOfVmCost(x * f),
+    }
+}
+
+/// The threshold a step had to beat: c_m for a migration, c_m(u) + c_m(w)
+/// for a swap, nothing when u stays.
+fn step_threshold(d: &Step) -> f64 {
+    match d {
+        Step::Single(Decision::Migrate { c_m, .. }) => *c_m,
+        Step::Single(Decision::Stay { .. }) => 0.0,
+        Step::Swap(s) => s.c_m,
+    }
 }
 
 /// The slow checks of [`RunOptions::self_check`]; panics on a mismatch.

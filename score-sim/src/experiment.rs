@@ -156,6 +156,7 @@ pub fn run_scenario(s: &Scenario, opts: &ExperimentOptions) -> Result<Summary, E
         record_steps: true,
         trace: false,
         self_check: false,
+        ..RunOptions::default()
     };
     let max_handoffs = u64::from(s.rounds) * u64::from(n);
     let bars: Vec<ProgressBar> = jobs

@@ -8,8 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use score_core::decision::Rule;
 use score_core::policy::PolicyKind;
-use score_core::swap::Scope;
-use score_sim::capacity::{CapacityOptions, outputs, read_summary, run_capacity};
+use score_sim::capacity::{CapacityOptions, Variant, outputs, read_summary, run_capacity};
 use score_sim::experiment::{ExperimentOptions, run_scenario};
 use score_sim::scenario::Scenario;
 
@@ -61,9 +60,12 @@ enum Cmd {
         policy: Vec<PolicyKind>,
         /// Decision variants, each `paper`, `swap`, `swap+<set>` or a
         /// candidate set (peer-racks, peer-pods, all), all with the paper's
-        /// rule (default: paper, swap, swap+peer-racks).
+        /// rule (default: paper, swap, swap+peer-racks); then `+group`
+        /// (group moves when u would stay) or `+group-best` (when better);
+        /// then `@start/decay/floor`: c_m of round r = start × max(decay^r,
+        /// floor) mean VM costs (e.g. `swap+group@1/0.5/0.03`).
         #[arg(long, value_delimiter = ',')]
-        variant: Vec<Scope>,
+        variant: Vec<Variant>,
         /// Fan-out of the regular tree instead of the paper's 20,8,4,4
         /// (e.g. 20,8,2,2: a quarter of the paper's hosts).
         #[arg(long, value_delimiter = ',')]
@@ -234,7 +236,7 @@ struct CapacityArgs {
     out: PathBuf,
     fill: Vec<f64>,
     policy: Vec<PolicyKind>,
-    variant: Vec<Scope>,
+    variant: Vec<Variant>,
     fanout: Vec<u32>,
     small_seeds: u32,
     rounds: u32,
@@ -258,7 +260,7 @@ fn capacity(a: CapacityArgs) -> anyhow::Result<()> {
         opts.policies = a.policy;
     }
     if !a.variant.is_empty() {
-        opts.variants = a.variant.iter().map(|&v| (Rule::PaperFirst, v)).collect();
+        opts.variants = a.variant;
     }
     opts.small_seeds = a.small_seeds;
     opts.plots = !a.no_plots;
