@@ -2,9 +2,8 @@
 //! highest (most costly) level get the token first, since they are the most
 //! likely to migrate.
 
-use super::{TokenPolicy, pick_unvisited};
-use crate::token::{Token, VmId};
-use std::cmp::Reverse;
+use super::TokenPolicy;
+use crate::token::{Order, Token, VmId};
 
 /// The unvisited VM with the highest level in the token, ties to the lower
 /// ID. Levels are those the token carries, written by each holder.
@@ -17,6 +16,6 @@ impl TokenPolicy for Distributed {
     }
 
     fn next(&mut self, token: &Token, current: Option<VmId>) -> Option<VmId> {
-        pick_unvisited(token, current, |e| (e.level, Reverse(e.id)))
+        token.best_unvisited(Order::Level, current)
     }
 }

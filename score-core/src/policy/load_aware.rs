@@ -1,9 +1,8 @@
 //! Load-aware token policy (paper §II): the distributed policy, with VMs at
 //! the same level ordered by their aggregate load (in and out), higher first.
 
-use super::{TokenPolicy, pick_unvisited};
-use crate::token::{Token, VmId};
-use std::cmp::Reverse;
+use super::TokenPolicy;
+use crate::token::{Order, Token, VmId};
 
 /// The unvisited VM with the highest level, then the higher load (the
 /// token's one-byte [`Load`](crate::token::Load)), then the lower ID.
@@ -16,6 +15,6 @@ impl TokenPolicy for LoadAware {
     }
 
     fn next(&mut self, token: &Token, current: Option<VmId>) -> Option<VmId> {
-        pick_unvisited(token, current, |e| (e.level, e.load, Reverse(e.id)))
+        token.best_unvisited(Order::LevelLoad, current)
     }
 }

@@ -14,6 +14,14 @@
 //! Policies read only what the token carries (IDs, levels, loads, visited
 //! flags), never an oracle's view, except global, whose ranking is fed in.
 //!
+//! # Cost
+//!
+//! A token that stays in memory across hand-offs (the simulator) keeps an
+//! order index of its unvisited entries, so a choice is O(log n) and a
+//! round O(n log n); a token decoded for one hop (the agent) is scanned
+//! once, O(n), like its decoding. Both give the same choice: the tests
+//! check every policy against the plain scans it was first written as.
+//!
 //! # Rounds
 //!
 //! A round ends when every VM in the token has held it once. Round-robin,
@@ -57,7 +65,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::token::{Token, TokenEntry, VmId};
+use crate::token::{Token, VmId};
 
 pub use distributed::Distributed;
 pub use global::{GlobalPolicy, Ranked, best_move, rank_by_saving, ranking_ids};
@@ -96,8 +104,9 @@ pub fn advance(
     token: &mut Token,
     current: Option<VmId>,
 ) -> Option<VmId> {
-    if let Some(e) = current.and_then(|c| token.get_mut(c)) {
-        e.visited = true;
+    token.note_handoff();
+    if let Some(c) = current {
+        token.mark_visited(c);
     }
     if !token.is_empty() && token.round_complete() {
         token.start_round();
@@ -187,22 +196,8 @@ impl FromStr for PolicyKind {
     }
 }
 
-/// The unvisited entry with the greatest `key`, other than `current`; the
-/// current VM only if it is the only unvisited one. Keys must be unique
-/// (include the ID) so that the choice does not depend on iteration order.
-fn pick_unvisited<K: Ord>(
-    token: &Token,
-    current: Option<VmId>,
-    key: impl Fn(&TokenEntry) -> K,
-) -> Option<VmId> {
-    let best = token
-        .entries()
-        .iter()
-        .filter(|e| !e.visited && Some(e.id) != current)
-        .max_by_key(|e| key(e))
-        .map(|e| e.id);
-    best.or_else(|| current.filter(|&c| token.get(c).is_some_and(|e| !e.visited)))
-}
+#[cfg(test)]
+mod oracle;
 
 #[cfg(test)]
 mod tests {

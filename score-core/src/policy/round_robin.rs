@@ -21,17 +21,7 @@ impl TokenPolicy for RoundRobin {
 }
 
 /// The first unvisited VM after `current` in ascending ID order, wrapping,
-/// with `current` itself last.
+/// with `current` itself last (O(log n) once the token keeps an index).
 pub(crate) fn next_in_order(token: &Token, current: Option<VmId>) -> Option<VmId> {
-    let entries = token.entries();
-    let start = match current {
-        Some(c) => entries.partition_point(|e| e.id <= c),
-        None => 0,
-    };
-    let (head, tail) = entries.split_at(start);
-    // `tail` is every ID above current, `head` wraps round to current itself.
-    tail.iter()
-        .chain(head.iter())
-        .find(|e| !e.visited)
-        .map(|e| e.id)
+    token.next_unvisited_after(current)
 }
