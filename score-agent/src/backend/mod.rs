@@ -19,7 +19,7 @@
 //! # Configuration
 //!
 //! [`BackendConfig`] is the `[backend]` table of the agent's TOML file,
-//! selected by `kind = "netns" | "advisory" | "xl" | "qemu"`; [`BackendConfig::validate`]
+//! selected by `kind = "netns" | "advisory" | "xl" | "qemu" | "libvirt"`; [`BackendConfig::validate`]
 //! checks every key without touching the system, [`Backend::from_config`]
 //! then checks what the host must provide (the tool, the namespace).
 
@@ -28,12 +28,14 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, time::Durati
 use serde::Deserialize;
 
 mod advisory;
+mod libvirt;
 mod netns;
 mod qemu;
 mod recording;
 mod xl;
 
 pub use advisory::AdvisoryBackend;
+pub use libvirt::{LibvirtBackend, LibvirtConfig, LibvirtJobStats, LibvirtMigration};
 pub use netns::NetnsBackend;
 pub use qemu::{QemuBackend, QemuMigration, QemuMigrationStats, qmp};
 pub use recording::{MigrationCall, RecordingBackend};
@@ -239,6 +241,8 @@ pub enum BackendConfig {
     Xl(XlConfig),
     /// QEMU guests run directly, through their QMP sockets.
     Qemu(QemuConfig),
+    /// libvirt domains, through `virsh`.
+    Libvirt(LibvirtConfig),
 }
 
 impl Default for BackendConfig {
@@ -366,6 +370,7 @@ impl BackendConfig {
             BackendConfig::Advisory(_) => "advisory",
             BackendConfig::Xl(_) => "xl",
             BackendConfig::Qemu(_) => "qemu",
+            BackendConfig::Libvirt(_) => "libvirt",
         }
     }
 
@@ -376,6 +381,7 @@ impl BackendConfig {
             BackendConfig::Netns(c) => c.validate(),
             BackendConfig::Xl(c) => c.validate(),
             BackendConfig::Qemu(c) => c.validate(),
+            BackendConfig::Libvirt(c) => c.validate(),
         }
     }
 }
@@ -577,6 +583,8 @@ pub enum Backend {
     Xl(XlBackend),
     /// QEMU over QMP.
     Qemu(QemuBackend),
+    /// libvirt through `virsh`.
+    Libvirt(LibvirtBackend),
     /// Records calls and answers as told (tests).
     Recording(RecordingBackend),
 }
@@ -591,6 +599,7 @@ impl Backend {
             BackendConfig::Advisory(_) => Backend::Advisory(AdvisoryBackend),
             BackendConfig::Xl(c) => Backend::Xl(XlBackend::from_config(c)?),
             BackendConfig::Qemu(c) => Backend::Qemu(QemuBackend::from_config(c)?),
+            BackendConfig::Libvirt(c) => Backend::Libvirt(LibvirtBackend::from_config(c)?),
         })
     }
 
@@ -607,6 +616,7 @@ impl Backend {
                     Backend::Advisory(b) => b.migrate(vm, to).await,
                     Backend::Xl(b) => b.migrate(vm, to).await,
                     Backend::Qemu(b) => b.migrate(vm, to).await,
+                    Backend::Libvirt(b) => b.migrate(vm, to).await,
                     Backend::Recording(b) => b.migrate(vm, to).await,
                 }
             },
@@ -628,6 +638,7 @@ impl Backend {
             Backend::Advisory(_) => "advisory",
             Backend::Xl(_) => "xl",
             Backend::Qemu(_) => "qemu",
+            Backend::Libvirt(_) => "libvirt",
             Backend::Recording(_) => "recording",
         }
     }
@@ -715,8 +726,8 @@ mod tests {
     fn unknown_keys_and_kinds_are_refused() {
         let e = parse("kind = \"netns\"\nhosts = {}\nbridg = \"br1\"").unwrap_err();
         assert!(e.contains("bridg"), "{e}");
-        let e = parse("kind = \"libvirt\"").unwrap_err();
-        assert!(e.contains("libvirt"), "{e}");
+        let e = parse("kind = \"hyperv\"").unwrap_err();
+        assert!(e.contains("hyperv"), "{e}");
         let e = parse("kind = \"advisory\"\ntimeout = \"1s\"").unwrap_err();
         assert!(e.contains("timeout"), "{e}");
     }

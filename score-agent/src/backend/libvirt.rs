@@ -1,0 +1,1225 @@
+//! The libvirt backend: live migration of libvirt domains (KVM or QEMU/TCG
+//! hosts) through `virsh`, the way an operator would do it by hand.
+//!
+//! 1. The VM is found by MAC: `virsh -c URI list --uuid` names the active
+//!    domains of this host's libvirtd, `virsh domiflist UUID` their NICs
+//!    (a table whose last column is the MAC); exactly one running domain
+//!    must carry the VM's MAC.
+//! 2. `virsh -c URI migrate --live [--persistent] [--undefinesource]
+//!    [--migrateuri MURI] [OPTIONS] --domain UUID --desturi TARGET-URI`,
+//!    where TARGET-URI comes from the `hosts` table (`qemu+tcp://10.0.0.2/system`).
+//! 3. Whatever `virsh migrate` says, where the domain is afterwards is
+//!    asked of both ends (`virsh domstate --reason UUID` at the source and,
+//!    with `-c TARGET-URI`, at the target) and mapped to the three
+//!    outcomes: still at the source and running, at the target, or
+//!    undefined (then the agent stops and reports; it never retries).
+//! 4. On the time-out the job is aborted (`virsh domjobabort UUID`), the
+//!    `virsh migrate` left to end, and both ends asked again.
+//!
+//! The domain is always named by its UUID, which libvirt keeps across a
+//! migration and which needs no quoting.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use super::{
+    BackendConfigError, BackendError, HostRef, MigrationReport, Placement, VmRef, format_mac,
+    invalid, parse_hosts, parse_mac, tail,
+};
+
+/// How long one `virsh` query (list, domiflist, domstate...) may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `virsh migrate` may take to end once its job was aborted.
+const ABORT_WAIT: Duration = Duration::from_secs(30);
+
+/// `kind = "libvirt"`: the keys of the libvirt backend.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// The `virsh` command: a path, or a name looked up in `PATH`.
+    #[serde(default = "defaults::virsh_path")]
+    pub virsh_path: PathBuf,
+    /// This host's libvirtd, as `virsh -c` takes it.
+    #[serde(default = "defaults::uri")]
+    pub uri: String,
+    /// Host address -> that host's libvirt URI as seen from this host
+    /// (`"10.0.0.12" = "qemu+tcp://10.0.0.12/system"`). Every host a VM
+    /// may move to.
+    pub hosts: BTreeMap<String, String>,
+    /// Host address -> where QEMU sends the migration stream for that
+    /// host (`--migrateuri`, e.g. `tcp://10.0.0.12`). A host not listed
+    /// lets the target's libvirtd choose (its `migration_host` in
+    /// qemu.conf, else its host name).
+    #[serde(default)]
+    pub migrate_uris: BTreeMap<String, String>,
+    /// `--persistent`: the domain is defined at the target, not only run.
+    #[serde(default = "defaults::yes")]
+    pub persistent: bool,
+    /// `--undefinesource`: the source forgets the domain's definition.
+    #[serde(default = "defaults::yes")]
+    pub undefine_source: bool,
+    /// More `virsh migrate` options (`--p2p`, `--auto-converge`,
+    /// `--bandwidth`, `100`...). The ones the agent sets itself are refused.
+    #[serde(default)]
+    pub migrate_options: Vec<String>,
+    /// Longest time one migration may take, finding the domain included;
+    /// then the job is aborted.
+    #[serde(default = "defaults::timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+mod defaults {
+    use std::{path::PathBuf, time::Duration};
+
+    pub fn virsh_path() -> PathBuf {
+        PathBuf::from("virsh")
+    }
+    pub fn uri() -> String {
+        "qemu:///system".into()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    // As for xl: the paper's migrations took 2.9-9.3 s (§IV-F); a guest
+    // with a high dirty rate can take minutes.
+    pub fn timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+}
+
+/// `virsh migrate` options that take a value (virsh-domain.c,
+/// `opts_migrate`), so that the value is not mistaken for a stray word.
+const OPTIONS_WITH_VALUE: &[&str] = &[
+    "--bandwidth",
+    "--comp-methods",
+    "--comp-mt-dthreads",
+    "--comp-mt-level",
+    "--comp-mt-threads",
+    "--comp-xbzrle-cache",
+    "--comp-zlib-level",
+    "--comp-zstd-level",
+    "--auto-converge-increment",
+    "--auto-converge-initial",
+    "--disks-port",
+    "--disks-uri",
+    "--dname",
+    "--graphicsuri",
+    "--listen-address",
+    "--migrate-disks",
+    "--parallel-connections",
+    "--persistent-xml",
+    "--timeout",
+    "--tls-destination",
+    "--xml",
+];
+
+/// Options the agent sets itself, from its own keys.
+const OPTIONS_OF_THE_AGENT: &[&str] = &[
+    "--live",
+    "--offline",
+    "--persistent",
+    "--undefinesource",
+    "--migrateuri",
+    "--domain",
+    "--desturi",
+];
+
+/// A libvirt URI or `--migrateuri` value safe to pass as one argument.
+fn check_uri(text: &str) -> Result<(), String> {
+    if text.is_empty()
+        || text.starts_with('-')
+        || !text.contains(':')
+        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{text}` is not a URI (`driver+transport://host/path`, no blanks)"
+        ));
+    }
+    Ok(())
+}
+
+impl LibvirtConfig {
+    /// Checks every key; touches nothing outside the value itself.
+    pub fn validate(&self) -> Result<(), BackendConfigError> {
+        self.parsed_hosts()?;
+        if self.hosts.is_empty() {
+            return Err(invalid(
+                "backend.hosts",
+                "list every host a VM may move to (address = libvirt URI)",
+            ));
+        }
+        self.parsed_migrate_uris()?;
+        if self.virsh_path.as_os_str().is_empty() {
+            return Err(invalid("backend.virsh_path", "must not be empty"));
+        }
+        check_uri(&self.uri).map_err(|r| invalid("backend.uri", r))?;
+        let mut expect_value = false;
+        for (i, opt) in self.migrate_options.iter().enumerate() {
+            let key = format!("backend.migrate_options[{i}]");
+            if expect_value {
+                expect_value = false;
+                continue;
+            }
+            let name = opt.split('=').next().unwrap_or(opt);
+            if !name.starts_with("--") || name == "--" {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{opt}` is not a `--option`: the domain and target are added by the agent"
+                    ),
+                ));
+            }
+            if OPTIONS_OF_THE_AGENT.contains(&name) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "`{name}` is set by the agent (see persistent, undefine_source, migrate_uris)"
+                    ),
+                ));
+            }
+            expect_value = !opt.contains('=') && OPTIONS_WITH_VALUE.contains(&name);
+        }
+        if expect_value {
+            return Err(invalid(
+                format!(
+                    "backend.migrate_options[{}]",
+                    self.migrate_options.len() - 1
+                ),
+                "this option needs a value after it",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid("backend.timeout", "must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    fn parsed_hosts(&self) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
+        parse_hosts(&self.hosts, check_uri)
+    }
+
+    fn parsed_migrate_uris(&self) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
+        parse_hosts(&self.migrate_uris, check_uri).map_err(|e| match e {
+            BackendConfigError::Invalid { key, reason } => BackendConfigError::Invalid {
+                key: key.replacen("backend.hosts", "backend.migrate_uris", 1),
+                reason,
+            },
+            other => other,
+        })
+    }
+}
+
+/// Drives libvirt through `virsh`.
+#[derive(Debug)]
+pub struct LibvirtBackend {
+    virsh: PathBuf,
+    uri: String,
+    hosts: BTreeMap<Ipv4Addr, String>,
+    migrate_uris: BTreeMap<Ipv4Addr, String>,
+    persistent: bool,
+    undefine_source: bool,
+    options: Vec<String>,
+    timeout: Duration,
+}
+
+/// libvirt's own figures for one migration (`virsh domjobinfo
+/// --completed` at the target), when it gave them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LibvirtJobStats {
+    /// `Time elapsed`, in ms.
+    pub elapsed_ms: Option<u64>,
+    /// `Total downtime`, in ms.
+    pub downtime_ms: Option<u64>,
+    /// `Data processed`, in bytes.
+    pub processed_bytes: Option<u64>,
+}
+
+/// A successful migration with libvirt's own figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LibvirtMigration {
+    /// What every backend reports.
+    pub report: MigrationReport,
+    /// What libvirt reported.
+    pub stats: LibvirtJobStats,
+}
+
+/// A domain's state as `virsh domstate --reason` prints it:
+/// `running (migrated)`, `shut off (destroyed)`, `paused (migration)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DomState {
+    /// The state word(s): `running`, `idle`, `paused`, `in shutdown`,
+    /// `shut off`, `crashed`, `pmsuspended`, `no state`.
+    state: String,
+    /// The reason in brackets, if printed.
+    reason: Option<String>,
+}
+
+impl DomState {
+    fn running(&self) -> bool {
+        self.state == "running"
+    }
+
+    fn paused(&self) -> bool {
+        self.state == "paused"
+    }
+}
+
+impl std::fmt::Display for DomState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.reason {
+            Some(r) => write!(f, "{} ({r})", self.state),
+            None => f.write_str(&self.state),
+        }
+    }
+}
+
+/// What one end said about the domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// It has the domain, in this state.
+    State(DomState),
+    /// It answered, and has no such domain.
+    Absent,
+    /// It could not be asked (no connection, time-out, unexpected answer).
+    Unreachable(String),
+}
+
+impl Seen {
+    fn running(&self) -> bool {
+        matches!(self, Seen::State(s) if s.running())
+    }
+
+    fn paused(&self) -> bool {
+        matches!(self, Seen::State(s) if s.paused())
+    }
+
+    fn reachable(&self) -> bool {
+        !matches!(self, Seen::Unreachable(_))
+    }
+}
+
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seen::State(s) => write!(f, "{s}"),
+            Seen::Absent => f.write_str("no such domain"),
+            Seen::Unreachable(why) => write!(f, "could not ask: {why}"),
+        }
+    }
+}
+
+/// Where the domain is, from what both ends said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Runs at the target, and the source no longer runs it.
+    Target,
+    /// Runs at the target, with something left to say (a paused copy
+    /// at the source, the target paused, the source not asked).
+    TargetWithError(String),
+    /// Runs at the source, and not at the target.
+    Source,
+    /// Paused at the source, and the target does not have it running:
+    /// resume it at the source.
+    ResumeSource,
+    /// Nobody can say.
+    Unknown(String),
+}
+
+/// Maps what both ends said, after `virsh migrate` ended (`success` is its
+/// exit status), to where the domain is. Pure: the backend's whole
+/// outcome table, tested on its own.
+pub(crate) fn judge(success: bool, source: &Seen, target: &Seen) -> Verdict {
+    let both = || format!("source: {source}; target: {target}");
+    if target.running() {
+        return match source {
+            Seen::State(s) if s.running() => {
+                Verdict::Unknown(format!("the domain runs at both ends ({})", both()))
+            }
+            Seen::State(s) if s.paused() => Verdict::TargetWithError(format!(
+                "a paused copy is left at the source ({s}): destroy it there"
+            )),
+            Seen::State(_) | Seen::Absent => Verdict::Target,
+            // The target runs it; whether the source also does cannot be
+            // told. After a reported success libvirt's confirm step had
+            // already stopped the source; after a failure it may not have.
+            Seen::Unreachable(why) if success => {
+                Verdict::TargetWithError(format!("the source could not be asked afterwards: {why}"))
+            }
+            Seen::Unreachable(_) => Verdict::Unknown(format!(
+                "the target runs the domain, the source could not be asked ({})",
+                both()
+            )),
+        };
+    }
+    if source.running() {
+        return if success {
+            Verdict::Unknown(format!(
+                "virsh reported success, but the domain still runs at the source and not at the target ({})",
+                both()
+            ))
+        } else {
+            Verdict::Source
+        };
+    }
+    if let Seen::State(t) = target
+        && !success
+        && source.paused()
+        && t.paused()
+    {
+        // Both paused: a failed post-copy, or a switch-over cut short.
+        // Resuming either could run a stale copy.
+        return Verdict::Unknown(format!("the domain is paused at both ends ({})", both()));
+    }
+    if source.paused() && target.reachable() && !success {
+        return Verdict::ResumeSource;
+    }
+    if success && let Seen::State(t) = target {
+        // `--suspend` among the options leaves it paused there on purpose.
+        return Verdict::TargetWithError(format!("the domain is at the target, {t}"));
+    }
+    Verdict::Unknown(format!("the domain runs nowhere ({})", both()))
+}
+
+impl Verdict {
+    fn placement(&self) -> Placement {
+        match self {
+            Verdict::Target | Verdict::TargetWithError(_) => Placement::Target,
+            Verdict::Source | Verdict::ResumeSource => Placement::Source,
+            Verdict::Unknown(_) => Placement::Unknown,
+        }
+    }
+}
+
+/// What a `virsh` run printed.
+#[derive(Debug)]
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// virsh's own error lines (`error: ...`), joined; else the tail of
+    /// its stderr.
+    fn error(&self) -> String {
+        virsh_error(&self.stderr)
+    }
+}
+
+/// The `error: ...` lines virsh printed, without the prefix, joined.
+fn virsh_error(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("error:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        tail(stderr, 3)
+    } else {
+        tail(&lines.join("\n"), 4)
+    }
+}
+
+/// Whether virsh's stderr says the connection worked and the domain does
+/// not exist there: libvirt 9 prints "failed to get domain 'X'", older
+/// ones "Domain not found: no domain with matching uuid 'X'".
+fn says_no_domain(stderr: &str) -> bool {
+    let connection_failed = stderr.contains("failed to connect to the hypervisor");
+    !connection_failed
+        && (stderr.contains("failed to get domain")
+            || stderr.contains("Domain not found")
+            || stderr.contains("no domain with matching"))
+}
+
+/// The UUIDs `virsh list --uuid` prints, one a line.
+fn parse_uuids(stdout: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let ok = line.len() == 36 && line.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        if !ok {
+            return Err(format!("`virsh list --uuid` printed `{line}`, not a UUID"));
+        }
+        out.push(line.to_owned());
+    }
+    Ok(out)
+}
+
+/// The MACs in `virsh domiflist`'s table:
+///
+/// ```text
+///  Interface   Type     Source   Model    MAC
+/// -----------------------------------------------------------
+///  vnet0       bridge   br0      virtio   52:54:00:01:00:05
+/// ```
+///
+/// The MAC is the last column (an inactive domain's interface is `-`).
+fn parse_domiflist(stdout: &str) -> Vec<[u8; 6]> {
+    let mut lines = stdout.lines();
+    // Rows start after the line of dashes; without one (no header, as
+    // with `virsh -q`), every line is a row.
+    let rows: Vec<&str> = if stdout.lines().any(|l| l.trim_start().starts_with("---")) {
+        lines
+            .by_ref()
+            .skip_while(|l| !l.trim_start().starts_with("---"))
+            .skip(1)
+            .collect()
+    } else {
+        lines.collect()
+    };
+    rows.iter()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter_map(parse_mac)
+        .collect()
+}
+
+/// `virsh domstate --reason`'s answer: `running (booted)`, `shut off`.
+fn parse_domstate(stdout: &str) -> Option<DomState> {
+    let line = stdout.lines().map(str::trim).find(|l| !l.is_empty())?;
+    Some(match line.split_once(" (") {
+        Some((state, reason)) => DomState {
+            state: state.trim().to_owned(),
+            reason: Some(reason.trim_end_matches(')').trim().to_owned()),
+        },
+        None => DomState {
+            state: line.to_owned(),
+            reason: None,
+        },
+    })
+}
+
+/// `virsh domjobinfo --completed`'s figures (`Time elapsed:  2615  ms`,
+/// `Data processed:  106.938 MiB`, `Total downtime:  62  ms`).
+fn parse_jobinfo(stdout: &str) -> LibvirtJobStats {
+    let field = |name: &str| {
+        stdout.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().to_owned())
+        })
+    };
+    let ms = |name: &str| {
+        let v = field(name)?;
+        let mut parts = v.split_whitespace();
+        let n: u64 = parts.next()?.parse().ok()?;
+        (parts.next() == Some("ms")).then_some(n)
+    };
+    let bytes = |name: &str| {
+        let v = field(name)?;
+        let mut parts = v.split_whitespace();
+        let n: f64 = parts.next()?.parse().ok()?;
+        let unit = match parts.next()? {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            "TiB" => 1024.0f64.powi(4),
+            _ => return None,
+        };
+        Some((n * unit).round() as u64)
+    };
+    LibvirtJobStats {
+        elapsed_ms: ms("Time elapsed"),
+        downtime_ms: ms("Total downtime"),
+        processed_bytes: bytes("Data processed"),
+    }
+}
+
+/// The domain found for a VM.
+#[derive(Clone, Debug)]
+struct Domain {
+    uuid: String,
+    name: String,
+}
+
+impl LibvirtBackend {
+    /// Builds the backend; `virsh_path` must name an executable file.
+    pub fn from_config(config: &LibvirtConfig) -> Result<Self, BackendConfigError> {
+        config.validate()?;
+        let virsh = resolve(&config.virsh_path).ok_or_else(|| BackendConfigError::Unavailable {
+            kind: "libvirt",
+            reason: format!(
+                "no executable {} (backend.virsh_path; Debian: apt-get install libvirt-clients)",
+                config.virsh_path.display()
+            ),
+        })?;
+        Ok(LibvirtBackend {
+            virsh,
+            uri: config.uri.clone(),
+            hosts: config.parsed_hosts()?,
+            migrate_uris: config.parsed_migrate_uris()?,
+            persistent: config.persistent,
+            undefine_source: config.undefine_source,
+            options: config.migrate_options.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// Runs `virsh -c URI ARGS` for at most `limit` (killed after it).
+    async fn virsh(&self, uri: &str, args: &[&str], limit: Duration) -> Result<Run, String> {
+        let child = tokio::process::Command::new(&self.virsh)
+            .arg("-c")
+            .arg(uri)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(limit, child).await {
+            Err(_) => Err(format!(
+                "`virsh -c {uri} {}` did not answer within {limit:?}",
+                args.join(" ")
+            )),
+            Ok(Err(e)) => Err(format!("running {}: {e}", self.virsh.display())),
+            Ok(Ok(out)) => Ok(Run {
+                success: out.status.success(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }),
+        }
+    }
+
+    /// What the libvirtd at `uri` says about domain `uuid`.
+    async fn state(&self, uri: &str, uuid: &str) -> Seen {
+        match self
+            .virsh(uri, &["domstate", "--reason", uuid], QUERY_TIMEOUT)
+            .await
+        {
+            Err(e) => Seen::Unreachable(e),
+            Ok(run) if run.success => match parse_domstate(&run.stdout) {
+                Some(s) => Seen::State(s),
+                None => Seen::Unreachable(format!(
+                    "`virsh domstate` printed `{}`",
+                    tail(&run.stdout, 2)
+                )),
+            },
+            Ok(run) if says_no_domain(&run.stderr) => Seen::Absent,
+            Ok(run) => Seen::Unreachable(run.error()),
+        }
+    }
+
+    /// Both ends' answers, asked at once.
+    async fn states(&self, target_uri: &str, uuid: &str) -> (Seen, Seen) {
+        tokio::join!(self.state(&self.uri, uuid), self.state(target_uri, uuid))
+    }
+
+    /// The one running domain here with `vm`'s MAC.
+    async fn find(&self, vm: &VmRef, to: &HostRef) -> Result<Domain, BackendError> {
+        let failed = |reason: String| BackendError::Failed {
+            vm: vm.ip,
+            to: to.addr,
+            reason,
+        };
+        let mac = format_mac(&vm.mac);
+        let list = self
+            .virsh(&self.uri, &["list", "--uuid"], QUERY_TIMEOUT)
+            .await
+            .map_err(failed)?;
+        if !list.success {
+            return Err(failed(format!("`virsh list` failed: {}", list.error())));
+        }
+        let uuids = parse_uuids(&list.stdout).map_err(failed)?;
+        let mut matching = Vec::new();
+        for uuid in &uuids {
+            let run = self
+                .virsh(&self.uri, &["domiflist", uuid], QUERY_TIMEOUT)
+                .await
+                .map_err(failed)?;
+            if !run.success {
+                // Gone between `list` and now: not this VM's concern.
+                tracing::debug!(%uuid, "domiflist: {}", run.error());
+                continue;
+            }
+            if parse_domiflist(&run.stdout).contains(&vm.mac) {
+                matching.push(uuid.clone());
+            }
+        }
+        let uuid = match matching.as_slice() {
+            [] => {
+                return Err(BackendError::NotFound {
+                    vm: vm.ip,
+                    detail: format!(
+                        "no active domain has a NIC with MAC {mac} ({} active domains at {})",
+                        uuids.len(),
+                        self.uri
+                    ),
+                });
+            }
+            [one] => one.clone(),
+            many => {
+                return Err(BackendError::Refused {
+                    vm: vm.ip,
+                    to: to.addr,
+                    reason: format!("MAC {mac} belongs to domains {}", many.join(", ")),
+                });
+            }
+        };
+        let name = match self
+            .virsh(&self.uri, &["domname", &uuid], QUERY_TIMEOUT)
+            .await
+        {
+            Ok(run) if run.success => run.stdout.trim().to_owned(),
+            _ => uuid.clone(),
+        };
+        match self.state(&self.uri, &uuid).await {
+            Seen::State(s) if s.running() => Ok(Domain { uuid, name }),
+            Seen::State(s) => Err(BackendError::Refused {
+                vm: vm.ip,
+                to: to.addr,
+                reason: format!("domain {name} ({uuid}) is {s}, not running"),
+            }),
+            Seen::Absent => Err(BackendError::NotFound {
+                vm: vm.ip,
+                detail: format!("domain {name} ({uuid}) went away while it was looked up"),
+            }),
+            Seen::Unreachable(why) => Err(failed(format!("`virsh domstate {uuid}`: {why}"))),
+        }
+    }
+
+    /// `virsh migrate`'s arguments after `-c URI`.
+    fn migrate_args(&self, uuid: &str, to: &HostRef, target_uri: &str) -> Vec<String> {
+        let mut args = vec!["migrate".to_owned(), "--live".to_owned()];
+        if self.persistent {
+            args.push("--persistent".into());
+        }
+        if self.undefine_source {
+            args.push("--undefinesource".into());
+        }
+        if let Some(m) = self.migrate_uris.get(&to.addr) {
+            args.extend(["--migrateuri".to_owned(), m.clone()]);
+        }
+        args.extend(self.options.iter().cloned());
+        args.extend([
+            "--domain".to_owned(),
+            uuid.to_owned(),
+            "--desturi".to_owned(),
+            target_uri.to_owned(),
+        ]);
+        args
+    }
+
+    /// Migrates `vm` to `to`; see the module documentation.
+    pub async fn migrate(&self, vm: &VmRef, to: &HostRef) -> Result<MigrationReport, BackendError> {
+        self.migrate_with_stats(vm, to).await.map(|m| m.report)
+    }
+
+    /// [`LibvirtBackend::migrate`], also returning libvirt's own figures
+    /// (for measurements).
+    pub async fn migrate_with_stats(
+        &self,
+        vm: &VmRef,
+        to: &HostRef,
+    ) -> Result<LibvirtMigration, BackendError> {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let Some(target_uri) = self.hosts.get(&to.addr) else {
+            return Err(BackendError::Refused {
+                vm: vm.ip,
+                to: to.addr,
+                reason: "the target is not in backend.hosts".into(),
+            });
+        };
+        if *target_uri == self.uri {
+            return Err(BackendError::Refused {
+                vm: vm.ip,
+                to: to.addr,
+                reason: format!("the target's URI {target_uri} is this host's"),
+            });
+        }
+        let domain = match tokio::time::timeout_at(deadline, self.find(vm, to)).await {
+            Ok(found) => found?,
+            Err(_) => {
+                return Err(BackendError::TimedOut {
+                    vm: vm.ip,
+                    to: to.addr,
+                    after: self.timeout,
+                    placement: Placement::Source,
+                });
+            }
+        };
+        let args = self.migrate_args(&domain.uuid, to, target_uri);
+        tracing::info!(domain = %domain.name, uuid = %domain.uuid, target = %target_uri, "virsh migrate");
+
+        let child = tokio::process::Command::new(&self.virsh)
+            .arg("-c")
+            .arg(&self.uri)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| BackendError::Failed {
+                vm: vm.ip,
+                to: to.addr,
+                reason: format!("running {}: {e}", self.virsh.display()),
+            })?;
+        // virsh waits on its own task: if the agent drops this future, the
+        // guard aborts the job and virsh still ends (and is reaped) there.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(child.wait_with_output().await);
+        });
+        let mut guard = AbortOnDrop {
+            virsh: Some(self.virsh.clone()),
+            uri: self.uri.clone(),
+            uuid: domain.uuid.clone(),
+        };
+
+        let mut timed_out = false;
+        let ended = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(r) => r,
+            Err(_) => {
+                timed_out = true;
+                tracing::warn!(domain = %domain.name, after = ?self.timeout, "migration timed out; aborting its job");
+                match self
+                    .virsh(&self.uri, &["domjobabort", &domain.uuid], QUERY_TIMEOUT)
+                    .await
+                {
+                    Ok(run) if !run.success => {
+                        // "no job is active": it ended just now.
+                        tracing::warn!("domjobabort: {}", run.error());
+                    }
+                    Err(e) => tracing::warn!("domjobabort: {e}"),
+                    Ok(_) => {}
+                }
+                match tokio::time::timeout(ABORT_WAIT, &mut rx).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        guard.disarm();
+                        return Err(BackendError::TimedOut {
+                            vm: vm.ip,
+                            to: to.addr,
+                            after: self.timeout,
+                            placement: Placement::Unknown,
+                        });
+                    }
+                }
+            }
+        };
+        guard.disarm();
+        let (success, reason) = match ended {
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                (out.status.success(), virsh_error(&stderr))
+            }
+            Ok(Err(e)) => (false, format!("waiting for `virsh migrate`: {e}")),
+            Err(_) => (false, "lost track of `virsh migrate`".to_owned()),
+        };
+        if !success {
+            tracing::warn!(domain = %domain.name, "virsh migrate failed: {reason}");
+        }
+
+        let (source, target) = self.states(target_uri, &domain.uuid).await;
+        let mut verdict = judge(success, &source, &target);
+        tracing::info!(%source, %target, ?verdict, "where the domain is");
+        if verdict == Verdict::ResumeSource {
+            verdict = self.resume_source(&domain).await;
+        }
+        let err = |verdict: Verdict| -> BackendError {
+            if timed_out {
+                return BackendError::TimedOut {
+                    vm: vm.ip,
+                    to: to.addr,
+                    after: self.timeout,
+                    placement: verdict.placement(),
+                };
+            }
+            match verdict {
+                Verdict::Source | Verdict::ResumeSource => BackendError::Failed {
+                    vm: vm.ip,
+                    to: to.addr,
+                    reason: reason.clone(),
+                },
+                Verdict::Target => BackendError::DoneWithError {
+                    vm: vm.ip,
+                    to: to.addr,
+                    reason: format!("the domain runs at the target, but virsh failed: {reason}"),
+                },
+                Verdict::TargetWithError(why) => BackendError::DoneWithError {
+                    vm: vm.ip,
+                    to: to.addr,
+                    reason: if success {
+                        why
+                    } else {
+                        format!("{reason}; {why}")
+                    },
+                },
+                Verdict::Unknown(why) => BackendError::Undefined {
+                    vm: vm.ip,
+                    to: to.addr,
+                    reason: if success {
+                        why
+                    } else {
+                        format!("{reason}; {why}")
+                    },
+                },
+            }
+        };
+        if !success || timed_out || verdict != Verdict::Target {
+            return Err(err(verdict));
+        }
+        let report = MigrationReport {
+            duration: start.elapsed(),
+            advisory: false,
+        };
+        let stats = match self
+            .virsh(
+                target_uri,
+                &["domjobinfo", "--completed", &domain.uuid],
+                QUERY_TIMEOUT,
+            )
+            .await
+        {
+            Ok(run) if run.success => parse_jobinfo(&run.stdout),
+            _ => LibvirtJobStats::default(),
+        };
+        tracing::info!(
+            domain = %domain.name,
+            elapsed_ms = ?stats.elapsed_ms,
+            downtime_ms = ?stats.downtime_ms,
+            duration = ?report.duration,
+            "libvirt: migration completed"
+        );
+        Ok(LibvirtMigration { report, stats })
+    }
+
+    /// libvirt left the source paused after a failure and the target does
+    /// not run the domain: `virsh resume`, then check it runs.
+    async fn resume_source(&self, domain: &Domain) -> Verdict {
+        tracing::warn!(domain = %domain.name, "libvirt: source left paused; resuming it");
+        if let Ok(run) = self
+            .virsh(&self.uri, &["resume", &domain.uuid], QUERY_TIMEOUT)
+            .await
+            && !run.success
+        {
+            tracing::warn!("virsh resume: {}", run.error());
+        }
+        match self.state(&self.uri, &domain.uuid).await {
+            Seen::State(s) if s.running() => Verdict::Source,
+            other => Verdict::Unknown(format!(
+                "the source was left paused and did not resume: {other}"
+            )),
+        }
+    }
+}
+
+/// Aborts a migration whose future was dropped (the agent shutting down
+/// mid-migration): `virsh domjobabort` on a task of its own. libvirt then
+/// resumes the domain at the source itself.
+struct AbortOnDrop {
+    virsh: Option<PathBuf>,
+    uri: String,
+    uuid: String,
+}
+
+impl AbortOnDrop {
+    fn disarm(&mut self) {
+        self.virsh = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(virsh) = self.virsh.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        tracing::warn!(uuid = %self.uuid, "libvirt: migration abandoned; aborting its job");
+        let (uri, uuid) = (
+            std::mem::take(&mut self.uri),
+            std::mem::take(&mut self.uuid),
+        );
+        rt.spawn(async move {
+            let run = tokio::process::Command::new(&virsh)
+                .args(["-c", &uri, "domjobabort", &uuid])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(QUERY_TIMEOUT, run).await {
+                Ok(Ok(out)) if out.status.success() => {}
+                Ok(Ok(out)) => tracing::warn!(
+                    "domjobabort: {}",
+                    virsh_error(&String::from_utf8_lossy(&out.stderr))
+                ),
+                _ => tracing::warn!("domjobabort did not run"),
+            }
+        });
+    }
+}
+
+/// `path` if it has a `/`, else the first executable `path` in `PATH`.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if path.components().count() > 1 || path.is_absolute() {
+        return executable(path).then(|| path.to_owned());
+    }
+    let dirs = std::env::var_os("PATH")?;
+    std::env::split_paths(&dirs)
+        .map(|d| d.join(path))
+        .find(|p| executable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(state: &str, reason: &str) -> Seen {
+        Seen::State(DomState {
+            state: state.into(),
+            reason: Some(reason.into()),
+        })
+    }
+
+    fn down() -> Seen {
+        Seen::Unreachable(
+            "unable to connect to server at '10.0.0.12:16509': Connection refused".into(),
+        )
+    }
+
+    #[test]
+    fn parses_virsh_tables_and_words() {
+        // As libvirt 9.0's virsh prints them (`virsh -c test:///default`).
+        let table = " Interface   Type      Source    Model   MAC\n\
+            ------------------------------------------------------------\n \
+            testnet0    network   default   -       aa:bb:cc:dd:ee:ff\n \
+            vnet1       bridge    br0       virtio  52:54:00:01:00:05\n\n";
+        assert_eq!(
+            parse_domiflist(table),
+            vec![
+                [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
+                [0x52, 0x54, 0, 1, 0, 5]
+            ]
+        );
+        // The header's "MAC" is not a MAC; `-q` prints no header.
+        assert!(parse_domiflist(" Interface Type Source Model MAC\n---\n\n").is_empty());
+        assert_eq!(
+            parse_domiflist(" -   bridge   br0   virtio   52:54:00:01:00:06\n").len(),
+            1
+        );
+        assert_eq!(
+            parse_domstate("running (migrated)\n\n"),
+            Some(DomState {
+                state: "running".into(),
+                reason: Some("migrated".into())
+            })
+        );
+        let off = parse_domstate("shut off (destroyed)\n").unwrap();
+        assert_eq!(off.state, "shut off");
+        assert_eq!(parse_domstate("paused\n").unwrap().reason, None);
+        assert_eq!(parse_domstate("\n"), None);
+        assert_eq!(
+            parse_uuids("6695eb01-f6a4-8304-79aa-97f2502e193f\n\n").unwrap(),
+            ["6695eb01-f6a4-8304-79aa-97f2502e193f"]
+        );
+        assert!(parse_uuids("test\n").is_err());
+        assert!(parse_uuids("\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn reads_virsh_errors() {
+        let refused = "error: failed to connect to the hypervisor\n\
+            error: unable to connect to server at '10.0.0.12:16509': Connection refused\n";
+        assert_eq!(
+            virsh_error(refused),
+            "failed to connect to the hypervisor | unable to connect to server at '10.0.0.12:16509': Connection refused"
+        );
+        assert!(!says_no_domain(refused));
+        assert!(says_no_domain("error: failed to get domain 'x'\n"));
+        assert!(says_no_domain(
+            "error: failed to get domain 'x'\nerror: Domain not found: no domain with matching uuid 'x'\n"
+        ));
+        assert_eq!(virsh_error("Migration: [ 12 %]\n"), "Migration: [ 12 %]");
+    }
+
+    #[test]
+    fn parses_completed_job_info() {
+        let text = "Job type:         Completed\nOperation:        Incoming migration\n\
+            Time elapsed:     2615         ms\nTime elapsed w/o network: 2613 ms\n\
+            Data processed:   106.938 MiB\nData remaining:   0.000 B\n\
+            Total downtime:   62           ms\nDowntime w/o network: 60 ms\n";
+        let s = parse_jobinfo(text);
+        assert_eq!(s.elapsed_ms, Some(2615));
+        assert_eq!(s.downtime_ms, Some(62));
+        assert_eq!(s.processed_bytes, Some(112_132_620));
+        assert_eq!(
+            parse_jobinfo("Job type: None\n"),
+            LibvirtJobStats::default()
+        );
+    }
+
+    #[test]
+    fn outcome_table() {
+        let running = || st("running", "migrated");
+        let src_running = || st("running", "migration canceled");
+        let paused = || st("paused", "migration");
+        let off = || st("shut off", "migrated");
+        // Success: at the target, the source gone or shut off.
+        assert_eq!(judge(true, &Seen::Absent, &running()), Verdict::Target);
+        assert_eq!(judge(true, &off(), &running()), Verdict::Target);
+        assert!(matches!(
+            judge(true, &down(), &running()),
+            Verdict::TargetWithError(_)
+        ));
+        assert!(matches!(
+            judge(true, &paused(), &running()),
+            Verdict::TargetWithError(_)
+        ));
+        assert!(matches!(
+            judge(true, &Seen::Absent, &paused()),
+            Verdict::TargetWithError(_)
+        ));
+        // Success claimed, but not at the target: nobody knows.
+        assert!(matches!(
+            judge(true, &Seen::Absent, &Seen::Absent),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(true, &src_running(), &Seen::Absent),
+            Verdict::Unknown(_)
+        ));
+        // Failure: still running at the source (target down, or absent).
+        assert_eq!(judge(false, &src_running(), &down()), Verdict::Source);
+        assert_eq!(judge(false, &src_running(), &Seen::Absent), Verdict::Source);
+        assert_eq!(judge(false, &src_running(), &off()), Verdict::Source);
+        // Failure, but at the target anyway.
+        assert_eq!(judge(false, &Seen::Absent, &running()), Verdict::Target);
+        // Running at both ends, or at neither: undefined.
+        assert!(matches!(
+            judge(false, &src_running(), &running()),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(false, &st("shut off", "crashed"), &Seen::Absent),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(false, &Seen::Absent, &down()),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(false, &down(), &running()),
+            Verdict::Unknown(_)
+        ));
+        // Left paused at the source: resume it only when the target
+        // answered and does not run it.
+        assert_eq!(
+            judge(false, &paused(), &Seen::Absent),
+            Verdict::ResumeSource
+        );
+        assert!(matches!(
+            judge(false, &paused(), &down()),
+            Verdict::Unknown(_)
+        ));
+        assert!(matches!(
+            judge(false, &paused(), &st("paused", "post-copy failed")),
+            Verdict::Unknown(_)
+        ));
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::super::{BackendConfig, BackendConfigError};
+
+    fn parse(text: &str) -> BackendConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    fn key(e: BackendConfigError) -> String {
+        match e {
+            BackendConfigError::Invalid { key, .. } => key,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn libvirt_config_defaults_and_validation() {
+        let c = parse(
+            r#"
+            kind = "libvirt"
+            hosts = { "10.0.0.12" = "qemu+tcp://10.0.0.12/system" }
+            "#,
+        );
+        c.validate().unwrap();
+        assert_eq!(c.kind(), "libvirt");
+        let BackendConfig::Libvirt(l) = &c else {
+            panic!()
+        };
+        assert_eq!(l.uri, "qemu:///system");
+        assert!(l.persistent && l.undefine_source);
+        assert_eq!(l.timeout, std::time::Duration::from_secs(300));
+        assert_eq!(l.virsh_path, std::path::PathBuf::from("virsh"));
+
+        let c = parse(
+            r#"
+            kind = "libvirt"
+            uri = "qemu+unix:///system?socket=/run/h1/libvirt-sock"
+            hosts = { "10.0.0.12" = "qemu+ssh://root@h2/system" }
+            migrate_uris = { "10.0.0.12" = "tcp://10.0.0.12" }
+            migrate_options = ["--p2p", "--bandwidth", "100", "--comp-methods=xbzrle", "--auto-converge"]
+            persistent = false
+            timeout = "2m"
+            "#,
+        );
+        c.validate().unwrap();
+
+        let bad = |extra: &str| {
+            key(parse(&format!(
+                "kind = \"libvirt\"\nhosts = {{ \"10.0.0.12\" = \"qemu+tcp://10.0.0.12/system\" }}\n{extra}"
+            ))
+            .validate()
+            .unwrap_err())
+        };
+        assert_eq!(bad("timeout = \"0s\""), "backend.timeout");
+        assert_eq!(bad("uri = \"qemu system\""), "backend.uri");
+        assert_eq!(
+            bad("migrate_uris = { \"10.0.0.12\" = \"-x\" }"),
+            "backend.migrate_uris.\"10.0.0.12\""
+        );
+        assert_eq!(
+            bad("migrate_uris = { \"h2\" = \"tcp://h2\" }"),
+            "backend.migrate_uris.\"h2\""
+        );
+        assert_eq!(
+            bad("migrate_options = [\"--live\"]"),
+            "backend.migrate_options[0]"
+        );
+        assert_eq!(
+            bad("migrate_options = [\"--p2p\", \"vm1\"]"),
+            "backend.migrate_options[1]"
+        );
+        assert_eq!(
+            bad("migrate_options = [\"--bandwidth\"]"),
+            "backend.migrate_options[0]"
+        );
+        assert_eq!(bad("virsh_path = \"\""), "backend.virsh_path");
+        assert_eq!(
+            key(parse("kind = \"libvirt\"\nhosts = {}")
+                .validate()
+                .unwrap_err()),
+            "backend.hosts"
+        );
+        assert_eq!(
+            key(
+                parse("kind = \"libvirt\"\nhosts = { \"10.0.0.12\" = \"h2\" }")
+                    .validate()
+                    .unwrap_err()
+            ),
+            "backend.hosts.\"10.0.0.12\""
+        );
+        let e =
+            toml::from_str::<BackendConfig>("kind = \"libvirt\"\nhosts = {}\nqmp_sockets = \"/q\"")
+                .unwrap_err();
+        assert!(e.message().contains("qmp_sockets"), "{e}");
+    }
+}
