@@ -18,7 +18,7 @@ use score_core::{cost::Placement, topology::HostId};
 use crate::{
     measure::{self, Snapshot},
     optimum,
-    testbed::{self, AGENT_HTTP, AgentOptions, Sizes, State},
+    testbed::{self, AGENT_HTTP, AgentOptions, GuestKind, Sizes, State},
     traffic::{self, Rates},
 };
 
@@ -29,6 +29,11 @@ pub struct DemoArgs {
     sizes: Sizes,
     #[command(flatten)]
     rates: Rates,
+    /// What stands in for the VMs: network namespaces, or real QEMU guests
+    /// that the agents live-migrate (slow under TCG: use a small data
+    /// centre, see docs/TESTBED.md).
+    #[arg(long, value_enum, default_value_t = GuestKind::Netns)]
+    guests: GuestKind,
     /// Seconds the agents run with traffic after the warm-up.
     #[arg(long, default_value_t = 120)]
     duration: u64,
@@ -216,19 +221,34 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let _guard = Teardown { keep: args.keep };
     let s = &args.sizes;
     println!(
-        "demo: [3/5] building the data centre: {} pods x {} racks x {} hosts, {} VMs, {} slots per host",
+        "demo: [3/5] building the data centre: {} pods x {} racks x {} hosts, {} {}, {} slots per host",
         s.pods,
         s.racks_per_pod,
         s.hosts_per_rack,
         s.vms(),
+        match args.guests {
+            GuestKind::Netns => "VMs (namespaces)",
+            GuestKind::Qemu => "real QEMU guests",
+        },
         s.slots
     );
-    let mut state = testbed::up(s)?;
+    let mut state = testbed::up_with(s, args.guests)?;
     println!(
         "demo:       {} namespaces in {:.2} s",
         state.namespaces.len(),
         state.setup_seconds
     );
+    let flows = traffic::plan(&state, &args.rates);
+    if state.guests.is_some() {
+        // The guests send their part of the plan from boot on (iperf3,
+        // peers on their kernel command line).
+        testbed::boot_guests(&mut state, &flows)?;
+        println!(
+            "demo:       {} guests booted and answering in {:.1} s",
+            state.vms.len(),
+            state.guests.as_ref().map_or(0.0, |g| g.boot_seconds)
+        );
+    }
     println!(
         "demo: [4/5] starting {} agents ({}, policy {})",
         state.hosts.len(),
@@ -247,8 +267,9 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         state.agent_mode.as_deref().unwrap_or("?")
     );
-    let flows = traffic::plan(&state, &args.rates);
-    traffic::start(&mut state, &flows)?;
+    if state.guests.is_none() {
+        traffic::start(&mut state, &flows)?;
+    }
     let planned: u64 = flows.iter().map(|f| f.rate).sum();
     println!(
         "demo: [5/5] traffic: {} streams, {} MB/s in all; {}",
@@ -479,6 +500,9 @@ fn report(
             String::new()
         }
     );
+    if state.guests.is_some() {
+        guests_report(state)?;
+    }
     println!(
         "metrics: inside each host namespace at http://{AGENT_HTTP}/metrics, e.g. \
          `ip netns exec {} curl -s http://{AGENT_HTTP}/metrics`; logs in {}/logs",
@@ -486,4 +510,128 @@ fn report(
         testbed::DIR
     );
     Ok(())
+}
+
+/// The real guests at the end of a `--guests qemu` demo: whether each
+/// still runs the boot it started with (a live migration keeps it, a
+/// reboot would not), and the migrations as the agents logged them (the
+/// backend's duration, QEMU's own total time and downtime).
+fn guests_report(state: &State) -> Result<()> {
+    let from = &state.hosts[0].name;
+    let mut same = 0;
+    let mut uptimes = Vec::new();
+    for v in &state.vms {
+        if let Some(now) = testbed::guest_status(from, v.address)? {
+            uptimes.push(now.uptime);
+            if v.boot_id.as_deref() == Some(now.boot_id.as_str()) {
+                same += 1;
+            }
+        }
+    }
+    uptimes.sort_by(f64::total_cmp);
+    println!(
+        "real guests: {same} of {} answer with the boot id they booted with (never rebooted){}",
+        state.vms.len(),
+        match (uptimes.first(), uptimes.last()) {
+            (Some(lo), Some(hi)) => format!("; uptimes {lo:.0}-{hi:.0} s"),
+            _ => String::new(),
+        }
+    );
+    let logs: String = state
+        .hosts
+        .iter()
+        .filter_map(|h| std::fs::read_to_string(&h.log).ok())
+        .collect();
+    let m = MigrationLog::parse(&logs);
+    let spread = |v: &[f64], unit: &str| match median_range(v) {
+        Some((m, lo, hi)) => format!("median {m:.0} {unit} ({lo:.0}-{hi:.0})"),
+        None => "-".to_owned(),
+    };
+    println!(
+        "live migrations in the agents' logs: {} done, {} failed; backend call {}; \
+         QEMU total {}, downtime {}",
+        m.done.len(),
+        m.failed,
+        spread(&m.done, "ms"),
+        spread(&m.total_ms, "ms"),
+        spread(&m.downtime_ms, "ms")
+    );
+    Ok(())
+}
+
+/// What the agents' logs say of their qemu migrations.
+#[derive(Debug, Default, PartialEq)]
+struct MigrationLog {
+    /// Backend call of every migration done, in ms (`migration done ...
+    /// seconds=S`).
+    done: Vec<f64>,
+    /// Migrations that failed (`migration failed`).
+    failed: usize,
+    /// QEMU's `total-time` of each completed migration, in ms.
+    total_ms: Vec<f64>,
+    /// QEMU's `downtime` of each completed migration, in ms.
+    downtime_ms: Vec<f64>,
+}
+
+impl MigrationLog {
+    fn parse(text: &str) -> MigrationLog {
+        // `key=VALUE` or `key=Some(VALUE)` in a tracing line.
+        let field = |line: &str, key: &str| -> Option<f64> {
+            let rest = line.split(&format!(" {key}=")).nth(1)?;
+            let value = rest.split_whitespace().next()?;
+            let value = value
+                .strip_prefix("Some(")
+                .and_then(|v| v.strip_suffix(')'))
+                .unwrap_or(value);
+            value.parse().ok()
+        };
+        let mut m = MigrationLog::default();
+        for line in text.lines() {
+            if line.contains("migration done") {
+                m.done.extend(field(line, "seconds").map(|s| s * 1000.0));
+            } else if line.contains("migration failed") {
+                m.failed += 1;
+            } else if line.contains("qemu: migration completed") {
+                m.total_ms.extend(field(line, "total_ms"));
+                m.downtime_ms.extend(field(line, "downtime_ms"));
+            }
+        }
+        m
+    }
+}
+
+/// Median, minimum and maximum; `None` for no values.
+fn median_range(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = match n {
+        0 => return None,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    };
+    Some((median, s[0], s[n - 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_log_lines() {
+        let log = "\
+2026-11-25T16:21:17.382199Z  INFO token{vm=198.18.1.3}:migrate{vm=198.18.1.3}: score_agent::backend::qemu: qemu: migration completed total_ms=Some(2085) downtime_ms=Some(68) transferred=Some(114324102) duration=3.09301278s
+2026-11-25T16:21:17.382331Z  INFO token{vm=198.18.1.3}: score_agent::peer: migration done vm=198.18.1.3 to=198.18.0.4 seconds=3.09301278
+2026-11-25T16:20:39.328477Z  WARN token{vm=198.18.1.1}: score_agent::peer: migration failed; VM stays vm=198.18.1.1 to=198.18.0.3 error=timed out
+2026-11-25T16:23:12.496871Z  INFO score_agent::backend::qemu: qemu: migration completed total_ms=None downtime_ms=Some(153) transferred=None duration=1.4s
+";
+        let m = MigrationLog::parse(log);
+        assert_eq!(m.done.len(), 1);
+        assert!((m.done[0] - 3093.01278).abs() < 1e-6);
+        assert_eq!(m.failed, 1);
+        assert_eq!(m.total_ms, vec![2085.0]);
+        assert_eq!(m.downtime_ms, vec![68.0, 153.0]);
+        assert_eq!(median_range(&[3.0, 1.0, 2.0, 10.0]), Some((2.5, 1.0, 10.0)));
+        assert_eq!(median_range(&[]), None);
+    }
 }

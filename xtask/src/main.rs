@@ -89,6 +89,11 @@ enum TestbedCommand {
     Up {
         #[command(flatten)]
         sizes: testbed::Sizes,
+        /// What stands in for the VMs: network namespaces, or real QEMU
+        /// guests (TCG, built by `cargo xtask guest`) behind taps, which
+        /// the agents live-migrate with the qemu backend.
+        #[arg(long, value_enum, default_value_t = testbed::GuestKind::Netns)]
+        guests: testbed::GuestKind,
         /// Also build score-agent and start one per host.
         #[arg(long)]
         agents: bool,
@@ -167,6 +172,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
     match command {
         TestbedCommand::Up {
             sizes,
+            guests,
             agents,
             traffic: with_traffic,
             rates,
@@ -183,7 +189,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 None if agents => Some(demo::build_agent(release)?),
                 None => None,
             };
-            let mut state = testbed::up(&sizes)?;
+            let mut state = testbed::up_with(&sizes, guests)?;
             println!(
                 "testbed: {} namespaces up in {:.2} s (state in {})",
                 state.namespaces.len(),
@@ -191,6 +197,21 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 testbed::STATE_FILE
             );
             let started = (|| -> Result<()> {
+                if state.guests.is_some() {
+                    // A guest takes its peers from its kernel command
+                    // line: the plan comes before the boot.
+                    let flows = if with_traffic {
+                        traffic::plan(&state, &rates)
+                    } else {
+                        Vec::new()
+                    };
+                    testbed::boot_guests(&mut state, &flows)?;
+                    println!(
+                        "testbed: {} real guests answering in {:.1} s",
+                        state.vms.len(),
+                        state.guests.as_ref().map_or(0.0, |g| g.boot_seconds)
+                    );
+                }
                 if let Some(binary) = binary {
                     let opts = testbed::AgentOptions {
                         binary,
@@ -199,7 +220,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                     };
                     testbed::start_agents(&mut state, &opts)?;
                 }
-                if with_traffic {
+                if with_traffic && state.guests.is_none() {
                     let flows = traffic::plan(&state, &rates);
                     traffic::start(&mut state, &flows)?;
                 }
@@ -277,6 +298,10 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// Set for the privileged tests by `cargo xtask test`: a real-guest test
+/// that finds no QEMU or no guest fails instead of skipping.
+const REQUIRE_GUESTS_ENV: &str = "SCORE_REQUIRE_GUESTS";
+
 fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     setup::setup()?;
     if !no_lint {
@@ -298,8 +323,20 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");
         return Ok(());
     }
+    // The real-guest tests (score-agent/tests/backend_qemu.rs) need QEMU
+    // and the tiny guest: install and build them here, so that on a fresh
+    // machine they run instead of skipping. Cached: a no-op when current.
+    let started = std::time::Instant::now();
+    guest::guest(false).context("preparing the real guest for the qemu backend's tests")?;
+    eprintln!(
+        "xtask: real guest ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     // One at a time: they share the kernel (bpffs, namespaces, links).
     let mut cmd = cargo();
+    // The real-guest tests fail, rather than skip, if QEMU or the guest
+    // is still missing: in this command they must really run.
+    cmd.env(REQUIRE_GUESTS_ENV, "1");
     // Every #[ignore]d test of score-agent is privileged; cargo runs the
     // test binaries one after another and --test-threads=1 serialises
     // the tests inside each.

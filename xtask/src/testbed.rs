@@ -15,6 +15,13 @@
 //!  dcvm-198.18.1.1  dcvm-198.18.1.9                   VM: eth0 198.18.1.k
 //! ```
 //!
+//! With `--guests qemu` the VMs are real guests instead of namespaces: one
+//! QEMU (TCG) per VM running the tiny guest of `cargo xtask guest`, inside
+//! its host's namespace, its NIC a tap named like the vif it replaces
+//! (`vif<k>.0`) on that host's br0, and the agents use the `qemu` backend,
+//! whose incoming helper is the test bed's launcher
+//! (`score-agent/tests/fixtures/qemu-vm`, see [`QemuGuests`]).
+//!
 //! Everything the testbed makes is recorded in a state file
 //! ([`STATE_FILE`]) that `status`, `down`, the demo and tests read. Set-up
 //! runs one `ip -batch` per namespace, top-down, so each namespace's uplink
@@ -49,6 +56,46 @@ pub const PEER_PORT: u16 = 7946;
 pub const VM_NETNS_PREFIX: &str = "dcvm-";
 /// Memory of one VM as announced to the agents (their capacity answers).
 pub const VM_MEMORY_MIB: u32 = 512;
+/// Memory of one real guest (`--guests qemu`): what the launcher gives
+/// QEMU and what the agents announce.
+pub const GUEST_MEMORY_MIB: u32 = 256;
+/// Where the real guests' monitors, PID files and consoles live, one
+/// directory per host (`qemu/dc-h1/198.18.1.1.qmp`).
+pub const QEMU_DIR: &str = "/run/score-testbed/qemu";
+/// The launcher and incoming helper of the real guests, relative to the
+/// workspace root.
+const LAUNCHER: &str = "score-agent/tests/fixtures/qemu-vm";
+/// How long every real guest together may take to boot and answer.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Longest time the agents' qemu backend lets one migration take: about
+/// 1-3 s on an idle machine here, but TCG on two loaded cores is slow.
+const QEMU_MIGRATION_TIMEOUT: &str = "90s";
+
+/// What stands in for the VMs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestKind {
+    /// Network namespaces behind veths (moved by relinking).
+    #[default]
+    Netns,
+    /// Real QEMU guests behind taps (live-migrated by QEMU).
+    Qemu,
+}
+
+/// The real guests of a `--guests qemu` testbed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QemuGuests {
+    /// [`QEMU_DIR`]: per host `IP.qmp`, `IP.pid`, `IP.log` (console);
+    /// `vms/IP.env` the device model the launcher repeats on a move.
+    pub dir: PathBuf,
+    /// The launcher (`qemu-vm`): `start` boots a guest, `incoming` (the
+    /// agents' incoming helper) starts its copy on a target host.
+    pub launcher: PathBuf,
+    /// Memory of each guest.
+    pub memory_mib: u32,
+    /// Seconds from the first launch until every guest answered.
+    pub boot_seconds: f64,
+}
 /// First address of the hosts (host i is `HOST_BASE + i`, i from 1).
 const HOST_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 /// First address of the VMs (VM k is `VM_BASE + k`, k from 1).
@@ -185,6 +232,10 @@ pub struct Vm {
     pub initial_host: String,
     /// PID of its traffic generator, when one runs.
     pub traffic_pid: Option<u32>,
+    /// A real guest's boot id as it first answered: the same id later
+    /// means it was live-migrated, never rebooted.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 /// Everything the testbed made, as written to [`STATE_FILE`].
@@ -218,6 +269,9 @@ pub struct State {
     pub traffic: Vec<crate::traffic::Flow>,
     /// Seconds the namespaces took to set up.
     pub setup_seconds: f64,
+    /// Real guests instead of VM namespaces (`--guests qemu`).
+    #[serde(default)]
+    pub guests: Option<QemuGuests>,
 }
 
 impl State {
@@ -251,6 +305,11 @@ impl State {
     /// Index of the host named `name`.
     pub fn host_index(&self, name: &str) -> Option<usize> {
         self.hosts.iter().position(|h| h.name == name)
+    }
+
+    /// Memory of one VM as the agents announce it.
+    pub fn vm_memory_mib(&self) -> u32 {
+        self.guests.as_ref().map_or(VM_MEMORY_MIB, |g| g.memory_mib)
     }
 }
 
@@ -330,6 +389,7 @@ fn blueprint(s: &Sizes) -> Blueprint {
                 vif: format!("vif{k}.0"),
                 initial_host: hosts[((k - 1) % n_hosts) as usize].name.clone(),
                 traffic_pid: None,
+                boot_id: None,
             }
         })
         .collect();
@@ -342,7 +402,9 @@ fn blueprint(s: &Sizes) -> Blueprint {
 }
 
 /// The `ip -batch` lines of every namespace, in the order they must run.
-fn batches(bp: &Blueprint) -> Vec<(String, Vec<String>)> {
+/// With `vm_namespaces` false (real guests), hosts get no vifs and VMs no
+/// namespaces: QEMU makes the taps when the guests boot.
+fn batches(bp: &Blueprint, vm_namespaces: bool) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     let bridge = |mac: Option<String>| {
         let mut v = vec!["link set lo up".to_string()];
@@ -378,7 +440,11 @@ fn batches(bp: &Blueprint) -> Vec<(String, Vec<String>)> {
         lines.push("link set dev uplink master br0 up".into());
         lines.push(format!("addr add {}/{PREFIX_LEN} dev br0", h.address));
         lines.push("link set br0 up".into());
-        for vm in bp.vms.iter().filter(|v| v.initial_host == h.name) {
+        for vm in bp
+            .vms
+            .iter()
+            .filter(|v| vm_namespaces && v.initial_host == h.name)
+        {
             lines.push(format!(
                 "link add {} type veth peer name eth0 address {} netns {}",
                 vm.vif, vm.mac, vm.name
@@ -387,7 +453,7 @@ fn batches(bp: &Blueprint) -> Vec<(String, Vec<String>)> {
         }
         out.push((h.name.clone(), lines));
     }
-    for vm in &bp.vms {
+    for vm in bp.vms.iter().filter(|_| vm_namespaces) {
         out.push((
             vm.name.clone(),
             vec![
@@ -475,7 +541,7 @@ pub fn agent_config(
          address = \"{addr}\"\n\
          vm_slots = {slots}\n\
          memory_mib = {mem}\n\
-         vm_memory_mib = {VM_MEMORY_MIB}\n\
+         vm_memory_mib = {vm_mem}\n\
          \n[topology]\n\
          file = \"{topo}\"\n\
          \n[peer]\n\
@@ -486,11 +552,12 @@ pub fn agent_config(
          kind = \"{policy}\"\n\
          token_hold = \"{token_hold}\"\n\
          \n[backend]\n\
-         kind = \"netns\"\n\
-         vm_netns_prefix = \"{VM_NETNS_PREFIX}\"\n\
+         {backend}\
          \n[backend.hosts]\n",
         addr = host.address,
-        mem = slots * VM_MEMORY_MIB,
+        vm_mem = state.vm_memory_mib(),
+        mem = slots * state.vm_memory_mib(),
+        backend = backend_config(state, host),
         topo = state.topology_file.display(),
         key = state.key_file.display(),
         // The global policy's coordinator runs beside the first host's
@@ -505,6 +572,24 @@ pub fn agent_config(
         s.push_str(&format!("\"{}\" = \"{}\"\n", h.address, h.name));
     }
     s
+}
+
+/// The `[backend]` keys of one agent: netns, or qemu for real guests (the
+/// guests' monitors under [`QEMU_DIR`]/HOST, the launcher as incoming
+/// helper).
+fn backend_config(state: &State, host: &Host) -> String {
+    match &state.guests {
+        None => format!("kind = \"netns\"\nvm_netns_prefix = \"{VM_NETNS_PREFIX}\"\n"),
+        Some(g) => format!(
+            "kind = \"qemu\"\n\
+             qmp_sockets = \"{dir}/{host}/*.qmp\"\n\
+             incoming_helper = [\"{launcher}\", \"--dir\", \"{dir}\", \"incoming\"]\n\
+             timeout = \"{QEMU_MIGRATION_TIMEOUT}\"\n",
+            dir = g.dir.display(),
+            host = host.name,
+            launcher = g.launcher.display(),
+        ),
+    }
 }
 
 /// Writes a file readable by root alone.
@@ -542,12 +627,24 @@ fn is_ours(ns: &str) -> bool {
             .any(|p| ns.strip_prefix(p).is_some_and(|n| n.parse::<u32>().is_ok()))
 }
 
+/// Builds the data centre with VM namespaces: [`up_with`] for
+/// [`GuestKind::Netns`].
+pub fn up(sizes: &Sizes) -> Result<State> {
+    up_with(sizes, GuestKind::Netns)
+}
+
 /// Builds the data centre (namespaces, topology, key, agent configs, bpffs)
 /// and writes the state file. Fails if a testbed is already up; on failure,
-/// removes what it made.
-pub fn up(sizes: &Sizes) -> Result<State> {
+/// removes what it made. With [`GuestKind::Qemu`] the hosts are left
+/// without VMs: [`boot_guests`] starts them (after the traffic plan is
+/// known, since a guest takes its peers from its kernel command line).
+pub fn up_with(sizes: &Sizes, kind: GuestKind) -> Result<State> {
     require_root("testbed up")?;
     sizes.validate()?;
+    let guests = match kind {
+        GuestKind::Netns => None,
+        GuestKind::Qemu => Some(qemu_guests()?),
+    };
     if State::load()?.is_some() {
         bail!("a testbed is already up ({STATE_FILE}): `cargo xtask testbed down` first");
     }
@@ -564,7 +661,9 @@ pub fn up(sizes: &Sizes) -> Result<State> {
     let bp = blueprint(sizes);
     let mut namespaces: Vec<String> = bp.switches.iter().map(|s| s.name.clone()).collect();
     namespaces.extend(bp.hosts.iter().map(|h| h.name.clone()));
-    namespaces.extend(bp.vms.iter().map(|v| v.name.clone()));
+    if guests.is_none() {
+        namespaces.extend(bp.vms.iter().map(|v| v.name.clone()));
+    }
     let mut state = State {
         version: 1,
         sizes: *sizes,
@@ -579,6 +678,7 @@ pub fn up(sizes: &Sizes) -> Result<State> {
         agent_mode: None,
         traffic: Vec::new(),
         setup_seconds: 0.0,
+        guests,
     };
     // Save first: a failure half-way leaves a state that `down` can use.
     state.save()?;
@@ -588,7 +688,7 @@ pub fn up(sizes: &Sizes) -> Result<State> {
             .map(|n| format!("netns add {n}"))
             .collect();
         netns::ip_batch(None, &adds).context("creating the namespaces")?;
-        for (ns, lines) in batches(&bp) {
+        for (ns, lines) in batches(&bp, state.guests.is_none()) {
             netns::ip_batch(Some(&ns), &lines)?;
         }
         fs::write(&state.topology_file, topology_toml(&bp)?)?;
@@ -616,6 +716,206 @@ pub fn up(sizes: &Sizes) -> Result<State> {
         return Err(e.context("building the testbed (removed what was made)"));
     }
     Ok(state)
+}
+
+/// Prepares the real guests of a `--guests qemu` testbed: QEMU and the
+/// tiny guest (`cargo xtask guest`, cached), the launcher, an empty
+/// [`QEMU_DIR`].
+fn qemu_guests() -> Result<QemuGuests> {
+    crate::guest::guest(false).context("preparing the real guest (cargo xtask guest)")?;
+    let launcher =
+        fs::canonicalize(LAUNCHER).with_context(|| format!("finding the launcher {LAUNCHER}"))?;
+    let dir = PathBuf::from(QEMU_DIR);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {QEMU_DIR}"))?;
+    Ok(QemuGuests {
+        dir,
+        launcher,
+        memory_mib: GUEST_MEMORY_MIB,
+        boot_seconds: 0.0,
+    })
+}
+
+/// The iperf3 rate (payload bits/s of 1400-byte datagrams, what the guest
+/// is given) that puts `frame_rate` frame bytes/s on the wire as the agent
+/// counts them (each datagram is a 1442-byte frame).
+pub fn guest_rate(frame_rate: u64) -> u64 {
+    frame_rate * 8 * 1400 / 1442
+}
+
+/// The kernel argument telling a guest what to send: `score.peers=` each
+/// destination of `flows` from `vm` with its [`guest_rate`].
+fn peers_arg(vm: Ipv4Addr, flows: &[crate::traffic::Flow]) -> Option<String> {
+    let peers: Vec<String> = flows
+        .iter()
+        .filter(|f| f.src == vm && f.rate > 0)
+        .map(|f| format!("{}:{}", f.dst, guest_rate(f.rate)))
+        .collect();
+    (!peers.is_empty()).then(|| format!("score.peers={}", peers.join(",")))
+}
+
+/// Boots every real guest of a `--guests qemu` testbed at its initial host
+/// (the launcher's `start`, with its tap named like its vif), each sending
+/// its part of `flows` from inside the guest, and waits until each answers
+/// its status page from the first host. Records the plan and boot time.
+pub fn boot_guests(state: &mut State, flows: &[crate::traffic::Flow]) -> Result<()> {
+    let mut g = state
+        .guests
+        .clone()
+        .context("this testbed has no real guests (`testbed up --guests qemu`)")?;
+    let started = Instant::now();
+    for vm in &state.vms {
+        let mut cmd = Command::new(&g.launcher);
+        cmd.arg("--dir")
+            .arg(&g.dir)
+            .args(["--mem", &g.memory_mib.to_string(), "start"])
+            .args([&vm.initial_host, &vm.address.to_string(), &vm.mac, &vm.vif])
+            .args(peers_arg(vm.address, flows))
+            .stdin(Stdio::null());
+        // QEMU daemonizes: it must not keep a lock the caller holds.
+        close_inherited_fds(&mut cmd);
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", g.launcher.display()))?;
+        if !out.status.success() {
+            bail!(
+                "booting guest {} on {}: {}",
+                vm.address,
+                vm.initial_host,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let from = state.hosts[0].name.clone();
+    let mut waiting: Vec<&mut Vm> = state.vms.iter_mut().collect();
+    let deadline = started + BOOT_TIMEOUT;
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for vm in waiting {
+            match guest_status(&from, vm.address)? {
+                Some(s) => vm.boot_id = Some(s.boot_id),
+                None => still.push(vm),
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let silent: Vec<String> = waiting.iter().map(|v| v.address.to_string()).collect();
+            bail!(
+                "guests {} did not answer within {BOOT_TIMEOUT:?} (consoles: {}/HOST/ADDRESS.log)",
+                silent.join(" "),
+                g.dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    g.boot_seconds = started.elapsed().as_secs_f64();
+    state.guests = Some(g);
+    state.traffic = flows.to_vec();
+    state.save()
+}
+
+/// What a real guest's status page says (`GET /cgi-bin/status`, written by
+/// the guest's own init: see `guest.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuestStatus {
+    /// `/proc/sys/kernel/random/boot_id`: new at every boot.
+    pub boot_id: String,
+    /// Seconds since boot.
+    pub uptime: f64,
+}
+
+/// Asks guest `vm` for its status from host namespace `from`; `None` when
+/// it does not answer (within about 2.5 s).
+pub fn guest_status(from: &str, vm: Ipv4Addr) -> Result<Option<GuestStatus>> {
+    let Some(body) = netns::http_get(from, SocketAddr::new(vm.into(), 80), "/cgi-bin/status")?
+    else {
+        return Ok(None);
+    };
+    let field = |k: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::trim)
+    };
+    Ok(match (field("boot_id"), field("uptime")) {
+        (Some(b), Some(u)) if !b.is_empty() => u.parse().ok().map(|uptime| GuestStatus {
+            boot_id: b.to_owned(),
+            uptime,
+        }),
+        _ => None,
+    })
+}
+
+/// A running real guest: its QEMU.
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestProcess {
+    /// The host namespace it runs in (by its monitor's directory).
+    pub host: String,
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// QEMU's PID.
+    pub pid: u32,
+}
+
+/// Every QEMU under `dir` that still runs, by its PID file
+/// (`dir/HOST/IP.pid`). A guest mid-migration has two.
+pub fn qemu_processes(dir: &Path) -> Vec<GuestProcess> {
+    let mut found = Vec::new();
+    let Ok(hosts) = fs::read_dir(dir) else {
+        return found;
+    };
+    for host in hosts.flatten() {
+        let Ok(files) = fs::read_dir(host.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let path = f.path();
+            if path.extension().is_none_or(|e| e != "pid") {
+                continue;
+            }
+            let address = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse().ok());
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            if let (Some(address), Some(pid)) = (address, pid)
+                && alive(pid)
+            {
+                found.push(GuestProcess {
+                    host: host.file_name().to_string_lossy().into_owned(),
+                    address,
+                    pid,
+                });
+            }
+        }
+    }
+    found.sort_by_key(|g| (g.address, g.pid));
+    found
+}
+
+/// Marks every file descriptor above stderr that `cmd`'s child would
+/// inherit close-on-exec. A daemon we start (an agent, a QEMU) would
+/// otherwise keep, for its whole life, whatever our parent left open: the
+/// shared lock of `flock /work/PRIV.lock cargo xtask ...`, say.
+pub fn close_inherited_fds(cmd: &mut Command) {
+    // SAFETY: close_range(2) is async-signal-safe and touches nothing but
+    // the child's descriptor table; CLOEXEC (not closing) keeps std's own
+    // exec-error pipe working until exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
 }
 
 /// Starts one score-agent per host namespace with the given options, waits
@@ -685,8 +985,8 @@ fn spawn_agent(h: &Host, binary: &Path, coordinator: bool) -> Result<u32> {
         .append(true)
         .open(&h.log)
         .with_context(|| format!("opening {}", h.log.display()))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &h.name])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &h.name])
         .arg(binary)
         .arg("run")
         .arg("--config")
@@ -701,7 +1001,9 @@ fn spawn_agent(h: &Host, binary: &Path, coordinator: bool) -> Result<u32> {
         .stderr(log)
         // Its own process group: a Ctrl-C at the terminal reaches xtask,
         // which tears down in order, not every agent at once.
-        .process_group(0)
+        .process_group(0);
+    close_inherited_fds(&mut cmd);
+    let child = cmd
         .spawn()
         .with_context(|| format!("starting the agent in {}", h.name))?;
     // `ip netns exec` execs the agent: this PID is the agent's.
@@ -834,6 +1136,15 @@ pub fn down() -> Result<DownReport> {
     }
     pids.retain(|&p| alive(p));
     stop_pids(&pids, Duration::from_secs(5));
+    // Real guests: every QEMU with a PID file under the guests' directory
+    // (SIGTERM makes QEMU quit; its tap goes with it), whatever the state
+    // says, then the directory.
+    let qemus: Vec<u32> = qemu_processes(Path::new(QEMU_DIR))
+        .iter()
+        .map(|g| g.pid)
+        .collect();
+    stop_pids(&qemus, Duration::from_secs(5));
+    let _ = fs::remove_dir_all(QEMU_DIR);
     let mut stray: Vec<u32> = names.iter().flat_map(|n| pids_in(n)).collect();
     stray.sort_unstable();
     stray.dedup();
@@ -862,7 +1173,7 @@ pub fn down() -> Result<DownReport> {
         let _ = fs::remove_file(Path::new(DIR).join(f));
     }
     Ok(DownReport {
-        processes: pids.len() + stray.len(),
+        processes: pids.len() + qemus.len() + stray.len(),
         namespaces: names.len(),
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -892,6 +1203,12 @@ pub fn locate(state: &State) -> Result<HashMap<String, usize>> {
 /// vif changes namespace and bridge, then the VM announces itself with a
 /// gratuitous ARP so that the bridges learn its new port.
 pub fn migrate(state: &State, vm: &str, to: &str) -> Result<Duration> {
+    if state.guests.is_some() {
+        bail!(
+            "the VMs of this testbed are real guests: their agents' qemu backend live-migrates \
+             them (a hand-made move is for VM namespaces only)"
+        );
+    }
     let v = state
         .vms
         .iter()
@@ -992,8 +1309,12 @@ pub struct VmStatus {
     pub initial_host: String,
     /// The host namespace holding its vif now (none while it moves).
     pub host: Option<String>,
-    /// Whether its traffic generator runs.
+    /// Whether its traffic generator runs (a real guest sends from inside:
+    /// false).
     pub traffic_alive: bool,
+    /// A real guest's running QEMUs, by PID (two while it migrates);
+    /// `None` for a VM namespace.
+    pub qemu_pids: Option<Vec<u32>>,
     /// Whether it answered a ping (with `--ping`).
     pub reachable: Option<bool>,
 }
@@ -1007,6 +1328,11 @@ pub fn status_report(state: &State, with_cost: bool, ping: bool) -> Result<Statu
         vec![None; state.vms.len()]
     };
     let addr: SocketAddr = AGENT_HTTP.parse()?;
+    let qemus = state
+        .guests
+        .as_ref()
+        .map(|g| qemu_processes(&g.dir))
+        .unwrap_or_default();
     let mut hosts = Vec::new();
     for h in &state.hosts {
         let agent_alive = h.agent_pid.is_some_and(alive);
@@ -1028,6 +1354,13 @@ pub fn status_report(state: &State, with_cost: bool, ping: bool) -> Result<Statu
             initial_host: v.initial_host.clone(),
             host: at.get(&v.vif).map(|&i| state.hosts[i].name.clone()),
             traffic_alive: v.traffic_pid.is_some_and(alive),
+            qemu_pids: state.guests.as_ref().map(|_| {
+                qemus
+                    .iter()
+                    .filter(|q| q.address == v.address)
+                    .map(|q| q.pid)
+                    .collect()
+            }),
             reachable,
         })
         .collect();
@@ -1112,6 +1445,27 @@ pub fn status(ping: bool) -> Result<()> {
         println!("VMs on no host: {}", lost.join(" "));
     }
     println!("(* = moved since set-up)");
+    if let Some(g) = &state.guests {
+        let qemus = qemu_processes(&g.dir);
+        println!(
+            "guests: {} real QEMU guests ({} MiB, TCG), all answering {:.1} s after launch; \
+             {} QEMU processes running; monitors and consoles in {}/HOST/",
+            state.vms.len(),
+            g.memory_mib,
+            g.boot_seconds,
+            qemus.len(),
+            g.dir.display()
+        );
+        let missing: Vec<String> = state
+            .vms
+            .iter()
+            .filter(|v| !qemus.iter().any(|q| q.address == v.address))
+            .map(|v| v.address.to_string())
+            .collect();
+        if !missing.is_empty() {
+            println!("guests whose QEMU is gone: {}", missing.join(" "));
+        }
+    }
     if ping {
         let answered = reachable(&state);
         let silent: Vec<String> = state
@@ -1147,7 +1501,13 @@ pub fn status(ping: bool) -> Result<()> {
         .iter()
         .filter(|v| v.traffic_pid.is_some_and(alive))
         .count();
-    if !state.traffic.is_empty() {
+    if !state.traffic.is_empty() && state.guests.is_some() {
+        println!(
+            "traffic: {} flows, sent by the guests themselves (iperf3 UDP, from their kernel \
+             command line)",
+            state.traffic.len()
+        );
+    } else if !state.traffic.is_empty() {
         println!(
             "traffic: {} flows, {gens} of {} generators running",
             state.traffic.len(),
@@ -1189,6 +1549,7 @@ pub fn planned_state(sizes: &Sizes) -> State {
         agent_mode: None,
         traffic: Vec::new(),
         setup_seconds: 0.0,
+        guests: None,
     }
 }
 
