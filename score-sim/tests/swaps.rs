@@ -8,8 +8,9 @@ mod common;
 use score_core::decision::Rule;
 use score_core::policy::PolicyKind;
 use score_core::swap::{CandidateSet, Scope};
-use score_sim::capacity::{SMALL_CASES, run_small};
-use score_sim::engine::{RunOptions, run_policy};
+use score_sim::capacity::{SMALL_CASES, Variant, run_small};
+use score_sim::engine::{GroupMode, RunOptions, run_policy};
+use score_sim::scenario::MigrationCostSpec;
 use score_sim::world::Setup;
 
 fn scopes() -> [Scope; 3] {
@@ -83,8 +84,8 @@ fn swaps_keep_the_running_total_exact_and_capacity() {
 #[test]
 fn small_instances_against_the_exact_optimum() {
     let variants = [
-        (Rule::PaperFirst, Scope::PAPER),
-        (Rule::PaperFirst, Scope::swaps(CandidateSet::PeerRacks)),
+        Variant::scope(Scope::PAPER),
+        Variant::scope(Scope::swaps(CandidateSet::PeerRacks)),
     ];
     let policies = [PolicyKind::Distributed, PolicyKind::LoadAware];
     // run_small itself asserts that no run beats the optimum.
@@ -112,5 +113,85 @@ fn small_instances_against_the_exact_optimum() {
                 swap.mean_fraction
             );
         }
+    }
+}
+
+#[test]
+fn group_moves_keep_the_running_total_exact_and_capacity() {
+    // 92% of the slots; c_m constant 0 and decaying from one mean VM cost.
+    let setup = Setup::build(&common::small_scenario(470, 5)).unwrap();
+    for kind in PolicyKind::ALL {
+        for group in [GroupMode::WhenStuck, GroupMode::Best] {
+            for (cm, cm_decay, cm_floor) in [
+                (MigrationCostSpec::Absolute(0.0), 1.0, 0.0),
+                (MigrationCostSpec::MeanVmFraction(1.0), 0.5, 0.03),
+            ] {
+                let o = RunOptions {
+                    scope: Scope::swaps(CandidateSet::Paper),
+                    group,
+                    cm,
+                    cm_decay,
+                    cm_floor,
+                    max_rounds: 4,
+                    self_check: true,
+                    ..RunOptions::default()
+                };
+                let r = run_policy(&setup, kind, &o, |_| {}).unwrap();
+                assert!(setup.fits(&r.final_placement), "{kind} {group:?}");
+                assert!(
+                    r.round_costs
+                        .windows(2)
+                        .all(|w| w[1] <= w[0] * (1.0 + 1e-12))
+                );
+                assert!(r.migrations >= 2 * r.swaps + r.groups);
+                assert!(r.groups > 0, "{kind} {group:?}: no group move");
+            }
+        }
+    }
+}
+
+#[test]
+fn group_moves_off_change_nothing() {
+    let setup = Setup::build(&common::small_scenario(400, 3)).unwrap();
+    for kind in PolicyKind::ALL {
+        let base = RunOptions {
+            scope: Scope::swaps(CandidateSet::PeerRacks),
+            max_rounds: 3,
+            trace: true,
+            ..RunOptions::default()
+        };
+        // A decay of 1 and a floor keep c_m constant: the same run.
+        let same = RunOptions {
+            cm_floor: 0.5,
+            ..base
+        };
+        let a = run_policy(&setup, kind, &base, |_| {}).unwrap();
+        let b = run_policy(&setup, kind, &same, |_| {}).unwrap();
+        assert_eq!(a.trace, b.trace, "{kind}");
+        assert_eq!(a.groups, 0);
+    }
+}
+
+#[test]
+fn variants_parse_and_label() {
+    for s in [
+        "paper",
+        "swap+peer-racks",
+        "swap+group",
+        "paper+group-best",
+        "swap+peer-pods+group@1/0.5/0.03",
+        "swap@0.1",
+    ] {
+        let v: Variant = s.parse().unwrap();
+        let back = if s == "swap@0.1" { "swap@0.1/1/0" } else { s };
+        assert_eq!(v.label(), back);
+    }
+    let v: Variant = "swap+group@1/0.5/0.03".parse().unwrap();
+    assert_eq!(v.group, GroupMode::WhenStuck);
+    assert_eq!(v.scope, Scope::swaps(CandidateSet::Paper));
+    let c = v.cm.unwrap();
+    assert_eq!((c.start, c.decay, c.floor), (1.0, 0.5, 0.03));
+    for bad in ["swap+grp", "swap@", "swap@1/2", "swap@-1", "group", "swap@x"] {
+        assert!(bad.parse::<Variant>().is_err(), "{bad}");
     }
 }

@@ -1,0 +1,174 @@
+//! Properties of group moves (score_core::group) over random trees,
+//! traffic, placements and capacities (proptest): the benefit is the exact
+//! drop of the fully recomputed equation 1 total, a decided group move
+//! never raises the cost and respects capacity.
+
+use std::net::Ipv4Addr;
+
+use proptest::prelude::*;
+use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
+use score_core::decision::{Capacity, MigrationCost};
+use score_core::group::{GroupLimits, decide_group, group_delta, local_group};
+use score_core::swap::{LocalVm, local_vms};
+use score_core::topology::{HostId, LinkWeights, Topology};
+
+/// A random data centre whose hosts hold at most `cap[h]` VMs.
+#[derive(Debug, Clone)]
+struct World {
+    topo: Topology,
+    traffic: Traffic,
+    placement: Placement,
+    cap: Vec<u32>,
+}
+
+impl World {
+    fn model(&self) -> CostModel<'_> {
+        CostModel::new(&self.topo, &self.traffic)
+    }
+
+    fn local(&self, p: &Placement, x: HostId) -> Vec<LocalVm> {
+        let on: Vec<VmIdx> = (0..p.vm_count()).filter(|&v| p.host(v) == x).collect();
+        local_vms(&self.model(), p, &on, |v| 512 + 256 * u64::from(v % 3))
+    }
+}
+
+fn rate() -> impl Strategy<Value = f64> {
+    prop_oneof![(1u32..6).prop_map(f64::from), 0.01f64..1000.0]
+}
+
+/// Few hosts and many VMs per host, so that hosts hold groups.
+fn world() -> impl Strategy<Value = World> {
+    (
+        prop::collection::vec(1u32..4, 1..=3),
+        2u32..28,
+        1u32..5,
+    )
+        .prop_flat_map(|(fanout, n_vms, spare)| {
+            let depth = fanout.len();
+            let hosts: u32 = fanout.iter().product();
+            (
+                Just(fanout),
+                Just(spare),
+                prop::collection::vec(0.1f64..50.0, depth),
+                prop::collection::vec(0..hosts, n_vms as usize),
+                prop::collection::vec((0..n_vms, 0..n_vms, rate()), 0..50),
+                prop::collection::vec(0u32..4, hosts as usize),
+            )
+        })
+        .prop_map(|(fanout, spare, weights, host_of, triples, extra)| {
+            let topo = Topology::regular(
+                &fanout,
+                LinkWeights::new(weights).unwrap(),
+                Ipv4Addr::new(10, 0, 0, 1),
+            )
+            .unwrap();
+            let n = host_of.len() as u32;
+            let placement = Placement::new(topo.host_count(), host_of).unwrap();
+            let cap = placement
+                .counts()
+                .iter()
+                .zip(&extra)
+                .map(|(&c, &e)| c + e.min(spare))
+                .collect();
+            World {
+                traffic: Traffic::from_triples(n, triples).unwrap(),
+                placement,
+                topo,
+                cap,
+            }
+        })
+}
+
+fn cm() -> impl Strategy<Value = MigrationCost> {
+    prop_oneof![
+        Just(MigrationCost::Absolute(0.0)),
+        (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
+        (0.0f64..20.0).prop_map(MigrationCost::Absolute),
+    ]
+}
+
+fn close(a: f64, b: f64, scale: f64) -> bool {
+    (a - b).abs() <= 1e-9 * scale.abs().max(1.0)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// For any group and any hosts its members go to (capacity aside), the
+    /// delta is the change of the fully recomputed total.
+    #[test]
+    fn group_delta_is_exact(w in world(), picks in prop::collection::vec(any::<u32>(), 32), max in 1usize..10) {
+        let model = w.model();
+        let p = &w.placement;
+        let total = model.total_cost(p);
+        let hosts = w.topo.host_count();
+        for u in 0..p.vm_count() {
+            let x = p.host(u);
+            let local = w.local(p, x);
+            let idx = local_group(u, &local, max);
+            prop_assert!(!idx.is_empty() && idx.len() <= max);
+            prop_assert_eq!(local[idx[0]].id, u);
+            let members: Vec<&LocalVm> = idx.iter().map(|&i| &local[i]).collect();
+            let to: Vec<HostId> = (0..members.len()).map(|i| picks[(i + u as usize) % picks.len()] % hosts).collect();
+            let mut q = p.clone();
+            for (g, &h) in members.iter().zip(&to) {
+                q.move_vm(g.id, h);
+            }
+            let d = group_delta(&w.topo, x, &members, &to);
+            prop_assert!(close(d, model.total_cost(&q) - total, total), "{} vs {}", d, model.total_cost(&q) - total);
+        }
+    }
+
+    /// A decided group move: its benefit is the drop of the recomputed
+    /// total, above the members' summed c_m (so the cost never rises), it
+    /// keeps every host within capacity and memory, moves the group of u
+    /// (u first) from u's host into one rack; and a run of such decisions
+    /// only lowers the total.
+    #[test]
+    fn group_moves_are_exact_and_never_raise_the_cost(w in world(), cm in cm(), racks in 1usize..4) {
+        let model = w.model();
+        let mut p = w.placement.clone();
+        let mut total = model.total_cost(&p);
+        let lim = GroupLimits { max_members: 6, max_racks: racks };
+        let mem = |v: VmIdx| 512 + 256 * u64::from(v % 3);
+        for _round in 0..2 {
+            for u in 0..p.vm_count() {
+                let x = p.host(u);
+                let local = w.local(&p, x);
+                let cap = |h: HostId| {
+                    let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
+                    Some(Capacity {
+                        free_slots: w.cap[h as usize].saturating_sub(p.count(h)),
+                        free_mem_mb: (u64::from(w.cap[h as usize]) * 1024).saturating_sub(used),
+                    })
+                };
+                let Some(g) = decide_group(&w.topo, x, u, &local, cm, lim, cap) else {
+                    continue;
+                };
+                let before = p.clone();
+                g.apply(&mut p);
+                let now = model.total_cost(&p);
+                prop_assert!(close(g.benefit, total - now, total), "{} vs {}", g.benefit, total - now);
+                prop_assert!(g.benefit > g.c_m && g.c_m >= 0.0);
+                prop_assert!(now < total);
+                prop_assert_eq!(g.vm, u);
+                prop_assert_eq!(g.moves[0].0, u);
+                prop_assert!(g.moves.len() <= lim.max_members);
+                prop_assert_eq!(g.migrations() as usize, g.moves.len());
+                let thr: f64 = g.moves.iter().map(|&(v, _)| cm.threshold(model.vm_cost(&before, v))).sum();
+                prop_assert!(close(g.c_m, thr, total));
+                for &(v, h) in &g.moves {
+                    prop_assert_eq!(before.host(v), x);
+                    prop_assert_eq!(w.topo.group_of(h, 1), g.rack);
+                }
+                prop_assert!(g.rack != w.topo.group_of(x, 1));
+                for h in 0..w.topo.host_count() {
+                    prop_assert!(p.count(h) <= w.cap[h as usize].max(before.count(h)));
+                    let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
+                    prop_assert!(used <= u64::from(w.cap[h as usize]) * 1024 || h == x);
+                }
+                total = now;
+            }
+        }
+    }
+}
