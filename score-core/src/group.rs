@@ -21,7 +21,10 @@
 //! for its capacity (the paper's capacity request) and lays the group out
 //! there ([`layout`]): hosts where the members' peers run first, then the
 //! emptiest; the members in the component's order (u first), each on the
-//! first host with room.
+//! first host with room. If the rack cannot take the whole group and the
+//! tree has pods (depth 3 or more), the other hosts of the rack's pod are
+//! asked too and the layout spills into them (the rack's hosts still
+//! first when they draw the members' peers).
 //!
 //! The benefit is exact ([`group_delta`]): for every member g going to
 //! a(g) and every peer z of g, the pair's term changes from W(ℓ(x, z's
@@ -66,7 +69,8 @@ pub struct GroupMove {
     pub vm: VmId,
     /// The members' host now.
     pub from: HostId,
-    /// The target rack (level-1 group).
+    /// The target rack (level-1 group). Members go to its hosts, or, if it
+    /// could not take them all, also to other hosts of its pod.
     pub rack: u32,
     /// Every member and the host it goes to (u first).
     pub moves: Vec<(VmId, HostId)>,
@@ -220,7 +224,7 @@ pub fn layout(members: &[&LocalVm], room: &[(HostId, Capacity)]) -> Option<Vec<H
 /// (as `from` knows them) are `local`: the group ([`local_group`]), its
 /// target racks ([`group_targets`], at most `limits.max_racks`), for each
 /// the capacity of its hosts (`capacity`, `None`: no answer, no room) and
-/// the [`layout`]; the move with the largest benefit net of the members'
+/// the [`layout`], spilling into the rack's pod if the rack is too full; the move with the largest benefit net of the members'
 /// c_m (ties to the earlier rack), if that benefit is above the threshold
 /// by more than a rounding margin (1e-9 of the members' costs). `cm` is
 /// applied to each member with its cost now.
@@ -268,8 +272,26 @@ pub fn decide_group(
                 capacity(h).map(|c| (h, c))
             })
             .collect();
-        let Some(to) = layout(&members, &room) else {
-            continue;
+        let to = match layout(&members, &room) {
+            Some(to) => to,
+            // The rack alone is too full: its pod too (not u's host).
+            None if topo.depth() >= 3 => {
+                let pod = topo.group_of(topo.group_hosts(1, rack).start, 2);
+                let mut wide = room.clone();
+                for h in topo.group_hosts(2, pod) {
+                    if h != from && topo.group_of(h, 1) != rack {
+                        asked += 1;
+                        if let Some(c) = capacity(h) {
+                            wide.push((h, c));
+                        }
+                    }
+                }
+                match layout(&members, &wide) {
+                    Some(to) => to,
+                    None => continue,
+                }
+            }
+            None => continue,
         };
         let benefit = -group_delta(topo, from, &members, &to);
         // NaN anywhere refuses.

@@ -122,7 +122,7 @@ proptest! {
     /// A decided group move: its benefit is the drop of the recomputed
     /// total, above the members' summed c_m (so the cost never rises), it
     /// keeps every host within capacity and memory, moves the group of u
-    /// (u first) from u's host into one rack; and a run of such decisions
+    /// (u first) from u's host into one rack (or its pod); and a run of such decisions
     /// only lowers the total.
     #[test]
     fn group_moves_are_exact_and_never_raise_the_cost(w in world(), cm in cm(), racks in 1usize..4) {
@@ -157,9 +157,13 @@ proptest! {
                 prop_assert_eq!(g.migrations() as usize, g.moves.len());
                 let thr: f64 = g.moves.iter().map(|&(v, _)| cm.threshold(model.vm_cost(&before, v))).sum();
                 prop_assert!(close(g.c_m, thr, total));
+                let in_rack = g.moves.iter().all(|&(_, h)| w.topo.group_of(h, 1) == g.rack);
+                let pod = w.topo.group_of(w.topo.group_hosts(1, g.rack).start, 2);
                 for &(v, h) in &g.moves {
                     prop_assert_eq!(before.host(v), x);
-                    prop_assert_eq!(w.topo.group_of(h, 1), g.rack);
+                    prop_assert_ne!(h, x);
+                    // The rack, or (spilled, depth >= 3) the rack's pod.
+                    prop_assert!(in_rack || (w.topo.depth() >= 3 && w.topo.group_of(h, 2) == pod));
                 }
                 prop_assert!(g.rack != w.topo.group_of(x, 1));
                 for h in 0..w.topo.host_count() {
