@@ -465,3 +465,359 @@ fn a_missing_virsh_is_reported() {
         "{e}"
     );
 }
+
+// ---------------------------------------------------------------------
+// Real libvirt: two libvirtds on this machine, each in its own network
+// and mount namespace, live-migrating the tiny guest.
+
+#[path = "support/libvirt.rs"]
+mod libvirt_lab;
+
+use libvirt_lab::LibvirtHost;
+use support::{Lab, http_get, sh};
+
+const PREFIX: &str = "sct-lv-";
+const GUEST_DIR: &str = "/var/cache/score-guest";
+const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const MAC: &str = "02:00:00:01:00:05";
+const TAP: &str = "tap5";
+const DOM: &str = "sct-guest5";
+const DOM_UUID: &str = "5c0e2a11-0000-4000-8000-000000000005";
+const HOST_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+const HOST_C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
+
+fn real_skip_reason() -> Option<String> {
+    if let Some(why) = libvirt_lab::skip_reason() {
+        return Some(why);
+    }
+    for f in ["vmlinuz", "initrd.img"] {
+        if !Path::new(GUEST_DIR).join(f).exists() {
+            return Some(format!("no {GUEST_DIR}/{f}: run `cargo xtask guest`"));
+        }
+    }
+    None
+}
+
+macro_rules! skip_unless_ready {
+    () => {
+        if let Some(why) = real_skip_reason() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// What the guest's status service says.
+#[derive(Debug, Clone, PartialEq)]
+struct Status {
+    boot_id: String,
+    uptime: f64,
+    counter: u64,
+}
+
+fn status(ns: &str) -> Option<Status> {
+    let body = http_get(ns, &format!("{VM}:80"), "/cgi-bin/status")?;
+    let field = |k: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_owned)
+    };
+    Some(Status {
+        boot_id: field("boot_id")?,
+        uptime: field("uptime")?.parse().ok()?,
+        counter: field("counter")?.parse().ok()?,
+    })
+}
+
+fn wait_status(ns: &str, timeout: Duration) -> Status {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = status(ns) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never answered from {ns}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Hosts A and B (libvirtds) and C (an observer), 198.18.0.11-13 on their
+/// br0, under one rack bridge. Everything stopped and removed in `Drop`
+/// (the hosts' QEMUs and daemons first, then the namespaces).
+struct Bed {
+    a: LibvirtHost,
+    b: LibvirtHost,
+    c: String,
+    rack: String,
+    lab: Lab,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let mut lab = Lab::new(PREFIX);
+        let rack = lab.host("rack");
+        let mut names = Vec::new();
+        for (name, addr) in [("a", HOST_A), ("b", HOST_B), ("c", HOST_C)] {
+            let ns = lab.host(name);
+            let rack_end = format!("up-{name}");
+            sh(&[
+                "ip", "-n", &rack, "link", "add", &rack_end, "type", "veth", "peer", "name", "up0",
+                "netns", &ns,
+            ]);
+            sh(&[
+                "ip", "-n", &rack, "link", "set", &rack_end, "master", "br0", "up",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "up0", "master", "br0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/16"),
+                "dev",
+                "br0",
+            ]);
+            names.push(ns);
+        }
+        let root = Path::new("/run").join(format!("{PREFIX}libvirt"));
+        let t = Instant::now();
+        // Both daemons start together: each probes QEMU at its first start.
+        let mut a = LibvirtHost::start(
+            &names[0],
+            HOST_A,
+            &root.join("a"),
+            "5c0e2a11-aaaa-4aaa-8aaa-00000000000a",
+        );
+        let mut b = LibvirtHost::start(
+            &names[1],
+            HOST_B,
+            &root.join("b"),
+            "5c0e2a11-bbbb-4bbb-8bbb-00000000000b",
+        );
+        a.wait_ready(Duration::from_secs(90));
+        b.wait_ready(Duration::from_secs(90));
+        eprintln!("two libvirtds ready in {:.1} s", t.elapsed().as_secs_f64());
+        Bed {
+            a,
+            b,
+            c: names[2].clone(),
+            rack,
+            lab,
+        }
+    }
+
+    /// Defines and starts the guest at A; returns its first status.
+    fn start_guest(&self) -> Status {
+        let xml = libvirt_lab::guest_xml(DOM, DOM_UUID, GUEST_DIR, VM, MAC, TAP);
+        let file = self.a.root.join("guest.xml");
+        std::fs::write(&file, xml).unwrap();
+        self.a.virsh_ok(&["define", &file.display().to_string()]);
+        let t = Instant::now();
+        self.a.virsh_ok(&["start", DOM]);
+        let s = wait_status(&self.c, Duration::from_secs(90));
+        eprintln!("guest up in {:.1} s: {s:?}", t.elapsed().as_secs_f64());
+        s
+    }
+
+    fn config_text(&self, home: &LibvirtHost, timeout: &str, extra: &str) -> String {
+        format!(
+            r#"
+            kind = "libvirt"
+            virsh_path = "{virsh}"
+            timeout = "{timeout}"
+            {extra}
+            [hosts]
+            "{HOST_A}" = "{a}"
+            "{HOST_B}" = "{b}"
+            [migrate_uris]
+            "{HOST_A}" = "tcp://{HOST_A}"
+            "{HOST_B}" = "tcp://{HOST_B}"
+            "#,
+            virsh = home.virsh_path().display(),
+            a = self.a.uri(),
+            b = self.b.uri(),
+        )
+    }
+
+    fn backend(&self, home: &LibvirtHost, timeout: &str, extra: &str) -> LibvirtBackend {
+        let BackendConfig::Libvirt(c) =
+            toml::from_str(&self.config_text(home, timeout, extra)).unwrap()
+        else {
+            panic!()
+        };
+        LibvirtBackend::from_config(&c).unwrap()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        // The hosts' Drop kills their QEMUs and daemons; the namespaces
+        // go after them (field order).
+        let _ = &self.lab;
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn vm_ref() -> VmRef {
+    VmRef {
+        ip: VM,
+        mac: score_agent::backend::parse_mac(MAC).unwrap(),
+        vif: TAP.into(),
+    }
+}
+
+/// Median, minimum and maximum.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+/// Live-migrates the guest A -> B -> A ... (`SCORE_LIBVIRT_ROUNDS`
+/// migrations, default 2) with the backend, and checks after each that it
+/// is the same boot, still counting, answering from its new host, and
+/// known to the target's libvirtd only.
+#[test]
+#[ignore = "privileged: runs libvirtd and QEMU guests in namespaces"]
+fn libvirt_live_migration_keeps_the_guest_running() {
+    skip_unless_ready!();
+    let rounds: usize = std::env::var("SCORE_LIBVIRT_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2);
+    let bed = Bed::new();
+    let first = bed.start_guest();
+    let mut last = first.clone();
+    let mut walls = Vec::new();
+    let mut elapsed = Vec::new();
+    let mut downtimes = Vec::new();
+    for i in 0..rounds {
+        let (from, to, to_addr, to_up) = if i % 2 == 0 {
+            (&bed.a, &bed.b, HOST_B, "up-b")
+        } else {
+            (&bed.b, &bed.a, HOST_A, "up-a")
+        };
+        let backend = bed.backend(from, "60s", "");
+        let m = rt()
+            .block_on(backend.migrate_with_stats(&vm_ref(), &HostRef { addr: to_addr }))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {i}: {e}\nsource log:\n{}\ntarget log:\n{}",
+                    from.log_tail(),
+                    to.log_tail()
+                )
+            });
+        eprintln!(
+            "round {i}: {} -> {}: {:?} (libvirt: {:?} ms elapsed, {:?} ms downtime, {:?} bytes)",
+            from.ns,
+            to.ns,
+            m.report.duration,
+            m.stats.elapsed_ms,
+            m.stats.downtime_ms,
+            m.stats.processed_bytes
+        );
+        walls.push(m.report.duration.as_secs_f64());
+        if let Some(e) = m.stats.elapsed_ms {
+            elapsed.push(e as f64);
+        }
+        if let Some(d) = m.stats.downtime_ms {
+            downtimes.push(d as f64);
+        }
+        assert_eq!(to.domstate(DOM).as_deref(), Some("running"));
+        assert_eq!(
+            from.domstate(DOM),
+            None,
+            "--undefinesource: the source forgot the domain"
+        );
+        // Seen from the third host: the rack bridge learnt the guest's
+        // new port from QEMU's announcement.
+        let now = wait_status(&bed.c, Duration::from_secs(10));
+        assert_eq!(now.boot_id, first.boot_id, "a live migration, not a reboot");
+        assert!(now.uptime > last.uptime, "{last:?} -> {now:?}");
+        assert!(now.counter >= last.counter, "{last:?} -> {now:?}");
+        let fdb = sh(&["bridge", "-n", &bed.rack, "fdb", "show", "br", "br0"]);
+        assert!(
+            fdb.lines().any(|l| l.starts_with(MAC) && l.contains(to_up)),
+            "the rack bridge sends the guest's MAC towards {to_up}:\n{fdb}"
+        );
+        last = now;
+    }
+    let (m, lo, hi) = spread(&walls);
+    eprintln!(
+        "backend wall time over {rounds} migrations: median {m:.2} s (min {lo:.2}, max {hi:.2})"
+    );
+    if !elapsed.is_empty() {
+        let (m, lo, hi) = spread(&elapsed);
+        eprintln!("libvirt's elapsed: median {m:.0} ms (min {lo:.0}, max {hi:.0})");
+    }
+    if !downtimes.is_empty() {
+        let (m, lo, hi) = spread(&downtimes);
+        eprintln!("libvirt's downtime: median {m:.0} ms (min {lo:.0}, max {hi:.0})");
+    }
+}
+
+/// Real failures: a migration that cannot finish within the time-out is
+/// aborted and the guest keeps running at the source; a target whose
+/// libvirtd is stopped fails and leaves it at the source; an unknown MAC
+/// is not found.
+#[test]
+#[ignore = "privileged: runs libvirtd and QEMU guests in namespaces"]
+fn libvirt_migration_failures_leave_the_guest_at_the_source() {
+    skip_unless_ready!();
+    let mut bed = Bed::new();
+    let before = bed.start_guest();
+    let to_b = HostRef { addr: HOST_B };
+
+    // 256 MiB at 1 MiB/s cannot finish in 4 s: the job is aborted.
+    let backend = bed.backend(&bed.a, "4s", "migrate_options = [\"--bandwidth\", \"1\"]");
+    let t = Instant::now();
+    let err = rt()
+        .block_on(backend.migrate(&vm_ref(), &to_b))
+        .unwrap_err();
+    eprintln!("time-out after {:?}: {err}", t.elapsed());
+    assert!(matches!(err, BackendError::TimedOut { .. }), "{err:?}");
+    assert_eq!(err.placement(), Placement::Source, "{err}");
+    assert_eq!(bed.a.domstate(DOM).as_deref(), Some("running"));
+    assert_eq!(bed.b.domstate(DOM), None);
+    let after = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(after.boot_id, before.boot_id);
+    assert!(after.uptime > before.uptime);
+
+    // An unknown MAC: not found, nothing done.
+    let mut other = vm_ref();
+    other.mac[5] = 0x99;
+    let err = rt()
+        .block_on(bed.backend(&bed.a, "30s", "").migrate(&other, &to_b))
+        .unwrap_err();
+    assert_eq!(err.placement(), Placement::Absent, "{err}");
+
+    // The target's libvirtd stopped: nothing listens at its URI.
+    bed.b.stop_daemon();
+    let err = rt()
+        .block_on(bed.backend(&bed.a, "30s", "").migrate(&vm_ref(), &to_b))
+        .unwrap_err();
+    eprintln!("target down: {err}");
+    assert!(matches!(err, BackendError::Failed { .. }), "{err:?}");
+    assert!(err.still_at_source());
+    assert!(err.to_string().contains("Connection refused"), "{err}");
+    assert_eq!(bed.a.domstate(DOM).as_deref(), Some("running"));
+    let after_down = wait_status(&bed.c, Duration::from_secs(10));
+    assert_eq!(after_down.boot_id, before.boot_id);
+    assert!(after_down.uptime > after.uptime);
+}
