@@ -53,8 +53,8 @@ use score_core::{
     topology::HostId,
     wire::{
         ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, MAX_SWAP_PEERS, Message,
-        Reassembler, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenOrder,
-        token_chunks,
+        PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal,
+        SwapRefusal, SwapResult, TokenOrder, token_chunks,
     },
 };
 use serde::Serialize;
@@ -150,10 +150,14 @@ struct State {
     locations: HashMap<VmId, Ipv4Addr>,
     /// Watchers: the latest copy of the token.
     backup: Option<Token>,
-    /// Watchers and coordinator: VM -> (host, its flows) from reports.
-    reports: HashMap<Ipv4Addr, BTreeMap<u16, Vec<FlowEntry>>>,
+    /// Watchers and coordinator: each host's latest complete flow report.
+    reports: HashMap<Ipv4Addr, Vec<FlowEntry>>,
+    /// Flow reports still missing parts.
+    report_parts: PartsAssembler<FlowEntry>,
     /// Global policy: the coordinator's latest order, by parts.
-    order: (u64, BTreeMap<u16, Vec<VmId>>, u16),
+    order: Option<Vec<VmId>>,
+    /// The coordinator's order while parts are missing.
+    order_parts: PartsAssembler<VmId>,
     migrated_at: HashMap<VmId, Instant>,
     last_seen: Instant,
     last_decisions: Vec<DecisionRecord>,
@@ -380,18 +384,27 @@ impl Peer {
             }
             Message::FlowReport(r) => {
                 let mut s = self.state();
-                let parts = s.reports.entry(h.sender).or_default();
-                if r.part == 0 {
-                    parts.clear();
+                match s.report_parts.insert_flow_report(h.sender, r) {
+                    Ok(PartsOutcome::Complete(entries)) => {
+                        s.reports.insert(h.sender, entries);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(error = %e, from = %h.sender, "flow report part refused");
+                        self.metrics.rejected("other");
+                    }
                 }
-                parts.insert(r.part, r.entries);
             }
             Message::TokenOrder(o) => {
                 let mut s = self.state();
-                if o.order != s.order.0 {
-                    s.order = (o.order, BTreeMap::new(), o.parts);
+                match s.order_parts.insert_token_order(h.sender, o) {
+                    Ok(PartsOutcome::Complete(vms)) => s.order = Some(vms),
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(error = %e, from = %h.sender, "token order part refused");
+                        self.metrics.rejected("other");
+                    }
                 }
-                s.order.1.insert(o.part, o.vms);
             }
         }
     }
@@ -1072,10 +1085,8 @@ impl Peer {
         if !policy.needs_global_knowledge() {
             return;
         }
-        let s = self.state();
-        let (_, parts, count) = &s.order;
-        if parts.len() == usize::from(*count) && *count > 0 {
-            policy.feed_ranking(parts.values().flatten().copied().collect());
+        if let Some(order) = &self.state().order {
+            policy.feed_ranking(order.clone());
         }
     }
 
@@ -1083,10 +1094,8 @@ impl Peer {
     fn known_vms(&self) -> Vec<VmId> {
         let mut v: Vec<VmId> = self.hosted().iter().map(|h| u32::from(h.ip)).collect();
         let s = self.state();
-        for parts in s.reports.values() {
-            for e in parts.values().flatten() {
-                v.push(e.vm);
-            }
+        for entries in s.reports.values() {
+            v.extend(entries.iter().map(|e| e.vm));
         }
         if let Some(b) = &s.backup {
             v.extend(b.entries().iter().map(|e| e.id));
@@ -1180,20 +1189,15 @@ impl Peer {
         to.sort();
         to.dedup();
         for host in to {
+            if host == self.net.me() {
+                self.state().reports.insert(host, entries.clone());
+                continue;
+            }
             for p in &parts {
-                if host == self.net.me() {
-                    let mut s = self.state();
-                    let e = s.reports.entry(host).or_default();
-                    if p.part == 0 {
-                        e.clear();
-                    }
-                    e.insert(p.part, p.entries.clone());
-                } else {
-                    let _ = self
-                        .net
-                        .send(host, self.epoch(), &Message::FlowReport(p.clone()))
-                        .await;
-                }
+                let _ = self
+                    .net
+                    .send(host, self.epoch(), &Message::FlowReport(p.clone()))
+                    .await;
             }
         }
     }
@@ -1207,8 +1211,8 @@ impl Peer {
             let mut ids: BTreeMap<VmId, u32> = BTreeMap::new();
             let mut host_of: HashMap<VmId, Ipv4Addr> = HashMap::new();
             let mut triples = Vec::new();
-            for (host, parts) in &s.reports {
-                for e in parts.values().flatten() {
+            for (host, entries) in &s.reports {
+                for e in entries {
                     host_of.insert(e.vm, *host);
                     let n = ids.len() as u32;
                     ids.entry(e.vm).or_insert(n);
@@ -1298,19 +1302,15 @@ impl Peer {
             "global order sent"
         );
         for host in self.cfg.hosts().collect::<Vec<_>>() {
+            if host == self.net.me() {
+                self.state().order = Some(order.clone());
+                continue;
+            }
             for p in &parts {
-                if host == self.net.me() {
-                    let mut s = self.state();
-                    if s.order.0 != p.order {
-                        s.order = (p.order, BTreeMap::new(), p.parts);
-                    }
-                    s.order.1.insert(p.part, p.vms.clone());
-                } else {
-                    let _ = self
-                        .net
-                        .send(host, self.epoch(), &Message::TokenOrder(p.clone()))
-                        .await;
-                }
+                let _ = self
+                    .net
+                    .send(host, self.epoch(), &Message::TokenOrder(p.clone()))
+                    .await;
             }
         }
     }
@@ -1364,7 +1364,9 @@ pub async fn start(
             locations: HashMap::new(),
             backup: None,
             reports: HashMap::new(),
-            order: (0, BTreeMap::new(), 0),
+            report_parts: PartsAssembler::default(),
+            order: None,
+            order_parts: PartsAssembler::default(),
             migrated_at: HashMap::new(),
             last_seen: Instant::now(),
             last_decisions: Vec::new(),
@@ -1423,7 +1425,9 @@ pub async fn start(
             tokio::select! {
                 _ = c.cancelled() => return,
                 _ = tick.tick() => {
-                    n += 1;
+                    // Receivers drop a list id below the newest they saw
+                    // from this host: ids must grow across restarts too.
+                    n = rand_transfer().max(n + 1);
                     p.report(n).await;
                     if p.cfg.coordinator {
                         p.coordinate(n).await;
