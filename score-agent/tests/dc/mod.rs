@@ -41,7 +41,14 @@ pub struct Options {
     /// Host index -> namespace name in the netns backend's table (to make
     /// one target unreachable).
     pub host_ns_override: Vec<(usize, String)>,
+    /// (agent index, host index, namespace name): like `host_ns_override`,
+    /// in one agent's table only (to make one direction of a swap fail).
+    pub ns_override_at: Vec<(usize, usize, String)>,
     pub token_timeout: &'static str,
+    /// `[policy] swaps`.
+    pub swaps: bool,
+    /// `[node] migration_headroom`.
+    pub headroom: u32,
 }
 
 impl Default for Options {
@@ -51,7 +58,10 @@ impl Default for Options {
             backend: "netns",
             slots: 2,
             host_ns_override: Vec::new(),
+            ns_override_at: Vec::new(),
             token_timeout: "4s",
+            swaps: false,
+            headroom: 0,
         }
     }
 }
@@ -161,10 +171,16 @@ impl Dc {
         let mut host_table = String::new();
         for (j, other) in self.hosts.iter().enumerate() {
             let ns = o
-                .host_ns_override
+                .ns_override_at
                 .iter()
-                .find(|(k, _)| *k == j)
-                .map(|(_, n)| n.clone())
+                .find(|(a, k, _)| *a == i && *k == j)
+                .map(|(_, _, n)| n.clone())
+                .or_else(|| {
+                    o.host_ns_override
+                        .iter()
+                        .find(|(k, _)| *k == j)
+                        .map(|(_, n)| n.clone())
+                })
                 .unwrap_or_else(|| other.ns.clone());
             host_table.push_str(&format!("\"{}\" = \"{}\"\n", other.addr, ns));
         }
@@ -184,10 +200,12 @@ impl Dc {
             "interfaces = [\"vif*\"]\ndrain_interval = \"200ms\"\nrate_window = \"3s\"\nidle_timeout = \"6s\"\n\
              pin_path = \"{bpf}/{ns}\"\nhttp_listen = \"{HTTP}\"\n\
              [node]\naddress = \"{addr}\"\nvm_slots = {slots}\nmemory_mib = 4096\nvm_memory_mib = 256\n\
+             migration_headroom = {headroom}\n\
              [topology]\nfile = \"{dir}/topology.toml\"\n\
              [peer]\nport = {PORT}\nkey_file = \"{dir}/cluster.key\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
-             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\n{backend}",
+             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
+             swap_timeout = \"20s\"\n{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
             addr = h.addr,
@@ -195,6 +213,8 @@ impl Dc {
             dir = self.dir.path().display(),
             tt = o.token_timeout,
             policy = o.policy,
+            headroom = o.headroom,
+            swaps = o.swaps,
         )
     }
 
