@@ -161,6 +161,28 @@ fn done_seconds(logs: &str) -> Vec<f64> {
         .collect()
 }
 
+/// Gives host namespace `ns` its address `addr`/16 on br0, and br0 a MAC
+/// of its own (02:01: + the address), set by hand so that the kernel never
+/// recalculates it from the ports: a bridge whose MAC was never set takes
+/// the lowest MAC among its ports, so a tap coming or going could change
+/// the host's MAC under its neighbours' ARP caches (the testbed does the
+/// same).
+fn address_host(ns: &str, addr: Ipv4Addr) {
+    let o = addr.octets();
+    let mac = format!("02:01:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    sh(&["ip", "-n", ns, "link", "set", "br0", "address", &mac]);
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/16"),
+        "dev",
+        "br0",
+    ]);
+}
+
 /// Hosts A, B and C (198.18.0.11-13 on their br0) under one rack bridge,
 /// and a directory for the guests' sockets; QEMUs killed and everything
 /// removed in `Drop`.
@@ -192,16 +214,7 @@ impl Bed {
                 "ip", "-n", &rack, "link", "set", &rack_end, "master", "br0", "up",
             ]);
             sh(&["ip", "-n", &ns, "link", "set", "up0", "master", "br0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/16"),
-                "dev",
-                "br0",
-            ]);
+            address_host(&ns, addr);
             hosts.push(ns);
         }
         let c = hosts.pop().unwrap();
@@ -921,16 +934,7 @@ fn agents_bring_real_chatty_guests_together() {
     kill_qemus(&guests_dir.0);
     let core = lab.host("core");
     let obs = lab.host("obs");
-    sh(&[
-        "ip",
-        "-n",
-        &obs,
-        "addr",
-        "add",
-        "198.18.0.100/16",
-        "dev",
-        "br0",
-    ]);
+    address_host(&obs, Ipv4Addr::new(198, 18, 0, 100));
     let link = |lab_a: &str, a_end: &str, lab_b: &str, b_end: &str| {
         sh(&[
             "ip", "-n", lab_a, "link", "add", a_end, "type", "veth", "peer", "name", b_end,
@@ -952,16 +956,7 @@ fn agents_bring_real_chatty_guests_together() {
     for i in 0..4usize {
         let ns = lab.host(&format!("h{}", i + 1));
         let addr = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/16"),
-            "dev",
-            "br0",
-        ]);
+        address_host(&ns, addr);
         link(&racks[i / 2], &format!("d-h{}", i + 1), &ns, "up0");
         hosts.push((ns, addr));
     }
