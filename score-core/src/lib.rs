@@ -4,6 +4,7 @@
 //! no randomness that is not passed in: the agent and the simulator drive the
 //! same functions.
 
+pub mod chain;
 pub mod cost;
 pub mod decision;
 pub mod group;

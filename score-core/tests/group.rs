@@ -38,11 +38,7 @@ fn rate() -> impl Strategy<Value = f64> {
 
 /// Few hosts and many VMs per host, so that hosts hold groups.
 fn world() -> impl Strategy<Value = World> {
-    (
-        prop::collection::vec(1u32..4, 1..=3),
-        2u32..28,
-        1u32..5,
-    )
+    (prop::collection::vec(1u32..4, 1..=3), 2u32..28, 1u32..5)
         .prop_flat_map(|(fanout, n_vms, spare)| {
             let depth = fanout.len();
             let hosts: u32 = fanout.iter().product();

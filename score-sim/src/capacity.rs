@@ -101,6 +101,8 @@ pub struct Variant {
     pub scope: Scope,
     /// Group moves.
     pub group: GroupMode,
+    /// Ejection chains when u would stay.
+    pub chain: bool,
     /// c_m schedule; `None`: the scenario's c_m, constant.
     pub cm: Option<CmSchedule>,
 }
@@ -112,15 +114,18 @@ impl Variant {
             rule: Rule::PaperFirst,
             scope,
             group: GroupMode::Off,
+            chain: false,
             cm: None,
         }
     }
 
     /// Its name in reports and on the command line: the scope's label,
-    /// `+group` or `+group-best`, then `@start/decay/floor` if c_m has a
-    /// schedule (e.g. `swap+group@1/0.5/0.03`).
+    /// `+chain` if ejection chains are on, `+group` or `+group-best`, then
+    /// `@start/decay/floor` if c_m has a schedule (e.g.
+    /// `swap+chain+group@10/0.5/0.003`).
     pub fn label(&self) -> String {
-        let mut l = format!("{}{}", self.scope.label(), self.group.suffix());
+        let chain = if self.chain { "+chain" } else { "" };
+        let mut l = format!("{}{chain}{}", self.scope.label(), self.group.suffix());
         if let Some(c) = self.cm {
             l.push_str(&format!("@{}/{}/{}", c.start, c.decay, c.floor));
         }
@@ -137,6 +142,7 @@ impl Variant {
             rule: self.rule,
             scope: self.scope,
             group: self.group,
+            chain: self.chain,
             cm,
             cm_decay,
             cm_floor,
@@ -163,9 +169,14 @@ impl std::str::FromStr for Variant {
                     .collect::<Result<_, _>>()?;
                 let ok = |x: f64| x.is_finite() && x >= 0.0;
                 match xs[..] {
-                    [start, decay, floor] if ok(start) && ok(decay) && ok(floor) => {
-                        (h, Some(CmSchedule { start, decay, floor }))
-                    }
+                    [start, decay, floor] if ok(start) && ok(decay) && ok(floor) => (
+                        h,
+                        Some(CmSchedule {
+                            start,
+                            decay,
+                            floor,
+                        }),
+                    ),
                     [start] if ok(start) => (
                         h,
                         Some(CmSchedule {
@@ -185,10 +196,15 @@ impl std::str::FromStr for Variant {
         } else {
             (head, GroupMode::Off)
         };
+        let (scope, chain) = match scope.strip_suffix("+chain") {
+            Some(s) => (s, true),
+            None => (scope, false),
+        };
         Ok(Variant {
             rule: Rule::PaperFirst,
             scope: scope.parse().map_err(|_| bad())?,
             group,
+            chain,
             cm,
         })
     }
@@ -214,6 +230,9 @@ pub struct VariantRun {
     /// Group moves among them (each one migration per member).
     #[serde(default)]
     pub groups: u64,
+    /// Ejection chains among them (each two migrations).
+    #[serde(default)]
+    pub chains: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last that moved a VM.
@@ -399,6 +418,7 @@ fn run_fill(
                 migrations: r.migrations,
                 swaps: r.swaps,
                 groups: r.groups,
+                chains: r.chains,
                 rounds: r.rounds,
                 rounds_to_converge: r.rounds_to_converge,
                 converged: r.converged,
@@ -624,11 +644,11 @@ pub fn markdown(s: &CapacitySummary) -> String {
             f.local_search_from_initial_pct / f.baseline_reduction_pct,
             f.local_search_from_initial_moved_vms,
         ));
-        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves) | of baseline's moves | rounds to converge |\n");
+        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains) | of baseline's moves | rounds to converge |\n");
         t.push_str("|---|---|---|---|---|---|---|---|\n");
         for r in &f.runs {
             t.push_str(&format!(
-                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}) | {:.2} | {}{} |\n",
+                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}) | {:.2} | {}{} |\n",
                 r.policy,
                 r.rule,
                 r.scope,
@@ -637,6 +657,7 @@ pub fn markdown(s: &CapacitySummary) -> String {
                 r.migrations,
                 r.swaps,
                 r.groups,
+                r.chains,
                 r.migrations as f64 / f.baseline_moved_vms.max(1) as f64,
                 r.rounds_to_converge,
                 if r.converged { "" } else { " (not converged)" },

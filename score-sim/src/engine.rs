@@ -14,11 +14,14 @@
 //! [`RunOptions::group`] adds score-core's group moves
 //! ([`score_core::group`]): the holder's host moves u together with the
 //! peers it shares the host with, into a rack where their other peers run;
-//! each member is one migration.
+//! each member is one migration. [`RunOptions::chain`] adds ejection
+//! chains ([`score_core::chain`]): u goes to a full host, which sends one
+//! of its VMs on to u's host or to a third host with room.
 
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
+use score_core::chain::{Chain, choose_ejection, decide_chain};
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
 use score_core::group::{GroupLimits, GroupMove, decide_group};
@@ -58,6 +61,8 @@ pub struct RunOptions {
     pub trace: bool,
     /// Group moves (beyond the paper; default: off).
     pub group: GroupMode,
+    /// Ejection chains when u would stay (beyond the paper; default: off).
+    pub chain: bool,
     /// c_m of round r is c_m × max(`cm_decay`^r, `cm_floor`) (decay 1:
     /// constant, the paper's). The token carries the round, so every holder
     /// knows it; with a decay, a round without migration ends the run only
@@ -87,6 +92,7 @@ impl Default for RunOptions {
             group: GroupMode::Off,
             cm_decay: 1.0,
             cm_floor: 0.0,
+            chain: false,
         }
     }
 }
@@ -161,6 +167,8 @@ pub struct PolicyRun {
     pub swaps: u64,
     /// Group moves made (each also counted as one migration per member).
     pub groups: u64,
+    /// Ejection chains made (each also counted as two migrations).
+    pub chains: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last one that migrated a VM (0: nothing moved).
@@ -241,6 +249,42 @@ pub fn decide_scoped(
         },
     );
     (p, step)
+}
+
+/// Most full candidates a holder asks for an ejection chain.
+const CHAIN_ASKS: u32 = 4;
+
+/// The holder's ejection chain for `u` (`None` if none is worth making):
+/// score-core's [`decide_chain`] over the scope's candidates; each asked
+/// host answers with [`choose_ejection`] over its VMs (`lists`), capacity
+/// from the hosts' VM counts.
+pub fn decide_chain_move(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    u: VmIdx,
+    settings: Settings,
+) -> Option<Chain> {
+    let peers = model.peers(placement, u);
+    let x = placement.host(u);
+    let set = settings.scope.candidates;
+    let p = plan_with(model.topo, u, x, &peers, set);
+    let cap = |h: HostId| Some(shape.capacity(placement.count(h)));
+    decide_chain(
+        &p,
+        &peers,
+        settings.cm,
+        shape.vm_mem_mb,
+        cap(x).map_or(0, |c| c.free_mem_mb),
+        CHAIN_ASKS,
+        cap,
+        |r| {
+            let local = local_vms(model, placement, lists.on(r.to), |_| shape.vm_mem_mb);
+            let free = shape.capacity(placement.count(r.to)).free_mem_mb;
+            choose_ejection(model.topo, r.to, free, &local, r, settings.cm, set, cap)
+        },
+    )
 }
 
 /// The mutable state of one run.
@@ -483,6 +527,7 @@ pub fn run_policy(
     let (mut handoffs, mut migrations, mut this_round) = (0u64, 0u64, 0u64);
     let mut swaps = 0u64;
     let mut groups = 0u64;
+    let mut chains = 0u64;
     let mut settings = Settings {
         rule: opts.rule,
         cm,
@@ -532,7 +577,61 @@ pub fn run_policy(
             _ => decide_group_move(&st.model(), &st.placement, &st.lists, st.shape, u, cm)
                 .filter(|g| d.is_noop() || g.benefit - g.c_m > d.benefit() - step_threshold(&d)),
         };
-        if let Some(g) = group {
+        let chain = if opts.chain && d.is_noop() {
+            decide_chain_move(&st.model(), &st.placement, &st.lists, st.shape, u, settings).filter(
+                |c| {
+                    group
+                        .as_ref()
+                        .is_none_or(|g| c.benefit - c.c_m > g.benefit - g.c_m)
+                },
+            )
+        } else {
+            None
+        };
+        let group = if chain.is_some() { None } else { group };
+        if let Some(c) = chain {
+            let max = st.shape.max_vms();
+            let was_full = st.placement.count(c.from) == max;
+            st.placement.move_vm(u, c.to);
+            st.lists.moved(u, c.from, c.to);
+            st.placement.move_vm(c.partner, c.partner_to);
+            st.lists.moved(c.partner, c.to, c.partner_to);
+            st.total -= c.benefit;
+            moved[u as usize] = true;
+            moved[c.partner as usize] = true;
+            migrations += 2;
+            chains += 1;
+            this_round += 1;
+            let (level_u, level_w) = {
+                let model = st.model();
+                (
+                    model.vm_level(&st.placement, u),
+                    model.vm_level(&st.placement, c.partner),
+                )
+            };
+            // The holder learnt w's new level from y.
+            if let Some(e) = token.get_mut(c.partner) {
+                e.level = level_w;
+            }
+            if let Some(gi) = global.as_mut() {
+                let freed = (was_full && st.placement.count(c.from) < max).then_some(c.from);
+                let filled = (c.partner_to != c.from && st.placement.count(c.partner_to) == max)
+                    .then_some(c.partner_to);
+                gi.after_change(&st, &[u, c.partner], freed, filled, opts.rule, cm);
+            }
+            token.update(u, level_u, Load::from_rate(p.load));
+            handoffs += 1;
+            if opts.trace {
+                trace.push((u, Some(c.to)));
+            }
+            if opts.self_check {
+                self_check(&st, global.as_mut(), opts.rule, cm);
+            }
+            if opts.record_steps {
+                step_costs.push(st.total);
+            }
+            on_handoff(handoffs);
+        } else if let Some(g) = group {
             let x = g.from;
             let max = st.shape.max_vms();
             let was_full = st.placement.count(x) == max;
@@ -701,6 +800,7 @@ pub fn run_policy(
         migrations,
         swaps,
         groups,
+        chains,
         rounds: token.round,
         rounds_to_converge,
         converged,

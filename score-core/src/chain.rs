@@ -1,0 +1,343 @@
+//! Beyond the paper (issue 8): ejection chains of length 3. u on x goes to
+//! a full host y; y makes room by sending one of its VMs, w, on: back to x
+//! (that is a swap, [`crate::swap`]) or to a third host z with room.
+//!
+//! The holder of u proposes exactly as for a swap (a
+//! [`SwapRequest`]: u's gain on y, its c_m, its memory, its peers on y);
+//! the asked host y chooses w and z with what it knows
+//! ([`choose_ejection`]): its own VMs' peers and rates and where it
+//! believes they live, and the capacity answers of the hosts it asks (the
+//! paper's capacity request). z is x, or one of w's candidates in the
+//! candidate set `set` ([`plan_with`]) that has room.
+//!
+//! The benefit is exact: u's gain (computed with w still on y), w's gain
+//! of moving from y to z (computed with u still on x), corrected for the
+//! u–w pair, whose level goes from ℓ(x, y) to ℓ(y, z) and not what either
+//! gain assumed (u's: to 0; w's: to ℓ(z, x)). Each side's share of the
+//! correction uses its own measured rate. A chain is two migrations: it
+//! must beat c_m(u) + c_m(w), by more than a rounding margin.
+
+use serde::Serialize;
+
+use crate::cost::Placement;
+use crate::decision::{Capacity, MigrationCost, Peer, Plan, usable_peers};
+use crate::swap::{CandidateSet, LocalVm, SwapRequest, plan_with};
+use crate::token::VmId;
+use crate::topology::{HostId, Topology};
+
+/// What the asked host y answers: the VM it ejects and where to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EjectionOffer {
+    /// The ejected VM w (on y now).
+    pub partner: VmId,
+    /// Where w goes: u's host x (a swap) or a third host z with room.
+    pub partner_to: HostId,
+    /// The chain's benefit: the drop of the equation 1 total.
+    pub benefit: f64,
+    /// The threshold it exceeds: c_m(u) + c_m(w).
+    pub c_m: f64,
+    /// Capacity requests y asked.
+    pub asked: u32,
+}
+
+/// A decided chain: u goes to `to`, w from `to` to `partner_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Chain {
+    /// The proposing VM u.
+    pub vm: VmId,
+    /// u's host now.
+    pub from: HostId,
+    /// u's host after (w's now).
+    pub to: HostId,
+    /// The ejected VM w.
+    pub partner: VmId,
+    /// w's host after.
+    pub partner_to: HostId,
+    /// The drop of the equation 1 total.
+    pub benefit: f64,
+    /// c_m(u) + c_m(w).
+    pub c_m: f64,
+    /// Requests asked, by the holder and by the asked hosts.
+    pub asked: u32,
+}
+
+impl Chain {
+    /// Live migrations it takes: two.
+    pub fn migrations(&self) -> u32 {
+        2
+    }
+
+    /// Applies it to a placement whose VM indices are the VM IDs (the
+    /// simulator's convention). Panics if a VM or host is out of range.
+    pub fn apply(&self, p: &mut Placement) {
+        p.move_vm(self.vm, self.to);
+        p.move_vm(self.partner, self.partner_to);
+    }
+}
+
+/// The full host `me` (free memory `free_mem_mb` now) answers a chain
+/// request: among its VMs `local` (as it knows them) and, for each, the
+/// destinations x = `req.from` and w's candidates in `set` that have room
+/// (`capacity`, asked once per host; `None`: no answer, no room), the
+/// chain with the largest benefit net of c_m(u) + c_m(w) (ties to the
+/// lower VM, then the earlier destination), if above the threshold and
+/// every host has the memory. `cm` is this host's c_m setting, for w.
+pub fn choose_ejection(
+    topo: &Topology,
+    me: HostId,
+    free_mem_mb: u64,
+    local: &[LocalVm],
+    req: &SwapRequest,
+    cm: MigrationCost,
+    set: CandidateSet,
+    mut capacity: impl FnMut(HostId) -> Option<Capacity>,
+) -> Option<EjectionOffer> {
+    let n_hosts = topo.host_count();
+    if me >= n_hosts || req.from >= n_hosts || req.from == me {
+        return None;
+    }
+    let w_of = |a: HostId, b: HostId| topo.weights().cumulative(topo.level(a, b));
+    let x = req.from;
+    let w_xy = w_of(x, me);
+    let mut answers: Vec<(HostId, Option<Capacity>)> = Vec::new();
+    let mut asked = 0u32;
+    let mut best: Option<(f64, EjectionOffer)> = None;
+    let mut peers: Vec<Peer> = Vec::new();
+    for w in local {
+        if w.id == req.vm {
+            continue;
+        }
+        // y gives w's memory back and takes u's.
+        if free_mem_mb.saturating_add(w.mem_mb) < req.mem_mb {
+            continue;
+        }
+        peers.clear();
+        peers.extend(w.peers.iter().map(|z| Peer {
+            host: if z.id == req.vm { x } else { z.host },
+            ..*z
+        }));
+        let plan: Plan = plan_with(topo, w.id, me, &peers, set);
+        let usable = usable_peers(topo, w.id, &peers);
+        let r_w: f64 = usable
+            .iter()
+            .filter(|z| z.id == req.vm)
+            .map(|z| z.rate)
+            .sum();
+        let r_u: f64 = req
+            .peers_on_target
+            .iter()
+            .filter(|&&(id, _)| id == w.id)
+            .map(|&(_, r)| r)
+            .sum();
+        let cost_now = plan.cost_before;
+        let c_m = req.c_m + cm.threshold(cost_now);
+        let margin = 1e-9 * (req.cost_before.abs() + cost_now.abs());
+        // x first (a swap: u's slot and memory free it), then w's
+        // candidates with room.
+        let (x_cost, _) = crate::decision::level_sums(topo, &usable)
+            .0
+            .cost_at(topo, x);
+        let mut dests: Vec<(HostId, f64)> = vec![(x, 2.0 * (cost_now - x_cost))];
+        dests.extend(
+            plan.candidates
+                .iter()
+                .filter(|c| c.host != x && c.host != me)
+                .map(|c| (c.host, c.benefit)),
+        );
+        for (z, gain_w) in dests {
+            if !(req.gain + gain_w > c_m) && r_w == 0.0 && r_u == 0.0 {
+                // Without the pair's correction nothing can clear it.
+                continue;
+            }
+            let fits = if z == x {
+                req.from_free_mem_mb.saturating_add(req.mem_mb) >= w.mem_mb
+            } else {
+                let cap = match answers.iter().find(|(h, _)| *h == z) {
+                    Some(&(_, c)) => c,
+                    None => {
+                        asked += 1;
+                        let c = capacity(z);
+                        answers.push((z, c));
+                        c
+                    }
+                };
+                cap.is_some_and(|c| c.fits(w.mem_mb))
+            };
+            if !fits {
+                continue;
+            }
+            let (w_yz, w_zx) = (w_of(me, z), w_of(z, x));
+            let fix = -r_u * (w_xy + w_yz) + r_w * (2.0 * w_zx - w_xy - w_yz);
+            let benefit = req.gain + gain_w + fix;
+            // NaN anywhere refuses.
+            if !(benefit > c_m + margin) {
+                continue;
+            }
+            let net = benefit - c_m;
+            if best
+                .as_ref()
+                .is_none_or(|(b, o)| net > *b || (net == *b && w.id < o.partner))
+            {
+                best = Some((
+                    net,
+                    EjectionOffer {
+                        partner: w.id,
+                        partner_to: z,
+                        benefit,
+                        c_m,
+                        asked: 0,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, o)| EjectionOffer { asked, ..o })
+}
+
+/// The holder's chain decision for the plan's VM u (planned with
+/// [`plan_with`] on `peers`): the full candidates where u gains, by
+/// decreasing gain (stable: plan order on ties), at most `max_asks` of
+/// them, are asked for an ejection (`ask`: normally [`choose_ejection`]
+/// on the asked host; `capacity` tells which are full); the chain with the
+/// largest benefit net of its threshold wins. `cm` is c_m, `mem_need_mb`
+/// u's memory, `home_free_mem_mb` the free memory on u's host now.
+#[allow(clippy::too_many_arguments)]
+pub fn decide_chain(
+    plan: &Plan,
+    peers: &[Peer],
+    cm: MigrationCost,
+    mem_need_mb: u64,
+    home_free_mem_mb: u64,
+    max_asks: u32,
+    mut capacity: impl FnMut(HostId) -> Option<Capacity>,
+    mut ask: impl FnMut(&SwapRequest) -> Option<EjectionOffer>,
+) -> Option<Chain> {
+    let c_m = cm.threshold(plan.cost_before);
+    if c_m.is_nan() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..plan.candidates.len())
+        .filter(|&i| plan.candidates[i].benefit > 0.0)
+        .collect();
+    order.sort_by(|&a, &b| {
+        plan.candidates[b]
+            .benefit
+            .total_cmp(&plan.candidates[a].benefit)
+    });
+    let mut asked = 0u32;
+    let mut asks = 0u32;
+    let mut best: Option<(f64, Chain)> = None;
+    for i in order {
+        if asks >= max_asks {
+            break;
+        }
+        let c = &plan.candidates[i];
+        asked += 1;
+        if capacity(c.host).is_some_and(|cap| cap.fits(mem_need_mb)) {
+            // Room: a plain migration, the paper's business.
+            continue;
+        }
+        asks += 1;
+        asked += 1;
+        let req = SwapRequest {
+            vm: plan.vm,
+            from: plan.host,
+            to: c.host,
+            gain: c.benefit,
+            cost_before: plan.cost_before,
+            c_m,
+            mem_mb: mem_need_mb,
+            from_free_mem_mb: home_free_mem_mb,
+            peers_on_target: peers
+                .iter()
+                .filter(|z| {
+                    z.host == c.host && z.id != plan.vm && z.rate.is_finite() && z.rate > 0.0
+                })
+                .map(|z| (z.id, z.rate))
+                .collect(),
+        };
+        let Some(o) = ask(&req) else {
+            continue;
+        };
+        asked += o.asked;
+        // Trust but check: the offer must clear u's own share as well.
+        if !(o.benefit > o.c_m && o.c_m >= c_m) {
+            continue;
+        }
+        let net = o.benefit - o.c_m;
+        if best.as_ref().is_none_or(|(b, _)| net > *b) {
+            best = Some((
+                net,
+                Chain {
+                    vm: plan.vm,
+                    from: plan.host,
+                    to: c.host,
+                    partner: o.partner,
+                    partner_to: o.partner_to,
+                    benefit: o.benefit,
+                    c_m: o.c_m,
+                    asked: 0,
+                },
+            ));
+        }
+    }
+    best.map(|(_, ch)| Chain { asked, ..ch })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{CostModel, Traffic};
+    use crate::swap::local_vms;
+    use crate::topology::LinkWeights;
+    use std::net::Ipv4Addr;
+
+    /// Racks {0, 1} and {2, 3}, two slots per host. u=0 (with silent 4) on
+    /// host 0 talks to v=1 on host 2, which is full with w=2; w talks to 3
+    /// on host 3, which has a free slot; host 1 is full of silent VMs.
+    #[test]
+    fn the_ejected_vm_goes_to_its_own_peer() {
+        let t = Topology::regular(
+            &[2, 2],
+            LinkWeights::paper_truncated(2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap();
+        let tr = Traffic::from_triples(7, [(0, 1, 10.0), (2, 3, 1.0)]).unwrap();
+        let p = Placement::new(4, vec![0, 2, 2, 3, 0, 1, 1]).unwrap();
+        let m = CostModel::new(&t, &tr);
+        let cap = |h: HostId| {
+            Some(Capacity {
+                free_slots: 2 - p.count(h),
+                free_mem_mb: 1 << 20,
+            })
+        };
+        let peers = m.peers(&p, 0);
+        let pl = plan_with(&t, 0, 0, &peers, CandidateSet::Paper);
+        let ch = decide_chain(&pl, &peers, MigrationCost::default(), 0, 0, 4, cap, |r| {
+            let on: Vec<u32> = (0..7).filter(|&v| p.host(v) == r.to).collect();
+            let local = local_vms(&m, &p, &on, |_| 0);
+            choose_ejection(
+                &t,
+                r.to,
+                0,
+                &local,
+                r,
+                MigrationCost::default(),
+                CandidateSet::Paper,
+                cap,
+            )
+        })
+        .unwrap();
+        // w goes to its peer's host 3, not to u's host 0 (a swap).
+        assert_eq!((ch.vm, ch.to, ch.partner, ch.partner_to), (0, 2, 2, 3));
+        let w = t.weights();
+        assert_eq!(ch.benefit, 20.0 * w.cumulative(2) + 2.0 * w.cumulative(1));
+        let mut q = p.clone();
+        ch.apply(&mut q);
+        assert_eq!(m.total_cost(&q), 0.0);
+        assert_eq!(m.total_cost(&p) - m.total_cost(&q), ch.benefit);
+        // Host 2 was asked, then host 3 by host 2.
+        assert_eq!(ch.asked, 3);
+    }
+}
