@@ -605,3 +605,94 @@ fn a_failed_second_migration_is_reported_and_both_vms_keep_running() {
         "the proposer reports the half-done swap"
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn the_first_migration_of_a_swap_goes_into_the_headroom() {
+    // Only h1 may hold a third VM: whichever side proposes, the first
+    // migration goes into h1 and the second one brings it back to two.
+    let mut dc = full_pairs("sct-sword-");
+    let o = Options {
+        swaps: true,
+        headroom: 0,
+        headroom_at: vec![(0, 1)],
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    dc.wait_until("a swap done", Duration::from_secs(60), |dc| {
+        total(dc, "score_swaps_total{outcome=\"done\"}") >= 1.0
+    });
+    let mut hosts: Vec<usize> = (0..4).map(|v| dc.host_of(v).unwrap()).collect();
+    assert_eq!((hosts[0], hosts[1]), (hosts[2], hosts[3]), "{hosts:?}");
+    hosts.sort();
+    assert_eq!(hosts, [0, 0, 2, 2]);
+    let logs = dc.stop_agents();
+    let line = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .find(|l| l.contains("swapping"))
+        .expect("a swapping line")
+        .to_owned();
+    // From h1 (VMs .1, .2) the partner comes first; from h3 (.3, .4) the
+    // proposer's VM goes first: into h1 either way.
+    let from_h1 = line.contains("vm=198.18.1.1 ") || line.contains("vm=198.18.1.2 ");
+    let expected = if from_h1 {
+        "order=PartnerFirst"
+    } else {
+        "order=ProposerFirst"
+    };
+    assert!(line.contains(expected), "{line}");
+    eprintln!("{line}");
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn without_headroom_anywhere_a_swap_is_refused() {
+    let mut dc = full_pairs("sct-swnone-");
+    let o = Options {
+        swaps: true,
+        headroom: 0,
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    dc.wait_until(
+        "a refusal for want of headroom",
+        Duration::from_secs(60),
+        |dc| total(dc, "score_swap_requests_total{answer=\"no_headroom\"}") >= 2.0,
+    );
+    assert_eq!(
+        (0..4).map(|v| dc.host_of(v)).collect::<Vec<_>>(),
+        [Some(0), Some(0), Some(2), Some(2)]
+    );
+    assert_eq!(total(&dc, "score_migrations_total"), 0.0);
+    assert_eq!(total(&dc, "score_swaps_total"), 0.0);
+    dc.stop_agents();
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn advisory_swaps_move_nothing_and_release_the_partner() {
+    let mut dc = full_pairs("sct-swadv-");
+    let o = Options {
+        swaps: true,
+        headroom: 1,
+        backend: "advisory",
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    // Released partners are offered again: more than one advisory swap.
+    dc.wait_until("two advisory swaps", Duration::from_secs(60), |dc| {
+        total(dc, "score_swaps_total{outcome=\"advisory\"}") >= 2.0
+    });
+    assert_eq!(
+        (0..4).map(|v| dc.host_of(v)).collect::<Vec<_>>(),
+        [Some(0), Some(0), Some(2), Some(2)]
+    );
+    assert_eq!(total(&dc, "score_migrations_total{outcome=\"done\"}"), 0.0);
+    assert_eq!(
+        total(&dc, "score_swap_requests_total{answer=\"busy\"}"),
+        0.0
+    );
+    let logs = dc.stop_agents();
+    assert!(logs.iter().any(|l| l.contains("swap advisory")));
+}

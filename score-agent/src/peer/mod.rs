@@ -1510,3 +1510,85 @@ async fn token_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use score_core::{decision::StayReason, swap::Swap};
+
+    use super::*;
+
+    /// /status shows each decision with its kind: the paper's decisions as
+    /// before (under `decision`), swaps with both VMs.
+    #[test]
+    fn decision_records_serialise_for_status() {
+        let stay = DecisionRecord {
+            vm: Ipv4Addr::new(10, 0, 0, 1),
+            epoch: 3,
+            decision: Step::Single(Decision::Stay {
+                vm: 1,
+                host: 0,
+                cost_before: 2.0,
+                level: 1,
+                reason: StayReason::NoPeers,
+            }),
+            outcome: None,
+        };
+        let v = serde_json::to_value(&stay).unwrap();
+        assert_eq!(v["decision"]["step"], "single");
+        assert_eq!(v["decision"]["decision"], "stay");
+        assert_eq!(v["decision"]["reason"]["reason"], "no-peers");
+        let swap = DecisionRecord {
+            decision: Step::Swap(Swap {
+                vm: 1,
+                from: 0,
+                to: 2,
+                partner: 4,
+                cost_before: 10.0,
+                cost_after: 0.0,
+                partner_cost_before: 5.0,
+                partner_cost_after: 0.0,
+                benefit: 30.0,
+                c_m: 0.0,
+                level_after: 0,
+                partner_level_after: 0,
+                asked: 2,
+            }),
+            outcome: Some("swap done".into()),
+            ..stay
+        };
+        let v = serde_json::to_value(&swap).unwrap();
+        assert_eq!(v["decision"]["step"], "swap");
+        assert_eq!(v["decision"]["partner"], 4);
+        assert_eq!(v["outcome"], "swap done");
+    }
+
+    #[test]
+    fn offers_carry_the_acceptance_numbers() {
+        let a = SwapAcceptance {
+            in_reply_to: 9,
+            vm: 1,
+            partner: 4,
+            partner_gain: 7.0,
+            partner_cost_before: 3.5,
+            partner_cost_after: 0.25,
+            benefit: 11.0,
+            c_m: 2.0,
+            partner_level_after: 1,
+            order: SwapOrder::PartnerFirst,
+        };
+        let o = offer_of(&a);
+        assert_eq!(
+            (o.partner, o.partner_gain, o.partner_cost_before),
+            (4, 7.0, 3.5)
+        );
+        assert_eq!(
+            (
+                o.partner_cost_after,
+                o.benefit,
+                o.c_m,
+                o.partner_level_after
+            ),
+            (0.25, 11.0, 2.0, 1)
+        );
+    }
+}

@@ -49,6 +49,8 @@ pub struct Options {
     pub swaps: bool,
     /// `[node] migration_headroom`.
     pub headroom: u32,
+    /// (host index, headroom): another `migration_headroom` on that host.
+    pub headroom_at: Vec<(usize, u32)>,
 }
 
 impl Default for Options {
@@ -62,6 +64,7 @@ impl Default for Options {
             token_timeout: "4s",
             swaps: false,
             headroom: 0,
+            headroom_at: Vec::new(),
         }
     }
 }
@@ -213,7 +216,11 @@ impl Dc {
             dir = self.dir.path().display(),
             tt = o.token_timeout,
             policy = o.policy,
-            headroom = o.headroom,
+            headroom = o
+                .headroom_at
+                .iter()
+                .find(|(h, _)| *h == i)
+                .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
         )
     }
