@@ -7,6 +7,7 @@
 mod check;
 mod demo;
 mod guest;
+mod libvirt;
 mod measure;
 mod netns;
 mod optimum;
