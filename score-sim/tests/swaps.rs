@@ -117,7 +117,7 @@ fn small_instances_against_the_exact_optimum() {
 }
 
 #[test]
-fn group_moves_keep_the_running_total_exact_and_capacity() {
+fn group_moves_and_chains_keep_the_running_total_exact_and_capacity() {
     // 92% of the slots; c_m constant 0 and decaying from one mean VM cost.
     let setup = Setup::build(&common::small_scenario(470, 5)).unwrap();
     for kind in PolicyKind::ALL {
@@ -127,8 +127,9 @@ fn group_moves_keep_the_running_total_exact_and_capacity() {
                 (MigrationCostSpec::MeanVmFraction(1.0), 0.5, 0.03),
             ] {
                 let o = RunOptions {
-                    scope: Scope::swaps(CandidateSet::Paper),
+                    scope: Scope::swaps(CandidateSet::PeerRacks),
                     group,
+                    chain: group == GroupMode::WhenStuck,
                     cm,
                     cm_decay,
                     cm_floor,
@@ -143,8 +144,11 @@ fn group_moves_keep_the_running_total_exact_and_capacity() {
                         .windows(2)
                         .all(|w| w[1] <= w[0] * (1.0 + 1e-12))
                 );
-                assert!(r.migrations >= 2 * r.swaps + r.groups);
+                assert!(r.migrations >= 2 * r.swaps + r.groups + 2 * r.chains);
                 assert!(r.groups > 0, "{kind} {group:?}: no group move");
+                if o.chain {
+                    assert!(r.chains > 0, "{kind}: no chain at 92% fill");
+                }
             }
         }
     }
@@ -181,6 +185,7 @@ fn variants_parse_and_label() {
         "paper+group-best",
         "swap+peer-pods+group@1/0.5/0.03",
         "swap@0.1",
+        "swap+peer-pods+chain+group",
     ] {
         let v: Variant = s.parse().unwrap();
         let back = if s == "swap@0.1" { "swap@0.1/1/0" } else { s };
@@ -191,7 +196,9 @@ fn variants_parse_and_label() {
     assert_eq!(v.scope, Scope::swaps(CandidateSet::Paper));
     let c = v.cm.unwrap();
     assert_eq!((c.start, c.decay, c.floor), (1.0, 0.5, 0.03));
-    for bad in ["swap+grp", "swap@", "swap@1/2", "swap@-1", "group", "swap@x"] {
+    for bad in [
+        "swap+grp", "swap@", "swap@1/2", "swap@-1", "group", "swap@x",
+    ] {
         assert!(bad.parse::<Variant>().is_err(), "{bad}");
     }
 }
