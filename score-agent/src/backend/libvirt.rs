@@ -380,7 +380,10 @@ pub(crate) fn judge(success: bool, source: &Seen, target: &Seen) -> Verdict {
     if source.paused() && target.reachable() && !success {
         return Verdict::ResumeSource;
     }
-    if success && let Seen::State(t) = target {
+    if success
+        && let Seen::State(t) = target
+        && t.paused()
+    {
         // `--suspend` among the options leaves it paused there on purpose.
         return Verdict::TargetWithError(format!("the domain is at the target, {t}"));
     }
@@ -1078,7 +1081,12 @@ mod tests {
             judge(true, &Seen::Absent, &paused()),
             Verdict::TargetWithError(_)
         ));
-        // Success claimed, but not at the target: nobody knows.
+        // Success claimed, but not at the target (or shut off there):
+        // nobody knows.
+        assert!(matches!(
+            judge(true, &Seen::Absent, &off()),
+            Verdict::Unknown(_)
+        ));
         assert!(matches!(
             judge(true, &Seen::Absent, &Seen::Absent),
             Verdict::Unknown(_)
