@@ -248,6 +248,9 @@ pub struct LibvirtMigration {
     pub report: MigrationReport,
     /// What libvirt reported.
     pub stats: LibvirtJobStats,
+    /// How long `virsh migrate` itself ran (part of `report.duration`;
+    /// the rest is finding the domain and asking both ends afterwards).
+    pub virsh: Duration,
 }
 
 /// A domain's state as `virsh domstate --reason` prints it:
@@ -746,7 +749,8 @@ impl LibvirtBackend {
             }
         };
         let args = self.migrate_args(&domain.uuid, to, target_uri);
-        tracing::info!(domain = %domain.name, uuid = %domain.uuid, target = %target_uri, "virsh migrate");
+        tracing::info!(domain = %domain.name, uuid = %domain.uuid, target = %target_uri, found_in = ?start.elapsed(), "virsh migrate");
+        let virsh_start = Instant::now();
 
         let child = tokio::process::Command::new(&self.virsh)
             .arg("-c")
@@ -805,6 +809,7 @@ impl LibvirtBackend {
             }
         };
         guard.disarm();
+        let virsh = virsh_start.elapsed();
         let (success, reason) = match ended {
             Ok(Ok(out)) => {
                 let stderr = String::from_utf8_lossy(&out.stderr);
@@ -886,9 +891,14 @@ impl LibvirtBackend {
             elapsed_ms = ?stats.elapsed_ms,
             downtime_ms = ?stats.downtime_ms,
             duration = ?report.duration,
+            virsh = ?virsh,
             "libvirt: migration completed"
         );
-        Ok(LibvirtMigration { report, stats })
+        Ok(LibvirtMigration {
+            report,
+            stats,
+            virsh,
+        })
     }
 
     /// libvirt left the source paused after a failure and the target does

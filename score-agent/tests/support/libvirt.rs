@@ -322,7 +322,8 @@ impl Drop for LibvirtHost {
 }
 
 /// The domain XML of the tiny guest of `cargo xtask guest` (direct kernel
-/// boot, TCG, 256 MiB), its NIC a tap named `tap` on the host's `br0`.
+/// boot, TCG, 256 MiB), its NIC a tap named `tap` on the host's `br0`;
+/// `extra` is added to its kernel command line (`score.peers=...`).
 /// `<acpi/>`: without it the guest kernel does not power off or reboot
 /// cleanly, and libvirt's q35 machine expects it.
 pub fn guest_xml(
@@ -332,6 +333,7 @@ pub fn guest_xml(
     ip: Ipv4Addr,
     mac: &str,
     tap: &str,
+    extra: &str,
 ) -> String {
     format!(
         r#"<domain type='qemu'>
@@ -343,7 +345,7 @@ pub fn guest_xml(
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{guest_dir}/vmlinuz</kernel>
     <initrd>{guest_dir}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 score.ip={ip}/16 score.name=vm-{ip}</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 score.ip={ip}/16 score.name=vm-{ip} {extra}</cmdline>
   </os>
   <features><acpi/></features>
   <on_crash>destroy</on_crash>
