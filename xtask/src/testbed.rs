@@ -726,6 +726,10 @@ fn qemu_guests() -> Result<QemuGuests> {
     let launcher =
         fs::canonicalize(LAUNCHER).with_context(|| format!("finding the launcher {LAUNCHER}"))?;
     let dir = PathBuf::from(QEMU_DIR);
+    // QEMUs of a run that died without `down` would keep running, their
+    // PID files gone with the directory: stop them first.
+    let stale: Vec<u32> = qemu_processes(&dir).iter().map(|g| g.pid).collect();
+    stop_pids(&stale, Duration::from_secs(5));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {QEMU_DIR}"))?;
     Ok(QemuGuests {
