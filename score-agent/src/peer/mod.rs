@@ -1473,19 +1473,38 @@ async fn token_loop(
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(p.cfg.policy.token_hold) => {}
                 }
+                let seen = Message::TokenSeen {
+                    holder: u32::from(vm),
+                    round: token.round,
+                };
+                let epoch = token.epoch;
                 let decide = async {
-                    let seen = Message::TokenSeen {
-                        holder: u32::from(vm),
-                        round: token.round,
-                    };
-                    p.tell_watchers(&seen, token.epoch).await;
+                    p.tell_watchers(&seen, epoch).await;
                     if let Some(u) = hosted.iter().find(|x| x.ip == vm) {
                         let (level, load) = p.decide_for(u).await;
                         token.update(u32::from(vm), level, load);
                     }
                 }
                 .instrument(span.clone());
-                decide.await;
+                // A live migration (two for a swap) may outlast the token
+                // time-out: the holder keeps telling the watchers, and
+                // itself, that the token is alive, or one of them would
+                // regenerate it meanwhile.
+                let keepalive = async {
+                    let period = (p.cfg.peer.token_timeout / 3).max(Duration::from_millis(100));
+                    let mut tick =
+                        tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    loop {
+                        tick.tick().await;
+                        p.saw_token();
+                        p.tell_watchers(&seen, epoch).await;
+                    }
+                };
+                tokio::select! {
+                    _ = decide => {}
+                    _ = keepalive => {}
+                }
+                p.saw_token();
                 // VMs started here since the token last came are added.
                 for x in &hosted {
                     token.insert(u32::from(x.ip));
