@@ -407,6 +407,21 @@ async fn success_without_the_domain_at_the_target_is_undefined() {
 }
 
 #[tokio::test]
+async fn a_domain_gone_before_the_migration_is_undefined() {
+    let v = StandIn::with_mode("vanished");
+    let e = v
+        .backend()
+        .migrate(&vm(WEB1_MAC), &to(H2))
+        .await
+        .unwrap_err();
+    assert!(e.is_undefined(), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("failed to get domain"), "{text}");
+    assert!(text.contains("no such domain"), "{text}");
+    assert_eq!(v.calls_of("migrate").len(), 1);
+}
+
+#[tokio::test]
 async fn time_out_aborts_the_job_and_finds_the_domain_at_the_source() {
     let v = StandIn::with_mode("slow");
     let t = Instant::now();
