@@ -82,6 +82,9 @@ impl Chain {
 /// chain with the largest benefit net of c_m(u) + c_m(w) (ties to the
 /// lower VM, then the earlier destination), if above the threshold and
 /// every host has the memory. `cm` is this host's c_m setting, for w.
+// The arguments are what the asked host has at hand; a struct would only
+// rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn choose_ejection(
     topo: &Topology,
     me: HostId,
@@ -145,7 +148,8 @@ pub fn choose_ejection(
                 .map(|c| (c.host, c.benefit)),
         );
         for (z, gain_w) in dests {
-            if !(req.gain + gain_w > c_m) && r_w == 0.0 && r_u == 0.0 {
+            let may_clear = req.gain + gain_w > c_m;
+            if !may_clear && r_w == 0.0 && r_u == 0.0 {
                 // Without the pair's correction nothing can clear it.
                 continue;
             }
@@ -170,7 +174,8 @@ pub fn choose_ejection(
             let fix = -r_u * (w_xy + w_yz) + r_w * (2.0 * w_zx - w_xy - w_yz);
             let benefit = req.gain + gain_w + fix;
             // NaN anywhere refuses.
-            if !(benefit > c_m + margin) {
+            let clears = benefit > c_m + margin;
+            if !clears {
                 continue;
             }
             let net = benefit - c_m;
@@ -201,6 +206,7 @@ pub fn choose_ejection(
 /// on the asked host; `capacity` tells which are full); the chain with the
 /// largest benefit net of its threshold wins. `cm` is c_m, `mem_need_mb`
 /// u's memory, `home_free_mem_mb` the free memory on u's host now.
+// As for choose_ejection: the holder's own state, one argument each.
 #[allow(clippy::too_many_arguments)]
 pub fn decide_chain(
     plan: &Plan,

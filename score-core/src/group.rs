@@ -295,7 +295,8 @@ pub fn decide_group(
         };
         let benefit = -group_delta(topo, from, &members, &to);
         // NaN anywhere refuses.
-        if !(benefit > c_m + margin) {
+        let clears = benefit > c_m + margin;
+        if !clears {
             continue;
         }
         let net = benefit - c_m;
