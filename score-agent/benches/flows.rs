@@ -113,10 +113,12 @@ fn main() -> ExitCode {
     };
     let parts: Vec<&str> = args
         .iter()
-        .map(String::as_str)
-        .filter(|a| !a.starts_with("--"))
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--drain-interval"))
+        .map(|(_, a)| a.as_str())
         .collect();
-    let wants = |p: &str| parts.is_empty() || parts.contains(&p);
+    // `profile` runs only when named.
+    let wants = |p: &str| (parts.is_empty() && p != "profile") || parts.contains(&p);
 
     println!("score flows bench ({plan:?})");
     println!("machine: {}", machine());
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
         ("packet", packet as fn(&Plan) -> Result<()>),
         ("drain", drain),
         ("agent", agent),
+        ("profile", profile),
     ] {
         if !wants(name) {
             continue;
@@ -412,6 +415,7 @@ fn packet(plan: &Plan) -> Result<()> {
             summarize(&extra[label])
         );
     }
+    breakdown(&mut dps[0], plan)?;
     let dp = &mut dps[0];
 
     // New pair (first frame: lookup miss + insert) against the existing
@@ -465,6 +469,68 @@ fn packet(plan: &Plan) -> Result<()> {
     ] {
         let s = summarize(v);
         println!("  {what:<18} {s:.0} [{:.0}, {:.0}]", s.p10, s.p90);
+    }
+    Ok(())
+}
+
+/// The pieces of the counting path, each on its own (score-ebpf's
+/// `score_bench_*` programs: parsing, then parsing plus one piece), against
+/// the empty program in the same round: what each piece costs per frame.
+fn breakdown(dp: &mut Datapath, plan: &Plan) -> Result<()> {
+    // A pair of its own, so the exact-count checks above are not disturbed.
+    let vm = Ipv4Addr::new(198, 18, 201, 1);
+    let peer = Ipv4Addr::new(198, 19, 201, 1);
+    let out = udp_frame(vm, peer, VM_MAC, PEER_MAC);
+    let inb = udp_frame(peer, vm, PEER_MAC, VM_MAC);
+    let now = monotonic_ns();
+    dp.insert_pairs(
+        [(vm, peer)],
+        PairCounters {
+            bytes: 0,
+            packets: 0,
+            first_seen_ns: now,
+            last_seen_ns: now,
+        },
+    )?;
+    let pieces: [(&str, &str, &[u8]); 8] = [
+        ("empty", PROG_BENCH_EMPTY, &out),
+        ("parse", "score_bench_parse", &out),
+        ("parse+ktime", "score_bench_ktime", &out),
+        ("parse+coarse ktime", "score_bench_coarse", &out),
+        ("parse+MAC (hash)", "score_bench_mac", &out),
+        ("parse+MAC (vif slot)", "score_bench_mac_slot", &out),
+        ("parse+hosted check", "score_bench_hosted", &inb),
+        ("parse+count", "score_bench_count", &out),
+    ];
+    for (_, prog, frame) in &pieces {
+        if *prog != PROG_BENCH_EMPTY {
+            dp.program_mut(prog)?
+                .load()
+                .with_context(|| format!("loading {prog}"))?;
+        }
+        test_run(dp, prog, frame, 1000)?;
+    }
+    let mut kernel: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut extra: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..plan.rounds {
+        let mut base = 0.0;
+        for (label, prog, frame) in &pieces {
+            let (k, _) = test_run(dp, prog, frame, plan.repeat)?;
+            kernel.entry(label).or_default().push(k);
+            if *prog == PROG_BENCH_EMPTY {
+                base = k;
+            } else {
+                extra.entry(label).or_default().push(k - base);
+            }
+        }
+    }
+    println!("breakdown: each piece alone, kernel ns per frame, median (min-max)");
+    for (label, ..) in &pieces {
+        let minus = extra
+            .get(label)
+            .map(|v| format!(" | minus empty {:.1}", summarize(v)))
+            .unwrap_or_default();
+        println!("  {label:<20} {:.1}{minus}", summarize(&kernel[label]));
     }
     Ok(())
 }
@@ -1133,7 +1199,19 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
     })
 }
 
-fn agent(plan: &Plan) -> Result<()> {
+/// The drain interval the daemon runs with: `--drain-interval D` (humantime,
+/// e.g. `4s`), 1 s by default.
+fn drain_interval() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--drain-interval")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "1s".to_owned())
+}
+
+/// The agent part's namespaces, 16 vifs, bpffs and config file.
+fn agent_bed() -> Result<(Bed, PathBuf)> {
     let mut bed = Bed::new();
     bed.netns(HOST_NS)?;
     bed.netns(VMS_NS)?;
@@ -1153,16 +1231,59 @@ fn agent(plan: &Plan) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "interfaces = [\"vif*\"]\ndrain_interval = \"1s\"\nrate_window = \"30s\"\n\
+            "interfaces = [\"vif*\"]\ndrain_interval = \"{}\"\nrate_window = \"30s\"\n\
              idle_timeout = \"2m\"\npin_path = \"{BPFFS}/score\"\nflows_max = {}\n\
              http_listen = \"127.0.0.1:9464\"\n",
+            drain_interval(),
             score_common::DEFAULT_FLOWS_MAX
         ),
     )?;
     bed.files.push(config.clone());
+    Ok((bed, config))
+}
+
+/// `profile`: the loaded daemon of the agent part under `perf record`
+/// (call graphs from DWARF, 30 s after a 10 s warm-up), for finding where
+/// its CPU goes; the data lands in `$SCORE_PROFILE_OUT` (default
+/// /tmp/score-agent.perf.data), read it with `perf report -i`.
+fn profile(_plan: &Plan) -> Result<()> {
+    let (bed, config) = agent_bed()?;
+    let out = std::env::var("SCORE_PROFILE_OUT")
+        .unwrap_or_else(|_| "/tmp/score-agent.perf.data".to_owned());
+    let mut agent = AgentProc::start(&config)?;
+    agent.wait_ready(Duration::from_secs(30))?;
+    let load = Traffic::start()?;
+    thread::sleep(Duration::from_secs(10));
+    let status = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "499",
+            "--call-graph",
+            "dwarf,32768",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["-p", &agent.pid().to_string(), "--", "sleep", "30"])
+        .status()
+        .context("running perf record")?;
+    ensure!(status.success(), "perf record failed: {status}");
+    agent.alive()?;
+    drop(load);
+    agent.stop()?;
+    drop(bed);
+    println!("profile written to {out}");
+    Ok(())
+}
+
+fn agent(plan: &Plan) -> Result<()> {
+    let (_bed, config) = agent_bed()?;
     println!(
-        "score-agent run: {VMS} vifs, 1 s drain, 30 s window; warm-up {:?}, measured {:?}",
-        plan.agent_warmup, plan.agent_measure
+        "score-agent run: {VMS} vifs, {} drain, 30 s window; warm-up {:?}, measured {:?}",
+        drain_interval(),
+        plan.agent_warmup,
+        plan.agent_measure
     );
 
     println!("baseline: no traffic, empty map");

@@ -18,7 +18,7 @@ use aya::{
 };
 use score_common::{
     FLOWS_MAP, PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat,
-    VM_MACS_MAP, VmMac,
+    VIF_SEEN_MAP, VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
 };
 use serde::Serialize;
 
@@ -401,30 +401,67 @@ impl Datapath {
 
     /// The datapath's own counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats, DatapathError> {
-        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.bpf
-                .map(STATS_MAP)
-                .ok_or(DatapathError::Map(STATS_MAP))?,
-        )?;
-        let get =
-            |s: Stat| -> Result<u64, DatapathError> { Ok(map.get(&(s as u32), 0)?.iter().sum()) };
+        let data = self
+            .bpf
+            .map(STATS_MAP)
+            .ok_or(DatapathError::Map(STATS_MAP))?;
+        // One batched syscall for every slot (six otherwise).
+        let mut sums = [0u64; score_common::STATS_LEN as usize];
+        let batched = match (data, aya::util::nr_cpus()) {
+            (aya::maps::Map::PerCpuArray(md), Ok(cpus)) => {
+                let (mut keys, mut values) = (Vec::<u32>::new(), Vec::<u64>::new());
+                batch_lookup(
+                    md.fd().as_fd(),
+                    cpus,
+                    score_common::STATS_LEN as usize,
+                    &mut keys,
+                    &mut values,
+                    |k, v| {
+                        if let Some(s) = sums.get_mut(*k as usize) {
+                            *s = v.iter().sum();
+                        }
+                    },
+                )
+                .is_ok()
+            }
+            _ => false,
+        };
+        if !batched {
+            let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(data)?;
+            for (i, s) in sums.iter_mut().enumerate() {
+                *s = map.get(&(i as u32), 0)?.iter().sum();
+            }
+        }
+        let get = |s: Stat| sums[s as usize];
         Ok(DatapathStats {
-            flows_map_full: get(Stat::FlowsMapFull)?,
-            macs_map_full: get(Stat::MacsMapFull)?,
-            not_ipv4: get(Stat::NotIpv4)?,
-            not_unicast: get(Stat::NotUnicast)?,
-            control_intercepted: get(Stat::ControlIntercepted)?,
-            control_ring_full: get(Stat::ControlRingFull)?,
+            flows_map_full: get(Stat::FlowsMapFull),
+            macs_map_full: get(Stat::MacsMapFull),
+            not_ipv4: get(Stat::NotIpv4),
+            not_unicast: get(Stat::NotUnicast),
+            control_intercepted: get(Stat::ControlIntercepted),
+            control_ring_full: get(Stat::ControlRingFull),
         })
     }
 
     /// Hosted VMs seen sending: address, MAC and the interface behind them.
     pub fn vm_macs(&self) -> Result<Vec<(Ipv4Addr, VmMac)>, DatapathError> {
-        let map: BpfHashMap<&MapData, u32, VmMac> = BpfHashMap::try_from(
-            self.bpf
-                .map(VM_MACS_MAP)
-                .ok_or(DatapathError::Map(VM_MACS_MAP))?,
-        )?;
+        let data = self
+            .bpf
+            .map(VM_MACS_MAP)
+            .ok_or(DatapathError::Map(VM_MACS_MAP))?;
+        let mut out = Vec::new();
+        if let aya::maps::Map::HashMap(md) = data {
+            let (mut keys, mut values) = (Vec::<u32>::new(), Vec::<VmMac>::new());
+            // One syscall for up to 4,096 VMs (two per VM otherwise).
+            let read = batch_lookup(md.fd().as_fd(), 1, 4096, &mut keys, &mut values, |k, v| {
+                out.push((Ipv4Addr::from(u32::from_be(*k)), v[0]));
+            });
+            if read.is_ok() {
+                return Ok(out);
+            }
+            out.clear();
+        }
+        let map: BpfHashMap<&MapData, u32, VmMac> = BpfHashMap::try_from(data)?;
         Ok(map
             .iter()
             .filter_map(Result::ok)
@@ -475,6 +512,18 @@ impl Datapath {
         )?;
         for k in gone {
             let _ = map.remove(&k);
+        }
+        // Then the vif's slot of remembered senders, so that a sender seen
+        // on this ifindex again is learnt again (the classifier skips MAC
+        // learning for the sender its slot names).
+        let mut seen: aya::maps::Array<&mut MapData, VifSeen> = aya::maps::Array::try_from(
+            self.bpf
+                .map_mut(VIF_SEEN_MAP)
+                .ok_or(DatapathError::Map(VIF_SEEN_MAP))?,
+        )?;
+        let slot = ifindex % VIF_SEEN_SLOTS;
+        if seen.get(&slot, 0)?.ifindex == ifindex {
+            seen.set(slot, VifSeen::default(), 0)?;
         }
         Ok(())
     }
@@ -547,22 +596,39 @@ struct BatchAttr {
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Every entry of the per-CPU flow map, 4,096 per syscall, appended to
-/// `out`. aya 0.14 has no batch API, so this is the raw syscall. Fails
-/// (and the caller falls back) on kernels without batch support or when a
-/// hash bucket holds more entries than fit the buffer (ENOSPC).
+/// `out`. Fails (and the caller falls back) on kernels without batch
+/// support or when a hash bucket holds more entries than fit the buffer
+/// (ENOSPC).
 fn batch_read(
     fd: std::os::fd::BorrowedFd<'_>,
     cpus: usize,
     buffers: &mut BatchBuffers,
     out: &mut Vec<(Pair, Totals)>,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const CHUNK: usize = 4096;
     let BatchBuffers { keys, values } = buffers;
-    keys.resize(CHUNK, PairKey::default());
-    // One value per possible CPU, each rounded up to 8 bytes (ours are).
-    values.resize(CHUNK * cpus, PairCounters::default());
-    // For hash maps the batch cursor is a u32 bucket index.
+    batch_lookup(fd, cpus, 4096, keys, values, |k, v| {
+        out.push((pair_of(k), Totals::sum(v)));
+    })
+}
+
+/// Every entry of a map, `chunk` entries per `BPF_MAP_LOOKUP_BATCH`
+/// syscall (aya 0.14 has no batch API, so this is the raw syscall), handed
+/// to `each` with its `per_key` values (the CPU count for per-CPU maps, 1
+/// otherwise). `keys` and `values` are the buffers, grown as needed and
+/// kept by the caller. `K` and `V` must be the map's key and value types,
+/// and for per-CPU maps `V` a multiple of 8 bytes (the kernel's stride).
+fn batch_lookup<K: Copy + Default, V: Copy + Default>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    per_key: usize,
+    chunk: usize,
+    keys: &mut Vec<K>,
+    values: &mut Vec<V>,
+    mut each: impl FnMut(&K, &[V]),
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    keys.resize(chunk, K::default());
+    values.resize(chunk * per_key, V::default());
+    // For hash maps and arrays alike the batch cursor is a u32.
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut started = false;
     loop {
@@ -575,12 +641,13 @@ fn batch_read(
             out_batch: (&raw mut cursor_out) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
+            count: chunk as u32,
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: attr points at buffers of CHUNK keys and CHUNK x cpus
-        // values, and at two u32 cursors, all alive across the call.
+        // SAFETY: attr points at buffers of `chunk` keys and `chunk` x
+        // `per_key` values, and at two u32 cursors, all alive across the
+        // call; the kernel writes at most `count` entries.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -595,13 +662,10 @@ fn batch_read(
                 return Err(std::io::Error::new(e.kind(), e.to_string()));
             }
         }
-        let n = (attr.count as usize).min(CHUNK);
-        out.extend(
-            keys[..n]
-                .iter()
-                .zip(values.chunks_exact(cpus))
-                .map(|(k, v)| (pair_of(k), Totals::sum(v))),
-        );
+        let n = (attr.count as usize).min(chunk);
+        for (k, v) in keys[..n].iter().zip(values.chunks_exact(per_key.max(1))) {
+            each(k, v);
+        }
         if err.is_some() {
             // ENOENT: that was the last batch.
             return Ok(());

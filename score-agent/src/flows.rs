@@ -95,8 +95,9 @@ pub struct FlowView {
 /// stored inline. See the module documentation for what it keeps.
 #[derive(Clone, Copy, Debug, Default)]
 struct Window {
-    time: [u64; RING],
-    bytes: [u64; RING],
+    /// `(time, bytes)` side by side: a drain touches one cache line per
+    /// sample it reads or writes, not two.
+    samples: [(u64, u64); RING],
     head: u8,
     len: u8,
 }
@@ -107,8 +108,7 @@ impl Window {
     }
 
     fn get(&self, i: usize) -> (u64, u64) {
-        let s = self.slot(i);
-        (self.time[s], self.bytes[s])
+        self.samples[self.slot(i)]
     }
 
     fn clear(&mut self) {
@@ -129,8 +129,7 @@ impl Window {
             self.pop_front();
         }
         let s = self.slot(usize::from(self.len));
-        self.time[s] = time;
-        self.bytes[s] = bytes;
+        self.samples[s] = (time, bytes);
         self.len += 1;
     }
 
@@ -144,9 +143,8 @@ impl Window {
         }
         if self.len >= 2 {
             let last = self.slot(usize::from(self.len) - 1);
-            if self.time[last] / bucket_ns == now / bucket_ns {
-                self.time[last] = now;
-                self.bytes[last] = bytes;
+            if self.samples[last].0 / bucket_ns == now / bucket_ns {
+                self.samples[last] = (now, bytes);
                 return;
             }
         }
@@ -172,7 +170,10 @@ impl Window {
 struct PairState {
     bytes: u64,
     packets: u64,
-    last_seen_ns: u64,
+    /// When the pair was last known to send: the drain that saw its bytes
+    /// move (the classifiers do not stamp every frame), or the kernel's
+    /// stamp if later.
+    active_ns: u64,
     window: Window,
 }
 
@@ -225,7 +226,13 @@ impl FlowTable {
                 PairState {
                     bytes: totals.bytes,
                     packets: totals.packets,
-                    last_seen_ns: totals.last_seen_ns,
+                    // The kernel stamps the entry's creation; without a
+                    // stamp, count the pair as active now.
+                    active_ns: if totals.last_seen_ns == 0 {
+                        now_ns
+                    } else {
+                        totals.last_seen_ns
+                    },
                     window,
                 }
             });
@@ -234,9 +241,14 @@ impl FlowTable {
                 // map reset): restart the history rather than go negative.
                 state.window.clear();
             }
+            if totals.bytes != state.bytes || totals.packets != state.packets {
+                // Frames since the last drain: the latest was at most one
+                // drain interval ago.
+                state.active_ns = now_ns;
+            }
+            state.active_ns = state.active_ns.max(totals.last_seen_ns);
             state.bytes = totals.bytes;
             state.packets = totals.packets;
-            state.last_seen_ns = totals.last_seen_ns;
             state
                 .window
                 .record(now_ns, totals.bytes, window_ns, bucket_ns);
@@ -244,13 +256,16 @@ impl FlowTable {
         }
     }
 
-    /// Removes pairs whose last frame is older than the idle time-out and
-    /// returns them, so that the caller can free their kernel slots.
+    /// Removes pairs idle for longer than the idle time-out and returns
+    /// them, so that the caller can free their kernel slots. A pair's last
+    /// activity is the drain that saw its counters move (or the kernel's
+    /// creation stamp), so it goes at most one drain interval later than
+    /// its last frame would say.
     pub fn evict_idle(&mut self, now_ns: u64) -> Vec<Pair> {
         let idle_ns = self.idle_ns;
         let mut gone = Vec::new();
         self.pairs.retain(|pair, s| {
-            let keep = now_ns.saturating_sub(s.last_seen_ns) <= idle_ns;
+            let keep = now_ns.saturating_sub(s.active_ns) <= idle_ns;
             if !keep {
                 gone.push(*pair);
             }
@@ -571,6 +586,34 @@ mod tests {
         // its new kernel entry's first frame.
         t.update(40 * S, [((ip(1), ip(2)), tot(500, 39 * S, 40 * S))]);
         assert!((t.rate(&(ip(1), ip(2))) - 500.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn activity_is_seen_from_moving_counters_without_kernel_stamps() {
+        // The classifiers stamp only an entry's creation: a pair whose
+        // counters keep moving is active, one whose counters stand still is
+        // idle from the last drain that saw them move.
+        let mut t = FlowTable::new(10 * S, 30 * S, 0);
+        let (busy, quiet) = ((ip(1), ip(2)), (ip(3), ip(4)));
+        for sec in 1..=100u64 {
+            let q = if sec <= 20 { sec * 10 } else { 200 };
+            t.update(
+                sec * S,
+                [
+                    (busy, tot(sec * 100, S / 2, S / 2)),
+                    (quiet, tot(q, S / 2, S / 2)),
+                ],
+            );
+            let gone = t.evict_idle(sec * S);
+            if sec <= 50 {
+                // quiet last moved at 20 s: idle for exactly 30 s at 50 s.
+                assert!(gone.is_empty(), "{sec}: {gone:?}");
+            } else if sec == 51 {
+                assert_eq!(gone, vec![quiet]);
+            }
+        }
+        assert_eq!(t.len(), 1);
+        assert!((t.rate(&busy) - 100.0).abs() < 1e-9);
     }
 
     #[test]

@@ -14,6 +14,13 @@ pub const FLOWS_MAP: &str = "SCORE_FLOWS";
 pub const VM_MACS_MAP: &str = "SCORE_VM_MACS";
 /// Name of the per-CPU array of datapath statistics (see [`Stat`]).
 pub const STATS_MAP: &str = "SCORE_STATS";
+/// Name of the array that remembers, per vif, the last sender learnt into
+/// [`VM_MACS_MAP`] there (see [`VifSeen`]): the classifier's way to skip
+/// the hash lookup of MAC learning for a sender it already knows.
+pub const VIF_SEEN_MAP: &str = "SCORE_VIF_SEEN";
+/// Slots of [`VIF_SEEN_MAP`], indexed by `ifindex % VIF_SEEN_SLOTS`; two
+/// vifs sharing a slot only cost each other a hash lookup.
+pub const VIF_SEEN_SLOTS: u32 = 1024;
 
 /// Name of the ring buffer that carries intercepted S-CORE control
 /// datagrams (addressed to a hosted VM) from the classifier to the agent.
@@ -67,9 +74,14 @@ pub struct PairCounters {
     pub bytes: u64,
     /// Frames counted.
     pub packets: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first frame on this CPU.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the pair's first frame,
+    /// in the slot of the CPU that created the entry (0 on the others).
     pub first_seen_ns: u64,
-    /// `bpf_ktime_get_ns()` of the latest frame on this CPU.
+    /// `bpf_ktime_get_ns()` when this CPU's slot was written with a time:
+    /// the entry's creation. The classifiers do not stamp every frame (a
+    /// clock read per frame was the largest piece of their cost): the agent
+    /// tells an active pair from its counters changing between drains. Kept
+    /// so that maps pinned by an earlier agent keep their layout.
     pub last_seen_ns: u64,
 }
 
@@ -83,6 +95,23 @@ pub struct VmMac {
     pub _pad: [u8; 2],
     /// Interface index of the VM's backend interface (its vif).
     pub ifindex: u32,
+}
+
+/// Value of [`VIF_SEEN_MAP`]: the last sender the ingress classifier
+/// learnt into [`VM_MACS_MAP`] on a vif. A frame from the same address and
+/// MAC on the same vif needs no lookup in [`VM_MACS_MAP`]. The agent zeroes
+/// a vif's slot when it deletes that vif's entries from [`VM_MACS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VifSeen {
+    /// Interface index of the vif (0: empty slot).
+    pub ifindex: u32,
+    /// The sender's IPv4 address, network byte order.
+    pub ip: u32,
+    /// The sender's MAC address.
+    pub mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
 }
 
 /// One intercepted control datagram, as the classifier writes it into
@@ -131,6 +160,7 @@ pub const STATS_LEN: u32 = 6;
 const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
+const _: () = assert!(core::mem::size_of::<VifSeen>() == 16);
 const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
 const _: () = assert!(core::mem::size_of::<ControlFrame>() == 16 + CONTROL_MAX_PAYLOAD);
 
@@ -141,5 +171,6 @@ mod pod {
     unsafe impl aya::Pod for super::PairKey {}
     unsafe impl aya::Pod for super::PairCounters {}
     unsafe impl aya::Pod for super::VmMac {}
+    unsafe impl aya::Pod for super::VifSeen {}
     unsafe impl aya::Pod for super::ControlFrame {}
 }

@@ -30,6 +30,15 @@
 //! sees it, and it is not counted as VM traffic. The port comes from the
 //! `SCORE_CONTROL_PORT` global, set at load time; 0 turns interception off.
 //!
+//! The per-frame path of an existing pair is kept to parsing, one per-CPU
+//! hash update and, at ingress, an array read (the vif's last learnt sender
+//! in `SCORE_VIF_SEEN`, which spares the `SCORE_VM_MACS` lookup), or at
+//! egress the hosted-sender lookup. No clock is read per frame (on a
+//! virtual machine it cost more than the rest): only a new pair's entry is
+//! stamped, and the agent sees activity from the counters moving.
+//! `score_bench_*` classifiers run single pieces of this path for the
+//! per-frame cost breakdown of the flows bench; the agent never loads them.
+//!
 //! Every error path passes the packet (`TC_ACT_OK`): counting must never
 //! drop traffic. Nothing is logged per packet; the one log line is the first
 //! time, per CPU, that the flow map is found full.
@@ -41,15 +50,15 @@ mod kernel {
     use aya_ebpf::{
         Global,
         bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-        helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes},
         macros::{classifier, map},
-        maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+        maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::TcContext,
     };
     use aya_log_ebpf::warn;
     use score_common::{
         CONTROL_MAX_PAYLOAD, CONTROL_RING_BYTES, ControlFrame, DEFAULT_FLOWS_MAX, PairCounters,
-        PairKey, STATS_LEN, Stat, VM_MACS_MAX, VmMac,
+        PairKey, STATS_LEN, Stat, VIF_SEEN_SLOTS, VM_MACS_MAX, VifSeen, VmMac,
     };
 
     #[map(name = "SCORE_CONTROL")]
@@ -64,6 +73,9 @@ mod kernel {
 
     #[map(name = "SCORE_VM_MACS")]
     static VM_MACS: HashMap<u32, VmMac> = HashMap::with_max_entries(VM_MACS_MAX, 0);
+
+    #[map(name = "SCORE_VIF_SEEN")]
+    static VIF_SEEN: Array<VifSeen> = Array::with_max_entries(VIF_SEEN_SLOTS, 0);
 
     #[map(name = "SCORE_STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
@@ -187,6 +199,98 @@ mod kernel {
         TC_ACT_OK
     }
 
+    // Pieces of the counting path on their own, for the per-frame cost
+    // breakdown of the flows bench (loaded only by the bench; the agent
+    // loads the two classifiers above and `score_bench_empty`). Each one
+    // runs the header parsing and checks of `count` plus one piece.
+
+    /// Parsing and the unicast checks only.
+    #[classifier]
+    pub fn score_bench_parse(ctx: TcContext) -> i32 {
+        match unicast(&ctx) {
+            Some(_) => TC_ACT_OK,
+            None => TC_ACT_OK + 1,
+        }
+    }
+
+    /// Parsing + `bpf_ktime_get_ns`.
+    #[classifier]
+    pub fn score_bench_ktime(ctx: TcContext) -> i32 {
+        match unicast(&ctx) {
+            Some(_) if unsafe { bpf_ktime_get_ns() } != 0 => TC_ACT_OK,
+            _ => TC_ACT_OK + 1,
+        }
+    }
+
+    /// Parsing + `bpf_ktime_get_coarse_ns`.
+    #[classifier]
+    pub fn score_bench_coarse(ctx: TcContext) -> i32 {
+        match unicast(&ctx) {
+            Some(_) if unsafe { bpf_ktime_get_coarse_ns() } != 0 => TC_ACT_OK,
+            _ => TC_ACT_OK + 1,
+        }
+    }
+
+    /// Parsing + MAC learning by hash lookup (a VM already known): what
+    /// ingress did per frame before the `VIF_SEEN` slot.
+    #[classifier]
+    pub fn score_bench_mac(ctx: TcContext) -> i32 {
+        if let Some(h) = unicast(&ctx) {
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            learn_mac(h.src, h.mac, ifindex);
+        }
+        TC_ACT_OK
+    }
+
+    /// Parsing + MAC learning as ingress does it now (the vif's slot).
+    #[classifier]
+    pub fn score_bench_mac_slot(ctx: TcContext) -> i32 {
+        if let Some(h) = unicast(&ctx) {
+            remember_mac(&ctx, h.src, h.mac);
+        }
+        TC_ACT_OK
+    }
+
+    /// Parsing + the hosted-sender check of egress (a miss: remote sender).
+    #[classifier]
+    pub fn score_bench_hosted(ctx: TcContext) -> i32 {
+        match unicast(&ctx) {
+            Some(h) if VM_MACS.get_ptr(h.src).is_some() => TC_ACT_OK + 1,
+            _ => TC_ACT_OK,
+        }
+    }
+
+    /// Parsing + the per-CPU hash lookup and add, no time stamp: the bare
+    /// counter of TOOLCHAIN.md.
+    #[classifier]
+    pub fn score_bench_count(ctx: TcContext) -> i32 {
+        if let Some(h) = unicast(&ctx) {
+            let key = PairKey {
+                src: h.src,
+                dst: h.dst,
+            };
+            if let Some(c) = FLOWS.get_ptr_mut(&key) {
+                unsafe {
+                    (*c).bytes += u64::from(ctx.len());
+                    (*c).packets += 1;
+                }
+            }
+        }
+        TC_ACT_OK
+    }
+
+    /// Headers of a unicast IPv4 frame (None for anything `count` passes
+    /// uncounted), without touching the statistics.
+    #[inline(always)]
+    fn unicast(ctx: &TcContext) -> Option<Headers> {
+        let h = headers(ctx)?;
+        let dst_host = u32::from_be(h.dst);
+        if h.ethertype != ETH_P_IP || h.src == 0 || dst_host >> 28 == 0xe || dst_host == u32::MAX {
+            return None;
+        }
+        Some(h)
+    }
+
     #[inline(always)]
     fn bump(stat: Stat) -> u64 {
         match STATS.get_ptr_mut(stat as u32) {
@@ -273,16 +377,18 @@ mod kernel {
 
         let key = PairKey { src, dst };
         let len = u64::from(ctx.len());
-        let now = unsafe { bpf_ktime_get_ns() };
         if let Some(c) = FLOWS.get_ptr_mut(&key) {
             // Per-CPU value, and TC runs with preemption off: plain adds.
+            // No time stamp: the agent sees the pair active from its
+            // counters moving, and a clock read per frame cost more than
+            // the rest of the count (docs/BENCHMARKS.md).
             unsafe {
                 (*c).bytes += len;
                 (*c).packets += 1;
-                (*c).last_seen_ns = now;
             }
             return Ok(());
         }
+        let now = unsafe { bpf_ktime_get_ns() };
         let fresh = PairCounters {
             bytes: len,
             packets: 1,
@@ -315,14 +421,45 @@ mod kernel {
     }
 
     /// Records the sending VM's MAC and vif, writing only when it changed so
-    /// that the shared (not per-CPU) map is not written on every frame.
+    /// that the shared (not per-CPU) map is not written on every frame. The
+    /// vif's slot in `VIF_SEEN` (an array: the verifier inlines its lookup)
+    /// remembers the last sender learnt there, so that a known sender costs
+    /// no hash lookup at all.
     #[inline(always)]
     fn remember_mac(ctx: &TcContext, src: u32, mac: [u8; 6]) {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let slot = VIF_SEEN.get_ptr_mut(ifindex % VIF_SEEN_SLOTS);
+        if let Some(seen) = slot {
+            let seen = unsafe { &*seen };
+            if seen.ifindex == ifindex && seen.ip == src && seen.mac == mac {
+                return;
+            }
+        }
+        if !learn_mac(src, mac, ifindex) {
+            return;
+        }
+        if let Some(seen) = slot {
+            // Only after VM_MACS holds the entry: the slot never claims a
+            // sender the map does not know.
+            unsafe {
+                *seen = VifSeen {
+                    ifindex,
+                    ip: src,
+                    mac,
+                    _pad: [0; 2],
+                };
+            }
+        }
+    }
+
+    /// The MAC learning itself: `VM_MACS[src] = (mac, ifindex)` unless it
+    /// already says so. True if the map holds the entry afterwards.
+    #[inline(always)]
+    fn learn_mac(src: u32, mac: [u8; 6], ifindex: u32) -> bool {
         if let Some(known) = VM_MACS.get_ptr(src) {
             let known = unsafe { &*known };
             if known.mac == mac && known.ifindex == ifindex {
-                return;
+                return true;
             }
         }
         let entry = VmMac {
@@ -330,8 +467,14 @@ mod kernel {
             _pad: [0; 2],
             ifindex,
         };
-        if VM_MACS.insert(&src, &entry, 0) == Err(E2BIG) {
-            bump(Stat::MacsMapFull);
+        match VM_MACS.insert(&src, &entry, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                if e == E2BIG {
+                    bump(Stat::MacsMapFull);
+                }
+                false
+            }
         }
     }
 
