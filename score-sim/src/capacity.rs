@@ -517,7 +517,8 @@ pub fn run_small(
 
 /// The whole experiment: every fill, the small cases, then
 /// `capacity.json`, `capacity.md` (the tables of docs/EVALUATION.md) and
-/// the figure `capacity-fraction.{png,svg}` in the output folder.
+/// the figures `capacity-fraction.{png,svg}` and
+/// `capacity-migrations.{png,svg}` in the output folder.
 pub fn run_capacity(
     s: &Scenario,
     opts: &CapacityOptions,
@@ -553,7 +554,7 @@ pub fn run_capacity(
     Ok(summary)
 }
 
-/// Writes `capacity.md` and the figure of a summary.
+/// Writes `capacity.md` and the figures of a summary.
 pub fn outputs(summary: &CapacitySummary, opts: &CapacityOptions) -> Result<(), ExperimentError> {
     write(&opts.out.join("capacity.md"), markdown(summary))?;
     if opts.plots && !summary.fills.is_empty() {
@@ -562,8 +563,52 @@ pub fn outputs(summary: &CapacitySummary, opts: &CapacityOptions) -> Result<(), 
             "Cost reduction / best centralised baseline's, against fill",
             &lines(summary),
         )?;
+        plot::fill_migration_lines(
+            &opts.out.join("capacity-migrations"),
+            "Live migrations / VMs the best baseline moves, against fill",
+            &migration_lines(summary),
+        )?;
     }
     Ok(())
+}
+
+/// Figure lines of migrations: per variant, the most migrations among the
+/// distributed policies over the VMs the best baseline moves; the target
+/// (1).
+fn migration_lines(s: &CapacitySummary) -> Vec<SweepLine> {
+    let mut variants: Vec<String> = Vec::new();
+    for r in s.fills.iter().flat_map(|f| &f.runs) {
+        if !variants.contains(&r.scope) {
+            variants.push(r.scope.clone());
+        }
+    }
+    let mut out = Vec::new();
+    let xs: Vec<f64> = s.fills.iter().map(|f| 100.0 * f.fill).collect();
+    if let (Some(&a), Some(&b)) = (xs.first(), xs.last()) {
+        out.push(SweepLine {
+            name: "target: at most the baseline's moves".to_string(),
+            points: vec![(a, 1.0), (b, 1.0)],
+        });
+    }
+    for v in &variants {
+        let points = s
+            .fills
+            .iter()
+            .filter_map(|f| {
+                f.runs
+                    .iter()
+                    .filter(|r| &r.scope == v && r.policy != "global")
+                    .map(|r| r.migrations as f64 / f.baseline_moved_vms.max(1) as f64)
+                    .reduce(f64::max)
+                    .map(|y| (100.0 * f.fill, y))
+            })
+            .collect();
+        out.push(SweepLine {
+            name: format!("{v}: most among distributed policies"),
+            points,
+        });
+    }
+    out
 }
 
 /// Reads back the `capacity.json` of an earlier run (to redraw its outputs).

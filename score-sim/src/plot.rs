@@ -47,6 +47,20 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(120, 94, 240),
 ];
 
+/// Line colours of the fill figures (beyond the paper, issue 8): more
+/// lines than the policies' palette tells apart.
+const FILL_PALETTE: [RGBColor; 9] = [
+    RGBColor(230, 97, 1),
+    RGBColor(0, 114, 178),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 86, 86),
+    RGBColor(120, 94, 240),
+    RGBColor(0, 0, 0),
+    RGBColor(170, 20, 40),
+    RGBColor(86, 180, 233),
+];
+
 type DrawResult = Result<(), String>;
 
 /// Draws a figure into `<stem>.png` (with `png`) and `<stem>.svg` (with
@@ -276,6 +290,7 @@ pub fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), Plo
         x_desc: "c_m (% of the reference cost)",
         y_desc: "cost reduction / reduction at c_m = 0",
         legend: SeriesLabelPosition::MiddleRight,
+        palette: &PALETTE,
     };
     both(
         stem,
@@ -300,6 +315,36 @@ pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), P
         x_desc: "hosts' slots filled (%)",
         y_desc: "cost reduction / best centralised baseline's",
         legend: SeriesLabelPosition::LowerLeft,
+        palette: &FILL_PALETTE,
+    };
+    both(
+        stem,
+        (900, 600),
+        |r| draw_lines(r, title, lines, &axes),
+        |r| draw_lines(r, title, lines, &axes),
+    )
+}
+
+/// Migrations over the best baseline's moved VMs against fill (beyond the
+/// paper, issue 8): `lines` give (fill in percent, ratio).
+pub fn fill_migration_lines(
+    stem: &Path,
+    title: &str,
+    lines: &[SweepLine],
+) -> Result<(), PlotError> {
+    let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
+    let (x_min, x_max) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+    let y_max = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max);
+    let axes = Axes {
+        x: x_min - 1.0..x_max + 1.0,
+        y: 0.0..y_max * 1.1,
+        x_desc: "hosts' slots filled (%)",
+        y_desc: "live migrations / VMs the best baseline moves",
+        legend: SeriesLabelPosition::UpperLeft,
+        palette: &FILL_PALETTE,
     };
     both(
         stem,
@@ -316,6 +361,7 @@ struct Axes<'a> {
     x_desc: &'a str,
     y_desc: &'a str,
     legend: SeriesLabelPosition,
+    palette: &'a [RGBColor],
 }
 
 fn draw_lines<DB: DrawingBackend>(
@@ -341,7 +387,7 @@ fn draw_lines<DB: DrawingBackend>(
             .draw()
             .map_err(|e| e.to_string())?;
         for (i, l) in lines.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
+            let color = axes.palette[i % axes.palette.len()];
             chart
                 .draw_series(LineSeries::new(
                     l.points.iter().copied(),
