@@ -3,8 +3,10 @@
 //! paper's λ, §III-F and §IV-B), with idle pairs evicted.
 //!
 //! Time is CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns`
-//! reads, so kernel first/last-seen stamps and drain times compare directly.
-//! Callers pass the time in; nothing here reads a clock.
+//! reads, so the kernel's stamps and drain times compare directly. Callers
+//! pass the time in; nothing here reads a clock. The classifiers stamp only
+//! a pair's creation, not every frame: a pair is active at the drains that
+//! see its counters move, and idle eviction counts from the last of those.
 //!
 //! # What "rate over the window" means here
 //!
