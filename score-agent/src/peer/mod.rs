@@ -460,16 +460,15 @@ impl Peer {
         }
     }
 
-    /// VM `vm`'s measured peers above `min_rate`, located (peers that
-    /// cannot be located are left out); `known` gives one VM's host
-    /// without asking.
+    /// The measured peers `rates` (of one VM) above `min_rate`, located
+    /// (peers that cannot be located are left out); `known` gives one VM's
+    /// host without asking.
     async fn located_peers(
         &self,
-        vm: Ipv4Addr,
+        rates: Vec<(Ipv4Addr, f64)>,
         known: Option<(VmId, HostId)>,
     ) -> Vec<decision::Peer> {
         let topo = &self.cfg.topology;
-        let rates = self.collector.flows().peers_of(vm);
         let mut peers = Vec::new();
         for (z, rate) in rates {
             if rate <= self.cfg.policy.min_rate {
@@ -498,14 +497,9 @@ impl Peer {
     async fn decide_for(&self, u: &HostedVm) -> (u8, Load) {
         let topo = &self.cfg.topology;
         let uid = u32::from(u.ip);
-        let load: f64 = self
-            .collector
-            .flows()
-            .peers_of(u.ip)
-            .iter()
-            .map(|(_, r)| r)
-            .sum();
-        let peers = self.located_peers(u.ip, None).await;
+        let rates = self.collector.flows().peers_of(u.ip);
+        let load: f64 = rates.iter().map(|(_, r)| r).sum();
+        let peers = self.located_peers(rates, None).await;
         let held = {
             let s = self.state();
             s.migrated_at
@@ -849,13 +843,11 @@ impl Peer {
                 return Err(SwapRefusal::Busy);
             }
         }
-        let order = if self.advisory {
-            // Nothing moves here: the partner "goes" first, so that the
-            // proposer hears "advisory" before it moves anything.
-            SwapOrder::PartnerFirst
-        } else {
-            swap::order(self.room().can_hold_one_more(), p.from_headroom)?
-        };
+        let order = swap::order(
+            self.advisory,
+            self.room().can_hold_one_more(),
+            p.from_headroom,
+        )?;
         let mut local = Vec::new();
         for w in &hosted {
             let id = u32::from(w.ip);
@@ -867,7 +859,8 @@ impl Peer {
             if recent {
                 continue;
             }
-            let peers = self.located_peers(w.ip, Some((p.vm, from))).await;
+            let rates = self.collector.flows().peers_of(w.ip);
+            let peers = self.located_peers(rates, Some((p.vm, from))).await;
             local.push(LocalVm {
                 id,
                 mem_mb: self.cfg.node.vm_memory_mib,

@@ -48,12 +48,15 @@ impl Room {
 
 /// The order of a swap's migrations, decided by the asked host: into its
 /// own headroom first if it has some (`here`), else into the proposer's
-/// (`there`, what the proposal says); neither: refused.
-pub fn order(here: bool, there: bool) -> Result<SwapOrder, SwapRefusal> {
-    match (here, there) {
-        (true, _) => Ok(SwapOrder::ProposerFirst),
-        (false, true) => Ok(SwapOrder::PartnerFirst),
-        (false, false) => Err(SwapRefusal::NoHeadroom),
+/// (`there`, what the proposal says); neither: refused. An `advisory`
+/// asked host moves nothing, so its partner "goes" first: the proposer
+/// hears "advisory" before it moves anything (headroom is not needed).
+pub fn order(advisory: bool, here: bool, there: bool) -> Result<SwapOrder, SwapRefusal> {
+    match (advisory, here, there) {
+        (true, _, _) => Ok(SwapOrder::PartnerFirst),
+        (false, true, _) => Ok(SwapOrder::ProposerFirst),
+        (false, false, true) => Ok(SwapOrder::PartnerFirst),
+        (false, false, false) => Err(SwapRefusal::NoHeadroom),
     }
 }
 
@@ -215,10 +218,13 @@ mod tests {
 
     #[test]
     fn the_first_move_goes_where_the_headroom_is() {
-        assert_eq!(order(true, true), Ok(SwapOrder::ProposerFirst));
-        assert_eq!(order(true, false), Ok(SwapOrder::ProposerFirst));
-        assert_eq!(order(false, true), Ok(SwapOrder::PartnerFirst));
-        assert_eq!(order(false, false), Err(SwapRefusal::NoHeadroom));
+        assert_eq!(order(false, true, true), Ok(SwapOrder::ProposerFirst));
+        assert_eq!(order(false, true, false), Ok(SwapOrder::ProposerFirst));
+        assert_eq!(order(false, false, true), Ok(SwapOrder::PartnerFirst));
+        assert_eq!(order(false, false, false), Err(SwapRefusal::NoHeadroom));
+        // Advisory: the side that moves nothing answers first.
+        assert_eq!(order(true, false, false), Ok(SwapOrder::PartnerFirst));
+        assert_eq!(order(true, true, true), Ok(SwapOrder::PartnerFirst));
     }
 
     #[test]
