@@ -61,7 +61,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Install QEMU (bookworm-backports) and build the tiny real guest
     /// (Debian cloud kernel + busybox initramfs) into /var/cache/score-guest,
-    /// unless it is current (root).
+    /// unless it is current; install libvirt for the libvirt backend's
+    /// tests (root).
     Guest {
         /// Rebuild even if the cached guest is current.
         #[arg(long)]
@@ -157,7 +158,10 @@ fn main() -> Result<()> {
         Task::Bench { suite } => bench(&suite),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
-        Task::Guest { force } => guest::guest(force).map(|_| ()),
+        Task::Guest { force } => {
+            guest::guest(force)?;
+            libvirt::ensure_libvirt()
+        }
         Task::Traffic {
             listen,
             to,
@@ -324,11 +328,13 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");
         return Ok(());
     }
-    // The real-guest tests (score-agent/tests/backend_qemu.rs) need QEMU
-    // and the tiny guest: install and build them here, so that on a fresh
-    // machine they run instead of skipping. Cached: a no-op when current.
+    // The real-guest tests (score-agent/tests/backend_qemu.rs, and
+    // backend_libvirt.rs) need QEMU, the tiny guest and libvirt: install
+    // and build them here, so that on a fresh machine they run instead of
+    // skipping. Cached: a no-op when current.
     let started = std::time::Instant::now();
     guest::guest(false).context("preparing the real guest for the qemu backend's tests")?;
+    libvirt::ensure_libvirt().context("installing libvirt for the libvirt backend's tests")?;
     eprintln!(
         "xtask: real guest ready in {:.1} s",
         started.elapsed().as_secs_f64()
