@@ -1608,6 +1608,62 @@ mod tests {
     }
 
     #[test]
+    fn real_guests_rates_peers_and_agent_config() {
+        // 1442-byte frames carry 1400 bytes of iperf3 payload.
+        assert_eq!(guest_rate(1442 * 100), 1400 * 100 * 8);
+        let s = Sizes {
+            pods: 2,
+            racks_per_pod: 1,
+            hosts_per_rack: 2,
+            vms_per_host: 2,
+            slots: 4,
+        };
+        let mut state = planned_state(&s);
+        let flows = crate::traffic::plan(
+            &state,
+            &crate::traffic::Rates {
+                pattern: crate::traffic::Pattern::Pairs,
+                group_size: 4,
+                chatty: 200_000,
+                background: 0,
+                background_peers: 0,
+            },
+        );
+        let v1 = state.vms[0].address;
+        let arg = peers_arg(v1, &flows).unwrap();
+        // VM 1 (dc-h1, pod 1) chats with VM 3 (dc-h3, pod 2).
+        assert_eq!(
+            arg,
+            format!("score.peers=198.18.1.3:{}", guest_rate(200_000))
+        );
+        assert_eq!(peers_arg(v1, &[]), None);
+        state.guests = Some(QemuGuests {
+            dir: PathBuf::from(QEMU_DIR),
+            launcher: PathBuf::from("/x/qemu-vm"),
+            memory_mib: GUEST_MEMORY_MIB,
+            boot_seconds: 0.0,
+        });
+        let c = agent_config(&state, &state.hosts[1], "distributed", "1s", true);
+        for line in [
+            "vm_memory_mib = 256",
+            "memory_mib = 1024",
+            "kind = \"qemu\"",
+            "qmp_sockets = \"/run/score-testbed/qemu/dc-h2/*.qmp\"",
+            "incoming_helper = [\"/x/qemu-vm\", \"--dir\", \"/run/score-testbed/qemu\", \"incoming\"]",
+            "\"198.18.0.4\" = \"dc-h4\"",
+        ] {
+            assert!(c.lines().any(|l| l == line), "{line} missing:\n{c}");
+        }
+        assert!(!c.contains("netns"), "{c}");
+        // The state file of a testbed without guests still reads.
+        let mut json: serde_json::Value = serde_json::to_value(planned_state(&s)).unwrap();
+        json.as_object_mut().unwrap().remove("guests");
+        let old: State = serde_json::from_value(json).unwrap();
+        assert!(old.guests.is_none());
+        assert_eq!(old.vm_memory_mib(), VM_MEMORY_MIB);
+    }
+
+    #[test]
     fn our_namespace_names() {
         for n in ["dc-core", "dc-p1", "dc-r12", "dc-h3", "dcvm-198.18.1.4"] {
             assert!(is_ours(n), "{n}");
