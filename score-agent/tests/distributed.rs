@@ -696,3 +696,43 @@ fn advisory_swaps_move_nothing_and_release_the_partner() {
     let logs = dc.stop_agents();
     assert!(logs.iter().any(|l| l.contains("swap advisory")));
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_wider_candidate_set_moves_next_to_a_full_peer_host() {
+    // The pairs' hosts are full, but the other host of each rack is empty:
+    // with candidates = "peer-racks" (no swaps) VMs move into their peer's
+    // rack, out of the core. Not the optimum (a pair per host), better
+    // than the paper's rule, which moves nothing here.
+    let mut dc = full_pairs("sct-swrack-");
+    let o = Options {
+        candidates: "peer-racks",
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    std::thread::sleep(Duration::from_secs(3));
+    let (before, optimum) = costs(&dc, o.slots);
+    let rack = |h: usize| h / 2;
+    dc.wait_until("each pair within one rack", Duration::from_secs(60), |dc| {
+        let h: Vec<Option<usize>> = (0..4).map(|v| dc.host_of(v)).collect();
+        h.iter().all(Option::is_some)
+            && rack(h[0].unwrap()) == rack(h[2].unwrap())
+            && rack(h[1].unwrap()) == rack(h[3].unwrap())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let (after, _) = costs(&dc, o.slots);
+    assert!(after < before, "cost {before} -> {after}");
+    assert!(total(&dc, "score_migrations_total{outcome=\"done\"}") >= 1.0);
+    assert_eq!(total(&dc, "score_swaps_total"), 0.0);
+    for (a, b) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
+        assert!(
+            reachable_within(&dc, a, b, Duration::from_secs(10)).is_some(),
+            "vm{} cannot reach vm{}",
+            a + 1,
+            b + 1
+        );
+    }
+    let hosts: Vec<usize> = (0..4).map(|v| dc.host_of(v).unwrap()).collect();
+    eprintln!("peer-racks: cost {before:.0} -> {after:.0} (optimum {optimum:.0}), hosts {hosts:?}");
+    dc.stop_agents();
+}

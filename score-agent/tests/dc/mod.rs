@@ -51,6 +51,8 @@ pub struct Options {
     pub headroom: u32,
     /// (host index, headroom): another `migration_headroom` on that host.
     pub headroom_at: Vec<(usize, u32)>,
+    /// `[policy] candidates`.
+    pub candidates: &'static str,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
             swaps: false,
             headroom: 0,
             headroom_at: Vec::new(),
+            candidates: "paper",
         }
     }
 }
@@ -208,7 +211,7 @@ impl Dc {
              [peer]\nport = {PORT}\nkey_file = \"{dir}/cluster.key\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
              [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
-             swap_timeout = \"20s\"\n{backend}",
+             candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
             addr = h.addr,
@@ -222,6 +225,7 @@ impl Dc {
                 .find(|(h, _)| *h == i)
                 .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
+            candidates = o.candidates,
         )
     }
 
