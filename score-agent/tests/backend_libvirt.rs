@@ -967,7 +967,11 @@ hosts = [\"{HOST_A}\", \"{HOST_B}\"]
     let bpffs = BpfFs::mount(&format!("/run/{PREFIX}bpf-{}", std::process::id()));
     let mut agents = Vec::new();
     for h in hosts {
-        let backend = bed.config_text(h, "60s", "");
+        // Its tables as sub-tables of [backend] in the agent's file.
+        let backend = bed
+            .config_text(h, "60s", "")
+            .replace("[hosts]", "[backend.hosts]")
+            .replace("[migrate_uris]", "[backend.migrate_uris]");
         let config = format!(
             "interfaces = [\"tap*\"]\ndrain_interval = \"200ms\"\nrate_window = \"3s\"\nidle_timeout = \"6s\"\n\
              pin_path = \"{bpf}/{ns}\"\nhttp_listen = \"{http}\"\n\
