@@ -14,7 +14,6 @@ use anyhow::{Context as _, Result};
 use crate::run;
 
 /// The packages, installed without their recommendations.
-#[allow(dead_code, reason = "used by ensure_libvirt")]
 pub const PACKAGES: &[&str] = &[
     "libvirt-daemon",
     "libvirt-daemon-driver-qemu",
@@ -29,7 +28,8 @@ fn installed(package: &str) -> bool {
 }
 
 /// Installs [`PACKAGES`] unless they are all there (idempotent; root).
-/// QEMU itself comes from `guest::install`.
+/// QEMU itself comes from `guest::install`. Called by `cargo xtask guest`
+/// and `cargo xtask test`.
 #[allow(
     dead_code,
     reason = "called by `cargo xtask guest` and `cargo xtask test`"
