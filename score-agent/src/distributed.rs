@@ -2,7 +2,11 @@
 //! protocol's [`Migrator`], the Prometheus metrics behind its
 //! [`PeerMetrics`], and the start of the peer protocol's tasks.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +53,9 @@ impl PeerMetrics for Metrics {
         };
         Metrics::migration(self, o)
     }
+    fn migration_duration(&self, took: Duration) {
+        Metrics::observe_migration_duration(self, took)
+    }
     fn observe_benefit(&self, benefit: f64) {
         Metrics::observe_benefit(self, benefit)
     }
@@ -86,11 +93,14 @@ pub fn migrator(backend: Backend) -> Migrator {
                 mac: vm.mac,
                 vif: vm.vif,
             };
+            let started = Instant::now();
             match b.migrate(&vm, &HostRef { addr: to }).await {
                 Ok(r) if r.advisory => MigrationResult::Advisory,
                 Ok(r) => MigrationResult::Done(r.duration),
-                // Moved, though the backend complained afterwards.
-                Err(e) if e.at_target() => MigrationResult::Done(Duration::ZERO),
+                // Moved, though the backend complained afterwards (so it
+                // gave no report): the time measured here, so that the
+                // duration metric and the log still have the migration's.
+                Err(e) if e.at_target() => MigrationResult::Done(started.elapsed()),
                 Err(e) if e.still_at_source() => MigrationResult::Failed(e.to_string()),
                 Err(e) => MigrationResult::Undefined(e.to_string()),
             }

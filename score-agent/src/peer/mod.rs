@@ -90,6 +90,9 @@ pub trait PeerMetrics: Send + Sync {
     fn decision_evaluated(&self) {}
     /// A migration ended with `outcome`: done, failed or advisory.
     fn migration(&self, _outcome: &str) {}
+    /// A migration was done and took this long (reported with
+    /// `migration("done")`, swap halves included).
+    fn migration_duration(&self, _took: Duration) {}
     /// The benefit of a migration about to be made.
     fn observe_benefit(&self, _benefit: f64) {}
     /// A hosted VM's communication cost and level, as of its last decision.
@@ -623,6 +626,8 @@ impl Peer {
         match &result {
             MigrationResult::Done(took) => {
                 info!(vm = %vm.ip, to = %target, seconds = took.as_secs_f64(), "migration done");
+                // The duration first: a scrape that sees the count sees it.
+                self.metrics.migration_duration(*took);
                 self.metrics.migration("done");
                 self.state().migrated_at.insert(id, Instant::now());
                 self.announce_move(vm.ip, target).await;
