@@ -397,7 +397,8 @@ fn bench(suite: &str) -> Result<()> {
                 "--bench",
                 "decision",
             ]))?;
-            run(cargo().args(["bench", "--locked", "-p", "score-core", "--bench", "wire"]))
+            run(cargo().args(["bench", "--locked", "-p", "score-core", "--bench", "wire"]))?;
+            run(cargo().args(["bench", "--locked", "-p", "score-core", "--bench", "hop"]))
         }
         "sim" => run(cargo().args(["bench", "--locked", "-p", "score-sim"])),
         other => {
