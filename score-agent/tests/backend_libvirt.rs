@@ -1073,6 +1073,16 @@ hosts = [\"{HOST_A}\", \"{HOST_B}\"]
         .collect();
     eprintln!("the agent's migration took {took:?} s");
     assert_eq!(took.len(), 1, "{logs}");
+    // The same figure in the agents' metrics (issue 6).
+    assert_eq!(
+        metric_sum(&names, "score_migration_duration_seconds_count"),
+        1.0
+    );
+    let seconds = metric_sum(&names, "score_migration_duration_seconds_sum");
+    assert!(
+        (took[0] - seconds).abs() < 1e-6,
+        "log {took:?} s, metric {seconds} s"
+    );
     for a in agents {
         a.stop(libc::SIGTERM);
     }

@@ -149,6 +149,35 @@ fn metric_sum(hosts: &[(String, Ipv4Addr)], name: &str) -> f64 {
         .sum()
 }
 
+/// Every agent's /metrics of `hosts`, one after the other: one scrape each,
+/// so that several series read from it are consistent; `dc::metric_value`
+/// on it sums a series over the agents.
+fn metrics_of(hosts: &[(String, Ipv4Addr)]) -> String {
+    hosts
+        .iter()
+        .filter_map(|(ns, _)| http_get(ns, dc::HTTP, "/metrics"))
+        .collect()
+}
+
+/// QEMU's own figure for each migration (`total-time` of
+/// query-migrate, in seconds) from the agents' "qemu: migration
+/// completed" lines.
+fn qemu_total_seconds(logs: &str) -> Vec<f64> {
+    logs.lines()
+        .filter(|l| l.contains("qemu: migration completed"))
+        .filter_map(|l| {
+            let ms: f64 = l
+                .split("total_ms=Some(")
+                .nth(1)?
+                .split(')')
+                .next()?
+                .parse()
+                .ok()?;
+            Some(ms / 1000.0)
+        })
+        .collect()
+}
+
 /// Link weights of the tests' trees: the paper's e^0, e^1, e^3.
 const WEIGHTS: &str = "weights = [1.0, 2.718281828459045, 20.085536923187668]\n";
 
@@ -888,13 +917,46 @@ fn agents_live_migrate_a_real_guest_to_its_peer() {
         },
         || sh(&["bridge", "-n", &bed.rack, "fdb", "show", "br", "br0"]),
     );
-    // The agent measured the migration: its log gives the duration.
+    // The agent measured the migration: its metrics give the duration
+    // (issue 6), the same figure as its log line, and no less than QEMU's
+    // own total-time (the agent's clock also runs over the incoming
+    // helper's start of the target QEMU and the announcement).
+    let text = metrics_of(&hosts);
     let logs = logs();
-    assert!(logs.contains("qemu: migration completed"), "{logs}");
+    let m = |name: &str| dc::metric_value(&text, name);
+    assert_eq!(m("score_migrations_total{outcome=\"done\"}"), 1.0, "{text}");
+    assert_eq!(m("score_migration_duration_seconds_count"), 1.0, "{text}");
+    let seconds = m("score_migration_duration_seconds_sum");
+    assert!(seconds > 0.0 && seconds < 60.0, "{seconds}\n{text}");
+    // The one observation sits in the buckets from its own upwards.
+    assert_eq!(
+        m("score_migration_duration_seconds_bucket{le=\"60\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        m("score_migration_duration_seconds_bucket{le=\"0.05\"}"),
+        0.0,
+        "{text}"
+    );
     let took = done_seconds(&logs);
     assert_eq!(took.len(), 1, "{logs}");
-    assert!(took[0] > 0.0 && took[0] < 60.0, "{took:?}");
-    eprintln!("migration done in {:.2} s", took[0]);
+    assert!(
+        (took[0] - seconds).abs() < 1e-6,
+        "log {took:?} s, metric {seconds} s"
+    );
+    let qemu = qemu_total_seconds(&logs);
+    assert_eq!(qemu.len(), 1, "{logs}");
+    // QEMU counts whole milliseconds on its own clock.
+    assert!(
+        seconds + 0.002 >= qemu[0],
+        "metric {seconds} s < QEMU's total-time {} s",
+        qemu[0]
+    );
+    eprintln!(
+        "migration done in {seconds:.3} s (score_migration_duration_seconds_sum; QEMU's total-time {:.3} s)",
+        qemu[0]
+    );
     for a in agents {
         a.stop(libc::SIGTERM);
     }
@@ -1154,9 +1216,22 @@ fn agents_bring_real_chatty_guests_together() {
         "cost: start {start_cost:.0}, end {end_cost:.0} ({:+.1}%)",
         100.0 * (end_cost - start_cost) / start_cost
     );
+    // Every migration done has its duration in the metrics, the same
+    // figures as the logs give (one scrape per agent for both series).
+    let text = metrics_of(&hosts);
     let logs = logs();
     assert!(logs.contains("qemu: migration completed"));
-    eprintln!("migrations took {:?} s (agents' logs)", done_seconds(&logs));
+    let m = |name: &str| dc::metric_value(&text, name);
+    let done = m("score_migrations_total{outcome=\"done\"}");
+    assert_eq!(m("score_migration_duration_seconds_count"), done, "{text}");
+    let took = done_seconds(&logs);
+    assert_eq!(took.len() as f64, done, "{logs}");
+    let seconds = m("score_migration_duration_seconds_sum");
+    assert!(
+        (took.iter().sum::<f64>() - seconds).abs() < 1e-6,
+        "logs {took:?} s, metric sum {seconds} s"
+    );
+    eprintln!("migrations took {took:?} s (agents' logs; metric sum {seconds:.3} s)");
     for a in agents {
         a.stop(libc::SIGTERM);
     }

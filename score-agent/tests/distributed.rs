@@ -140,6 +140,9 @@ fn agents_bring_chatty_pairs_together() {
         .map(|i| dc.metric(i, "score_migrations_total{outcome=\"done\"}"))
         .sum();
     assert_eq!(done, 2.0, "exactly one move per pair");
+    // Each has its duration (the netns backend moves in milliseconds).
+    assert_eq!(total(&dc, "score_migration_duration_seconds_count"), 2.0);
+    assert!(total(&dc, "score_migration_duration_seconds_sum") > 0.0);
     let logs = dc.stop_agents();
     assert!(logs.iter().any(|l| l.contains("migration done")));
 }
@@ -508,6 +511,11 @@ fn a_swap_does_what_the_paper_rule_cannot_when_hosts_are_full() {
     );
     assert_eq!(total(&dc, "score_migrations_total"), 2.0);
     assert!(total(&dc, "score_swap_requests_total{answer=\"accepted\"}") >= 1.0);
+    assert_eq!(
+        total(&dc, "score_migration_duration_seconds_count"),
+        2.0,
+        "each half of the swap has its duration, at the host that made it"
+    );
     let logs = dc.stop_agents();
     let line = logs
         .iter()
