@@ -128,7 +128,10 @@ impl StandIn {
 
     /// The calls of one virsh command (the word after `-c URI`).
     fn calls_of(&self, cmd: &str) -> Vec<Vec<String>> {
-        self.calls().into_iter().filter(|c| c[2] == cmd).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.get(2).map(String::as_str) == Some(cmd))
+            .collect()
     }
 
     /// `state (reason)` of `uuid` at `host`, or `None` if it has none.
