@@ -234,16 +234,56 @@ impl Collector {
         &self.metrics
     }
 
-    /// Drains every `interval` until cancelled, on a blocking thread.
+    /// Drains every `interval` until cancelled, on a thread of its own that
+    /// lives as long as the loop (map syscalls block). Not tokio's blocking
+    /// pool: its threads end after 10 s idle, so every drain of an interval
+    /// longer than that would start and end a thread.
     pub async fn drain_loop(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        type Done = tokio::sync::oneshot::Sender<Result<(), DatapathError>>;
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Done>(1);
+        let me = self.clone();
+        let worker = std::thread::Builder::new()
+            .name("score-drain".into())
+            .spawn(move || {
+                for done in queue {
+                    // A panic drops `done` (reported below) and the thread
+                    // carries on with the next drain.
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.drain()));
+                    if let Ok(r) = result {
+                        let _ = done.send(r);
+                    }
+                }
+            });
+        let pooled = match worker {
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %e, "cannot start the drain thread; draining on tokio's blocking pool");
+                true
+            }
+        };
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {
-                    let me = self.clone();
-                    match tokio::task::spawn_blocking(move || me.drain()).await {
+                    let result = if pooled {
+                        let me = self.clone();
+                        tokio::task::spawn_blocking(move || me.drain())
+                            .await
+                            .map_err(|e| e.to_string())
+                    } else {
+                        let (done, reply) = tokio::sync::oneshot::channel();
+                        // Never blocks: one drain at a time, and the queue
+                        // holds one.
+                        if jobs.send(done).is_err() {
+                            warn!("the drain thread is gone; no more drains");
+                            return;
+                        }
+                        reply.await.map_err(|_| "the drain panicked".to_owned())
+                    };
+                    match result {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => warn!(error = %e, "drain failed"),
                         Err(e) => warn!(error = %e, "drain task failed"),
