@@ -3,35 +3,31 @@
 //! is the exact drop of the fully recomputed equation 1 total, at least as
 //! good as any swap there, never raises the cost and respects capacity.
 
-use std::net::Ipv4Addr;
+mod common;
 
+use common::{Shape, World, close, cm, set};
 use proptest::prelude::*;
 use score_core::chain::{Chain, choose_ejection, decide_chain};
-use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
-use score_core::decision::{Capacity, MigrationCost};
+use score_core::cost::{Placement, VmIdx};
+use score_core::decision::MigrationCost;
 use score_core::swap::{CandidateSet, SwapRequest, local_vms, plan_with, swap_delta};
-use score_core::topology::{HostId, LinkWeights, Topology};
 
-#[derive(Debug, Clone)]
-struct World {
-    topo: Topology,
-    traffic: Traffic,
-    placement: Placement,
-    cap: Vec<u32>,
+/// What the tests ask of a [`World`] about ejection chains.
+trait Chains {
+    /// Host `r.to` answers a chain request with what it knows (here: all).
+    fn offer(
+        &self,
+        p: &Placement,
+        r: &SwapRequest,
+        cm: MigrationCost,
+        set: CandidateSet,
+    ) -> Option<score_core::chain::EjectionOffer>;
+    /// The chain the holder of `u` decides on in placement `p`, if any.
+    fn chain(&self, p: &Placement, u: VmIdx, cm: MigrationCost, set: CandidateSet)
+    -> Option<Chain>;
 }
 
-impl World {
-    fn model(&self) -> CostModel<'_> {
-        CostModel::new(&self.topo, &self.traffic)
-    }
-
-    fn capacity(&self, p: &Placement, h: HostId) -> Option<Capacity> {
-        Some(Capacity {
-            free_slots: self.cap[h as usize].saturating_sub(p.count(h)),
-            free_mem_mb: 1 << 30,
-        })
-    }
-
+impl Chains for World {
     fn offer(
         &self,
         p: &Placement,
@@ -39,8 +35,7 @@ impl World {
         cm: MigrationCost,
         set: CandidateSet,
     ) -> Option<score_core::chain::EjectionOffer> {
-        let on: Vec<VmIdx> = (0..p.vm_count()).filter(|&v| p.host(v) == r.to).collect();
-        let local = local_vms(&self.model(), p, &on, |_| 0);
+        let local = local_vms(&self.model(), p, &self.on(p, r.to), |_| 0);
         choose_ejection(&self.topo, r.to, 1 << 30, &local, r, cm, set, |h| {
             self.capacity(p, h)
         })
@@ -69,63 +64,14 @@ impl World {
     }
 }
 
-fn rate() -> impl Strategy<Value = f64> {
-    prop_oneof![(1u32..6).prop_map(f64::from), 0.01f64..1000.0]
-}
-
+/// A third of the hosts full, the rest with a little room.
 fn world() -> impl Strategy<Value = World> {
-    (prop::collection::vec(1u32..4, 1..=3), 2u32..22, 1u32..3)
-        .prop_flat_map(|(fanout, n_vms, spare)| {
-            let depth = fanout.len();
-            let hosts: u32 = fanout.iter().product();
-            (
-                Just(fanout),
-                Just(spare),
-                prop::collection::vec(0.1f64..50.0, depth),
-                prop::collection::vec(0..hosts, n_vms as usize),
-                prop::collection::vec((0..n_vms, 0..n_vms, rate()), 0..40),
-                prop::collection::vec(0u32..3, hosts as usize),
-            )
-        })
-        .prop_map(|(fanout, spare, weights, host_of, triples, extra)| {
-            let topo = Topology::regular(
-                &fanout,
-                LinkWeights::new(weights).unwrap(),
-                Ipv4Addr::new(10, 0, 0, 1),
-            )
-            .unwrap();
-            let n = host_of.len() as u32;
-            let placement = Placement::new(topo.host_count(), host_of).unwrap();
-            // A third of the hosts full, the rest with a little room.
-            let cap = placement
-                .counts()
-                .iter()
-                .zip(&extra)
-                .map(|(&c, &e)| c + e.min(spare))
-                .collect();
-            World {
-                traffic: Traffic::from_triples(n, triples).unwrap(),
-                placement,
-                topo,
-                cap,
-            }
-        })
-}
-
-fn cm() -> impl Strategy<Value = MigrationCost> {
-    prop_oneof![
-        Just(MigrationCost::Absolute(0.0)),
-        (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
-        (0.0f64..20.0).prop_map(MigrationCost::Absolute),
-    ]
-}
-
-fn set() -> impl Strategy<Value = CandidateSet> {
-    prop::sample::select(CandidateSet::ALL.to_vec())
-}
-
-fn close(a: f64, b: f64, scale: f64) -> bool {
-    (a - b).abs() <= 1e-9 * scale.abs().max(1.0)
+    common::world(Shape {
+        vms: 22,
+        spare: 3,
+        pairs: 40,
+        extra: 3,
+    })
 }
 
 proptest! {

@@ -3,88 +3,30 @@
 //! drop of the fully recomputed equation 1 total, a decided group move
 //! never raises the cost and respects capacity.
 
-use std::net::Ipv4Addr;
+mod common;
 
+use common::{Shape, World, close, cm};
 use proptest::prelude::*;
-use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
-use score_core::decision::{Capacity, MigrationCost};
+use score_core::cost::{Placement, VmIdx};
+use score_core::decision::Capacity;
 use score_core::group::{GroupLimits, decide_group, group_delta, local_group};
 use score_core::swap::{LocalVm, local_vms};
-use score_core::topology::{HostId, LinkWeights, Topology};
+use score_core::topology::HostId;
 
-/// A random data centre whose hosts hold at most `cap[h]` VMs.
-#[derive(Debug, Clone)]
-struct World {
-    topo: Topology,
-    traffic: Traffic,
-    placement: Placement,
-    cap: Vec<u32>,
-}
-
-impl World {
-    fn model(&self) -> CostModel<'_> {
-        CostModel::new(&self.topo, &self.traffic)
-    }
-
-    fn local(&self, p: &Placement, x: HostId) -> Vec<LocalVm> {
-        let on: Vec<VmIdx> = (0..p.vm_count()).filter(|&v| p.host(v) == x).collect();
-        local_vms(&self.model(), p, &on, |v| 512 + 256 * u64::from(v % 3))
-    }
-}
-
-fn rate() -> impl Strategy<Value = f64> {
-    prop_oneof![(1u32..6).prop_map(f64::from), 0.01f64..1000.0]
+/// The VMs of host `x` as that host knows them, with memory sizes of
+/// 512, 768 and 1024 MiB.
+fn local(w: &World, p: &Placement, x: HostId) -> Vec<LocalVm> {
+    local_vms(&w.model(), p, &w.on(p, x), |v| 512 + 256 * u64::from(v % 3))
 }
 
 /// Few hosts and many VMs per host, so that hosts hold groups.
 fn world() -> impl Strategy<Value = World> {
-    (prop::collection::vec(1u32..4, 1..=3), 2u32..28, 1u32..5)
-        .prop_flat_map(|(fanout, n_vms, spare)| {
-            let depth = fanout.len();
-            let hosts: u32 = fanout.iter().product();
-            (
-                Just(fanout),
-                Just(spare),
-                prop::collection::vec(0.1f64..50.0, depth),
-                prop::collection::vec(0..hosts, n_vms as usize),
-                prop::collection::vec((0..n_vms, 0..n_vms, rate()), 0..50),
-                prop::collection::vec(0u32..4, hosts as usize),
-            )
-        })
-        .prop_map(|(fanout, spare, weights, host_of, triples, extra)| {
-            let topo = Topology::regular(
-                &fanout,
-                LinkWeights::new(weights).unwrap(),
-                Ipv4Addr::new(10, 0, 0, 1),
-            )
-            .unwrap();
-            let n = host_of.len() as u32;
-            let placement = Placement::new(topo.host_count(), host_of).unwrap();
-            let cap = placement
-                .counts()
-                .iter()
-                .zip(&extra)
-                .map(|(&c, &e)| c + e.min(spare))
-                .collect();
-            World {
-                traffic: Traffic::from_triples(n, triples).unwrap(),
-                placement,
-                topo,
-                cap,
-            }
-        })
-}
-
-fn cm() -> impl Strategy<Value = MigrationCost> {
-    prop_oneof![
-        Just(MigrationCost::Absolute(0.0)),
-        (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
-        (0.0f64..20.0).prop_map(MigrationCost::Absolute),
-    ]
-}
-
-fn close(a: f64, b: f64, scale: f64) -> bool {
-    (a - b).abs() <= 1e-9 * scale.abs().max(1.0)
+    common::world(Shape {
+        vms: 28,
+        spare: 5,
+        pairs: 50,
+        extra: 4,
+    })
 }
 
 proptest! {
@@ -100,7 +42,7 @@ proptest! {
         let hosts = w.topo.host_count();
         for u in 0..p.vm_count() {
             let x = p.host(u);
-            let local = w.local(p, x);
+            let local = local(&w, p, x);
             let idx = local_group(u, &local, max);
             prop_assert!(!idx.is_empty() && idx.len() <= max);
             prop_assert_eq!(local[idx[0]].id, u);
@@ -130,7 +72,7 @@ proptest! {
         for _round in 0..2 {
             for u in 0..p.vm_count() {
                 let x = p.host(u);
-                let local = w.local(&p, x);
+                let local = local(&w, &p, x);
                 let cap = |h: HostId| {
                     let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
                     Some(Capacity {

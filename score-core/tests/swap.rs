@@ -2,11 +2,14 @@
 //! the brute-force optimum, over random trees, traffic, placements and
 //! capacities (proptest).
 
+mod common;
+
 use std::net::Ipv4Addr;
 
+use common::{Shape, World, close, cm, set};
 use proptest::prelude::*;
 use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
-use score_core::decision::{Capacity, Decision, MigrationCost, Rule, plan};
+use score_core::decision::{Decision, MigrationCost, Rule, plan};
 use score_core::optimum::brute_force;
 use score_core::swap::{
     CandidateSet, Scope, Settings, Step, SwapRequest, choose_swap_partner, decide_with, local_vms,
@@ -14,41 +17,30 @@ use score_core::swap::{
 };
 use score_core::topology::{HostId, LinkWeights, Topology};
 
-/// A random data centre whose hosts hold at most `cap[h]` VMs; many hosts
-/// are full (cap = their count).
-#[derive(Debug, Clone)]
-struct World {
-    topo: Topology,
-    traffic: Traffic,
-    placement: Placement,
-    cap: Vec<u32>,
-}
-
-impl World {
-    fn model(&self) -> CostModel<'_> {
-        CostModel::new(&self.topo, &self.traffic)
-    }
-
-    fn capacity(&self, p: &Placement, h: HostId) -> Option<Capacity> {
-        Some(Capacity {
-            free_slots: self.cap[h as usize].saturating_sub(p.count(h)),
-            free_mem_mb: 1 << 30,
-        })
-    }
-
+/// What the tests ask of a [`World`] about swaps.
+trait Swaps {
     /// Host `r.to` answers a swap request with what it knows (here: all).
     fn offer(
         &self,
         p: &Placement,
         r: &SwapRequest,
         cm: MigrationCost,
+    ) -> Option<score_core::swap::SwapOffer>;
+    /// One decision for `u` in placement `p`.
+    fn step(&self, p: &Placement, u: VmIdx, s: Settings) -> Step;
+}
+
+impl Swaps for World {
+    fn offer(
+        &self,
+        p: &Placement,
+        r: &SwapRequest,
+        cm: MigrationCost,
     ) -> Option<score_core::swap::SwapOffer> {
-        let on: Vec<VmIdx> = (0..p.vm_count()).filter(|&v| p.host(v) == r.to).collect();
-        let local = local_vms(&self.model(), p, &on, |_| 0);
+        let local = local_vms(&self.model(), p, &self.on(p, r.to), |_| 0);
         choose_swap_partner(&self.topo, r.to, 1 << 30, &local, r, cm)
     }
 
-    /// One decision for `u` in placement `p`.
     fn step(&self, p: &Placement, u: VmIdx, s: Settings) -> Step {
         let model = self.model();
         let peers = model.peers(p, u);
@@ -65,72 +57,19 @@ impl World {
     }
 }
 
-fn rate() -> impl Strategy<Value = f64> {
-    prop_oneof![(1u32..6).prop_map(f64::from), 0.01f64..1000.0]
-}
-
+/// A data centre of at most `max_vms` VMs (exclusive); a third of the
+/// hosts full, the others with up to 3 more slots.
 fn world(max_vms: u32) -> impl Strategy<Value = World> {
-    (
-        prop::collection::vec(1u32..4, 1..=3),
-        2u32..max_vms,
-        1u32..4,
-    )
-        .prop_flat_map(|(fanout, n_vms, spare)| {
-            let depth = fanout.len();
-            let hosts: u32 = fanout.iter().product();
-            (
-                Just(fanout),
-                Just(spare),
-                prop::collection::vec(0.1f64..50.0, depth),
-                prop::collection::vec(0..hosts, n_vms as usize),
-                prop::collection::vec((0..n_vms, 0..n_vms, rate()), 0..40),
-                prop::collection::vec(0u32..3, hosts as usize),
-            )
-        })
-        .prop_map(|(fanout, spare, weights, host_of, triples, extra)| {
-            let topo = Topology::regular(
-                &fanout,
-                LinkWeights::new(weights).unwrap(),
-                Ipv4Addr::new(10, 0, 0, 1),
-            )
-            .unwrap();
-            let n = host_of.len() as u32;
-            let placement = Placement::new(topo.host_count(), host_of).unwrap();
-            // A host is full when its extra draw is 0 (a third of them),
-            // else it has up to `spare` more slots.
-            let cap = placement
-                .counts()
-                .iter()
-                .zip(&extra)
-                .map(|(&c, &e)| c + e.min(spare))
-                .collect();
-            World {
-                traffic: Traffic::from_triples(n, triples).unwrap(),
-                placement,
-                topo,
-                cap,
-            }
-        })
-}
-
-fn cm() -> impl Strategy<Value = MigrationCost> {
-    prop_oneof![
-        Just(MigrationCost::Absolute(0.0)),
-        (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
-        (0.0f64..20.0).prop_map(MigrationCost::Absolute),
-    ]
+    common::world(Shape {
+        vms: max_vms,
+        spare: 4,
+        pairs: 40,
+        extra: 3,
+    })
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
     prop_oneof![Just(Rule::PaperFirst), Just(Rule::BestBenefit)]
-}
-
-fn set() -> impl Strategy<Value = CandidateSet> {
-    prop::sample::select(CandidateSet::ALL.to_vec())
-}
-
-fn close(a: f64, b: f64, scale: f64) -> bool {
-    (a - b).abs() <= 1e-9 * scale.abs().max(1.0)
 }
 
 proptest! {
