@@ -700,6 +700,11 @@ mod tests {
         toml::from_str::<BackendConfig>(text).map_err(|e| e.message().to_owned())
     }
 
+    /// A `[backend]` table that must parse.
+    pub(super) fn config(text: &str) -> BackendConfig {
+        toml::from_str(text).unwrap()
+    }
+
     #[test]
     fn netns_defaults_and_validation() {
         let c = parse(
@@ -732,7 +737,9 @@ mod tests {
         assert!(e.contains("timeout"), "{e}");
     }
 
-    fn key_of(e: BackendConfigError) -> String {
+    /// The key an invalid configuration names (shared with the backends'
+    /// own configuration tests).
+    pub(super) fn key_of(e: BackendConfigError) -> String {
         match e {
             BackendConfigError::Invalid { key, .. } => key,
             other => panic!("{other}"),

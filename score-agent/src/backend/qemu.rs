@@ -977,18 +977,8 @@ mod tests {
 
 #[cfg(test)]
 mod config_tests {
-    use super::super::{BackendConfig, BackendConfigError};
-
-    fn parse(text: &str) -> BackendConfig {
-        toml::from_str(text).unwrap()
-    }
-
-    fn key(e: BackendConfigError) -> String {
-        match e {
-            BackendConfigError::Invalid { key, .. } => key,
-            other => panic!("{other}"),
-        }
-    }
+    use super::super::BackendConfig;
+    use super::super::tests::{config as parse, key_of as key};
 
     #[test]
     fn qemu_config_defaults_and_validation() {
