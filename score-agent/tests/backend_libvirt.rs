@@ -493,10 +493,10 @@ fn a_missing_virsh_is_reported() {
 mod libvirt_lab;
 
 use libvirt_lab::LibvirtHost;
+use support::guest::{GUEST_DIR, Status, rt, spread, status_of, wait_status_of};
 use support::{Agent, BpfFs, Lab, http_get, sh};
 
 const PREFIX: &str = "sct-lv-";
-const GUEST_DIR: &str = "/var/cache/score-guest";
 const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
 const MAC: &str = "02:00:00:01:00:05";
 const TAP: &str = "tap5";
@@ -507,64 +507,19 @@ const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const HOST_C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
 
 fn real_skip_reason() -> Option<String> {
-    if let Some(why) = libvirt_lab::skip_reason() {
-        return Some(why);
-    }
-    for f in ["vmlinuz", "initrd.img"] {
-        if !Path::new(GUEST_DIR).join(f).exists() {
-            return Some(format!("no {GUEST_DIR}/{f}: run `cargo xtask guest`"));
-        }
-    }
-    None
+    libvirt_lab::skip_reason().or_else(support::guest::skip_reason)
 }
 
 macro_rules! skip_unless_ready {
     () => {
-        if let Some(why) = real_skip_reason() {
-            eprintln!("SKIPPED: {why}");
+        if support::guest::skip(real_skip_reason()) {
             return;
         }
     };
 }
 
-/// What the guest's status service says.
-#[derive(Debug, Clone, PartialEq)]
-struct Status {
-    boot_id: String,
-    uptime: f64,
-    counter: u64,
-}
-
-fn status(ns: &str) -> Option<Status> {
-    status_of(ns, VM)
-}
-
-fn status_of(ns: &str, vm: Ipv4Addr) -> Option<Status> {
-    let body = http_get(ns, &format!("{vm}:80"), "/cgi-bin/status")?;
-    let field = |k: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .map(str::to_owned)
-    };
-    Some(Status {
-        boot_id: field("boot_id")?,
-        uptime: field("uptime")?.parse().ok()?,
-        counter: field("counter")?.parse().ok()?,
-    })
-}
-
 fn wait_status(ns: &str, timeout: Duration) -> Status {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = status(ns) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never answered from {ns}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status_of(ns, VM, timeout)
 }
 
 /// Hosts A and B (libvirtds) and C (an observer), 198.18.0.11-13 on their
@@ -737,32 +692,12 @@ fn define_and_start(host: &LibvirtHost, guest: &Guest, cmdline: &str) {
     host.virsh_ok(&["start", &guest.name]);
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn vm_ref() -> VmRef {
     VmRef {
         ip: VM,
         mac: score_agent::backend::parse_mac(MAC).unwrap(),
         vif: TAP.into(),
     }
-}
-
-/// Median, minimum and maximum.
-fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (median, s[0], s[n - 1])
 }
 
 /// Live-migrates the guest A -> B -> A ... (`SCORE_LIBVIRT_ROUNDS`

@@ -30,10 +30,10 @@ use score_core::{
     cost::{CostModel, Placement as HostPlacement, Traffic},
     topology::Topology,
 };
+use support::guest::{Status, rt, spread, status_of, wait_status_of, wait_until};
 use support::{Agent, BpfFs, Lab, http_get, sh};
 
 const PREFIX: &str = "sct-qm-";
-const GUEST_DIR: &str = "/var/cache/score-guest";
 const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
 const MAC: &str = "02:00:00:01:00:05";
 const TAP: &str = "tap5";
@@ -41,100 +41,22 @@ const HOST_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
 const HOST_C: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 13);
 
-fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !qemu {
-        return Some("no qemu-system-x86_64: run `cargo xtask guest` (installs it)".into());
-    }
-    for f in ["vmlinuz", "initrd.img"] {
-        if !Path::new(GUEST_DIR).join(f).exists() {
-            return Some(format!("no {GUEST_DIR}/{f}: run `cargo xtask guest`"));
-        }
-    }
-    None
-}
-
 /// Skips the test (with the reason printed) when QEMU or the guest is
-/// missing; fails instead under `cargo xtask test`, which prepares both and
-/// sets `SCORE_REQUIRE_GUESTS=1`, so that CI cannot pass by skipping.
+/// missing, or fails under `cargo xtask test` (see `support::guest::skip`).
 macro_rules! skip_unless_ready {
     () => {
-        if let Some(why) = skip_reason() {
-            assert!(
-                std::env::var_os("SCORE_REQUIRE_GUESTS").is_none(),
-                "SCORE_REQUIRE_GUESTS is set but {why}"
-            );
-            eprintln!("SKIPPED: {why}");
+        if support::guest::skip(support::guest::skip_reason()) {
             return;
         }
     };
 }
 
-/// What the guest's status service says.
-#[derive(Debug, Clone, PartialEq)]
-struct Status {
-    boot_id: String,
-    uptime: f64,
-    counter: u64,
-}
-
-fn status_of(ns: &str, vm: Ipv4Addr) -> Option<Status> {
-    let body = http_get(ns, &format!("{vm}:80"), "/cgi-bin/status")?;
-    let field = |k: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .map(str::to_owned)
-    };
-    Some(Status {
-        boot_id: field("boot_id")?,
-        uptime: field("uptime")?.parse().ok()?,
-        counter: field("counter")?.parse().ok()?,
-    })
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn wait_status(ns: &str, timeout: Duration) -> Status {
     wait_status_of(ns, VM, timeout)
-}
-
-/// The status of guest `vm` as asked from `ns`, waiting for an answer: a
-/// TCG guest on a loaded machine may take seconds to serve one.
-fn wait_status_of(ns: &str, vm: Ipv4Addr, timeout: Duration) -> Status {
-    wait_until(
-        timeout,
-        &format!("guest {vm} answering from {ns}"),
-        || status_of(ns, vm),
-        String::new,
-    )
-}
-
-/// Polls `probe` every 200 ms until it gives a value; fails after
-/// `timeout` naming `what`, with `context()` (agent logs, say).
-fn wait_until<T>(
-    timeout: Duration,
-    what: &str,
-    mut probe: impl FnMut() -> Option<T>,
-    context: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {timeout:?}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The sum over `hosts` of a metric of their agents (0 where absent).
@@ -437,13 +359,6 @@ impl Drop for Bed {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn vm_ref() -> VmRef {
     VmRef {
         ip: VM,
@@ -627,19 +542,6 @@ impl Pinger {
             .map(|w| (w[1] - w[0]) * 1000.0)
             .fold(0.0, f64::max)
     }
-}
-
-/// Median, minimum and maximum.
-fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (median, s[0], s[n - 1])
 }
 
 fn env_or(key: &str, default: &str) -> String {

@@ -4,6 +4,8 @@
 //! the test fails.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
