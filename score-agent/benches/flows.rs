@@ -995,22 +995,10 @@ impl AgentProc {
 
     /// SIGTERM, then wait for the clean shutdown (detach from every vif).
     fn stop(mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait()? {
-                ensure!(status.success(), "score-agent exited with {status}");
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(20));
+        match self.child.take() {
+            Some(child) => common::stop_agent(child, Duration::from_secs(10)),
+            None => Ok(()),
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("score-agent did not stop within 10 s of SIGTERM")
     }
 }
 

@@ -4,11 +4,12 @@
 
 use std::{
     os::fd::AsRawFd,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     thread,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 pub fn quiet(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()
@@ -27,6 +28,24 @@ pub fn sh(args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Stops a score-agent child with SIGTERM and waits up to `grace` for its
+/// clean shutdown (it detaches from every vif); kills it after that.
+pub fn stop_agent(mut child: Child, grace: Duration) -> Result<()> {
+    // SAFETY: kill(2) on our own child (`ip netns exec` execs in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            ensure!(status.success(), "score-agent exited with {status}");
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("score-agent did not stop within {grace:?} of SIGTERM")
 }
 
 /// Runs `f` on a thread inside network namespace `ns`.
