@@ -494,7 +494,7 @@ mod libvirt_lab;
 
 use libvirt_lab::LibvirtHost;
 use support::guest::{GUEST_DIR, Status, rt, spread, status_of, wait_status_of};
-use support::{Agent, BpfFs, Lab, http_get, sh};
+use support::{Agent, BpfFs, Lab, address_host, bridge_link, http_get, sh};
 
 const PREFIX: &str = "sct-lv-";
 const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
@@ -540,31 +540,8 @@ impl Bed {
         let mut names = Vec::new();
         for (name, addr) in [("a", HOST_A), ("b", HOST_B), ("c", HOST_C)] {
             let ns = lab.host(name);
-            let rack_end = format!("up-{name}");
-            sh(&[
-                "ip", "-n", &rack, "link", "add", &rack_end, "type", "veth", "peer", "name", "up0",
-                "netns", &ns,
-            ]);
-            sh(&[
-                "ip", "-n", &rack, "link", "set", &rack_end, "master", "br0", "up",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "up0", "master", "br0", "up"]);
-            // br0's MAC set by hand, so that taps coming and going never
-            // change it under the neighbours' ARP caches (a bridge whose
-            // MAC was never set takes the lowest among its ports).
-            let o = addr.octets();
-            let mac = format!("02:01:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
-            sh(&["ip", "-n", &ns, "link", "set", "br0", "address", &mac]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/16"),
-                "dev",
-                "br0",
-            ]);
+            bridge_link(&rack, &format!("up-{name}"), &ns, "up0");
+            address_host(&ns, addr);
             names.push(ns);
         }
         let root = Path::new("/run").join(format!("{PREFIX}libvirt"));

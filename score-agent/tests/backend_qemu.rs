@@ -31,7 +31,7 @@ use score_core::{
     topology::Topology,
 };
 use support::guest::{Status, rt, spread, status_of, wait_status_of, wait_until};
-use support::{Agent, BpfFs, Lab, http_get, sh};
+use support::{Agent, BpfFs, Lab, address_host, bridge_link, http_get, sh};
 
 const PREFIX: &str = "sct-qm-";
 const VM: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
@@ -169,28 +169,6 @@ fn done_seconds(logs: &str) -> Vec<f64> {
         .collect()
 }
 
-/// Gives host namespace `ns` its address `addr`/16 on br0, and br0 a MAC
-/// of its own (02:01: + the address), set by hand so that the kernel never
-/// recalculates it from the ports: a bridge whose MAC was never set takes
-/// the lowest MAC among its ports, so a tap coming or going could change
-/// the host's MAC under its neighbours' ARP caches (the testbed does the
-/// same).
-fn address_host(ns: &str, addr: Ipv4Addr) {
-    let o = addr.octets();
-    let mac = format!("02:01:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
-    sh(&["ip", "-n", ns, "link", "set", "br0", "address", &mac]);
-    sh(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{addr}/16"),
-        "dev",
-        "br0",
-    ]);
-}
-
 /// Hosts A, B and C (198.18.0.11-13 on their br0) under one rack bridge,
 /// and a directory for the guests' sockets; QEMUs killed and everything
 /// removed in `Drop`.
@@ -213,15 +191,7 @@ impl Bed {
         let mut hosts = Vec::new();
         for (name, addr) in [("a", HOST_A), ("b", HOST_B), ("c", HOST_C)] {
             let ns = lab.host(name);
-            let rack_end = format!("up-{name}");
-            sh(&[
-                "ip", "-n", &rack, "link", "add", &rack_end, "type", "veth", "peer", "name", "up0",
-                "netns", &ns,
-            ]);
-            sh(&[
-                "ip", "-n", &rack, "link", "set", &rack_end, "master", "br0", "up",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "up0", "master", "br0", "up"]);
+            bridge_link(&rack, &format!("up-{name}"), &ns, "up0");
             address_host(&ns, addr);
             hosts.push(ns);
         }
@@ -952,29 +922,17 @@ fn agents_bring_real_chatty_guests_together() {
     let core = lab.host("core");
     let obs = lab.host("obs");
     address_host(&obs, Ipv4Addr::new(198, 18, 0, 100));
-    let link = |lab_a: &str, a_end: &str, lab_b: &str, b_end: &str| {
-        sh(&[
-            "ip", "-n", lab_a, "link", "add", a_end, "type", "veth", "peer", "name", b_end,
-            "netns", lab_b,
-        ]);
-        sh(&[
-            "ip", "-n", lab_a, "link", "set", a_end, "master", "br0", "up",
-        ]);
-        sh(&[
-            "ip", "-n", lab_b, "link", "set", b_end, "master", "br0", "up",
-        ]);
-    };
-    link(&core, "c-obs", &obs, "up0");
+    bridge_link(&core, "c-obs", &obs, "up0");
     let racks = [lab.host("r1"), lab.host("r2")];
     for (i, r) in racks.iter().enumerate() {
-        link(&core, &format!("c-r{}", i + 1), r, "up0");
+        bridge_link(&core, &format!("c-r{}", i + 1), r, "up0");
     }
     let mut hosts = Vec::new();
     for i in 0..4usize {
         let ns = lab.host(&format!("h{}", i + 1));
         let addr = Ipv4Addr::new(198, 18, 0, i as u8 + 1);
         address_host(&ns, addr);
-        link(&racks[i / 2], &format!("d-h{}", i + 1), &ns, "up0");
+        bridge_link(&racks[i / 2], &format!("d-h{}", i + 1), &ns, "up0");
         hosts.push((ns, addr));
     }
     let dir = guests_dir.0.display().to_string();

@@ -526,3 +526,35 @@ impl Drop for Prometheus {
         }
     }
 }
+
+/// Joins the `br0` bridges of namespaces `a` and `b` with a veth pair,
+/// `a_end` in `a` and `b_end` in `b`: one link of the data-centre tree.
+pub fn bridge_link(a: &str, a_end: &str, b: &str, b_end: &str) {
+    sh(&[
+        "ip", "-n", a, "link", "add", a_end, "type", "veth", "peer", "name", b_end, "netns", b,
+    ]);
+    sh(&["ip", "-n", a, "link", "set", a_end, "master", "br0", "up"]);
+    sh(&["ip", "-n", b, "link", "set", b_end, "master", "br0", "up"]);
+}
+
+/// Gives host namespace `ns` its address `addr`/16 on br0, and br0 a MAC
+/// of its own (02:01: + the address), set by hand so that the kernel never
+/// recalculates it from the ports: a bridge whose MAC was never set takes
+/// the lowest MAC among its ports, so a tap coming or going could change
+/// the host's MAC under its neighbours' ARP caches (the testbed does the
+/// same).
+pub fn address_host(ns: &str, addr: std::net::Ipv4Addr) {
+    let o = addr.octets();
+    let mac = format!("02:01:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    sh(&["ip", "-n", ns, "link", "set", "br0", "address", &mac]);
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/16"),
+        "dev",
+        "br0",
+    ]);
+}
