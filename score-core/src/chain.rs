@@ -245,23 +245,7 @@ pub fn decide_chain(
         }
         asks += 1;
         asked += 1;
-        let req = SwapRequest {
-            vm: plan.vm,
-            from: plan.host,
-            to: c.host,
-            gain: c.benefit,
-            cost_before: plan.cost_before,
-            c_m,
-            mem_mb: mem_need_mb,
-            from_free_mem_mb: home_free_mem_mb,
-            peers_on_target: peers
-                .iter()
-                .filter(|z| {
-                    z.host == c.host && z.id != plan.vm && z.rate.is_finite() && z.rate > 0.0
-                })
-                .map(|z| (z.id, z.rate))
-                .collect(),
-        };
+        let req = SwapRequest::for_candidate(plan, i, peers, c_m, mem_need_mb, home_free_mem_mb);
         let Some(o) = ask(&req) else {
             continue;
         };

@@ -297,6 +297,34 @@ pub struct SwapRequest {
     pub peers_on_target: Vec<(VmId, f64)>,
 }
 
+impl SwapRequest {
+    /// The question for candidate `i` of `plan`: u (of `plan`) would go to
+    /// that candidate's host, whose VMs may come to u's host in exchange.
+    /// `peers` are u's measured peers; only those on the asked host with a
+    /// usable rate travel in the request.
+    pub(crate) fn for_candidate(
+        plan: &Plan,
+        i: usize,
+        peers: &[Peer],
+        c_m: f64,
+        mem_mb: u64,
+        from_free_mem_mb: u64,
+    ) -> SwapRequest {
+        let c = &plan.candidates[i];
+        SwapRequest {
+            vm: plan.vm,
+            from: plan.host,
+            to: c.host,
+            gain: c.benefit,
+            cost_before: plan.cost_before,
+            c_m,
+            mem_mb,
+            from_free_mem_mb,
+            peers_on_target: usable_peers_on(peers, plan.vm, c.host),
+        }
+    }
+}
+
 /// A VM of the host asked for a swap, as that host knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalVm {
@@ -701,20 +729,14 @@ impl SwapWalk<'_> {
     }
 
     fn swap_request(&self, i: usize) -> SwapRequest {
-        let p = self.plan;
-        let c = &p.candidates[i];
-        let peers_on_target = usable_peers_on(self.peers, p.vm, c.host);
-        SwapRequest {
-            vm: p.vm,
-            from: p.host,
-            to: c.host,
-            gain: c.benefit,
-            cost_before: p.cost_before,
-            c_m: self.c_m,
-            mem_mb: self.mem_need_mb,
-            from_free_mem_mb: self.home_free_mem_mb,
-            peers_on_target,
-        }
+        SwapRequest::for_candidate(
+            self.plan,
+            i,
+            self.peers,
+            self.c_m,
+            self.mem_need_mb,
+            self.home_free_mem_mb,
+        )
     }
 
     /// Sets `pending` to the first question from `order[pos]` on, or ends
