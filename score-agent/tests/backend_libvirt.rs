@@ -147,6 +147,19 @@ impl StandIn {
     }
 }
 
+/// Moves web1 to h2 through a stand-in whose `migrate` ends as `mode`
+/// says, expecting an error: the stand-in (for its state and calls) and
+/// the error.
+async fn failed_move(mode: &str) -> (StandIn, BackendError) {
+    let v = StandIn::with_mode(mode);
+    let e = v
+        .backend()
+        .migrate(&vm(WEB1_MAC), &to(H2))
+        .await
+        .unwrap_err();
+    (v, e)
+}
+
 fn vm(mac: [u8; 6]) -> VmRef {
     VmRef {
         ip: Ipv4Addr::new(10, 1, 0, mac[5]),
@@ -318,12 +331,7 @@ async fn source_libvirtd_down_is_a_failure_and_nothing_runs() {
 
 #[tokio::test]
 async fn target_qemu_fails_and_the_domain_runs_at_the_source() {
-    let v = StandIn::with_mode("target-fails");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (v, e) = failed_move("target-fails").await;
     assert!(matches!(e, BackendError::Failed { .. }), "{e:?}");
     assert!(e.to_string().contains("could not open kernel file"), "{e}");
     assert_eq!(v.state("b", WEB1), None);
@@ -331,12 +339,7 @@ async fn target_qemu_fails_and_the_domain_runs_at_the_source() {
 
 #[tokio::test]
 async fn a_source_left_paused_is_resumed() {
-    let v = StandIn::with_mode("paused-left");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (v, e) = failed_move("paused-left").await;
     assert!(matches!(e, BackendError::Failed { .. }), "{e:?}");
     assert_eq!(v.calls_of("resume").len(), 1);
     assert_eq!(v.state("a", WEB1).as_deref(), Some("running (unpaused)"));
@@ -344,12 +347,7 @@ async fn a_source_left_paused_is_resumed() {
 
 #[tokio::test]
 async fn a_source_that_cannot_resume_is_undefined() {
-    let v = StandIn::with_mode("paused-stuck");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (_v, e) = failed_move("paused-stuck").await;
     assert!(matches!(e, BackendError::Undefined { .. }), "{e:?}");
     assert!(e.is_undefined());
     assert!(e.to_string().contains("did not resume"), "{e}");
@@ -357,12 +355,7 @@ async fn a_source_that_cannot_resume_is_undefined() {
 
 #[tokio::test]
 async fn a_source_crash_is_undefined() {
-    let v = StandIn::with_mode("source-crash");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (v, e) = failed_move("source-crash").await;
     assert!(e.is_undefined(), "{e:?}");
     let text = e.to_string();
     assert!(text.contains("domain is not running"), "{text}");
@@ -374,24 +367,14 @@ async fn a_source_crash_is_undefined() {
 
 #[tokio::test]
 async fn running_at_both_ends_is_undefined() {
-    let v = StandIn::with_mode("both-running");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (_v, e) = failed_move("both-running").await;
     assert!(e.is_undefined(), "{e:?}");
     assert!(e.to_string().contains("both ends"), "{e}");
 }
 
 #[tokio::test]
 async fn at_the_target_despite_an_error_is_done_with_error() {
-    let v = StandIn::with_mode("confirm-fails");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (_v, e) = failed_move("confirm-fails").await;
     assert!(matches!(e, BackendError::DoneWithError { .. }), "{e:?}");
     assert!(e.at_target());
     assert!(e.to_string().contains("Confirm phase failed"), "{e}");
@@ -399,24 +382,14 @@ async fn at_the_target_despite_an_error_is_done_with_error() {
 
 #[tokio::test]
 async fn success_without_the_domain_at_the_target_is_undefined() {
-    let v = StandIn::with_mode("ok-but-nowhere");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (_v, e) = failed_move("ok-but-nowhere").await;
     assert!(e.is_undefined(), "{e:?}");
     assert!(e.to_string().contains("runs nowhere"), "{e}");
 }
 
 #[tokio::test]
 async fn a_domain_gone_before_the_migration_is_undefined() {
-    let v = StandIn::with_mode("vanished");
-    let e = v
-        .backend()
-        .migrate(&vm(WEB1_MAC), &to(H2))
-        .await
-        .unwrap_err();
+    let (v, e) = failed_move("vanished").await;
     assert!(e.is_undefined(), "{e:?}");
     let text = e.to_string();
     assert!(text.contains("failed to get domain"), "{text}");
