@@ -10,7 +10,9 @@ use anyhow::Context as _;
 /// The nightly that builds the eBPF side; bpf-linker 0.10.4 loads this
 /// rustc's own LLVM (see shared TOOLCHAIN.md: a moved `nightly` breaks it).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
-const OBJECT: &str = "score-tc";
+/// The objects score-ebpf's two binaries become: what the agent loads, and
+/// the same plus the `score_bench_*` programs, for the benches.
+const OBJECTS: [&str; 2] = ["score-tc", "score-tc-bench"];
 
 fn toolchain_present() -> bool {
     let linker = Command::new("bpf-linker")
@@ -34,7 +36,9 @@ fn main() -> anyhow::Result<()> {
             "cargo:warning=building score-agent WITHOUT its eBPF program (no bpf-linker or {EBPF_TOOLCHAIN}); run `cargo xtask setup`"
         );
         println!("cargo:rustc-cfg=score_ebpf_stub");
-        fs::write(out_dir.join(OBJECT), []).context("writing the stub eBPF object")?;
+        for object in OBJECTS {
+            fs::write(out_dir.join(object), []).context("writing the stub eBPF objects")?;
+        }
         return Ok(());
     }
     let package = aya_build::Package {

@@ -15,6 +15,12 @@
 //! each counts. Then the kernel program's CPU under a fixed packet rate,
 //! with the program attached and detached.
 //!
+//! `live` is the live-path curve: real frames through a veth into an
+//! attached classifier, the kernel's own run time per run (bpf_stats)
+//! against an empty classifier attached the same way in the same round,
+//! for 10 to 100k live pairs, for score's ingress classifier and for the
+//! bare count on other map types and layouts (score-ebpf's bench object).
+//!
 //! `scale` pre-fills the flow map with 1k..1M pairs and measures the
 //! daemon's drain and RSS, and times token processing (decode, policy
 //! advance, encode) for data centres of 1k, 100k and 1M VMs.
@@ -22,8 +28,8 @@
 //! Needs root. Everything created (namespaces `scb-cmp-*`, OVS processes
 //! and their database, the nft table, the bpffs mount, the sysctl
 //! `kernel.bpf_stats_enabled`) is removed or restored by `Drop` guards,
-//! also when a step fails. Arguments after `--`: `compare` and/or `scale`
-//! (default both), `--quick` for short runs, `--max-pairs N`.
+//! also when a step fails. Arguments after `--`: `compare`, `live` and/or
+//! `scale` (default all three), `--quick` for short runs, `--max-pairs N`.
 
 mod common;
 
@@ -49,7 +55,7 @@ use score_agent::{
     datapath::{Datapath, LoadOptions},
     flows::{FlowTable, Pair, Totals},
 };
-use score_common::PairCounters;
+use score_common::{PROG_BENCH_EMPTY, PROG_INGRESS, PairCounters};
 use score_core::{
     policy::{PolicyKind, advance},
     token::{Load, Token, TokenEntry},
@@ -61,6 +67,7 @@ const NS_HOST: &str = "scb-cmp-host";
 const NS_VMS: &str = "scb-cmp-vms";
 const NS_BRIDGE: &str = "scb-cmp-br";
 const NS_SCALE: &str = "scb-cmp-scale";
+const NS_LIVE: &str = "scb-cmp-live";
 const BPFFS: &str = "/run/scb-cmp-bpf";
 const OVS_DIR: &str = "/run/scb-cmp-ovs";
 const NFT_TABLE: &str = "scb_cmp";
@@ -85,6 +92,10 @@ struct Plan {
     cpu_rounds: usize,
     /// Token hops timed per data-centre size.
     token_hops: [usize; 3],
+    /// Live path: frames per timed window, rate, and rounds.
+    live_frames: usize,
+    live_rate: u64,
+    live_rounds: usize,
 }
 
 const FULL: Plan = Plan {
@@ -94,6 +105,9 @@ const FULL: Plan = Plan {
     cpu_window: Duration::from_secs(5),
     cpu_rounds: 3,
     token_hops: [400, 40, 9],
+    live_frames: 100_000,
+    live_rate: 50_000,
+    live_rounds: 3,
 };
 
 const QUICK: Plan = Plan {
@@ -103,6 +117,9 @@ const QUICK: Plan = Plan {
     cpu_window: Duration::from_secs(2),
     cpu_rounds: 1,
     token_hops: [50, 5, 3],
+    live_frames: 20_000,
+    live_rate: 50_000,
+    live_rounds: 1,
 };
 
 fn main() -> ExitCode {
@@ -133,7 +150,7 @@ fn main() -> ExitCode {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| matches!(*a, "compare" | "scale"))
+        .filter(|a| matches!(*a, "compare" | "live" | "scale"))
         .collect();
     let wants = |p: &str| parts.is_empty() || parts.contains(&p);
     println!("score compare/scale bench ({plan:?})");
@@ -143,6 +160,13 @@ fn main() -> ExitCode {
         println!("\n== compare ==");
         if let Err(e) = compare(&plan, max_pairs) {
             eprintln!("compare bench: compare failed: {e:#}");
+            failed = true;
+        }
+    }
+    if wants("live") {
+        println!("\n== live ==");
+        if let Err(e) = live(&plan) {
+            eprintln!("compare bench: live failed: {e:#}");
             failed = true;
         }
     }
@@ -229,7 +253,7 @@ struct Bed {
 impl Bed {
     fn new() -> Bed {
         // Leftovers of a run killed before its guards ran.
-        for ns in [NS_HOST, NS_VMS, NS_BRIDGE, NS_SCALE] {
+        for ns in [NS_HOST, NS_VMS, NS_BRIDGE, NS_SCALE, NS_LIVE] {
             let _ = quiet(Command::new("ip").args(["netns", "del", ns]));
         }
         for pidfile in ["ovs-vswitchd.pid", "ovsdb-server.pid"] {
@@ -827,6 +851,166 @@ fn parse_nft(text: &str) -> HashMap<Pair, (u64, u64)> {
         }
     }
     table
+}
+
+// ------------------------------------------------------------------- live
+
+/// score-ebpf's bench object: the production classifiers plus the
+/// `score_bench_*` programs (the agent's own object carries neither).
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/score-tc-bench"));
+
+/// Live pairs of the curve.
+const LIVE_PAIRS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
+
+/// What the curve attaches, one at a time, to the same interface: label,
+/// program. Each `count:` program parses like score's ingress and adds to
+/// one map, inserting the pair on a miss, without MAC learning.
+const LIVE_PROGS: [(&str, &str); 7] = [
+    ("empty", PROG_BENCH_EMPTY),
+    ("score ingress", PROG_INGRESS),
+    ("count: per-CPU hash", "score_bench_count"),
+    ("count: hash", "score_bench_count_hash"),
+    ("count: per-CPU LRU", "score_bench_count_lru"),
+    ("count: 16-byte key", "score_bench_count_key16"),
+    ("count: array slot", "score_bench_count_array"),
+];
+
+/// A 128-byte UDP frame from one VM (198.18.0.1) to its `i`-th peer: a
+/// vif carries one VM's frames, to many peers.
+fn live_frame(i: usize) -> Vec<u8> {
+    let mut f = udp_frame(0);
+    f.resize(128, 0);
+    let dst = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i as u32);
+    let ip = &mut f[14..34];
+    ip[2..4].copy_from_slice(&(128u16 - 14).to_be_bytes());
+    ip[16..20].copy_from_slice(&dst.octets());
+    ip[10..12].fill(0);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f[38..40].copy_from_slice(&(128u16 - 34).to_be_bytes());
+    f
+}
+
+/// One timed window of one program: (ns per run by bpf_stats, runs,
+/// sender thread's CPU ns per frame).
+fn live_window(
+    dp: &mut Datapath,
+    prog: &str,
+    sock: &OwnedFd,
+    frames: &[&[u8]],
+    rate: u64,
+) -> Result<(f64, u64, f64)> {
+    let p = dp.program_mut(prog)?;
+    let link = p
+        .attach("lv0", aya::programs::TcAttachType::Ingress)
+        .with_context(|| format!("attaching {prog}"))?;
+    let before = p.info()?;
+    let (sent, failed, sender_ns) = send_paced(sock, frames, rate);
+    let after = p.info()?;
+    p.detach(link)?;
+    ensure!(failed == 0, "{failed} frames failed");
+    let runs = after.run_count() - before.run_count();
+    let ns = (after.run_time() - before.run_time()).as_nanos() as f64;
+    ensure!(
+        runs == sent,
+        "{prog} ran {runs} times for {sent} frames (bpf_stats off?)"
+    );
+    Ok((
+        ns / runs.max(1) as f64,
+        runs,
+        sender_ns as f64 / sent as f64,
+    ))
+}
+
+fn live(plan: &Plan) -> Result<()> {
+    let mut bed = Bed::new();
+    bed.netns(NS_LIVE)?;
+    bed.bpf_stats()?;
+    sh(&[
+        "ip", "-n", NS_LIVE, "link", "add", "lv0", "type", "veth", "peer", "name", "lv1",
+    ])?;
+    for l in ["lv0", "lv1"] {
+        sh(&["ip", "-n", NS_LIVE, "link", "set", l, "up"])?;
+    }
+    println!(
+        "frames sent into lv1 arrive at lv0's TC ingress, where one program at a time is \
+         attached; {} frames per window at {}/s cycling over the live pairs, {} round(s); \
+         ns per run by bpf_stats, median [min-max]; minus empty: same round",
+        plan.live_frames, plan.live_rate, plan.live_rounds
+    );
+    let plan = *plan;
+    in_netns(NS_LIVE, move || {
+        let sock = packet_socket(NS_LIVE, "lv1")?;
+        for n in LIVE_PAIRS {
+            let mut dp = Datapath::load_object(
+                BENCH_OBJECT,
+                &LoadOptions {
+                    flows_max: 131_072,
+                    pin_dir: None,
+                    control_port: Some(7760),
+                },
+            )?;
+            for (_, prog) in &LIVE_PROGS[2..] {
+                dp.program_mut(prog)?
+                    .load()
+                    .with_context(|| format!("loading {prog}"))?;
+            }
+            dp.program_mut(PROG_BENCH_EMPTY)?.load()?;
+            let owned: Vec<Vec<u8>> = (0..n).map(live_frame).collect();
+            let frames: Vec<&[u8]> = (0..plan.live_frames.max(n))
+                .map(|i| owned[i % n].as_slice())
+                .collect();
+            // Warm-up: every pair once through every program, so the
+            // timed windows see existing pairs only.
+            for (_, prog) in &LIVE_PROGS {
+                live_window(&mut dp, prog, &sock, &frames[..n], plan.live_rate)?;
+            }
+            let timed = &frames[..plan.live_frames];
+            let mut per: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
+            let mut minus: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
+            for _ in 0..plan.live_rounds {
+                let mut base = (0.0, 0.0);
+                for (i, (_, prog)) in LIVE_PROGS.iter().enumerate() {
+                    let (ns, _, sender) = live_window(&mut dp, prog, &sock, timed, plan.live_rate)?;
+                    per[i].push((ns, sender));
+                    if i == 0 {
+                        base = (ns, sender);
+                    } else {
+                        minus[i].push((ns - base.0, sender - base.1));
+                    }
+                }
+            }
+            let counted = dp
+                .snapshot()?
+                .iter()
+                .filter(|(p, _)| p.0 == Ipv4Addr::new(198, 18, 0, 1))
+                .count();
+            ensure!(counted == n, "score ingress holds {counted} pairs, not {n}");
+            println!("{n} live pairs (load {}):", loadavg());
+            for (i, (label, _)) in LIVE_PROGS.iter().enumerate() {
+                let run = summarize(&per[i].iter().map(|v| v.0).collect::<Vec<_>>());
+                let snd = summarize(&per[i].iter().map(|v| v.1).collect::<Vec<_>>());
+                if i == 0 {
+                    println!("  {label:<22} {run:.1} ns/run | sender {snd:.0} ns/frame");
+                } else {
+                    let d = summarize(&minus[i].iter().map(|v| v.0).collect::<Vec<_>>());
+                    let ds = summarize(&minus[i].iter().map(|v| v.1).collect::<Vec<_>>());
+                    println!(
+                        "  {label:<22} {run:.1} ns/run, minus empty {d:.1} | sender {snd:.0}, \
+                         minus empty {ds:.0} ns/frame"
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------- compare

@@ -51,7 +51,12 @@ const TC_ACT_OK: u32 = 0;
 const SEC: u64 = 1_000_000_000;
 /// The peer protocol's default port (`[cluster]`), for the interception
 /// check at egress.
-const PEER_PORT: u16 = 7946;
+const PEER_PORT: u16 = 7760;
+
+/// score-ebpf's bench object: the production classifiers plus the
+/// `score_bench_*` programs (the agent's own object carries neither).
+static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/score-tc-bench"));
 
 /// How long each part runs; `--quick` shrinks everything.
 #[derive(Clone, Copy, Debug)]
@@ -319,11 +324,17 @@ fn packets_of(dp: &Datapath, pair: Pair) -> Result<(u64, u64)> {
 
 fn packet(plan: &Plan) -> Result<()> {
     let load = |control_port| -> Result<Datapath> {
-        let mut dp = Datapath::load(&LoadOptions {
-            flows_max: score_common::DEFAULT_FLOWS_MAX,
-            pin_dir: None,
-            control_port,
-        })?;
+        let mut dp = Datapath::load_object(
+            BENCH_OBJECT,
+            &LoadOptions {
+                flows_max: score_common::DEFAULT_FLOWS_MAX,
+                pin_dir: None,
+                control_port,
+            },
+        )?;
+        dp.program_mut(PROG_BENCH_EMPTY)?
+            .load()
+            .context("loading the empty classifier")?;
         // The paper's per-host worst case already in the map, so the hash
         // lookups run in a populated table.
         let now = monotonic_ns();

@@ -220,7 +220,7 @@ mod defaults {
         1024
     }
     pub fn port() -> u16 {
-        7946
+        7760
     }
     pub fn hop_timeout() -> Duration {
         Duration::from_millis(300)

@@ -17,8 +17,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use score_common::{
-    FLOWS_MAP, PROG_BENCH_EMPTY, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat,
-    VIF_SEEN_MAP, VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
+    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat, VIF_SEEN_MAP,
+    VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
 };
 use serde::Serialize;
 
@@ -199,7 +199,15 @@ pub fn has_program() -> bool {
 impl Datapath {
     /// Loads the object and both classifiers; attaches nothing yet.
     pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
-        if !has_program() {
+        Self::load_object(OBJECT, opts)
+    }
+
+    /// [`Datapath::load`] from another build of score-ebpf's classifiers:
+    /// the benches pass the bench object (`score-tc-bench` in this crate's
+    /// `OUT_DIR`), whose extra programs they load themselves. `object` must
+    /// be 8-byte aligned (`aya::include_bytes_aligned!`).
+    pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Self, DatapathError> {
+        if object.is_empty() {
             return Err(DatapathError::NoProgram);
         }
         let mut loader = EbpfLoader::new();
@@ -216,8 +224,8 @@ impl Datapath {
                 loader.map_pin_path(name, path.as_path());
             }
         }
-        let mut bpf = loader.load(OBJECT)?;
-        for name in [PROG_INGRESS, PROG_EGRESS, PROG_BENCH_EMPTY] {
+        let mut bpf = loader.load(object)?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
             classifier(&mut bpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -579,22 +587,6 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifi
         })
 }
 
-/// `union bpf_attr` as the BPF_MAP_*_BATCH commands read it.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
 /// Every entry of the per-CPU flow map, 4,096 per syscall, appended to
 /// `out`. Fails (and the caller falls back) on kernels without batch
 /// support or when a hash bucket holds more entries than fit the buffer
@@ -625,6 +617,7 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
     values: &mut Vec<V>,
     mut each: impl FnMut(&K, &[V]),
 ) -> std::io::Result<()> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
     use std::os::fd::AsRawFd;
     keys.resize(chunk, K::default());
     values.resize(chunk * per_key, V::default());
@@ -632,28 +625,31 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut started = false;
     loop {
-        let mut attr = BatchAttr {
-            in_batch: if started {
-                (&raw const cursor_in) as u64
-            } else {
-                0
-            },
-            out_batch: (&raw mut cursor_out) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
+        // The kernel's own `union bpf_attr` (aya-obj's bindings): all
+        // zero, then the batch command's fields.
+        // SAFETY: bpf_attr is a union of plain integer structs; all-zero
+        // bytes are a valid value of each.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // The union's `batch` member, the one BPF_MAP_LOOKUP_BATCH reads.
+        attr.batch.in_batch = if started {
+            (&raw const cursor_in) as u64
+        } else {
+            0
         };
+        attr.batch.out_batch = (&raw mut cursor_out) as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = chunk as u32;
+        attr.batch.map_fd = fd.as_raw_fd() as u32;
         // SAFETY: attr points at buffers of `chunk` keys and `chunk` x
         // `per_key` values, and at two u32 cursors, all alive across the
         // call; the kernel writes at most `count` entries.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
                 &raw mut attr,
-                std::mem::size_of::<BatchAttr>(),
+                std::mem::size_of::<bpf_attr>(),
             )
         };
         let err = (rc < 0).then(std::io::Error::last_os_error);
@@ -662,7 +658,8 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
                 return Err(std::io::Error::new(e.kind(), e.to_string()));
             }
         }
-        let n = (attr.count as usize).min(chunk);
+        // SAFETY: the kernel wrote the count back into the same member.
+        let n = (unsafe { attr.batch.count } as usize).min(chunk);
         for (k, v) in keys[..n].iter().zip(values.chunks_exact(per_key.max(1))) {
             each(k, v);
         }
@@ -689,15 +686,10 @@ fn prepare_bpffs(dir: &Path) -> Result<(), DatapathError> {
         path: dir.to_owned(),
         reason,
     };
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let is_bpffs = |p: &Path| -> bool {
-        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: c is a valid NUL-terminated path and st a writable statfs.
-        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-    };
+    // The word's width varies by architecture (rustix's FsWord).
+    const BPF_FS_MAGIC: rustix::fs::FsWord = 0xcafe4a11;
+    let is_bpffs =
+        |p: &Path| -> bool { rustix::fs::statfs(p).is_ok_and(|st| st.f_type == BPF_FS_MAGIC) };
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !is_bpffs(root) {
         std::fs::create_dir_all(root).map_err(|e| fail(e.to_string()))?;

@@ -78,7 +78,7 @@ fn example_config_is_valid() {
     let node = c.node.expect("[node]");
     assert_eq!(node.vm_slots, 16);
     let peer = c.peer.expect("[peer]");
-    assert_eq!(peer.port, 7946);
+    assert_eq!(peer.port, 7760);
     assert_eq!(c.policy.kind, score_core::policy::PolicyKind::Distributed);
     // The distributed settings need the topology and key files, which an
     // example cannot ship: resolving says which key names the missing file.

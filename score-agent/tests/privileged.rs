@@ -263,3 +263,197 @@ fn daemon_counters_survive_a_restart() {
     let (code, _, err) = agent.stop(libc::SIGINT);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// A UDP socket on `port` inside a VM that keeps every payload it gets,
+/// as a guest's own service on the control port would.
+struct Listener {
+    got: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    fn start(ns: &str, ip: &str, port: u16) -> Listener {
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (g, s, ns) = (got.clone(), stop.clone(), ns.to_owned());
+        let thread = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let sock = std::net::UdpSocket::bind(addr).expect("bind listener");
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                ready_tx.send(()).unwrap();
+                let mut buf = [0u8; 2048];
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = sock.recv(&mut buf) {
+                        g.lock().unwrap().push(buf[..n].to_vec());
+                    }
+                }
+            })
+        });
+        ready_rx.recv().expect("listener bound");
+        Listener {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (generously: a loaded machine) until `n` datagrams arrived.
+    fn wait_for(&self, n: usize) -> Vec<Vec<u8>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.got.lock().unwrap().clone();
+            if got.len() >= n || std::time::Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends each payload as one datagram from `src` in `ns` to `dst:port`.
+fn send_to_port(ns: &str, src: &str, dst: &str, port: u16, payloads: Vec<Vec<u8>>) {
+    let src: std::net::SocketAddr = format!("{src}:0").parse().unwrap();
+    let dst: std::net::SocketAddr = format!("{dst}:{port}").parse().unwrap();
+    in_netns(ns, move || {
+        let sock = std::net::UdpSocket::bind(src).expect("bind");
+        for (i, p) in payloads.iter().enumerate() {
+            sock.send_to(p, dst).expect("send");
+            if i % 20 == 19 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_guests_own_datagrams_to_the_control_port_reach_it() {
+    use score_agent::datapath::{Datapath, LoadOptions};
+    const PORT: u16 = 7760;
+    let mut lab = Lab::new("sct-ctl-");
+    let h = lab.host("h");
+    let a = lab.vm(&h, "vif1.0", "a", A);
+    let b = lab.vm(&h, "vif2.0", "b", B);
+    // A peer outside this host (a VM elsewhere, or a host's agent).
+    let x = lab.vm(&h, "up0", "x", X);
+    // b runs a service of its own on the control port.
+    let listener = Listener::start(&b, B, PORT);
+
+    // The kernel side with interception on, attached from inside the host
+    // (interface names resolve in the attaching thread's namespace).
+    let ifindex = |vif: &str| -> u32 {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &h,
+            "cat",
+            &format!("/sys/class/net/{vif}/ifindex"),
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let (i1, i2) = (ifindex("vif1.0"), ifindex("vif2.0"));
+    let mut dp = in_netns(&h, move || {
+        let mut dp = Datapath::load(&LoadOptions {
+            flows_max: 1024,
+            pin_dir: None,
+            control_port: Some(PORT),
+        })
+        .expect("load the classifiers");
+        dp.attach("vif1.0", i1).expect("attach vif1.0");
+        dp.attach("vif2.0", i2).expect("attach vif2.0");
+        dp
+    });
+    let mut ring = dp.take_control_reader().expect("control ring");
+
+    // ARP first, and a's MAC learnt as a hosted VM's.
+    ping(&a, B);
+    ping(&x, B);
+    let base = dp.snapshot().expect("read the flow map");
+    let before = |s: &str, d: &str| {
+        base.iter()
+            .find(|((ps, pd), _)| ps.to_string() == s && pd.to_string() == d)
+            .map_or((0, 0), |(_, t)| (t.bytes, t.packets))
+    };
+    let (ab0, xb0) = (before(A, B), before(X, B));
+
+    // Datagrams to the control port without the magic: from a VM on the
+    // same host and from a peer elsewhere. Each starts with bytes close to
+    // the magic, so only the full four-byte compare tells them apart.
+    let plain = |n: usize, len: usize, first: &[u8]| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|_| {
+                let mut p = vec![0x5a; len];
+                p[..first.len()].copy_from_slice(first);
+                p
+            })
+            .collect()
+    };
+    send_to_port(&a, A, B, PORT, plain(30, 200, b"SCOX"));
+    send_to_port(&x, X, B, PORT, plain(20, 120, b"XCOR"));
+    // And real S-CORE datagrams (the magic, then anything: the classifier
+    // cannot check the MAC), from the peer elsewhere: for the agent.
+    let ours = plain(5, 100, &score_common::CONTROL_MAGIC);
+    send_to_port(&x, X, B, PORT, ours.clone());
+
+    let got = listener.wait_for(50);
+    assert_eq!(got.len(), 50, "every plain datagram reaches the guest");
+    assert!(
+        got.iter()
+            .all(|p| !p.starts_with(&score_common::CONTROL_MAGIC)),
+        "a datagram with the magic reached the guest"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut caught = Vec::new();
+    while caught.len() < 5 && std::time::Instant::now() < deadline {
+        caught.extend(ring.drain());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(caught.len(), 5, "the magic datagrams go to the agent");
+    for c in &caught {
+        assert_eq!(c.src.ip().to_string(), X);
+        assert_eq!(c.vm.to_string(), B);
+        assert_eq!(c.payload, ours[0]);
+    }
+    // Nothing else came late: the guest still has exactly the 50.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(listener.got.lock().unwrap().len(), 50);
+
+    // The guest's datagrams are its traffic, counted exactly; the agent's
+    // are not.
+    let now = dp.snapshot().expect("read the flow map");
+    let after = |s: &str, d: &str| {
+        now.iter()
+            .find(|((ps, pd), _)| ps.to_string() == s && pd.to_string() == d)
+            .map_or((0, 0), |(_, t)| (t.bytes, t.packets))
+    };
+    let (ab1, xb1) = (after(A, B), after(X, B));
+    assert_eq!(
+        (ab1.0 - ab0.0, ab1.1 - ab0.1),
+        (30 * udp_frame(200), 30),
+        "a -> b on the control port"
+    );
+    assert_eq!(
+        (xb1.0 - xb0.0, xb1.1 - xb0.1),
+        (20 * udp_frame(120), 20),
+        "x -> b on the control port, the agent's 5 datagrams not counted"
+    );
+    let stats = dp.stats().expect("datapath statistics");
+    assert_eq!(stats.control_intercepted, 5, "{stats:?}");
+    assert_eq!(stats.control_ring_full, 0, "{stats:?}");
+}

@@ -31,6 +31,10 @@ pub const CONTROL_PORT_GLOBAL: &str = "SCORE_CONTROL_PORT";
 /// Size of [`CONTROL_RING`] in bytes (a power of two, page multiple): room
 /// for about 200 datagrams in flight to the agent.
 pub const CONTROL_RING_BYTES: u32 = 256 * 1024;
+/// First four bytes of every S-CORE datagram (docs/WIRE.md): the
+/// classifier intercepts a datagram to the control port only if its
+/// payload starts with them, and lets anything else reach the guest.
+pub const CONTROL_MAGIC: [u8; 4] = *b"SCOR";
 /// Largest control payload the classifier hands over; longer datagrams are
 /// not S-CORE's (its datagrams are at most 1,260 bytes) and pass untouched.
 pub const CONTROL_MAX_PAYLOAD: usize = 1_280;
@@ -40,7 +44,9 @@ pub const PROG_INGRESS: &str = "score_vif_ingress";
 /// See [`PROG_INGRESS`].
 pub const PROG_EGRESS: &str = "score_vif_egress";
 
-/// An empty classifier, the baseline of the per-packet cost benchmark.
+/// An empty classifier, the baseline of the per-packet cost benchmarks.
+/// It is in the bench object (`score-tc-bench`) only, with the other
+/// `score_bench_*` programs; the agent's object does not carry it.
 pub const PROG_BENCH_EMPTY: &str = "score_bench_empty";
 
 /// Default capacity of [`FLOWS_MAP`]: 16 VMs x 100 peers x 2 directions is

@@ -45,8 +45,9 @@ enum Task {
     /// Run a benchmark suite and print its results.
     Bench {
         /// Which suite: flows (datapath), compare (score against OVS and
-        /// nftables), scale (agent cost at 1k-1M pairs, token at 1k-1M
-        /// VMs), core (decision, wire), sim.
+        /// nftables), live (the classifier's live-path cost against live
+        /// pairs and map types), scale (agent cost at 1k-1M pairs, token at
+        /// 1k-1M VMs), core (decision, wire), sim.
         suite: String,
     },
     /// The emulated data centre: network namespaces as switches, hosts and
@@ -372,7 +373,7 @@ fn bench(suite: &str) -> Result<()> {
             }
             run(cargo().args(["bench", "--locked", "-p", "score-agent", "--bench", "flows"]))
         }
-        "compare" | "scale" => {
+        "compare" | "live" | "scale" => {
             setup::setup()?;
             if !is_root() {
                 bail!("the {suite} benchmark needs root (eBPF, namespaces, OVS, nftables)");
@@ -402,7 +403,9 @@ fn bench(suite: &str) -> Result<()> {
         }
         "sim" => run(cargo().args(["bench", "--locked", "-p", "score-sim"])),
         other => {
-            bail!("unknown bench suite {other:?}: expected flows, compare, scale, core or sim")
+            bail!(
+                "unknown bench suite {other:?}: expected flows, compare, live, scale, core or sim"
+            )
         }
     }
 }
