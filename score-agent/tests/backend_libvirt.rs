@@ -12,6 +12,7 @@
 //!   is missing.
 
 mod dc;
+mod fixtures;
 mod support;
 
 use std::{
@@ -24,8 +25,6 @@ use score_agent::backend::{
     Backend, BackendConfig, BackendConfigError, BackendError, HostRef, LibvirtBackend, Placement,
     VmRef,
 };
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
 const WEB1: &str = "7b0c1a2e-0000-4000-8000-000000000001";
 const DB1: &str = "7b0c1a2e-0000-4000-8000-000000000002";
@@ -45,11 +44,7 @@ struct StandIn {
 impl StandIn {
     fn new() -> StandIn {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(
-            format!("{FIXTURES}/virsh-standin"),
-            dir.path().join("virsh"),
-        )
-        .unwrap();
+        fixtures::link_stand_in("virsh-standin", &dir.path().join("virsh"));
         std::fs::write(
             dir.path().join("uris"),
             format!(

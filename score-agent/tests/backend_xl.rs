@@ -13,7 +13,9 @@ use score_agent::backend::{
     Backend, BackendConfig, BackendConfigError, BackendError, HostRef, Placement, VmRef,
 };
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+mod fixtures;
+
+use fixtures::link_stand_in;
 
 /// web1 (domid 3), one NIC.
 const WEB1: [u8; 6] = [0x00, 0x16, 0x3e, 0x12, 0x01, 0x05];
@@ -31,10 +33,10 @@ struct StandIn {
 impl StandIn {
     fn new() -> StandIn {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(format!("{FIXTURES}/xl-standin"), dir.path().join("xl")).unwrap();
+        link_stand_in("xl-standin", &dir.path().join("xl"));
         let domains = dir.path().join("domains");
         std::fs::create_dir(&domains).unwrap();
-        for entry in std::fs::read_dir(format!("{FIXTURES}/xl-domains")).unwrap() {
+        for entry in std::fs::read_dir(fixtures::path("xl-domains")).unwrap() {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), domains.join(entry.file_name())).unwrap();
         }
@@ -326,4 +328,33 @@ async fn a_missing_xl_is_refused_at_start_up() {
         "{err}"
     );
     assert!(err.to_string().contains("backend.xl_path"), "{err}");
+}
+
+/// Stand-ins are run while other threads of the test binary keep forking
+/// (as the other tests do): a stand-in copied into place failed here with
+/// ETXTBSY, a linked one never may (tests/fixtures/mod.rs).
+#[test]
+fn stand_ins_run_while_other_threads_fork() {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = Command::new("true").status();
+                }
+            });
+        }
+        for _ in 0..100 {
+            let xl = StandIn::new();
+            let out = Command::new(xl.path().join("xl")).arg("list").output();
+            if out.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            let out = out.expect("running the stand-in");
+            assert!(out.status.success(), "{out:?}");
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
 }

@@ -193,16 +193,14 @@ impl LibvirtHost {
         self.root.join("virsh")
     }
 
+    /// Links tests/fixtures/virsh-nsenter (a link, not a written script:
+    /// see tests/fixtures/mod.rs) and writes the PID it enters.
     fn write_virsh_wrapper(&self) {
-        use std::os::unix::fs::PermissionsExt;
         let pid = self.child.as_ref().map(Child::id).unwrap_or(0);
-        let path = self.virsh_path();
-        std::fs::write(
-            &path,
-            format!("#!/bin/sh\nexec nsenter --target {pid} --net --mount /usr/bin/virsh \"$@\"\n"),
-        )
-        .unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(self.root.join("pid"), pid.to_string()).unwrap();
+        let _ = std::fs::remove_file(self.virsh_path());
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/virsh-nsenter");
+        std::os::unix::fs::symlink(script, self.virsh_path()).unwrap();
     }
 
     /// Runs `virsh -c qemu:///system ARGS` on this host.
