@@ -134,13 +134,13 @@ pub fn choose_ejection(
             .sum();
         let cost_now = plan.cost_before;
         let c_m = req.c_m + cm.threshold(cost_now);
-        let margin = 1e-9 * (req.cost_before.abs() + cost_now.abs());
+        let margin = crate::decision::noise_margin(req.cost_before.abs() + cost_now.abs());
         // x first (a swap: u's slot and memory free it), then w's
         // candidates with room.
         let (x_cost, _) = crate::decision::level_sums(topo, &usable)
             .0
             .cost_at(topo, x);
-        let mut dests: Vec<(HostId, f64)> = vec![(x, 2.0 * (cost_now - x_cost))];
+        let mut dests: Vec<(HostId, f64)> = vec![(x, crate::decision::price(cost_now, x_cost).1)];
         dests.extend(
             plan.candidates
                 .iter()

@@ -321,6 +321,45 @@ impl<'a> CostModel<'a> {
         2.0 * d
     }
 
+    /// The sign of the exact change of [`total_cost`](Self::total_cost) if
+    /// every `(vm, host)` of `moves` happened (a VM listed twice: its last
+    /// host), computed without rounding: `Equal` only when the change is
+    /// exactly zero. A check on the decisions, which compute benefits in
+    /// floating point: a move whose exact change is zero (or positive)
+    /// must never be taken. Panics if a VM or host is out of range.
+    pub fn exact_change_sign(
+        &self,
+        p: &Placement,
+        moves: &[(VmIdx, HostId)],
+    ) -> std::cmp::Ordering {
+        let after = |v: VmIdx| {
+            moves
+                .iter()
+                .rev()
+                .find(|&&(m, _)| m == v)
+                .map_or(p.host(v), |&(_, h)| h)
+        };
+        let mut sum = ExactSum::default();
+        let mut seen: Vec<VmIdx> = Vec::with_capacity(moves.len());
+        for &(u, _) in moves {
+            if seen.contains(&u) {
+                continue;
+            }
+            seen.push(u);
+            let (x, y) = (p.host(u), after(u));
+            for z in self.traffic.neighbours(u) {
+                // A pair of two moved VMs once, from the first of them.
+                if seen.contains(&z.vm) && z.vm != u {
+                    continue;
+                }
+                let (hz, hz_after) = (p.host(z.vm), after(z.vm));
+                sum.add_product(z.rate, self.topo.weight(y, hz_after));
+                sum.add_product(-z.rate, self.topo.weight(x, hz));
+            }
+        }
+        sum.sign()
+    }
+
     /// The highest level any of `u`'s traffic crosses (0 if it has none or
     /// all its peers share its host): what the token carries for `u`.
     pub fn vm_level(&self, p: &Placement, u: VmIdx) -> u8 {
@@ -362,10 +401,126 @@ impl<'a> CostModel<'a> {
     }
 }
 
+/// A sum of floating-point numbers kept exactly, as a list of parts that
+/// do not overlap in their bits, smallest first (Shewchuk's expansions,
+/// "Adaptive Precision Floating-Point Arithmetic", 1997): adding a number
+/// splits it and each part into the rounded sum and its exact error, so
+/// no bit is ever lost (barring overflow).
+#[derive(Debug, Default)]
+struct ExactSum {
+    parts: Vec<f64>,
+}
+
+impl ExactSum {
+    fn add(&mut self, mut x: f64) {
+        let mut kept = 0;
+        for i in 0..self.parts.len() {
+            let y = self.parts[i];
+            // Knuth's two-sum: hi + lo == x + y exactly.
+            let hi = x + y;
+            let y_virtual = hi - x;
+            let lo = (x - (hi - y_virtual)) + (y - y_virtual);
+            if lo != 0.0 {
+                self.parts[kept] = lo;
+                kept += 1;
+            }
+            x = hi;
+        }
+        self.parts.truncate(kept);
+        self.parts.push(x);
+    }
+
+    /// Adds a × b exactly: the rounded product and, by a fused
+    /// multiply-add, its exact error.
+    fn add_product(&mut self, a: f64, b: f64) {
+        let p = a * b;
+        self.add(p);
+        self.add(a.mul_add(b, -p));
+    }
+
+    /// The sign of the exact sum: that of its largest non-zero part, which
+    /// outweighs all the smaller ones together.
+    fn sign(&self) -> std::cmp::Ordering {
+        self.parts
+            .iter()
+            .rev()
+            .find(|&&x| x != 0.0)
+            .map_or(std::cmp::Ordering::Equal, |x| {
+                if *x > 0.0 {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Less
+                }
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn exact_sums_lose_nothing() {
+        let mut s = ExactSum::default();
+        for x in [0.1, 0.2, -0.3] {
+            s.add(x);
+        }
+        // 0.1 + 0.2 - 0.3 is 5.55e-17 in floating point, and not 0 in
+        // binary either: the doubles nearest 0.1, 0.2 and 0.3 do not add up.
+        assert_eq!(s.sign(), std::cmp::Ordering::Greater);
+        let mut s = ExactSum::default();
+        for x in [1e300, 1.0, -1e300, -1.0] {
+            s.add(x);
+        }
+        assert_eq!(s.sign(), std::cmp::Ordering::Equal);
+        let mut s = ExactSum::default();
+        s.add_product(0.1, 3.0);
+        s.add_product(-0.3, 1.0);
+        // 3 × (double 0.1) is above the double 0.3.
+        assert_eq!(s.sign(), std::cmp::Ordering::Greater);
+        let mut s = ExactSum::default();
+        s.add_product(0.1, 4.0);
+        s.add_product(-0.4, 1.0);
+        // 4 × (double 0.1) is the double 0.4: a power of two only shifts
+        // the bits.
+        assert_eq!(s.sign(), std::cmp::Ordering::Equal);
+    }
+
+    #[test]
+    fn exact_change_sign_matches_the_totals() {
+        let topo = Topology::regular(
+            &[2, 2],
+            LinkWeights::paper_truncated(2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap();
+        let t = Traffic::from_triples(4, [(0, 1, 0.1), (0, 2, 0.2), (2, 3, 0.3)]).unwrap();
+        let m = CostModel::new(&topo, &t);
+        let p = Placement::new(4, vec![0, 1, 2, 3]).unwrap();
+        use std::cmp::Ordering::*;
+        // 0 next to 1 (same host): cheaper.
+        assert_eq!(m.exact_change_sign(&p, &[(0, 1)]), Less);
+        assert_eq!(m.exact_change_sign(&p, &[]), Equal);
+        // 0 and 1 both to host 1: their distances to each other and to
+        // 2 are those they had.
+        let q = Placement::new(4, vec![0, 0, 2, 3]).unwrap();
+        assert_eq!(m.exact_change_sign(&q, &[(0, 1), (1, 1)]), Equal);
+        // Moving there and back changes nothing.
+        assert_eq!(m.exact_change_sign(&p, &[(0, 3), (0, 0)]), Equal);
+        // The pair 2-3 together on host 3, and 0 with it: compare with
+        // the totals, which are exact here up to rounding.
+        let moves = [(2, 3), (0, 3)];
+        let mut r = p.clone();
+        for &(v, h) in &moves {
+            r.move_vm(v, h);
+        }
+        let d = m.total_cost(&r) - m.total_cost(&p);
+        assert_eq!(
+            m.exact_change_sign(&p, &moves),
+            d.partial_cmp(&0.0).unwrap()
+        );
+    }
 
     #[test]
     fn traffic_is_symmetric_and_sums_both_directions() {

@@ -41,11 +41,16 @@
 //! c_m never migrates.
 //!
 //! Costs are computed from per-level rate sums (peers grouped by host, then by
-//! rack, pod, ... in one pass), so a candidate that is as good as the current
-//! host gets a benefit of exactly 0 in the cases that matter (swapping a peer
-//! on the own host for one on the candidate, ...), and c_m = 0 does not move
-//! VMs back and forth on rounding noise. Planning costs O(P log P + C·depth·log P)
-//! for P peers and C candidates.
+//! rack, pod, ... in one pass). Two hosts that cost u the same can still get
+//! costs a few units in the last place apart (the same rates, added in
+//! another order), and with c_m = 0 a VM would then move back and forth
+//! between them on a "benefit" of 1e-13. So a candidate whose cost is within
+//! a rounding margin of u's cost now ([`NOISE`] of the two costs) gets
+//! exactly u's cost and a benefit of exactly 0 ([`price`]): equal costs
+//! compare equal, and no rule moves on them, whatever c_m. The decisions
+//! beyond the paper ([`crate::swap`], [`crate::chain`], [`crate::group`])
+//! require the same margin. Planning costs O(P log P + C·depth·log P) for P
+//! peers and C candidates.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -381,12 +386,42 @@ impl LevelSums {
         (cost, level)
     }
 
+    /// The root's sum: the rates of all the peers.
+    pub(crate) fn total(&self) -> f64 {
+        self.total
+    }
+
     fn lookup(&self, level: u8, group: u32) -> f64 {
         let v = &self.sums[usize::from(level)];
         match v.binary_search_by_key(&group, |&(g, _)| g) {
             Ok(i) => v[i].1,
             Err(_) => 0.0,
         }
+    }
+}
+
+/// The share of the costs involved below which a change of the equation 1
+/// total is rounding noise, not a benefit. Costs are sums of at most a few
+/// thousand products, each rounded once: their error is many orders of
+/// magnitude below this, and a real change this small is worth no
+/// migration.
+pub const NOISE: f64 = 1e-9;
+
+/// The rounding margin of a change between costs whose magnitudes sum to
+/// `costs`: [`NOISE`] of them.
+pub(crate) fn noise_margin(costs: f64) -> f64 {
+    NOISE * costs.abs()
+}
+
+/// u's cost on a candidate and its benefit (the drop of the equation 1
+/// total, twice the drop of u's cost) when u's cost now is `before` and
+/// there `after`: within the rounding margin, exactly `before` and 0.
+pub(crate) fn price(before: f64, after: f64) -> (f64, f64) {
+    let drop = before - after;
+    if drop.abs() <= noise_margin(before.abs() + after.abs()) {
+        (before, 0.0)
+    } else {
+        (after, 2.0 * drop)
     }
 }
 
@@ -453,12 +488,13 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
             _ => continue,
         }
         let (cost_after, level_after) = sums.cost_at(topo, y);
+        let (cost_after, benefit) = price(cost_before, cost_after);
         candidates.push(Candidate {
             host: y,
             peer,
             peer_cost,
             cost_after,
-            benefit: 2.0 * (cost_before - cost_after),
+            benefit,
             level_after,
         });
     }

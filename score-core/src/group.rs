@@ -258,7 +258,7 @@ pub fn decide_group(
         c_m += cm.threshold(cost);
         scale += cost.abs();
     }
-    let margin = 1e-9 * scale;
+    let margin = crate::decision::noise_margin(scale);
     let mut asked = 0u32;
     let mut best: Option<(f64, u32, Vec<HostId>, f64)> = None;
     for rack in group_targets(topo, from, &members)

@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::cost::{CostModel, Placement, VmIdx};
 use crate::decision::{
     Candidate, Capacity, Decider, Decision, MigrationCost, Peer, Plan, Rule, StayReason,
-    level_sums, plan, usable_peers,
+    level_sums, noise_margin, plan, price, usable_peers,
 };
 use crate::token::VmId;
 use crate::topology::{HostId, Topology};
@@ -216,7 +216,7 @@ pub fn plan_with(
         return p;
     }
     let usable = usable_peers(topo, vm, peers);
-    let (sums, load) = level_sums(topo, &usable);
+    let (sums, _) = level_sums(topo, &usable);
     let w = topo.weights();
     let mut ranked: Vec<(f64, VmId, HostId)> = usable
         .iter()
@@ -235,10 +235,13 @@ pub fn plan_with(
         seen[c.host as usize] = true;
     }
     // A host in no group of a peer below the root has every peer at the
-    // top level: its cost is load × W(depth), bit for bit what cost_at
-    // gives (one non-zero level sum, the total); no need to compute it.
+    // top level: its cost is W(depth) × the root's sum, bit for bit what
+    // cost_at gives (one non-zero level sum, the root's); no need to
+    // compute it. (Not the load: that adds the same rates in another
+    // order, and a host as far as u's own then priced a few ulps apart
+    // from it.)
     let depth = topo.depth();
-    let far_cost = w.cumulative(depth) * load;
+    let far_cost = w.cumulative(depth) * sums.total();
     for l in 1..=top {
         let mut groups: Vec<u32> = Vec::new();
         for &(peer_cost, peer, zh) in &ranked {
@@ -257,12 +260,13 @@ pub fn plan_with(
                 } else {
                     sums.cost_at(topo, y)
                 };
+                let (cost_after, benefit) = price(p.cost_before, cost_after);
                 p.candidates.push(Candidate {
                     host: y,
                     peer,
                     peer_cost,
                     cost_after,
-                    benefit: 2.0 * (p.cost_before - cost_after),
+                    benefit,
                     level_after,
                 });
             }
@@ -414,7 +418,7 @@ pub fn choose_swap_partner(
         // level(x, y). Each side's term with its own measured rate.
         let benefit = req.gain + partner_gain - 2.0 * (rate_uw + rate_wu) * w_xy;
         let c_m = req.c_m + cm.threshold(cost_now);
-        let margin = 1e-9 * (req.cost_before.abs() + cost_now.abs());
+        let margin = noise_margin(req.cost_before.abs() + cost_now.abs());
         // NaN anywhere refuses.
         let clears = benefit > c_m + margin;
         if !clears {

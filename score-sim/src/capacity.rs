@@ -233,6 +233,10 @@ pub struct VariantRun {
     /// Ejection chains among them (each two migrations).
     #[serde(default)]
     pub chains: u64,
+    /// Steps (migrations, swaps, chains, group moves) whose exact change
+    /// of the total was zero: moves on rounding noise (0 expected).
+    #[serde(default)]
+    pub zero_change_steps: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last that moved a VM.
@@ -419,6 +423,7 @@ fn run_fill(
                 swaps: r.swaps,
                 groups: r.groups,
                 chains: r.chains,
+                zero_change_steps: r.zero_change_steps,
                 rounds: r.rounds,
                 rounds_to_converge: r.rounds_to_converge,
                 converged: r.converged,
@@ -689,11 +694,11 @@ pub fn markdown(s: &CapacitySummary) -> String {
             f.local_search_from_initial_pct / f.baseline_reduction_pct,
             f.local_search_from_initial_moved_vms,
         ));
-        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains) | of baseline's moves | rounds to converge |\n");
-        t.push_str("|---|---|---|---|---|---|---|---|\n");
+        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains) | of baseline's moves | rounds to converge | steps with zero exact change |\n");
+        t.push_str("|---|---|---|---|---|---|---|---|---|\n");
         for r in &f.runs {
             t.push_str(&format!(
-                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}) | {:.2} | {}{} |\n",
+                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}) | {:.2} | {}{} | {} |\n",
                 r.policy,
                 r.rule,
                 r.scope,
@@ -706,6 +711,7 @@ pub fn markdown(s: &CapacitySummary) -> String {
                 r.migrations as f64 / f.baseline_moved_vms.max(1) as f64,
                 r.rounds_to_converge,
                 if r.converged { "" } else { " (not converged)" },
+                r.zero_change_steps,
             ));
         }
     }

@@ -169,6 +169,10 @@ pub struct PolicyRun {
     pub groups: u64,
     /// Ejection chains made (each also counted as two migrations).
     pub chains: u64,
+    /// Steps taken (migrations, swaps, chains, group moves) whose exact
+    /// change of the total ([`CostModel::exact_change_sign`]) was zero:
+    /// moves on rounding noise, 0 unless the decisions have a bug.
+    pub zero_change_steps: u64,
     /// Completed rounds.
     pub rounds: u32,
     /// Rounds until the last one that migrated a VM (0: nothing moved).
@@ -528,6 +532,10 @@ pub fn run_policy(
     let mut swaps = 0u64;
     let mut groups = 0u64;
     let mut chains = 0u64;
+    let mut zero_change_steps = 0u64;
+    let exactly_zero = |st: &State<'_>, moves: &[(VmIdx, HostId)]| {
+        u64::from(st.model().exact_change_sign(&st.placement, moves) == std::cmp::Ordering::Equal)
+    };
     let mut settings = Settings {
         rule: opts.rule,
         cm,
@@ -590,6 +598,7 @@ pub fn run_policy(
         };
         let group = if chain.is_some() { None } else { group };
         if let Some(c) = chain {
+            zero_change_steps += exactly_zero(&st, &[(u, c.to), (c.partner, c.partner_to)]);
             let max = st.shape.max_vms();
             let was_full = st.placement.count(c.from) == max;
             st.placement.move_vm(u, c.to);
@@ -632,6 +641,7 @@ pub fn run_policy(
             }
             on_handoff(handoffs);
         } else if let Some(g) = group {
+            zero_change_steps += exactly_zero(&st, &g.moves);
             let x = g.from;
             let max = st.shape.max_vms();
             let was_full = st.placement.count(x) == max;
@@ -682,6 +692,7 @@ pub fn run_policy(
                 Step::Single(Decision::Migrate {
                     from, to, benefit, ..
                 }) => {
+                    zero_change_steps += exactly_zero(&st, &[(u, to)]);
                     st.placement.move_vm(u, to);
                     st.lists.moved(u, from, to);
                     // The benefit of eq. 2 is exactly the drop of the eq. 1 total.
@@ -700,6 +711,7 @@ pub fn run_policy(
                 Step::Single(Decision::Stay { .. }) => {}
                 Step::Swap(s) => {
                     let w = s.partner;
+                    zero_change_steps += exactly_zero(&st, &[(u, s.to), (w, s.from)]);
                     st.placement.move_vm(u, s.to);
                     st.lists.moved(u, s.from, s.to);
                     st.placement.move_vm(w, s.from);
@@ -801,6 +813,7 @@ pub fn run_policy(
         swaps,
         groups,
         chains,
+        zero_change_steps,
         rounds: token.round,
         rounds_to_converge,
         converged,
