@@ -20,8 +20,7 @@ fn tree() -> dc::Tree {
 }
 
 /// Equation 1 for the measured rates and the current placement; also the
-/// optimum over every placement within `slots` (brute force: 4 VMs on 4
-/// hosts is 256 placements).
+/// exact optimum over every placement within `slots`.
 fn costs(dc: &Dc, slots: u32) -> (f64, f64) {
     let topo = Topology::from_toml_str(&dc.topology).unwrap();
     let rates = dc.measured_rates();
@@ -46,22 +45,10 @@ fn costs(dc: &Dc, slots: u32) -> (f64, f64) {
         })
         .collect();
     let current = model.total_cost(&Placement::new(topo.host_count(), now).unwrap());
-    let hosts = topo.host_count();
-    let mut best = f64::INFINITY;
-    for code in 0..hosts.pow(n) {
-        let mut c = code;
-        let place: Vec<u32> = (0..n)
-            .map(|_| {
-                let h = c % hosts;
-                c /= hosts;
-                h
-            })
-            .collect();
-        if (0..hosts).any(|h| place.iter().filter(|&&p| p == h).count() as u32 > slots) {
-            continue;
-        }
-        best = best.min(model.total_cost(&Placement::new(hosts, place).unwrap()));
-    }
+    let capacity = vec![slots; topo.host_count() as usize];
+    let best = score_core::optimum::optimum(&model, &capacity, None, u64::MAX)
+        .unwrap()
+        .cost;
     (current, best)
 }
 

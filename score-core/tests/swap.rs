@@ -1,21 +1,19 @@
 //! Properties of the decisions beyond the paper (score_core::swap) and of
-//! the brute-force optimum, over random trees, traffic, placements and
+//! the exact optimum, over random trees, traffic, placements and
 //! capacities (proptest).
 
 mod common;
 
-use std::net::Ipv4Addr;
-
 use common::{Shape, World, close, cm, set};
 use proptest::prelude::*;
-use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
+use score_core::cost::{Placement, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Rule, plan};
-use score_core::optimum::brute_force;
+use score_core::optimum::optimum;
 use score_core::swap::{
     CandidateSet, Scope, Settings, Step, SwapRequest, choose_swap_partner, decide_with, local_vms,
     plan_with, swap_delta,
 };
-use score_core::topology::{HostId, LinkWeights, Topology};
+use score_core::topology::HostId;
 
 /// What the tests ask of a [`World`] about swaps.
 trait Swaps {
@@ -240,7 +238,8 @@ proptest! {
     fn the_optimum_bounds_every_reached_placement(w in world(8), rule in rule(), set in set()) {
         prop_assume!(w.topo.host_count() <= 8);
         let model = w.model();
-        let opt = brute_force(&model, &w.cap, 50_000_000).unwrap();
+        let opt = optimum(&model, &w.cap, None, 50_000_000).unwrap();
+        prop_assert!(opt.proven);
         prop_assert!(opt.placement.counts().iter().zip(&w.cap).all(|(c, k)| c <= k));
         prop_assert_eq!(opt.cost, model.total_cost(&opt.placement));
         let s = Settings {
@@ -258,62 +257,5 @@ proptest! {
         let reached = model.total_cost(&p);
         prop_assert!(opt.cost <= reached + 1e-9 * reached.max(1.0));
         prop_assert!(opt.cost <= model.total_cost(&w.placement) + 1e-9);
-    }
-}
-
-/// The pruned search gives the same optimum as plain enumeration.
-#[test]
-fn brute_force_equals_plain_enumeration() {
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-    let mut rng = StdRng::seed_from_u64(8);
-    for case in 0..30 {
-        let fanout: &[u32] = [&[2, 3][..], &[3, 2][..], &[2, 2, 2][..]][case % 3];
-        let topo = Topology::regular(
-            fanout,
-            LinkWeights::paper_truncated(fanout.len()),
-            Ipv4Addr::new(10, 0, 0, 1),
-        )
-        .unwrap();
-        let hosts = topo.host_count();
-        let n = rng.random_range(3..=6u32);
-        let triples: Vec<(u32, u32, f64)> = (0..rng.random_range(2..10))
-            .map(|_| {
-                (
-                    rng.random_range(0..n),
-                    rng.random_range(0..n),
-                    rng.random_range(0.5..10.0),
-                )
-            })
-            .collect();
-        let traffic = Traffic::from_triples(n, triples).unwrap();
-        let cap: Vec<u32> = (0..hosts).map(|_| rng.random_range(0..3)).collect();
-        let model = CostModel::new(&topo, &traffic);
-        let Ok(opt) = brute_force(&model, &cap, 10_000_000) else {
-            assert!(cap.iter().sum::<u32>() < n);
-            continue;
-        };
-        // Every assignment, no pruning.
-        let mut best = f64::INFINITY;
-        let total = u64::from(hosts).pow(n);
-        for code in 0..total {
-            let mut c = code;
-            let host_of: Vec<HostId> = (0..n)
-                .map(|_| {
-                    let h = (c % u64::from(hosts)) as HostId;
-                    c /= u64::from(hosts);
-                    h
-                })
-                .collect();
-            let p = Placement::new(hosts, host_of).unwrap();
-            if p.counts().iter().zip(&cap).all(|(c, k)| c <= k) {
-                best = best.min(model.total_cost(&p));
-            }
-        }
-        assert!(
-            (opt.cost - best).abs() <= 1e-9 * best.max(1.0),
-            "case {case}: {} vs {best}",
-            opt.cost
-        );
     }
 }

@@ -11,7 +11,7 @@
 //! numbers: the same centralised local search with moves and swaps run from
 //! the *initial* placement (what moves and swaps of one or two VMs can reach
 //! from there, with global knowledge), and, on instances small enough to
-//! enumerate, the exact optimum ([`score_core::optimum::brute_force`]).
+//! enumerate, the exact optimum ([`score_core::optimum::optimum`]).
 //!
 //! A [`Variant`] is a rule, a [`Scope`], whether group moves are made
 //! ([`GroupMode`], score-core's [`score_core::group`]) and c_m: the
@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use score_core::cost::{CostError, Placement, VmIdx};
 use score_core::decision::Rule;
-use score_core::optimum::{OptimumError, brute_force};
+use score_core::optimum::{OptimumError, optimum};
 use score_core::policy::PolicyKind;
 use score_core::swap::{CandidateSet, Scope, SwapError};
 use score_core::topology::{LinkWeights, Topology};
@@ -460,11 +460,11 @@ pub fn run_small(
                 let setup = small_setup(fanout, slots, vms, p, 1000 * k as u64 + seed)?;
                 let model = setup.model();
                 let cap = vec![setup.shape.max_vms(); setup.topo.host_count() as usize];
-                let opt = match brute_force(&model, &cap, 5_000_000_000) {
-                    Ok(o) => o,
+                let opt = match optimum(&model, &cap, Some(&setup.placement), 5_000_000_000) {
+                    Ok(o) if o.proven => o,
                     Err(OptimumError::Cost(e)) => return Err(e.into()),
                     // Over budget or unfit: not an instance we can judge.
-                    Err(_) => return Ok(None),
+                    _ => return Ok(None),
                 };
                 let initial = setup.initial_cost();
                 let gain = initial - opt.cost;

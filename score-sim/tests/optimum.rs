@@ -1,53 +1,19 @@
 //! The centralised baselines find the optimum of small data centres whose
-//! optimum is known by brute force, and never break capacity.
+//! optimum is known by exact search, and never break capacity.
 
 mod common;
 
-use score_core::cost::Placement;
-use score_core::topology::HostId;
 use score_sim::baseline::{ga, search};
 use score_sim::scenario::{GaParams, SearchParams};
 use score_sim::world::Setup;
 
 /// The lowest equation 1 total over every placement within capacity
-/// (backtracking over VMs, pruning full hosts).
+/// (score-core's exact search, which is checked against enumeration).
 fn brute_force(setup: &Setup) -> f64 {
-    let hosts = setup.topo.host_count();
-    let n = setup.vms() as usize;
-    let cap = setup.shape.max_vms();
-    let model = setup.model();
-    let mut best = f64::INFINITY;
-    let mut host_of: Vec<HostId> = vec![0; n];
-    let mut counts = vec![0u32; hosts as usize];
-    fn rec(
-        i: usize,
-        host_of: &mut Vec<HostId>,
-        counts: &mut Vec<u32>,
-        cap: u32,
-        eval: &mut dyn FnMut(&[HostId]),
-    ) {
-        if i == host_of.len() {
-            eval(host_of);
-            return;
-        }
-        for h in 0..counts.len() {
-            if counts[h] < cap {
-                counts[h] += 1;
-                host_of[i] = h as HostId;
-                rec(i + 1, host_of, counts, cap, eval);
-                counts[h] -= 1;
-            }
-        }
-    }
-    let mut eval = |h: &[HostId]| {
-        let p = Placement::new(hosts, h.to_vec()).unwrap();
-        let c = model.total_cost(&p);
-        if c < best {
-            best = c;
-        }
-    };
-    rec(0, &mut host_of, &mut counts, cap, &mut eval);
-    best
+    let cap = vec![setup.shape.max_vms(); setup.topo.host_count() as usize];
+    let opt = score_core::optimum::optimum(&setup.model(), &cap, None, u64::MAX).unwrap();
+    assert!(opt.proven);
+    opt.cost
 }
 
 fn close(a: f64, b: f64) -> bool {
