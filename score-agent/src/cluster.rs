@@ -405,13 +405,13 @@ impl ClusterSettings {
                 "the global policy needs a coordinator address",
             ));
         }
-        if let Some(c) = peer.coordinator {
-            if topo.host_by_addr(c).is_none() {
-                return Err(invalid(
-                    "peer.coordinator",
-                    format!("{c} is not a host of the topology"),
-                ));
-            }
+        if let Some(c) = peer.coordinator
+            && topo.host_by_addr(c).is_none()
+        {
+            return Err(invalid(
+                "peer.coordinator",
+                format!("{c} is not a host of the topology"),
+            ));
         }
         let key = read_key(&peer.key_file)?;
         let mut hosts: Vec<Ipv4Addr> = (0..topo.host_count()).map(|h| topo.host_addr(h)).collect();

@@ -653,10 +653,10 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
             )
         };
         let err = (rc < 0).then(std::io::Error::last_os_error);
-        if let Some(e) = &err {
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(std::io::Error::new(e.kind(), e.to_string()));
-            }
+        if let Some(e) = &err
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            return Err(std::io::Error::new(e.kind(), e.to_string()));
         }
         // SAFETY: the kernel wrote the count back into the same member.
         let n = (unsafe { attr.batch.count } as usize).min(chunk);

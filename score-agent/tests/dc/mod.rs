@@ -368,11 +368,9 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
             Some((m, labels)) => metric == m && series.contains(labels.trim_end_matches('}')),
             None => metric == name,
         };
-        if wanted {
-            if let Ok(v) = value.parse::<f64>() {
-                sum += v;
-                seen = true;
-            }
+        if wanted && let Ok(v) = value.parse::<f64>() {
+            sum += v;
+            seen = true;
         }
     }
     if seen { sum } else { 0.0 }
