@@ -135,6 +135,41 @@ mod tests {
         assert!(links.iter().any(|(n, i)| n == "lo" && *i == 1), "{links:?}");
     }
 
+    /// RTM_NEWLINK and RTM_DELLINK as the kernel sends them, two in one
+    /// read, become events in order.
+    #[test]
+    fn link_messages_become_events() {
+        use netlink_packet_core::NetlinkHeader;
+        let encode = |inner: RouteNetlinkMessage| {
+            let mut msg = NetlinkMessage::new(NetlinkHeader::default(), inner.into());
+            msg.finalize();
+            let mut buf = vec![0u8; msg.buffer_len()];
+            msg.serialize(&mut buf);
+            buf
+        };
+        let link = |index: u32, name: &str| {
+            let mut l = LinkMessage::default();
+            l.header.index = index;
+            l.attributes.push(LinkAttribute::IfName(name.to_owned()));
+            l
+        };
+        let mut buf = encode(RouteNetlinkMessage::NewLink(link(7, "vif3.0")));
+        buf.extend(encode(RouteNetlinkMessage::DelLink(link(5, "vif2.0"))));
+        assert_eq!(
+            parse_events(&buf),
+            [
+                LinkEvent::Up {
+                    name: "vif3.0".into(),
+                    index: 7
+                },
+                LinkEvent::Gone {
+                    name: "vif2.0".into(),
+                    index: 5
+                },
+            ]
+        );
+    }
+
     #[test]
     fn garbage_yields_no_events() {
         assert!(parse_events(&[]).is_empty());

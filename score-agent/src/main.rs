@@ -72,11 +72,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                // netlink-packet-route warns about every link attribute a
-                // newer kernel made longer: noise to an operator.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
-                }),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
