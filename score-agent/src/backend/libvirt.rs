@@ -22,199 +22,22 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
-
 use super::{
-    BackendConfigError, BackendError, HostRef, MigrationReport, Placement, VmRef, format_mac,
-    invalid, parse_hosts, parse_mac, tail,
+    BackendConfigError, BackendError, HostRef, LibvirtConfig, MigrationReport, Placement, VmRef,
+    format_mac, parse_mac,
+    process::{self, Output},
+    tail,
 };
 
 /// How long one `virsh` query (list, domiflist, domstate...) may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `virsh migrate` may take to end once its job was aborted.
 const ABORT_WAIT: Duration = Duration::from_secs(30);
-
-/// `kind = "libvirt"`: the keys of the libvirt backend.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LibvirtConfig {
-    /// The `virsh` command: a path, or a name looked up in `PATH`.
-    #[serde(default = "defaults::virsh_path")]
-    pub virsh_path: PathBuf,
-    /// This host's libvirtd, as `virsh -c` takes it.
-    #[serde(default = "defaults::uri")]
-    pub uri: String,
-    /// Host address -> that host's libvirt URI as seen from this host
-    /// (`"10.0.0.12" = "qemu+tcp://10.0.0.12/system"`). Every host a VM
-    /// may move to.
-    pub hosts: BTreeMap<String, String>,
-    /// Host address -> where QEMU sends the migration stream for that
-    /// host (`--migrateuri`, e.g. `tcp://10.0.0.12`). A host not listed
-    /// lets the target's libvirtd choose (its `migration_host` in
-    /// qemu.conf, else its host name).
-    #[serde(default)]
-    pub migrate_uris: BTreeMap<String, String>,
-    /// `--persistent`: the domain is defined at the target, not only run.
-    #[serde(default = "defaults::yes")]
-    pub persistent: bool,
-    /// `--undefinesource`: the source forgets the domain's definition.
-    #[serde(default = "defaults::yes")]
-    pub undefine_source: bool,
-    /// More `virsh migrate` options (`--p2p`, `--auto-converge`,
-    /// `--bandwidth`, `100`...). The ones the agent sets itself are refused.
-    #[serde(default)]
-    pub migrate_options: Vec<String>,
-    /// Longest time one migration may take, finding the domain included;
-    /// then the job is aborted.
-    #[serde(default = "defaults::timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-mod defaults {
-    use std::{path::PathBuf, time::Duration};
-
-    pub fn virsh_path() -> PathBuf {
-        PathBuf::from("virsh")
-    }
-    pub fn uri() -> String {
-        "qemu:///system".into()
-    }
-    pub fn yes() -> bool {
-        true
-    }
-    // As for xl: the paper's migrations took 2.9-9.3 s (§IV-F); a guest
-    // with a high dirty rate can take minutes.
-    pub fn timeout() -> Duration {
-        Duration::from_secs(300)
-    }
-}
-
-/// `virsh migrate` options that take a value (virsh-domain.c,
-/// `opts_migrate`), so that the value is not mistaken for a stray word.
-const OPTIONS_WITH_VALUE: &[&str] = &[
-    "--bandwidth",
-    "--comp-methods",
-    "--comp-mt-dthreads",
-    "--comp-mt-level",
-    "--comp-mt-threads",
-    "--comp-xbzrle-cache",
-    "--comp-zlib-level",
-    "--comp-zstd-level",
-    "--auto-converge-increment",
-    "--auto-converge-initial",
-    "--disks-port",
-    "--disks-uri",
-    "--dname",
-    "--graphicsuri",
-    "--listen-address",
-    "--migrate-disks",
-    "--parallel-connections",
-    "--persistent-xml",
-    "--timeout",
-    "--tls-destination",
-    "--xml",
-];
-
-/// Options the agent sets itself, from its own keys.
-const OPTIONS_OF_THE_AGENT: &[&str] = &[
-    "--live",
-    "--offline",
-    "--persistent",
-    "--undefinesource",
-    "--migrateuri",
-    "--domain",
-    "--desturi",
-];
-
-/// A libvirt URI or `--migrateuri` value safe to pass as one argument.
-fn check_uri(text: &str) -> Result<(), String> {
-    if text.is_empty()
-        || text.starts_with('-')
-        || !text.contains(':')
-        || text.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(format!(
-            "`{text}` is not a URI (`driver+transport://host/path`, no blanks)"
-        ));
-    }
-    Ok(())
-}
-
-impl LibvirtConfig {
-    /// Checks every key; touches nothing outside the value itself.
-    pub fn validate(&self) -> Result<(), BackendConfigError> {
-        self.parsed_hosts()?;
-        if self.hosts.is_empty() {
-            return Err(invalid(
-                "backend.hosts",
-                "list every host a VM may move to (address = libvirt URI)",
-            ));
-        }
-        self.parsed_migrate_uris()?;
-        if self.virsh_path.as_os_str().is_empty() {
-            return Err(invalid("backend.virsh_path", "must not be empty"));
-        }
-        check_uri(&self.uri).map_err(|r| invalid("backend.uri", r))?;
-        let mut expect_value = false;
-        for (i, opt) in self.migrate_options.iter().enumerate() {
-            let key = format!("backend.migrate_options[{i}]");
-            if expect_value {
-                expect_value = false;
-                continue;
-            }
-            let name = opt.split('=').next().unwrap_or(opt);
-            if !name.starts_with("--") || name == "--" {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "`{opt}` is not a `--option`: the domain and target are added by the agent"
-                    ),
-                ));
-            }
-            if OPTIONS_OF_THE_AGENT.contains(&name) {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "`{name}` is set by the agent (see persistent, undefine_source, migrate_uris)"
-                    ),
-                ));
-            }
-            expect_value = !opt.contains('=') && OPTIONS_WITH_VALUE.contains(&name);
-        }
-        if expect_value {
-            return Err(invalid(
-                format!(
-                    "backend.migrate_options[{}]",
-                    self.migrate_options.len() - 1
-                ),
-                "this option needs a value after it",
-            ));
-        }
-        if self.timeout.is_zero() {
-            return Err(invalid("backend.timeout", "must be greater than zero"));
-        }
-        Ok(())
-    }
-
-    fn parsed_hosts(&self) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
-        parse_hosts(&self.hosts, check_uri)
-    }
-
-    fn parsed_migrate_uris(&self) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
-        parse_hosts(&self.migrate_uris, check_uri).map_err(|e| match e {
-            BackendConfigError::Invalid { key, reason } => BackendConfigError::Invalid {
-                key: key.replacen("backend.hosts", "backend.migrate_uris", 1),
-                reason,
-            },
-            other => other,
-        })
-    }
-}
 
 /// Drives libvirt through `virsh`.
 #[derive(Debug)]
@@ -403,22 +226,6 @@ impl Verdict {
     }
 }
 
-/// What a `virsh` run printed.
-#[derive(Debug)]
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// virsh's own error lines (`error: ...`), joined; else the tail of
-    /// its stderr.
-    fn error(&self) -> String {
-        virsh_error(&self.stderr)
-    }
-}
-
 /// The `error: ...` lines virsh printed, without the prefix, joined.
 fn virsh_error(stderr: &str) -> String {
     let lines: Vec<&str> = stderr
@@ -548,7 +355,7 @@ impl LibvirtBackend {
     /// Builds the backend; `virsh_path` must name an executable file.
     pub fn from_config(config: &LibvirtConfig) -> Result<Self, BackendConfigError> {
         config.validate()?;
-        let virsh = resolve(&config.virsh_path).ok_or_else(|| BackendConfigError::Unavailable {
+        let virsh = process::resolve(&config.virsh_path).ok_or_else(|| BackendConfigError::Unavailable {
             kind: "libvirt",
             reason: format!(
                 "no executable {} (backend.virsh_path; Debian: apt-get install libvirt-clients)",
@@ -568,26 +375,12 @@ impl LibvirtBackend {
     }
 
     /// Runs `virsh -c URI ARGS` for at most `limit` (killed after it).
-    async fn virsh(&self, uri: &str, args: &[&str], limit: Duration) -> Result<Run, String> {
-        let child = tokio::process::Command::new(&self.virsh)
-            .arg("-c")
-            .arg(uri)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(limit, child).await {
-            Err(_) => Err(format!(
-                "`virsh -c {uri} {}` did not answer within {limit:?}",
-                args.join(" ")
-            )),
-            Ok(Err(e)) => Err(format!("running {}: {e}", self.virsh.display())),
-            Ok(Ok(out)) => Ok(Run {
-                success: out.status.success(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }),
-        }
+    async fn virsh(&self, uri: &str, args: &[&str], limit: Duration) -> Result<Output, String> {
+        let mut all = vec!["-c", uri];
+        all.extend_from_slice(args);
+        process::run(&self.virsh, &all, Some(limit))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// What the libvirtd at `uri` says about domain `uuid`.
@@ -597,7 +390,7 @@ impl LibvirtBackend {
             .await
         {
             Err(e) => Seen::Unreachable(e),
-            Ok(run) if run.success => match parse_domstate(&run.stdout) {
+            Ok(run) if run.success() => match parse_domstate(&run.stdout) {
                 Some(s) => Seen::State(s),
                 None => Seen::Unreachable(format!(
                     "`virsh domstate` printed `{}`",
@@ -605,7 +398,7 @@ impl LibvirtBackend {
                 )),
             },
             Ok(run) if says_no_domain(&run.stderr) => Seen::Absent,
-            Ok(run) => Seen::Unreachable(run.error()),
+            Ok(run) => Seen::Unreachable(virsh_error(&run.stderr)),
         }
     }
 
@@ -626,8 +419,11 @@ impl LibvirtBackend {
             .virsh(&self.uri, &["list", "--uuid"], QUERY_TIMEOUT)
             .await
             .map_err(failed)?;
-        if !list.success {
-            return Err(failed(format!("`virsh list` failed: {}", list.error())));
+        if !list.success() {
+            return Err(failed(format!(
+                "`virsh list` failed: {}",
+                virsh_error(&list.stderr)
+            )));
         }
         let uuids = parse_uuids(&list.stdout).map_err(failed)?;
         let mut matching = Vec::new();
@@ -636,9 +432,9 @@ impl LibvirtBackend {
                 .virsh(&self.uri, &["domiflist", uuid], QUERY_TIMEOUT)
                 .await
                 .map_err(failed)?;
-            if !run.success {
+            if !run.success() {
                 // Gone between `list` and now: not this VM's concern.
-                tracing::debug!(%uuid, "domiflist: {}", run.error());
+                tracing::debug!(%uuid, "domiflist: {}", virsh_error(&run.stderr));
                 continue;
             }
             if parse_domiflist(&run.stdout).contains(&vm.mac) {
@@ -669,7 +465,7 @@ impl LibvirtBackend {
             .virsh(&self.uri, &["domname", &uuid], QUERY_TIMEOUT)
             .await
         {
-            Ok(run) if run.success => run.stdout.trim().to_owned(),
+            Ok(run) if run.success() => run.stdout.trim().to_owned(),
             _ => uuid.clone(),
         };
         match self.state(&self.uri, &uuid).await {
@@ -771,10 +567,18 @@ impl LibvirtBackend {
         tokio::spawn(async move {
             let _ = tx.send(child.wait_with_output().await);
         });
-        let mut guard = AbortOnDrop {
-            virsh: Some(self.virsh.clone()),
-            uri: self.uri.clone(),
-            uuid: domain.uuid.clone(),
+        // If this future is dropped: `virsh domjobabort` on a task of its
+        // own; libvirt then resumes the domain at the source itself.
+        let mut guard = {
+            let (virsh, uri, uuid) = (self.virsh.clone(), self.uri.clone(), domain.uuid.clone());
+            process::CleanupOnDrop::new("aborting its libvirt job", async move {
+                let args = ["-c", &uri, "domjobabort", &uuid];
+                match process::run(&virsh, &args, Some(QUERY_TIMEOUT)).await {
+                    Ok(out) if out.success() => {}
+                    Ok(out) => tracing::warn!("domjobabort: {}", virsh_error(&out.stderr)),
+                    Err(e) => tracing::warn!("domjobabort: {e}"),
+                }
+            })
         };
 
         let mut timed_out = false;
@@ -787,9 +591,9 @@ impl LibvirtBackend {
                     .virsh(&self.uri, &["domjobabort", &domain.uuid], QUERY_TIMEOUT)
                     .await
                 {
-                    Ok(run) if !run.success => {
+                    Ok(run) if !run.success() => {
                         // "no job is active": it ended just now.
-                        tracing::warn!("domjobabort: {}", run.error());
+                        tracing::warn!("domjobabort: {}", virsh_error(&run.stderr));
                     }
                     Err(e) => tracing::warn!("domjobabort: {e}"),
                     Ok(_) => {}
@@ -883,7 +687,7 @@ impl LibvirtBackend {
             )
             .await
         {
-            Ok(run) if run.success => parse_jobinfo(&run.stdout),
+            Ok(run) if run.success() => parse_jobinfo(&run.stdout),
             _ => LibvirtJobStats::default(),
         };
         tracing::info!(
@@ -908,9 +712,9 @@ impl LibvirtBackend {
         if let Ok(run) = self
             .virsh(&self.uri, &["resume", &domain.uuid], QUERY_TIMEOUT)
             .await
-            && !run.success
+            && !run.success()
         {
-            tracing::warn!("virsh resume: {}", run.error());
+            tracing::warn!("virsh resume: {}", virsh_error(&run.stderr));
         }
         match self.state(&self.uri, &domain.uuid).await {
             Seen::State(s) if s.running() => Verdict::Source,
@@ -919,67 +723,6 @@ impl LibvirtBackend {
             )),
         }
     }
-}
-
-/// Aborts a migration whose future was dropped (the agent shutting down
-/// mid-migration): `virsh domjobabort` on a task of its own. libvirt then
-/// resumes the domain at the source itself.
-struct AbortOnDrop {
-    virsh: Option<PathBuf>,
-    uri: String,
-    uuid: String,
-}
-
-impl AbortOnDrop {
-    fn disarm(&mut self) {
-        self.virsh = None;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        let Some(virsh) = self.virsh.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        tracing::warn!(uuid = %self.uuid, "libvirt: migration abandoned; aborting its job");
-        let (uri, uuid) = (
-            std::mem::take(&mut self.uri),
-            std::mem::take(&mut self.uuid),
-        );
-        rt.spawn(async move {
-            let run = tokio::process::Command::new(&virsh)
-                .args(["-c", &uri, "domjobabort", &uuid])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output();
-            match tokio::time::timeout(QUERY_TIMEOUT, run).await {
-                Ok(Ok(out)) if out.status.success() => {}
-                Ok(Ok(out)) => tracing::warn!(
-                    "domjobabort: {}",
-                    virsh_error(&String::from_utf8_lossy(&out.stderr))
-                ),
-                _ => tracing::warn!("domjobabort did not run"),
-            }
-        });
-    }
-}
-
-/// `path` if it has a `/`, else the first executable `path` in `PATH`.
-fn resolve(path: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if path.components().count() > 1 || path.is_absolute() {
-        return executable(path).then(|| path.to_owned());
-    }
-    let dirs = std::env::var_os("PATH")?;
-    std::env::split_paths(&dirs)
-        .map(|d| d.join(path))
-        .find(|p| executable(p))
 }
 
 #[cfg(test)]
@@ -1142,92 +885,5 @@ mod tests {
             judge(false, &paused(), &st("paused", "post-copy failed")),
             Verdict::Unknown(_)
         ));
-    }
-}
-
-#[cfg(test)]
-mod config_tests {
-    use super::super::BackendConfig;
-    use super::super::tests::{config as parse, key_of as key};
-
-    #[test]
-    fn libvirt_config_defaults_and_validation() {
-        let c = parse(
-            r#"
-            kind = "libvirt"
-            hosts = { "10.0.0.12" = "qemu+tcp://10.0.0.12/system" }
-            "#,
-        );
-        c.validate().unwrap();
-        assert_eq!(c.kind(), "libvirt");
-        let BackendConfig::Libvirt(l) = &c else {
-            panic!()
-        };
-        assert_eq!(l.uri, "qemu:///system");
-        assert!(l.persistent && l.undefine_source);
-        assert_eq!(l.timeout, std::time::Duration::from_secs(300));
-        assert_eq!(l.virsh_path, std::path::PathBuf::from("virsh"));
-
-        let c = parse(
-            r#"
-            kind = "libvirt"
-            uri = "qemu+unix:///system?socket=/run/h1/libvirt-sock"
-            hosts = { "10.0.0.12" = "qemu+ssh://root@h2/system" }
-            migrate_uris = { "10.0.0.12" = "tcp://10.0.0.12" }
-            migrate_options = ["--p2p", "--bandwidth", "100", "--comp-methods=xbzrle", "--auto-converge"]
-            persistent = false
-            timeout = "2m"
-            "#,
-        );
-        c.validate().unwrap();
-
-        let bad = |extra: &str| {
-            key(parse(&format!(
-                "kind = \"libvirt\"\nhosts = {{ \"10.0.0.12\" = \"qemu+tcp://10.0.0.12/system\" }}\n{extra}"
-            ))
-            .validate()
-            .unwrap_err())
-        };
-        assert_eq!(bad("timeout = \"0s\""), "backend.timeout");
-        assert_eq!(bad("uri = \"qemu system\""), "backend.uri");
-        assert_eq!(
-            bad("migrate_uris = { \"10.0.0.12\" = \"-x\" }"),
-            "backend.migrate_uris.\"10.0.0.12\""
-        );
-        assert_eq!(
-            bad("migrate_uris = { \"h2\" = \"tcp://h2\" }"),
-            "backend.migrate_uris.\"h2\""
-        );
-        assert_eq!(
-            bad("migrate_options = [\"--live\"]"),
-            "backend.migrate_options[0]"
-        );
-        assert_eq!(
-            bad("migrate_options = [\"--p2p\", \"vm1\"]"),
-            "backend.migrate_options[1]"
-        );
-        assert_eq!(
-            bad("migrate_options = [\"--bandwidth\"]"),
-            "backend.migrate_options[0]"
-        );
-        assert_eq!(bad("virsh_path = \"\""), "backend.virsh_path");
-        assert_eq!(
-            key(parse("kind = \"libvirt\"\nhosts = {}")
-                .validate()
-                .unwrap_err()),
-            "backend.hosts"
-        );
-        assert_eq!(
-            key(
-                parse("kind = \"libvirt\"\nhosts = { \"10.0.0.12\" = \"h2\" }")
-                    .validate()
-                    .unwrap_err()
-            ),
-            "backend.hosts.\"10.0.0.12\""
-        );
-        let e =
-            toml::from_str::<BackendConfig>("kind = \"libvirt\"\nhosts = {}\nqmp_sockets = \"/q\"")
-                .unwrap_err();
-        assert!(e.message().contains("qmp_sockets"), "{e}");
     }
 }

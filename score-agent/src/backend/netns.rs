@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use super::{
     BackendConfigError, BackendError, HostRef, MigrationReport, NetnsConfig, Placement, VmRef,
-    format_mac, tail,
+    format_mac, process, tail,
 };
 
 /// Where `ip netns` keeps its namespaces (iproute2's NETNS_RUN_DIR).
@@ -309,21 +309,13 @@ impl IpLink {
 /// Runs `ip ARGS`; returns its stdout, or its stderr as the error. The
 /// child dies with the future (a time-out).
 async fn ip(args: &[&str]) -> Result<String, String> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
+    let out = process::run(Path::new("ip"), args, None)
         .await
-        .map_err(|e| format!("running ip: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        .map_err(|e| e.to_string())?;
+    if out.success() {
+        Ok(out.stdout)
     } else {
-        Err(format!(
-            "`ip {}`: {}",
-            args.join(" "),
-            tail(&String::from_utf8_lossy(&out.stderr), 2)
-        ))
+        Err(format!("`ip {}`: {}", args.join(" "), tail(&out.stderr, 2)))
     }
 }
 

@@ -24,7 +24,6 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -32,11 +31,9 @@ use serde_json::{Value, json};
 
 use super::{
     BackendConfigError, BackendError, HostRef, MigrationReport, Placement, QemuConfig, VmRef,
-    format_mac, parse_mac, tail,
+    format_mac, parse_mac, process, qmp, tail,
 };
 
-/// How long one QMP command (or connecting and the greeting) may take.
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often `query-migrate` is asked. A TCG guest of 256 MiB migrates in
 /// about 0.5-0.8 s here (TESTBED.md): 20 ms adds at most 3% to that.
 const POLL: Duration = Duration::from_millis(20);
@@ -188,7 +185,7 @@ impl QemuBackend {
             reason,
         };
         let program = Path::new(&config.incoming_helper[0]);
-        if resolve(program).is_none() {
+        if process::resolve(program).is_none() {
             return Err(unavailable(format!(
                 "no executable {} (backend.incoming_helper[0])",
                 program.display()
@@ -261,10 +258,10 @@ impl QemuBackend {
 
         // From here on a dropped future must not leave the migration
         // running unattended: the guard cancels it.
-        let mut guard = CancelOnDrop {
-            socket: Some(socket.clone()),
-            target_qmp: incoming.qmp.clone(),
-        };
+        let mut guard = process::CleanupOnDrop::new(
+            "cancelling its QEMU migration",
+            cancel_abandoned(socket.clone(), incoming.qmp.clone()),
+        );
         if let Err(e) = qmp
             .execute("migrate", Some(json!({ "uri": incoming.uri })))
             .await
@@ -406,29 +403,23 @@ impl QemuBackend {
         }
     }
 
-    /// Runs the incoming helper for `vm` on `target`.
+    /// Runs the incoming helper for `vm` on `target` (killed if the
+    /// caller's time-out drops the future).
     async fn incoming(&self, vm: &VmRef, target: &str) -> Result<Incoming, String> {
-        let out = tokio::process::Command::new(&self.helper[0])
-            .args(&self.helper[1..])
-            .args([
-                target,
-                &vm.ip.to_string(),
-                &format_mac(&vm.mac),
-                vm.vif.as_str(),
-            ])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
+        let (ip, mac) = (vm.ip.to_string(), format_mac(&vm.mac));
+        let mut args: Vec<&str> = self.helper[1..].iter().map(String::as_str).collect();
+        args.extend([target, &ip, &mac, vm.vif.as_str()]);
+        let out = process::run(Path::new(&self.helper[0]), &args, None)
             .await
-            .map_err(|e| format!("running the incoming helper {}: {e}", self.helper[0]))?;
-        if !out.status.success() {
+            .map_err(|e| format!("the incoming helper: {e}"))?;
+        if !out.success() {
             return Err(format!(
                 "the incoming helper failed ({}): {}",
                 out.status,
-                tail(&String::from_utf8_lossy(&out.stderr), 3)
+                tail(&out.stderr, 3)
             ));
         }
-        parse_incoming(&String::from_utf8_lossy(&out.stdout))
+        parse_incoming(&out.stdout)
     }
 
     /// Polls `query-migrate` until the migration ends or `deadline`.
@@ -614,317 +605,30 @@ async fn stop_target(target: Option<&Path>) {
     }
 }
 
-/// Cancels a migration whose future was dropped (the agent shutting down
-/// mid-migration): `migrate_cancel`, then `cont` if the source was left
-/// paused, and stops the target QEMU, on a task of its own.
-struct CancelOnDrop {
-    socket: Option<PathBuf>,
-    target_qmp: Option<PathBuf>,
-}
-
-impl CancelOnDrop {
-    fn disarm(&mut self) {
-        self.socket = None;
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        let Some(socket) = self.socket.take() else {
-            return;
-        };
-        let target = self.target_qmp.take();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        tracing::warn!(socket = %socket.display(), "qemu: migration abandoned; cancelling it");
-        rt.spawn(async move {
-            // The dropped future held the only connection; QEMU serves the
-            // next client once it is closed.
-            let Ok(mut q) = qmp::Qmp::connect(&socket).await else {
-                return;
-            };
-            let _ = q.execute("migrate_cancel", None).await;
-            let deadline = Instant::now() + CANCEL_WAIT;
-            while Instant::now() < deadline {
-                match q.execute("query-migrate", None).await {
-                    Ok(v) if MigrateState::from_value(&v).is_final() => break,
-                    Ok(_) => tokio::time::sleep(POLL).await,
-                    Err(_) => return,
-                }
-            }
-            if let Ok(v) = q.execute("query-migrate", None).await
-                && MigrateState::from_value(&v).status != "completed"
-            {
-                stop_target(target.as_deref()).await;
-                if let Err(e) = ensure_running(&mut q).await {
-                    tracing::error!("qemu: abandoned migration left the source not running: {e}");
-                }
-            }
-        });
-    }
-}
-
-/// `program` if it is a path, else looked up in `PATH`; `None` if no
-/// executable file is found.
-fn resolve(program: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// What cleans up after a migration whose future was dropped (the agent
+/// shutting down mid-migration), on a task of its own: `migrate_cancel`,
+/// then `cont` if the source was left paused, and the target QEMU stopped.
+async fn cancel_abandoned(socket: PathBuf, target: Option<PathBuf>) {
+    // The dropped future held the only connection; QEMU serves the next
+    // client once it is closed.
+    let Ok(mut q) = qmp::Qmp::connect(&socket).await else {
+        return;
     };
-    if program.components().count() > 1 {
-        return executable(program).then(|| program.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(program))
-                .find(|p| executable(p))
-        })
-        .unwrap_or(None)
-}
-
-/// A small asynchronous QMP client: one connection to one QEMU monitor
-/// socket; commands are sent one at a time and answered in order,
-/// asynchronous events in between are skipped.
-pub mod qmp {
-    use std::path::Path;
-
-    use serde_json::{Value, json};
-    use tokio::{
-        io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-        net::{
-            UnixStream,
-            unix::{OwnedReadHalf, OwnedWriteHalf},
-        },
-    };
-
-    use super::QMP_TIMEOUT;
-
-    /// Longest QMP line accepted: `query-rx-filter` alone is about 25 kB
-    /// (a full VLAN table).
-    const MAX_LINE: u64 = 4 << 20;
-
-    /// What went wrong talking to QEMU.
-    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-    pub enum QmpError {
-        /// The socket could not be reached or used.
-        #[error("qmp i/o: {0}")]
-        Io(String),
-        /// QEMU closed the connection (as it does after `quit`).
-        #[error("qmp connection closed by QEMU")]
-        Closed,
-        /// QEMU sent something that is not QMP.
-        #[error("qmp protocol: {0}")]
-        Protocol(String),
-        /// QEMU refused the command.
-        #[error("qemu refused {command}: {class}: {desc}")]
-        Command {
-            /// The command sent.
-            command: String,
-            /// QEMU's error class (`GenericError`...).
-            class: String,
-            /// QEMU's message.
-            desc: String,
-        },
-        /// No answer within the time allowed.
-        #[error("qmp: no answer to {0} within {QMP_TIMEOUT:?}")]
-        TimedOut(String),
-    }
-
-    /// One QMP session, in command mode.
-    #[derive(Debug)]
-    pub struct Qmp {
-        reader: BufReader<OwnedReadHalf>,
-        writer: OwnedWriteHalf,
-        next_id: u64,
-    }
-
-    impl Qmp {
-        /// Connects, reads the greeting and enters command mode
-        /// (`qmp_capabilities`).
-        pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-            let stream = tokio::time::timeout(QMP_TIMEOUT, UnixStream::connect(path))
-                .await
-                .map_err(|_| QmpError::TimedOut("connect".into()))?
-                .map_err(|e| QmpError::Io(format!("{}: {e}", path.display())))?;
-            let (r, w) = stream.into_split();
-            let mut qmp = Qmp {
-                reader: BufReader::new(r),
-                writer: w,
-                next_id: 1,
-            };
-            let greeting = tokio::time::timeout(QMP_TIMEOUT, qmp.read())
-                .await
-                .map_err(|_| QmpError::TimedOut("the greeting".into()))??;
-            if greeting.get("QMP").is_none() {
-                return Err(QmpError::Protocol(format!(
-                    "expected the QMP greeting, got {greeting}"
-                )));
-            }
-            qmp.execute("qmp_capabilities", None).await?;
-            Ok(qmp)
-        }
-
-        /// Sends `command` with `arguments`; returns its `return` value.
-        pub async fn execute(
-            &mut self,
-            command: &str,
-            arguments: Option<Value>,
-        ) -> Result<Value, QmpError> {
-            tokio::time::timeout(QMP_TIMEOUT, self.execute_inner(command, arguments))
-                .await
-                .map_err(|_| QmpError::TimedOut(command.to_owned()))?
-        }
-
-        async fn execute_inner(
-            &mut self,
-            command: &str,
-            arguments: Option<Value>,
-        ) -> Result<Value, QmpError> {
-            let id = self.next_id;
-            self.next_id += 1;
-            let mut msg = json!({ "execute": command, "id": id });
-            if let Some(a) = arguments {
-                msg["arguments"] = a;
-            }
-            let mut line = msg.to_string();
-            line.push('\n');
-            self.writer
-                .write_all(line.as_bytes())
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                        QmpError::Closed
-                    }
-                    _ => QmpError::Io(e.to_string()),
-                })?;
-            loop {
-                let v = self.read().await?;
-                if v.get("event").is_some() {
-                    continue;
-                }
-                if v.get("id").and_then(Value::as_u64) != Some(id) {
-                    return Err(QmpError::Protocol(format!(
-                        "answer to another command: {v}"
-                    )));
-                }
-                if let Some(r) = v.get("return") {
-                    return Ok(r.clone());
-                }
-                if let Some(e) = v.get("error") {
-                    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
-                    return Err(QmpError::Command {
-                        command: command.to_owned(),
-                        class: s("class"),
-                        desc: s("desc"),
-                    });
-                }
-                return Err(QmpError::Protocol(format!("neither return nor error: {v}")));
-            }
-        }
-
-        /// Reads one JSON line.
-        async fn read(&mut self) -> Result<Value, QmpError> {
-            let mut line = String::new();
-            let n = (&mut self.reader)
-                .take(MAX_LINE)
-                .read_line(&mut line)
-                .await
-                .map_err(|e| QmpError::Io(e.to_string()))?;
-            if n == 0 {
-                return Err(QmpError::Closed);
-            }
-            if !line.ends_with('\n') {
-                return Err(QmpError::Protocol(format!(
-                    "a line longer than {MAX_LINE} bytes"
-                )));
-            }
-            serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e}: {line}")))
+    let _ = q.execute("migrate_cancel", None).await;
+    let deadline = Instant::now() + CANCEL_WAIT;
+    while Instant::now() < deadline {
+        match q.execute("query-migrate", None).await {
+            Ok(v) if MigrateState::from_value(&v).is_final() => break,
+            Ok(_) => tokio::time::sleep(POLL).await,
+            Err(_) => return,
         }
     }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        use std::time::Duration;
-        use tokio::{io::AsyncBufReadExt, net::UnixListener};
-
-        /// A fake QEMU monitor: greets, then answers each command from
-        /// `answers` (by command name), with an event first.
-        async fn fake(path: std::path::PathBuf, answers: Vec<(&'static str, Value)>) {
-            let listener = UnixListener::bind(&path).unwrap();
-            let (s, _) = listener.accept().await.unwrap();
-            let (r, mut w) = s.into_split();
-            let mut r = BufReader::new(r);
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
-                .await
-                .unwrap();
-            let mut line = String::new();
-            while r.read_line(&mut line).await.unwrap() > 0 {
-                let v: Value = serde_json::from_str(&line).unwrap();
-                line.clear();
-                let cmd = v["execute"].as_str().unwrap().to_owned();
-                let id = v["id"].clone();
-                w.write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\r\n")
-                    .await
-                    .unwrap();
-                let reply = match answers.iter().find(|(c, _)| *c == cmd) {
-                    Some((_, a)) => {
-                        let mut a = a.clone();
-                        a["id"] = id;
-                        a
-                    }
-                    None if cmd == "qmp_capabilities" => json!({"return": {}, "id": id}),
-                    None => {
-                        json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id})
-                    }
-                };
-                w.write_all(format!("{reply}\r\n").as_bytes())
-                    .await
-                    .unwrap();
-                if cmd == "quit" {
-                    return;
-                }
-            }
-        }
-
-        #[tokio::test]
-        async fn commands_events_errors_and_close() {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("m.qmp");
-            let server = tokio::spawn(fake(
-                path.clone(),
-                vec![
-                    (
-                        "query-status",
-                        json!({"return": {"status": "running", "running": true}}),
-                    ),
-                    ("quit", json!({"return": {}})),
-                ],
-            ));
-            // Let the listener bind.
-            for _ in 0..100 {
-                if path.exists() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let mut q = Qmp::connect(&path).await.unwrap();
-            let s = q.execute("query-status", None).await.unwrap();
-            assert_eq!(s["status"], "running");
-            let e = q.execute("frobnicate", None).await.unwrap_err();
-            assert!(
-                matches!(&e, QmpError::Command { class, .. } if class == "CommandNotFound"),
-                "{e}"
-            );
-            q.execute("quit", None).await.unwrap();
-            server.await.unwrap();
-            let e = q.execute("query-status", None).await.unwrap_err();
-            assert!(
-                matches!(e, QmpError::Closed | QmpError::Io(_)),
-                "after quit: {e}"
-            );
+    if let Ok(v) = q.execute("query-migrate", None).await
+        && MigrateState::from_value(&v).status != "completed"
+    {
+        stop_target(target.as_deref()).await;
+        if let Err(e) = ensure_running(&mut q).await {
+            tracing::error!("qemu: abandoned migration left the source not running: {e}");
         }
     }
 }
@@ -972,55 +676,6 @@ mod tests {
         assert!(has_mac(&rx, &[2, 0, 0, 1, 0, 5]));
         assert!(!has_mac(&rx, &[2, 0, 0, 1, 0, 6]));
         assert!(!has_mac(&json!({}), &[2, 0, 0, 1, 0, 5]));
-    }
-}
-
-#[cfg(test)]
-mod config_tests {
-    use super::super::BackendConfig;
-    use super::super::tests::{config as parse, key_of as key};
-
-    #[test]
-    fn qemu_config_defaults_and_validation() {
-        let c = parse(
-            r#"
-            kind = "qemu"
-            qmp_sockets = "/run/score-qemu/h1/*.qmp"
-            incoming_helper = ["/usr/local/bin/score-qemu-vm", "incoming"]
-            hosts = { "198.18.0.12" = "h2" }
-            "#,
-        );
-        c.validate().unwrap();
-        assert_eq!(c.kind(), "qemu");
-        let BackendConfig::Qemu(q) = &c else { panic!() };
-        assert_eq!(q.helper_timeout, std::time::Duration::from_secs(30));
-        assert_eq!(q.timeout, std::time::Duration::from_secs(300));
-        let bad = |extra: &str, helper: &str| {
-            key(parse(&format!(
-                "kind = \"qemu\"\nqmp_sockets = \"/q/*.qmp\"\nincoming_helper = {helper}\n{extra}"
-            ))
-            .validate()
-            .unwrap_err())
-        };
-        assert_eq!(bad("hosts = {}", "[\"x\"]"), "backend.hosts");
-        assert_eq!(
-            bad("hosts = { \"198.18.0.1\" = \"-o\" }", "[\"x\"]"),
-            "backend.hosts.\"198.18.0.1\""
-        );
-        assert_eq!(
-            bad("hosts = { \"198.18.0.1\" = \"h\" }", "[]"),
-            "backend.incoming_helper"
-        );
-        assert_eq!(
-            bad(
-                "hosts = { \"198.18.0.1\" = \"h\" }\ntimeout = \"0s\"",
-                "[\"x\"]"
-            ),
-            "backend.timeout"
-        );
-        let e = toml::from_str::<BackendConfig>("kind = \"qemu\"\nqmp_sockets = \"/q\"\nhosts = {}\nincoming_helper = [\"x\"]\nxl_path = \"xl\"")
-            .unwrap_err();
-        assert!(e.message().contains("xl_path"), "{e}");
     }
 }
 

@@ -16,8 +16,8 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Output, Stdio},
+    path::PathBuf,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use super::{
     BackendConfigError, BackendError, HostRef, MigrationReport, Placement, VmRef, XlConfig,
-    format_mac, parse_mac, tail,
+    format_mac, parse_mac, process, tail,
 };
 
 /// How long the `xl list -l` that checks the outcome may take, after the
@@ -115,13 +115,14 @@ impl XlBackend {
     pub fn from_config(config: &XlConfig) -> Result<Self, BackendConfigError> {
         config.validate()?;
         let hosts = config.parsed_hosts()?;
-        let xl = resolve(&config.xl_path).ok_or_else(|| BackendConfigError::Unavailable {
-            kind: "xl",
-            reason: format!(
-                "no executable {} (backend.xl_path)",
-                config.xl_path.display()
-            ),
-        })?;
+        let xl =
+            process::resolve(&config.xl_path).ok_or_else(|| BackendConfigError::Unavailable {
+                kind: "xl",
+                reason: format!(
+                    "no executable {} (backend.xl_path)",
+                    config.xl_path.display()
+                ),
+            })?;
         Ok(XlBackend {
             xl,
             hosts,
@@ -138,27 +139,19 @@ impl XlBackend {
             .unwrap_or_else(|| to.addr.to_string())
     }
 
-    /// Runs `xl ARGS` to completion (killed if the future is dropped).
-    async fn run(&self, args: &[&str]) -> Result<Output, String> {
-        tokio::process::Command::new(&self.xl)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| format!("running {}: {e}", self.xl.display()))
-    }
-
     async fn list(&self) -> Result<Vec<ListedDomain>, String> {
-        let out = self.run(&["list", "-l"]).await?;
-        if !out.status.success() {
+        // Killed if the caller's time-out drops the future.
+        let out = process::run(&self.xl, &["list", "-l"], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !out.success() {
             return Err(format!(
                 "`xl list -l` failed ({}): {}",
                 out.status,
-                tail(&String::from_utf8_lossy(&out.stderr), 3)
+                tail(&out.stderr, 3)
             ));
         }
-        parse_list(&String::from_utf8_lossy(&out.stdout))
+        parse_list(&out.stdout)
     }
 
     /// Whether domain `domid` with `mac` is still listed here; `None` if
@@ -357,23 +350,6 @@ impl XlBackend {
             }),
         }
     }
-}
-
-/// `path` if it has a `/`, else the first executable `path` in `PATH`.
-fn resolve(path: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if path.components().count() > 1 || path.is_absolute() {
-        return executable(path).then(|| path.to_owned());
-    }
-    let dirs = std::env::var_os("PATH")?;
-    std::env::split_paths(&dirs)
-        .map(|d| d.join(path))
-        .find(|p| executable(p))
 }
 
 #[cfg(test)]
