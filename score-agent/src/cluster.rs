@@ -45,7 +45,7 @@ pub struct NodeConfig {
     #[serde(default = "defaults::vm_memory_mib")]
     pub vm_memory_mib: u64,
     /// VMs this host may run above `vm_slots` while a swap is under way
-    /// (issue 8). A live migration reserves the incoming VM's memory on
+    /// (docs/EVALUATION.md). A live migration reserves the incoming VM's memory on
     /// the target before the source lets go of it, so when two full hosts
     /// exchange VMs, one of them holds both for the time of a migration:
     /// `memory_mib` must have room for `vm_slots + migration_headroom` VMs.
@@ -165,11 +165,11 @@ pub struct PolicyConfig {
     /// Peers exchanging less than this (bytes/s, both directions) are ignored.
     #[serde(default)]
     pub min_rate: f64,
-    /// Candidate destinations (issue 8): paper (the hosts of the VM's
+    /// Candidate destinations (docs/EVALUATION.md): paper (the hosts of the VM's
     /// peers), peer-racks, peer-pods or all.
     #[serde(default)]
     pub candidates: CandidateSet,
-    /// Whether a full candidate is asked to exchange a VM (issue 8); off,
+    /// Whether a full candidate is asked to exchange a VM (docs/EVALUATION.md); off,
     /// this host neither proposes nor accepts swaps: the paper's rule.
     #[serde(default)]
     pub swaps: bool,

@@ -608,11 +608,6 @@ impl Metrics {
         m
     }
 
-    /// The registry, to register metrics declared elsewhere.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// How many pairs `score_top_pair_*` exports.
     pub fn top_k(&self) -> usize {
         self.top_k
@@ -806,7 +801,7 @@ impl Metrics {
             let delta = bytes - before;
             let (src, dst) = p.pair;
             if src == dst {
-                continue; // self traffic is ignored (BRIEF, conventions)
+                continue; // self traffic is ignored (docs/METRICS.md, "Conventions")
             }
             if let Some(t) = tx.get_mut(&src) {
                 t.0 += delta;

@@ -1,4 +1,4 @@
-//! Beyond the paper (issue 8): ejection chains of length 3. u on x goes to
+//! Beyond the paper (docs/EVALUATION.md): ejection chains of length 3. u on x goes to
 //! a full host y; y makes room by sending one of its VMs, w, on: back to x
 //! (that is a swap, [`crate::swap`]) or to a third host z with room.
 //!

@@ -7,7 +7,7 @@
 //! index is also its [`VmId`](crate::token::VmId); the agent maps IPv4 IDs to
 //! indices itself.
 //!
-//! Conventions (BRIEF "Conventions of the model"):
+//! Conventions (docs/EVALUATION.md, "Model conventions"):
 //! - λ(u,v) is all traffic between u and v, both directions summed, so
 //!   [`Traffic`] is symmetric; self traffic is dropped.
 //! - Equation 1 is taken literally: [`CostModel::total_cost`] sums, for every

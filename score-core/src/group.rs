@@ -1,4 +1,4 @@
-//! Beyond the paper (issue 8): group moves, a VM moving together with the
+//! Beyond the paper (docs/EVALUATION.md): group moves, a VM moving together with the
 //! peers it shares its host with.
 //!
 //! Once hosts are nearly full, the paper's rule and swaps (changes of one

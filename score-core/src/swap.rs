@@ -1,4 +1,4 @@
-//! Beyond the paper (issue 8): decisions that escape the local optima where
+//! Beyond the paper (docs/EVALUATION.md): decisions that escape the local optima where
 //! the paper's rule stops once hosts are nearly full.
 //!
 //! The paper's rule moves one VM u, only to a host where one of its peers

@@ -1,4 +1,4 @@
-//! Beyond the paper (issue 8): the token policies in capacity-tight data
+//! Beyond the paper (docs/EVALUATION.md): the token policies in capacity-tight data
 //! centres, with the paper's rule and with swaps and wider candidate sets
 //! (score-core's [`score_core::swap`]).
 //!

@@ -6,7 +6,7 @@
 //! [`advance`] and the policy's own choice. The total cost (eq. 1) is
 //! recorded after every hand-off and every round.
 //!
-//! Beyond the paper (issue 8), [`RunOptions::scope`] lets the holder look
+//! Beyond the paper (docs/EVALUATION.md), [`RunOptions::scope`] lets the holder look
 //! at wider candidate sets and propose swaps ([`decide_scoped`]): a full
 //! host asked for a swap picks the partner among its own VMs with
 //! score-core's [`choose_swap_partner`], from what it measures (here: its

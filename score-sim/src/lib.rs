@@ -10,7 +10,7 @@
 //! - [`engine`]: one policy's run: [`engine::decide`] (score-core's `plan`
 //!   and `Plan::decide`), `Token::update`, `policy::advance`.
 //! - [`baseline`]: the genetic algorithm and greedy + local search.
-//! - [`capacity`]: beyond the paper (issue 8): capacity-tight data
+//! - [`capacity`]: beyond the paper (docs/EVALUATION.md): capacity-tight data
 //!   centres, swaps and wider candidate sets, the exact optimum of small
 //!   instances.
 //! - [`experiment`]: a whole scenario in parallel, then [`report`] (JSON,

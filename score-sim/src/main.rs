@@ -44,7 +44,7 @@ enum Cmd {
     },
     /// Print the default (paper) scenario as TOML, a template for `run`.
     Scenario,
-    /// Beyond the paper (issue 8): the paper scenario at 80%, 90% and 95%
+    /// Beyond the paper (docs/EVALUATION.md): the paper scenario at 80%, 90% and 95%
     /// fill, every policy with the paper's rule, with swaps, and with swaps
     /// over the peers' racks; small instances against the exact optimum.
     Capacity {

@@ -1,7 +1,7 @@
 //! The paper's figures, drawn with plotters as PNG and SVG: cost against
 //! token hand-offs with the baselines as lines (Fig. 2b), the ratio of cost
 //! reduction against c_m (Fig. 2c), and rack-to-rack traffic heat maps
-//! before and after migration (Fig. 2a/2d), and issue 8's reduction
+//! before and after migration (Fig. 2a/2d), and the capacity runs' reduction
 //! against host fill. Text uses the DejaVu Sans font
 //! shipped in `assets/` (no system font library needed).
 
@@ -47,7 +47,7 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(120, 94, 240),
 ];
 
-/// Line colours of the fill figures (beyond the paper, issue 8): more
+/// Line colours of the fill figures (beyond the paper, docs/EVALUATION.md): more
 /// lines than the policies' palette tells apart.
 const FILL_PALETTE: [RGBColor; 9] = [
     RGBColor(230, 97, 1),
@@ -326,7 +326,7 @@ pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), P
 }
 
 /// Migrations over the best baseline's moved VMs against fill (beyond the
-/// paper, issue 8): `lines` give (fill in percent, ratio).
+/// paper, docs/EVALUATION.md): `lines` give (fill in percent, ratio).
 pub fn fill_migration_lines(
     stem: &Path,
     title: &str,

@@ -284,7 +284,7 @@ pub struct Scenario {
     /// Decision rule: `paper-first` (the paper's: first candidate, in order
     /// of peer cost, with room and a benefit above c_m) or `best-benefit`.
     pub rule: Rule,
-    /// Beyond the paper (issue 8): candidate set and swaps; the default is
+    /// Beyond the paper (docs/EVALUATION.md): candidate set and swaps; the default is
     /// the paper's (hosts of the VM's peers, no swaps).
     pub scope: Scope,
     /// c_m (the paper's simulation uses 0).

@@ -199,18 +199,6 @@ impl BackendError {
     pub fn is_undefined(&self) -> bool {
         self.placement() == Placement::Unknown
     }
-
-    /// A short, bounded label for metrics (`failed`, `timed_out`...).
-    pub fn label(&self) -> &'static str {
-        match self {
-            BackendError::NotFound { .. } => "not_found",
-            BackendError::Refused { .. } => "refused",
-            BackendError::Failed { .. } => "failed",
-            BackendError::DoneWithError { .. } => "done_with_error",
-            BackendError::Undefined { .. } => "undefined",
-            BackendError::TimedOut { .. } => "timed_out",
-        }
-    }
 }
 
 /// The hypervisor backend the agent calls.
