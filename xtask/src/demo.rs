@@ -15,12 +15,21 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use score_core::{cost::Placement, topology::HostId};
 
-use crate::{
+use score_testbed::{
+    agents,
+    config::AgentOptions,
+    guests,
+    guests::GuestKind,
     measure::{self, Snapshot},
-    optimum,
-    testbed::{self, AGENT_HTTP, AgentOptions, GuestKind, Sizes, State},
+    metrics,
+    plan::{AGENT_HTTP, Sizes},
+    process,
+    state::{self, State},
+    status, testbed,
     traffic::{self, Rates},
 };
+
+use crate::optimum;
 
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug)]
@@ -90,6 +99,11 @@ fn sleep(d: Duration) -> bool {
     !interrupted()
 }
 
+/// The traffic generator: this program's hidden `traffic` subcommand.
+pub fn generator() -> Result<PathBuf> {
+    std::env::current_exe().context("finding the xtask binary")
+}
+
 /// Builds score-agent with cargo and returns the binary's path.
 pub fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = crate::cargo();
@@ -99,7 +113,7 @@ pub fn build_agent(release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
-    crate::run(&mut cmd).context("building score-agent")?;
+    process::run(&mut cmd).context("building score-agent")?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"));
@@ -168,10 +182,10 @@ struct Round {
 
 impl Round {
     fn of(metrics: &[Option<String>], vms: usize) -> Option<Round> {
-        if let Some(n) = measure::metric_max(metrics, "score_token_round") {
+        if let Some(n) = metrics::max(metrics, "score_token_round") {
             return Some(Round { n, exact: true });
         }
-        let hops = measure::metric_sum(metrics, "score_token_received_total", "")?;
+        let hops = metrics::sum(metrics, "score_token_received_total")?;
         Some(Round {
             n: (hops / vms.max(1) as f64).floor(),
             exact: false,
@@ -242,7 +256,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     if state.guests.is_some() {
         // The guests send their part of the plan from boot on (iperf3,
         // peers on their kernel command line).
-        testbed::boot_guests(&mut state, &flows)?;
+        guests::boot_guests(&mut state, &flows)?;
         println!(
             "demo:       {} guests booted and answering in {:.1} s",
             state.vms.len(),
@@ -261,14 +275,14 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         token_hold: args.token_hold.clone(),
     };
     let started = Instant::now();
-    testbed::start_agents(&mut state, &opts)?;
+    agents::start_agents(&mut state, &opts)?;
     println!(
         "demo:       agents serving in {:.2} s ({} mode)",
         started.elapsed().as_secs_f64(),
         state.agent_mode.as_deref().unwrap_or("?")
     );
     if state.guests.is_none() {
-        traffic::start(&mut state, &flows)?;
+        traffic::start(&mut state, &flows, &generator()?)?;
     }
     let planned: u64 = flows.iter().map(|f| f.rate).sum();
     println!(
@@ -451,7 +465,7 @@ fn report(
         "  one such placement (last address byte): {}",
         groups.join("  ")
     );
-    let done = measure::metric_sum(&s.metrics, "score_migrations_total", "");
+    let done = metrics::sum(&s.metrics, "score_migrations_total");
     println!(
         "migrations seen: {}{}",
         moves.len(),
@@ -483,8 +497,8 @@ fn report(
         );
     }
     println!("  (* = moved)");
-    let answered = testbed::reachable(state);
-    let at = testbed::locate(state)?;
+    let answered = status::reachable(state);
+    let at = status::locate(state)?;
     let on_no_host = state
         .vms
         .iter()
@@ -507,7 +521,7 @@ fn report(
         "metrics: inside each host namespace at http://{AGENT_HTTP}/metrics, e.g. \
          `ip netns exec {} curl -s http://{AGENT_HTTP}/metrics`; logs in {}/logs",
         state.hosts[0].name,
-        testbed::DIR
+        state::DIR
     );
     Ok(())
 }
@@ -521,7 +535,7 @@ fn guests_report(state: &State) -> Result<()> {
     let mut same = 0;
     let mut uptimes = Vec::new();
     for v in &state.vms {
-        if let Some(now) = testbed::guest_status(from, v.address)? {
+        if let Some(now) = guests::status(from, v.address)? {
             uptimes.push(now.uptime);
             if v.boot_id.as_deref() == Some(now.boot_id.as_str()) {
                 same += 1;

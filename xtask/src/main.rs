@@ -4,21 +4,21 @@
 //! runs S-CORE on it (`demo`). Building stays with cargo: score-agent's
 //! build.rs builds the eBPF object.
 
-mod check;
 mod demo;
-mod guest;
-mod libvirt;
 mod measure;
-mod netns;
 mod optimum;
 mod setup;
-mod testbed;
-mod traffic;
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use score_testbed::{
+    agents, check, config::AgentOptions, guests, image, libvirt, plan, process, state, status,
+    testbed, traffic,
+};
+
+pub use score_testbed::process::run;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "score's developer tasks")]
@@ -91,12 +91,12 @@ enum TestbedCommand {
     /// configs under /run/score-testbed.
     Up {
         #[command(flatten)]
-        sizes: testbed::Sizes,
+        sizes: plan::Sizes,
         /// What stands in for the VMs: network namespaces, or real QEMU
         /// guests (TCG, built by `cargo xtask guest`) behind taps, which
         /// the agents live-migrate with the qemu backend.
-        #[arg(long, value_enum, default_value_t = testbed::GuestKind::Netns)]
-        guests: testbed::GuestKind,
+        #[arg(long, value_enum, default_value_t = guests::GuestKind::Netns)]
+        guests: guests::GuestKind,
         /// Also build score-agent and start one per host.
         #[arg(long)]
         agents: bool,
@@ -160,7 +160,7 @@ fn main() -> Result<()> {
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
         Task::Guest { force } => {
-            guest::guest(force)?;
+            image::guest(force)?;
             libvirt::ensure_libvirt()
         }
         Task::Traffic {
@@ -200,7 +200,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 "testbed: {} namespaces up in {:.2} s (state in {})",
                 state.namespaces.len(),
                 state.setup_seconds,
-                testbed::STATE_FILE
+                score_testbed::state::STATE_FILE
             );
             let started = (|| -> Result<()> {
                 if state.guests.is_some() {
@@ -211,7 +211,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                     } else {
                         Vec::new()
                     };
-                    testbed::boot_guests(&mut state, &flows)?;
+                    guests::boot_guests(&mut state, &flows)?;
                     println!(
                         "testbed: {} real guests answering in {:.1} s",
                         state.vms.len(),
@@ -219,16 +219,16 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                     );
                 }
                 if let Some(binary) = binary {
-                    let opts = testbed::AgentOptions {
+                    let opts = AgentOptions {
                         binary,
                         policy,
                         token_hold,
                     };
-                    testbed::start_agents(&mut state, &opts)?;
+                    agents::start_agents(&mut state, &opts)?;
                 }
                 if with_traffic && state.guests.is_none() {
                     let flows = traffic::plan(&state, &rates);
-                    traffic::start(&mut state, &flows)?;
+                    traffic::start(&mut state, &flows, &demo::generator()?)?;
                 }
                 Ok(())
             })();
@@ -236,7 +236,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 let _ = testbed::down();
                 return Err(e.context("starting agents/traffic (the testbed was removed)"));
             }
-            testbed::status(false)
+            status::status(false)
         }
         TestbedCommand::Down => {
             let r = testbed::down()?;
@@ -248,20 +248,23 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
         }
         TestbedCommand::Status { cost, json, ping } => {
             if json {
-                let state = testbed::State::load()?.context("no testbed is up")?;
-                let report = testbed::status_report(&state, cost, ping)?;
+                let state = state::State::load()?.context("no testbed is up")?;
+                let mut report = status::status_report(&state, ping)?;
+                if cost {
+                    report.cost = Some(measure::cost_report(&state)?);
+                }
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(());
             }
-            testbed::status(ping)?;
-            if cost && let Some(state) = testbed::State::load()? {
+            status::status(ping)?;
+            if cost && let Some(state) = state::State::load()? {
                 measure::print_cost(&state)?;
             }
             Ok(())
         }
         TestbedCommand::Check => check::check(),
         TestbedCommand::Migrate { vm, host } => {
-            let state = testbed::State::load()?.context("no testbed is up")?;
+            let state = state::State::load()?.context("no testbed is up")?;
             let took = testbed::migrate(&state, &vm, &host)?;
             println!(
                 "testbed: {vm} relinked to {host} in {:.1} ms",
@@ -280,33 +283,13 @@ fn workspace_root() -> Result<std::path::PathBuf> {
         .to_owned())
 }
 
-/// Runs a command, echoing it, and fails if it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
+    process::is_root()
 }
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-/// Set for the privileged tests by `cargo xtask test`: a real-guest test
-/// that finds no QEMU or no guest fails instead of skipping.
-const REQUIRE_GUESTS_ENV: &str = "SCORE_REQUIRE_GUESTS";
 
 fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     setup::setup()?;
@@ -337,7 +320,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     // and build them here, so that on a fresh machine they run instead of
     // skipping. Cached: a no-op when current.
     let started = std::time::Instant::now();
-    guest::guest(false).context("preparing the real guest for the qemu backend's tests")?;
+    image::guest(false).context("preparing the real guest for the qemu backend's tests")?;
     libvirt::ensure_libvirt().context("installing libvirt for the libvirt backend's tests")?;
     eprintln!(
         "xtask: real guest ready in {:.1} s",
@@ -347,7 +330,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     let mut cmd = cargo();
     // The real-guest tests fail, rather than skip, if QEMU or the guest
     // is still missing: in this command they must really run.
-    cmd.env(REQUIRE_GUESTS_ENV, "1");
+    cmd.env(guests::REQUIRE_GUESTS_ENV, "1");
     // Every #[ignore]d test of score-agent is privileged; cargo runs the
     // test binaries one after another and --test-threads=1 serialises
     // the tests inside each.

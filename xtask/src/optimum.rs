@@ -48,17 +48,17 @@ mod tests {
 
     /// The planned traffic of a testbed, as score-core's matrix, and the
     /// testbed's topology and initial placement.
-    fn planned(sizes: &crate::testbed::Sizes) -> (Topology, Traffic, Placement) {
-        let state = crate::testbed::planned_state(sizes);
-        let topo = crate::testbed::topology_of(&state).unwrap();
-        let rates = crate::traffic::Rates {
-            pattern: crate::traffic::Pattern::Pairs,
+    fn planned(sizes: &score_testbed::plan::Sizes) -> (Topology, Traffic, Placement) {
+        let state = score_testbed::state::planned_state(sizes);
+        let topo = score_testbed::plan::topology_of(&state).unwrap();
+        let rates = score_testbed::traffic::Rates {
+            pattern: score_testbed::traffic::Pattern::Pairs,
             group_size: 4,
             chatty: 200_000,
             background: 10_000,
             background_peers: 2,
         };
-        let flows = crate::traffic::plan(&state, &rates);
+        let flows = score_testbed::traffic::plan(&state, &rates);
         let idx = |a| state.vms.iter().position(|v| v.address == a).unwrap() as u32;
         let t = Traffic::from_triples(
             state.vms.len() as u32,
@@ -81,7 +81,7 @@ mod tests {
 
     #[test]
     fn default_demo_traffic_is_proven_quickly() {
-        let sizes = crate::testbed::Sizes {
+        let sizes = score_testbed::plan::Sizes {
             pods: 2,
             racks_per_pod: 2,
             hosts_per_rack: 2,
@@ -100,7 +100,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement, slow in debug builds"]
     fn nodes_for_32_vms() {
-        let sizes = crate::testbed::Sizes {
+        let sizes = score_testbed::plan::Sizes {
             pods: 2,
             racks_per_pod: 2,
             hosts_per_rack: 4,

@@ -1,15 +1,12 @@
-//! Small tools for working with network namespaces from xtask: running
-//! `ip` (alone or as a batch inside one namespace), running a closure on a
-//! thread that has entered a namespace, and a minimal HTTP GET from inside
-//! one (the agents listen on loopback inside their host namespaces).
+//! Network namespaces: running `ip` (alone or as a batch inside one
+//! namespace), listing them, and running code on a thread that has entered
+//! one.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::Write as _,
     os::fd::AsRawFd as _,
     process::{Command, Stdio},
     thread,
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -105,6 +102,24 @@ pub fn exists(ns: &str) -> bool {
     std::path::Path::new(NETNS_DIR).join(ns).exists()
 }
 
+/// Moves the calling thread into network namespace `ns`: sockets it opens
+/// from now on live there. Only for a thread of our own making (a test's
+/// sender, a sink), never one that goes back to a pool.
+pub fn enter(ns: &str) -> Result<()> {
+    let path = std::path::Path::new(NETNS_DIR).join(ns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: a valid namespace fd; setns changes only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `f` on a fresh thread that has entered network namespace `ns`;
 /// sockets it opens live in that namespace. The calling thread is not
 /// touched, so this is safe in a threaded program.
@@ -112,41 +127,11 @@ pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let path = std::path::Path::new(NETNS_DIR).join(ns);
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let ns = ns.to_owned();
     thread::spawn(move || {
-        // SAFETY: a valid namespace fd; only this thread changes namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
+        enter(&ns)?;
         f()
     })
     .join()
     .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
-}
-
-/// `GET path` from `addr` inside namespace `ns`; the body of a 200 answer,
-/// `None` when nobody answers or the status is not 200.
-pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<Option<String>> {
-    let path = path.to_owned();
-    in_netns(ns, move || {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-            return Ok(None);
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: score\r\n\r\n")?;
-        let mut text = String::new();
-        if s.read_to_string(&mut text).is_err() {
-            return Ok(None);
-        }
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            return Ok(None);
-        };
-        let status_ok = head
-            .lines()
-            .next()
-            .is_some_and(|l| l.split_whitespace().nth(1) == Some("200"));
-        Ok(status_ok.then(|| body.to_owned()))
-    })
 }

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run;
+use crate::process::run;
 
 /// Where the built guest lives: `vmlinuz`, `initrd.img`, `STAMP`.
 pub const GUEST_DIR: &str = "/var/cache/score-guest";

@@ -18,7 +18,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     netns,
-    testbed::{self, Sizes, State},
+    plan::{Sizes, VM_NETNS_PREFIX},
+    state::State,
+    status, testbed,
 };
 
 /// Bytes of `name`'s counters in namespace `ns`: (rx, tx).
@@ -119,7 +121,7 @@ pub fn check() -> Result<()> {
         let d = down?;
         let left: Vec<String> = netns::list()
             .into_iter()
-            .filter(|n| n.starts_with("dc-") || n.starts_with(testbed::VM_NETNS_PREFIX))
+            .filter(|n| n.starts_with("dc-") || n.starts_with(VM_NETNS_PREFIX))
             .collect();
         ensure!(left.is_empty(), "namespaces left after down: {left:?}");
         ensure!(
@@ -147,7 +149,7 @@ fn run_checks(sizes: &Sizes) -> Result<()> {
         state.setup_seconds
     );
     // Every VM answers, from a host of the other pod for half of them.
-    let answered = testbed::reachable(&state);
+    let answered = status::reachable(&state);
     let silent: Vec<String> = state
         .vms
         .iter()
@@ -223,7 +225,7 @@ fn run_checks(sizes: &Sizes) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     thread::sleep(Duration::from_millis(100));
     let got = rx.finish();
-    let at = testbed::locate(&state)?;
+    let at = status::locate(&state)?;
     ensure!(
         at.get(&dst.vif).map(|&i| state.hosts[i].name.as_str()) == Some(target.as_str()),
         "{} is not on {target} after the move",

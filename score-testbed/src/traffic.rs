@@ -1,6 +1,8 @@
 //! Traffic for the emulated data centre: the pattern (which VM sends how
 //! much to which) and the generator that runs inside each VM namespace
-//! (`xtask traffic`, started through `ip netns exec`).
+//! (`xtask traffic`, started through `ip netns exec`); and for a test's
+//! own data centre, a [`Stream`] sent from a thread inside a VM and a
+//! [`Sink`] that swallows it.
 //!
 //! The pattern makes the placement matter: every VM has one chatty partner
 //! that starts in another pod (or rack, or host, for smaller trees), plus
@@ -11,8 +13,13 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::unix::process::CommandExt as _,
+    path::Path,
     process::{Command, Stdio},
     str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::testbed::State;
+use crate::{netns, plan::Vm, state::State};
 
 /// The UDP port every generator listens on (and sends to).
 pub const PORT: u16 = 2000;
@@ -81,7 +88,7 @@ pub fn plan(state: &State, rates: &Rates) -> Vec<Flow> {
     if rates.pattern == Pattern::Groups {
         return plan_groups(state, rates);
     }
-    let host_of = |vm: &crate::testbed::Vm| {
+    let host_of = |vm: &Vm| {
         state
             .hosts
             .iter()
@@ -188,13 +195,13 @@ fn plan_groups(state: &State, rates: &Rates) -> Vec<Flow> {
 /// Starts one generator per VM (inside its namespace) for `flows`, and
 /// records the PIDs in the state. Every VM gets one, even one that sends
 /// nothing, so that it listens on [`PORT`] and answers no datagram with an
-/// ICMP "port unreachable".
-pub fn start(state: &mut State, flows: &[Flow]) -> Result<()> {
-    let exe = std::env::current_exe().context("finding the xtask binary")?;
+/// ICMP "port unreachable". `generator` is a program whose `traffic`
+/// subcommand runs [`generate`] (xtask).
+pub fn start(state: &mut State, flows: &[Flow], generator: &Path) -> Result<()> {
     for vm in &mut state.vms {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &vm.name])
-            .arg(&exe)
+            .arg(generator)
             .args(["traffic", "--listen"])
             .arg(SocketAddrV4::new(vm.address, PORT).to_string());
         for f in flows.iter().filter(|f| f.src == vm.address) {
@@ -304,12 +311,103 @@ pub fn check(targets: &[Target]) -> Result<()> {
     Ok(())
 }
 
+// ------------------------------------------------- streams inside a test
+
+/// UDP from one VM to another at a fixed rate, from a thread inside the
+/// sending VM's namespace; it keeps sending wherever the VM moves.
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    /// Starts sending `rate` bytes/s of UDP payload from `src` (in namespace
+    /// `ns`) to port 9 of `dst`.
+    pub fn start(ns: &str, src: Ipv4Addr, dst: Ipv4Addr, rate: u64) -> Stream {
+        let ns = ns.to_owned();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            netns::enter(&ns).unwrap_or_else(|e| panic!("{e:#}"));
+            let sock = UdpSocket::bind(SocketAddr::from((src, 0))).unwrap();
+            let payload = vec![0u8; 1000];
+            let per_tick = (rate / 50).max(1000) as usize;
+            let started = Instant::now();
+            let mut sent = 0usize;
+            while !flag.load(Ordering::Relaxed) {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as usize;
+                while sent + payload.len() <= due.min(sent + per_tick) {
+                    // Errors (no route while the VM's link flaps) are fine.
+                    let _ = sock.send_to(&payload, SocketAddr::from((dst, 9)));
+                    sent += payload.len();
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Stream {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket on port 9 inside a VM that swallows what the tests send,
+/// so that the VM's kernel answers no datagram with an ICMP "port
+/// unreachable" (which would be real, but unplanned, traffic).
+pub struct Sink {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Starts a [`Sink`] on `ip`:9 inside namespace `ns`.
+pub fn sink(ns: &str, ip: &str) -> Sink {
+    let ns = ns.to_owned();
+    let addr: SocketAddr = format!("{ip}:9").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = thread::spawn(move || {
+        netns::enter(&ns).unwrap_or_else(|e| panic!("{e:#}"));
+        let sock = UdpSocket::bind(addr).expect("bind sink");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        let mut buf = [0u8; 2048];
+        while !flag.load(Ordering::Relaxed) {
+            let _ = sock.recv(&mut buf);
+        }
+    });
+    ready_rx.recv().expect("sink bound");
+    Sink {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sizes() -> crate::testbed::Sizes {
-        crate::testbed::Sizes {
+    fn sizes() -> crate::plan::Sizes {
+        crate::plan::Sizes {
             pods: 2,
             racks_per_pod: 2,
             hosts_per_rack: 2,
@@ -330,7 +428,7 @@ mod tests {
 
     #[test]
     fn every_vm_has_one_chatty_partner_in_the_other_pod() {
-        let state = crate::testbed::planned_state(&sizes());
+        let state = crate::state::planned_state(&sizes());
         let flows = plan(&state, &rates(Pattern::Pairs));
         let pod = |a: Ipv4Addr| {
             let vm = state.vms.iter().find(|v| v.address == a).unwrap();
@@ -363,7 +461,7 @@ mod tests {
 
     #[test]
     fn groups_talk_all_to_all_across_pods() {
-        let state = crate::testbed::planned_state(&sizes());
+        let state = crate::state::planned_state(&sizes());
         let flows = plan(&state, &rates(Pattern::Groups));
         // 4 groups of 4: 12 directed streams each at 300 / 3.
         let heavy: Vec<&Flow> = flows.iter().filter(|f| f.rate == 100).collect();
