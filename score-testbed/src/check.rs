@@ -20,7 +20,7 @@ use crate::{
     netns,
     plan::{Sizes, VM_NETNS_PREFIX},
     state::State,
-    status, testbed,
+    status, sysctl, testbed,
 };
 
 /// Bytes of `name`'s counters in namespace `ns`: (rx, tx).
@@ -115,10 +115,17 @@ pub fn check() -> Result<()> {
         vms_per_host: 2,
         slots: 4,
     };
+    let limits_before = sysctl::neighbour_limits_now()?;
     let result = run_checks(&sizes);
     let down = testbed::down();
     let result = result.and_then(|()| {
         let d = down?;
+        let limits_after = sysctl::neighbour_limits_now()?;
+        ensure!(
+            limits_after == limits_before,
+            "down did not put the neighbour-table limits back: {limits_before:?} before up, \
+             {limits_after:?} after down"
+        );
         let left: Vec<String> = netns::list()
             .into_iter()
             .filter(|n| n.starts_with("dc-") || n.starts_with(VM_NETNS_PREFIX))
@@ -129,8 +136,8 @@ pub fn check() -> Result<()> {
             "the state file is still there after down"
         );
         println!(
-            "check: down removed {} namespaces in {:.2} s, nothing left",
-            d.namespaces, d.seconds
+            "check: down removed {} namespaces in {:.2} s, nothing left; {} host settings put back",
+            d.namespaces, d.seconds, d.settings_restored
         );
         Ok(())
     });
@@ -147,6 +154,14 @@ fn run_checks(sizes: &Sizes) -> Result<()> {
         "check: up, {} namespaces in {:.2} s",
         state.namespaces.len(),
         state.setup_seconds
+    );
+    if let Some((path, now, need)) = sysctl::short_of(sizes)? {
+        bail!("up left {path} at {now}, this data centre needs {need}");
+    }
+    println!(
+        "check: the host's neighbour-table limits fit {} entries ({} raised by up)",
+        sysctl::neighbours_needed(sizes),
+        state.settings.len()
     );
     // Every VM answers, from a host of the other pod for half of them.
     let answered = status::reachable(&state);

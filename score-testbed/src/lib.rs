@@ -36,5 +36,6 @@ pub mod process;
 pub mod prometheus;
 pub mod state;
 pub mod status;
+pub mod sysctl;
 pub mod testbed;
 pub mod traffic;

@@ -11,6 +11,7 @@ use crate::{
     config::AgentOptions,
     guests::{QemuGuests, VM_MEMORY_MIB},
     plan::{Host, Sizes, Switch, Vm, blueprint},
+    sysctl::Setting,
 };
 
 /// Directory of everything the testbed writes (configs, key, logs, bpffs).
@@ -53,6 +54,10 @@ pub struct State {
     /// Real guests instead of VM namespaces (`--guests qemu`).
     #[serde(default)]
     pub guests: Option<QemuGuests>,
+    /// The host's settings `up` raised (neighbour-table limits), which
+    /// `down` puts back.
+    #[serde(default)]
+    pub settings: Vec<Setting>,
 }
 
 impl State {
@@ -112,5 +117,6 @@ pub fn planned_state(sizes: &Sizes) -> State {
         traffic: Vec::new(),
         setup_seconds: 0.0,
         guests: None,
+        settings: Vec::new(),
     }
 }

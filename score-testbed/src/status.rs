@@ -19,6 +19,7 @@ use crate::{
     plan::AGENT_HTTP,
     process::alive,
     state::{STATE_FILE, State},
+    sysctl,
 };
 
 /// Where every VM is now: vif name -> index of the host namespace holding it.
@@ -194,6 +195,23 @@ pub fn status(ping: bool) -> Result<()> {
         state.key_file.display(),
         state.bpffs.display()
     );
+    if !state.settings.is_empty() {
+        let raised: Vec<String> = state
+            .settings
+            .iter()
+            .map(|s| {
+                let name = s.path.trim_start_matches("/proc/sys/").replace('/', ".");
+                format!("{name} {} -> {}", s.before, s.set)
+            })
+            .collect();
+        println!(
+            "host settings raised for this data centre (put back by down): {}",
+            raised.join(", ")
+        );
+    }
+    if let Ok(n) = sysctl::arp_table_fulls() {
+        println!("host ARP table overflows since boot (table_fulls): {n}");
+    }
     let at = locate(&state)?;
     let addr: SocketAddr = AGENT_HTTP.parse()?;
     println!(

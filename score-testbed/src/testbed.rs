@@ -45,6 +45,7 @@ use crate::{
     process::{alive, is_root, run, stop_pids},
     state::{DIR, STATE_FILE, State},
     status::locate,
+    sysctl::{self, Setting},
 };
 
 /// Whether the process runs as root.
@@ -132,7 +133,12 @@ pub fn up_with(sizes: &Sizes, kind: GuestKind) -> Result<State> {
         traffic: Vec::new(),
         setup_seconds: 0.0,
         guests,
+        settings: Vec::new(),
     };
+    // The host's neighbour tables, shared by every namespace, sized for
+    // this data centre before any namespace speaks (see `sysctl`).
+    state.settings = sysctl::wanted(sizes)?;
+    sysctl::raise(&state.settings).context("raising the host's neighbour-table limits")?;
     // Save first: a failure half-way leaves a state that `down` can use.
     state.save()?;
     let built = (|| -> Result<()> {
@@ -189,6 +195,11 @@ pub struct DownReport {
     pub namespaces: usize,
     /// Seconds it took.
     pub seconds: f64,
+    /// Host settings put back to their value before `up`.
+    pub settings_restored: usize,
+    /// Host settings left alone because someone changed them since `up`
+    /// (their value now, if readable).
+    pub settings_left: Vec<(Setting, Option<u64>)>,
 }
 
 /// Stops agents and traffic, deletes every namespace of the testbed,
@@ -239,6 +250,12 @@ pub fn down() -> Result<DownReport> {
             let _ = netns::ip(&["netns", "del", n]);
         }
     }
+    // The host's settings last: the namespaces that needed them are gone.
+    let settings = state
+        .as_ref()
+        .map(|s| s.settings.clone())
+        .unwrap_or_default();
+    let settings_left = sysctl::restore(&settings);
     let bpffs = Path::new(DIR).join("bpf");
     if is_bpffs(&bpffs) {
         run(Command::new("umount").arg(&bpffs))?;
@@ -258,6 +275,8 @@ pub fn down() -> Result<DownReport> {
         processes: pids.len() + qemus.len() + stray.len(),
         namespaces: names.len(),
         seconds: started.elapsed().as_secs_f64(),
+        settings_restored: settings.len() - settings_left.len(),
+        settings_left,
     })
 }
 

@@ -244,6 +244,18 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                 "testbed: removed {} namespaces, stopped {} processes in {:.2} s",
                 r.namespaces, r.processes, r.seconds
             );
+            if r.settings_restored > 0 {
+                println!(
+                    "testbed: put back {} host settings (neighbour-table limits)",
+                    r.settings_restored
+                );
+            }
+            for (s, now) in &r.settings_left {
+                println!(
+                    "testbed: left {} at {now:?}: changed since up (up wrote {}, it was {})",
+                    s.path, s.set, s.before
+                );
+            }
             Ok(())
         }
         TestbedCommand::Status { cost, json, ping } => {
