@@ -36,8 +36,8 @@ mod common;
 use common::{in_netns, machine, quiet, sh};
 use std::{
     collections::HashMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    io::Write,
+    net::Ipv4Addr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
@@ -419,28 +419,22 @@ impl Agent {
 
     /// The daemon's Prometheus text.
     fn metrics(&self) -> Result<String> {
-        in_netns(self.ns, || {
-            let mut s = TcpStream::connect_timeout(&AGENT_HTTP.parse()?, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET /metrics HTTP/1.0\r\nHost: score\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })
+        score_testbed::http::get(self.ns, AGENT_HTTP.parse()?, "/metrics")?
+            .context("the agent did not answer /metrics")
     }
 
     /// (sum of seconds, count) of the daemon's drain-duration histogram.
     fn drains(&self) -> Result<(f64, u64)> {
         let text = self.metrics()?;
         let get = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<f64>().ok())
+            score_testbed::metrics::select(&text, name)
+                .first()
+                .copied()
                 .with_context(|| format!("{name} in /metrics"))
         };
         Ok((
-            get("score_drain_duration_seconds_sum ")?,
-            get("score_drain_duration_seconds_count ")? as u64,
+            get("score_drain_duration_seconds_sum")?,
+            get("score_drain_duration_seconds_count")? as u64,
         ))
     }
 

@@ -22,8 +22,8 @@ use common::{in_netns, machine, quiet, sh};
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
@@ -1100,16 +1100,9 @@ fn map_memory(pid: u32) -> Result<Vec<(u32, u32, u64)>> {
 
 /// `GET /flows` from the agent, inside its namespace.
 fn flows_reply() -> Result<serde_json::Value> {
-    let text = in_netns(HOST_NS, || {
-        let mut s = TcpStream::connect_timeout(&"127.0.0.1:9464".parse()?, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /flows HTTP/1.0\r\nHost: score\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })?;
-    let body = text.split_once("\r\n\r\n").context("HTTP reply")?.1;
-    Ok(serde_json::from_str(body)?)
+    let body = score_testbed::http::get(HOST_NS, "127.0.0.1:9464".parse()?, "/flows")?
+        .context("the agent did not answer /flows")?;
+    Ok(serde_json::from_str(&body)?)
 }
 
 /// What one agent run measured.
