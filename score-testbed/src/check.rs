@@ -165,13 +165,7 @@ fn run_checks(sizes: &Sizes) -> Result<()> {
     );
     // Every VM answers, from a host of the other pod for half of them.
     let answered = status::reachable(&state);
-    let silent: Vec<String> = state
-        .vms
-        .iter()
-        .zip(&answered)
-        .filter(|(_, ok)| !**ok)
-        .map(|(v, _)| v.address.to_string())
-        .collect();
+    let silent = status::silent(&state, &answered);
     ensure!(silent.is_empty(), "VMs not answering ping: {silent:?}");
     println!(
         "check: all {} VMs answer ping from {}",

@@ -84,16 +84,7 @@ impl Lab {
             ns,
         ]);
         sh(&["ip", "-n", host, "link", "set", vif, "master", "br0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{ip}/16"),
-            "dev",
-            "eth0",
-        ]);
+        add_address(ns, "eth0", ip);
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
     }
 
@@ -195,6 +186,21 @@ impl Drop for BpfFs {
     }
 }
 
+/// Gives `dev` in namespace `ns` the address `ip`/16 (the test beds' one
+/// flat network).
+fn add_address(ns: &str, dev: &str, ip: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{ip}/16"),
+        "dev",
+        dev,
+    ]);
+}
+
 /// Joins the `br0` bridges of namespaces `a` and `b` with a veth pair,
 /// `a_end` in `a` and `b_end` in `b`: one link of the data-centre tree.
 pub fn bridge_link(a: &str, a_end: &str, b: &str, b_end: &str) {
@@ -215,14 +221,5 @@ pub fn address_host(ns: &str, addr: std::net::Ipv4Addr) {
     let o = addr.octets();
     let mac = format!("02:01:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
     sh(&["ip", "-n", ns, "link", "set", "br0", "address", &mac]);
-    sh(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{addr}/16"),
-        "dev",
-        "br0",
-    ]);
+    add_address(ns, "br0", &addr.to_string());
 }

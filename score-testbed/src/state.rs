@@ -5,6 +5,7 @@
 use std::{fs, path::PathBuf};
 
 use anyhow::{Context as _, Result};
+use score_core::{cost::Placement, topology::HostId};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -91,6 +92,17 @@ impl State {
     /// Index of the host named `name`.
     pub fn host_index(&self, name: &str) -> Option<usize> {
         self.hosts.iter().position(|h| h.name == name)
+    }
+
+    /// Where every VM was set up (VM i on its initial host), as score-core
+    /// places them (host index = position in `hosts` = topology host ID).
+    pub fn initial_placement(&self) -> Result<Placement> {
+        let hosts = self
+            .vms
+            .iter()
+            .map(|v| self.host_index(&v.initial_host).unwrap_or(0) as HostId)
+            .collect();
+        Ok(Placement::new(self.hosts.len() as u32, hosts)?)
     }
 
     /// Memory of one VM as the agents announce it.

@@ -68,6 +68,18 @@ pub fn reachable(state: &State) -> Vec<bool> {
         .collect()
 }
 
+/// The addresses of the VMs that did not answer, of [`reachable`]'s
+/// answers.
+pub fn silent(state: &State, answered: &[bool]) -> Vec<String> {
+    state
+        .vms
+        .iter()
+        .zip(answered)
+        .filter(|(_, ok)| !**ok)
+        .map(|(v, _)| v.address.to_string())
+        .collect()
+}
+
 /// Machine-readable status (`testbed status --json`), for tests and tools.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
@@ -279,13 +291,7 @@ pub fn status(ping: bool) -> Result<()> {
     }
     if ping {
         let answered = reachable(&state);
-        let silent: Vec<String> = state
-            .vms
-            .iter()
-            .zip(&answered)
-            .filter(|(_, ok)| !**ok)
-            .map(|(v, _)| v.address.to_string())
-            .collect();
+        let silent = silent(&state, &answered);
         println!(
             "ping from {}: {} of {} VMs answer{}",
             state.hosts[0].name,

@@ -13,7 +13,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use score_core::{cost::Placement, topology::HostId};
 
 use score_testbed::{
     agents,
@@ -300,14 +299,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     let topo = state.topology()?;
 
     // The initial placement, as set up (VM i on its initial host).
-    let initial = Placement::new(
-        state.hosts.len() as u32,
-        state
-            .vms
-            .iter()
-            .map(|v| state.host_index(&v.initial_host).unwrap_or(0) as HostId)
-            .collect(),
-    )?;
+    let initial = state.initial_placement()?;
     let slots = state.sizes.slots;
     let n_vms = state.vms.len();
     // One loop from the moment traffic starts: a snapshot every 2 s, moves

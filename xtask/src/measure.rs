@@ -3,7 +3,6 @@
 //! what xtask's optimum search finds for the same traffic.
 
 use anyhow::Result;
-use score_core::{cost::Placement, topology::HostId};
 use score_testbed::{
     measure::{CostReport, cost, snapshot},
     state::State,
@@ -14,14 +13,7 @@ pub fn cost_report(state: &State) -> Result<CostReport> {
     let topo = state.topology()?;
     let s = snapshot(state, None)?;
     let c = cost(&topo, &s.traffic, &s.placement);
-    let initial = Placement::new(
-        state.hosts.len() as u32,
-        state
-            .vms
-            .iter()
-            .map(|v| state.host_index(&v.initial_host).unwrap_or(0) as HostId)
-            .collect(),
-    )?;
+    let initial = state.initial_placement()?;
     let best = crate::optimum::optimum(
         &topo,
         &s.traffic,
