@@ -1,8 +1,10 @@
 //! The agents' /metrics, read with one Prometheus text parser
 //! (prometheus-parse): a series is picked by a selector, `name` or
 //! `name{label="value",...}` (every label given must match), and its
-//! samples are summed or maxed. Histogram buckets are not series here;
-//! their `_sum` and `_count` are.
+//! samples are summed or maxed. A histogram's buckets are the series
+//! `name_bucket{le="..."}` and a summary's `name{quantile="..."}`, as in
+//! the text; label values that are numbers match by value (`le="60"` is
+//! `le="60.0"`).
 
 use prometheus_parse::{Scrape, Value};
 
@@ -17,34 +19,70 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// The samples of a Prometheus text exposition (counters, gauges, untyped,
-/// and the `_sum`/`_count` of histograms and summaries).
+/// The samples of a Prometheus text exposition, one per line of it.
 pub fn samples(text: &str) -> Vec<Sample> {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let Ok(scrape) = Scrape::parse(lines) else {
         return Vec::new();
     };
-    scrape
-        .samples
-        .into_iter()
-        .filter_map(|s| {
-            let value = match s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-                Value::Histogram(_) | Value::Summary(_) => return None,
-            };
-            let mut labels: Vec<(String, String)> = s
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.sort();
-            Some(Sample {
-                name: s.metric,
+    let mut out = Vec::new();
+    for s in scrape.samples {
+        let mut labels: Vec<(String, String)> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.sort();
+        let one = |name: String, extra: Option<(&str, f64)>, value: f64| {
+            let mut labels = labels.clone();
+            if let Some((k, bound)) = extra {
+                labels.push((k.to_owned(), number(bound)));
+            }
+            Sample {
+                name,
                 labels,
                 value,
-            })
-        })
-        .collect()
+            }
+        };
+        // The parser gathers a histogram's buckets (and a summary's
+        // quantiles) into one value: spread them out again.
+        match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
+                out.push(one(s.metric.clone(), None, *v));
+            }
+            Value::Histogram(buckets) => out.extend(buckets.iter().map(|b| {
+                one(
+                    format!("{}_bucket", s.metric),
+                    Some(("le", b.less_than)),
+                    b.count,
+                )
+            })),
+            Value::Summary(quantiles) => out.extend(
+                quantiles
+                    .iter()
+                    .map(|q| one(s.metric.clone(), Some(("quantile", q.quantile)), q.count)),
+            ),
+        }
+    }
+    out
+}
+
+/// A bucket bound as the text writes it (`+Inf`, `60`, `0.05`).
+fn number(x: f64) -> String {
+    if x == f64::INFINITY {
+        "+Inf".to_owned()
+    } else {
+        x.to_string()
+    }
+}
+
+/// Whether two label values are the same: as text, or as numbers.
+fn same_value(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (a.parse::<f64>(), b.parse::<f64>()),
+            (Ok(x), Ok(y)) if x == y
+        )
 }
 
 /// A selector `name{k="v",...}` split into the name and the wanted labels.
@@ -72,7 +110,7 @@ pub fn select(text: &str, sel: &str) -> Vec<f64> {
             s.name == name
                 && wanted
                     .iter()
-                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && same_value(lv, v)))
         })
         .map(|s| s.value)
         .collect()
@@ -139,6 +177,15 @@ mod tests {
         assert_eq!(value(TEXT, "score_migrations_total{outcome=\"lost\"}"), 0.0);
         assert_eq!(value(TEXT, "score_drain_duration_seconds_sum"), 0.25);
         assert_eq!(value(TEXT, "score_drain_duration_seconds_count"), 5.0);
+        assert_eq!(
+            value(TEXT, "score_drain_duration_seconds_bucket{le=\"0.1\"}"),
+            4.0
+        );
+        assert_eq!(
+            value(TEXT, "score_drain_duration_seconds_bucket{le=\"+Inf\"}"),
+            5.0
+        );
+        assert_eq!(value(TEXT, "score_drain_duration_seconds_bucket"), 9.0);
         // A prefix of a name is not the name.
         assert_eq!(value(TEXT, "score_token"), 0.0);
     }
