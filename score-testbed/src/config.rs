@@ -11,8 +11,8 @@ use crate::{
     state::State,
 };
 
-/// UDP port of the peer protocol between agents.
-pub const PEER_PORT: u16 = 7946;
+/// UDP port of the peer protocol between agents (the agent's default).
+pub const PEER_PORT: u16 = 7760;
 
 /// How the agents are run.
 #[derive(Clone, Debug, Serialize, Deserialize)]

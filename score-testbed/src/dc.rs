@@ -90,7 +90,9 @@ pub struct Dc {
     _lab: Lab,
 }
 
-pub const PORT: u16 = 7946;
+/// UDP port of the peer protocol between the agents (the agent's default).
+pub const PORT: u16 = 7760;
+/// Where every agent serves /flows and /metrics, inside its host namespace.
 pub const HTTP: &str = "127.0.0.1:9464";
 
 impl Dc {
