@@ -139,10 +139,11 @@ impl Prometheus {
         let mut last = None;
         while Instant::now() < deadline {
             let answer = self.query(promql);
-            if let Some(v) = &answer {
-                if v.len() == 1 && v[0].1 == want {
-                    return;
-                }
+            if let Some(v) = &answer
+                && v.len() == 1
+                && v[0].1 == want
+            {
+                return;
             }
             last = answer;
             thread::sleep(Duration::from_millis(250));
