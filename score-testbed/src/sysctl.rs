@@ -7,12 +7,12 @@
 //! namespace. Below `gc_thresh1` entries are never collected; above
 //! `gc_thresh2` those older than 5 s are; at `gc_thresh3` a new entry
 //! fails (`table_fulls` in /proc/net/stat/arp_cache) and the packet that
-//! needed it waits or is dropped. The kernel's defaults (128/512/1024) fit
-//! one small host. On the test bed every host namespace resolves every host
+//! needed it is dropped. The kernel's defaults (128/512/1024) fit one
+//! small host. On the test bed every host namespace may resolve every host
 //! (the peer protocol) and, through location requests and flow reports,
-//! every VM address: 64 hosts x 4 VMs need about 64 x 320 = 20,480
-//! entries, and at the defaults the token stalled, its datagrams waiting
-//! on ARP (docs/TESTBED.md, "Many VMs on one flat L2 network").
+//! every VM address: 64 hosts x 4 VMs may need about 64 x 320 = 20,480
+//! entries, where the defaults allow 1,024 (docs/TESTBED.md, "Many VMs on
+//! one flat L2 network").
 
 use std::fs;
 
