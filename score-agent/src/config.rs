@@ -69,6 +69,10 @@ pub struct Config {
     /// Capacity of the kernel flow map, in directed pairs.
     #[serde(default = "defaults::flows_max")]
     pub flows_max: u32,
+    /// How the classifiers attach: `auto` (TCX on kernels >= 6.6, else a
+    /// clsact qdisc, as on Debian 12's 6.1 Xen dom0), `tcx` or `clsact`.
+    #[serde(default)]
+    pub attach: crate::datapath::AttachMode,
     /// Where the agent serves `/metrics`, `/flows` and `/healthz`. Loopback
     /// by default: the flow table is not for the world to read.
     #[serde(default = "defaults::http_listen")]

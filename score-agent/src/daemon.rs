@@ -40,6 +40,7 @@ pub async fn run(
         pin_dir: Some(config.pin_path.clone()),
         control_port: cluster.as_ref().map(|c| c.peer.port),
     })?;
+    datapath.set_attach_mode(config.attach);
     let control = match &cluster {
         Some(_) => Some(datapath.take_control_reader()?),
         None => None,

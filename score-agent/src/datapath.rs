@@ -1,6 +1,8 @@
 //! The kernel side as the agent sees it: loads score-ebpf's classifiers,
 //! attaches them to VM backend interfaces (TCX on kernels >= 6.6, so no
-//! qdisc is ever added and closing the link detaches it), and reads and
+//! qdisc is ever added and closing the link detaches it; a clsact qdisc and
+//! netlink filters on older kernels, such as Debian 12's 6.1 Xen dom0),
+//! and reads and
 //! trims the maps. Map iteration is a series of blocking syscalls: async
 //! callers run these methods on a blocking thread.
 
@@ -14,7 +16,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
+    util::KernelVersion,
 };
 use score_common::{
     FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat, VIF_SEEN_MAP,
@@ -107,6 +113,35 @@ pub struct LoadOptions {
     pub control_port: Option<u16>,
 }
 
+/// How the classifiers are attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX where the kernel has it (>= 6.6), else clsact.
+    #[default]
+    Auto,
+    /// TCX links (kernel >= 6.6).
+    Tcx,
+    /// A clsact qdisc (added if missing) and netlink TC filters: what
+    /// kernels before 6.6 have. The qdisc stays when the agent exits.
+    Clsact,
+}
+
+impl AttachMode {
+    /// The mode `Auto` stands for on this kernel.
+    pub fn resolve(self) -> AttachMode {
+        match self {
+            AttachMode::Auto
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
+            {
+                AttachMode::Tcx
+            }
+            AttachMode::Auto => AttachMode::Clsact,
+            m => m,
+        }
+    }
+}
+
 /// A control datagram caught on its way to a hosted VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Intercepted {
@@ -165,6 +200,8 @@ impl ControlReader {
 pub struct Datapath {
     bpf: Ebpf,
     attached: HashMap<String, Attached>,
+    /// TCX or clsact, resolved.
+    mode: AttachMode,
     /// Buffers of the batched map read, kept from one drain to the next.
     batch: BatchBuffers,
 }
@@ -236,6 +273,7 @@ impl Datapath {
         Ok(Datapath {
             bpf,
             attached: HashMap::new(),
+            mode: AttachMode::Auto.resolve(),
             batch: BatchBuffers::default(),
         })
     }
@@ -257,6 +295,16 @@ impl Datapath {
         })
     }
 
+    /// Chooses how later attachments are made.
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.mode = mode.resolve();
+    }
+
+    /// How attachments are made now (TCX or clsact).
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
+    }
+
     /// Attaches both classifiers to an interface; a no-op if already done.
     pub fn attach(&mut self, iface: &str, ifindex: u32) -> Result<bool, DatapathError> {
         if let Some(a) = self.attached.get(iface) {
@@ -271,17 +319,36 @@ impl Datapath {
             name: iface.to_string(),
             source,
         };
+        let options = || match self.mode {
+            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
+            _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+        };
+        if self.mode == AttachMode::Clsact {
+            // Netlink filters hang off a clsact qdisc; one already there
+            // (an earlier run's) is fine.
+            if let Err(e) = tc::qdisc_add_clsact(iface)
+                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(DatapathError::Program {
+                    name: iface.to_string(),
+                    source: e.into(),
+                });
+            }
+        }
         let ingress = classifier(&mut self.bpf, PROG_INGRESS)?
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, options())
             .map_err(err)?;
-        let egress =
-            match classifier(&mut self.bpf, PROG_EGRESS)?.attach(iface, TcAttachType::Egress) {
-                Ok(id) => id,
-                Err(e) => {
-                    let _ = classifier(&mut self.bpf, PROG_INGRESS).map(|p| p.detach(ingress));
-                    return Err(err(e));
-                }
-            };
+        let egress = match classifier(&mut self.bpf, PROG_EGRESS)?.attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            options(),
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = classifier(&mut self.bpf, PROG_INGRESS).map(|p| p.detach(ingress));
+                return Err(err(e));
+            }
+        };
         self.attached.insert(
             iface.to_owned(),
             Attached {
