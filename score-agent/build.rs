@@ -26,7 +26,42 @@ fn toolchain_present() -> bool {
     linker && nightly
 }
 
+/// The commit `score-agent --version` names: SCORE_GIT_COMMIT when set
+/// (a build from a tarball, which has no .git), else git's HEAD when the
+/// build script ran (uncommitted changes are not marked); "unknown"
+/// without either.
+fn git_commit() -> String {
+    println!("cargo:rerun-if-env-changed=SCORE_GIT_COMMIT");
+    if let Some(c) = env::var_os("SCORE_GIT_COMMIT") {
+        return c.to_string_lossy().into_owned();
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    // Rebuild when HEAD moves: the files git keeps it in (a worktree's
+    // HEAD is its own; the branch ref may be loose or packed).
+    let mut watch = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watch {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name])
+            && std::path::Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    head
+}
+
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rustc-env=SCORE_GIT_COMMIT={}", git_commit());
     println!("cargo:rustc-check-cfg=cfg(score_ebpf_stub)");
     println!("cargo:rerun-if-env-changed=SCORE_EBPF_STUB");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);

@@ -80,9 +80,10 @@ pub async fn run(
                 .drain_loop(config.drain_interval, cancel.clone()),
         ),
     ];
+    let board = crate::status::StatusBoard::new();
     let server = tokio::spawn(http::serve(
         listener,
-        http::AppState::new(collector.clone()),
+        http::AppState::new(collector.clone(), board.clone()),
         cancel.clone(),
     ));
 
@@ -102,9 +103,11 @@ pub async fn run(
             collector.clone(),
             metrics.clone(),
             control,
+            &board,
             cancel.clone(),
         )
         .await?;
+        board.set_protocol(p.clone());
         tasks.extend(peer_tasks);
         peer = Some(p);
     }

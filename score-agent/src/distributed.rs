@@ -18,6 +18,7 @@ use crate::{
     datapath::{ControlReader, HostedVm},
     metrics::{Metrics, MigrationOutcome, RejectReason, SwapOutcome},
     peer::{self, MigrationResult, Migrator, Peer, PeerMetrics},
+    status::StatusBoard,
 };
 
 impl PeerMetrics for Metrics {
@@ -115,6 +116,7 @@ pub async fn start(
     collector: Arc<Collector>,
     metrics: Arc<Metrics>,
     control: ControlReader,
+    board: &Arc<StatusBoard>,
     cancel: CancellationToken,
 ) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
@@ -123,7 +125,8 @@ pub async fn start(
         Arc::new(cluster),
         collector,
         metrics,
-        migrator(backend),
+        // Tracked, so that /status lists the migrations under way.
+        board.track(migrator(backend)),
         advisory,
         control,
         cancel,

@@ -1,5 +1,6 @@
 //! The agent's HTTP face: `/metrics` (Prometheus text format), `/flows`
-//! (the flow table and datapath health, as JSON) and `/healthz`. Bound only
+//! (the flow table and datapath health, as JSON), `/status` (what
+//! `score-agent status` prints, as JSON) and `/healthz`. Bound only
 //! after the configuration is validated and the datapath is loaded; served
 //! until shutdown.
 
@@ -11,7 +12,13 @@ use axum::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{collector::Collector, datapath::DatapathStats, flows::FlowView, metrics::Metrics};
+use crate::{
+    collector::Collector,
+    datapath::DatapathStats,
+    flows::FlowView,
+    metrics::Metrics,
+    status::{self, StatusBoard},
+};
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -20,14 +27,17 @@ pub struct AppState {
     pub collector: Arc<Collector>,
     /// The agent's metrics.
     pub metrics: Arc<Metrics>,
+    /// The protocol's view and the migrations in flight, for `/status`.
+    pub board: Arc<StatusBoard>,
 }
 
 impl AppState {
-    /// The collector and the metrics it updates.
-    pub fn new(collector: Arc<Collector>) -> Self {
+    /// The collector, the metrics it updates, and the status board.
+    pub fn new(collector: Arc<Collector>, board: Arc<StatusBoard>) -> Self {
         AppState {
             metrics: collector.metrics().clone(),
             collector,
+            board,
         }
     }
 }
@@ -53,6 +63,18 @@ async fn flows(State(state): State<AppState>) -> Json<FlowsReply> {
     })
 }
 
+async fn status(State(state): State<AppState>) -> Json<status::Status> {
+    // Reading the maps is a syscall per map: off the async threads.
+    let s =
+        tokio::task::spawn_blocking(move || status::snapshot(&state.collector, &state.board)).await;
+    match s {
+        Ok(s) => Json(s),
+        // The snapshot only reads; a panic in it is a bug worth a crash
+        // report rather than a half answer.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
     ([(CONTENT_TYPE, m.content_type())], m.render())
@@ -73,6 +95,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/flows", get(flows))
+        .route("/status", get(status))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
     axum::serve(listener, app)

@@ -4,6 +4,7 @@
 //! ring. The binary is a thin shell over this library.
 
 pub mod backend;
+pub mod caps;
 pub mod cluster;
 pub mod collector;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod links;
 pub mod metrics;
 pub mod peer;
+pub mod status;
 pub mod watch;
 
 /// Everything that can stop the agent.

@@ -1,10 +1,11 @@
 //! `cargo xtask`: what plain cargo cannot do. Installs the eBPF toolchain
 //! and test tools (`setup`), runs every tier of tests (`test`), and runs the
-//! benchmarks (`bench`), builds the emulated data centre (`testbed`) and
-//! runs S-CORE on it (`demo`). Building stays with cargo: score-agent's
-//! build.rs builds the eBPF object.
+//! benchmarks (`bench`), builds the emulated data centre (`testbed`),
+//! runs S-CORE on it (`demo`), and packs the agent for operators (`dist`).
+//! Building stays with cargo: score-agent's build.rs builds the eBPF object.
 
 mod demo;
+mod dist;
 mod measure;
 mod optimum;
 mod setup;
@@ -60,6 +61,10 @@ enum Task {
     /// runs agents and traffic, reports the measured cost per round, tears
     /// down (root).
     Demo(demo::DemoArgs),
+    /// Build the release agent and pack it: a Debian package and a tarball
+    /// (binary, hardened systemd unit, /etc/score/agent.toml, man pages,
+    /// completions, docs, Grafana dashboard, Prometheus alert rules).
+    Dist(dist::DistArgs),
     /// Install QEMU (bookworm-backports) and build the tiny real guest
     /// (Debian cloud kernel + busybox initramfs) into /var/cache/score-guest,
     /// unless it is current; install libvirt for the libvirt backend's
@@ -159,6 +164,7 @@ fn main() -> Result<()> {
         Task::Bench { suite } => bench(&suite),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
+        Task::Dist(args) => dist::dist(&args).map(|_| ()),
         Task::Guest { force } => {
             image::guest(force)?;
             libvirt::ensure_libvirt()
@@ -338,8 +344,18 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         "xtask: real guest ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // The operator's package, for the tests that install, upgrade and
+    // purge it (score-agent/tests/ops.rs): the dev-profile agent, which
+    // `cargo test` above has built already.
+    let package = dist::dist(&dist::DistArgs {
+        out: std::path::PathBuf::from("target/xtask-dist"),
+        dev: true,
+    })
+    .context("building the package for the privileged tests")?;
     // One at a time: they share the kernel (bpffs, namespaces, links).
     let mut cmd = cargo();
+    cmd.env(dist::PACKAGE_ENV, &package.deb);
+    cmd.env(dist::TARBALL_ENV, &package.tarball);
     // The real-guest tests fail, rather than skip, if QEMU or the guest
     // is still missing: in this command they must really run.
     cmd.env(guests::REQUIRE_GUESTS_ENV, "1");
