@@ -608,6 +608,11 @@ impl Metrics {
         m
     }
 
+    /// The registry, for `/status`, which reads the same numbers.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// How many pairs `score_top_pair_*` exports.
     pub fn top_k(&self) -> usize {
         self.top_k
