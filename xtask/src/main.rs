@@ -354,8 +354,11 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     .context("building the package for the privileged tests")?;
     // One at a time: they share the kernel (bpffs, namespaces, links).
     let mut cmd = cargo();
-    cmd.env(dist::PACKAGE_ENV, &package.deb);
-    cmd.env(dist::TARBALL_ENV, &package.tarball);
+    // Absolute: cargo runs each test binary from its own package's
+    // directory, not the workspace root these paths are relative to.
+    let absolute = |p: &std::path::Path| std::path::absolute(p).context("making a path absolute");
+    cmd.env(dist::PACKAGE_ENV, absolute(&package.deb)?);
+    cmd.env(dist::TARBALL_ENV, absolute(&package.tarball)?);
     // The real-guest tests fail, rather than skip, if QEMU or the guest
     // is still missing: in this command they must really run.
     cmd.env(guests::REQUIRE_GUESTS_ENV, "1");
