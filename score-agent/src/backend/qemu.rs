@@ -704,6 +704,9 @@ mod flow_tests {
         script: VecDeque<Value>,
         /// The run state QEMU leaves after a failed migration.
         after_failure: String,
+        /// How long the next `query-migrate` answers are held back, the
+        /// first first; none once this runs out.
+        query_delays: VecDeque<Duration>,
         commands: Vec<String>,
     }
 
@@ -714,6 +717,7 @@ mod flow_tests {
             status: status.into(),
             script: script.into(),
             after_failure: after_failure.into(),
+            query_delays: VecDeque::new(),
             commands: Vec::new(),
         }))
     }
@@ -770,6 +774,13 @@ mod flow_tests {
                     let msg: Value = serde_json::from_str(&line).unwrap();
                     line.clear();
                     let cmd = msg["execute"].as_str().unwrap_or("").to_owned();
+                    let delay = match cmd.as_str() {
+                        "query-migrate" => vm.lock().unwrap().query_delays.pop_front(),
+                        _ => None,
+                    };
+                    if let Some(d) = delay {
+                        tokio::time::sleep(d).await;
+                    }
                     let ret = answer(&vm, &cmd);
                     let reply = json!({"return": ret, "id": msg["id"]});
                     let _ = w.write_all(format!("{reply}\r\n").as_bytes()).await;
@@ -905,6 +916,25 @@ mod flow_tests {
         let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
         assert!(matches!(e, BackendError::TimedOut { .. }), "{e}");
         assert_eq!(e.placement(), Placement::Source);
+        assert!(ran(&s.source, "migrate_cancel"));
+        assert!(ran(&s.target, "quit"));
+    }
+
+    #[tokio::test]
+    async fn time_out_during_a_query_cancels_on_the_same_session() {
+        // The deadline lands while a `query-migrate` is in flight: its
+        // answer, held back for the whole time-out, comes after the
+        // backend gave up on it and sent `migrate_cancel`. A load-dependent
+        // scheduling delay did the same by chance (the poll's sleep ran
+        // past the deadline and the query was cut off mid-way); the late
+        // answer was then read as `migrate_cancel`'s, and the guest's
+        // placement reported unknown.
+        let source = vm("running", vec![json!({"status": "active"})], "running");
+        source.lock().unwrap().query_delays = VecDeque::from([Duration::from_secs(4)]);
+        let s = setup(source, vm("inmigrate", vec![], "inmigrate"), "4s");
+        let e = s.backend.migrate(&vm_ref(), &B).await.unwrap_err();
+        assert!(matches!(e, BackendError::TimedOut { .. }), "{e}");
+        assert_eq!(e.placement(), Placement::Source, "{e}");
         assert!(ran(&s.source, "migrate_cancel"));
         assert!(ran(&s.target, "quit"));
     }

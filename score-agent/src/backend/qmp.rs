@@ -119,10 +119,21 @@ impl Qmp {
             if v.get("event").is_some() {
                 continue;
             }
-            if v.get("id").and_then(Value::as_u64) != Some(id) {
-                return Err(QmpError::Protocol(format!(
-                    "answer to another command: {v}"
-                )));
+            match v.get("id").and_then(Value::as_u64) {
+                Some(i) if i == id => {}
+                // The late answer to a command whose caller stopped
+                // waiting (its time-out, or a migration's deadline that
+                // cut a `query-migrate` off mid-way): QEMU answers every
+                // command, in order, so it comes before this one's.
+                Some(i) if i < id => {
+                    tracing::debug!(id = i, "qmp: skipped the answer to an abandoned command");
+                    continue;
+                }
+                _ => {
+                    return Err(QmpError::Protocol(format!(
+                        "answer to another command: {v}"
+                    )));
+                }
             }
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
@@ -166,7 +177,8 @@ mod tests {
     use tokio::{io::AsyncBufReadExt, net::UnixListener};
 
     /// A fake QEMU monitor: greets, then answers each command from
-    /// `answers` (by command name), with an event first.
+    /// `answers` (by command name), with an event first; `slow-status`
+    /// is answered half a second late.
     async fn fake(path: std::path::PathBuf, answers: Vec<(&'static str, Value)>) {
         let listener = UnixListener::bind(&path).unwrap();
         let (s, _) = listener.accept().await.unwrap();
@@ -181,6 +193,9 @@ mod tests {
             line.clear();
             let cmd = v["execute"].as_str().unwrap().to_owned();
             let id = v["id"].clone();
+            if cmd == "slow-status" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             w.write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\r\n")
                 .await
                 .unwrap();
@@ -215,6 +230,7 @@ mod tests {
                     "query-status",
                     json!({"return": {"status": "running", "running": true}}),
                 ),
+                ("slow-status", json!({"return": {"status": "paused"}})),
                 ("quit", json!({"return": {}})),
             ],
         ));
@@ -233,6 +249,13 @@ mod tests {
             matches!(&e, QmpError::Command { class, .. } if class == "CommandNotFound"),
             "{e}"
         );
+        // A command given up on before its answer came: the next one
+        // reads past that answer to its own.
+        let slow =
+            tokio::time::timeout(Duration::from_millis(50), q.execute("slow-status", None)).await;
+        assert!(slow.is_err(), "the fake holds its answer back");
+        let s = q.execute("query-status", None).await.unwrap();
+        assert_eq!(s["status"], "running");
         q.execute("quit", None).await.unwrap();
         server.await.unwrap();
         let e = q.execute("query-status", None).await.unwrap_err();
