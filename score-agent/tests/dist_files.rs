@@ -2,7 +2,7 @@
 //! pass `promtool check rules` and their unit tests (`promtool test
 //! rules`), and every metric the dashboard and the rules name is one the
 //! agent exports (docs/METRICS.md lists them all). That every panel's query
-//! returns data from real agents is a privileged test.
+//! returns data from real agents is a privileged test (tests/dashboard.rs).
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 

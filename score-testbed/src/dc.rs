@@ -55,6 +55,25 @@ pub struct Options {
     pub headroom_at: Vec<(usize, u32)>,
     /// `[policy] candidates`.
     pub candidates: &'static str,
+    /// `http_listen`: [`HTTP`], loopback, unless a test scrapes the agents
+    /// from another namespace (then `0.0.0.0:9464`, still [`HTTP`] too).
+    pub http_listen: &'static str,
+    /// Who the agents run as: root (`None`), or another user holding
+    /// exactly some capabilities.
+    pub run_as: Option<RunAs>,
+}
+
+/// An agent run as a user other than root with exactly `caps` (setpriv:
+/// inheritable and ambient, so that they survive the exec of the agent
+/// and of the programs it runs), as the packaged unit runs it.
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Capability names as setpriv takes them (`bpf`, `net_admin`).
+    pub caps: Vec<&'static str>,
+    /// An agent binary that user may execute (the build's target/ may be
+    /// closed to others).
+    pub binary: std::path::PathBuf,
 }
 
 impl Default for Options {
@@ -70,6 +89,8 @@ impl Default for Options {
             headroom: 0,
             headroom_at: Vec::new(),
             candidates: "paper",
+            http_listen: HTTP,
+            run_as: None,
         }
     }
 }
@@ -209,7 +230,7 @@ impl Dc {
         };
         format!(
             "interfaces = [\"vif*\"]\ndrain_interval = \"200ms\"\nrate_window = \"3s\"\nidle_timeout = \"6s\"\n\
-             pin_path = \"{bpf}/{ns}\"\nhttp_listen = \"{HTTP}\"\n\
+             pin_path = \"{bpf}/{ns}\"\nhttp_listen = \"{http}\"\n\
              [node]\naddress = \"{addr}\"\nvm_slots = {slots}\nmemory_mib = 4096\nvm_memory_mib = 256\n\
              migration_headroom = {headroom}\n\
              [topology]\nfile = \"{dir}/topology.toml\"\n\
@@ -231,6 +252,7 @@ impl Dc {
                 .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
             candidates = o.candidates,
+            http = o.http_listen,
         )
     }
 
@@ -251,7 +273,46 @@ impl Dc {
         if o.policy == "global" && i == 0 {
             args.push("--coordinator");
         }
-        let agent = Agent::start(&self.hosts[i].ns, &args);
+        let agent = match &o.run_as {
+            None => Agent::start(&self.hosts[i].ns, &args),
+            Some(r) => {
+                // What the user must read and write: the configuration's
+                // directory, the key (which stays 0600) and its pin
+                // directory, as the package's prepare-pins makes it.
+                let owner = format!("{}:{}", r.uid, r.gid);
+                std::fs::set_permissions(
+                    self.dir.path(),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )
+                .unwrap();
+                let key = self.dir.path().join("cluster.key");
+                sh(&["chown", &owner, key.to_str().unwrap()]);
+                let pins = format!("{}/{}", self._bpffs.path, self.hosts[i].ns);
+                std::fs::create_dir_all(&pins).unwrap();
+                sh(&["chown", &owner, &pins]);
+                let set = std::iter::once("-all".to_owned())
+                    .chain(r.caps.iter().map(|c| format!("+{c}")))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let (reuid, regid) = (format!("--reuid={}", r.uid), format!("--regid={}", r.gid));
+                let (inh, ambient) = (format!("--inh-caps={set}"), format!("--ambient-caps={set}"));
+                let mut wrapped = vec![
+                    reuid.as_str(),
+                    regid.as_str(),
+                    "--clear-groups",
+                    inh.as_str(),
+                    ambient.as_str(),
+                    "--",
+                    r.binary.to_str().unwrap(),
+                ];
+                wrapped.extend(&args);
+                Agent::start_bin(
+                    std::path::Path::new("/usr/bin/setpriv"),
+                    &self.hosts[i].ns,
+                    &wrapped,
+                )
+            }
+        };
         self.agents[i] = Some(agent);
     }
 
