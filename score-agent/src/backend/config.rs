@@ -201,10 +201,35 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> BackendConfigEr
     }
 }
 
+/// A value refused by one of the checks below; the caller names the key
+/// it was read from.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum BadValue {
+    /// Longer than the kernel's 15 bytes, or empty.
+    #[error("`{0}` is not an interface name (1 to 15 bytes)")]
+    IfnameLength(String),
+    /// A character the kernel refuses in an interface name.
+    #[error("`{0}` is not an interface name")]
+    Ifname(String),
+    /// Not a file name under /run/netns.
+    #[error("`{0}` is not a network namespace name")]
+    NetnsName(String),
+    /// A character `xl migrate`'s shell command line would read.
+    #[error("`{0}` is not a host name xl can pass to its shell (letters, digits, `._:-@[]`)")]
+    XlHost(String),
+    /// Empty, an option, or with control characters: not a name the qemu
+    /// backend's incoming helper can take as its first argument.
+    #[error("`{0}` is not a host name to pass to the helper")]
+    HelperHost(String),
+    /// Not one blank-free argument with a scheme.
+    #[error("`{0}` is not a URI (`driver+transport://host/path`, no blanks)")]
+    Uri(String),
+}
+
 /// Parses a `hosts` table's keys into addresses; `check` vets each value.
 fn parse_hosts(
     hosts: &BTreeMap<String, String>,
-    check: impl Fn(&str) -> Result<(), String>,
+    check: impl Fn(&str) -> Result<(), BadValue>,
 ) -> Result<BTreeMap<Ipv4Addr, String>, BackendConfigError> {
     let mut out = BTreeMap::new();
     for (addr, value) in hosts {
@@ -212,7 +237,7 @@ fn parse_hosts(
         let ip: Ipv4Addr = addr
             .parse()
             .map_err(|_| invalid(&key, "the key must be a host's IPv4 address"))?;
-        check(value).map_err(|reason| invalid(&key, reason))?;
+        check(value).map_err(|bad| invalid(&key, bad.to_string()))?;
         if out.insert(ip, value.clone()).is_some() {
             return Err(invalid(key, "this address is listed twice"));
         }
@@ -221,23 +246,26 @@ fn parse_hosts(
 }
 
 /// An interface name the kernel accepts: 1-15 bytes, no `/`, no blanks.
-fn check_ifname(name: &str) -> Result<(), String> {
+fn check_ifname(name: &str) -> Result<(), BadValue> {
     if name.is_empty() || name.len() > 15 {
-        return Err(format!("`{name}` is not an interface name (1 to 15 bytes)"));
+        return Err(BadValue::IfnameLength(name.into()));
     }
     if name.contains(['/', ':']) || name.chars().any(char::is_whitespace) || name == "." {
-        return Err(format!("`{name}` is not an interface name"));
+        return Err(BadValue::Ifname(name.into()));
     }
     Ok(())
 }
 
 /// A namespace name `ip netns` accepts: a file name under /run/netns.
-fn check_netns_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 200 || name == "." || name == ".." || name.contains('/') {
-        return Err(format!("`{name}` is not a network namespace name"));
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{name}` is not a network namespace name"));
+fn check_netns_name(name: &str) -> Result<(), BadValue> {
+    if name.is_empty()
+        || name.len() > 200
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(BadValue::NetnsName(name.into()));
     }
     Ok(())
 }
@@ -261,9 +289,9 @@ impl NetnsConfig {
         }
         // The prefix plus a dotted quad (15 bytes) must still be a name.
         check_netns_name(&format!("{}255.255.255.255", self.vm_netns_prefix))
-            .map_err(|reason| invalid("backend.vm_netns_prefix", reason))?;
-        check_ifname(&self.vm_iface).map_err(|reason| invalid("backend.vm_iface", reason))?;
-        check_ifname(&self.bridge).map_err(|reason| invalid("backend.bridge", reason))?;
+            .map_err(|bad| invalid("backend.vm_netns_prefix", bad.to_string()))?;
+        check_ifname(&self.vm_iface).map_err(|bad| invalid("backend.vm_iface", bad.to_string()))?;
+        check_ifname(&self.bridge).map_err(|bad| invalid("backend.bridge", bad.to_string()))?;
         check_timeout(self.timeout)
     }
 
@@ -274,7 +302,7 @@ impl NetnsConfig {
 
 /// A host name safe to hand to `xl migrate`, which pastes it into a
 /// `sh -c` command line (`exec ssh HOST xl migrate-receive`).
-fn check_xl_host(name: &str) -> Result<(), String> {
+fn check_xl_host(name: &str) -> Result<(), BadValue> {
     let ok = !name.is_empty()
         && !name.starts_with('-')
         && name
@@ -283,9 +311,7 @@ fn check_xl_host(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{name}` is not a host name xl can pass to its shell (letters, digits, `._:-@[]`)"
-        ))
+        Err(BadValue::XlHost(name.into()))
     }
 }
 
@@ -372,7 +398,7 @@ impl QemuConfig {
         // Passed as one argument, never through a shell: any printable name.
         parse_hosts(&self.hosts, |name| {
             if name.is_empty() || name.starts_with('-') || name.chars().any(|c| c.is_control()) {
-                Err(format!("`{name}` is not a host name to pass to the helper"))
+                Err(BadValue::HelperHost(name.into()))
             } else {
                 Ok(())
             }
@@ -454,15 +480,13 @@ const LIBVIRT_OPTIONS_OF_THE_AGENT: &[&str] = &[
 ];
 
 /// A libvirt URI or `--migrateuri` value safe to pass as one argument.
-fn check_uri(text: &str) -> Result<(), String> {
+fn check_uri(text: &str) -> Result<(), BadValue> {
     if text.is_empty()
         || text.starts_with('-')
         || !text.contains(':')
         || text.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(format!(
-            "`{text}` is not a URI (`driver+transport://host/path`, no blanks)"
-        ));
+        return Err(BadValue::Uri(text.into()));
     }
     Ok(())
 }
@@ -481,7 +505,7 @@ impl LibvirtConfig {
         if self.virsh_path.as_os_str().is_empty() {
             return Err(invalid("backend.virsh_path", "must not be empty"));
         }
-        check_uri(&self.uri).map_err(|r| invalid("backend.uri", r))?;
+        check_uri(&self.uri).map_err(|bad| invalid("backend.uri", bad.to_string()))?;
         let mut expect_value = false;
         for (i, opt) in self.migrate_options.iter().enumerate() {
             let key = format!("backend.migrate_options[{i}]");

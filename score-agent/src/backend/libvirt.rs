@@ -29,9 +29,13 @@ use std::{
 
 use super::{
     BackendConfigError, BackendError, HostRef, LibvirtConfig, MigrationReport, Placement, VmRef,
-    format_mac, parse_mac,
-    process::{self, Output},
+    format_mac,
+    process::{self, Output, ProcessError},
     tail,
+    virsh::{
+        DomState, parse_domiflist, parse_domstate, parse_jobinfo, parse_uuids, says_no_domain,
+        virsh_error,
+    },
 };
 
 /// How long one `virsh` query (list, domiflist, domstate...) may take.
@@ -74,36 +78,6 @@ pub struct LibvirtMigration {
     /// How long `virsh migrate` itself ran (part of `report.duration`;
     /// the rest is finding the domain and asking both ends afterwards).
     pub virsh: Duration,
-}
-
-/// A domain's state as `virsh domstate --reason` prints it:
-/// `running (migrated)`, `shut off (destroyed)`, `paused (migration)`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DomState {
-    /// The state word(s): `running`, `idle`, `paused`, `in shutdown`,
-    /// `shut off`, `crashed`, `pmsuspended`, `no state`.
-    state: String,
-    /// The reason in brackets, if printed.
-    reason: Option<String>,
-}
-
-impl DomState {
-    fn running(&self) -> bool {
-        self.state == "running"
-    }
-
-    fn paused(&self) -> bool {
-        self.state == "paused"
-    }
-}
-
-impl std::fmt::Display for DomState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.reason {
-            Some(r) => write!(f, "{} ({r})", self.state),
-            None => f.write_str(&self.state),
-        }
-    }
 }
 
 /// What one end said about the domain.
@@ -226,124 +200,6 @@ impl Verdict {
     }
 }
 
-/// The `error: ...` lines virsh printed, without the prefix, joined.
-fn virsh_error(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("error:"))
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        tail(stderr, 3)
-    } else {
-        tail(&lines.join("\n"), 4)
-    }
-}
-
-/// Whether virsh's stderr says the connection worked and the domain does
-/// not exist there: libvirt 9 prints "failed to get domain 'X'", older
-/// ones "Domain not found: no domain with matching uuid 'X'".
-fn says_no_domain(stderr: &str) -> bool {
-    let connection_failed = stderr.contains("failed to connect to the hypervisor");
-    !connection_failed
-        && (stderr.contains("failed to get domain")
-            || stderr.contains("Domain not found")
-            || stderr.contains("no domain with matching"))
-}
-
-/// The UUIDs `virsh list --uuid` prints, one a line.
-fn parse_uuids(stdout: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let ok = line.len() == 36 && line.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-        if !ok {
-            return Err(format!("`virsh list --uuid` printed `{line}`, not a UUID"));
-        }
-        out.push(line.to_owned());
-    }
-    Ok(out)
-}
-
-/// The MACs in `virsh domiflist`'s table:
-///
-/// ```text
-///  Interface   Type     Source   Model    MAC
-/// -----------------------------------------------------------
-///  vnet0       bridge   br0      virtio   52:54:00:01:00:05
-/// ```
-///
-/// The MAC is the last column (an inactive domain's interface is `-`).
-fn parse_domiflist(stdout: &str) -> Vec<[u8; 6]> {
-    let mut lines = stdout.lines();
-    // Rows start after the line of dashes; without one (no header, as
-    // with `virsh -q`), every line is a row.
-    let rows: Vec<&str> = if stdout.lines().any(|l| l.trim_start().starts_with("---")) {
-        lines
-            .by_ref()
-            .skip_while(|l| !l.trim_start().starts_with("---"))
-            .skip(1)
-            .collect()
-    } else {
-        lines.collect()
-    };
-    rows.iter()
-        .filter_map(|l| l.split_whitespace().last())
-        .filter_map(parse_mac)
-        .collect()
-}
-
-/// `virsh domstate --reason`'s answer: `running (booted)`, `shut off`.
-fn parse_domstate(stdout: &str) -> Option<DomState> {
-    let line = stdout.lines().map(str::trim).find(|l| !l.is_empty())?;
-    Some(match line.split_once(" (") {
-        Some((state, reason)) => DomState {
-            state: state.trim().to_owned(),
-            reason: Some(reason.trim_end_matches(')').trim().to_owned()),
-        },
-        None => DomState {
-            state: line.to_owned(),
-            reason: None,
-        },
-    })
-}
-
-/// `virsh domjobinfo --completed`'s figures (`Time elapsed:  2615  ms`,
-/// `Data processed:  106.938 MiB`, `Total downtime:  62  ms`).
-fn parse_jobinfo(stdout: &str) -> LibvirtJobStats {
-    let field = |name: &str| {
-        stdout.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == name).then(|| v.trim().to_owned())
-        })
-    };
-    let ms = |name: &str| {
-        let v = field(name)?;
-        let mut parts = v.split_whitespace();
-        let n: u64 = parts.next()?.parse().ok()?;
-        (parts.next() == Some("ms")).then_some(n)
-    };
-    let bytes = |name: &str| {
-        let v = field(name)?;
-        let mut parts = v.split_whitespace();
-        let n: f64 = parts.next()?.parse().ok()?;
-        let unit = match parts.next()? {
-            "B" => 1.0,
-            "KiB" => 1024.0,
-            "MiB" => 1024.0 * 1024.0,
-            "GiB" => 1024.0 * 1024.0 * 1024.0,
-            "TiB" => 1024.0f64.powi(4),
-            _ => return None,
-        };
-        Some((n * unit).round() as u64)
-    };
-    LibvirtJobStats {
-        elapsed_ms: ms("Time elapsed"),
-        downtime_ms: ms("Total downtime"),
-        processed_bytes: bytes("Data processed"),
-    }
-}
-
 /// The domain found for a VM.
 #[derive(Clone, Debug)]
 struct Domain {
@@ -375,12 +231,15 @@ impl LibvirtBackend {
     }
 
     /// Runs `virsh -c URI ARGS` for at most `limit` (killed after it).
-    async fn virsh(&self, uri: &str, args: &[&str], limit: Duration) -> Result<Output, String> {
+    async fn virsh(
+        &self,
+        uri: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<Output, ProcessError> {
         let mut all = vec!["-c", uri];
         all.extend_from_slice(args);
-        process::run(&self.virsh, &all, Some(limit))
-            .await
-            .map_err(|e| e.to_string())
+        process::run(&self.virsh, &all, Some(limit)).await
     }
 
     /// What the libvirtd at `uri` says about domain `uuid`.
@@ -389,7 +248,7 @@ impl LibvirtBackend {
             .virsh(uri, &["domstate", "--reason", uuid], QUERY_TIMEOUT)
             .await
         {
-            Err(e) => Seen::Unreachable(e),
+            Err(e) => Seen::Unreachable(e.to_string()),
             Ok(run) if run.success() => match parse_domstate(&run.stdout) {
                 Some(s) => Seen::State(s),
                 None => Seen::Unreachable(format!(
@@ -418,20 +277,20 @@ impl LibvirtBackend {
         let list = self
             .virsh(&self.uri, &["list", "--uuid"], QUERY_TIMEOUT)
             .await
-            .map_err(failed)?;
+            .map_err(|e| failed(e.to_string()))?;
         if !list.success() {
             return Err(failed(format!(
                 "`virsh list` failed: {}",
                 virsh_error(&list.stderr)
             )));
         }
-        let uuids = parse_uuids(&list.stdout).map_err(failed)?;
+        let uuids = parse_uuids(&list.stdout).map_err(|e| failed(e.to_string()))?;
         let mut matching = Vec::new();
         for uuid in &uuids {
             let run = self
                 .virsh(&self.uri, &["domiflist", uuid], QUERY_TIMEOUT)
                 .await
-                .map_err(failed)?;
+                .map_err(|e| failed(e.to_string()))?;
             if !run.success() {
                 // Gone between `list` and now: not this VM's concern.
                 tracing::debug!(%uuid, "domiflist: {}", virsh_error(&run.stderr));
@@ -740,77 +599,6 @@ mod tests {
         Seen::Unreachable(
             "unable to connect to server at '10.0.0.12:16509': Connection refused".into(),
         )
-    }
-
-    #[test]
-    fn parses_virsh_tables_and_words() {
-        // As libvirt 9.0's virsh prints them (`virsh -c test:///default`).
-        let table = " Interface   Type      Source    Model   MAC\n\
-            ------------------------------------------------------------\n \
-            testnet0    network   default   -       aa:bb:cc:dd:ee:ff\n \
-            vnet1       bridge    br0       virtio  52:54:00:01:00:05\n\n";
-        assert_eq!(
-            parse_domiflist(table),
-            vec![
-                [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
-                [0x52, 0x54, 0, 1, 0, 5]
-            ]
-        );
-        // The header's "MAC" is not a MAC; `-q` prints no header.
-        assert!(parse_domiflist(" Interface Type Source Model MAC\n---\n\n").is_empty());
-        assert_eq!(
-            parse_domiflist(" -   bridge   br0   virtio   52:54:00:01:00:06\n").len(),
-            1
-        );
-        assert_eq!(
-            parse_domstate("running (migrated)\n\n"),
-            Some(DomState {
-                state: "running".into(),
-                reason: Some("migrated".into())
-            })
-        );
-        let off = parse_domstate("shut off (destroyed)\n").unwrap();
-        assert_eq!(off.state, "shut off");
-        assert_eq!(parse_domstate("paused\n").unwrap().reason, None);
-        assert_eq!(parse_domstate("\n"), None);
-        assert_eq!(
-            parse_uuids("6695eb01-f6a4-8304-79aa-97f2502e193f\n\n").unwrap(),
-            ["6695eb01-f6a4-8304-79aa-97f2502e193f"]
-        );
-        assert!(parse_uuids("test\n").is_err());
-        assert!(parse_uuids("\n").unwrap().is_empty());
-    }
-
-    #[test]
-    fn reads_virsh_errors() {
-        let refused = "error: failed to connect to the hypervisor\n\
-            error: unable to connect to server at '10.0.0.12:16509': Connection refused\n";
-        assert_eq!(
-            virsh_error(refused),
-            "failed to connect to the hypervisor | unable to connect to server at '10.0.0.12:16509': Connection refused"
-        );
-        assert!(!says_no_domain(refused));
-        assert!(says_no_domain("error: failed to get domain 'x'\n"));
-        assert!(says_no_domain(
-            "error: failed to get domain 'x'\nerror: Domain not found: no domain with matching uuid 'x'\n"
-        ));
-        assert_eq!(virsh_error("Migration: [ 12 %]\n"), "Migration: [ 12 %]");
-    }
-
-    #[test]
-    fn parses_completed_job_info() {
-        let text = "Job type:         Completed\nOperation:        Incoming migration\n\
-            Time elapsed:     2615         ms\nTime elapsed w/o network: 2613 ms\n\
-            Data processed:   106.938 MiB\nData remaining:   0.000 B\n\
-            Total downtime:   62           ms\nDowntime w/o network: 60 ms\n";
-        let s = parse_jobinfo(text);
-        assert_eq!(s.elapsed_ms, Some(2615));
-        assert_eq!(s.downtime_ms, Some(62));
-        assert_eq!(s.processed_bytes, Some(112_132_620));
-        assert_eq!(
-            parse_jobinfo("Job type: None\n"),
-            LibvirtJobStats::default()
-        );
     }
 
     #[test]

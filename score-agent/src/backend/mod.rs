@@ -35,6 +35,7 @@ mod process;
 mod qemu;
 pub mod qmp;
 mod recording;
+mod virsh;
 mod xl;
 
 pub use advisory::AdvisoryBackend;

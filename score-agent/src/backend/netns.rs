@@ -21,11 +21,64 @@ use serde::Deserialize;
 
 use super::{
     BackendConfigError, BackendError, HostRef, MigrationReport, NetnsConfig, Placement, VmRef,
-    format_mac, process, tail,
+    format_mac, process,
 };
 
 /// Where `ip netns` keeps its namespaces (iproute2's NETNS_RUN_DIR).
 const NETNS_DIR: &str = "/var/run/netns";
+
+/// What went wrong moving or announcing a VM, or finding this host's
+/// namespace.
+#[derive(Debug, thiserror::Error)]
+enum NetnsError {
+    /// `ip` could not be run, or failed.
+    #[error(transparent)]
+    Ip(#[from] process::ProcessError),
+    /// `ip -j` printed JSON of another shape.
+    #[error("`ip -j link show` printed unexpected JSON: {0}")]
+    IpJson(#[from] serde_json::Error),
+    /// A file or system call failed; `what` names it and its object.
+    #[error("{what}: {source}")]
+    Os {
+        /// The call or file.
+        what: String,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The namespaces' directory cannot be read.
+    #[error("{NETNS_DIR}: {0}: the agent must run in a named namespace (`ip netns exec HOST ...`)")]
+    NoNetnsDir(#[source] std::io::Error),
+    /// This process's namespace is not one of those named there.
+    #[error(
+        "this process's network namespace has no name in {NETNS_DIR}: run the agent with `ip netns exec HOST score-agent ...`"
+    )]
+    Unnamed,
+    /// The VM's interface name does not fit the kernel's.
+    #[error("interface name {0} too long")]
+    IfnameTooLong(String),
+    /// The VM's interface did not come up on its new bridge in time.
+    #[error("{iface} has no carrier after {after:?}")]
+    NoCarrier {
+        /// The VM's interface.
+        iface: String,
+        /// How long it was given.
+        after: Duration,
+    },
+    /// The thread sending the announcement ended without an answer.
+    #[error("the announcing thread died")]
+    ThreadDied,
+}
+
+impl NetnsError {
+    /// `what`: the last OS error (errno).
+    fn last_os(what: impl Into<String>) -> NetnsError {
+        NetnsError::Os {
+            what: what.into(),
+            source: std::io::Error::last_os_error(),
+        }
+    }
+}
 
 /// How long the recovery after a time-out may take, on top of the
 /// time-out itself.
@@ -47,9 +100,9 @@ impl NetnsBackend {
     /// Builds the backend for the namespace this thread runs in, which
     /// must be a named one (`ip netns exec HOST score-agent ...`).
     pub fn from_config(config: &NetnsConfig) -> Result<Self, BackendConfigError> {
-        let home = identify_netns().map_err(|reason| BackendConfigError::Unavailable {
+        let home = identify_netns().map_err(|e| BackendConfigError::Unavailable {
             kind: "netns",
-            reason,
+            reason: e.to_string(),
         })?;
         Self::new(config, home)
     }
@@ -142,11 +195,11 @@ impl NetnsBackend {
                     detail: format!("no interface {vif} in namespace {}", self.home),
                 });
             }
-            Err(reason) => {
+            Err(e) => {
                 return Err(BackendError::Failed {
                     vm: vm.ip,
                     to: to.addr,
-                    reason,
+                    reason: e.to_string(),
                 });
             }
         }
@@ -194,7 +247,13 @@ impl NetnsBackend {
 
     /// After a failed step: puts the vif back at home, attached and up,
     /// and says what happened.
-    async fn recover(&self, vm: &VmRef, to: &HostRef, target: &str, cause: String) -> BackendError {
+    async fn recover(
+        &self,
+        vm: &VmRef,
+        to: &HostRef,
+        target: &str,
+        cause: NetnsError,
+    ) -> BackendError {
         let undefined = |reason: String| BackendError::Undefined {
             vm: vm.ip,
             to: to.addr,
@@ -256,7 +315,7 @@ impl NetnsBackend {
         }
     }
 
-    async fn attach_home(&self, vif: &str) -> Result<(), String> {
+    async fn attach_home(&self, vif: &str) -> Result<(), NetnsError> {
         ip(&[
             "-n",
             &self.home,
@@ -275,7 +334,7 @@ impl NetnsBackend {
     /// Sends the gratuitous ARP from inside the VM's namespace, on a thread
     /// of its own: `setns` changes the calling thread, which must not be
     /// one that tokio reuses.
-    async fn announce(&self, vm: &VmRef) -> Result<[u8; 6], String> {
+    async fn announce(&self, vm: &VmRef) -> Result<[u8; 6], NetnsError> {
         let netns = PathBuf::from(NETNS_DIR).join(format!("{}{}", self.vm_netns_prefix, vm.ip));
         let iface = self.vm_iface.clone();
         let ip = vm.ip;
@@ -285,9 +344,11 @@ impl NetnsBackend {
             .spawn(move || {
                 let _ = tx.send(garp::announce(&netns, &iface, ip));
             })
-            .map_err(|e| format!("spawning a thread: {e}"))?;
-        rx.await
-            .map_err(|_| "the announcing thread died".to_owned())?
+            .map_err(|source| NetnsError::Os {
+                what: "spawning a thread".into(),
+                source,
+            })?;
+        rx.await.map_err(|_| NetnsError::ThreadDied)?
     }
 }
 
@@ -306,44 +367,38 @@ impl IpLink {
     }
 }
 
-/// Runs `ip ARGS`; returns its stdout, or its stderr as the error. The
-/// child dies with the future (a time-out).
-async fn ip(args: &[&str]) -> Result<String, String> {
-    let out = process::run(Path::new("ip"), args, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    if out.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!("`ip {}`: {}", args.join(" "), tail(&out.stderr, 2)))
-    }
+/// Runs `ip ARGS`; returns its stdout. The child dies with the future
+/// (a time-out).
+async fn ip(args: &[&str]) -> Result<String, NetnsError> {
+    Ok(process::run_ok(Path::new("ip"), args, None, 2).await?)
 }
 
 /// The link `vif` in namespace `ns`, or `None` if there is no such link.
-async fn link(ns: &str, vif: &str) -> Result<Option<IpLink>, String> {
+async fn link(ns: &str, vif: &str) -> Result<Option<IpLink>, NetnsError> {
     match ip(&["-j", "-n", ns, "link", "show", "dev", vif]).await {
         Ok(json) => {
-            let links: Vec<IpLink> = serde_json::from_str(&json)
-                .map_err(|e| format!("`ip -j link show` printed unexpected JSON: {e}"))?;
+            let links: Vec<IpLink> = serde_json::from_str(&json)?;
             Ok(links.into_iter().next())
         }
         // iproute2: `Device "X" does not exist.`
-        Err(e) if e.contains("does not exist") => Ok(None),
+        Err(NetnsError::Ip(process::ProcessError::Failed { message, .. }))
+            if message.contains("does not exist") =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
 
 /// The name under /var/run/netns of this thread's network namespace (what
 /// `ip netns identify` prints).
-fn identify_netns() -> Result<String, String> {
+fn identify_netns() -> Result<String, NetnsError> {
     use std::os::unix::fs::MetadataExt;
-    let me = std::fs::metadata("/proc/thread-self/ns/net")
-        .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
-    let entries = std::fs::read_dir(NETNS_DIR).map_err(|e| {
-        format!(
-            "{NETNS_DIR}: {e}: the agent must run in a named namespace (`ip netns exec HOST ...`)"
-        )
+    let me = std::fs::metadata("/proc/thread-self/ns/net").map_err(|source| NetnsError::Os {
+        what: "/proc/thread-self/ns/net".into(),
+        source,
     })?;
+    let entries = std::fs::read_dir(NETNS_DIR).map_err(NetnsError::NoNetnsDir)?;
     for entry in entries.flatten() {
         if let Ok(m) = std::fs::metadata(entry.path())
             && m.dev() == me.dev()
@@ -352,9 +407,7 @@ fn identify_netns() -> Result<String, String> {
             return Ok(entry.file_name().to_string_lossy().into_owned());
         }
     }
-    Err(format!(
-        "this process's network namespace has no name in {NETNS_DIR}: run the agent with `ip netns exec HOST score-agent ...`"
-    ))
+    Err(NetnsError::Unnamed)
 }
 
 /// A gratuitous ARP sent on a raw packet socket, as `arping -U` does but
@@ -369,6 +422,8 @@ mod garp {
         time::{Duration, Instant},
     };
 
+    use super::NetnsError;
+
     /// How long to wait for the VM's interface to see carrier again after
     /// its vif came up on the new bridge.
     const CARRIER_WAIT: Duration = Duration::from_secs(1);
@@ -377,16 +432,15 @@ mod garp {
     /// and broadcasts "`ip` is at MAC-of-`iface`" twice, as an ARP request
     /// and as an ARP reply, since hosts differ in which they learn from.
     /// Returns the MAC announced.
-    pub fn announce(netns: &Path, iface: &str, ip: Ipv4Addr) -> Result<[u8; 6], String> {
-        let ns = File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
+    pub(super) fn announce(netns: &Path, iface: &str, ip: Ipv4Addr) -> Result<[u8; 6], NetnsError> {
+        let ns = File::open(netns).map_err(|source| NetnsError::Os {
+            what: netns.display().to_string(),
+            source,
+        })?;
         // SAFETY: a valid namespace fd; setns changes only this thread,
         // which was spawned for this call and ends with it.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "entering {}: {}",
-                netns.display(),
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetnsError::last_os(format!("entering {}", netns.display())));
         }
         let proto = (libc::ETH_P_ARP as u16).to_be();
         // SAFETY: socket(2) with constant arguments.
@@ -398,10 +452,7 @@ mod garp {
             )
         };
         if fd < 0 {
-            return Err(format!(
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(NetnsError::last_os("packet socket"));
         }
         // SAFETY: fd was just returned by socket(2) and is owned here.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -426,7 +477,10 @@ mod garp {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("{iface} has no carrier after {CARRIER_WAIT:?}"));
+                return Err(NetnsError::NoCarrier {
+                    iface: iface.into(),
+                    after: CARRIER_WAIT,
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -452,20 +506,17 @@ mod garp {
                 )
             };
             if n < 0 {
-                return Err(format!(
-                    "sending on {iface}: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(NetnsError::last_os(format!("sending on {iface}")));
             }
         }
         Ok(mac)
     }
 
-    fn ifreq(iface: &str) -> Result<libc::ifreq, String> {
+    fn ifreq(iface: &str) -> Result<libc::ifreq, NetnsError> {
         // SAFETY: ifreq is plain data; zero is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         if iface.len() >= req.ifr_name.len() {
-            return Err(format!("interface name {iface} too long"));
+            return Err(NetnsError::IfnameTooLong(iface.into()));
         }
         for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
             *d = s as libc::c_char;
@@ -478,10 +529,10 @@ mod garp {
         request: libc::c_ulong,
         req: &mut libc::ifreq,
         iface: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), NetnsError> {
         // SAFETY: the three requests used here read and write one ifreq.
         if unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut libc::ifreq) } != 0 {
-            return Err(format!("{iface}: {}", std::io::Error::last_os_error()));
+            return Err(NetnsError::last_os(iface));
         }
         Ok(())
     }

@@ -31,6 +31,16 @@ pub(crate) enum ProcessError {
         /// The time it had.
         limit: Duration,
     },
+    /// It ran to its end and exited with another status than 0.
+    #[error("`{command}` failed ({status}): {message}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// How it ended.
+        status: ExitStatus,
+        /// The last lines of its standard error.
+        message: String,
+    },
 }
 
 /// What a tool that ran to its end printed.
@@ -92,6 +102,27 @@ pub(crate) async fn run<S: AsRef<OsStr>>(
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+/// [`run`], where an exit status other than 0 is an error too (with the
+/// last `stderr_lines` lines the tool printed); returns its standard
+/// output.
+pub(crate) async fn run_ok<S: AsRef<OsStr>>(
+    program: &Path,
+    args: &[S],
+    limit: Option<Duration>,
+    stderr_lines: usize,
+) -> Result<String, ProcessError> {
+    let out = run(program, args, limit).await?;
+    if out.success() {
+        Ok(out.stdout)
+    } else {
+        Err(ProcessError::Failed {
+            command: command_line(program, args),
+            status: out.status,
+            message: super::tail(&out.stderr, stderr_lines),
+        })
+    }
 }
 
 /// `program ARGS` as one line, for messages.
@@ -177,6 +208,18 @@ mod tests {
         assert!(matches!(err, ProcessError::TimedOut { .. }), "{err}");
         assert!(err.to_string().contains("sh -c sleep 30"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(
+            run_ok(sh, &["-c", "echo ok"], None, 1).await.unwrap(),
+            "ok\n"
+        );
+        let err = run_ok(sh, &["-c", "echo a >&2; echo b >&2; exit 2"], None, 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProcessError::Failed { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "`sh -c echo a >&2; echo b >&2; exit 2` failed (exit status: 2): b"
+        );
         let err = run(Path::new("/nonexistent/tool"), &["x"], None)
             .await
             .unwrap_err();

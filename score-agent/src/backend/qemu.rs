@@ -84,8 +84,33 @@ struct Incoming {
     qmp: Option<PathBuf>,
 }
 
+/// Why the incoming helper gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+enum HelperError {
+    /// It could not be run, did not finish, or failed.
+    #[error("the incoming helper failed: {0}")]
+    Run(#[from] process::ProcessError),
+    /// It printed no `uri=` line.
+    #[error("the incoming helper printed no `uri=` line (it printed: {0})")]
+    NoUri(String),
+    /// Its `uri=` is not an address a migration stream can be sent to.
+    #[error("the incoming helper printed uri={0}, not a tcp:, rdma: or unix: address")]
+    BadUri(String),
+}
+
+/// Why the guest could not be made to run at the source again.
+#[derive(Debug, thiserror::Error)]
+enum ResumeError {
+    /// The source's monitor did not answer.
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+    /// `cont` was answered, and the guest still does not run.
+    #[error("status {0} after cont")]
+    NotRunning(String),
+}
+
 /// Parses the helper's stdout: `key=value` lines; `uri` is required.
-fn parse_incoming(stdout: &str) -> Result<Incoming, String> {
+fn parse_incoming(stdout: &str) -> Result<Incoming, HelperError> {
     let mut uri = None;
     let mut qmp = None;
     for line in stdout.lines().map(str::trim) {
@@ -95,21 +120,14 @@ fn parse_incoming(stdout: &str) -> Result<Incoming, String> {
             qmp = Some(PathBuf::from(v.trim()));
         }
     }
-    let uri = uri.ok_or_else(|| {
-        format!(
-            "the incoming helper printed no `uri=` line (it printed: {})",
-            tail(stdout, 3)
-        )
-    })?;
+    let uri = uri.ok_or_else(|| HelperError::NoUri(tail(stdout, 3)))?;
     // QEMU takes tcp:HOST:PORT, unix:PATH, rdma:..., exec:...; only the
     // network forms make sense between hosts, and exec: would run a shell
     // command in the source QEMU.
     if !(uri.starts_with("tcp:") || uri.starts_with("rdma:") || uri.starts_with("unix:"))
         || uri.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(format!(
-            "the incoming helper printed uri={uri}, not a tcp:, rdma: or unix: address"
-        ));
+        return Err(HelperError::BadUri(uri));
     }
     Ok(Incoming { uri, qmp })
 }
@@ -245,7 +263,7 @@ impl QemuBackend {
         let incoming =
             match tokio::time::timeout_at(helper_deadline, self.incoming(vm, target)).await {
                 Ok(Ok(i)) => i,
-                Ok(Err(e)) => return Err(failed(e)),
+                Ok(Err(e)) => return Err(failed(e.to_string())),
                 Err(_) => {
                     return Err(failed(format!(
                         "the incoming helper did not answer within {:?} (killed)",
@@ -405,21 +423,12 @@ impl QemuBackend {
 
     /// Runs the incoming helper for `vm` on `target` (killed if the
     /// caller's time-out drops the future).
-    async fn incoming(&self, vm: &VmRef, target: &str) -> Result<Incoming, String> {
+    async fn incoming(&self, vm: &VmRef, target: &str) -> Result<Incoming, HelperError> {
         let (ip, mac) = (vm.ip.to_string(), format_mac(&vm.mac));
         let mut args: Vec<&str> = self.helper[1..].iter().map(String::as_str).collect();
         args.extend([target, &ip, &mac, vm.vif.as_str()]);
-        let out = process::run(Path::new(&self.helper[0]), &args, None)
-            .await
-            .map_err(|e| format!("the incoming helper: {e}"))?;
-        if !out.success() {
-            return Err(format!(
-                "the incoming helper failed ({}): {}",
-                out.status,
-                tail(&out.stderr, 3)
-            ));
-        }
-        parse_incoming(&out.stdout)
+        let stdout = process::run_ok(Path::new(&self.helper[0]), &args, None, 3).await?;
+        parse_incoming(&stdout)
     }
 
     /// Polls `query-migrate` until the migration ends or `deadline`.
@@ -542,29 +551,23 @@ enum FollowError {
 
 /// Resumes the guest if QEMU left it paused after a failed or cancelled
 /// migration, and checks it runs.
-async fn ensure_running(qmp: &mut qmp::Qmp) -> Result<(), String> {
+async fn ensure_running(qmp: &mut qmp::Qmp) -> Result<(), ResumeError> {
     let status = |v: &Value| {
         v.get("status")
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_owned()
     };
-    let s = qmp
-        .execute("query-status", None)
-        .await
-        .map_err(|e| e.to_string())?;
+    let s = qmp.execute("query-status", None).await?;
     if status(&s) == "running" {
         return Ok(());
     }
     tracing::warn!(status = %status(&s), "qemu: source left paused; resuming it");
-    qmp.execute("cont", None).await.map_err(|e| e.to_string())?;
-    let s = qmp
-        .execute("query-status", None)
-        .await
-        .map_err(|e| e.to_string())?;
-    match status(&s).as_str() {
-        "running" => Ok(()),
-        other => Err(format!("status {other} after cont")),
+    qmp.execute("cont", None).await?;
+    let s = qmp.execute("query-status", None).await?;
+    match status(&s) {
+        running if running == "running" => Ok(()),
+        other => Err(ResumeError::NotRunning(other)),
     }
 }
 
@@ -645,9 +648,18 @@ mod tests {
         assert_eq!(i.qmp.as_deref(), Some(Path::new("/run/q/x.qmp")));
         let i = parse_incoming("uri=tcp:[::1]:4444").unwrap();
         assert_eq!(i.qmp, None);
-        assert!(parse_incoming("qmp=/x").unwrap_err().contains("no `uri=`"));
-        assert!(parse_incoming("uri=exec:rm -rf /").is_err());
-        assert!(parse_incoming("uri=tcp:a:1 ; x").is_err());
+        assert!(matches!(
+            parse_incoming("qmp=/x"),
+            Err(HelperError::NoUri(printed)) if printed == "qmp=/x"
+        ));
+        assert!(matches!(
+            parse_incoming("uri=exec:rm -rf /"),
+            Err(HelperError::BadUri(_))
+        ));
+        assert!(matches!(
+            parse_incoming("uri=tcp:a:1 ; x"),
+            Err(HelperError::BadUri(_))
+        ));
     }
 
     #[test]

@@ -95,19 +95,31 @@ impl ListedDomain {
     }
 }
 
+/// Why the domains could not be listed.
+#[derive(Debug, thiserror::Error)]
+enum ListError {
+    /// `xl list -l` could not be run, or failed.
+    #[error(transparent)]
+    Run(#[from] process::ProcessError),
+    /// It printed the SXP format, which this backend does not read.
+    #[error("`xl list -l` printed SXP, not JSON: set output_format=\"json\" in xl.conf")]
+    Sxp,
+    /// It printed JSON of another shape.
+    #[error("`xl list -l` printed unexpected JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Parses `xl list -l`'s JSON. An empty output (no domains but dom0, on
 /// some versions) is an empty list.
-fn parse_list(stdout: &str) -> Result<Vec<ListedDomain>, String> {
+fn parse_list(stdout: &str) -> Result<Vec<ListedDomain>, ListError> {
     let text = stdout.trim();
     if text.is_empty() {
         return Ok(Vec::new());
     }
     if text.starts_with('(') {
-        return Err(
-            "`xl list -l` printed SXP, not JSON: set output_format=\"json\" in xl.conf".into(),
-        );
+        return Err(ListError::Sxp);
     }
-    serde_json::from_str(text).map_err(|e| format!("`xl list -l` printed unexpected JSON: {e}"))
+    Ok(serde_json::from_str(text)?)
 }
 
 impl XlBackend {
@@ -139,19 +151,10 @@ impl XlBackend {
             .unwrap_or_else(|| to.addr.to_string())
     }
 
-    async fn list(&self) -> Result<Vec<ListedDomain>, String> {
+    async fn list(&self) -> Result<Vec<ListedDomain>, ListError> {
         // Killed if the caller's time-out drops the future.
-        let out = process::run(&self.xl, &["list", "-l"], None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !out.success() {
-            return Err(format!(
-                "`xl list -l` failed ({}): {}",
-                out.status,
-                tail(&out.stderr, 3)
-            ));
-        }
-        parse_list(&out.stdout)
+        let stdout = process::run_ok(&self.xl, &["list", "-l"], None, 3).await?;
+        parse_list(&stdout)
     }
 
     /// Whether domain `domid` with `mac` is still listed here; `None` if
@@ -189,7 +192,7 @@ impl XlBackend {
 
         let domains = match tokio::time::timeout_at(deadline, self.list()).await {
             Err(_) => return Err(timed_out(Placement::Source)),
-            Ok(Err(e)) => return Err(failed(e)),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
             Ok(Ok(d)) => d,
         };
         let matching: Vec<&ListedDomain> = domains.iter().filter(|d| d.has_mac(&vm.mac)).collect();
@@ -375,11 +378,13 @@ mod tests {
         assert_eq!(list[1].name(), "db");
         assert!(parse_list("").unwrap().is_empty());
         assert!(parse_list("[\n]\n").unwrap().is_empty());
-        assert!(
-            parse_list("(domain (domid 3))")
-                .unwrap_err()
-                .contains("SXP")
-        );
-        assert!(parse_list("[{\"config\": {}}]").is_err());
+        assert!(matches!(
+            parse_list("(domain (domid 3))"),
+            Err(ListError::Sxp)
+        ));
+        assert!(matches!(
+            parse_list("[{\"config\": {}}]"),
+            Err(ListError::Json(_))
+        ));
     }
 }
