@@ -8,7 +8,8 @@ use std::{env, fs, path::PathBuf, process::Command};
 use anyhow::Context as _;
 
 /// The nightly that builds the eBPF side; bpf-linker 0.10.4 loads this
-/// rustc's own LLVM (see shared TOOLCHAIN.md: a moved `nightly` breaks it).
+/// rustc's own LLVM, so a moved `nightly` (another LLVM) breaks it; the
+/// same pin as xtask/src/setup.rs's `EBPF_TOOLCHAIN`.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 /// The objects score-ebpf's two binaries become: what the agent loads, and
 /// the same plus the `score_bench_*` programs, for the benches.

@@ -956,7 +956,8 @@ hosts = [\"{HOST_A}\", \"{HOST_B}\"]
         .collect();
     eprintln!("the agent's migration took {took:?} s");
     assert_eq!(took.len(), 1, "{logs}");
-    // The same figure in the agents' metrics (issue 6).
+    // The same figure in the agents' metrics (METRICS.md,
+    // `score_migration_duration_seconds`).
     assert_eq!(
         metric_sum(&names, "score_migration_duration_seconds_count"),
         1.0

@@ -790,7 +790,7 @@ fn agents_live_migrate_a_real_guest_to_its_peer() {
         || sh(&["bridge", "-n", &bed.rack, "fdb", "show", "br", "br0"]),
     );
     // The agent measured the migration: its metrics give the duration
-    // (issue 6), the same figure as its log line, and no less than QEMU's
+    // (METRICS.md), the same figure as its log line, and no less than QEMU's
     // own total-time (the agent's clock also runs over the incoming
     // helper's start of the target QEMU and the announcement).
     let text = metrics_of(&hosts);

@@ -183,7 +183,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
     ]
 }
 
-/// The swap messages (issue 8).
+/// The swap messages (WIRE.md, "Swaps").
 fn swap_strategy() -> impl Strategy<Value = Message> {
     let ip = any::<u32>().prop_map(Ipv4Addr::from);
     let finite = prop_oneof![

@@ -1,4 +1,4 @@
-//! The token encoding meets its size targets (issue 3: at most 2 bytes per
+//! The token encoding meets its size targets (WIRE.md: at most 2 bytes per
 //! VM on average at 100k VMs, against the paper's 5), with loads, for VM
 //! addresses dense in one block with gaps; and stays under the paper's 5
 //! bytes even for random sparse IDs. The full table is printed by

@@ -300,7 +300,7 @@ pub fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), Plo
     )
 }
 
-/// Issue 8: cost reduction over the best centralised baseline's against
+/// Beyond the paper (EVALUATION.md): cost reduction over the best centralised baseline's against
 /// the fill of the hosts (x in percent), one line per variant.
 pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));

@@ -1,4 +1,4 @@
-//! Beyond the paper (issue 8): the simulator's runs with swaps and wider
+//! Beyond the paper (EVALUATION.md, "Beyond the paper"): the simulator's runs with swaps and wider
 //! candidate sets keep its invariants, the scoped decision path equals the
 //! paper's when it adds nothing, and on small instances the runs are
 //! measured against the exact optimum.
