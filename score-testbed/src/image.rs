@@ -128,13 +128,8 @@ pub fn guest(force: bool) -> Result<Guest> {
 /// plain `cargo xtask setup`: QEMU with its dependencies took 99 MiB here
 /// that only the real-guest tests use.
 pub fn install() -> Result<()> {
-    let have = |p: &str| {
-        Command::new("dpkg-query")
-            .args(["-W", "-f", "${Status}", p])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-    };
-    if have("qemu-system-x86") && have("busybox-static") {
+    let missing = crate::apt::missing(&["qemu-system-x86", "busybox-static"]);
+    if missing.is_empty() {
         return Ok(());
     }
     if !Path::new(BACKPORTS_SOURCES).exists() {
@@ -148,19 +143,7 @@ pub fn install() -> Result<()> {
         )
         .with_context(|| format!("writing {BACKPORTS_SOURCES}"))?;
     }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "-t",
-            BACKPORTS,
-        ])
-        .args(["qemu-system-x86", "busybox-static"]))
-    .context("installing qemu-system-x86 from bookworm-backports")
+    crate::apt::install(&missing, Some(BACKPORTS))
 }
 
 /// The Debian archive URI the image's apt sources use for `bookworm`.

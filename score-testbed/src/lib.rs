@@ -17,9 +17,11 @@
 //! configurations ([`config`]), agents ([`agents`]), real guests
 //! ([`guests`], their image [`image`], [`libvirt`]), status ([`status`]),
 //! traffic ([`traffic`]), what the agents measure ([`measure`], read with
-//! [`http`] and [`metrics`]), and the test bed's own check ([`check`]).
+//! [`http`] and [`metrics`]), the test bed's own check ([`check`]), and
+//! the Debian packages all of it needs ([`apt`]).
 
 pub mod agents;
+pub mod apt;
 pub mod check;
 pub mod config;
 pub mod dc;

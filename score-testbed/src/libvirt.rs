@@ -29,9 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-
-use crate::process::run;
+use anyhow::Result;
 
 /// The packages, installed without their recommendations.
 pub const PACKAGES: &[&str] = &[
@@ -40,27 +38,11 @@ pub const PACKAGES: &[&str] = &[
     "libvirt-clients",
 ];
 
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f", "${Status}", package])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
 /// Installs [`PACKAGES`] unless they are all there (idempotent; root).
 /// QEMU itself comes from `guest::install`. Called by `cargo xtask guest`
 /// and `cargo xtask test`.
 pub fn ensure_libvirt() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
-    .with_context(|| format!("installing {}", missing.join(" ")))
+    crate::apt::ensure(PACKAGES)
 }
 
 /// The directories each libvirtd gets privately: (host path, name under

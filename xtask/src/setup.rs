@@ -6,6 +6,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result};
 
+use score_testbed::apt;
+
 use crate::run;
 
 /// The nightly that builds the eBPF side, pinned by date: bpf-linker 0.10.4
@@ -90,14 +92,7 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !stdout_of(Command::new("dpkg-query").args(["-W", "-f", "${Status}", p]))
-                .contains("install ok installed")
-        })
-        .collect();
+    let missing = apt::missing(APT_PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
@@ -108,10 +103,5 @@ fn apt() -> Result<()> {
         );
         return Ok(());
     }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
-    .context("installing apt packages")
+    apt::install(&missing, None)
 }
