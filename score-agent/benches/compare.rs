@@ -859,16 +859,25 @@ const LIVE_PAIRS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
 
 /// What the curve attaches, one at a time, to the same interface: label,
 /// program. Each `count:` program parses like score's ingress and adds to
-/// one map, inserting the pair on a miss, without MAC learning.
-const LIVE_PROGS: [(&str, &str); 7] = [
+/// one map, inserting the pair on a miss, without MAC learning. score's
+/// ingress runs twice per round: with every pair in the flow map (as
+/// before the slot array: no drain has given them slots; the slot check
+/// misses), then after a drain gave them slots (`LIVE_SLOTTED`).
+const LIVE_PROGS: [(&str, &str); 8] = [
     ("empty", PROG_BENCH_EMPTY),
-    ("score ingress", PROG_INGRESS),
+    ("score ingress, flow map", PROG_INGRESS),
+    ("score ingress, slots", PROG_INGRESS),
     ("count: per-CPU hash", "score_bench_count"),
     ("count: hash", "score_bench_count_hash"),
     ("count: per-CPU LRU", "score_bench_count_lru"),
     ("count: 16-byte key", "score_bench_count_key16"),
     ("count: array slot", "score_bench_count_array"),
 ];
+
+/// Index in [`LIVE_PROGS`] of score's ingress with slots given.
+const LIVE_SLOTTED: usize = 2;
+/// Index in [`LIVE_PROGS`] of score's ingress with the flow map only.
+const LIVE_UNSLOTTED: usize = 1;
 
 /// A 128-byte UDP frame from one VM (198.18.0.1) to its `i`-th peer: a
 /// vif carries one VM's frames, to many peers.
@@ -951,7 +960,7 @@ fn live(plan: &Plan) -> Result<()> {
                     control_port: Some(7760),
                 },
             )?;
-            for (_, prog) in &LIVE_PROGS[2..] {
+            for (_, prog) in &LIVE_PROGS[3..] {
                 dp.program_mut(prog)?
                     .load()
                     .with_context(|| format!("loading {prog}"))?;
@@ -969,9 +978,30 @@ fn live(plan: &Plan) -> Result<()> {
             let timed = &frames[..plan.live_frames];
             let mut per: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
             let mut minus: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
+            let ours: Vec<_> = (0..n)
+                .map(|i| {
+                    (
+                        Ipv4Addr::new(198, 18, 0, 1),
+                        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i as u32),
+                    )
+                })
+                .collect();
+            let mut drained = Vec::new();
+            let mut slotted = 0;
             for _ in 0..plan.live_rounds {
                 let mut base = (0.0, 0.0);
                 for (i, (_, prog)) in LIVE_PROGS.iter().enumerate() {
+                    if i == LIVE_UNSLOTTED && dp.slotted_pairs() > 0 {
+                        // Back to the flow map: free the slots, then every
+                        // pair once (untimed) so that it exists there again.
+                        dp.remove_pairs(&ours)?;
+                        live_window(&mut dp, prog, &sock, &frames[..n], plan.live_rate)?;
+                    }
+                    if i == LIVE_SLOTTED {
+                        // What the agent's drain does: pairs get slots.
+                        dp.snapshot_into(&mut drained)?;
+                        slotted = dp.slotted_pairs();
+                    }
                     let (ns, _, sender) = live_window(&mut dp, prog, &sock, timed, plan.live_rate)?;
                     per[i].push((ns, sender));
                     if i == 0 {
@@ -987,7 +1017,10 @@ fn live(plan: &Plan) -> Result<()> {
                 .filter(|(p, _)| p.0 == Ipv4Addr::new(198, 18, 0, 1))
                 .count();
             ensure!(counted == n, "score ingress holds {counted} pairs, not {n}");
-            println!("{n} live pairs (load {}):", loadavg());
+            println!(
+                "{n} live pairs, {slotted} of them in slots after a drain (load {}):",
+                loadavg()
+            );
             for (i, (label, _)) in LIVE_PROGS.iter().enumerate() {
                 let run = summarize(&per[i].iter().map(|v| v.0).collect::<Vec<_>>());
                 let snd = summarize(&per[i].iter().map(|v| v.1).collect::<Vec<_>>());

@@ -23,8 +23,9 @@ use aya::{
     util::KernelVersion,
 };
 use score_common::{
-    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, STATS_MAP, Stat, VIF_SEEN_MAP,
-    VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
+    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, PairSlot, SLOT_MASK_GLOBAL,
+    SLOTS_MAP, STATS_MAP, Stat, VIF_SEEN_MAP, VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
+    slot_index,
 };
 use serde::Serialize;
 
@@ -62,6 +63,10 @@ pub enum DatapathError {
     /// Per-CPU values could not be built (CPU count unknown).
     #[error("per-CPU map values: {0}")]
     PerCpu(String),
+    /// The counter slots could not be mapped, or the wait for running
+    /// classifiers failed.
+    #[error("counter slots: {0}")]
+    Slots(std::io::Error),
     /// bpffs could not be prepared for pinning.
     #[error("preparing bpffs at {path}: {reason}")]
     Bpffs {
@@ -204,6 +209,228 @@ pub struct Datapath {
     mode: AttachMode,
     /// Buffers of the batched map read, kept from one drain to the next.
     batch: BatchBuffers,
+    /// `SCORE_SLOTS` as mapped into this process, and which slots hold a
+    /// pair.
+    slots: Slots,
+}
+
+/// The counter slots (`SCORE_SLOTS`, see [`PairSlot`]) as the agent keeps
+/// them. Why counts stay exact through every step:
+///
+/// - A frame is counted in exactly one place: the classifier adds it to
+///   the pair's slot if a slot's key names the pair, else to the pair's
+///   entry in `SCORE_FLOWS`. Slot counters only grow while the pair holds
+///   the slot; the agent reads them through its mapping, no syscall.
+/// - Giving a pair a slot ([`Datapath::snapshot_into`]): the slot is empty
+///   and zeroed; the agent writes `first_seen_ns`, then the key. From then
+///   on new frames go to the slot. It then waits until every classifier run
+///   that may have read the slot before the key was written has finished
+///   (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which is `synchronize_rcu()`,
+///   and TC programs run inside RCU read-side sections). After that the
+///   pair's `SCORE_FLOWS` entry can no longer change: the agent reads it,
+///   adds it to the slot with atomic adds (the classifiers may be adding
+///   too) and deletes it.
+/// - Freeing a slot ([`Datapath::remove_pairs`], idle pairs): the agent
+///   clears the key, waits the same way, and reads the slot once more:
+///   frames counted between the drain that found the pair idle and the
+///   clear are kept as a residual and added to the pair's next reading
+///   (its frames after the clear go to `SCORE_FLOWS` as a new entry).
+///   Only then is the slot zeroed and free.
+struct Slots {
+    /// The shared mapping of the array; `len` elements.
+    mem: SlotMem,
+    /// Slots minus one, as the classifiers have it.
+    mask: u32,
+    /// Slots that hold a pair, sorted by index (the drain reads them in
+    /// memory order), with the counters the last drain read there.
+    owned: Vec<Owned>,
+    /// Counts read from freed slots after the drain that saw them last,
+    /// keyed by pair: reported with the pair until it is removed again.
+    carry: HashMap<PairKey, Totals>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Owned {
+    idx: u32,
+    bytes: u64,
+    packets: u64,
+}
+
+/// A shared, read-write mapping of `SCORE_SLOTS`.
+struct SlotMem {
+    ptr: std::ptr::NonNull<PairSlot>,
+    len: usize,
+    map_len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, valid until Drop; every
+// access to an element goes through atomics (see `SlotMem::word`).
+unsafe impl Send for SlotMem {}
+// SAFETY: as above.
+unsafe impl Sync for SlotMem {}
+
+impl SlotMem {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        let map_len = (len * std::mem::size_of::<PairSlot>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd (created with
+        // BPF_F_MMAPABLE), of the array's size rounded up to a page.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SlotMem {
+            ptr: std::ptr::NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?,
+            len,
+            map_len,
+        })
+    }
+
+    /// Field `field` (0 key, 1 bytes, 2 packets, 3 first seen) of slot
+    /// `idx`, as an atomic: the classifiers write the same memory.
+    fn word(&self, idx: u32, field: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!((idx as usize) < self.len && field < 4);
+        // SAFETY: idx is in bounds (checked), the mapping is 8-byte aligned
+        // (page aligned, elements of 32 bytes) and lives as long as self.
+        unsafe {
+            std::sync::atomic::AtomicU64::from_ptr(
+                self.ptr.as_ptr().add(idx as usize).cast::<u64>().add(field),
+            )
+        }
+    }
+
+    fn key(&self, idx: u32) -> u64 {
+        self.word(idx, 0).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn totals(&self, idx: u32) -> Totals {
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = self.word(idx, 3).load(Relaxed);
+        Totals {
+            bytes: self.word(idx, 1).load(Relaxed),
+            packets: self.word(idx, 2).load(Relaxed),
+            first_seen_ns: first,
+            last_seen_ns: first,
+        }
+    }
+}
+
+impl Drop for SlotMem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// Waits until every BPF program run that started before now has ended:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is the kernel's `synchronize_rcu()`.
+fn wait_for_running_programs() -> std::io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a syscall with integer arguments only.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn key_of(pair: &Pair) -> PairKey {
+    PairKey {
+        src: u32::from(pair.0).to_be(),
+        dst: u32::from(pair.1).to_be(),
+    }
+}
+
+fn key_of_word(word: u64) -> PairKey {
+    let b = word.to_ne_bytes();
+    PairKey {
+        src: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        dst: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    }
+}
+
+impl Slots {
+    fn open(bpf: &Ebpf) -> Result<Self, DatapathError> {
+        let Some(aya::maps::Map::Array(md)) = bpf.map(SLOTS_MAP) else {
+            return Err(DatapathError::Map(SLOTS_MAP));
+        };
+        let info = md.info()?;
+        let len = info.max_entries() as usize;
+        if !len.is_power_of_two() || info.value_size() as usize != std::mem::size_of::<PairSlot>() {
+            return Err(DatapathError::Map(SLOTS_MAP));
+        }
+        let mem = SlotMem::map(md.fd().as_fd(), len).map_err(DatapathError::Slots)?;
+        // Slots pinned by an earlier run keep their pairs: adopt them
+        // (one pass over the array, at load only).
+        let owned = (0..len as u32)
+            .filter(|&i| mem.key(i) != 0)
+            .map(|idx| Owned {
+                idx,
+                bytes: 0,
+                packets: 0,
+            })
+            .collect();
+        Ok(Slots {
+            mem,
+            mask: len as u32 - 1,
+            owned,
+            carry: HashMap::new(),
+        })
+    }
+
+    /// The slot holding `key`, if any.
+    fn find(&self, key: &PairKey) -> Option<u32> {
+        let first = slot_index(key, self.mask);
+        let word = key.word();
+        [first, first ^ 1]
+            .into_iter()
+            .find(|&i| (i as usize) < self.mem.len && self.mem.key(i) == word)
+    }
+
+    /// An empty slot where `key` may go, if any.
+    fn free_for(&self, key: &PairKey) -> Option<u32> {
+        let first = slot_index(key, self.mask);
+        [first, first ^ 1]
+            .into_iter()
+            .find(|&i| (i as usize) < self.mem.len && self.mem.key(i) == 0)
+    }
+
+    /// Appends every slotted pair's counters to `out`, remembering them.
+    fn read_into(&mut self, out: &mut Vec<(Pair, Totals)>) {
+        out.reserve(self.owned.len());
+        for o in &mut self.owned {
+            let key = key_of_word(self.mem.key(o.idx));
+            let t = self.mem.totals(o.idx);
+            (o.bytes, o.packets) = (t.bytes, t.packets);
+            out.push((pair_of(&key), t));
+        }
+    }
+
+    /// Adds the residuals of freed slots to the pairs' readings in `out`
+    /// (or lists them alone where the pair has no other counter).
+    fn add_carry(&self, out: &mut Vec<(Pair, Totals)>) {
+        if self.carry.is_empty() {
+            return;
+        }
+        let mut left = self.carry.clone();
+        for (pair, t) in out.iter_mut() {
+            if let Some(c) = left.remove(&key_of(pair)) {
+                t.bytes += c.bytes;
+                t.packets += c.packets;
+            }
+        }
+        out.extend(left.into_iter().map(|(k, t)| (pair_of(&k), t)));
+    }
 }
 
 /// Keys and per-CPU values of one `BPF_MAP_LOOKUP_BATCH` call (about 290
@@ -249,12 +476,16 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(FLOWS_MAP, opts.flows_max);
+        let slots = slot_count(opts.flows_max);
+        let mask = slots - 1;
+        loader.map_max_entries(SLOTS_MAP, slots);
+        loader.override_global(SLOT_MASK_GLOBAL, &mask, true);
         let port = opts.control_port.unwrap_or(0);
         loader.override_global(score_common::CONTROL_PORT_GLOBAL, &port, true);
         let pins: Vec<(&'static str, PathBuf)>;
         if let Some(dir) = &opts.pin_dir {
             prepare_bpffs(dir)?;
-            pins = [FLOWS_MAP, VM_MACS_MAP, STATS_MAP]
+            pins = [FLOWS_MAP, SLOTS_MAP, VM_MACS_MAP, STATS_MAP]
                 .map(|m| (m, dir.join(m)))
                 .to_vec();
             for (name, path) in &pins {
@@ -270,11 +501,13 @@ impl Datapath {
                     source,
                 })?;
         }
+        let slots = Slots::open(&bpf)?;
         Ok(Datapath {
             bpf,
             attached: HashMap::new(),
             mode: AttachMode::Auto.resolve(),
             batch: BatchBuffers::default(),
+            slots,
         })
     }
 
@@ -396,25 +629,102 @@ impl Datapath {
         v
     }
 
-    /// Reads every pair's counters, summed over CPUs: in batches of 4,096
-    /// entries per syscall (BPF_MAP_LOOKUP_BATCH, 3-5x faster than two
-    /// syscalls per pair, docs/BENCHMARKS.md), or pair by pair where the
-    /// kernel refuses the batch.
+    /// Reads every pair's counters: the slotted pairs' through the shared
+    /// mapping of `SCORE_SLOTS` (no syscall), the others' from
+    /// `SCORE_FLOWS`, summed over CPUs, in batches of 4,096 entries per
+    /// syscall (BPF_MAP_LOOKUP_BATCH), or pair by pair where the kernel
+    /// refuses the batch. Gives no pair a slot: see
+    /// [`Datapath::snapshot_into`].
     pub fn snapshot(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
         let mut out = Vec::new();
         let mut buffers = BatchBuffers::default();
         self.read_flows(&mut buffers, &mut out)?;
+        for o in &self.slots.owned {
+            let key = key_of_word(self.slots.mem.key(o.idx));
+            out.push((pair_of(&key), self.slots.mem.totals(o.idx)));
+        }
+        self.slots.add_carry(&mut out);
         Ok(out)
     }
 
-    /// [`Datapath::snapshot`] into `out` (cleared first), reusing `out`'s
-    /// and the datapath's own buffers: what the collector calls at every
-    /// drain, so that a drain allocates nothing in steady state.
+    /// What the collector calls at every drain: gives each pair that is
+    /// still counted in `SCORE_FLOWS` a slot where one of its two is free
+    /// (from then on its frames cost an array access, not a hash walk),
+    /// then reads every pair's counters into `out` (cleared first) as
+    /// [`Datapath::snapshot`] does, reusing `out`'s and the datapath's own
+    /// buffers, so that a drain allocates nothing in steady state.
     pub fn snapshot_into(&mut self, out: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
         let mut buffers = std::mem::take(&mut self.batch);
         let result = self.read_flows(&mut buffers, out);
         self.batch = buffers;
-        result
+        result?;
+        self.give_slots(out)?;
+        self.slots.read_into(out);
+        self.slots.add_carry(out);
+        Ok(())
+    }
+
+    /// Moves the pairs of `fresh` (read from `SCORE_FLOWS`) that find a
+    /// free slot into it, exactly (see [`Slots`]), and drops them from
+    /// `fresh`: the slots' reading follows.
+    fn give_slots(&mut self, fresh: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let mut moved = Vec::new();
+        let mut keep = Vec::with_capacity(fresh.len());
+        for (pair, t) in fresh.iter() {
+            let key = key_of(pair);
+            let slot = self.slots.free_for(&key);
+            keep.push(slot.is_none());
+            if let Some(idx) = slot {
+                let mem = &self.slots.mem;
+                mem.word(idx, 3).store(t.first_seen_ns, Relaxed);
+                mem.word(idx, 0).store(key.word(), Release);
+                moved.push((key, idx));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        wait_for_running_programs().map_err(DatapathError::Slots)?;
+        let mut map: PerCpuHashMap<&mut MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
+            self.bpf
+                .map_mut(FLOWS_MAP)
+                .ok_or(DatapathError::Map(FLOWS_MAP))?,
+        )?;
+        for &(key, idx) in &moved {
+            // The entry is final now: nothing can add to it any more.
+            let mut t = match map.get(&key, 0) {
+                Ok(values) => Totals::sum(values.iter()),
+                Err(aya::maps::MapError::KeyNotFound) => Totals::default(),
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(c) = self.slots.carry.remove(&key) {
+                t.bytes += c.bytes;
+                t.packets += c.packets;
+            }
+            let mem = &self.slots.mem;
+            mem.word(idx, 1).fetch_add(t.bytes, Relaxed);
+            mem.word(idx, 2).fetch_add(t.packets, Relaxed);
+            match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.slots.owned.push(Owned {
+                idx,
+                bytes: 0,
+                packets: 0,
+            });
+        }
+        self.slots.owned.sort_unstable_by_key(|o| o.idx);
+        let mut keep = keep.into_iter();
+        fresh.retain(|_| keep.next().unwrap_or(true));
+        Ok(())
+    }
+
+    /// Slots that hold a pair now (the rest of the pairs are counted in
+    /// `SCORE_FLOWS`).
+    pub fn slotted_pairs(&self) -> usize {
+        self.slots.owned.len()
     }
 
     fn read_flows(
@@ -454,19 +764,62 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Deletes pairs from the flow map (evicted as idle).
+    /// Forgets pairs evicted as idle: frees their slots (exactly, see
+    /// [`Slots`]) and deletes their `SCORE_FLOWS` entries.
     pub fn remove_pairs(&mut self, pairs: &[Pair]) -> Result<usize, DatapathError> {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let mut freed = Vec::new();
+        for pair in pairs {
+            let key = key_of(pair);
+            self.slots.carry.remove(&key);
+            if let Some(idx) = self.slots.find(&key) {
+                self.slots.mem.word(idx, 0).store(0, Release);
+                freed.push((key, idx));
+            }
+        }
+        if !freed.is_empty() {
+            wait_for_running_programs().map_err(DatapathError::Slots)?;
+            freed.sort_unstable_by_key(|&(_, idx)| idx);
+            let owned = std::mem::take(&mut self.slots.owned);
+            let mut gone = freed.iter().peekable();
+            for o in owned {
+                while gone.next_if(|&&(_, idx)| idx < o.idx).is_some() {}
+                let Some(&(key, _)) = gone.next_if(|&&(_, idx)| idx == o.idx) else {
+                    self.slots.owned.push(o);
+                    continue;
+                };
+                let mem = &self.slots.mem;
+                let t = mem.totals(o.idx);
+                if t.packets > o.packets {
+                    self.slots.carry.insert(
+                        key,
+                        Totals {
+                            bytes: t.bytes - o.bytes,
+                            packets: t.packets - o.packets,
+                            first_seen_ns: 0,
+                            last_seen_ns: 0,
+                        },
+                    );
+                }
+                for field in 1..4 {
+                    mem.word(o.idx, field).store(0, Relaxed);
+                }
+            }
+        }
         let mut map: PerCpuHashMap<&mut MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(
             self.bpf
                 .map_mut(FLOWS_MAP)
                 .ok_or(DatapathError::Map(FLOWS_MAP))?,
         )?;
-        let mut n = 0;
-        for &(src, dst) in pairs {
-            let key = PairKey {
-                src: u32::from(src).to_be(),
-                dst: u32::from(dst).to_be(),
-            };
+        let mut n = freed.len();
+        let slotted: std::collections::HashSet<PairKey> = freed.iter().map(|&(k, _)| k).collect();
+        for pair in pairs {
+            let key = key_of(pair);
+            // A slotted pair's frames since its key was cleared are in a
+            // new entry: a new life of the pair, not to be deleted.
+            if slotted.contains(&key) {
+                continue;
+            }
             if map.remove(&key).is_ok() {
                 n += 1;
             }
@@ -737,6 +1090,16 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
         cursor_in = cursor_out;
         started = true;
     }
+}
+
+/// Slots of `SCORE_SLOTS` for a flow map of `flows_max` pairs: the next
+/// power of two (the classifiers mask the hash), at least 2 (a pair has
+/// two candidate slots).
+pub fn slot_count(flows_max: u32) -> u32 {
+    flows_max
+        .max(2)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
 }
 
 fn pair_of(key: &PairKey) -> Pair {

@@ -289,7 +289,7 @@ fn least_privilege_agent_counts_exactly_and_answers_status() {
     );
 
     // The pins belong to the unprivileged user: the next run reopens them.
-    for m in ["SCORE_FLOWS", "SCORE_STATS", "SCORE_VM_MACS"] {
+    for m in ["SCORE_FLOWS", "SCORE_SLOTS", "SCORE_STATS", "SCORE_VM_MACS"] {
         let out = sh(&["stat", "-c", "%u", &format!("{pins}/{m}")]);
         assert_eq!(out.trim(), UID.to_string(), "owner of pin {m}");
     }

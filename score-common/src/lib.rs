@@ -9,6 +9,16 @@
 
 /// Name of the per-CPU hash map of byte and packet counters per VM pair.
 pub const FLOWS_MAP: &str = "SCORE_FLOWS";
+/// Name of the array of counter slots ([`PairSlot`]): where an existing
+/// pair is counted, found by [`slot_index`] without a hash-map walk. The
+/// agent assigns slots; [`FLOWS_MAP`] counts a pair only until it has one.
+pub const SLOTS_MAP: &str = "SCORE_SLOTS";
+/// Name of the global that holds the number of slots of [`SLOTS_MAP`]
+/// minus one (a power of two minus one): the mask [`slot_index`] takes.
+pub const SLOT_MASK_GLOBAL: &str = "SCORE_SLOT_MASK";
+/// `BPF_F_MMAPABLE`: the agent reads and writes [`SLOTS_MAP`] through a
+/// shared mapping, with no syscall per drain.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Name of the hash map from a hosted VM's IPv4 address to its MAC address
 /// (the paper's IP->MAC lookup, §III-C/E).
 pub const VM_MACS_MAP: &str = "SCORE_VM_MACS";
@@ -91,6 +101,49 @@ pub struct PairCounters {
     pub last_seen_ns: u64,
 }
 
+/// Element of [`SLOTS_MAP`]: one pair's counters at the slot the agent
+/// gave it. Shared by all CPUs: the classifiers add with atomic adds; the
+/// agent writes `key` (an empty slot is key 0: a source of 0.0.0.0 is
+/// never counted) and reads the counters through its mapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairSlot {
+    /// The [`PairKey`]'s eight bytes as one word ([`PairKey::word`]), so
+    /// that one load reads the whole key: a torn read can never match.
+    pub key: u64,
+    /// Bytes counted here (see [`PairCounters::bytes`]).
+    pub bytes: u64,
+    /// Frames counted here.
+    pub packets: u64,
+    /// `bpf_ktime_get_ns()` of the pair's first frame, copied by the agent
+    /// from the pair's entry in [`FLOWS_MAP`] when it gave the slot.
+    pub first_seen_ns: u64,
+}
+
+impl PairKey {
+    /// The key's eight bytes as one native-order word: what
+    /// [`PairSlot::key`] holds. Never 0 for a counted pair (its source is
+    /// not 0.0.0.0).
+    #[inline(always)]
+    pub fn word(&self) -> u64 {
+        // src first in memory, as in the struct, on either byte order.
+        if cfg!(target_endian = "little") {
+            u64::from(self.src) | (u64::from(self.dst) << 32)
+        } else {
+            (u64::from(self.src) << 32) | u64::from(self.dst)
+        }
+    }
+}
+
+/// The first of the two slots (`i` and `i ^ 1`, one 64-byte cache line)
+/// where a pair may sit in [`SLOTS_MAP`] of `mask + 1` slots: a
+/// multiplicative hash of the key, the same in the kernel and the agent.
+#[inline(always)]
+pub fn slot_index(key: &PairKey, mask: u32) -> u32 {
+    let h = key.word().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((h >> 32) as u32) & mask
+}
+
 /// Value of [`VM_MACS_MAP`]: where a hosted VM was last seen sending.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,6 +219,7 @@ pub const STATS_LEN: u32 = 6;
 const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
+const _: () = assert!(core::mem::size_of::<PairSlot>() == 32);
 const _: () = assert!(core::mem::size_of::<VifSeen>() == 16);
 const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
 const _: () = assert!(core::mem::size_of::<ControlFrame>() == 16 + CONTROL_MAX_PAYLOAD);
@@ -177,6 +231,7 @@ mod pod {
     unsafe impl aya::Pod for super::PairKey {}
     unsafe impl aya::Pod for super::PairCounters {}
     unsafe impl aya::Pod for super::VmMac {}
+    unsafe impl aya::Pod for super::PairSlot {}
     unsafe impl aya::Pod for super::VifSeen {}
     unsafe impl aya::Pod for super::ControlFrame {}
 }
