@@ -23,9 +23,9 @@ use aya::{
     util::KernelVersion,
 };
 use score_common::{
-    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, PairSlot, SLOT_MASK_GLOBAL,
-    SLOTS_MAP, STATS_MAP, Stat, VIF_SEEN_MAP, VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac,
-    slot_index,
+    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, SLOT_CELLS_GLOBAL,
+    SLOT_MASK_GLOBAL, SLOTS_MAP, STATS_MAP, SlotCell, Stat, VIF_SEEN_MAP, VIF_SEEN_SLOTS,
+    VM_MACS_MAP, VifSeen, VmMac, slot_index,
 };
 use serde::Serialize;
 
@@ -214,30 +214,31 @@ pub struct Datapath {
     slots: Slots,
 }
 
-/// The counter slots (`SCORE_SLOTS`, see [`PairSlot`]) as the agent keeps
-/// them. Why counts stay exact through every step:
+/// The counter slots (`SCORE_SLOTS`, see score-common's `SLOTS_MAP`) as
+/// the agent keeps them. Why counts stay exact through every step:
 ///
 /// - A frame is counted in exactly one place: the classifier adds it to
-///   the pair's slot if a slot's key names the pair, else to the pair's
-///   entry in `SCORE_FLOWS`. Slot counters only grow while the pair holds
-///   the slot; the agent reads them through its mapping, no syscall.
+///   its CPU's cell of the pair's slot if the slot's key names the pair,
+///   else to the pair's entry in `SCORE_FLOWS`. Each cell has one writer
+///   (a CPU's classifier runs, which do not preempt each other, or the
+///   agent), so plain adds lose nothing. The agent reads the cells through
+///   its mapping, no syscall.
 /// - Giving a pair a slot ([`Datapath::snapshot_into`]): the slot is empty
-///   and zeroed; the agent writes `first_seen_ns`, then the key. From then
-///   on new frames go to the slot. It then waits until every classifier run
-///   that may have read the slot before the key was written has finished
-///   (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which is `synchronize_rcu()`,
-///   and TC programs run inside RCU read-side sections). After that the
-///   pair's `SCORE_FLOWS` entry can no longer change: the agent reads it,
-///   adds it to the slot with atomic adds (the classifiers may be adding
-///   too) and deletes it.
+///   and all its cells zero; the agent writes the first-seen stamp, then
+///   the key. From then on new frames go to the slot. It then waits until
+///   every classifier run that may have read the slot before the key was
+///   written has finished (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which is
+///   `synchronize_rcu()`; TC programs run inside RCU read-side sections).
+///   After that the pair's `SCORE_FLOWS` entry can no longer change: the
+///   agent reads it, writes it into the slot's agent cell and deletes it.
 /// - Freeing a slot ([`Datapath::remove_pairs`], idle pairs): the agent
 ///   clears the key, waits the same way, and reads the slot once more:
 ///   frames counted between the drain that found the pair idle and the
 ///   clear are kept as a residual and added to the pair's next reading
 ///   (its frames after the clear go to `SCORE_FLOWS` as a new entry).
-///   Only then is the slot zeroed and free.
+///   Only then are the slot's cells zeroed and the slot free.
 struct Slots {
-    /// The shared mapping of the array; `len` elements.
+    /// The shared mapping of the array.
     mem: SlotMem,
     /// Slots minus one, as the classifiers have it.
     mask: u32,
@@ -256,24 +257,27 @@ struct Owned {
     packets: u64,
 }
 
-/// A shared, read-write mapping of `SCORE_SLOTS`.
+/// A shared, read-write mapping of `SCORE_SLOTS`: `slots` slots of
+/// `cells` cells.
 struct SlotMem {
-    ptr: std::ptr::NonNull<PairSlot>,
-    len: usize,
+    ptr: std::ptr::NonNull<SlotCell>,
+    slots: u32,
+    cells: u32,
     map_len: usize,
 }
 
 // SAFETY: the mapping is plain shared memory, valid until Drop; every
-// access to an element goes through atomics (see `SlotMem::word`).
+// access to a cell goes through atomics (see `SlotMem::word`).
 unsafe impl Send for SlotMem {}
 // SAFETY: as above.
 unsafe impl Sync for SlotMem {}
 
 impl SlotMem {
-    fn map(fd: std::os::fd::BorrowedFd<'_>, len: usize) -> std::io::Result<Self> {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, slots: u32, cells: u32) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         let page = 4096;
-        let map_len = (len * std::mem::size_of::<PairSlot>()).div_ceil(page) * page;
+        let bytes = slots as usize * cells as usize * std::mem::size_of::<SlotCell>();
+        let map_len = bytes.div_ceil(page) * page;
         // SAFETY: a fresh shared mapping of the map's fd (created with
         // BPF_F_MMAPABLE), of the array's size rounded up to a page.
         let ptr = unsafe {
@@ -291,36 +295,55 @@ impl SlotMem {
         }
         Ok(SlotMem {
             ptr: std::ptr::NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?,
-            len,
+            slots,
+            cells,
             map_len,
         })
     }
 
-    /// Field `field` (0 key, 1 bytes, 2 packets, 3 first seen) of slot
-    /// `idx`, as an atomic: the classifiers write the same memory.
-    fn word(&self, idx: u32, field: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!((idx as usize) < self.len && field < 4);
-        // SAFETY: idx is in bounds (checked), the mapping is 8-byte aligned
-        // (page aligned, elements of 32 bytes) and lives as long as self.
+    /// Word `half` (0: `a`, 1: `b`) of cell `cell` of slot `idx`, as an
+    /// atomic: the classifiers write the same memory.
+    fn word(&self, idx: u32, cell: u32, half: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(idx < self.slots && cell < self.cells && half < 2);
+        let at = idx as usize * self.cells as usize + cell as usize;
+        // SAFETY: `at` is in bounds (checked), the mapping is 8-byte
+        // aligned (page aligned, cells of 16 bytes) and lives as long as
+        // self.
         unsafe {
             std::sync::atomic::AtomicU64::from_ptr(
-                self.ptr.as_ptr().add(idx as usize).cast::<u64>().add(field),
+                self.ptr.as_ptr().add(at).cast::<u64>().add(half),
             )
         }
     }
 
     fn key(&self, idx: u32) -> u64 {
-        self.word(idx, 0).load(std::sync::atomic::Ordering::Acquire)
+        self.word(idx, 0, 0)
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The slot's counts: the agent's cell and every CPU's, summed.
     fn totals(&self, idx: u32) -> Totals {
         use std::sync::atomic::Ordering::Relaxed;
-        let first = self.word(idx, 3).load(Relaxed);
-        Totals {
-            bytes: self.word(idx, 1).load(Relaxed),
-            packets: self.word(idx, 2).load(Relaxed),
+        let first = self.word(idx, 0, 1).load(Relaxed);
+        let mut t = Totals {
             first_seen_ns: first,
             last_seen_ns: first,
+            ..Totals::default()
+        };
+        for cell in 1..self.cells {
+            t.bytes += self.word(idx, cell, 0).load(Relaxed);
+            t.packets += self.word(idx, cell, 1).load(Relaxed);
+        }
+        t
+    }
+
+    /// Zeroes every cell of a slot no classifier can reach any more.
+    fn clear(&self, idx: u32) {
+        for cell in 0..self.cells {
+            for half in 0..2 {
+                self.word(idx, cell, half)
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }
@@ -360,19 +383,22 @@ fn key_of_word(word: u64) -> PairKey {
 }
 
 impl Slots {
-    fn open(bpf: &Ebpf) -> Result<Self, DatapathError> {
+    fn open(bpf: &Ebpf, slots: u32, cells: u32) -> Result<Self, DatapathError> {
         let Some(aya::maps::Map::Array(md)) = bpf.map(SLOTS_MAP) else {
             return Err(DatapathError::Map(SLOTS_MAP));
         };
         let info = md.info()?;
-        let len = info.max_entries() as usize;
-        if !len.is_power_of_two() || info.value_size() as usize != std::mem::size_of::<PairSlot>() {
+        // A pinned array of another size (another flows_max or CPU count)
+        // does not match what the classifiers were told.
+        if u64::from(info.max_entries()) != u64::from(slots) * u64::from(cells)
+            || info.value_size() as usize != std::mem::size_of::<SlotCell>()
+        {
             return Err(DatapathError::Map(SLOTS_MAP));
         }
-        let mem = SlotMem::map(md.fd().as_fd(), len).map_err(DatapathError::Slots)?;
+        let mem = SlotMem::map(md.fd().as_fd(), slots, cells).map_err(DatapathError::Slots)?;
         // Slots pinned by an earlier run keep their pairs: adopt them
         // (one pass over the array, at load only).
-        let owned = (0..len as u32)
+        let owned = (0..slots)
             .filter(|&i| mem.key(i) != 0)
             .map(|idx| Owned {
                 idx,
@@ -382,7 +408,7 @@ impl Slots {
             .collect();
         Ok(Slots {
             mem,
-            mask: len as u32 - 1,
+            mask: slots - 1,
             owned,
             carry: HashMap::new(),
         })
@@ -394,7 +420,7 @@ impl Slots {
         let word = key.word();
         [first, first ^ 1]
             .into_iter()
-            .find(|&i| (i as usize) < self.mem.len && self.mem.key(i) == word)
+            .find(|&i| i < self.mem.slots && self.mem.key(i) == word)
     }
 
     /// An empty slot where `key` may go, if any.
@@ -402,7 +428,7 @@ impl Slots {
         let first = slot_index(key, self.mask);
         [first, first ^ 1]
             .into_iter()
-            .find(|&i| (i as usize) < self.mem.len && self.mem.key(i) == 0)
+            .find(|&i| i < self.mem.slots && self.mem.key(i) == 0)
     }
 
     /// Appends every slotted pair's counters to `out`, remembering them.
@@ -478,8 +504,14 @@ impl Datapath {
         loader.map_max_entries(FLOWS_MAP, opts.flows_max);
         let slots = slot_count(opts.flows_max);
         let mask = slots - 1;
-        loader.map_max_entries(SLOTS_MAP, slots);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PerCpu(e.to_string()))?;
+        let cells = 2 + cpus as u32;
+        let total = slots
+            .checked_mul(cells)
+            .ok_or(DatapathError::Map(SLOTS_MAP))?;
+        loader.map_max_entries(SLOTS_MAP, total);
         loader.override_global(SLOT_MASK_GLOBAL, &mask, true);
+        loader.override_global(SLOT_CELLS_GLOBAL, &cells, true);
         let port = opts.control_port.unwrap_or(0);
         loader.override_global(score_common::CONTROL_PORT_GLOBAL, &port, true);
         let pins: Vec<(&'static str, PathBuf)>;
@@ -501,7 +533,7 @@ impl Datapath {
                     source,
                 })?;
         }
-        let slots = Slots::open(&bpf)?;
+        let slots = Slots::open(&bpf, slots, cells)?;
         Ok(Datapath {
             bpf,
             attached: HashMap::new(),
@@ -677,8 +709,8 @@ impl Datapath {
             keep.push(slot.is_none());
             if let Some(idx) = slot {
                 let mem = &self.slots.mem;
-                mem.word(idx, 3).store(t.first_seen_ns, Relaxed);
-                mem.word(idx, 0).store(key.word(), Release);
+                mem.word(idx, 0, 1).store(t.first_seen_ns, Relaxed);
+                mem.word(idx, 0, 0).store(key.word(), Release);
                 moved.push((key, idx));
             }
         }
@@ -702,9 +734,10 @@ impl Datapath {
                 t.bytes += c.bytes;
                 t.packets += c.packets;
             }
+            // The agent's cell: no classifier writes it.
             let mem = &self.slots.mem;
-            mem.word(idx, 1).fetch_add(t.bytes, Relaxed);
-            mem.word(idx, 2).fetch_add(t.packets, Relaxed);
+            mem.word(idx, 1, 0).store(t.bytes, Relaxed);
+            mem.word(idx, 1, 1).store(t.packets, Relaxed);
             match map.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e.into()),
@@ -767,13 +800,13 @@ impl Datapath {
     /// Forgets pairs evicted as idle: frees their slots (exactly, see
     /// [`Slots`]) and deletes their `SCORE_FLOWS` entries.
     pub fn remove_pairs(&mut self, pairs: &[Pair]) -> Result<usize, DatapathError> {
-        use std::sync::atomic::Ordering::{Relaxed, Release};
+        use std::sync::atomic::Ordering::Release;
         let mut freed = Vec::new();
         for pair in pairs {
             let key = key_of(pair);
             self.slots.carry.remove(&key);
             if let Some(idx) = self.slots.find(&key) {
-                self.slots.mem.word(idx, 0).store(0, Release);
+                self.slots.mem.word(idx, 0, 0).store(0, Release);
                 freed.push((key, idx));
             }
         }
@@ -801,9 +834,7 @@ impl Datapath {
                         },
                     );
                 }
-                for field in 1..4 {
-                    mem.word(o.idx, field).store(0, Relaxed);
-                }
+                mem.clear(o.idx);
             }
         }
         let mut map: PerCpuHashMap<&mut MapData, PairKey, PairCounters> = PerCpuHashMap::try_from(

@@ -9,13 +9,22 @@
 
 /// Name of the per-CPU hash map of byte and packet counters per VM pair.
 pub const FLOWS_MAP: &str = "SCORE_FLOWS";
-/// Name of the array of counter slots ([`PairSlot`]): where an existing
-/// pair is counted, found by [`slot_index`] without a hash-map walk. The
-/// agent assigns slots; [`FLOWS_MAP`] counts a pair only until it has one.
+/// Name of the array of counter slots, in [`SlotCell`]s: where an
+/// existing pair is counted, found by [`slot_index`] without a hash-map
+/// walk. The agent assigns slots; [`FLOWS_MAP`] counts a pair only until
+/// it has one. Slot `i` is the cells `i * cells .. (i + 1) * cells`, with
+/// `cells` = [`SLOT_CELLS_GLOBAL`]: cell 0 holds the key and the first-seen
+/// stamp, cell 1 the counts the agent moved in, cell `2 + c` what CPU `c`
+/// counted. One writer per cell, so plain adds are exact: the classifier
+/// on CPU `c` (preemption off) writes only cell `2 + c`, the agent only
+/// cells 0 and 1. Shared atomic adds cost more than the hash walk they
+/// replaced on the machine measured (docs/BENCHMARKS.md).
 pub const SLOTS_MAP: &str = "SCORE_SLOTS";
 /// Name of the global that holds the number of slots of [`SLOTS_MAP`]
 /// minus one (a power of two minus one): the mask [`slot_index`] takes.
 pub const SLOT_MASK_GLOBAL: &str = "SCORE_SLOT_MASK";
+/// Name of the global that holds the cells per slot: 2 + possible CPUs.
+pub const SLOT_CELLS_GLOBAL: &str = "SCORE_SLOT_CELLS";
 /// `BPF_F_MMAPABLE`: the agent reads and writes [`SLOTS_MAP`] through a
 /// shared mapping, with no syscall per drain.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -101,28 +110,23 @@ pub struct PairCounters {
     pub last_seen_ns: u64,
 }
 
-/// Element of [`SLOTS_MAP`]: one pair's counters at the slot the agent
-/// gave it. Shared by all CPUs: the classifiers add with atomic adds; the
-/// agent writes `key` (an empty slot is key 0: a source of 0.0.0.0 is
-/// never counted) and reads the counters through its mapping.
+/// Element of [`SLOTS_MAP`], 16 bytes. In a slot's cell 0: `a` is the
+/// [`PairKey`] as one word ([`PairKey::word`]; 0: empty slot, since a
+/// source of 0.0.0.0 is never counted) and `b` the pair's first-seen stamp
+/// (`bpf_ktime_get_ns()`); in the other cells `a` is bytes and `b` frames
+/// (see [`PairCounters`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PairSlot {
-    /// The [`PairKey`]'s eight bytes as one word ([`PairKey::word`]), so
-    /// that one load reads the whole key: a torn read can never match.
-    pub key: u64,
-    /// Bytes counted here (see [`PairCounters::bytes`]).
-    pub bytes: u64,
-    /// Frames counted here.
-    pub packets: u64,
-    /// `bpf_ktime_get_ns()` of the pair's first frame, copied by the agent
-    /// from the pair's entry in [`FLOWS_MAP`] when it gave the slot.
-    pub first_seen_ns: u64,
+pub struct SlotCell {
+    /// The key (cell 0), or bytes.
+    pub a: u64,
+    /// The first-seen stamp (cell 0), or frames.
+    pub b: u64,
 }
 
 impl PairKey {
-    /// The key's eight bytes as one native-order word: what
-    /// [`PairSlot::key`] holds. Never 0 for a counted pair (its source is
+    /// The key's eight bytes as one native-order word: what a slot's cell 0
+    /// holds, read and written as one, so a torn key can never match. Never 0 for a counted pair (its source is
     /// not 0.0.0.0).
     #[inline(always)]
     pub fn word(&self) -> u64 {
@@ -136,12 +140,42 @@ impl PairKey {
 }
 
 /// The first of the two slots (`i` and `i ^ 1`, one 64-byte cache line)
-/// where a pair may sit in [`SLOTS_MAP`] of `mask + 1` slots: a
-/// multiplicative hash of the key, the same in the kernel and the agent.
+/// where a pair may sit in [`SLOTS_MAP`] of `mask + 1` slots, the same in
+/// the kernel and the agent: the key mixed (shift, multiply, shift, as
+/// MurmurHash3's 64-bit finaliser) so that every bit of both addresses
+/// reaches the low bits the mask keeps. A bare multiply would not do: the
+/// last octet of an address sits in the key's top byte, which a multiply
+/// carries to the top of the product only.
 #[inline(always)]
 pub fn slot_index(key: &PairKey, mask: u32) -> u32 {
-    let h = key.word().wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    ((h >> 32) as u32) & mask
+    let mut h = key.word();
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h as u32) & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pairs that differ only in the last octet of one address (one VM's
+    /// peers in a subnet) spread over the slots instead of piling up.
+    #[test]
+    fn neighbouring_pairs_spread_over_the_slots() {
+        let mask = 1024 - 1;
+        let mut used = [0u32; 1024];
+        for i in 0..512u32 {
+            let key = PairKey {
+                src: u32::from_be_bytes([198, 18, 0, 1]).to_be(),
+                dst: (u32::from_be_bytes([198, 19, 0, 0]) + i).to_be(),
+            };
+            used[slot_index(&key, mask) as usize] += 1;
+        }
+        let distinct = used.iter().filter(|&&n| n > 0).count();
+        // 512 balls in 1,024 bins: about 403 distinct bins on average.
+        assert!(distinct > 350, "{distinct} slots for 512 pairs");
+    }
 }
 
 /// Value of [`VM_MACS_MAP`]: where a hosted VM was last seen sending.
@@ -219,7 +253,7 @@ pub const STATS_LEN: u32 = 6;
 const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
-const _: () = assert!(core::mem::size_of::<PairSlot>() == 32);
+const _: () = assert!(core::mem::size_of::<SlotCell>() == 16);
 const _: () = assert!(core::mem::size_of::<VifSeen>() == 16);
 const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
 const _: () = assert!(core::mem::size_of::<ControlFrame>() == 16 + CONTROL_MAX_PAYLOAD);
@@ -231,7 +265,7 @@ mod pod {
     unsafe impl aya::Pod for super::PairKey {}
     unsafe impl aya::Pod for super::PairCounters {}
     unsafe impl aya::Pod for super::VmMac {}
-    unsafe impl aya::Pod for super::PairSlot {}
+    unsafe impl aya::Pod for super::SlotCell {}
     unsafe impl aya::Pod for super::VifSeen {}
     unsafe impl aya::Pod for super::ControlFrame {}
 }

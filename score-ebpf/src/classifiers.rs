@@ -6,7 +6,7 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
@@ -14,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use score_common::{
     BPF_F_MMAPABLE, CONTROL_MAGIC, CONTROL_MAX_PAYLOAD, CONTROL_RING_BYTES, ControlFrame,
-    DEFAULT_FLOWS_MAX, PairCounters, PairKey, PairSlot, STATS_LEN, Stat, VIF_SEEN_SLOTS,
+    DEFAULT_FLOWS_MAX, PairCounters, PairKey, STATS_LEN, SlotCell, Stat, VIF_SEEN_SLOTS,
     VM_MACS_MAX, VifSeen, VmMac, slot_index,
 };
 
@@ -28,15 +28,18 @@ static SCORE_CONTROL_PORT: Global<u16> = Global::new(0);
 pub(crate) static FLOWS: PerCpuHashMap<PairKey, PairCounters> =
     PerCpuHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
 
-/// Counter slots the agent assigns (see `count`); sized by the agent to
-/// a power of two of at least the flow map's capacity.
+/// Counter slots the agent assigns (see `count_in_slot` and score-common's
+/// `SLOTS_MAP`); sized by the agent.
 #[map(name = "SCORE_SLOTS")]
-pub(crate) static SLOTS: Array<PairSlot> =
+pub(crate) static SLOTS: Array<SlotCell> =
     Array::with_max_entries(DEFAULT_FLOWS_MAX, BPF_F_MMAPABLE);
 
 /// Slots of `SCORE_SLOTS` minus one; set by the agent at load time.
 #[unsafe(no_mangle)]
-static SCORE_SLOT_MASK: Global<u32> = Global::new(DEFAULT_FLOWS_MAX - 1);
+static SCORE_SLOT_MASK: Global<u32> = Global::new(0);
+/// Cells per slot (2 + possible CPUs); set by the agent at load time.
+#[unsafe(no_mangle)]
+static SCORE_SLOT_CELLS: Global<u32> = Global::new(0);
 
 #[map(name = "SCORE_VM_MACS")]
 pub(crate) static VM_MACS: HashMap<u32, VmMac> = HashMap::with_max_entries(VM_MACS_MAX, 0);
@@ -332,52 +335,46 @@ fn count(ctx: &TcContext, h: &Headers, from_vm: bool) -> Result<(), ()> {
     Ok(())
 }
 
-/// Counts a frame at the pair's slot, if the agent gave it one: two
-/// candidate slots side by side in one cache line, each an inlined array
-/// access, instead of a hash-map walk (bucket, element, per-CPU pointer:
-/// dependent cache misses on every frame, docs/BENCHMARKS.md). False if
-/// the pair has no slot yet: the caller counts it in `SCORE_FLOWS`.
+/// Counts a frame at the pair's slot, if the agent gave it one: a pair
+/// has two candidate slots, each an inlined array access (the key cell,
+/// then this CPU's cell, usually in the same cache line), instead of a
+/// hash-map walk. False if the pair has no slot yet: the caller counts it
+/// in `SCORE_FLOWS`.
 #[inline(always)]
 pub(crate) fn count_in_slot(key: &PairKey, len: u64) -> bool {
+    let cells = SCORE_SLOT_CELLS.load();
+    if cells == 0 {
+        return false;
+    }
     let word = key.word();
     let first = slot_index(key, SCORE_SLOT_MASK.load());
     for i in [first, first ^ 1] {
-        let Some(s) = SLOTS.get_ptr_mut(i) else {
+        let base = i.wrapping_mul(cells);
+        let Some(k) = SLOTS.get_ptr(base) else {
             continue;
         };
         // SAFETY: a valid element of the array map, alive for the map's
         // life. The key is one aligned 8-byte load (the agent writes it as
         // one), so a key being rewritten can never match by halves.
-        if unsafe { core::ptr::read_volatile(&raw const (*s).key) } != word {
+        if unsafe { core::ptr::read_volatile(&raw const (*k).a) } != word {
             continue;
         }
-        // SAFETY: the same element; the slot is shared by every CPU, so
-        // the adds are atomic (the result is unused: a plain BPF atomic
-        // add). The agent frees a slot only after clearing its key and
+        // SAFETY: a helper without arguments or preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        let Some(c) = SLOTS.get_ptr_mut(base.wrapping_add(2).wrapping_add(cpu)) else {
+            return false;
+        };
+        // SAFETY: this CPU's cell of the slot: only programs on this CPU
+        // write it, and TC runs with preemption off, so a plain add is
+        // exact. The agent frees a slot only after clearing its key and
         // waiting until no program can still be here (docs/BENCHMARKS.md).
         unsafe {
-            atomic_add(&raw mut (*s).bytes, len);
-            atomic_add(&raw mut (*s).packets, 1);
+            (*c).a += len;
+            (*c).b += 1;
         }
         return true;
     }
     false
-}
-
-/// `*p += v` as one BPF atomic add (`lock *(u64 *)p += v`). core's
-/// `AtomicU64::fetch_add` is not offered on the BPF target; the intrinsic
-/// with its result unused is the instruction itself.
-///
-/// # Safety
-/// `p` must be valid for writes and 8-byte aligned.
-#[inline(always)]
-unsafe fn atomic_add(p: *mut u64, v: u64) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            p, v,
-        );
-    }
 }
 
 /// The interface a frame passes: the vif's ifindex.

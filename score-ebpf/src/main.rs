@@ -48,9 +48,6 @@
 //! time, per CPU, that the flow map is found full.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// The BPF atomic add (see `classifiers::atomic_add`).
-#![cfg_attr(target_arch = "bpf", allow(internal_features))]
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod classifiers;
