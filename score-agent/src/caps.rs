@@ -5,9 +5,16 @@
 //! time (docs/OPERATIONS.md, Least privilege): without CAP_BPF the first map
 //! cannot be created, without CAP_NET_ADMIN the kernel refuses to load a TC
 //! classifier, and CAP_PERFMON is not needed. The systemd unit grants
-//! exactly these.
+//! exactly these. With the peer protocol the classifiers also intercept
+//! control datagrams, and the verifier allows their variable-offset packet
+//! access only with CAP_PERFMON ("pointer arithmetic with it prohibited
+//! for !root" without it). The netns backend of the test bed needs two
+//! more: `ip -n` enters the hosts' namespaces (setns, CAP_SYS_ADMIN), and
+//! its gratuitous ARP goes out on a packet socket (CAP_NET_RAW).
 
 use std::fmt;
+
+use crate::backend::BackendConfig;
 
 /// One capability, by its number in linux/capability.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +29,17 @@ pub struct Cap {
 pub const CAP_NET_ADMIN: Cap = Cap {
     bit: 12,
     name: "CAP_NET_ADMIN",
+};
+/// Raw and packet sockets.
+pub const CAP_NET_RAW: Cap = Cap {
+    bit: 13,
+    name: "CAP_NET_RAW",
+};
+/// Performance monitoring; for the verifier, what lets a program do
+/// pointer arithmetic that speculative execution could abuse.
+pub const CAP_PERFMON: Cap = Cap {
+    bit: 38,
+    name: "CAP_PERFMON",
 };
 /// Namespaces (setns), mounts.
 pub const CAP_SYS_ADMIN: Cap = Cap {
@@ -44,8 +62,8 @@ pub struct Need {
 }
 
 /// What the agent needs to run with `backend` (`None`: counting only, no
-/// peer protocol, so no backend).
-pub fn required(backend: Option<&str>) -> Vec<Need> {
+/// peer protocol, so no backend), in the order it is checked.
+pub fn required(backend: Option<&BackendConfig>) -> Vec<Need> {
     let mut v = vec![
         Need {
             cap: CAP_BPF,
@@ -56,10 +74,22 @@ pub fn required(backend: Option<&str>) -> Vec<Need> {
             what: "loading and attaching the TC classifiers on the VM interfaces",
         },
     ];
-    if backend == Some("netns") {
+    if let Some(BackendConfig::Netns(n)) = backend {
         v.push(Need {
             cap: CAP_SYS_ADMIN,
             what: "the netns backend moving a VM's link into another host's namespace (setns)",
+        });
+        if n.gratuitous_arp {
+            v.push(Need {
+                cap: CAP_NET_RAW,
+                what: "the netns backend's gratuitous ARP from a moved VM (a packet socket; or set backend.gratuitous_arp = false)",
+            });
+        }
+    }
+    if backend.is_some() {
+        v.push(Need {
+            cap: CAP_PERFMON,
+            what: "loading the classifiers that intercept the peer protocol's control datagrams (the verifier allows their packet access only with it)",
         });
     }
     v
@@ -97,8 +127,15 @@ pub fn parse_effective(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// The first of `need` not in `effective`.
+/// The first of `need` not in `effective`. CAP_SYS_ADMIN counts as
+/// CAP_PERFMON too, as it does in the kernel (`perfmon_capable()`).
 pub fn first_missing(effective: u64, need: &[Need]) -> Option<Need> {
+    let sys_admin = 1u64 << CAP_SYS_ADMIN.bit;
+    let effective = if effective & sys_admin != 0 {
+        effective | (1u64 << CAP_PERFMON.bit)
+    } else {
+        effective
+    };
     need.iter()
         .copied()
         .find(|n| effective & (1u64 << n.cap.bit) == 0)
@@ -142,14 +179,46 @@ mod tests {
         );
     }
 
+    fn backend(toml: &str) -> BackendConfig {
+        toml::from_str(toml).unwrap()
+    }
+
     #[test]
-    fn netns_backend_needs_sys_admin_too() {
-        let all = (1u64 << 12) | (1 << 39);
-        assert_eq!(first_missing(all, &required(Some("advisory"))), None);
+    fn the_peer_protocol_needs_perfmon_too() {
+        let count = (1u64 << 12) | (1 << 39);
+        let advisory = backend("kind = \"advisory\"");
+        let need = required(Some(&advisory));
         assert_eq!(
-            first_missing(all, &required(Some("netns"))).map(|n| n.cap),
+            first_missing(count, &need).map(|n| n.cap),
+            Some(CAP_PERFMON)
+        );
+        assert_eq!(first_missing(count | (1 << 38), &need), None);
+        // CAP_SYS_ADMIN stands in for CAP_PERFMON, as in the kernel.
+        assert_eq!(first_missing(count | (1 << 21), &need), None);
+        assert_eq!(first_missing(count, &required(None)), None);
+    }
+
+    #[test]
+    fn netns_backend_needs_sys_admin_and_net_raw_too() {
+        let all = (1u64 << 12) | (1 << 39);
+        let netns = backend("kind = \"netns\"\nhosts = { \"198.18.0.1\" = \"h1\" }");
+        let need = required(Some(&netns));
+        assert_eq!(
+            first_missing(all, &need).map(|n| n.cap),
             Some(CAP_SYS_ADMIN)
         );
-        assert_eq!(first_missing(u64::MAX, &required(Some("netns"))), None);
+        assert_eq!(
+            first_missing(all | (1 << 21), &need).map(|n| n.cap),
+            Some(CAP_NET_RAW)
+        );
+        assert_eq!(first_missing(all | (1 << 21) | (1 << 13), &need), None);
+        // Without the gratuitous ARP no packet socket is opened.
+        let quiet = backend(
+            "kind = \"netns\"\nhosts = { \"198.18.0.1\" = \"h1\" }\ngratuitous_arp = false",
+        );
+        assert_eq!(
+            first_missing(all | (1 << 21), &required(Some(&quiet))),
+            None
+        );
     }
 }

@@ -229,7 +229,7 @@ fn main() -> ExitCode {
     // Before anything is loaded: a missing capability is named in one
     // line, rather than surfacing as EPERM from some syscall.
     let need = match &config {
-        Some((c, cluster)) => caps::required(cluster.is_some().then_some(c.backend.kind())),
+        Some((c, cluster)) => caps::required(cluster.is_some().then_some(&c.backend)),
         None => caps::required(None),
     };
     if let Err(e) = caps::check(&need) {

@@ -7,6 +7,7 @@
 //! `cargo test`, run by `cargo xtask test` (which builds the package and
 //! passes its path in SCORE_DEB).
 
+mod dc;
 mod support;
 
 use std::{
@@ -29,6 +30,15 @@ const AGENT: &str = "127.0.0.1:9464";
 const UID: u32 = 65534;
 /// The capabilities the agent needs to count (docs/OPERATIONS.md).
 const CAPS: &[&str] = &["bpf", "net_admin"];
+/// The capabilities the agent needs with the peer protocol, whatever the
+/// backend (docs/OPERATIONS.md): CAPS, and what the verifier wants for the
+/// classifiers that intercept control datagrams.
+const CLUSTER_CAPS: &[&str] = &["bpf", "net_admin", "perfmon"];
+/// The capabilities the agent needs with the netns backend
+/// (docs/OPERATIONS.md): CAPS, and what moving a link between namespaces
+/// (`ip -n`, setns) and the gratuitous ARP (a packet socket) take;
+/// CAP_SYS_ADMIN stands in for CAP_PERFMON in the kernel.
+const NETNS_CAPS: &[&str] = &["bpf", "net_admin", "sys_admin", "net_raw"];
 
 /// A copy of the agent binary that an unprivileged user can execute (the
 /// build's target/ may be closed to others).
@@ -499,6 +509,24 @@ fn package_installs_upgrades_with_counters_kept_and_purges_cleanly() {
         "the status subcommand in man score-agent"
     );
 
+    // The unit grants exactly the capabilities the peer protocol needs.
+    let unit = std::fs::read_to_string("/lib/systemd/system/score-agent.service").unwrap();
+    let granted: Vec<String> = CLUSTER_CAPS
+        .iter()
+        .map(|c| format!("CAP_{}", c.to_uppercase()))
+        .collect();
+    for key in ["AmbientCapabilities=", "CapabilityBoundingSet="] {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"));
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            granted,
+            "{key}"
+        );
+    }
+
     // The packaged agent, run as the package's user the way the unit runs
     // it (prepare-pins, then the agent with exactly its capabilities),
     // counts; the counters survive a package upgrade.
@@ -519,7 +547,7 @@ fn package_installs_upgrades_with_counters_kept_and_purges_cleanly() {
         let agent = Unprivileged::start_as(
             &h,
             score,
-            CAPS,
+            CLUSTER_CAPS,
             Path::new("/usr/bin/score-agent"),
             &["run", "--config", config.to_str().unwrap()],
         );
@@ -554,4 +582,161 @@ fn package_installs_upgrades_with_counters_kept_and_purges_cleanly() {
     }
     assert!(!Path::new("/etc/score").exists(), "/etc/score left behind");
     drop(bpffs);
+}
+
+/// The netns backend's data centre: h1 and h2 in one rack, v1 on h1
+/// talking to v2 on h2, so that the agents bring them together.
+fn netns_pair(prefix: &str) -> dc::Dc {
+    let mut dc = dc::Dc::build(prefix, vec![vec![vec![0, 1]]], &[0, 1]);
+    dc.chat(0, 1, 200_000);
+    dc.chat(1, 0, 100_000);
+    dc
+}
+
+fn run_as(caps: &[&'static str], binary: &Path) -> dc::Options {
+    dc::Options {
+        run_as: Some(dc::RunAs {
+            uid: UID,
+            gid: UID,
+            caps: caps.to_vec(),
+            binary: binary.to_owned(),
+        }),
+        ..dc::Options::default()
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, netns and setpriv; run by cargo xtask test"]
+fn netns_backend_migrates_with_exactly_its_capabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = world_executable_agent(dir.path());
+    let mut dc = netns_pair("sct-opn-");
+    dc.start_agents(&run_as(NETNS_CAPS, &bin));
+    dc.wait_until("the pair together", Duration::from_secs(60), |dc| {
+        dc.host_of(0).is_some() && dc.host_of(0) == dc.host_of(1)
+    });
+    dc.wait_until("the migration counted", Duration::from_secs(10), |dc| {
+        (0..2)
+            .map(|i| dc.metric(i, "score_migrations_total{outcome=\"done\"}"))
+            .sum::<f64>()
+            == 1.0
+    });
+    let failed: f64 = (0..2)
+        .map(|i| dc.metric(i, "score_migrations_total{outcome=\"failed\"}"))
+        .sum();
+    assert_eq!(failed, 0.0);
+    // The moved VM reaches its peer: its vif is on the new bridge and the
+    // gratuitous ARP told the bridges where it is.
+    let (v1, v2) = (dc.vms[0].ns.clone(), dc.vms[1].ip.to_string());
+    let moved = Instant::now();
+    let reached = || {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &v1, "ping", "-c", "1", "-W", "1", "-q", &v2,
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    while !reached() {
+        assert!(
+            moved.elapsed() < Duration::from_secs(10),
+            "the moved VM does not reach its peer"
+        );
+    }
+    eprintln!("moved VM reached its peer after {:?}", moved.elapsed());
+    let logs = dc.stop_agents();
+    assert!(
+        logs.iter().any(|l| l.contains("migration done")),
+        "{logs:?}"
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains("Operation not permitted")),
+        "{logs:?}"
+    );
+    // Each agent ran as the unprivileged user: its pins are that user's.
+    for h in &dc.hosts {
+        let pins = sh(&[
+            "find",
+            "/run",
+            "-maxdepth",
+            "3",
+            "-path",
+            &format!("*/{}/SCORE_FLOWS", h.ns),
+        ]);
+        let pin = pins.lines().next().expect("the agent's pinned flow map");
+        assert_eq!(sh(&["stat", "-c", "%u", pin]).trim(), UID.to_string());
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, netns and setpriv; run by cargo xtask test"]
+fn netns_backend_without_one_of_its_capabilities_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = world_executable_agent(dir.path());
+    let mut dc = netns_pair("sct-opm-");
+    for missing in NETNS_CAPS {
+        let have: Vec<&'static str> = NETNS_CAPS
+            .iter()
+            .copied()
+            .filter(|c| c != missing)
+            .collect();
+        dc.start_agent(0, &run_as(&have, &bin));
+        let agent = dc.agents[0].take().unwrap();
+        let name = format!("missing capability CAP_{}", missing.to_uppercase());
+        agent.wait_for(&[&name], Duration::from_secs(20));
+        // Signal 0: nothing sent, only the wait for its own exit.
+        let (code, _, err) = agent.stop(0);
+        assert_eq!(code, Some(3), "exit code 3 without {missing}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, netns and setpriv; run by cargo xtask test"]
+fn advisory_cluster_runs_with_its_documented_capabilities() {
+    // The peer protocol (UDP above port 1024, the control datagrams the
+    // classifiers intercept) and the decisions need CAP_PERFMON beyond
+    // what counting needs, and nothing else: without it the agent names it.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = world_executable_agent(dir.path());
+    let mut dc = netns_pair("sct-opa-");
+    let counting_only = dc::Options {
+        backend: "advisory",
+        ..run_as(CAPS, &bin)
+    };
+    dc.start_agent(0, &counting_only);
+    let agent = dc.agents[0].take().unwrap();
+    agent.wait_for(&["missing capability CAP_PERFMON"], Duration::from_secs(20));
+    // Signal 0: nothing sent, only the wait for its own exit.
+    let (code, _, err) = agent.stop(0);
+    assert_eq!(code, Some(3), "{err}");
+
+    let o = dc::Options {
+        backend: "advisory",
+        ..run_as(CLUSTER_CAPS, &bin)
+    };
+    dc.start_agents(&o);
+    let total = |dc: &dc::Dc, name: &str| (0..2).map(|i| dc.metric(i, name)).sum::<f64>();
+    dc.wait_until("an advisory decision", Duration::from_secs(60), |dc| {
+        total(dc, "score_migrations_total{outcome=\"advisory\"}") >= 1.0
+    });
+    assert!(total(&dc, "score_token_passed_total") >= 1.0);
+    assert!(total(&dc, "score_bpf_control_intercepted_total") >= 1.0);
+    assert_eq!(total(&dc, "score_datagrams_rejected_total"), 0.0);
+    assert_eq!(
+        (dc.host_of(0), dc.host_of(1)),
+        (Some(0), Some(1)),
+        "advisory moves nothing"
+    );
+    let logs = dc.stop_agents();
+    assert!(
+        logs.iter().any(|l| l.contains("advisory: would migrate")),
+        "{logs:?}"
+    );
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("not permitted") || l.contains("Permission denied")),
+        "{logs:?}"
+    );
 }
