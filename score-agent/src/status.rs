@@ -406,22 +406,27 @@ fn age(seconds: f64) -> String {
 }
 
 /// One line for a decision: the VM, the epoch, what score-core said with
-/// its numbers, and what the backend did.
+/// its numbers, and what the backend did. The decision is score-core's
+/// `Step` as JSON: tagged `step` (`single` or `swap`), a single step being
+/// a `Decision`, tagged `decision` (`migrate` or `stay`), with its numbers
+/// beside the tags.
 fn decision_line(d: &serde_json::Value) -> String {
     let vm = d["vm"].as_str().unwrap_or("?");
     let epoch = &d["epoch"];
-    let (kind, body) = match d["decision"].as_object().and_then(|o| o.iter().next()) {
-        Some((k, v)) => match v.as_object().and_then(|o| o.iter().next()) {
-            // Single(Migrate{..}) / Single(Stay{..}): the inner variant.
-            Some((inner, fields)) if k == "Single" => (inner.clone(), fields.clone()),
-            _ => (k.clone(), v.clone()),
-        },
-        None => ("?".to_owned(), serde_json::Value::Null),
+    let step = &d["decision"];
+    let kind = match (step["step"].as_str(), step["decision"].as_str()) {
+        (Some("swap"), _) => "Swap",
+        (_, Some("migrate")) => "Migrate",
+        (_, Some("stay")) => "Stay",
+        _ => "?",
     };
-    let mut numbers: Vec<String> = body
+    let mut numbers: Vec<String> = step
         .as_object()
         .map(|o| {
             o.iter()
+                // The tags are the kind; `vm` is the VM's ID in the token,
+                // which the line names by address already.
+                .filter(|(k, _)| !matches!(k.as_str(), "step" | "decision" | "vm"))
                 .filter(|(_, v)| v.is_number() || v.is_string())
                 .map(|(k, v)| match v.as_f64() {
                     Some(x) if x.fract() != 0.0 => format!("{k}={x:.1}"),
@@ -540,6 +545,7 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use score_core::{decision::Decision, swap::Step};
 
     fn sample() -> Status {
         Status {
@@ -558,9 +564,20 @@ mod tests {
                 seen_seconds_ago: 1.5,
                 regenerated: vec![2],
             }),
+            // As the peer records it: score-core's own step, serialized.
             decisions: vec![serde_json::json!({
                 "vm": "198.18.0.1", "epoch": 2,
-                "decision": {"Single": {"Migrate": {"to": 3, "benefit": 99.5}}},
+                "decision": Step::Single(Decision::Migrate {
+                    vm: 7,
+                    from: 1,
+                    to: 3,
+                    cost_before: 60.0,
+                    cost_after: 10.25,
+                    benefit: 99.5,
+                    c_m: 0.0,
+                    level_after: 1,
+                    asked: 2,
+                }),
                 "outcome": "Done(1.2s)"
             })],
             migrations_in_flight: vec![InFlight {
@@ -594,7 +611,7 @@ mod tests {
             "token: epoch 2 round 7, last seen here 1.5 s ago",
             "198.18.0.1",
             "1234.5",
-            "Migrate benefit=99.5 to=3 -> Done(1.2s)",
+            "epoch 2 Migrate asked=2 benefit=99.5 c_m=0.0 cost_after=10.2 cost_before=60.0 from=1 level_after=1 to=3 -> Done(1.2s)",
             "198.18.0.2 -> 10.0.0.2 for 0.5 s",
             "5 of 100 entries (5.0% full)",
             "rejected datagrams: 3 (bad_mac 3)",

@@ -697,6 +697,7 @@ fn advisory_cluster_runs_with_its_documented_capabilities() {
     // The peer protocol (UDP above port 1024, the control datagrams the
     // classifiers intercept) and the decisions need CAP_PERFMON beyond
     // what counting needs, and nothing else: without it the agent names it.
+    // `score-agent status` then shows what the cluster agent knows.
     let dir = tempfile::tempdir().unwrap();
     let bin = world_executable_agent(dir.path());
     let mut dc = netns_pair("sct-opa-");
@@ -717,8 +718,10 @@ fn advisory_cluster_runs_with_its_documented_capabilities() {
     };
     dc.start_agents(&o);
     let total = |dc: &dc::Dc, name: &str| (0..2).map(|i| dc.metric(i, name)).sum::<f64>();
+    // Every VM decided for (its cost known), one move advised.
     dc.wait_until("an advisory decision", Duration::from_secs(60), |dc| {
         total(dc, "score_migrations_total{outcome=\"advisory\"}") >= 1.0
+            && (0..2).all(|i| dc.metric(i, "score_decisions_evaluated_total") >= 1.0)
     });
     assert!(total(&dc, "score_token_passed_total") >= 1.0);
     assert!(total(&dc, "score_bpf_control_intercepted_total") >= 1.0);
@@ -727,6 +730,46 @@ fn advisory_cluster_runs_with_its_documented_capabilities() {
         (dc.host_of(0), dc.host_of(1)),
         (Some(0), Some(1)),
         "advisory moves nothing"
+    );
+
+    // `score-agent status` on a cluster agent: the token, the decision with
+    // its numbers, the VM's cost and level.
+    let mut advised = 0;
+    let mut answers = Vec::new();
+    for h in &dc.hosts {
+        let (code, out, err) = status_cmd(&h.ns, &["--addr", dc::HTTP, "--json"]);
+        answers.push(out.clone());
+        assert_eq!(code, Some(0), "status --json: {err}");
+        let s: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        assert!(s["token"]["epoch"].as_u64().unwrap() >= 1, "{out}");
+        assert!(
+            s["token"]["seen_seconds_ago"].as_f64().unwrap() < 30.0,
+            "{out}"
+        );
+        let vm = &s["vms"].as_array().unwrap()[0];
+        assert!(vm["cost"].as_f64().unwrap() > 0.0, "{out}");
+        assert!(vm["level"].as_u64().is_some(), "{out}");
+        let decisions = s["decisions"].as_array().unwrap();
+        assert!(!decisions.is_empty(), "{out}");
+        if decisions.iter().any(|d| d["outcome"] == "Advisory") {
+            advised += 1;
+            assert!(s["migrations_total"]["advisory"].as_u64().unwrap() >= 1);
+            let (code, text, err) = status_cmd(&h.ns, &["--addr", dc::HTTP]);
+            assert_eq!(code, Some(0), "status: {err}");
+            for needle in [
+                "token: epoch",
+                "Migrate",
+                "benefit=",
+                "-> Advisory",
+                "hosted VMs: 1",
+            ] {
+                assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+            }
+        }
+    }
+    assert!(
+        advised >= 1,
+        "no host shows its advisory decision: {answers:#?}"
     );
     let logs = dc.stop_agents();
     assert!(
