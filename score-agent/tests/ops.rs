@@ -406,6 +406,36 @@ fn package_paths(deb: &str) -> Vec<String> {
         .collect()
 }
 
+/// Each entry of a `dpkg-deb -c` or `tar -tvzf` listing as (mode, size,
+/// path and link target), the leading "." and a directory's "/" cut.
+fn listing(text: &str) -> Vec<(String, String, String)> {
+    let mut v: Vec<(String, String, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let path = f.get(5..)?.join(" ");
+            let path = path.trim_start_matches('.').trim_end_matches('/');
+            Some((f[0].to_owned(), f[2].to_owned(), path.to_owned()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[ignore = "needs the .deb and tarball that cargo xtask test builds; run by cargo xtask test"]
+fn the_tarball_holds_what_the_package_installs() {
+    let tarball = std::env::var("SCORE_TARBALL")
+        .expect("SCORE_TARBALL: the tarball to test; `cargo xtask test` builds it and sets this");
+    let deb = listing(&sh(&["dpkg-deb", "-c", &package()]));
+    let tar = listing(&sh(&["tar", "-tvzf", &tarball]));
+    assert!(
+        deb.iter().any(|(_, _, p)| p == "/usr/bin/score-agent"),
+        "{deb:?}"
+    );
+    assert_eq!(deb, tar, "the .deb and the tarball differ");
+}
+
 fn installed() -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${Status}", "score-agent"])
