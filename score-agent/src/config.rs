@@ -97,22 +97,22 @@ pub struct Config {
 mod defaults {
     use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-    pub fn drain_interval() -> Duration {
+    pub(super) fn drain_interval() -> Duration {
         Duration::from_secs(1)
     }
-    pub fn rate_window() -> Duration {
+    pub(super) fn rate_window() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn idle_timeout() -> Duration {
+    pub(super) fn idle_timeout() -> Duration {
         Duration::from_secs(120)
     }
-    pub fn pin_path() -> PathBuf {
+    pub(super) fn pin_path() -> PathBuf {
         PathBuf::from("/sys/fs/bpf/score")
     }
-    pub fn flows_max() -> u32 {
+    pub(super) fn flows_max() -> u32 {
         score_common::DEFAULT_FLOWS_MAX
     }
-    pub fn http_listen() -> SocketAddr {
+    pub(super) fn http_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9464))
     }
 }

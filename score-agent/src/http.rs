@@ -22,7 +22,7 @@ use crate::{
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// The flow table and datapath.
     pub collector: Arc<Collector>,
     /// The agent's metrics.
@@ -33,7 +33,7 @@ pub struct AppState {
 
 impl AppState {
     /// The collector, the metrics it updates, and the status board.
-    pub fn new(collector: Arc<Collector>, board: Arc<StatusBoard>) -> Self {
+    pub(crate) fn new(collector: Arc<Collector>, board: Arc<StatusBoard>) -> Self {
         AppState {
             metrics: collector.metrics().clone(),
             collector,
@@ -44,7 +44,7 @@ impl AppState {
 
 /// The body of `GET /flows`.
 #[derive(Debug, Serialize)]
-pub struct FlowsReply {
+pub(crate) struct FlowsReply {
     /// Interfaces the classifiers are attached to.
     pub interfaces: Vec<String>,
     /// Datapath counters (map-full failures and the like).
@@ -82,12 +82,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Binds `addr`; the listener is returned so that bind errors surface
 /// before anything else starts.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
 
 /// Serves until `cancel` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     cancel: CancellationToken,

@@ -32,7 +32,7 @@ pub enum LinkEvent {
 }
 
 /// The interfaces that exist now in this network namespace.
-pub fn current_links() -> io::Result<Vec<(String, u32)>> {
+pub(crate) fn current_links() -> io::Result<Vec<(String, u32)>> {
     // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
     // which we walk and then free with if_freenameindex.
     unsafe {
@@ -88,7 +88,7 @@ impl LinkMonitor {
 
 /// Decodes every link message in one netlink read; anything else, or
 /// anything malformed, is skipped.
-pub fn parse_events(mut buf: &[u8]) -> Vec<LinkEvent> {
+pub(crate) fn parse_events(mut buf: &[u8]) -> Vec<LinkEvent> {
     let mut out = Vec::new();
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;

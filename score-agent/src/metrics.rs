@@ -29,10 +29,10 @@ use crate::{
 };
 
 /// Default number of pairs exported by `score_top_pair_*`.
-pub const DEFAULT_TOP_K: usize = 10;
+pub(crate) const DEFAULT_TOP_K: usize = 10;
 
 /// Largest `top_k` the configuration accepts: each pair is two series.
-pub const MAX_TOP_K: usize = 1000;
+pub(crate) const MAX_TOP_K: usize = 1000;
 
 /// The `[metrics]` table of the configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -120,7 +120,7 @@ impl SwapOutcome {
 /// Answers this host gave to swap proposals
 /// (`score_swap_requests_total{answer}`): `accepted`, or the refusal's
 /// name from score-core's `SwapRefusal` (a fixed set).
-pub const SWAP_ANSWERS: [&str; 6] = [
+pub(crate) const SWAP_ANSWERS: [&str; 6] = [
     "accepted",
     "disabled",
     "no_partner",

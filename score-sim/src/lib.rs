@@ -24,7 +24,7 @@ pub mod baseline;
 pub mod capacity;
 pub mod engine;
 pub mod experiment;
-pub mod plot;
+pub(crate) mod plot;
 pub mod report;
 pub mod scenario;
 pub mod traffic;

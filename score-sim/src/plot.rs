@@ -61,15 +61,16 @@ const FILL_PALETTE: [RGBColor; 9] = [
     RGBColor(86, 180, 233),
 ];
 
-type DrawResult = Result<(), String>;
+/// What a drawing function returns: the error of the backend it draws on.
+type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
 /// Draws a figure into `<stem>.png` (with `png`) and `<stem>.svg` (with
 /// `svg`): the same generic drawing function, once per backend.
 fn both(
     stem: &Path,
     size: (u32, u32),
-    png_draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult,
-    svg_draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult,
+    png_draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult<BitMapBackend<'static>>,
+    svg_draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult<SVGBackend<'static>>,
 ) -> Result<(), PlotError> {
     register_font();
     let png = stem.with_extension("png");
@@ -80,12 +81,12 @@ fn both(
     };
     {
         let root = BitMapBackend::new(&png, size).into_drawing_area();
-        png_draw(&root).map_err(|m| err(&png, m))?;
+        png_draw(&root).map_err(|e| err(&png, e.to_string()))?;
         root.present().map_err(|e| err(&png, e.to_string()))?;
     }
     {
         let root = SVGBackend::new(&svg, size).into_drawing_area();
-        svg_draw(&root).map_err(|m| err(&svg, m))?;
+        svg_draw(&root).map_err(|e| err(&svg, e.to_string()))?;
         root.present().map_err(|e| err(&svg, e.to_string()))?;
     }
     Ok(())
@@ -93,7 +94,7 @@ fn both(
 
 /// One curve of Fig. 2b: a name and the cost after every hand-off.
 #[derive(Debug, Clone, Copy)]
-pub struct Curve<'a> {
+pub(crate) struct Curve<'a> {
     /// Legend label.
     pub name: &'a str,
     /// Cost after hand-off 1, 2, ...
@@ -126,7 +127,7 @@ fn downsample(costs: &[f64], max: usize) -> Vec<(f64, f64)> {
 /// hand-offs, one curve per policy, one horizontal line per baseline.
 /// `x_per_round` is the number of VMs (hand-offs in a round of the
 /// round-based policies), used for the axis label.
-pub fn cost_vs_handoffs(
+pub(crate) fn cost_vs_handoffs(
     stem: &Path,
     title: &str,
     initial: f64,
@@ -186,7 +187,10 @@ struct CostArgs<'a> {
     x_per_round: u64,
 }
 
-fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>) -> DrawResult {
+fn draw_cost<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    a: &CostArgs<'_>,
+) -> DrawResult<DB> {
     let CostArgs {
         title,
         curves,
@@ -198,14 +202,13 @@ fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>
         x_per_round,
     } = *a;
     {
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            .build_cartesian_2d(0.0..max_x, 0.0..y_max)
-            .map_err(|e| e.to_string())?;
+            .build_cartesian_2d(0.0..max_x, 0.0..y_max)?;
         chart
             .configure_mesh()
             .x_desc(format!(
@@ -214,13 +217,11 @@ fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>
             .y_desc("total cost / initial cost (eq. 1)")
             .label_style(("sans-serif", 14))
             .x_label_formatter(&|x| format!("{:.0}k", x / 1000.0))
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
         for (i, (c, pts)) in curves.iter().zip(series.iter()).enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             chart
-                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
                 .label(c.name)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -231,16 +232,13 @@ fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>
             let y = cost / initial;
             let dashes = dashed(0.0, max_x, y, 60);
             for seg in dashes.chunks(2) {
-                chart
-                    .draw_series(LineSeries::new(seg.iter().copied(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?;
+                chart.draw_series(LineSeries::new(seg.iter().copied(), color.stroke_width(2)))?;
             }
             chart
                 .draw_series(std::iter::once(PathElement::new(
                     vec![(0.0, y), (0.0, y)],
                     color.stroke_width(2),
-                )))
-                .map_err(|e| e.to_string())?
+                )))?
                 .label(format!("{name} (centralised)"))
                 .legend(move |(x, yy)| {
                     PathElement::new(vec![(x, yy), (x + 8, yy)], color.stroke_width(2))
@@ -252,8 +250,7 @@ fn draw_cost<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, a: &CostArgs<'_>
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
             .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
         Ok(())
     }
 }
@@ -271,7 +268,7 @@ fn dashed(x0: f64, x1: f64, y: f64, dashes: usize) -> Vec<(f64, f64)> {
 
 /// One line of Fig. 2c: a reading of c_m and its (c_m %, ratio) points.
 #[derive(Debug, Clone)]
-pub struct SweepLine {
+pub(crate) struct SweepLine {
     /// Legend label.
     pub name: String,
     /// (c_m in percent, cost reduction / cost reduction at c_m = 0).
@@ -279,7 +276,7 @@ pub struct SweepLine {
 }
 
 /// Fig. 2c: ratio of cost reduction against c_m.
-pub fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
+pub(crate) fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
     let x_max = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.0))
@@ -302,7 +299,7 @@ pub fn cm_sweep(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), Plo
 
 /// Beyond the paper (EVALUATION.md): cost reduction over the best centralised baseline's against
 /// the fill of the hosts (x in percent), one line per variant.
-pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
+pub(crate) fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), PlotError> {
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let (x_min, x_max) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
     let y_min = lines
@@ -327,7 +324,7 @@ pub fn fill_lines(stem: &Path, title: &str, lines: &[SweepLine]) -> Result<(), P
 
 /// Migrations over the best baseline's moved VMs against fill (beyond the
 /// paper, docs/EVALUATION.md): `lines` give (fill in percent, ratio).
-pub fn fill_migration_lines(
+pub(crate) fn fill_migration_lines(
     stem: &Path,
     title: &str,
     lines: &[SweepLine],
@@ -369,38 +366,33 @@ fn draw_lines<DB: DrawingBackend>(
     title: &str,
     lines: &[SweepLine],
     axes: &Axes<'_>,
-) -> DrawResult {
+) -> DrawResult<DB> {
     {
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            .build_cartesian_2d(axes.x.clone(), axes.y.clone())
-            .map_err(|e| e.to_string())?;
+            .build_cartesian_2d(axes.x.clone(), axes.y.clone())?;
         chart
             .configure_mesh()
             .x_desc(axes.x_desc)
             .y_desc(axes.y_desc)
             .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
         for (i, l) in lines.iter().enumerate() {
             let color = axes.palette[i % axes.palette.len()];
             chart
                 .draw_series(LineSeries::new(
                     l.points.iter().copied(),
                     color.stroke_width(2),
-                ))
-                .map_err(|e| e.to_string())?
+                ))?
                 .label(l.name.as_str())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
-            chart
-                .draw_series(l.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| e.to_string())?;
+            chart.draw_series(l.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
         }
         chart
             .configure_series_labels()
@@ -408,8 +400,7 @@ fn draw_lines<DB: DrawingBackend>(
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
             .position(axes.legend.clone())
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
         Ok(())
     }
 }
@@ -435,7 +426,12 @@ fn ramp(t: f64) -> RGBColor {
 /// Fig. 2a/2d: a rack-to-rack traffic matrix, normalised by `vmax` (shared
 /// by the before and after maps so that they compare), square-root colour
 /// scale so that the many small entries stay visible.
-pub fn heatmap(stem: &Path, title: &str, m: &[Vec<f64>], vmax: f64) -> Result<(), PlotError> {
+pub(crate) fn heatmap(
+    stem: &Path,
+    title: &str,
+    m: &[Vec<f64>],
+    vmax: f64,
+) -> Result<(), PlotError> {
     let n = m.len().max(1);
     let vmax = if vmax > 0.0 { vmax } else { 1.0 };
     both(
@@ -452,51 +448,44 @@ fn draw_heat<DB: DrawingBackend>(
     m: &[Vec<f64>],
     n: usize,
     vmax: f64,
-) -> DrawResult {
+) -> DrawResult<DB> {
     {
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.fill(&WHITE)?;
         let (main, bar) = root.split_horizontally(660);
         let mut chart = ChartBuilder::on(&main)
             .caption(title, ("sans-serif", 20))
             .margin(10)
             .x_label_area_size(40)
             .y_label_area_size(48)
-            .build_cartesian_2d(0..n, 0..n)
-            .map_err(|e| e.to_string())?;
+            .build_cartesian_2d(0..n, 0..n)?;
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc("rack (ToR)")
             .y_desc("rack (ToR)")
             .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(m.iter().enumerate().flat_map(|(i, row)| {
-                row.iter().enumerate().map(move |(j, &v)| {
-                    Rectangle::new([(j, i), (j + 1, i + 1)], ramp((v / vmax).sqrt()).filled())
-                })
-            }))
-            .map_err(|e| e.to_string())?;
+            .draw()?;
+        chart.draw_series(m.iter().enumerate().flat_map(|(i, row)| {
+            row.iter().enumerate().map(move |(j, &v)| {
+                Rectangle::new([(j, i), (j + 1, i + 1)], ramp((v / vmax).sqrt()).filled())
+            })
+        }))?;
         // Colour bar.
         let mut cb = ChartBuilder::on(&bar)
             .margin_top(40)
             .margin_bottom(50)
             .y_label_area_size(50)
-            .build_cartesian_2d(0..1, 0.0..1.0)
-            .map_err(|e| e.to_string())?;
+            .build_cartesian_2d(0..1, 0.0..1.0)?;
         cb.configure_mesh()
             .disable_mesh()
             .disable_x_axis()
             .y_label_formatter(&|y| format!("{:.2}", y * y))
             .label_style(("sans-serif", 12))
-            .draw()
-            .map_err(|e| e.to_string())?;
+            .draw()?;
         cb.draw_series((0..100).map(|k| {
             let a = f64::from(k) / 100.0;
             Rectangle::new([(0, a), (1, a + 0.01)], ramp(a).filled())
-        }))
-        .map_err(|e| e.to_string())?;
+        }))?;
         Ok(())
     }
 }

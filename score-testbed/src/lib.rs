@@ -38,6 +38,6 @@ pub mod process;
 pub mod prometheus;
 pub mod state;
 pub mod status;
-pub mod sysctl;
+pub(crate) mod sysctl;
 pub mod testbed;
 pub mod traffic;

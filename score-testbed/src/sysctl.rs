@@ -42,7 +42,7 @@ pub struct Setting {
 /// its namespaces: every host namespace may resolve every host and every
 /// VM address; every VM its few peers and its host (16 is generous for the
 /// test bed's traffic plans).
-pub fn neighbours_needed(sizes: &Sizes) -> u64 {
+pub(crate) fn neighbours_needed(sizes: &Sizes) -> u64 {
     let (hosts, vms) = (u64::from(sizes.hosts()), u64::from(sizes.vms()));
     hosts * (hosts + vms) + vms * 16
 }
@@ -50,7 +50,7 @@ pub fn neighbours_needed(sizes: &Sizes) -> u64 {
 /// The limits for `needed` entries: nothing of the working set is ever
 /// collected (`gc_thresh1`), the soft and hard limits leave it room to
 /// double and quadruple (VMs that move are resolved anew).
-pub fn neighbour_limits(needed: u64) -> [(&'static str, u64); 3] {
+pub(crate) fn neighbour_limits(needed: u64) -> [(&'static str, u64); 3] {
     [
         ("gc_thresh1", needed),
         ("gc_thresh2", 2 * needed),
@@ -59,7 +59,7 @@ pub fn neighbour_limits(needed: u64) -> [(&'static str, u64); 3] {
 }
 
 /// Every neighbour-table limit with its value now.
-pub fn neighbour_limits_now() -> Result<Vec<(String, u64)>> {
+pub(crate) fn neighbour_limits_now() -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     for dir in NEIGH {
         for (name, _) in neighbour_limits(0) {
@@ -72,7 +72,7 @@ pub fn neighbour_limits_now() -> Result<Vec<(String, u64)>> {
 
 /// Whether every neighbour-table limit is at least what `sizes` needs;
 /// the first one short, with its value, if not.
-pub fn short_of(sizes: &Sizes) -> Result<Option<(String, u64, u64)>> {
+pub(crate) fn short_of(sizes: &Sizes) -> Result<Option<(String, u64, u64)>> {
     let want = neighbour_limits(neighbours_needed(sizes));
     for (path, now) in neighbour_limits_now()? {
         let need = want
@@ -88,7 +88,7 @@ pub fn short_of(sizes: &Sizes) -> Result<Option<(String, u64, u64)>> {
 
 /// What `up` should write for `sizes`: each limit raised to what the data
 /// centre needs, never lowered (a host already set higher keeps its value).
-pub fn wanted(sizes: &Sizes) -> Result<Vec<Setting>> {
+pub(crate) fn wanted(sizes: &Sizes) -> Result<Vec<Setting>> {
     let mut out = Vec::new();
     for dir in NEIGH {
         // The hard limit first when raising: the kernel does not order
@@ -109,7 +109,7 @@ pub fn wanted(sizes: &Sizes) -> Result<Vec<Setting>> {
 }
 
 /// Reads a numeric setting.
-pub fn read(path: &str) -> Result<u64> {
+pub(crate) fn read(path: &str) -> Result<u64> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     text.trim()
         .parse()
@@ -121,7 +121,7 @@ fn write(path: &str, value: u64) -> Result<()> {
 }
 
 /// Writes every setting; if one fails, puts back those already written.
-pub fn raise(settings: &[Setting]) -> Result<()> {
+pub(crate) fn raise(settings: &[Setting]) -> Result<()> {
     for (i, s) in settings.iter().enumerate() {
         if let Err(e) = write(&s.path, s.set) {
             restore(&settings[..i]);
@@ -134,7 +134,7 @@ pub fn raise(settings: &[Setting]) -> Result<()> {
 /// Puts back what `raise` wrote, in reverse order, where the value is
 /// still the one written (someone who changed it since keeps theirs);
 /// returns the settings left alone, with their value now.
-pub fn restore(settings: &[Setting]) -> Vec<(Setting, Option<u64>)> {
+pub(crate) fn restore(settings: &[Setting]) -> Vec<(Setting, Option<u64>)> {
     let mut left = Vec::new();
     for s in settings.iter().rev() {
         match read(&s.path) {
@@ -153,7 +153,7 @@ pub fn restore(settings: &[Setting]) -> Vec<(Setting, Option<u64>)> {
 /// The host's neighbour-table overflows so far (`table_fulls` of
 /// /proc/net/stat/arp_cache, summed over CPUs): a data centre that
 /// outgrew the limits shows it here.
-pub fn arp_table_fulls() -> Result<u64> {
+pub(crate) fn arp_table_fulls() -> Result<u64> {
     let path = "/proc/net/stat/arp_cache";
     let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let mut lines = text.lines();

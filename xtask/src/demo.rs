@@ -32,7 +32,7 @@ use crate::optimum;
 
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     #[command(flatten)]
     sizes: Sizes,
     #[command(flatten)]
@@ -74,7 +74,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Routes SIGINT and SIGTERM to [`INTERRUPTED`] instead of killing xtask,
 /// so that the teardown runs.
-pub fn catch_signals() {
+pub(crate) fn catch_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -82,7 +82,7 @@ pub fn catch_signals() {
 }
 
 /// Whether Ctrl-C (or SIGTERM) arrived.
-pub fn interrupted() -> bool {
+pub(crate) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
@@ -99,12 +99,12 @@ fn sleep(d: Duration) -> bool {
 }
 
 /// The traffic generator: this program's hidden `traffic` subcommand.
-pub fn generator() -> Result<PathBuf> {
+pub(crate) fn generator() -> Result<PathBuf> {
     std::env::current_exe().context("finding the xtask binary")
 }
 
 /// Builds score-agent with cargo and returns the binary's path.
-pub fn build_agent(release: bool) -> Result<PathBuf> {
+pub(crate) fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = crate::cargo();
     // Quiet: aya-build relays the eBPF crate's whole build as warnings;
     // errors still show.
@@ -201,7 +201,7 @@ impl Round {
 }
 
 /// Runs the demo.
-pub fn demo(args: &DemoArgs) -> Result<()> {
+pub(crate) fn demo(args: &DemoArgs) -> Result<()> {
     testbed::require_root("the demo")?;
     catch_signals();
     let t0 = Instant::now();

@@ -23,15 +23,15 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo, run};
 
 /// The package's name, as dpkg and the tarball know it.
-pub const PACKAGE: &str = "score-agent";
+pub(crate) const PACKAGE: &str = "score-agent";
 /// Where `cargo xtask test` tells the privileged tests the .deb is.
-pub const PACKAGE_ENV: &str = "SCORE_DEB";
+pub(crate) const PACKAGE_ENV: &str = "SCORE_DEB";
 /// Where `cargo xtask test` tells the privileged tests the tarball is.
-pub const TARBALL_ENV: &str = "SCORE_TARBALL";
+pub(crate) const TARBALL_ENV: &str = "SCORE_TARBALL";
 
 /// `cargo xtask dist`'s arguments.
 #[derive(Debug, clap::Args)]
-pub struct DistArgs {
+pub(crate) struct DistArgs {
     /// Where the .deb and the tarball go.
     #[arg(long, default_value = "target/dist")]
     pub out: PathBuf,
@@ -43,7 +43,7 @@ pub struct DistArgs {
 
 /// What `dist` made.
 #[derive(Debug)]
-pub struct Artifacts {
+pub(crate) struct Artifacts {
     /// The Debian package.
     pub deb: PathBuf,
     /// The tarball with the same files.
@@ -51,7 +51,7 @@ pub struct Artifacts {
 }
 
 /// Builds the agent and packs it.
-pub fn dist(args: &DistArgs) -> Result<Artifacts> {
+pub(crate) fn dist(args: &DistArgs) -> Result<Artifacts> {
     let mut build = cargo();
     build.args(["build", "--locked", "-p", PACKAGE]);
     if !args.dev {

@@ -9,7 +9,7 @@ use score_testbed::{
 };
 
 /// Measures the cost now (see [`CostReport`]).
-pub fn cost_report(state: &State) -> Result<CostReport> {
+pub(crate) fn cost_report(state: &State) -> Result<CostReport> {
     let topo = state.topology()?;
     let s = snapshot(state, None)?;
     let c = cost(&topo, &s.traffic, &s.placement);
@@ -34,7 +34,7 @@ pub fn cost_report(state: &State) -> Result<CostReport> {
 }
 
 /// Prints a [`CostReport`] for people.
-pub fn print_cost(state: &State) -> Result<()> {
+pub(crate) fn print_cost(state: &State) -> Result<()> {
     let r = cost_report(state)?;
     if !r.silent.is_empty() {
         println!("agents not answering: {}", r.silent.join(" "));

@@ -4,17 +4,17 @@
 //! test bed's one slot count for every host, and how a result reads.
 
 use score_core::cost::{CostModel, Placement, Traffic};
-pub use score_core::optimum::{Optimum, OptimumError};
+pub(crate) use score_core::optimum::{Optimum, OptimumError};
 use score_core::topology::Topology;
 
 /// Search nodes the demo and `testbed status --cost` allow: the default
 /// data centre (16 VMs) needs about 1,200; 32 VMs on 16 hosts need about
 /// 13 million to prove (5 s in a release build, 2 min in a debug one), so
 /// larger trees get the best found and a lower bound instead.
-pub const NODE_LIMIT: u64 = 300_000;
+pub(crate) const NODE_LIMIT: u64 = 300_000;
 
 /// How a result reads: "optimal" or "best found, optimum >= bound".
-pub fn describe(o: &Optimum) -> String {
+pub(crate) fn describe(o: &Optimum) -> String {
     if o.proven {
         format!("optimal, {} search nodes", o.nodes)
     } else {
@@ -29,7 +29,7 @@ pub fn describe(o: &Optimum) -> String {
 /// The minimum-cost placement of `traffic` on `topo` with at most `slots`
 /// VMs per host, starting from `start`; stops after `node_limit` search
 /// nodes with the best placement found.
-pub fn optimum(
+pub(crate) fn optimum(
     topo: &Topology,
     traffic: &Traffic,
     slots: u32,

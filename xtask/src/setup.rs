@@ -12,12 +12,12 @@ use crate::run;
 
 /// The nightly that builds the eBPF side, pinned by date: bpf-linker 0.10.4
 /// loads this rustc's LLVM 22; a moved `nightly` would bring LLVM 23.
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+pub(crate) const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 /// The last bpf-linker that needs no system LLVM: it loads the pinned
 /// nightly's own.
-pub const BPF_LINKER_VERSION: &str = "0.10.4";
+pub(crate) const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the tests and the test bed use.
-pub const APT_PACKAGES: &[&str] = &[
+pub(crate) const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iputils-ping",
@@ -44,7 +44,7 @@ fn stdout_of(cmd: &mut Command) -> String {
 }
 
 /// Runs every setup step.
-pub fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     toolchain()?;
     bpf_linker()?;
     apt()?;

@@ -3,7 +3,7 @@
 //! stopping an agent, naming the machine a result came from.
 #![allow(unused_imports)]
 
-pub use score_testbed::{
+pub(crate) use score_testbed::{
     netns::in_netns,
     process::{machine, quiet, sh, terminate as stop_agent},
 };

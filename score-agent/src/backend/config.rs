@@ -130,42 +130,42 @@ pub struct QemuConfig {
 mod defaults {
     use std::{path::PathBuf, time::Duration};
 
-    pub fn vm_netns_prefix() -> String {
+    pub(super) fn vm_netns_prefix() -> String {
         "dcvm-".into()
     }
-    pub fn vm_iface() -> String {
+    pub(super) fn vm_iface() -> String {
         "eth0".into()
     }
-    pub fn bridge() -> String {
+    pub(super) fn bridge() -> String {
         "br0".into()
     }
     // Relinking a veth takes 10-35 ms (TESTBED.md); 10 s means the
     // machine is wedged, not busy.
-    pub fn netns_timeout() -> Duration {
+    pub(super) fn netns_timeout() -> Duration {
         Duration::from_secs(10)
     }
     // Starting QEMU takes well under a second; an incoming helper that
     // reaches its host over ssh adds a connection set-up.
-    pub fn qemu_helper_timeout() -> Duration {
+    pub(super) fn qemu_helper_timeout() -> Duration {
         Duration::from_secs(30)
     }
-    pub fn xl_path() -> PathBuf {
+    pub(super) fn xl_path() -> PathBuf {
         PathBuf::from("xl")
     }
-    pub fn virsh_path() -> PathBuf {
+    pub(super) fn virsh_path() -> PathBuf {
         PathBuf::from("virsh")
     }
-    pub fn libvirt_uri() -> String {
+    pub(super) fn libvirt_uri() -> String {
         "qemu:///system".into()
     }
-    pub fn yes() -> bool {
+    pub(super) fn yes() -> bool {
         true
     }
     // For every backend that moves real guests (xl, qemu, libvirt): the
     // paper measured mean migration times of 2.9-9.3 s depending on
     // background traffic (§IV-F, Fig. 4b); a guest with a high dirty rate
     // can take minutes.
-    pub fn migration_timeout() -> Duration {
+    pub(super) fn migration_timeout() -> Duration {
         Duration::from_secs(300)
     }
 }

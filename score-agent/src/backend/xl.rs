@@ -35,13 +35,13 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Markers in `xl migrate`'s stderr (tools/xl/xl_migrate.c).
 mod says {
     /// The point of no return: the target may start the domain.
-    pub const GO: &str = "Giving target permission to start";
+    pub(super) const GO: &str = "Giving target permission to start";
     /// The target runs the domain.
-    pub const TARGET_STARTED: &str = "Target reports successful startup";
+    pub(super) const TARGET_STARTED: &str = "Target reports successful startup";
     /// The target failed, and the sender resumed the domain.
-    pub const RESUMED: &str = "Resumed OK";
+    pub(super) const RESUMED: &str = "Resumed OK";
     /// The final handshake broke: two copies may exist, or none.
-    pub const UNDEFINED: &str = "Domain state is now undefined";
+    pub(super) const UNDEFINED: &str = "Domain state is now undefined";
 }
 
 /// Drives Xen's `xl`.

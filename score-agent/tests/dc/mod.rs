@@ -2,5 +2,5 @@
 //! tests: the lab's (score-testbed's `dc`), with its metric reader.
 #![allow(unused_imports)]
 
-pub use score_testbed::dc::{Dc, HTTP, Host, Options, PORT, RunAs, Tree, Vm};
-pub use score_testbed::metrics::value as metric_value;
+pub(crate) use score_testbed::dc::{Dc, HTTP, Host, Options, PORT, RunAs, Tree, Vm};
+pub(crate) use score_testbed::metrics::value as metric_value;

@@ -3,12 +3,12 @@
 //! these tests need (a runtime for the async backends, a spread of
 //! timings).
 
-pub use score_testbed::guests::{
+pub(crate) use score_testbed::guests::{
     GUEST_DIR, Status, skip, skip_reason, status_of, wait_status_of, wait_until,
 };
 
 /// A runtime for calling the async backends from a plain test.
-pub fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -16,7 +16,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 /// Median, minimum and maximum.
-pub fn spread(v: &[f64]) -> (f64, f64, f64) {
+pub(crate) fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();

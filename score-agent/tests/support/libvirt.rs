@@ -2,4 +2,4 @@
 //! tests: the lab's (score-testbed's `libvirt`).
 #![allow(unused_imports)]
 
-pub use score_testbed::libvirt::{LibvirtHost, guest_xml, skip_reason};
+pub(crate) use score_testbed::libvirt::{LibvirtHost, guest_xml, skip_reason};

@@ -5,9 +5,9 @@
 //! fails. Only what adapts the lab to a test lives here.
 #![allow(dead_code, unused_imports)]
 
-pub mod guest;
+pub(crate) mod guest;
 
-pub use score_testbed::{
+pub(crate) use score_testbed::{
     agents::Agent,
     http::url_encode,
     lab::{
@@ -20,13 +20,13 @@ pub use score_testbed::{
 };
 
 /// Runs `f` on a thread that has entered network namespace `ns`.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     score_testbed::netns::in_netns(ns, move || Ok(f())).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `GET path` on `addr` (`host:port`) from inside `ns`; the body of a 200
 /// answer.
-pub fn http_get(ns: &str, addr: &str, path: &str) -> Option<String> {
+pub(crate) fn http_get(ns: &str, addr: &str, path: &str) -> Option<String> {
     let addr = addr.parse().expect("a host:port address");
     score_testbed::http::get(ns, addr, path).unwrap_or_else(|e| panic!("{e:#}"))
 }

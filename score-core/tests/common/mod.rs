@@ -15,7 +15,7 @@ use score_core::topology::{HostId, LinkWeights, Topology};
 
 /// A random data centre whose hosts hold at most `cap[h]` VMs.
 #[derive(Debug, Clone)]
-pub struct World {
+pub(crate) struct World {
     pub topo: Topology,
     pub traffic: Traffic,
     pub placement: Placement,
@@ -23,13 +23,13 @@ pub struct World {
 }
 
 impl World {
-    pub fn model(&self) -> CostModel<'_> {
+    pub(crate) fn model(&self) -> CostModel<'_> {
         CostModel::new(&self.topo, &self.traffic)
     }
 
     /// What host `h` answers a capacity request with in placement `p`
     /// (memory never binds here: only slots do).
-    pub fn capacity(&self, p: &Placement, h: HostId) -> Option<Capacity> {
+    pub(crate) fn capacity(&self, p: &Placement, h: HostId) -> Option<Capacity> {
         Some(Capacity {
             free_slots: self.cap[h as usize].saturating_sub(p.count(h)),
             free_mem_mb: 1 << 30,
@@ -37,14 +37,14 @@ impl World {
     }
 
     /// The VMs on host `x` in placement `p`.
-    pub fn on(&self, p: &Placement, x: HostId) -> Vec<VmIdx> {
+    pub(crate) fn on(&self, p: &Placement, x: HostId) -> Vec<VmIdx> {
         (0..p.vm_count()).filter(|&v| p.host(v) == x).collect()
     }
 }
 
 /// How large the drawn data centres are (upper bounds, exclusive).
 #[derive(Debug, Clone, Copy)]
-pub struct Shape {
+pub(crate) struct Shape {
     /// VMs: from 2 up to this.
     pub vms: u32,
     /// Free slots a host with room has at most (also exclusive, from 1).
@@ -56,11 +56,11 @@ pub struct Shape {
     pub extra: u32,
 }
 
-pub fn rate() -> impl Strategy<Value = f64> {
+pub(crate) fn rate() -> impl Strategy<Value = f64> {
     prop_oneof![(1u32..6).prop_map(f64::from), 0.01f64..1000.0]
 }
 
-pub fn world(shape: Shape) -> impl Strategy<Value = World> {
+pub(crate) fn world(shape: Shape) -> impl Strategy<Value = World> {
     (
         prop::collection::vec(1u32..4, 1..=3),
         2u32..shape.vms,
@@ -102,7 +102,7 @@ pub fn world(shape: Shape) -> impl Strategy<Value = World> {
         })
 }
 
-pub fn cm() -> impl Strategy<Value = MigrationCost> {
+pub(crate) fn cm() -> impl Strategy<Value = MigrationCost> {
     prop_oneof![
         Just(MigrationCost::Absolute(0.0)),
         (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
@@ -110,11 +110,11 @@ pub fn cm() -> impl Strategy<Value = MigrationCost> {
     ]
 }
 
-pub fn set() -> impl Strategy<Value = CandidateSet> {
+pub(crate) fn set() -> impl Strategy<Value = CandidateSet> {
     prop::sample::select(CandidateSet::ALL.to_vec())
 }
 
 /// Equal up to rounding, relative to `scale`.
-pub fn close(a: f64, b: f64, scale: f64) -> bool {
+pub(crate) fn close(a: f64, b: f64, scale: f64) -> bool {
     (a - b).abs() <= 1e-9 * scale.abs().max(1.0)
 }

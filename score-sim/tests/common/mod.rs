@@ -12,7 +12,7 @@ use score_sim::traffic::Workload;
 use score_sim::world::{HostShape, Setup};
 
 /// A regular tree with the first `fanout.len()` paper weights.
-pub fn tree(fanout: &[u32]) -> Topology {
+pub(crate) fn tree(fanout: &[u32]) -> Topology {
     Topology::regular(
         fanout,
         LinkWeights::paper_truncated(fanout.len()),
@@ -22,7 +22,7 @@ pub fn tree(fanout: &[u32]) -> Topology {
 }
 
 /// Hosts of `slots` slots for 1 GB VMs.
-pub fn shape(slots: u32) -> HostShape {
+pub(crate) fn shape(slots: u32) -> HostShape {
     HostShape {
         slots,
         mem_mb: u64::from(slots) * 1024,
@@ -32,7 +32,7 @@ pub fn shape(slots: u32) -> HostShape {
 
 /// Random traffic among `vms` VMs: each pair talks with probability `p`,
 /// at a rate drawn uniformly from 1..100.
-pub fn random_workload(vms: u32, p: f64, seed: u64) -> Workload {
+pub(crate) fn random_workload(vms: u32, p: f64, seed: u64) -> Workload {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut flows = Vec::new();
     for a in 0..vms {
@@ -46,7 +46,7 @@ pub fn random_workload(vms: u32, p: f64, seed: u64) -> Workload {
 }
 
 /// A tiny world with a random initial placement.
-pub fn tiny(fanout: &[u32], slots: u32, vms: u32, p: f64, seed: u64) -> Setup {
+pub(crate) fn tiny(fanout: &[u32], slots: u32, vms: u32, p: f64, seed: u64) -> Setup {
     Setup::from_parts(
         tree(fanout),
         random_workload(vms, p, seed),
@@ -58,7 +58,7 @@ pub fn tiny(fanout: &[u32], slots: u32, vms: u32, p: f64, seed: u64) -> Setup {
 
 /// A scaled-down paper scenario: 4 hosts per rack, 4 racks per pod, 2 pods
 /// per core group, 2 core groups (64 hosts, all four weights), 8 slots.
-pub fn small_scenario(vms: u32, seed: u64) -> Scenario {
+pub(crate) fn small_scenario(vms: u32, seed: u64) -> Scenario {
     let mut s = Scenario {
         name: "small".into(),
         seed,
