@@ -209,19 +209,7 @@ impl NetnsBackend {
             return Err(self.recover(vm, to, target, cause).await);
         }
         // Entering a namespace takes the link down and off any bridge.
-        if let Err(cause) = ip(&[
-            "-n",
-            target,
-            "link",
-            "set",
-            "dev",
-            vif,
-            "master",
-            &self.bridge,
-            "up",
-        ])
-        .await
-        {
+        if let Err(cause) = self.attach(target, vif).await {
             return Err(self.recover(vm, to, target, cause).await);
         }
         if self.gratuitous_arp {
@@ -281,7 +269,7 @@ impl NetnsBackend {
             },
             Err(e) => return undefined(format!("{cause}; looking for {vif}: {e}")),
         };
-        if let Err(e) = self.attach_home(vif).await {
+        if let Err(e) = self.attach(&self.home, vif).await {
             return undefined(format!("{cause}; re-attaching {vif} at home failed: {e}"));
         }
         let how = if rolled_back {
@@ -301,7 +289,7 @@ impl NetnsBackend {
         let vif = vm.vif.as_str();
         match link(&self.home, vif).await {
             Ok(Some(_)) => {
-                return match self.attach_home(vif).await {
+                return match self.attach(&self.home, vif).await {
                     Ok(()) => Placement::Source,
                     Err(_) => Placement::Unknown,
                 };
@@ -315,10 +303,11 @@ impl NetnsBackend {
         }
     }
 
-    async fn attach_home(&self, vif: &str) -> Result<(), NetnsError> {
+    /// Puts `vif`, in namespace `ns`, on that namespace's bridge, up.
+    async fn attach(&self, ns: &str, vif: &str) -> Result<(), NetnsError> {
         ip(&[
             "-n",
-            &self.home,
+            ns,
             "link",
             "set",
             "dev",
