@@ -1165,7 +1165,7 @@ fn compare(plan: &Plan, max_pairs: usize) -> Result<()> {
     }
     // The bench's own handle on the daemon's pinned maps: its drains time
     // the same map iteration and flow-table update the daemon runs.
-    let dp = Datapath::load(&LoadOptions {
+    let mut dp = Datapath::load(&LoadOptions {
         flows_max,
         pin_dir: Some(pins.clone()),
         control_port: None,
@@ -1219,6 +1219,8 @@ fn compare(plan: &Plan, max_pairs: usize) -> Result<()> {
         let (mut oc, mut nc) = (vec![], vec![]);
         let (mut snap, mut ovs_t, mut nft_t) = (Vec::new(), HashMap::new(), HashMap::new());
         // Interleaved, so drift on this shared machine hits all three.
+        // The daemon gives pairs slots: see them (untimed).
+        dp.adopt_slots();
         for _ in 0..plan.polls {
             let (w, c, s) = time_drains(&dp, &mut table, &mut clock, 1)?;
             sw.extend(w);
@@ -1559,9 +1561,9 @@ fn scale(plan: &Plan) -> Result<()> {
         plan.polls
     );
     println!(
-        "| pairs | drain ms (wall) | drain ms (CPU) | ns per pair | daemon's mean drain ms | daemon RSS MiB | kernel map MiB | load avg |"
+        "| pairs | before: flow map only, drain ms CPU | after: slots, drain ms (wall) | drain ms (CPU) | ns per pair | pairs in slots | daemon's mean drain ms | daemon RSS MiB | kernel maps MiB | load avg |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for n in [1_000usize, 10_000, 100_000, 1_000_000] {
         if pins.exists() {
             for e in std::fs::read_dir(&pins)? {
@@ -1585,6 +1587,21 @@ fn scale(plan: &Plan) -> Result<()> {
             },
         )?;
         ensure!(inserted == n, "inserted {inserted} of {n}");
+        // Before: every pair in the flow map, as before the slot array
+        // (batched hash-map reads), with a table in steady state.
+        let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
+        let mut clock = monotonic_ns();
+        let warm = dp.snapshot()?;
+        for _ in 0..STEADY_DRAINS {
+            clock += SEC;
+            table.update(clock, warm.iter().copied());
+        }
+        drop(warm);
+        let (_, before_cpu, last) = time_drains(&dp, &mut table, &mut clock, plan.polls)?;
+        ensure!(last.len() == n, "snapshot saw {} of {n}", last.len());
+        let before_cpu = summarize(&before_cpu);
+
+        // The daemon adopts the pinned maps and gives the pairs slots.
         let config = agent_config(&work, "scbnone*", &pins, flows_max)?;
         let agent = Agent::start(NS_SCALE, &config)?;
         // Steady state: the flow table keeps one sample per drain over its
@@ -1597,22 +1614,16 @@ fn scale(plan: &Plan) -> Result<()> {
         let map_kib = map_kib(agent.pid());
         agent.stop()?;
 
-        // The bench's own table brought to the same steady state from one
-        // snapshot (no map reads), so each timed update also drops a sample.
-        let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
-        let mut clock = monotonic_ns();
-        let warm = dp.snapshot()?;
-        for _ in 0..STEADY_DRAINS {
-            clock += SEC;
-            table.update(clock, warm.iter().copied());
-        }
-        drop(warm);
+        // After: the same reads with the pairs in the slots the daemon
+        // gave (read through the mapping).
+        dp.adopt_slots();
         let (w, c, last) = time_drains(&dp, &mut table, &mut clock, plan.polls)?;
         ensure!(last.len() == n, "snapshot saw {} of {n}", last.len());
         let (w, c) = (summarize(&w), summarize(&c));
         println!(
-            "| {n} | {w:.2} | {c:.2} | {:.0} | {daemon_ms:.2} | {:.1} | {:.1} | {} |",
+            "| {n} | {before_cpu:.2} | {w:.2} | {c:.2} | {:.0} | {} | {daemon_ms:.2} | {:.1} | {:.1} | {} |",
             c.median * 1e6 / n as f64,
+            dp.slotted_pairs(),
             rss as f64 / 1024.0,
             map_kib as f64 / 1024.0,
             loadavg()
@@ -1622,8 +1633,8 @@ fn scale(plan: &Plan) -> Result<()> {
     tokens(plan)
 }
 
-/// Kernel memory of the flow map held by `pid` (fdinfo memlock of the
-/// largest map), KiB.
+/// Kernel memory of the maps held by `pid` (fdinfo memlock, summed: the
+/// flow map and the slot array dominate), KiB.
 fn map_kib(pid: u32) -> u64 {
     let mut best = 0;
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
@@ -1634,7 +1645,7 @@ fn map_kib(pid: u32) -> u64 {
                     .find_map(|l| l.strip_prefix("memlock:"))
                     .and_then(|v| v.trim().parse::<u64>().ok())
             {
-                best = best.max(m);
+                best += m;
             }
         }
     }

@@ -754,6 +754,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// Rebuilds the list of slots that hold a pair from the array itself
+    /// (one pass over every slot): for a second handle on pinned maps
+    /// whose slots another process (the daemon) gives, such as a bench's.
+    pub fn adopt_slots(&mut self) {
+        let mem = &self.slots.mem;
+        self.slots.owned = (0..mem.slots)
+            .filter(|&i| mem.key(i) != 0)
+            .map(|idx| Owned {
+                idx,
+                bytes: 0,
+                packets: 0,
+            })
+            .collect();
+    }
+
     /// Slots that hold a pair now (the rest of the pairs are counted in
     /// `SCORE_FLOWS`).
     pub fn slotted_pairs(&self) -> usize {

@@ -32,8 +32,19 @@
 //! guest's own: it passes, and is counted. The port comes from the
 //! `SCORE_CONTROL_PORT` global, set at load time; 0 turns interception off.
 //!
-//! The per-frame path of an existing pair is kept to parsing, one per-CPU
-//! hash update and, at ingress, an array read (the vif's last learnt sender
+//! Where a pair is counted: once the agent has given it a slot in the
+//! `SCORE_SLOTS` array (at the drain after its first frame), its frames
+//! are added to this CPU's cell of that slot, found by a hash of the key
+//! computed in the program (two candidate slots, each an inlined array
+//! access); until then, and where both candidate slots are taken, in its
+//! `SCORE_FLOWS` entry. A hash-map lookup walks a bucket, an element and
+//! a per-CPU pointer, dependent cache misses on every frame when traffic
+//! moves between many pairs; the slot is one or two lines. The agent reads
+//! the slots through a shared mapping. score-agent's `datapath` module
+//! says why counts stay exact when pairs move into slots and out.
+//!
+//! The per-frame path of an existing pair is kept to parsing, one slot
+//! (or per-CPU hash) update and, at ingress, an array read (the vif's last learnt sender
 //! in `SCORE_VIF_SEEN`, which spares the `SCORE_VM_MACS` lookup), or at
 //! egress the hosted-sender lookup. No clock is read per frame (on a
 //! virtual machine it cost more than the rest): only a new pair's entry is
