@@ -705,7 +705,13 @@ impl Datapath {
         let mut keep = Vec::with_capacity(fresh.len());
         for (pair, t) in fresh.iter() {
             let key = key_of(pair);
-            let slot = self.slots.free_for(&key);
+            // Two syscalls per pair moved: bound what one drain spends; the
+            // rest move at the next drains.
+            let slot = if moved.len() < MOVES_PER_DRAIN {
+                self.slots.free_for(&key)
+            } else {
+                None
+            };
             keep.push(slot.is_none());
             if let Some(idx) = slot {
                 let mem = &self.slots.mem;
@@ -1137,6 +1143,12 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
         started = true;
     }
 }
+
+/// Pairs one drain moves into slots at most: each costs a read and a
+/// delete of its hash-map entry (two syscalls), so a drain that finds a
+/// million new pairs (an agent adopting a full pinned map) spends a
+/// bounded time, about 16,384 x 2 syscalls, and the rest follow.
+const MOVES_PER_DRAIN: usize = 16_384;
 
 /// Slots of `SCORE_SLOTS` for a flow map of `flows_max` pairs: the next
 /// power of two (the classifiers mask the hash), at least 2 (a pair has
