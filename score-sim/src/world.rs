@@ -135,18 +135,10 @@ impl Setup {
     ) -> Result<Setup, WorldError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         let hosts = random_placement(topo.host_count(), shape.max_vms(), workload.vms, &mut rng)?;
-        let placement = Placement::new(topo.host_count(), hosts)?;
-        let traffic = core_traffic(workload.vms, &workload.flows)?;
-        Ok(Setup {
-            topo,
-            workload,
-            traffic,
-            placement,
-            shape,
-        })
+        Self::with_placement(topo, workload, shape, hosts)
     }
 
-    /// A setup with an explicit placement (tests).
+    /// A setup with an explicit placement.
     pub fn with_placement(
         topo: Topology,
         workload: Workload,
