@@ -71,8 +71,26 @@ pub struct PeerConfig {
     #[serde(default = "defaults::port")]
     pub port: u16,
     /// File holding the cluster key (at least 16 bytes); must not be
-    /// readable or writable by group or others.
+    /// readable or writable by group or others. Datagrams are sealed with it.
     pub key_file: PathBuf,
+    /// Files of earlier cluster keys, still accepted (never used to send)
+    /// for `previous_keys_for` after the agent starts: a cluster rotates
+    /// its key by restarting each agent with the new `key_file` and the
+    /// old key here, without a stop.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+    /// How long after the start the previous keys are accepted.
+    #[serde(default = "defaults::previous_keys_for", with = "humantime_serde")]
+    pub previous_keys_for: Duration,
+    /// Oldest datagram accepted (by the send time it carries), and the
+    /// largest clock lead of a sender tolerated: must cover the clock skew
+    /// between hosts and the network delay.
+    #[serde(default = "defaults::max_datagram_age", with = "humantime_serde")]
+    pub max_datagram_age: Duration,
+    /// Directory for the state that must survive a restart: this host's
+    /// incarnation counter (one file per host address).
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
     /// How long to wait for a hop acknowledgement before resending.
     #[serde(default = "defaults::hop_timeout", with = "humantime_serde")]
     pub hop_timeout: Duration,
@@ -252,6 +270,15 @@ mod defaults {
     pub fn swap_timeout() -> Duration {
         Duration::from_secs(600)
     }
+    pub fn previous_keys_for() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn max_datagram_age() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn state_dir() -> std::path::PathBuf {
+        "/var/lib/score-agent".into()
+    }
 }
 
 /// Everything the peer protocol needs, checked and loaded.
@@ -263,8 +290,10 @@ pub struct ClusterSettings {
     pub me: HostId,
     /// The data-centre tree.
     pub topology: Arc<Topology>,
-    /// The cluster key.
+    /// The cluster key, to seal and verify.
     pub key: ClusterKey,
+    /// Earlier keys, verified only, for `peer.previous_keys_for`.
+    pub previous_keys: Vec<ClusterKey>,
     /// The peer protocol settings.
     pub peer: PeerConfig,
     /// The policy settings.
@@ -279,12 +308,17 @@ pub struct ClusterSettings {
 
 /// Reads the key file, refusing one that group or others may read.
 pub fn read_key(path: &Path) -> Result<ClusterKey, ConfigError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))?;
+    read_key_for("peer.key_file", path)
+}
+
+/// [`read_key`], naming `field` in its errors.
+fn read_key_for(field: &str, path: &Path) -> Result<ClusterKey, ConfigError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(invalid(
-            "peer.key_file",
+            field,
             format!(
                 "{} is accessible by group or others (mode {:o}); chmod 600 it",
                 path.display(),
@@ -292,10 +326,9 @@ pub fn read_key(path: &Path) -> Result<ClusterKey, ConfigError> {
             ),
         ));
     }
-    let bytes = std::fs::read(path)
-        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))?;
-    ClusterKey::new(&bytes)
-        .map_err(|e| invalid("peer.key_file", format!("{}: {e}", path.display())))
+    let bytes =
+        std::fs::read(path).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    ClusterKey::new(&bytes).map_err(|e| invalid(field, format!("{}: {e}", path.display())))
 }
 
 /// Reads and parses a topology file.
@@ -366,6 +399,7 @@ impl ClusterSettings {
             ("peer.request_timeout", peer.request_timeout),
             ("peer.token_timeout", peer.token_timeout),
             ("peer.report_interval", peer.report_interval),
+            ("peer.max_datagram_age", peer.max_datagram_age),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
@@ -414,6 +448,11 @@ impl ClusterSettings {
             ));
         }
         let key = read_key(&peer.key_file)?;
+        let previous_keys = peer
+            .previous_key_files
+            .iter()
+            .map(|p| read_key_for("peer.previous_key_files", p))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut hosts: Vec<Ipv4Addr> = (0..topo.host_count()).map(|h| topo.host_addr(h)).collect();
         hosts.sort();
         let watchers = hosts.into_iter().take(peer.watchers as usize).collect();
@@ -422,6 +461,7 @@ impl ClusterSettings {
             me,
             topology: Arc::new(topo),
             key,
+            previous_keys,
             peer: peer.clone(),
             policy: policy.clone(),
             migration_cost,

@@ -149,13 +149,19 @@ pub enum RejectReason {
     StaleEpoch,
     /// A sequence number already seen (or too old to tell).
     Replayed,
+    /// Sealed for another address than the one it arrived on.
+    WrongDestination,
+    /// Sealed too long ago, or before this agent started.
+    NotFresh,
+    /// From an incarnation of the sender older than one already heard.
+    OldIncarnation,
     /// Anything else (a malformed body, for example).
     Other,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 12] = [
         Self::Truncated,
         Self::BadMagic,
         Self::BadVersion,
@@ -164,6 +170,9 @@ impl RejectReason {
         Self::BadMac,
         Self::StaleEpoch,
         Self::Replayed,
+        Self::WrongDestination,
+        Self::NotFresh,
+        Self::OldIncarnation,
         Self::Other,
     ];
 
@@ -178,6 +187,9 @@ impl RejectReason {
             Self::BadMac => "bad_mac",
             Self::StaleEpoch => "stale_epoch",
             Self::Replayed => "replayed",
+            Self::WrongDestination => "wrong_destination",
+            Self::NotFresh => "not_fresh",
+            Self::OldIncarnation => "old_incarnation",
             Self::Other => "other",
         }
     }

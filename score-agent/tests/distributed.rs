@@ -321,10 +321,31 @@ fn hostile_datagrams_are_rejected_and_counted() {
     let me = std::net::SocketAddr::from((dc.hosts[1].addr, PORT));
     let key = ClusterKey::new(&dc.key).unwrap();
     let wrong = ClusterKey::new(&(0..32u8).collect::<Vec<u8>>()).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let header = Header {
         sender: dc.hosts[1].addr,
+        destination: dc.hosts[0].addr,
+        incarnation: 1,
+        // A little ahead: sealed after the agent started, by any clock.
+        sent_at_ms: now_ms + 1_000,
         epoch: 0,
         seq: 42,
+    };
+    // Captured on its way to another address (a VM's, a host's): refused
+    // on this one.
+    let elsewhere = Header {
+        destination: dc.hosts[1].addr,
+        seq: 43,
+        ..header
+    };
+    // Sealed three minutes ago: too old, whatever the replay windows hold.
+    let stale = Header {
+        sent_at_ms: now_ms - 180_000,
+        seq: 44,
+        ..header
     };
     let msg = Message::CapacityRequest { vm: 7 };
     let seal = |k: &ClusterKey, h: Header| {
@@ -346,13 +367,15 @@ fn hostile_datagrams_are_rejected_and_counted() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let datagrams: Vec<Vec<u8>> = vec![
-        seal(&wrong, header), // forged: wrong key
-        good[..20].to_vec(),  // truncated
-        flipped,              // altered in transit
-        bad_magic,            // not ours
-        noise,                // random bytes
-        good.clone(),         // genuine: answered
-        good.clone(),         // replayed: dropped
+        seal(&wrong, header),  // forged: wrong key
+        good[..20].to_vec(),   // truncated
+        flipped,               // altered in transit
+        bad_magic,             // not ours
+        noise,                 // random bytes
+        seal(&key, elsewhere), // sealed for another address
+        seal(&key, stale),     // old
+        good.clone(),          // genuine: answered
+        good.clone(),          // replayed: dropped
     ];
     let ns = dc.hosts[1].ns.clone();
     let answers = support::in_netns(&ns, move || {
@@ -376,7 +399,7 @@ fn hostile_datagrams_are_rejected_and_counted() {
         got
     });
     dc.wait_until("rejections counted", Duration::from_secs(10), |dc| {
-        dc.metric(0, "score_datagrams_rejected_total") >= 6.0
+        dc.metric(0, "score_datagrams_rejected_total") >= 8.0
     });
     let text = dc.get(0, "/metrics").unwrap();
     let by = |r: &str| {
@@ -389,6 +412,8 @@ fn hostile_datagrams_are_rejected_and_counted() {
     assert_eq!(by("replayed"), 1.0);
     assert_eq!(by("bad_magic"), 2.0, "not ours, and noise");
     assert_eq!(by("truncated"), 1.0);
+    assert_eq!(by("wrong_destination"), 1.0);
+    assert_eq!(by("not_fresh"), 1.0);
     // Still serving: the genuine request, and only it, was answered.
     let replies: Vec<Message> = answers
         .iter()

@@ -149,6 +149,7 @@ fn datagram(c: &mut Criterion) {
         sender: Ipv4Addr::new(10, 0, 0, 1),
         epoch: 3,
         seq: 12345,
+        ..Header::default()
     };
     let small = Message::CapacityResponse {
         in_reply_to: 12344,

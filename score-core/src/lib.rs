@@ -10,6 +10,7 @@ pub mod decision;
 pub mod group;
 pub mod optimum;
 pub mod policy;
+pub mod proto;
 pub mod swap;
 pub mod token;
 pub mod topology;

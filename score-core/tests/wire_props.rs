@@ -13,6 +13,7 @@ use score_core::wire::{
     PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
     TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal, token_chunks,
 };
+use score_core::wire::{Freshness, KeyRing, ReplayTable};
 
 fn key_strategy() -> impl Strategy<Value = ClusterKey> {
     proptest::collection::vec(any::<u8>(), 16..80)
@@ -20,11 +21,22 @@ fn key_strategy() -> impl Strategy<Value = ClusterKey> {
 }
 
 fn header_strategy() -> impl Strategy<Value = Header> {
-    (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(a, epoch, seq)| Header {
-        sender: Ipv4Addr::from(a),
-        epoch,
-        seq,
-    })
+    (
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(a, d, incarnation, sent_at_ms, epoch, seq)| Header {
+            sender: Ipv4Addr::from(a),
+            destination: Ipv4Addr::from(d),
+            incarnation,
+            sent_at_ms,
+            epoch,
+            seq,
+        })
 }
 
 fn entry_strategy() -> impl Strategy<Value = TokenEntry> {
@@ -177,8 +189,14 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         }),
         flows,
         order,
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(holder, round)| Message::TokenSeen { holder, round }),
+        ((any::<u32>(), any::<u32>()), (any::<u32>(), any::<u32>())).prop_map(
+            |((holder, round), (visited, host))| Message::TokenSeen {
+                holder,
+                round,
+                visited,
+                host: Ipv4Addr::from(host)
+            }
+        ),
         swap_strategy(),
     ]
 }
@@ -329,6 +347,67 @@ proptest! {
         prop_assert_eq!(decode(&b, &other).unwrap_err(), WireError::BadMac);
     }
 
+    /// A datagram is accepted only on the address it was sealed for: a
+    /// captured one sent on to any other VM or host is refused, whatever
+    /// the rest of the header says.
+    #[test]
+    fn a_datagram_is_only_good_where_it_was_sent(m in message_strategy(), h in header_strategy(), k in key_strategy(), elsewhere in any::<u32>()) {
+        let b = sealed(&m, &h, &k);
+        let d = decode(&b, &k).unwrap();
+        prop_assert!(d.header.check_destination(h.destination).is_ok());
+        let other = Ipv4Addr::from(elsewhere);
+        prop_assume!(other != h.destination);
+        let refused = matches!(
+            d.header.check_destination(other),
+            Err(WireError::WrongDestination { .. })
+        );
+        prop_assert!(refused);
+        // Rewriting the destination in the bytes breaks the MAC.
+        let mut moved = b.clone();
+        moved[12..16].copy_from_slice(&other.octets());
+        prop_assert_eq!(decode(&moved, &k).unwrap_err(), WireError::BadMac);
+    }
+
+    /// During a rotation a ring accepts datagrams sealed with the current
+    /// or an older key until the older key's deadline, and never one sealed
+    /// with a key it does not hold.
+    #[test]
+    fn a_key_ring_rotates(m in message_strategy(), h in header_strategy(), new in key_strategy(), old in key_strategy(), stranger in key_strategy(), until in 1u64..u64::MAX) {
+        prop_assume!(new.sign(b"probe") != old.sign(b"probe"));
+        prop_assume!(stranger.sign(b"probe") != old.sign(b"probe"));
+        prop_assume!(stranger.sign(b"probe") != new.sign(b"probe"));
+        let mut ring = KeyRing::new(new.clone()).accepting(old.clone(), until);
+        let by_new = sealed(&m, &h, &new);
+        let by_old = sealed(&m, &h, &old);
+        prop_assert!(decode(&by_new, &ring).is_ok());
+        prop_assert!(decode(&by_old, &ring).is_ok());
+        prop_assert_eq!(decode(&sealed(&m, &h, &stranger), &ring).unwrap_err(), WireError::BadMac);
+        ring.expire(until);
+        prop_assert!(decode(&by_old, &ring).is_ok());
+        ring.expire(until + 1);
+        prop_assert_eq!(decode(&by_old, &ring).unwrap_err(), WireError::BadMac);
+        prop_assert!(decode(&by_new, &ring).is_ok());
+    }
+
+    /// Whatever the order datagrams of one sender arrive in, each (sender,
+    /// incarnation, sequence number) is accepted at most once, and nothing
+    /// of an incarnation older than one accepted is.
+    #[test]
+    fn each_datagram_is_accepted_at_most_once(seq in proptest::collection::vec((0u32..3, 0u64..40), 1..200)) {
+        let now = 10_000_000u64;
+        let mut t = ReplayTable::new(4, Freshness { started_ms: 0, max_age_ms: 1000 });
+        let mut accepted = std::collections::HashSet::new();
+        let mut newest = 0u32;
+        for (inc, s) in seq {
+            let h = Header { sender: Ipv4Addr::new(10, 0, 0, 1), incarnation: inc, sent_at_ms: now, seq: s, ..Header::default() };
+            if t.accept(&h, now).is_ok() {
+                prop_assert!(accepted.insert((inc, s)), "accepted twice: {:?}", (inc, s));
+                prop_assert!(inc >= newest);
+                newest = inc;
+            }
+        }
+    }
+
     #[test]
     fn truncated_or_extended_datagrams_are_refused(m in message_strategy(), h in header_strategy(), k in key_strategy(), cut in any::<prop::sample::Index>(), extra in proptest::collection::vec(any::<u8>(), 1..16)) {
         let b = sealed(&m, &h, &k);
@@ -427,7 +506,7 @@ proptest! {
             let at = (j * 7) % (seq.len() + 1);
             seq.insert(at, d.index(n));
         }
-        let h = Header { sender: Ipv4Addr::new(10, 9, 8, 7), epoch: t.epoch, seq: 0 };
+        let h = Header { sender: Ipv4Addr::new(10, 9, 8, 7), epoch: t.epoch, seq: 0, ..Header::default() };
         let mut r = Reassembler::default();
         let mut got = None;
         let mut seen = std::collections::HashSet::new();

@@ -25,6 +25,7 @@ pub mod capacity;
 pub mod engine;
 pub mod experiment;
 pub(crate) mod plot;
+pub mod protocol;
 pub mod report;
 pub mod scenario;
 pub mod traffic;

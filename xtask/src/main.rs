@@ -51,6 +51,20 @@ enum Task {
         /// 1k-1M VMs), core (decision, wire), sim.
         suite: String,
     },
+    /// Many seeded fault runs of the real peer protocol in simulation
+    /// (`score-sim protocol`, release build); prints seeds, simulated
+    /// hours, faults injected and invariant violations.
+    Soak {
+        /// Number of seeds.
+        #[arg(long, default_value_t = 10_000)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Hosts per simulated data centre.
+        #[arg(long, default_value_t = 16)]
+        hosts: u32,
+    },
     /// The emulated data centre: network namespaces as switches, hosts and
     /// VMs, one score-agent per host (root).
     Testbed {
@@ -162,6 +176,21 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { suite } => bench(&suite),
+        Task::Soak { seeds, seed, hosts } => run(cargo().args([
+            "run",
+            "--locked",
+            "--release",
+            "-p",
+            "score-sim",
+            "--",
+            "protocol",
+            "--seeds",
+            &seeds.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--hosts",
+            &hosts.to_string(),
+        ])),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
         Task::Dist(args) => dist::dist(&args).map(|_| ()),

@@ -26,6 +26,7 @@
 //! that no host runs more than `vm_slots + migration_headroom` VMs; each
 //! host migrates its own VM, the proposer drives the order with commits.
 
+pub mod incarnation;
 pub mod net;
 pub mod swap;
 
@@ -52,9 +53,9 @@ use score_core::{
     token::{Load, Token, VmId},
     topology::HostId,
     wire::{
-        ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, MAX_SWAP_PEERS, Message,
-        PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal,
-        SwapRefusal, SwapResult, TokenOrder, token_chunks,
+        ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, KeyRing, MAX_SWAP_PEERS,
+        Message, PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder,
+        SwapProposal, SwapRefusal, SwapResult, TokenOrder, token_chunks,
     },
 };
 use serde::Serialize;
@@ -272,7 +273,11 @@ impl Peer {
 
     /// Handles one datagram; never fails: bad input is counted and dropped.
     async fn handle(self: &Arc<Self>, bytes: &[u8], via: Via) {
-        let d = match self.net.open(bytes) {
+        let received_on = match via {
+            Via::Host => self.net.me(),
+            Via::Vm(vm) => vm,
+        };
+        let d = match self.net.open(bytes, received_on) {
             Ok(d) => d,
             Err(e) => {
                 debug!(error = %e, ?via, "datagram rejected");
@@ -281,6 +286,17 @@ impl Peer {
             }
         };
         let h = d.header;
+        // Every header carries its sender's newest epoch: a restarted agent
+        // learns the current one from any datagram, so score_token_epoch
+        // agrees across agents without waiting for the token.
+        if !matches!(d.message, Message::TokenChunk(_) | Message::HopAck(_))
+            && h.epoch > self.epoch()
+        {
+            self.adopt_epoch(h.epoch);
+        }
+        if let Message::TokenSeen { round, .. } = d.message {
+            self.metrics.set_token_round(u64::from(round));
+        }
         let token_kind = matches!(
             d.message,
             Message::TokenChunk(_) | Message::TokenSeen { .. }
@@ -1062,10 +1078,7 @@ impl Peer {
                 self.metrics.set_token_round(u64::from(token.round));
                 self.copy_to_watchers(&token).await;
             }
-            let seen = Message::TokenSeen {
-                holder: next,
-                round: token.round,
-            };
+            let seen = seen_message(next, &token, self.net.me());
             self.tell_watchers(&seen, token.epoch).await;
             if self.pass(&token, next).await {
                 self.metrics.token_passed();
@@ -1144,14 +1157,8 @@ impl Peer {
         }
         self.metrics.token_regenerated();
         info!(epoch, vms = token.len(), "token regenerated");
-        self.tell_watchers(
-            &Message::TokenSeen {
-                holder: 0,
-                round: token.round,
-            },
-            epoch,
-        )
-        .await;
+        self.tell_watchers(&seen_message(0, &token, me), epoch)
+            .await;
         self.hand_on(policy, token, None).await;
     }
 
@@ -1327,6 +1334,16 @@ fn offer_of(a: &SwapAcceptance) -> SwapOffer {
     }
 }
 
+/// The sign of life of `token`, held on `host`, being handed to `holder`.
+fn seen_message(holder: VmId, token: &Token, host: Ipv4Addr) -> Message {
+    Message::TokenSeen {
+        holder,
+        round: token.round,
+        visited: token.entries().iter().filter(|e| e.visited).count() as u32,
+        host,
+    }
+}
+
 fn rand_transfer() -> u64 {
     // Unique enough per sender: the wall clock in ns, as sequence numbers.
     std::time::SystemTime::now()
@@ -1347,7 +1364,21 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> std::io::Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>)> {
     let hosts = cfg.topology.host_count() as usize;
-    let net = Net::bind(cfg.node.address, cfg.peer.port, cfg.key.clone(), hosts).await?;
+    let incarnation = incarnation::next(&cfg.peer.state_dir, cfg.node.address)?;
+    let until = net::wall_ms().saturating_add(cfg.peer.previous_keys_for.as_millis() as u64);
+    let keys = cfg
+        .previous_keys
+        .iter()
+        .fold(KeyRing::new(cfg.key.clone()), |ring, k| {
+            ring.accepting(k.clone(), until)
+        });
+    info!(incarnation, keys = keys.len(), "peer identity");
+    let identity = net::Identity {
+        keys,
+        incarnation,
+        max_age: cfg.peer.max_datagram_age,
+    };
+    let net = Net::bind(cfg.node.address, cfg.peer.port, identity, hosts).await?;
     let (tx, rx) = mpsc::channel(16);
     let peer = Arc::new(Peer {
         cfg: cfg.clone(),
@@ -1457,6 +1488,9 @@ async fn token_loop(
                 }
                 p.metrics.token_received();
                 p.metrics.set_token_epoch(token.epoch);
+                // Every holder exports the round, not only the one that
+                // completed it.
+                p.metrics.set_token_round(u64::from(token.round));
                 let span = info_span!("token", vm = %vm, epoch = token.epoch, round = token.round);
                 let _enter = span.enter();
                 info!(from = %h.sender, "token received");
@@ -1471,10 +1505,7 @@ async fn token_loop(
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(p.cfg.policy.token_hold) => {}
                 }
-                let seen = Message::TokenSeen {
-                    holder: u32::from(vm),
-                    round: token.round,
-                };
+                let seen = seen_message(u32::from(vm), &token, p.net.me());
                 let epoch = token.epoch;
                 let decide = async {
                     p.tell_watchers(&seen, epoch).await;

@@ -1,6 +1,8 @@
 //! The cluster key and the HMAC-SHA256 that authenticates every datagram.
 //! Every agent of a cluster holds the same key; a datagram whose MAC does not
-//! verify under it is dropped before its body is looked at.
+//! verify under it is dropped before its body is looked at. A [`KeyRing`]
+//! lets a cluster rotate its key without a stop: agents send with the
+//! current key and still accept the previous ones until a deadline.
 
 use std::fmt;
 
@@ -70,6 +72,81 @@ impl ClusterKey {
     }
 }
 
+/// What checks a datagram's MAC: one key, or a [`KeyRing`].
+pub trait Verifier {
+    /// Whether `tag` is the MAC of `data` under an accepted key.
+    fn verify_tag(&self, data: &[u8], tag: &[u8]) -> bool;
+}
+
+impl Verifier for ClusterKey {
+    fn verify_tag(&self, data: &[u8], tag: &[u8]) -> bool {
+        self.verify(data, tag)
+    }
+}
+
+/// The keys an agent accepts: the current one (used to send) first, then
+/// older ones, each accepted until its own deadline (milliseconds since
+/// the Unix epoch; the ring has no clock: [`KeyRing::expire`] is told the
+/// time). To rotate, each agent is restarted with the new key as current
+/// and the old one accepted until a deadline: agents restarted at
+/// different times understand each other until then, and by then every
+/// agent must run the new key.
+#[derive(Clone, Debug)]
+pub struct KeyRing {
+    current: ClusterKey,
+    older: Vec<(ClusterKey, u64)>,
+}
+
+impl KeyRing {
+    /// A ring of one key.
+    pub fn new(current: ClusterKey) -> Self {
+        KeyRing {
+            current,
+            older: Vec::new(),
+        }
+    }
+
+    /// Also accepts `key` until `until_ms` (ms since the Unix epoch).
+    pub fn accepting(mut self, key: ClusterKey, until_ms: u64) -> Self {
+        self.older.push((key, until_ms));
+        self
+    }
+
+    /// The key datagrams are sealed with.
+    pub fn current(&self) -> &ClusterKey {
+        &self.current
+    }
+
+    /// Forgets the older keys whose deadline is before `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        self.older.retain(|(_, until)| *until >= now_ms);
+    }
+
+    /// How many keys are accepted (the current one included).
+    pub fn len(&self) -> usize {
+        1 + self.older.len()
+    }
+
+    /// Always false: a ring holds at least its current key.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl From<ClusterKey> for KeyRing {
+    fn from(k: ClusterKey) -> Self {
+        KeyRing::new(k)
+    }
+}
+
+impl Verifier for KeyRing {
+    fn verify_tag(&self, data: &[u8], tag: &[u8]) -> bool {
+        // The current key first: every datagram of a settled cluster
+        // verifies on the first try.
+        self.current.verify(data, tag) || self.older.iter().any(|(k, _)| k.verify(data, tag))
+    }
+}
+
 impl fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ClusterKey(<redacted>)")
@@ -107,6 +184,27 @@ mod tests {
         assert!(k.verify(&[0xcd; 50], &tag));
         assert!(!k.verify(&[0xcd; 49], &tag));
         assert!(!k.verify(&[0xcd; 50], &tag[..31]));
+    }
+
+    #[test]
+    fn ring_accepts_older_keys_until_their_deadline() {
+        let old = ClusterKey::new(b"the old cluster key, 32 bytes!!").unwrap();
+        let new = ClusterKey::new(b"the new cluster key, 32 bytes!!").unwrap();
+        let other = ClusterKey::new(b"nobody's cluster key, 32 bytes!").unwrap();
+        let mut ring = KeyRing::new(new.clone()).accepting(old.clone(), 1_000);
+        assert_eq!(ring.len(), 2);
+        let by_old = old.sign(b"data");
+        let by_new = new.sign(b"data");
+        assert!(ring.verify_tag(b"data", &by_new));
+        assert!(ring.verify_tag(b"data", &by_old));
+        assert!(!ring.verify_tag(b"data", &other.sign(b"data")));
+        ring.expire(1_000);
+        assert!(ring.verify_tag(b"data", &by_old));
+        ring.expire(1_001);
+        assert_eq!(ring.len(), 1);
+        assert!(!ring.verify_tag(b"data", &by_old));
+        assert!(ring.verify_tag(b"data", &by_new));
+        assert_eq!(ring.current().sign(b"data"), by_new);
     }
 
     #[test]

@@ -465,6 +465,7 @@ mod tests {
             sender: Ipv4Addr::new(10, 0, 0, 1),
             epoch,
             seq: 0,
+            ..Header::default()
         }
     }
 

@@ -380,13 +380,20 @@ pub enum Message {
     /// Part of the coordinator's token order.
     TokenOrder(TokenOrder),
     /// "The token is alive": sent by a holder to the watchers at every hop
-    /// (its header carries the epoch), and by a watcher that regenerated
-    /// the token to the other watchers.
+    /// (its header carries the epoch), by a watcher that regenerated the
+    /// token to the other watchers, and by a watcher to the holder of a
+    /// copy that another copy of the same epoch has overtaken (the
+    /// duplicate-token rule of docs/PROTOCOL.md). With `round`, `visited`
+    /// and `host` it names one copy of the token and how far it has come.
     TokenSeen {
         /// The VM the token is being handed to (0: none yet).
         holder: VmId,
         /// The token's round.
         round: u32,
+        /// VMs visited in this round, the holder's own included.
+        visited: u32,
+        /// The host that holds this copy.
+        host: Ipv4Addr,
     },
     /// A swap proposal, from the holder of the token for its VM to a full
     /// candidate host (issue 8).
@@ -564,9 +571,16 @@ impl Message {
                     buf.put_u32(*v);
                 }
             }
-            Message::TokenSeen { holder, round } => {
+            Message::TokenSeen {
+                holder,
+                round,
+                visited,
+                host,
+            } => {
                 buf.put_u32(*holder);
                 buf.put_u32(*round);
+                buf.put_u32(*visited);
+                buf.put_slice(&host.octets());
             }
             Message::SwapPropose(p) => {
                 buf.put_u32(p.vm);
@@ -719,6 +733,8 @@ impl Message {
             Kind::TokenSeen => Message::TokenSeen {
                 holder: r.u32()?,
                 round: r.u32()?,
+                visited: r.u32()?,
+                host: r.ip()?,
             },
             Kind::SwapPropose => {
                 let vm = r.u32()?;
@@ -809,7 +825,10 @@ impl Datagram {
     }
 
     /// Decodes a datagram; same as [`decode`](super::decode).
-    pub fn decode(bytes: &[u8], key: &ClusterKey) -> Result<Datagram, WireError> {
+    pub fn decode<K: super::Verifier + ?Sized>(
+        bytes: &[u8],
+        key: &K,
+    ) -> Result<Datagram, WireError> {
         super::decode(bytes, key)
     }
 }
@@ -983,7 +1002,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{decode, seal};
+    use crate::wire::{HEADER_LEN, decode, seal};
 
     fn key() -> ClusterKey {
         ClusterKey::new(b"message test key 0123456789").unwrap()
@@ -994,6 +1013,7 @@ mod tests {
             sender: Ipv4Addr::new(10, 1, 0, 1),
             epoch: 2,
             seq: 99,
+            ..Header::default()
         }
     }
 
@@ -1008,7 +1028,7 @@ mod tests {
 
     #[test]
     fn fixed_size_messages_round_trip_with_their_sizes() {
-        let h = 28 + 32;
+        let h = HEADER_LEN + 32;
         assert_eq!(
             round_trip(&Message::LocationRequest { vm: 0x0a00_0005 }),
             h + 4
@@ -1057,7 +1077,7 @@ mod tests {
 
     #[test]
     fn swap_messages_round_trip_with_their_sizes() {
-        let h = 28 + 32;
+        let h = HEADER_LEN + 32;
         let p = proposal();
         assert_eq!(
             round_trip(&Message::SwapPropose(p.clone())),
@@ -1226,7 +1246,7 @@ mod tests {
             .encode(&header(), &key(), &mut b)
             .unwrap();
         assert_eq!(b[5], Kind::LocationRequest as u8);
-        assert_eq!(&b[28..32], &[10, 1, 2, 3]);
+        assert_eq!(&b[HEADER_LEN..HEADER_LEN + 4], &[10, 1, 2, 3]);
     }
 
     #[test]

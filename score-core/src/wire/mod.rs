@@ -8,14 +8,15 @@
 //! a length an attacker claims before that length is checked against the
 //! bytes actually received.
 //!
-//! - [`auth`]: the cluster key and HMAC-SHA256.
+//! - [`auth`]: the cluster key, the key ring of a rotation, HMAC-SHA256.
 //! - [`frame`]: the datagram header, sealing and checking a frame.
 //! - [`message`]: the message bodies (the swap messages of issue 8 too:
 //!   propose, accept or refuse, commit, done).
 //! - [`token_codec`]: the compact token encoding.
 //! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
 //! - [`parts`]: reassembly of flow reports and token orders sent in parts.
-//! - [`replay`]: per-sender replay windows over sequence numbers.
+//! - [`replay`]: freshness by send time, incarnation and per-sender replay
+//!   windows over sequence numbers.
 
 pub mod auth;
 pub mod chunk;
@@ -25,7 +26,9 @@ pub mod parts;
 pub mod replay;
 pub mod token_codec;
 
-pub use auth::{ClusterKey, KeyError, MAC_LEN, MIN_KEY_LEN};
+use std::net::Ipv4Addr;
+
+pub use auth::{ClusterKey, KeyError, KeyRing, MAC_LEN, MIN_KEY_LEN, Verifier};
 pub use chunk::{
     CHUNK_DATA_LEN, CHUNK_HEADER_LEN, ChunkBitmap, ChunkOutcome, MAX_CHUNKS, MAX_TOKEN_BYTES,
     Reassembler, ReassemblyError, ReassemblyLimits, token_chunks,
@@ -37,7 +40,7 @@ pub use message::{
     TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
-pub use replay::{REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
+pub use replay::{Freshness, REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
 pub use token_codec::{TOKEN_FORMAT, TokenCodecError, decode_token, encode_token};
 
 /// The kind byte of a datagram: which message its payload holds.
@@ -164,6 +167,33 @@ pub enum WireError {
         /// The receiver's current epoch.
         current: u64,
     },
+    /// The datagram was sealed for another address than the one it
+    /// arrived on (a captured datagram sent on to another VM or host).
+    #[error("datagram sealed for {sealed_for}, received on {received_on}")]
+    WrongDestination {
+        /// The destination in the header.
+        sealed_for: Ipv4Addr,
+        /// Where it arrived.
+        received_on: Ipv4Addr,
+    },
+    /// The datagram was sealed too long ago, before the receiver started,
+    /// or too far in the receiver's future.
+    #[error("datagram sealed at {sent_at_ms} ms is not fresh at {now_ms} ms")]
+    NotFresh {
+        /// Send time in the header, ms since the Unix epoch.
+        sent_at_ms: u64,
+        /// The receiver's time.
+        now_ms: u64,
+    },
+    /// The sender has since restarted: its datagram is from an older
+    /// incarnation than one already accepted.
+    #[error("incarnation {got} of the sender is older than {current}")]
+    OldIncarnation {
+        /// Incarnation in the header.
+        got: u32,
+        /// The newest incarnation accepted from that sender.
+        current: u32,
+    },
     /// The sequence number was already accepted from this sender, or is too
     /// far behind the newest one to tell.
     #[error("replayed or too old sequence number {seq}")]
@@ -217,6 +247,9 @@ impl WireError {
             WireError::BadMac => "bad_mac",
             WireError::StaleEpoch { .. } => "stale_epoch",
             WireError::Replayed { .. } => "replayed",
+            WireError::WrongDestination { .. } => "wrong_destination",
+            WireError::NotFresh { .. } => "not_fresh",
+            WireError::OldIncarnation { .. } => "old_incarnation",
             WireError::BodyTruncated { .. }
             | WireError::TrailingBytes { .. }
             | WireError::InvalidField { .. } => "bad_body",
@@ -228,7 +261,7 @@ impl WireError {
 
 /// Decodes one datagram: checks the frame and its MAC with `key`, then
 /// parses the body. Never panics, whatever the bytes.
-pub fn decode(bytes: &[u8], key: &ClusterKey) -> Result<Datagram, WireError> {
+pub fn decode<K: Verifier + ?Sized>(bytes: &[u8], key: &K) -> Result<Datagram, WireError> {
     let frame = Frame::check(bytes, key)?;
     let message = Message::parse(frame.kind, frame.payload)?;
     Ok(Datagram {

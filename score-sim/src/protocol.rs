@@ -1,0 +1,967 @@
+//! Deterministic simulation of the real peer protocol: one score-core
+//! [`Node`] per host, over a simulated network and clock, with seeded
+//! delay, loss, duplication, reordering, healing partitions, crashes with
+//! restart (only [`Persisted`] survives) and migrations that take time,
+//! fail or end undefined. The invariants of docs/PROTOCOL.md are checked
+//! after every event; a run is a function of its [`SimConfig`] (seed
+//! included), so a failing seed replays byte for byte ([`Report::trace`]
+//! hashes every datagram delivered).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use score_core::decision::MigrationCost;
+use score_core::policy::PolicyKind;
+use score_core::proto::{
+    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, VmFacts,
+};
+use score_core::token::VmId;
+use score_core::topology::{LinkWeights, Topology};
+use score_core::wire::{ClusterKey, KeyRing, Kind};
+
+const SEC: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
+/// The simulated clock starts at a plausible wall-clock time, so the
+/// datagrams' send times look like the daemon's.
+const CLOCK_BASE: u64 = 1_750_000_000 * SEC;
+
+/// Faults injected during the first `window_ns` of a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Faults {
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    /// Probability that a datagram is delivered twice.
+    pub duplicate: f64,
+    /// Network delay, uniform in [min, max] ns (wide: reordering).
+    pub delay_min_ns: u64,
+    /// See `delay_min_ns`.
+    pub delay_max_ns: u64,
+    /// Partitions (a random half of the hosts cut off), each healing.
+    pub partitions: u32,
+    /// Host crashes, each followed by a restart.
+    pub crashes: u32,
+    /// Probability that a migration fails (the VM stays).
+    pub migration_fail: f64,
+    /// Probability that a migration ends undefined.
+    pub migration_undefined: f64,
+    /// Probability that a hop acknowledgement is lost (on top of `loss`):
+    /// the receiver holds the token, the sender never hears it.
+    pub ack_loss: f64,
+    /// Probability that an attacker who captured a token chunk sends it
+    /// again to another VM's address.
+    pub replay_attack: f64,
+    /// When faults stop (the network stays as delayed, but loses nothing).
+    pub window_ns: u64,
+}
+
+impl Faults {
+    /// No fault at all (delays of a quiet LAN).
+    pub fn none() -> Self {
+        Faults {
+            loss: 0.0,
+            duplicate: 0.0,
+            delay_min_ns: 100_000,
+            delay_max_ns: 500_000,
+            partitions: 0,
+            crashes: 0,
+            migration_fail: 0.0,
+            migration_undefined: 0.0,
+            ack_loss: 0.0,
+            replay_attack: 0.0,
+            window_ns: 0,
+        }
+    }
+
+    /// A mix drawn from `rng`: what the seeded fault runs use.
+    pub fn random(rng: &mut impl Rng, window_ns: u64) -> Self {
+        Faults {
+            loss: rng.random_range(0.0..0.2),
+            duplicate: rng.random_range(0.0..0.1),
+            delay_min_ns: 50_000,
+            delay_max_ns: rng.random_range(1..200) * MS,
+            partitions: rng.random_range(0..3),
+            crashes: rng.random_range(0..3),
+            migration_fail: rng.random_range(0.0..0.2),
+            migration_undefined: rng.random_range(0.0..0.05),
+            ack_loss: rng.random_range(0.0..0.3),
+            replay_attack: rng.random_range(0.0..0.1),
+            window_ns,
+        }
+    }
+}
+
+/// One simulated data centre and how long it runs.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed of everything random.
+    pub seed: u64,
+    /// Fan-out of the regular tree (hosts per rack first).
+    pub fanout: Vec<u32>,
+    /// VMs per host at the start.
+    pub vms_per_host: u32,
+    /// VM slots per host.
+    pub vm_slots: u32,
+    /// Peers per VM (random, symmetric rates).
+    pub peers_per_vm: u32,
+    /// Token policy.
+    pub policy: PolicyKind,
+    /// Simulated time.
+    pub duration_ns: u64,
+    /// The faults.
+    pub faults: Faults,
+    /// Migration time, uniform in [min, max] ns.
+    pub migration_min_ns: u64,
+    /// See `migration_min_ns`.
+    pub migration_max_ns: u64,
+    /// The nodes' token time-out.
+    pub token_timeout_ns: u64,
+    /// The nodes' hold time.
+    pub token_hold_ns: u64,
+    /// Largest clock skew between hosts, ns.
+    pub max_skew_ns: u64,
+}
+
+impl SimConfig {
+    /// A small data centre (`hosts` in racks of 4, two levels) with random
+    /// faults drawn from `seed`.
+    pub fn seeded(seed: u64, hosts: u32) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let racks = hosts.div_ceil(4).max(1);
+        let window = 600 * SEC;
+        SimConfig {
+            seed,
+            fanout: vec![4, racks],
+            vms_per_host: 3,
+            vm_slots: 4,
+            peers_per_vm: 2,
+            policy: [
+                PolicyKind::Distributed,
+                PolicyKind::RoundRobin,
+                PolicyKind::LoadAware,
+            ][(seed % 3) as usize],
+            duration_ns: 3600 * SEC,
+            faults: Faults::random(&mut rng, window),
+            migration_min_ns: 500 * MS,
+            migration_max_ns: 5 * SEC,
+            token_timeout_ns: 15 * SEC,
+            token_hold_ns: SEC,
+            max_skew_ns: 100 * MS,
+        }
+    }
+}
+
+/// A broken invariant, with when and what.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    /// Simulated time, ns from the start.
+    pub at_ns: u64,
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// The details.
+    pub detail: String,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Simulated time, ns.
+    pub simulated_ns: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Datagrams sent and their bytes.
+    pub datagrams: u64,
+    /// See `datagrams`.
+    pub bytes: u64,
+    /// Datagrams the nodes rejected, and of those, the ones sealed for
+    /// another address (replays to another VM).
+    pub rejected: u64,
+    /// See `rejected`.
+    pub wrong_destination: u64,
+    /// Datagrams the faults dropped or duplicated.
+    pub lost: u64,
+    /// See `lost`.
+    pub duplicated: u64,
+    /// Crashes and partitions injected.
+    pub crashes: u32,
+    /// See `crashes`.
+    pub partitions: u32,
+    /// Hops received, skipped, regenerations, superseded copies.
+    pub hops: u64,
+    /// See `hops`.
+    pub skips: u64,
+    /// See `hops`.
+    pub regenerations: u64,
+    /// See `hops`.
+    pub superseded: u64,
+    /// Rounds completed (the highest round any node reported).
+    pub rounds: u32,
+    /// Migrations done, failed, undefined.
+    pub migrations: u64,
+    /// See `migrations`.
+    pub migrations_failed: u64,
+    /// See `migrations`.
+    pub migrations_undefined: u64,
+    /// Total cost (eq. 1) at the start and at the end.
+    pub cost_start: f64,
+    /// See `cost_start`.
+    pub cost_end: f64,
+    /// When the token had visited every VM after the last fault (ns from
+    /// the start), if it did.
+    pub covered_at_ns: Option<u64>,
+    /// Hash of every datagram delivered, in order: equal for equal seeds.
+    pub trace: u64,
+    /// Invariants broken.
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        to: Ipv4Addr,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Wake {
+        host: usize,
+    },
+    MigrationEnd {
+        vm: usize,
+        from: usize,
+        to: usize,
+        incarnation: u32,
+        outcome: MigrationOutcome,
+    },
+    Crash {
+        host: usize,
+    },
+    Restart {
+        host: usize,
+    },
+    Partition {
+        side: Vec<bool>,
+    },
+    Heal,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    topo: Arc<Topology>,
+    host_addrs: Vec<Ipv4Addr>,
+    vm_ids: Vec<VmId>,
+    vm_by_id: BTreeMap<VmId, usize>,
+    place: Vec<usize>,
+    undefined: Vec<bool>,
+    peers: Vec<Vec<(usize, f64)>>,
+    nodes: Vec<Option<Node>>,
+    persisted: Vec<Persisted>,
+    wake_at: Vec<Option<u64>>,
+    skew: Vec<i64>,
+    last_epoch: Vec<u64>,
+    migrating: BTreeSet<usize>,
+    side: Option<Vec<bool>>,
+    queue: BTreeMap<(u64, u64), Ev>,
+    next_seq: u64,
+    now: u64,
+    stable_at: u64,
+    visited_after_stable: Vec<bool>,
+    dup_since: Option<u64>,
+    report: Report,
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    let mut h = h;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+impl Sim {
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.next_seq += 1;
+        self.queue.insert((at, self.next_seq), ev);
+    }
+
+    fn clock(&self, host: usize) -> u64 {
+        (CLOCK_BASE + self.now).saturating_add_signed(self.skew[host])
+    }
+
+    fn node_config(&self, host: usize) -> Config {
+        let key = ClusterKey::new(b"simulated cluster key, 32 bytes").expect("key");
+        let watchers = self.host_addrs.iter().take(2).copied().collect();
+        let mut c = Config::new(
+            self.host_addrs[host],
+            self.topo.clone(),
+            KeyRing::new(key),
+            watchers,
+        );
+        c.policy = self.cfg.policy;
+        c.vm_slots = self.cfg.vm_slots;
+        c.token_timeout_ns = self.cfg.token_timeout_ns;
+        c.token_hold_ns = self.cfg.token_hold_ns;
+        c.migration_cost = MigrationCost::Absolute(0.0);
+        // Longer than any migration: a promised slot stays promised.
+        c.reservation_ns = self.cfg.migration_max_ns * 4 + 60 * SEC;
+        c.hold_down_ns = 60 * SEC;
+        c
+    }
+
+    fn facts(&self, host: usize) -> HostFacts {
+        HostFacts {
+            vms: (0..self.place.len())
+                .filter(|&v| self.place[v] == host)
+                .map(|v| VmFacts {
+                    id: self.vm_ids[v],
+                    peers: self.peers[v]
+                        .iter()
+                        .map(|&(p, r)| (self.vm_ids[p], r))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn cost(&self) -> f64 {
+        let mut c = 0.0;
+        for (u, ps) in self.peers.iter().enumerate() {
+            for &(v, r) in ps {
+                let l = self.topo.level(self.place[u] as u32, self.place[v] as u32);
+                c += r * self.topo.weights().cumulative(l);
+            }
+        }
+        c
+    }
+
+    fn violate(&mut self, invariant: &'static str, detail: String) {
+        self.report.violations.push(Violation {
+            at_ns: self.now,
+            invariant,
+            detail,
+        });
+    }
+
+    /// Drains a node's outputs and events, and re-arms its wake-up.
+    fn pump(&mut self, host: usize) {
+        loop {
+            let Some(node) = self.nodes[host].as_mut() else {
+                return;
+            };
+            let out = node.poll_output();
+            let ev = node.poll_event();
+            if out.is_none() && ev.is_none() {
+                break;
+            }
+            if let Some(o) = out {
+                self.output(host, o);
+            }
+            if let Some(e) = ev {
+                self.event(&e);
+            }
+        }
+        let t = self.nodes[host]
+            .as_ref()
+            .and_then(|n| n.poll_timeout())
+            .map(|t| {
+                t.saturating_sub(CLOCK_BASE)
+                    .saturating_add_signed(-self.skew[host])
+            });
+        if let Some(t) = t {
+            let t = t.max(self.now);
+            if self.wake_at[host] != Some(t) {
+                self.wake_at[host] = Some(t);
+                self.schedule(t, Ev::Wake { host });
+            }
+        }
+    }
+
+    fn output(&mut self, host: usize, o: Output) {
+        match o {
+            Output::Send { to, bytes } => {
+                self.report.datagrams += 1;
+                self.report.bytes += bytes.len() as u64;
+                let f = self.cfg.faults;
+                let faulty = self.now < f.window_ns;
+                let kind = bytes.get(5).copied();
+                if faulty && self.rng.random_bool(f.loss) {
+                    self.report.lost += 1;
+                    return;
+                }
+                if faulty && kind == Some(Kind::HopAck as u8) && self.rng.random_bool(f.ack_loss) {
+                    self.report.lost += 1;
+                    return;
+                }
+                if faulty
+                    && kind == Some(Kind::TokenChunk as u8)
+                    && self.rng.random_bool(f.replay_attack)
+                {
+                    let v = self.rng.random_range(0..self.vm_ids.len());
+                    let elsewhere = Ipv4Addr::from(self.vm_ids[v]);
+                    let d = self.rng.random_range(f.delay_min_ns..=f.delay_max_ns);
+                    self.schedule(
+                        self.now + d,
+                        Ev::Deliver {
+                            to: elsewhere,
+                            from: host,
+                            bytes: bytes.clone(),
+                        },
+                    );
+                }
+                let copies = if faulty && self.rng.random_bool(f.duplicate) {
+                    self.report.duplicated += 1;
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    let d = self.rng.random_range(f.delay_min_ns..=f.delay_max_ns);
+                    self.schedule(
+                        self.now + d,
+                        Ev::Deliver {
+                            to,
+                            from: host,
+                            bytes: bytes.clone(),
+                        },
+                    );
+                }
+            }
+            Output::Migrate { vm, to } => {
+                let Some(&v) = self.vm_by_id.get(&vm) else {
+                    return;
+                };
+                let Some(t) = self.host_addrs.iter().position(|a| *a == to) else {
+                    return;
+                };
+                if self.place[v] != host || self.migrating.contains(&v) || self.undefined[v] {
+                    self.violate(
+                        "migration",
+                        format!("host {host} migrates VM {v} it does not run"),
+                    );
+                    return;
+                }
+                let f = self.cfg.faults;
+                let faulty = self.now < f.window_ns;
+                let r: f64 = self.rng.random();
+                let outcome = if faulty && r < f.migration_undefined {
+                    MigrationOutcome::Undefined
+                } else if faulty && r < f.migration_undefined + f.migration_fail {
+                    MigrationOutcome::Failed
+                } else {
+                    MigrationOutcome::Done
+                };
+                let d = self
+                    .rng
+                    .random_range(self.cfg.migration_min_ns..=self.cfg.migration_max_ns);
+                self.migrating.insert(v);
+                let incarnation = self.persisted[host].incarnation;
+                self.schedule(
+                    self.now + d,
+                    Ev::MigrationEnd {
+                        vm: v,
+                        from: host,
+                        to: t,
+                        incarnation,
+                        outcome,
+                    },
+                );
+            }
+            Output::Persist(p) => self.persisted[host] = p,
+        }
+    }
+
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::TokenReceived { vm, stamp } => {
+                self.report.hops += 1;
+                self.report.rounds = self.report.rounds.max(stamp.round);
+                if self.now >= self.stable_at {
+                    if let Some(&v) = self.vm_by_id.get(vm) {
+                        self.visited_after_stable[v] = true;
+                    }
+                }
+            }
+            Event::HopSkipped { .. } => self.report.skips += 1,
+            Event::Rejected { reason } => {
+                self.report.rejected += 1;
+                if *reason == "wrong_destination" {
+                    self.report.wrong_destination += 1;
+                }
+            }
+            Event::TokenRegenerated { .. } => self.report.regenerations += 1,
+            Event::TokenSuperseded { .. } => self.report.superseded += 1,
+            Event::RoundComplete { round, .. } => {
+                self.report.rounds = self.report.rounds.max(*round)
+            }
+            _ => {}
+        }
+    }
+
+    fn route(&self, to: Ipv4Addr) -> Option<usize> {
+        if let Some(h) = self.host_addrs.iter().position(|a| *a == to) {
+            return Some(h);
+        }
+        let v = *self.vm_by_id.get(&u32::from(to))?;
+        if self.undefined[v] {
+            return None;
+        }
+        Some(self.place[v])
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { to, from, bytes } => {
+                let Some(h) = self.route(to) else { return };
+                if let Some(side) = &self.side {
+                    if side[h] != side[from] {
+                        self.report.lost += 1;
+                        return;
+                    }
+                }
+                self.report.trace = fnv(fnv(self.report.trace, &to.octets()), &bytes);
+                let now = self.clock(h);
+                if let Some(n) = self.nodes[h].as_mut() {
+                    n.handle_datagram(now, to, &bytes);
+                    self.pump(h);
+                }
+            }
+            Ev::Wake { host } => {
+                if self.wake_at[host] != Some(self.now) {
+                    return;
+                }
+                self.wake_at[host] = None;
+                let now = self.clock(host);
+                if let Some(n) = self.nodes[host].as_mut() {
+                    n.handle_timeout(now);
+                }
+                self.pump(host);
+            }
+            Ev::MigrationEnd {
+                vm,
+                from,
+                to,
+                incarnation,
+                outcome,
+            } => {
+                self.migrating.remove(&vm);
+                match outcome {
+                    MigrationOutcome::Done => {
+                        self.place[vm] = to;
+                        self.report.migrations += 1;
+                    }
+                    MigrationOutcome::Failed => self.report.migrations_failed += 1,
+                    MigrationOutcome::Undefined => {
+                        self.undefined[vm] = true;
+                        self.report.migrations_undefined += 1;
+                    }
+                }
+                for h in [from, to] {
+                    let facts = self.facts(h);
+                    let now = self.clock(h);
+                    if let Some(n) = self.nodes[h].as_mut() {
+                        n.set_facts(now, &facts);
+                    }
+                }
+                let now = self.clock(from);
+                if self.persisted[from].incarnation == incarnation {
+                    if let Some(n) = self.nodes[from].as_mut() {
+                        n.migration_done(now, self.vm_ids[vm], outcome);
+                    }
+                }
+                self.pump(from);
+                self.pump(to);
+            }
+            Ev::Crash { host } => {
+                if self.nodes[host].take().is_some() {
+                    self.report.crashes += 1;
+                    self.wake_at[host] = None;
+                }
+            }
+            Ev::Restart { host } => {
+                if self.nodes[host].is_none() {
+                    self.start_node(host);
+                }
+            }
+            Ev::Partition { side } => {
+                self.report.partitions += 1;
+                self.side = Some(side);
+            }
+            Ev::Heal => self.side = None,
+        }
+    }
+
+    fn start_node(&mut self, host: usize) {
+        let now = self.clock(host);
+        let mut n = Node::new(self.node_config(host), self.persisted[host], now);
+        n.set_facts(now, &self.facts(host));
+        self.nodes[host] = Some(n);
+        self.wake_at[host] = None;
+        self.pump(host);
+    }
+
+    fn check(&mut self) {
+        // Every VM on exactly one host: the facts handed to the nodes are
+        // built from one placement, so check the capacity and the count.
+        let hosts = self.host_addrs.len();
+        let mut count = vec![0u32; hosts];
+        for &h in &self.place {
+            count[h] += 1;
+        }
+        if count.iter().sum::<u32>() as usize != self.place.len() {
+            self.violate("placement", "a VM is on no host or on two".into());
+        }
+        for (h, &c) in count.iter().enumerate() {
+            if c > self.cfg.vm_slots {
+                self.violate(
+                    "capacity",
+                    format!("host {h} runs {c} VMs, {} slots", self.cfg.vm_slots),
+                );
+            }
+        }
+        // Epochs never decrease at any node, restarts included.
+        for h in 0..hosts {
+            if let Some(n) = &self.nodes[h] {
+                let e = n.epoch();
+                if e < self.last_epoch[h] {
+                    let last = self.last_epoch[h];
+                    self.violate("epoch", format!("host {h}: epoch {e} after {last}"));
+                }
+                self.last_epoch[h] = e;
+            }
+        }
+        // Duplicates: two live copies (held, not superseded) never last
+        // longer than the bound; after the faults, never more than one.
+        let holders: Vec<usize> = (0..hosts)
+            .filter(|&h| {
+                self.nodes[h]
+                    .as_ref()
+                    .is_some_and(|n| n.holding().is_some())
+            })
+            .collect();
+        if holders.len() > 1 {
+            let since = *self.dup_since.get_or_insert(self.now);
+            let bound = self.cfg.migration_max_ns + 3 * self.cfg.token_timeout_ns;
+            if self.now - since > bound {
+                self.violate(
+                    "duplicate",
+                    format!("copies on hosts {holders:?} since {since} ns"),
+                );
+                self.dup_since = Some(self.now);
+            }
+        } else {
+            self.dup_since = None;
+        }
+    }
+}
+
+/// The liveness bound after the last fault: regeneration by the last
+/// watcher, then one visit per VM, each at most a hold, the location and
+/// capacity questions, a migration and a hop with every retry.
+pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
+    let hop = 300 * MS * 6;
+    let asks = 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
+    4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + cfg.migration_max_ns + hop)
+}
+
+/// Runs one simulation.
+pub fn run(cfg: &SimConfig) -> Report {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let weights = LinkWeights::paper_truncated(cfg.fanout.len());
+    let topo = Arc::new(
+        Topology::regular(&cfg.fanout, weights, Ipv4Addr::new(10, 0, 0, 1)).expect("topology"),
+    );
+    let hosts = topo.host_count() as usize;
+    let host_addrs: Vec<Ipv4Addr> = (0..hosts as u32).map(|h| topo.host_addr(h)).collect();
+    let n_vms = hosts * cfg.vms_per_host as usize;
+    let vm_ids: Vec<VmId> = (0..n_vms as u32)
+        .map(|i| u32::from(Ipv4Addr::new(10, 128, 0, 1)) + i)
+        .collect();
+    let vm_by_id = vm_ids.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+    let mut place: Vec<usize> = (0..n_vms).map(|v| v % hosts).collect();
+    // Shuffle the placement: the network-agnostic start.
+    for i in (1..n_vms).rev() {
+        let j = rng.random_range(0..=i);
+        place.swap(i, j);
+    }
+    let mut peers = vec![Vec::new(); n_vms];
+    for u in 0..n_vms {
+        for _ in 0..cfg.peers_per_vm {
+            let v = rng.random_range(0..n_vms);
+            if v == u || peers[u].iter().any(|&(p, _)| p == v) {
+                continue;
+            }
+            let r = f64::from(rng.random_range(1u32..1000)) * 1000.0;
+            peers[u].push((v, r));
+            peers[v].push((u, r));
+        }
+    }
+    let skew = (0..hosts)
+        .map(|_| {
+            let s = cfg.max_skew_ns as i64;
+            if s == 0 { 0 } else { rng.random_range(-s..=s) }
+        })
+        .collect();
+    let mut sim = Sim {
+        cfg: cfg.clone(),
+        rng,
+        topo,
+        host_addrs,
+        vm_ids,
+        vm_by_id,
+        place,
+        undefined: vec![false; n_vms],
+        peers,
+        nodes: (0..hosts).map(|_| None).collect(),
+        persisted: vec![Persisted::default(); hosts],
+        wake_at: vec![None; hosts],
+        skew,
+        last_epoch: vec![0; hosts],
+        migrating: BTreeSet::new(),
+        side: None,
+        queue: BTreeMap::new(),
+        next_seq: 0,
+        now: 0,
+        stable_at: 0,
+        visited_after_stable: vec![false; n_vms],
+        dup_since: None,
+        report: Report {
+            seed: cfg.seed,
+            ..Report::default()
+        },
+    };
+    sim.report.cost_start = sim.cost();
+    // Faults: crashes and partitions at random times within the window.
+    let f = cfg.faults;
+    let mut last_fault = f.window_ns;
+    for _ in 0..f.crashes {
+        let h = sim.rng.random_range(0..hosts);
+        let at = sim.rng.random_range(0..f.window_ns.max(1));
+        let down = sim.rng.random_range(SEC..60 * SEC);
+        sim.schedule(at, Ev::Crash { host: h });
+        sim.schedule(at + down, Ev::Restart { host: h });
+        last_fault = last_fault.max(at + down);
+    }
+    for _ in 0..f.partitions {
+        let at = sim.rng.random_range(0..f.window_ns.max(1));
+        let len = sim.rng.random_range(SEC..90 * SEC);
+        let side = (0..hosts).map(|_| sim.rng.random_bool(0.5)).collect();
+        sim.schedule(at, Ev::Partition { side });
+        sim.schedule(at + len, Ev::Heal);
+        last_fault = last_fault.max(at + len);
+    }
+    // After the last fault and every migration it may have started.
+    sim.stable_at = last_fault + cfg.migration_max_ns + cfg.token_timeout_ns;
+    for h in 0..hosts {
+        sim.start_node(h);
+    }
+    while let Some(((at, _), ev)) = sim.queue.pop_first() {
+        if at > cfg.duration_ns {
+            break;
+        }
+        sim.now = at;
+        sim.report.events += 1;
+        sim.step(ev);
+        sim.check();
+        if sim.report.covered_at_ns.is_none()
+            && sim.now >= sim.stable_at
+            && sim
+                .visited_after_stable
+                .iter()
+                .zip(&sim.undefined)
+                .all(|(v, u)| *v || *u)
+        {
+            sim.report.covered_at_ns = Some(sim.now);
+        }
+    }
+    sim.now = cfg.duration_ns;
+    let bound = liveness_bound_ns(cfg, n_vms as u64);
+    if sim.report.covered_at_ns.is_none() && cfg.duration_ns >= sim.stable_at + bound {
+        let missing = sim
+            .visited_after_stable
+            .iter()
+            .zip(&sim.undefined)
+            .filter(|(v, u)| !**v && !**u)
+            .count();
+        sim.violate(
+            "liveness",
+            format!(
+                "{missing} VMs not visited within {} s of the last fault",
+                bound / SEC
+            ),
+        );
+    }
+    sim.report.simulated_ns = sim.now;
+    sim.report.cost_end = sim.cost();
+    sim.report
+}
+
+/// What many seeded runs did, in all.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Runs made.
+    pub runs: u64,
+    /// Simulated time, ns.
+    pub simulated_ns: u64,
+    /// Datagrams lost and duplicated by the faults.
+    pub lost: u64,
+    /// See `lost`.
+    pub duplicated: u64,
+    /// Crashes and partitions.
+    pub crashes: u64,
+    /// See `crashes`.
+    pub partitions: u64,
+    /// Migrations done, failed, undefined.
+    pub migrations: u64,
+    /// See `migrations`.
+    pub migrations_failed: u64,
+    /// See `migrations`.
+    pub migrations_undefined: u64,
+    /// Hops skipped, tokens regenerated, copies superseded.
+    pub skips: u64,
+    /// See `skips`.
+    pub regenerations: u64,
+    /// See `skips`.
+    pub superseded: u64,
+    /// Invariant violations, and the seeds that had any.
+    pub violations: u64,
+    /// See `violations`.
+    pub failing_seeds: Vec<u64>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "runs {}, simulated {:.1} h",
+            self.runs,
+            self.simulated_ns as f64 / 3600e9
+        )?;
+        writeln!(
+            f,
+            "faults: {} datagrams lost, {} duplicated, {} crashes, {} partitions, \
+             {} migrations failed, {} undefined ({} done)",
+            self.lost,
+            self.duplicated,
+            self.crashes,
+            self.partitions,
+            self.migrations_failed,
+            self.migrations_undefined,
+            self.migrations
+        )?;
+        writeln!(
+            f,
+            "protocol: {} hops skipped, {} regenerations, {} copies superseded",
+            self.skips, self.regenerations, self.superseded
+        )?;
+        write!(
+            f,
+            "violations: {} (seeds {:?})",
+            self.violations, self.failing_seeds
+        )
+    }
+}
+
+/// Runs `seeds` seeded fault runs from `first` on `hosts` hosts for
+/// `seconds` simulated seconds each (`quiet`: without faults), calling
+/// `each` with every report.
+pub fn soak(
+    first: u64,
+    seeds: u64,
+    hosts: u32,
+    seconds: u64,
+    quiet: bool,
+    mut each: impl FnMut(&Report),
+) -> Summary {
+    let mut s = Summary::default();
+    for seed in first..first.saturating_add(seeds) {
+        let mut c = SimConfig::seeded(seed, hosts);
+        c.duration_ns = seconds.saturating_mul(SEC);
+        if quiet {
+            c.faults = Faults::none();
+        }
+        let r = run(&c);
+        each(&r);
+        s.runs += 1;
+        s.simulated_ns += r.simulated_ns;
+        s.lost += r.lost;
+        s.duplicated += r.duplicated;
+        s.crashes += u64::from(r.crashes);
+        s.partitions += u64::from(r.partitions);
+        s.migrations += r.migrations;
+        s.migrations_failed += r.migrations_failed;
+        s.migrations_undefined += r.migrations_undefined;
+        s.skips += r.skips;
+        s.regenerations += r.regenerations;
+        s.superseded += r.superseded;
+        if !r.violations.is_empty() {
+            s.violations += r.violations.len() as u64;
+            s.failing_seeds.push(seed);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_data_centre_circulates_the_token_and_lowers_its_cost() {
+        let mut c = SimConfig::seeded(1, 8);
+        c.faults = Faults::none();
+        c.duration_ns = 900 * SEC;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{r:?}");
+        assert!(r.rounds >= 2, "{r:?}");
+        assert_eq!(r.skips, 0, "{r:?}");
+        assert!(r.cost_end <= r.cost_start, "{r:?}");
+        assert!(r.covered_at_ns.is_some());
+    }
+
+    fn quiet(seed: u64) -> SimConfig {
+        let mut c = SimConfig::seeded(seed, 8);
+        c.faults = Faults::none();
+        c.faults.window_ns = 120 * SEC;
+        c.duration_ns = 1200 * SEC;
+        c
+    }
+
+    /// A token chunk captured on the wire and sent again to other VMs'
+    /// addresses (the first defect of the review: it started a second
+    /// token) is refused by its destination, and one token circulates.
+    #[test]
+    fn replayed_chunks_to_other_vms_start_no_second_token() {
+        let mut c = quiet(11);
+        c.faults.replay_attack = 0.5;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{r:?}");
+        assert!(r.wrong_destination > 10, "{r:?}");
+        assert_eq!(r.regenerations, 1, "only the first token: {r:?}");
+        assert!(r.covered_at_ns.is_some(), "{r:?}");
+    }
+
+    /// Lost hop acknowledgements (the third defect: the sender skipped,
+    /// the receiver kept its copy, two tokens for good): the sender's
+    /// copy continues under a new epoch, the receiver's ends.
+    #[test]
+    fn lost_acks_leave_one_token() {
+        let mut c = quiet(12);
+        c.faults.ack_loss = 0.7;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{r:?}");
+        assert!(r.skips > 0, "acks were lost past every retry: {r:?}");
+        assert!(r.superseded > 0, "a copy ended: {r:?}");
+        assert!(r.covered_at_ns.is_some(), "{r:?}");
+    }
+
+    #[test]
+    fn a_seed_replays_byte_for_byte() {
+        let c = SimConfig::seeded(7, 8);
+        assert_eq!(run(&c), run(&c));
+    }
+}
