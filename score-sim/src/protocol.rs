@@ -480,10 +480,10 @@ impl Sim {
             Event::TokenReceived { vm, stamp } => {
                 self.report.hops += 1;
                 self.report.rounds = self.report.rounds.max(stamp.round);
-                if self.now >= self.stable_at {
-                    if let Some(&v) = self.vm_by_id.get(vm) {
-                        self.visited_after_stable[v] = true;
-                    }
+                if self.now >= self.stable_at
+                    && let Some(&v) = self.vm_by_id.get(vm)
+                {
+                    self.visited_after_stable[v] = true;
                 }
             }
             Event::HopSkipped { .. } => self.report.skips += 1,
@@ -517,11 +517,11 @@ impl Sim {
         match ev {
             Ev::Deliver { to, from, bytes } => {
                 let Some(h) = self.route(to) else { return };
-                if let Some(side) = &self.side {
-                    if side[h] != side[from] {
-                        self.report.lost += 1;
-                        return;
-                    }
+                if let Some(side) = &self.side
+                    && side[h] != side[from]
+                {
+                    self.report.lost += 1;
+                    return;
                 }
                 self.report.trace = fnv(fnv(self.report.trace, &to.octets()), &bytes);
                 let now = self.clock(h);
@@ -568,10 +568,10 @@ impl Sim {
                     }
                 }
                 let now = self.clock(from);
-                if self.persisted[from].incarnation == incarnation {
-                    if let Some(n) = self.nodes[from].as_mut() {
-                        n.migration_done(now, self.vm_ids[vm], outcome);
-                    }
+                if self.persisted[from].incarnation == incarnation
+                    && let Some(n) = self.nodes[from].as_mut()
+                {
+                    n.migration_done(now, self.vm_ids[vm], outcome);
                 }
                 self.pump(from);
                 self.pump(to);

@@ -655,14 +655,13 @@ impl Node {
                     .insert(vm, (to, self.now + self.cfg.location_ttl_ns));
             }
             Message::FlowReport(r) => {
-                if self.is_watcher() {
-                    if let Ok(PartsOutcome::Complete(entries)) =
+                if self.is_watcher()
+                    && let Ok(PartsOutcome::Complete(entries)) =
                         self.report_parts.insert_flow_report(h.sender, r)
-                    {
-                        let mut vms: Vec<VmId> = entries.iter().map(|e| e.vm).collect();
-                        vms.dedup();
-                        self.reports.insert(h.sender, vms);
-                    }
+                {
+                    let mut vms: Vec<VmId> = entries.iter().map(|e| e.vm).collect();
+                    vms.dedup();
+                    self.reports.insert(h.sender, vms);
                 }
             }
             Message::TokenOrder(_)
