@@ -122,6 +122,14 @@ pub struct SimConfig {
     pub token_hold_ns: u64,
     /// Largest clock skew between hosts, ns.
     pub max_skew_ns: u64,
+    /// Check the invariants after every this many events (1: every event;
+    /// more only for the scale runs, where a full check per event costs
+    /// more than the protocol).
+    pub check_every: u64,
+    /// Stop once the token completed this many rounds.
+    pub stop_after_rounds: Option<u32>,
+    /// How often each host reports its VMs to the watchers.
+    pub report_interval_ns: u64,
 }
 
 impl SimConfig {
@@ -149,7 +157,28 @@ impl SimConfig {
             token_timeout_ns: 15 * SEC,
             token_hold_ns: SEC,
             max_skew_ns: 100 * MS,
+            check_every: 1,
+            stop_after_rounds: None,
+            report_interval_ns: 2 * SEC,
         }
+    }
+
+    /// The paper's data centre: 2,560 hosts (fan-out 20, 8, 4, 4), 12 VMs
+    /// each (30,720), 16 slots, no faults, a short hold (what is measured
+    /// is the protocol's own time), invariants checked every 1,000 events.
+    pub fn paper(seed: u64) -> Self {
+        let mut c = SimConfig::seeded(seed, 4);
+        c.fanout = vec![20, 8, 4, 4];
+        c.vms_per_host = 12;
+        c.vm_slots = 16;
+        c.peers_per_vm = 4;
+        c.policy = PolicyKind::Distributed;
+        c.faults = Faults::none();
+        c.token_hold_ns = 10 * MS;
+        c.duration_ns = 30 * 24 * 3600 * SEC;
+        c.check_every = 1000;
+        c.report_interval_ns = 600 * SEC;
+        c
     }
 }
 
@@ -215,6 +244,9 @@ pub struct Report {
     pub covered_at_ns: Option<u64>,
     /// Hash of every datagram delivered, in order: equal for equal seeds.
     pub trace: u64,
+    /// (simulated ns, datagrams, bytes, total cost) when each round
+    /// completed.
+    pub rounds_at: Vec<(u64, u64, u64, f64)>,
     /// Invariants broken.
     pub violations: Vec<Violation>,
 }
@@ -253,6 +285,7 @@ struct Sim {
     rng: ChaCha8Rng,
     topo: Arc<Topology>,
     host_addrs: Vec<Ipv4Addr>,
+    host_by_addr: BTreeMap<Ipv4Addr, usize>,
     vm_ids: Vec<VmId>,
     vm_by_id: BTreeMap<VmId, usize>,
     place: Vec<usize>,
@@ -310,6 +343,7 @@ impl Sim {
         // Longer than any migration: a promised slot stays promised.
         c.reservation_ns = self.cfg.migration_max_ns * 4 + 60 * SEC;
         c.hold_down_ns = 60 * SEC;
+        c.report_interval_ns = self.cfg.report_interval_ns;
         c
     }
 
@@ -435,7 +469,7 @@ impl Sim {
                 let Some(&v) = self.vm_by_id.get(&vm) else {
                     return;
                 };
-                let Some(t) = self.host_addrs.iter().position(|a| *a == to) else {
+                let Some(&t) = self.host_by_addr.get(&to) else {
                     return;
                 };
                 if self.place[v] != host || self.migrating.contains(&v) || self.undefined[v] {
@@ -496,6 +530,15 @@ impl Sim {
             Event::TokenRegenerated { .. } => self.report.regenerations += 1,
             Event::TokenSuperseded { .. } => self.report.superseded += 1,
             Event::RoundComplete { round, .. } => {
+                if *round > self.report.rounds {
+                    let cost = self.cost();
+                    self.report.rounds_at.push((
+                        self.now,
+                        self.report.datagrams,
+                        self.report.bytes,
+                        cost,
+                    ));
+                }
                 self.report.rounds = self.report.rounds.max(*round)
             }
             _ => {}
@@ -503,7 +546,7 @@ impl Sim {
     }
 
     fn route(&self, to: Ipv4Addr) -> Option<usize> {
-        if let Some(h) = self.host_addrs.iter().position(|a| *a == to) {
+        if let Some(&h) = self.host_by_addr.get(&to) {
             return Some(h);
         }
         let v = *self.vm_by_id.get(&u32::from(to))?;
@@ -710,6 +753,11 @@ pub fn run(cfg: &SimConfig) -> Report {
         cfg: cfg.clone(),
         rng,
         topo,
+        host_by_addr: host_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (*a, i))
+            .collect(),
         host_addrs,
         vm_ids,
         vm_by_id,
@@ -766,7 +814,15 @@ pub fn run(cfg: &SimConfig) -> Report {
         sim.now = at;
         sim.report.events += 1;
         sim.step(ev);
-        sim.check();
+        if sim.report.events % cfg.check_every.max(1) == 0 {
+            sim.check();
+        }
+        if cfg
+            .stop_after_rounds
+            .is_some_and(|n| sim.report.rounds >= n)
+        {
+            break;
+        }
         if sim.report.covered_at_ns.is_none()
             && sim.now >= sim.stable_at
             && sim
@@ -778,9 +834,14 @@ pub fn run(cfg: &SimConfig) -> Report {
             sim.report.covered_at_ns = Some(sim.now);
         }
     }
-    sim.now = cfg.duration_ns;
+    let stopped = cfg
+        .stop_after_rounds
+        .is_some_and(|n| sim.report.rounds >= n);
+    if !stopped {
+        sim.now = cfg.duration_ns;
+    }
     let bound = liveness_bound_ns(cfg, n_vms as u64);
-    if sim.report.covered_at_ns.is_none() && cfg.duration_ns >= sim.stable_at + bound {
+    if !stopped && sim.report.covered_at_ns.is_none() && cfg.duration_ns >= sim.stable_at + bound {
         let missing = sim
             .visited_after_stable
             .iter()
