@@ -39,7 +39,10 @@ pub fn next(state_dir: &Path, address: Ipv4Addr) -> std::io::Result<u32> {
             format!("{}: incarnation counter exhausted", file.display()),
         )
     })?;
-    let tmp = file.with_extension("tmp");
+    // Not `with_extension`: the address's dots would make every host's
+    // temporary file the same name, and agents sharing the directory
+    // would rename each other's away.
+    let tmp = state_dir.join(format!("incarnation-{address}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(f, "{next}")?;
@@ -65,6 +68,18 @@ mod tests {
         assert_eq!(next(dir.path(), a).unwrap(), 2);
         assert_eq!(next(dir.path(), b).unwrap(), 1);
         assert_eq!(next(dir.path(), a).unwrap(), 3);
+        // Hosts that share the directory start at once.
+        let hosts: Vec<Ipv4Addr> = (1..=8).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+        std::thread::scope(|s| {
+            for &h in &hosts {
+                let d = dir.path();
+                s.spawn(move || {
+                    for want in 1..=50 {
+                        assert_eq!(next(d, h).unwrap(), want);
+                    }
+                });
+            }
+        });
         std::fs::write(path(dir.path(), b), "garbage").unwrap();
         assert!(next(dir.path(), b).is_err());
     }
