@@ -313,10 +313,11 @@ fn hostile_datagrams_are_rejected_and_counted() {
     // Only h1 runs an agent; the test speaks for h2, from h2's address and
     // protocol port, where h1's answers go.
     dc.start_agent(0, &Options::default());
+    // Not just running: datagrams sent before the socket is bound are lost.
     dc.agents[0]
         .as_ref()
         .unwrap()
-        .wait_for(&["score-agent running"], Duration::from_secs(30));
+        .wait_for(&["peer listening"], Duration::from_secs(30));
     let target = std::net::SocketAddr::from((dc.hosts[0].addr, PORT));
     let me = std::net::SocketAddr::from((dc.hosts[1].addr, PORT));
     let key = ClusterKey::new(&dc.key).unwrap();

@@ -63,6 +63,10 @@ enum Cmd {
         /// No faults at all.
         #[arg(long)]
         quiet: bool,
+        /// Print every node's events to standard error (to read a failing
+        /// seed's run: `--seed N --seeds 1 --trace`).
+        #[arg(long)]
+        trace: bool,
         /// Instead: the paper's data centre (2,560 hosts, 30,720 VMs)
         /// without faults, until the token completed this many rounds;
         /// prints the time, datagrams and bytes of each round.
@@ -404,11 +408,13 @@ fn main() -> ExitCode {
             hosts,
             seconds,
             quiet,
+            trace,
             paper_rounds: Some(rounds),
         } => {
             let _ = (seeds, hosts, seconds, quiet);
             let mut c = score_sim::protocol::SimConfig::paper(seed);
             c.stop_after_rounds = Some(rounds);
+            c.trace = trace;
             let started = std::time::Instant::now();
             let r = score_sim::protocol::run(&c);
             let wall = started.elapsed().as_secs_f64();
@@ -450,9 +456,10 @@ fn main() -> ExitCode {
             hosts,
             seconds,
             quiet,
+            trace,
             paper_rounds: None,
         } => {
-            let s = score_sim::protocol::soak(seed, seeds, hosts, seconds, quiet, |r| {
+            let s = score_sim::protocol::soak(seed, seeds, hosts, seconds, quiet, trace, |r| {
                 if !r.violations.is_empty() {
                     eprintln!("seed {}: {:?}", r.seed, r.violations);
                 }

@@ -130,6 +130,9 @@ pub struct SimConfig {
     pub stop_after_rounds: Option<u32>,
     /// How often each host reports its VMs to the watchers.
     pub report_interval_ns: u64,
+    /// Print every node's events to standard error (to read a failing
+    /// seed's run).
+    pub trace: bool,
 }
 
 impl SimConfig {
@@ -160,6 +163,7 @@ impl SimConfig {
             check_every: 1,
             stop_after_rounds: None,
             report_interval_ns: 2 * SEC,
+            trace: false,
         }
     }
 
@@ -396,6 +400,9 @@ impl Sim {
                 self.output(host, o);
             }
             if let Some(e) = ev {
+                if self.cfg.trace {
+                    eprintln!("{:>12.3} h{host:<3} {e:?}", self.now as f64 / 1e9);
+                }
                 self.event(&e);
             }
         }
@@ -936,6 +943,7 @@ pub fn soak(
     hosts: u32,
     seconds: u64,
     quiet: bool,
+    trace: bool,
     mut each: impl FnMut(&Report),
 ) -> Summary {
     let mut s = Summary::default();
@@ -945,6 +953,7 @@ pub fn soak(
         if quiet {
             c.faults = Faults::none();
         }
+        c.trace = trace;
         let r = run(&c);
         each(&r);
         s.runs += 1;

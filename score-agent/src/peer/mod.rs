@@ -1372,13 +1372,15 @@ pub async fn start(
         .fold(KeyRing::new(cfg.key.clone()), |ring, k| {
             ring.accepting(k.clone(), until)
         });
-    info!(incarnation, keys = keys.len(), "peer identity");
+    let key_count = keys.len();
     let identity = net::Identity {
         keys,
         incarnation,
         max_age: cfg.peer.max_datagram_age,
     };
     let net = Net::bind(cfg.node.address, cfg.peer.port, identity, hosts).await?;
+    // Logged once the socket is bound: from here on datagrams are heard.
+    info!(incarnation, keys = key_count, "peer listening");
     let (tx, rx) = mpsc::channel(16);
     let peer = Arc::new(Peer {
         cfg: cfg.clone(),

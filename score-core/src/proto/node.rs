@@ -326,7 +326,8 @@ pub struct Node {
     last_seen: u64,
     best_seen: Option<TokenStamp>,
     backup: Option<Token>,
-    reports: BTreeMap<Ipv4Addr, Vec<VmId>>,
+    /// Each host's last report: its VMs, and when it arrived.
+    reports: BTreeMap<Ipv4Addr, (Vec<VmId>, u64)>,
     report_parts: PartsAssembler<FlowEntry>,
     next_report: u64,
     reports_sent: u64,
@@ -661,7 +662,7 @@ impl Node {
                 {
                     let mut vms: Vec<VmId> = entries.iter().map(|e| e.vm).collect();
                     vms.dedup();
-                    self.reports.insert(h.sender, vms);
+                    self.reports.insert(h.sender, (vms, self.now));
                 }
             }
             Message::TokenOrder(_)
@@ -1084,7 +1085,31 @@ impl Node {
         for vm in self.hosted.keys() {
             token.insert(*vm);
         }
+        // A VM skipped while its host was unreachable left the token, and
+        // a host with no VM left in it never holds it to add them back.
+        // The watchers know every live host's VMs from its reports, so a
+        // watcher holding the token restores them (docs/PROTOCOL.md,
+        // "Membership").
+        for vm in self.reported_members() {
+            if !self.frozen.contains(&vm) {
+                token.insert(vm);
+            }
+        }
         self.pass(token, Some(h.vm), 0);
+    }
+
+    /// The VMs that hosts reported lately (a watcher's view; empty
+    /// elsewhere). A report older than three intervals is not trusted: its
+    /// host may be down, or its VMs gone.
+    fn reported_members(&self) -> Vec<VmId> {
+        let horizon = self
+            .now
+            .saturating_sub(self.cfg.report_interval_ns.saturating_mul(3));
+        self.reports
+            .values()
+            .filter(|(_, at)| *at >= horizon)
+            .flat_map(|(vms, _)| vms.iter().copied())
+            .collect()
     }
 
     fn pass(&mut self, mut token: Token, from: Option<VmId>, skipped: usize) {
@@ -1208,9 +1233,7 @@ impl Node {
     fn regenerate(&mut self) {
         self.last_seen = self.now;
         let mut members: BTreeSet<VmId> = self.hosted.keys().copied().collect();
-        for vms in self.reports.values() {
-            members.extend(vms.iter().copied());
-        }
+        members.extend(self.reported_members());
         if let Some(b) = &self.backup {
             members.extend(b.entries().iter().map(|e| e.id));
         }
