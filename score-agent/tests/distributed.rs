@@ -295,6 +295,17 @@ fn advisory_mode_moves_nothing_and_says_what_it_would_do() {
     });
     assert_eq!(dc.host_of(0), Some(0));
     assert_eq!(dc.host_of(1), Some(2));
+    // Every agent that holds the token exports its round, not only the
+    // one that completed the round (both used to export 0 but one).
+    dc.wait_until(
+        "the round on both VMs' hosts",
+        Duration::from_secs(40),
+        |dc| {
+            [0, 2]
+                .iter()
+                .all(|&i| dc.metric(i, "score_token_round") >= 2.0)
+        },
+    );
     let done: f64 = (0..4)
         .map(|i| dc.metric(i, "score_migrations_total{outcome=\"done\"}"))
         .sum();

@@ -1029,6 +1029,20 @@ mod tests {
         assert!(r.covered_at_ns.is_some(), "{r:?}");
     }
 
+    /// Seed 42: a partition cut the watchers off, and every VM of their
+    /// hosts was skipped. Those hosts then never held the token again to
+    /// add their VMs back (the liveness invariant failed) until the
+    /// watchers sent the token's holders the members it lacked.
+    #[test]
+    fn a_host_whose_vms_were_all_skipped_gets_them_back() {
+        let mut c = SimConfig::seeded(42, 8);
+        c.duration_ns = 1800 * SEC;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert!(r.skips >= 8, "{r:?}");
+        assert!(r.covered_at_ns.is_some(), "{r:?}");
+    }
+
     #[test]
     fn a_seed_replays_byte_for_byte() {
         let c = SimConfig::seeded(7, 8);

@@ -176,21 +176,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { suite } => bench(&suite),
-        Task::Soak { seeds, seed, hosts } => run(cargo().args([
-            "run",
-            "--locked",
-            "--release",
-            "-p",
-            "score-sim",
-            "--",
-            "protocol",
-            "--seeds",
-            &seeds.to_string(),
-            "--seed",
-            &seed.to_string(),
-            "--hosts",
-            &hosts.to_string(),
-        ])),
+        Task::Soak { seeds, seed, hosts } => soak(seed, seeds, hosts, 3600),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
         Task::Dist(args) => dist::dist(&args).map(|_| ()),
@@ -322,6 +308,28 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
     }
 }
 
+/// `score-sim protocol` over `seeds` seeds from `first`: fails on any
+/// invariant violation.
+fn soak(first: u64, seeds: u64, hosts: u32, seconds: u64) -> Result<()> {
+    run(cargo().args([
+        "run",
+        "--locked",
+        "--release",
+        "-p",
+        "score-sim",
+        "--",
+        "protocol",
+        "--seed",
+        &first.to_string(),
+        "--seeds",
+        &seeds.to_string(),
+        "--hosts",
+        &hosts.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]))
+}
+
 fn workspace_root() -> Result<std::path::PathBuf> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     Ok(dir
@@ -357,6 +365,11 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     // Default members: every userspace crate. Privileged tests are
     // #[ignore]d there, so this tier needs no root.
     run(cargo().args(["test", "--locked"]))?;
+    // The peer protocol under seeded faults (docs/PROTOCOL.md): a few
+    // hundred runs of small and medium data centres, in release (a debug
+    // build is ten times slower). Any violation fails and names its seed.
+    soak(0, 300, 8, 1800)?;
+    soak(1_000_000, 40, 32, 1800)?;
 
     if !is_root() {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");

@@ -401,6 +401,9 @@ impl Peer {
             Message::MigrationNotice { vm, to, .. } => {
                 self.state().locations.insert(vm, to);
             }
+            // This peer keeps a skipped VM in the token (it is tried again
+            // next round), so it has nothing to add back.
+            Message::Members { .. } => debug!("members list ignored"),
             Message::FlowReport(r) => {
                 let mut s = self.state();
                 match s.report_parts.insert_flow_report(h.sender, r) {

@@ -103,42 +103,11 @@ pub const RECEIVE_BUFFER_BYTES: usize = 8 << 20;
 /// Returns the size the kernel reports afterwards (it doubles the value
 /// for its bookkeeping).
 pub fn raise_receive_buffer(sock: &UdpSocket, bytes: usize) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
-    let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let set = |opt| {
-        // SAFETY: fd is an open socket owned by `sock` for this call; the
-        // value points at a live c_int of the length given.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&val as *const libc::c_int).cast(),
-                len,
-            )
-        }
-    };
-    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
-        return Err(std::io::Error::last_os_error());
+    use rustix::net::sockopt;
+    if sockopt::set_socket_recv_buffer_size_force(sock, bytes).is_err() {
+        sockopt::set_socket_recv_buffer_size(sock, bytes)?;
     }
-    let mut got: libc::c_int = 0;
-    let mut got_len = len;
-    // SAFETY: as above; the kernel writes at most `got_len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut got_len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(usize::try_from(got).unwrap_or(0))
+    Ok(sockopt::socket_recv_buffer_size(sock)?)
 }
 
 /// Who this agent is on the wire, beyond its address.
@@ -433,8 +402,7 @@ mod tests {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let default = raise_receive_buffer(&sock, 0).unwrap();
         let raised = raise_receive_buffer(&sock, RECEIVE_BUFFER_BYTES).unwrap();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             assert!(raised >= RECEIVE_BUFFER_BYTES, "{raised}");
         } else {
             assert!(raised >= default, "{raised} < {default}");

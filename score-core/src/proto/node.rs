@@ -15,7 +15,8 @@ use crate::token::{Load, Token, VmId};
 use crate::topology::{HostId, Topology};
 use crate::wire::{
     ChunkBitmap, ChunkOutcome, Datagram, FlowEntry, FlowReport, Freshness, Header, KeyRing,
-    Message, PartsAssembler, PartsOutcome, Reassembler, ReplayTable, TokenChunk, token_chunks,
+    MAX_MEMBER_VMS, Message, PartsAssembler, PartsOutcome, Reassembler, ReplayTable, TokenChunk,
+    token_chunks,
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -326,6 +327,13 @@ pub struct Node {
     last_seen: u64,
     best_seen: Option<TokenStamp>,
     backup: Option<Token>,
+    /// The backup copy (epoch, round) a members list was last sent for: a
+    /// watcher sends one per round at most.
+    members_sent: Option<(u64, u32)>,
+    /// VMs a watcher said the token lacks, kept until the token arrives
+    /// here (the list may overtake the token it is meant for), and when
+    /// they came.
+    joining: (Vec<VmId>, u64),
     /// Each host's last report: its VMs, and when it arrived.
     reports: BTreeMap<Ipv4Addr, (Vec<VmId>, u64)>,
     report_parts: PartsAssembler<FlowEntry>,
@@ -391,6 +399,8 @@ impl Node {
             last_seen: now,
             best_seen: None,
             backup: None,
+            members_sent: None,
+            joining: (Vec::new(), 0),
             reports: BTreeMap::new(),
             report_parts: PartsAssembler::default(),
             next_report,
@@ -665,6 +675,17 @@ impl Node {
                     self.reports.insert(h.sender, (vms, self.now));
                 }
             }
+            Message::Members { vms } => {
+                if let Some(x) = self.held.as_mut().filter(|x| !x.superseded) {
+                    for vm in vms {
+                        if !self.frozen.contains(&vm) {
+                            x.token.insert(vm);
+                        }
+                    }
+                } else {
+                    self.joining = (vms, self.now);
+                }
+            }
             Message::TokenOrder(_)
             | Message::SwapPropose(_)
             | Message::SwapAccept(_)
@@ -845,7 +866,39 @@ impl Node {
                 // Sealed in b's epoch at least (ours is never lower).
                 self.send(h.sender, &m);
             }
-            _ => self.note_stamp(stamp),
+            _ => {
+                self.note_stamp(stamp);
+                if stamp.epoch >= self.persisted.epoch && holder != 0 {
+                    self.offer_members(holder);
+                }
+            }
+        }
+    }
+
+    /// Sends the holder of the copy just reported the VMs that hosts
+    /// reported lately and the last round's copy lacks: once per round,
+    /// so a lost list is sent again a round later (docs/PROTOCOL.md,
+    /// "Membership").
+    fn offer_members(&mut self, holder: VmId) {
+        let Some(b) = &self.backup else {
+            return;
+        };
+        let round = (b.epoch, b.round);
+        if self.members_sent == Some(round) {
+            return;
+        }
+        let mut missing: Vec<VmId> = self
+            .reported_members()
+            .into_iter()
+            .chain(self.hosted.keys().copied())
+            .filter(|vm| b.get(*vm).is_none() && !self.frozen.contains(vm))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        missing.truncate(MAX_MEMBER_VMS);
+        self.members_sent = Some(round);
+        if !missing.is_empty() {
+            self.send(Ipv4Addr::from(holder), &Message::Members { vms: missing });
         }
     }
 
@@ -923,6 +976,15 @@ impl Node {
                 self.events
                     .push_back(Event::TokenSuperseded { mine: stamp });
                 return;
+            }
+        }
+        let mut token = token;
+        let (joining, at) = std::mem::take(&mut self.joining);
+        if self.now.saturating_sub(at) <= self.cfg.token_timeout_ns {
+            for j in joining {
+                if !self.frozen.contains(&j) {
+                    token.insert(j);
+                }
             }
         }
         self.events.push_back(Event::TokenReceived { vm, stamp });
@@ -1084,16 +1146,6 @@ impl Node {
         let mut token = h.token;
         for vm in self.hosted.keys() {
             token.insert(*vm);
-        }
-        // A VM skipped while its host was unreachable left the token, and
-        // a host with no VM left in it never holds it to add them back.
-        // The watchers know every live host's VMs from its reports, so a
-        // watcher holding the token restores them (docs/PROTOCOL.md,
-        // "Membership").
-        for vm in self.reported_members() {
-            if !self.frozen.contains(&vm) {
-                token.insert(vm);
-            }
         }
         self.pass(token, Some(h.vm), 0);
     }

@@ -26,6 +26,9 @@ pub const MAX_FLOW_ENTRIES: usize = (MAX_PAYLOAD - LIST_HEADER_LEN) / FLOW_ENTRY
 /// Most VM IDs in one [`TokenOrder`] datagram (296).
 pub const MAX_ORDER_VMS: usize = (MAX_PAYLOAD - LIST_HEADER_LEN) / 4;
 
+/// Most VM IDs in one [`Message::Members`] datagram (a count, then IDs).
+pub const MAX_MEMBER_VMS: usize = (MAX_PAYLOAD - 2) / 4;
+
 /// One chunk of an encoded token (see [`token_chunks`](super::token_chunks)).
 /// Every chunk but the last carries exactly
 /// [`CHUNK_DATA_LEN`](super::CHUNK_DATA_LEN) bytes, so index, count and
@@ -395,8 +398,15 @@ pub enum Message {
         /// The host that holds this copy.
         host: Ipv4Addr,
     },
+    /// VMs that hosts reported lately and the token lacks (a VM skipped
+    /// while its host was unreachable leaves the token): a watcher sends
+    /// them to a holder, which adds them (docs/PROTOCOL.md, "Membership").
+    Members {
+        /// At most [`MAX_MEMBER_VMS`] VMs, none 0.
+        vms: Vec<VmId>,
+    },
     /// A swap proposal, from the holder of the token for its VM to a full
-    /// candidate host (issue 8).
+    /// candidate host.
     SwapPropose(SwapProposal),
     /// The asked host accepts a swap and names the partner.
     SwapAccept(SwapAcceptance),
@@ -453,6 +463,7 @@ impl Message {
             Message::SwapRefuse { .. } => Kind::SwapRefuse,
             Message::SwapCommit { .. } => Kind::SwapCommit,
             Message::SwapDone { .. } => Kind::SwapDone,
+            Message::Members { .. } => Kind::Members,
         }
     }
 
@@ -508,6 +519,7 @@ impl Message {
             ),
             Message::SwapPropose(p) => p.check(),
             Message::SwapAccept(a) => a.check(),
+            Message::Members { vms } => check_members(vms),
             _ => Ok(()),
         }
     }
@@ -634,6 +646,12 @@ impl Message {
                 buf.put_u32(*vm);
                 buf.put_u32(*partner);
                 buf.put_u8(*result as u8);
+            }
+            Message::Members { vms } => {
+                buf.put_u16(vms.len() as u16); // <= MAX_MEMBER_VMS
+                for vm in vms {
+                    buf.put_u32(*vm);
+                }
             }
         }
     }
@@ -802,10 +820,37 @@ impl Message {
                 partner: r.u32()?,
                 result: SwapResult::from_u8(r.u8()?).ok_or(r.invalid("result"))?,
             },
+            Kind::Members => {
+                let n = usize::from(r.u16()?);
+                if n > MAX_MEMBER_VMS {
+                    return Err(r.invalid("count"));
+                }
+                r.expect_exactly(n * 4)?;
+                let vms = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+                check_members(&vms)?;
+                Message::Members { vms }
+            }
         };
         r.end()?;
         Ok(msg)
     }
+}
+
+/// A members list: not empty, at most [`MAX_MEMBER_VMS`], no VM 0.
+fn check_members(vms: &[VmId]) -> Result<(), WireError> {
+    let bad = |field| {
+        Err(WireError::InvalidField {
+            kind: Kind::Members,
+            field,
+        })
+    };
+    if vms.is_empty() || vms.len() > MAX_MEMBER_VMS {
+        return bad("count");
+    }
+    if vms.contains(&0) {
+        return bad("vm");
+    }
+    Ok(())
 }
 
 /// A decoded datagram: who sent it, in which epoch, with which sequence
@@ -1128,6 +1173,30 @@ mod tests {
             };
             assert_eq!(round_trip(&m), h + 17);
         }
+    }
+
+    #[test]
+    fn members_round_trip_and_are_bounded() {
+        let vms: Vec<VmId> = (1..=MAX_MEMBER_VMS as u32).collect();
+        let len = round_trip(&Message::Members { vms: vms.clone() });
+        assert!(len <= HEADER_LEN + MAX_PAYLOAD + 32, "{len}");
+        assert_eq!(
+            round_trip(&Message::Members { vms: vec![7] }),
+            HEADER_LEN + 2 + 4 + 32
+        );
+        let mut b = BytesMut::new();
+        for bad in [
+            vec![],
+            vec![3, 0],
+            (0..=MAX_MEMBER_VMS as u32).map(|v| v + 1).collect(),
+        ] {
+            assert!(
+                Message::Members { vms: bad }
+                    .encode(&header(), &key(), &mut b)
+                    .is_err()
+            );
+        }
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -35,9 +35,9 @@ pub use chunk::{
 };
 pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
 pub use message::{
-    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS,
-    Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
-    TokenOrder,
+    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_MEMBER_VMS, MAX_ORDER_VMS,
+    MAX_SWAP_PEERS, Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
+    TokenChunk, TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
 pub use replay::{Freshness, REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
@@ -67,7 +67,7 @@ pub enum Kind {
     TokenOrder = 9,
     /// The token is alive (holder to watchers) or was regenerated.
     TokenSeen = 10,
-    /// A swap proposal to a full candidate host (issue 8).
+    /// A swap proposal to a full candidate host.
     SwapPropose = 11,
     /// The asked host accepts a swap and names the partner.
     SwapAccept = 12,
@@ -77,11 +77,13 @@ pub enum Kind {
     SwapCommit = 14,
     /// The asked host's part of a swap has ended.
     SwapDone = 15,
+    /// VMs the token lacks: a watcher to the holder.
+    Members = 16,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -97,6 +99,7 @@ impl Kind {
         Kind::SwapRefuse,
         Kind::SwapCommit,
         Kind::SwapDone,
+        Kind::Members,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -122,6 +125,7 @@ impl Kind {
             Kind::SwapRefuse => "swap_refuse",
             Kind::SwapCommit => "swap_commit",
             Kind::SwapDone => "swap_done",
+            Kind::Members => "members",
         }
     }
 }
@@ -281,7 +285,8 @@ mod tests {
         }
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(15), Some(Kind::SwapDone));
-        assert_eq!(Kind::from_u8(16), None);
+        assert_eq!(Kind::from_u8(16), Some(Kind::Members));
+        assert_eq!(Kind::from_u8(17), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
