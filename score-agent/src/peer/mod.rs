@@ -18,7 +18,7 @@
 //! dropped everywhere, so an old token dies at its next hop. Only the lowest
 //! live watcher regenerates, so one epoch has one token.
 //!
-//! Swaps (issue 8, beyond the paper; `[policy] swaps`): when the holder's
+//! Swaps (beyond the paper, docs/EVALUATION.md; `[policy] swaps`): when the holder's
 //! decision asks a full candidate host for a swap, it sends a swap proposal;
 //! that host picks the partner from its own VMs with its own measurements
 //! (score-core's `choose_swap_partner`), reserves it and accepts, or

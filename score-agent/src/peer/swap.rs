@@ -1,4 +1,4 @@
-//! The bookkeeping of swaps (issue 8) on the agent: whether a host may
+//! The bookkeeping of swaps (docs/WIRE.md, "Swaps") on the agent: whether a host may
 //! hold one VM more than its slots for the time of a swap, the order of a
 //! swap's two live migrations, and the asked host's reservations of the
 //! partners it gave. Pure and synchronous, so it is tested without root;

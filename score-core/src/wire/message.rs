@@ -158,7 +158,7 @@ const SWAP_PEER_LEN: usize = 4 + 8;
 /// Most peers a [`SwapProposal`] carries (95).
 pub const MAX_SWAP_PEERS: usize = (MAX_PAYLOAD - SWAP_PROPOSE_FIXED_LEN) / SWAP_PEER_LEN;
 
-/// "Take my VM `vm`, and send me one of yours in exchange" (issue 8): what
+/// "Take my VM `vm`, and send me one of yours in exchange" (docs/EVALUATION.md, "Beyond the paper"): what
 /// the holder of the token for `vm` sends a full candidate host. It
 /// carries what the asked host needs to evaluate the swap with only its
 /// own measurements (score-core's `swap::SwapRequest`, with addresses).

@@ -1,5 +1,4 @@
-//! Wire format of every peer message (paper §III-D/F, BRIEF "The peer
-//! protocol"): a versioned binary datagram authenticated with the cluster key.
+//! Wire format of every peer message (paper §III-D/F; docs/PROTOCOL.md): a versioned binary datagram authenticated with the cluster key.
 //!
 //! Layout, byte order and the reasons behind them are in `docs/WIRE.md`.
 //! Decoding is done in two steps: [`Frame::check`] validates the frame and
@@ -10,7 +9,7 @@
 //!
 //! - [`auth`]: the cluster key, the key ring of a rotation, HMAC-SHA256.
 //! - [`frame`]: the datagram header, sealing and checking a frame.
-//! - [`message`]: the message bodies (the swap messages of issue 8 too:
+//! - [`message`]: the message bodies (the swap messages too:
 //!   propose, accept or refuse, commit, done).
 //! - [`token_codec`]: the compact token encoding.
 //! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
