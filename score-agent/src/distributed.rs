@@ -121,6 +121,11 @@ pub async fn start(
 ) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
     let advisory = matches!(backend, Backend::Advisory(_));
+    let incarnation = peer::incarnation::next(&cluster.peer.state_dir, cluster.node.address)
+        .map_err(|source| AgentError::State {
+            path: cluster.peer.state_dir.clone(),
+            source,
+        })?;
     peer::start(
         Arc::new(cluster),
         collector,
@@ -130,6 +135,7 @@ pub async fn start(
         advisory,
         control,
         cancel,
+        incarnation,
     )
     .await
     .map_err(|source| AgentError::Bind { addr, source })

@@ -42,6 +42,14 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The state directory (the incarnation counter) cannot be written.
+    #[error("state directory {}: {source}", path.display())]
+    State {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The hypervisor backend cannot run here.
     #[error(transparent)]
     Backend(backend::BackendConfigError),

@@ -234,7 +234,7 @@ impl Dc {
              [node]\naddress = \"{addr}\"\nvm_slots = {slots}\nmemory_mib = 4096\nvm_memory_mib = 256\n\
              migration_headroom = {headroom}\n\
              [topology]\nfile = \"{dir}/topology.toml\"\n\
-             [peer]\nport = {PORT}\nkey_file = \"{dir}/cluster.key\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
+             [peer]\nport = {PORT}\nkey_file = \"{dir}/cluster.key\"\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
              [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
              candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{backend}",
@@ -287,6 +287,9 @@ impl Dc {
                 .unwrap();
                 let key = self.dir.path().join("cluster.key");
                 sh(&["chown", &owner, key.to_str().unwrap()]);
+                let state = self.dir.path().join("state");
+                std::fs::create_dir_all(&state).unwrap();
+                sh(&["chown", &owner, state.to_str().unwrap()]);
                 let pins = format!("{}/{}", self._bpffs.path, self.hosts[i].ns);
                 std::fs::create_dir_all(&pins).unwrap();
                 sh(&["chown", &owner, &pins]);

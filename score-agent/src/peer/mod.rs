@@ -1356,7 +1356,8 @@ fn rand_transfer() -> u64 {
 }
 
 /// Starts the protocol's tasks; they stop when `cancel` fires. `advisory`:
-/// the backend behind `migrate` moves nothing.
+/// the backend behind `migrate` moves nothing. `incarnation`: this run's,
+/// from [`incarnation::next`].
 pub async fn start(
     cfg: Arc<ClusterSettings>,
     collector: Arc<Collector>,
@@ -1365,9 +1366,9 @@ pub async fn start(
     advisory: bool,
     control: ControlReader,
     cancel: CancellationToken,
+    incarnation: u32,
 ) -> std::io::Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>)> {
     let hosts = cfg.topology.host_count() as usize;
-    let incarnation = incarnation::next(&cfg.peer.state_dir, cfg.node.address)?;
     let until = net::wall_ms().saturating_add(cfg.peer.previous_keys_for.as_millis() as u64);
     let keys = cfg
         .previous_keys
