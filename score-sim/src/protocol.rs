@@ -821,7 +821,7 @@ pub fn run(cfg: &SimConfig) -> Report {
         sim.now = at;
         sim.report.events += 1;
         sim.step(ev);
-        if sim.report.events % cfg.check_every.max(1) == 0 {
+        if sim.report.events.is_multiple_of(cfg.check_every.max(1)) {
             sim.check();
         }
         if cfg

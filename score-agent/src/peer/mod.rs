@@ -1358,6 +1358,10 @@ fn rand_transfer() -> u64 {
 /// Starts the protocol's tasks; they stop when `cancel` fires. `advisory`:
 /// the backend behind `migrate` moves nothing. `incarnation`: this run's,
 /// from [`incarnation::next`].
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the daemon's parts, handed over once; the peer's shell over score-core's Node will take them as one"
+)]
 pub async fn start(
     cfg: Arc<ClusterSettings>,
     collector: Arc<Collector>,
