@@ -82,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         root_dir: "../score-ebpf",
         ..Default::default()
     };
+    // aya-build watches score-ebpf's own files; the kernel side also
+    // compiles score-common (the map layouts, the slot hash), and an
+    // object left stale by a change there disagrees with the agent.
+    println!("cargo:rerun-if-changed=../score-common");
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN))
         .context("building score-ebpf")?;
     Ok(())
