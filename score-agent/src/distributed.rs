@@ -121,6 +121,7 @@ pub async fn start(
 ) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
     let advisory = matches!(backend, Backend::Advisory(_));
+    let started_ms = peer::net::wall_ms();
     let incarnation = peer::incarnation::next(&cluster.peer.state_dir, cluster.node.address)
         .map_err(|source| AgentError::State {
             path: cluster.peer.state_dir.clone(),
@@ -136,6 +137,7 @@ pub async fn start(
         control,
         cancel,
         incarnation,
+        started_ms,
     )
     .await
     .map_err(|source| AgentError::Bind { addr, source })

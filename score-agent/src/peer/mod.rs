@@ -1357,7 +1357,7 @@ fn rand_transfer() -> u64 {
 
 /// Starts the protocol's tasks; they stop when `cancel` fires. `advisory`:
 /// the backend behind `migrate` moves nothing. `incarnation`: this run's,
-/// from [`incarnation::next`].
+/// from [`incarnation::next`], raised at `started_ms` (wall clock).
 #[expect(
     clippy::too_many_arguments,
     reason = "the daemon's parts, handed over once; the peer's shell over score-core's Node will take them as one"
@@ -1371,6 +1371,7 @@ pub async fn start(
     control: ControlReader,
     cancel: CancellationToken,
     incarnation: u32,
+    started_ms: u64,
 ) -> std::io::Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>)> {
     let hosts = cfg.topology.host_count() as usize;
     let until = net::wall_ms().saturating_add(cfg.peer.previous_keys_for.as_millis() as u64);
@@ -1384,6 +1385,7 @@ pub async fn start(
     let identity = net::Identity {
         keys,
         incarnation,
+        started_ms,
         max_age: cfg.peer.max_datagram_age,
     };
     let net = Net::bind(cfg.node.address, cfg.peer.port, identity, hosts).await?;

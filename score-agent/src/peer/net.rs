@@ -117,6 +117,11 @@ pub struct Identity {
     pub keys: KeyRing,
     /// This run's incarnation (persisted, raised at every start).
     pub incarnation: u32,
+    /// Wall-clock ms when the incarnation was raised: the freshness floor.
+    /// Not the bind, which comes later: a peer's datagram sealed in
+    /// between was refused as older than this run, though no earlier run
+    /// could have seen it (the previous one had ended before the raise).
+    pub started_ms: u64,
     /// Oldest datagram accepted, and largest clock lead tolerated.
     pub max_age: Duration,
 }
@@ -133,7 +138,7 @@ impl Net {
         let rcvbuf = raise_receive_buffer(&sock, RECEIVE_BUFFER_BYTES)?;
         debug!(bytes = rcvbuf, "socket receive buffer");
         let freshness = Freshness {
-            started_ms: wall_ms(),
+            started_ms: identity.started_ms,
             max_age_ms: identity.max_age.as_millis() as u64,
         };
         Ok(Arc::new(Net {
@@ -332,6 +337,7 @@ mod tests {
         Identity {
             keys,
             incarnation: 1,
+            started_ms: wall_ms(),
             max_age: Duration::from_secs(30),
         }
     }
