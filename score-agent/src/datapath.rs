@@ -321,6 +321,19 @@ impl SlotMem {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Every slot that holds a pair, as owned with nothing reported yet
+    /// (one pass over the whole array).
+    fn occupied(&self) -> Vec<Owned> {
+        (0..self.slots)
+            .filter(|&i| self.key(i) != 0)
+            .map(|idx| Owned {
+                idx,
+                bytes: 0,
+                packets: 0,
+            })
+            .collect()
+    }
+
     /// The slot's counts: the agent's cell and every CPU's, summed.
     fn totals(&self, idx: u32) -> Totals {
         use std::sync::atomic::Ordering::Relaxed;
@@ -398,14 +411,7 @@ impl Slots {
         let mem = SlotMem::map(md.fd().as_fd(), slots, cells).map_err(DatapathError::Slots)?;
         // Slots pinned by an earlier run keep their pairs: adopt them
         // (one pass over the array, at load only).
-        let owned = (0..slots)
-            .filter(|&i| mem.key(i) != 0)
-            .map(|idx| Owned {
-                idx,
-                bytes: 0,
-                packets: 0,
-            })
-            .collect();
+        let owned = mem.occupied();
         Ok(Slots {
             mem,
             mask: slots - 1,
@@ -764,15 +770,7 @@ impl Datapath {
     /// (one pass over every slot): for a second handle on pinned maps
     /// whose slots another process (the daemon) gives, such as a bench's.
     pub fn adopt_slots(&mut self) {
-        let mem = &self.slots.mem;
-        self.slots.owned = (0..mem.slots)
-            .filter(|&i| mem.key(i) != 0)
-            .map(|idx| Owned {
-                idx,
-                bytes: 0,
-                packets: 0,
-            })
-            .collect();
+        self.slots.owned = self.slots.mem.occupied();
     }
 
     /// Slots that hold a pair now (the rest of the pairs are counted in
