@@ -24,7 +24,7 @@ pub mod baseline;
 pub mod capacity;
 pub mod engine;
 pub mod experiment;
-pub(crate) mod plot;
+pub mod plot;
 pub mod protocol;
 pub mod report;
 pub mod scenario;

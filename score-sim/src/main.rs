@@ -72,6 +72,11 @@ enum Cmd {
         /// prints the time, datagrams and bytes of each round.
         #[arg(long)]
         paper_rounds: Option<u32>,
+        /// With --paper-rounds: also run score-sim's decision-only engine
+        /// on the same world, check that both made the same decisions, and
+        /// draw both cost curves into STEM.png and STEM.svg.
+        #[arg(long, value_name = "STEM")]
+        plot: Option<PathBuf>,
     },
     /// Beyond the paper (docs/EVALUATION.md): the paper scenario at 80%, 90% and 95%
     /// fill, every policy with the paper's rule, with swaps, and with swaps
@@ -410,45 +415,10 @@ fn main() -> ExitCode {
             quiet,
             trace,
             paper_rounds: Some(rounds),
+            plot,
         } => {
             let _ = (seeds, hosts, seconds, quiet);
-            let mut c = score_sim::protocol::SimConfig::paper(seed);
-            c.stop_after_rounds = Some(rounds);
-            c.trace = trace;
-            let started = std::time::Instant::now();
-            let r = score_sim::protocol::run(&c);
-            let wall = started.elapsed().as_secs_f64();
-            let hosts = c.fanout.iter().product::<u32>();
-            println!(
-                "paper data centre: {hosts} hosts, {} VMs, seed {seed}",
-                hosts * c.vms_per_host
-            );
-            println!("round,simulated_s,datagrams,bytes,datagrams_per_host,bytes_per_host,cost");
-            let mut prev = (0u64, 0u64, 0u64);
-            for (at, d, b, cost) in &r.rounds_at {
-                println!(
-                    "{},{:.1},{},{},{:.1},{:.0},{cost:.6e}",
-                    r.rounds_at.iter().position(|x| x.0 == *at).unwrap_or(0) + 1,
-                    (at - prev.0) as f64 / 1e9,
-                    d - prev.1,
-                    b - prev.2,
-                    (d - prev.1) as f64 / f64::from(hosts),
-                    (b - prev.2) as f64 / f64::from(hosts),
-                );
-                prev = (*at, *d, *b);
-            }
-            println!(
-                "cost {:.6e} -> {:.6e}; {} hops, {} migrations, {} events; wall clock {wall:.1} s \
-                 ({:.1} s per round); violations {:?}",
-                r.cost_start,
-                r.cost_end,
-                r.hops,
-                r.migrations,
-                r.events,
-                wall / f64::from(r.rounds.max(1)),
-                r.violations
-            );
-            Ok(())
+            paper_protocol(seed, rounds, trace, plot.as_deref())
         }
         Cmd::Protocol {
             seed,
@@ -458,6 +428,7 @@ fn main() -> ExitCode {
             quiet,
             trace,
             paper_rounds: None,
+            plot: _,
         } => {
             let s = score_sim::protocol::soak(seed, seeds, hosts, seconds, quiet, trace, |r| {
                 if !r.violations.is_empty() {
@@ -483,4 +454,84 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Prints a paper-scale protocol run round by round.
+fn print_paper_rounds(r: &score_sim::protocol::Report, hosts: u32, wall: f64) {
+    println!("round,simulated_s,datagrams,bytes,datagrams_per_host,bytes_per_host,cost");
+    let mut prev = (0u64, 0u64, 0u64);
+    for (i, (at, d, b, cost)) in r.rounds_at.iter().enumerate() {
+        println!(
+            "{},{:.1},{},{},{:.1},{:.0},{cost:.6e}",
+            i + 1,
+            (at - prev.0) as f64 / 1e9,
+            d - prev.1,
+            b - prev.2,
+            (d - prev.1) as f64 / f64::from(hosts),
+            (b - prev.2) as f64 / f64::from(hosts),
+        );
+        prev = (*at, *d, *b);
+    }
+    println!(
+        "cost {:.6e} -> {:.6e}; {} hops, {} migrations, {} events; wall clock {wall:.1} s \
+         ({:.1} s per round); violations {:?}",
+        r.cost_start,
+        r.cost_end,
+        r.hops,
+        r.migrations,
+        r.events,
+        wall / f64::from(r.rounds.max(1)),
+        r.violations
+    );
+}
+
+/// `score-sim protocol --paper-rounds N [--plot STEM]`.
+fn paper_protocol(
+    seed: u64,
+    rounds: u32,
+    trace: bool,
+    plot: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut c = score_sim::protocol::SimConfig::paper(seed)?;
+    c.stop_after_rounds = Some(rounds);
+    c.trace = trace;
+    let world = c.world.clone().expect("the paper's world");
+    println!(
+        "paper data centre: {} hosts, {} VMs, seed {seed} (world built in {:.1} s)",
+        world.topo.host_count(),
+        world.vms(),
+        started.elapsed().as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let r = score_sim::protocol::run(&c);
+    let wall = started.elapsed().as_secs_f64();
+    print_paper_rounds(&r, world.topo.host_count(), wall);
+    if let Some(stem) = plot {
+        let started = std::time::Instant::now();
+        let cmp = score_sim::protocol::compare(&c, rounds)?;
+        let e = &cmp.engine;
+        println!(
+            "engine: cost {:.6e} -> {:.6e}; {} hand-offs, {} migrations; \
+             protocol: {} decisions ({:.1} s for both, the protocol recording)",
+            e.initial_cost,
+            e.final_cost,
+            e.handoffs,
+            e.migrations,
+            cmp.protocol.decisions.len(),
+            started.elapsed().as_secs_f64()
+        );
+        match cmp.first_difference {
+            None => println!(
+                "same decisions: all {} hand-offs, same final placement",
+                e.handoffs
+            ),
+            Some((i, ours, theirs)) => {
+                println!("decisions differ at hand-off {i}: protocol {ours:?}, engine {theirs:?}")
+            }
+        }
+        score_sim::protocol::plot_comparison(&cmp, stem)?;
+        println!("wrote {}.png and .svg", stem.display());
+    }
+    Ok(())
 }

@@ -255,6 +255,87 @@ fn draw_cost<DB: DrawingBackend>(
     }
 }
 
+/// The peer protocol's cost curve beside the decision-only engine's, on
+/// one world: cost (normalised to the initial cost) against token
+/// hand-offs. The engine is drawn wide and light underneath, the protocol
+/// narrow and dark on top, so that both show where they coincide.
+pub(crate) fn protocol_beside_engine(
+    stem: &Path,
+    title: &str,
+    initial: f64,
+    protocol: &[f64],
+    engine: &[f64],
+    x_per_round: u64,
+) -> Result<(), PlotError> {
+    let series = |costs: &[f64]| {
+        let mut pts = vec![(0.0, 1.0)];
+        pts.extend(
+            downsample(costs, 3000)
+                .into_iter()
+                .map(|(x, y)| (x, y / initial)),
+        );
+        pts
+    };
+    let (p, e) = (series(protocol), series(engine));
+    let max_x = protocol.len().max(engine.len()).max(1) as f64;
+    both(
+        stem,
+        (1000, 620),
+        |r| draw_beside(r, title, &p, &e, max_x, x_per_round),
+        |r| draw_beside(r, title, &p, &e, max_x, x_per_round),
+    )
+}
+
+fn draw_beside<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    protocol: &[(f64, f64)],
+    engine: &[(f64, f64)],
+    max_x: f64,
+    x_per_round: u64,
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..max_x, 0.0..1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!(
+            "token hand-offs (one round = {x_per_round} hand-offs)"
+        ))
+        .y_desc("total cost / initial cost (eq. 1)")
+        .label_style(("sans-serif", 14))
+        .x_label_formatter(&|x| format!("{:.0}k", x / 1000.0))
+        .draw()?;
+    let light = RGBColor(120, 190, 235);
+    chart
+        .draw_series(LineSeries::new(
+            engine.iter().copied(),
+            light.stroke_width(7),
+        ))?
+        .label("decision-only engine (score-sim)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light.stroke_width(7)));
+    let dark = PALETTE[0];
+    chart
+        .draw_series(LineSeries::new(
+            protocol.iter().copied(),
+            dark.stroke_width(2),
+        ))?
+        .label("peer protocol (one score-core Node per host)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], dark.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    Ok(())
+}
+
 /// Points of a dashed horizontal line, in pairs (segment start, end).
 fn dashed(x0: f64, x1: f64, y: f64, dashes: usize) -> Vec<(f64, f64)> {
     let step = (x1 - x0) / (2 * dashes) as f64;

@@ -6,6 +6,12 @@
 //! after every event; a run is a function of its [`SimConfig`] (seed
 //! included), so a failing seed replays byte for byte ([`Report::trace`]
 //! hashes every datagram delivered).
+//!
+//! The world is either a small random one (the seeded fault runs) or a
+//! score-sim [`Setup`] (tree, traffic model, placement, host capacity), the
+//! world the decision-only [`crate::engine`] runs on: [`compare`] runs both
+//! on one world and reports whether they made the same decisions
+//! (docs/PROTOCOL.md, "The protocol decides as the engine does").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -13,20 +19,29 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use score_core::decision::MigrationCost;
+use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
+use score_core::decision::{Decision, MigrationCost, Rule};
 use score_core::policy::PolicyKind;
 use score_core::proto::{
     Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, VmFacts,
 };
 use score_core::token::VmId;
-use score_core::topology::{LinkWeights, Topology};
+use score_core::topology::{HostId, LinkWeights, Topology};
 use score_core::wire::{ClusterKey, KeyRing, Kind};
+
+use crate::engine::{self, RunOptions};
+use crate::plot::{self, PlotError};
+use crate::scenario::{MigrationCostSpec, Scenario, TokenInit};
+use crate::world::{HostLists, Setup, WorldError};
 
 const SEC: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
 /// The simulated clock starts at a plausible wall-clock time, so the
 /// datagrams' send times look like the daemon's.
 const CLOCK_BASE: u64 = 1_750_000_000 * SEC;
+
+/// The watchers: the first hosts.
+const WATCHERS: usize = 2;
 
 /// Faults injected during the first `window_ns` of a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,6 +113,9 @@ impl Faults {
 pub struct SimConfig {
     /// The seed of everything random.
     pub seed: u64,
+    /// A score-sim world (tree, traffic, placement, capacity) instead of
+    /// the random one of `fanout`, `vms_per_host` and `peers_per_vm`.
+    pub world: Option<Arc<Setup>>,
     /// Fan-out of the regular tree (hosts per rack first).
     pub fanout: Vec<u32>,
     /// VMs per host at the start.
@@ -133,6 +151,17 @@ pub struct SimConfig {
     /// Print every node's events to standard error (to read a failing
     /// seed's run).
     pub trace: bool,
+    /// The first watcher starts at 0; every other host within this time
+    /// after 1 s (0: every host at 0). A cluster's hosts never start at one
+    /// instant; see [`SimConfig::paper`] for why it matters.
+    pub start_spread_ns: u64,
+    /// The nodes' hold-down (a VM migrates at most once per this time).
+    pub hold_down_ns: u64,
+    /// How long a node trusts a location it learnt.
+    pub location_ttl_ns: u64,
+    /// Keep every decision and the cost after it ([`Report::decisions`],
+    /// [`Report::step_costs`]).
+    pub record: bool,
 }
 
 impl SimConfig {
@@ -144,6 +173,7 @@ impl SimConfig {
         let window = 600 * SEC;
         SimConfig {
             seed,
+            world: None,
             fanout: vec![4, racks],
             vms_per_host: 3,
             vm_slots: 4,
@@ -164,25 +194,55 @@ impl SimConfig {
             stop_after_rounds: None,
             report_interval_ns: 2 * SEC,
             trace: false,
+            start_spread_ns: 0,
+            hold_down_ns: 60 * SEC,
+            location_ttl_ns: 30 * SEC,
+            record: false,
         }
     }
 
-    /// The paper's data centre: 2,560 hosts (fan-out 20, 8, 4, 4), 12 VMs
-    /// each (30,720), 16 slots, no faults, a short hold (what is measured
-    /// is the protocol's own time), invariants checked every 1,000 events.
-    pub fn paper(seed: u64) -> Self {
+    /// A fault-free run on a score-sim world: its tree, traffic,
+    /// placement and capacity; the nodes' defaults otherwise, with a
+    /// 10 ms hold (what is measured is the protocol's own time) and
+    /// reports every 600 s (every 2 s, 2,560 hosts would send the
+    /// watchers 2,560 datagrams per simulated second, most of the events
+    /// of a round that lasts hours).
+    ///
+    /// Hosts start over 10 s after the first watcher. With every host started
+    /// at one instant, a host whose clock ran behind a watcher's sealed its
+    /// first report before that watcher's start, which the watcher refuses
+    /// (the freshness floor, docs/WIRE.md); with reports every 600 s the
+    /// watcher regenerated the first token without those hosts' VMs, and
+    /// the first round visited 12,876 of the paper's 30,720 VMs. A real
+    /// cluster reports every 2 s and regenerates after 15 s of silence, so
+    /// a refused first report is repaired before the token exists.
+    pub fn on_world(seed: u64, world: Arc<Setup>) -> Self {
         let mut c = SimConfig::seeded(seed, 4);
-        c.fanout = vec![20, 8, 4, 4];
-        c.vms_per_host = 12;
-        c.vm_slots = 16;
-        c.peers_per_vm = 4;
+        c.vm_slots = world.shape.max_vms();
+        c.fanout = Vec::new();
+        c.vms_per_host = 0;
+        c.peers_per_vm = 0;
+        c.world = Some(world);
         c.policy = PolicyKind::Distributed;
         c.faults = Faults::none();
         c.token_hold_ns = 10 * MS;
         c.duration_ns = 30 * 24 * 3600 * SEC;
         c.check_every = 1000;
         c.report_interval_ns = 600 * SEC;
+        c.start_spread_ns = 10 * SEC;
         c
+    }
+
+    /// The paper's data centre as score-sim builds it (`score-sim
+    /// scenario`, seed `seed`): 2,560 hosts (fan-out 20, 8, 4, 4), 30,720
+    /// VMs placed at random in 16 slots each, score-sim's traffic model;
+    /// then as [`SimConfig::on_world`].
+    pub fn paper(seed: u64) -> Result<Self, WorldError> {
+        let s = Scenario {
+            seed,
+            ..Scenario::default()
+        };
+        Ok(SimConfig::on_world(seed, Arc::new(Setup::build(&s)?)))
     }
 }
 
@@ -251,6 +311,14 @@ pub struct Report {
     /// (simulated ns, datagrams, bytes, total cost) when each round
     /// completed.
     pub rounds_at: Vec<(u64, u64, u64, f64)>,
+    /// Every decision in order (with [`SimConfig::record`]): the VM (its
+    /// index in the world) and the host it was sent to, if any.
+    pub decisions: Vec<(VmIdx, Option<HostId>)>,
+    /// The total cost (eq. 1) after each decision's outcome (with
+    /// [`SimConfig::record`]).
+    pub step_costs: Vec<f64>,
+    /// Every VM's host at the end.
+    pub final_hosts: Vec<HostId>,
     /// Invariants broken.
     pub violations: Vec<Violation>,
 }
@@ -282,6 +350,9 @@ enum Ev {
         side: Vec<bool>,
     },
     Heal,
+    Start {
+        host: usize,
+    },
 }
 
 struct Sim {
@@ -292,9 +363,13 @@ struct Sim {
     host_by_addr: BTreeMap<Ipv4Addr, usize>,
     vm_ids: Vec<VmId>,
     vm_by_id: BTreeMap<VmId, usize>,
-    place: Vec<usize>,
+    placement: Placement,
+    lists: HostLists,
+    traffic: Traffic,
+    /// Equation 1's total now, kept by each migration's exact change and
+    /// recomputed at every round's end.
+    total: f64,
     undefined: Vec<bool>,
-    peers: Vec<Vec<(usize, f64)>>,
     nodes: Vec<Option<Node>>,
     persisted: Vec<Persisted>,
     wake_at: Vec<Option<u64>>,
@@ -311,12 +386,23 @@ struct Sim {
     /// that checking coverage after every event costs nothing at scale.
     uncovered: usize,
     dup_since: Option<u64>,
+    /// VMs whose decision sent them away and whose migration has not ended
+    /// (the cost after that decision is recorded when it does).
+    recording: BTreeSet<usize>,
     report: Report,
 }
 
+/// FNV-1a's multiply over eight bytes at a time: a run's fingerprint, not
+/// a hash anyone else must reproduce (a byte at a time it cost 5 % of a
+/// paper-scale run).
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
     let mut h = h;
-    for b in bytes {
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h ^= u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    for b in words.remainder() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }
@@ -335,7 +421,7 @@ impl Sim {
 
     fn node_config(&self, host: usize) -> Config {
         let key = ClusterKey::new(b"simulated cluster key, 32 bytes").expect("key");
-        let watchers = self.host_addrs.iter().take(2).copied().collect();
+        let watchers = self.host_addrs.iter().take(WATCHERS).copied().collect();
         let mut c = Config::new(
             self.host_addrs[host],
             self.topo.clone(),
@@ -346,38 +432,46 @@ impl Sim {
         c.vm_slots = self.cfg.vm_slots;
         c.token_timeout_ns = self.cfg.token_timeout_ns;
         c.token_hold_ns = self.cfg.token_hold_ns;
+        c.rule = Rule::PaperFirst;
         c.migration_cost = MigrationCost::Absolute(0.0);
+        if let Some(w) = &self.cfg.world {
+            c.vm_memory_mib = w.shape.vm_mem_mb;
+        }
         // Longer than any migration: a promised slot stays promised.
         c.reservation_ns = self.cfg.migration_max_ns * 4 + 60 * SEC;
-        c.hold_down_ns = 60 * SEC;
+        c.hold_down_ns = self.cfg.hold_down_ns;
+        c.location_ttl_ns = self.cfg.location_ttl_ns;
         c.report_interval_ns = self.cfg.report_interval_ns;
         c
     }
 
+    /// What `host` measures: its VMs and their peers, in the traffic
+    /// matrix's order (the engine's, so both sum rates alike).
     fn facts(&self, host: usize) -> HostFacts {
         HostFacts {
-            vms: (0..self.place.len())
-                .filter(|&v| self.place[v] == host)
-                .map(|v| VmFacts {
-                    id: self.vm_ids[v],
-                    peers: self.peers[v]
+            vms: self
+                .lists
+                .on(host as HostId)
+                .iter()
+                .map(|&v| VmFacts {
+                    id: self.vm_ids[v as usize],
+                    peers: self
+                        .traffic
+                        .neighbours(v)
                         .iter()
-                        .map(|&(p, r)| (self.vm_ids[p], r))
+                        .map(|z| (self.vm_ids[z.vm as usize], z.rate))
                         .collect(),
                 })
                 .collect(),
         }
     }
 
+    fn host_of(&self, vm: usize) -> usize {
+        self.placement.host(vm as VmIdx) as usize
+    }
+
     fn cost(&self) -> f64 {
-        let mut c = 0.0;
-        for (u, ps) in self.peers.iter().enumerate() {
-            for &(v, r) in ps {
-                let l = self.topo.level(self.place[u] as u32, self.place[v] as u32);
-                c += r * self.topo.weights().cumulative(l);
-            }
-        }
-        c
+        CostModel::new(&self.topo, &self.traffic).total_cost(&self.placement)
     }
 
     fn violate(&mut self, invariant: &'static str, detail: String) {
@@ -482,7 +576,7 @@ impl Sim {
                 let Some(&t) = self.host_by_addr.get(&to) else {
                     return;
                 };
-                if self.place[v] != host || self.migrating.contains(&v) || self.undefined[v] {
+                if self.host_of(v) != host || self.migrating.contains(&v) || self.undefined[v] {
                     self.violate(
                         "migration",
                         format!("host {host} migrates VM {v} it does not run"),
@@ -543,9 +637,23 @@ impl Sim {
             }
             Event::TokenRegenerated { .. } => self.report.regenerations += 1,
             Event::TokenSuperseded { .. } => self.report.superseded += 1,
+            Event::Decided { decision } if self.cfg.record => {
+                let (Decision::Migrate { vm, .. } | Decision::Stay { vm, .. }) = *decision;
+                let v = self.vm_by_id.get(&vm).copied();
+                if let Some(v) = v {
+                    self.report.decisions.push((v as VmIdx, decision.target()));
+                    if decision.target().is_some() {
+                        self.recording.insert(v);
+                    } else {
+                        self.report.step_costs.push(self.total);
+                    }
+                }
+            }
             Event::RoundComplete { round, .. } => {
                 if *round > self.report.rounds {
-                    let cost = self.cost();
+                    // Resynchronise the running total (no drift).
+                    self.total = self.cost();
+                    let cost = self.total;
                     self.report.rounds_at.push((
                         self.now,
                         self.report.datagrams,
@@ -567,7 +675,7 @@ impl Sim {
         if self.undefined[v] {
             return None;
         }
-        Some(self.place[v])
+        Some(self.host_of(v))
     }
 
     fn step(&mut self, ev: Ev) {
@@ -608,7 +716,10 @@ impl Sim {
                 self.migrating.remove(&vm);
                 match outcome {
                     MigrationOutcome::Done => {
-                        self.place[vm] = to;
+                        let model = CostModel::new(&self.topo, &self.traffic);
+                        self.total += model.move_delta(&self.placement, vm as VmIdx, to as HostId);
+                        self.placement.move_vm(vm as VmIdx, to as HostId);
+                        self.lists.moved(vm as VmIdx, from as HostId, to as HostId);
                         self.report.migrations += 1;
                     }
                     MigrationOutcome::Failed => self.report.migrations_failed += 1,
@@ -619,6 +730,9 @@ impl Sim {
                         self.undefined[vm] = true;
                         self.report.migrations_undefined += 1;
                     }
+                }
+                if self.recording.remove(&vm) {
+                    self.report.step_costs.push(self.total);
                 }
                 for h in [from, to] {
                     let facts = self.facts(h);
@@ -642,7 +756,7 @@ impl Sim {
                     self.wake_at[host] = None;
                 }
             }
-            Ev::Restart { host } => {
+            Ev::Restart { host } | Ev::Start { host } => {
                 if self.nodes[host].is_none() {
                     self.start_node(host);
                 }
@@ -668,20 +782,22 @@ impl Sim {
         // Every VM on exactly one host: the facts handed to the nodes are
         // built from one placement, so check the capacity and the count.
         let hosts = self.host_addrs.len();
-        let mut count = vec![0u32; hosts];
-        for &h in &self.place {
-            count[h] += 1;
-        }
-        if count.iter().sum::<u32>() as usize != self.place.len() {
+        let count = self.placement.counts();
+        let placed = count.iter().sum::<u32>();
+        let over: Vec<(usize, u32)> = count
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c > self.cfg.vm_slots)
+            .map(|(h, &c)| (h, c))
+            .collect();
+        if placed != self.placement.vm_count() {
             self.violate("placement", "a VM is on no host or on two".into());
         }
-        for (h, &c) in count.iter().enumerate() {
-            if c > self.cfg.vm_slots {
-                self.violate(
-                    "capacity",
-                    format!("host {h} runs {c} VMs, {} slots", self.cfg.vm_slots),
-                );
-            }
+        for (h, c) in over {
+            self.violate(
+                "capacity",
+                format!("host {h} runs {c} VMs, {} slots", self.cfg.vm_slots),
+            );
         }
         // Epochs never decrease at any node, restarts included.
         for h in 0..hosts {
@@ -728,38 +844,60 @@ pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
     4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + cfg.migration_max_ns + hop)
 }
 
-/// Runs one simulation.
-pub fn run(cfg: &SimConfig) -> Report {
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+/// The random world of the seeded fault runs: a regular tree of
+/// `fanout`, `vms_per_host` VMs on every host in a shuffled order, and
+/// `peers_per_vm` random peers per VM at 1-999 kB/s.
+fn random_world(cfg: &SimConfig, rng: &mut ChaCha8Rng) -> (Arc<Topology>, Placement, Traffic) {
     let weights = LinkWeights::paper_truncated(cfg.fanout.len());
-    let topo = Arc::new(
-        Topology::regular(&cfg.fanout, weights, Ipv4Addr::new(10, 0, 0, 1)).expect("topology"),
-    );
+    let topo =
+        Topology::regular(&cfg.fanout, weights, Ipv4Addr::new(10, 0, 0, 1)).expect("topology");
     let hosts = topo.host_count() as usize;
-    let host_addrs: Vec<Ipv4Addr> = (0..hosts as u32).map(|h| topo.host_addr(h)).collect();
     let n_vms = hosts * cfg.vms_per_host as usize;
-    let vm_ids: Vec<VmId> = (0..n_vms as u32)
-        .map(|i| u32::from(Ipv4Addr::new(10, 128, 0, 1)) + i)
-        .collect();
-    let vm_by_id = vm_ids.iter().enumerate().map(|(i, v)| (*v, i)).collect();
-    let mut place: Vec<usize> = (0..n_vms).map(|v| v % hosts).collect();
+    let mut place: Vec<HostId> = (0..n_vms).map(|v| (v % hosts) as HostId).collect();
     // Shuffle the placement: the network-agnostic start.
     for i in (1..n_vms).rev() {
         let j = rng.random_range(0..=i);
         place.swap(i, j);
     }
-    let mut peers = vec![Vec::new(); n_vms];
+    let mut peers: Vec<Vec<usize>> = vec![Vec::new(); n_vms];
+    let mut triples = Vec::new();
     for u in 0..n_vms {
         for _ in 0..cfg.peers_per_vm {
             let v = rng.random_range(0..n_vms);
-            if v == u || peers[u].iter().any(|&(p, _)| p == v) {
+            if v == u || peers[u].contains(&v) {
                 continue;
             }
             let r = f64::from(rng.random_range(1u32..1000)) * 1000.0;
-            peers[u].push((v, r));
-            peers[v].push((u, r));
+            peers[u].push(v);
+            peers[v].push(u);
+            triples.push((u as VmIdx, v as VmIdx, r));
         }
     }
+    let placement = Placement::new(hosts as u32, place).expect("placement");
+    let traffic = Traffic::from_triples(n_vms as u32, triples).expect("traffic");
+    (Arc::new(topo), placement, traffic)
+}
+
+/// Runs one simulation.
+pub fn run(cfg: &SimConfig) -> Report {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let (topo, placement, traffic) = match &cfg.world {
+        Some(w) => (
+            Arc::new(w.topo.clone()),
+            w.placement.clone(),
+            w.traffic.clone(),
+        ),
+        None => random_world(cfg, &mut rng),
+    };
+    let hosts = topo.host_count() as usize;
+    let host_addrs: Vec<Ipv4Addr> = (0..hosts as u32).map(|h| topo.host_addr(h)).collect();
+    let n_vms = placement.vm_count() as usize;
+    // VM addresses rise with their index, so the token's order of IDs is
+    // the world's order of VMs (the engine's token uses the indices).
+    let vm_ids: Vec<VmId> = (0..n_vms as u32)
+        .map(|i| u32::from(Ipv4Addr::new(10, 128, 0, 1)) + i)
+        .collect();
+    let vm_by_id = vm_ids.iter().enumerate().map(|(i, v)| (*v, i)).collect();
     let skew = (0..hosts)
         .map(|_| {
             let s = cfg.max_skew_ns as i64;
@@ -778,9 +916,11 @@ pub fn run(cfg: &SimConfig) -> Report {
         host_addrs,
         vm_ids,
         vm_by_id,
-        place,
+        lists: HostLists::new(&placement),
+        placement,
+        traffic,
+        total: 0.0,
         undefined: vec![false; n_vms],
-        peers,
         nodes: (0..hosts).map(|_| None).collect(),
         persisted: vec![Persisted::default(); hosts],
         wake_at: vec![None; hosts],
@@ -795,12 +935,14 @@ pub fn run(cfg: &SimConfig) -> Report {
         visited_after_stable: vec![false; n_vms],
         uncovered: n_vms,
         dup_since: None,
+        recording: BTreeSet::new(),
         report: Report {
             seed: cfg.seed,
             ..Report::default()
         },
     };
-    sim.report.cost_start = sim.cost();
+    sim.total = sim.cost();
+    sim.report.cost_start = sim.total;
     // Faults: crashes and partitions at random times within the window.
     let f = cfg.faults;
     let mut last_fault = f.window_ns;
@@ -822,8 +964,20 @@ pub fn run(cfg: &SimConfig) -> Report {
     }
     // After the last fault and every migration it may have started.
     sim.stable_at = last_fault + cfg.migration_max_ns + cfg.token_timeout_ns;
+    // The first watcher starts first; the others, if spread, over
+    // `start_spread_ns` from 1 s on (more than any clock skew, so their
+    // first reports are sealed after its start).
+    let mut later = Vec::new();
     for h in 0..hosts {
-        sim.start_node(h);
+        if cfg.start_spread_ns == 0 || h == 0 {
+            sim.start_node(h);
+        } else {
+            later.push((h, SEC + sim.rng.random_range(0..cfg.start_spread_ns)));
+        }
+    }
+    for (host, at) in later {
+        sim.schedule(at, Ev::Start { host });
+        sim.stable_at = sim.stable_at.max(at + cfg.token_timeout_ns);
     }
     while let Some(((at, _), ev)) = sim.queue.pop_first() {
         if at > cfg.duration_ns {
@@ -869,7 +1023,100 @@ pub fn run(cfg: &SimConfig) -> Report {
     }
     sim.report.simulated_ns = sim.now;
     sim.report.cost_end = sim.cost();
+    sim.report.final_hosts = sim.placement.hosts().to_vec();
     sim.report
+}
+
+/// One hand-off's decision: the VM (its index in the world) and the host
+/// it was sent to, if any.
+pub type Step = (VmIdx, Option<HostId>);
+
+/// The protocol beside the decision-only engine on one world.
+#[derive(Debug)]
+pub struct Comparison {
+    /// The protocol's run (with its decisions recorded).
+    pub protocol: Report,
+    /// The engine's run (with its trace).
+    pub engine: engine::PolicyRun,
+    /// The first hand-off at which the two differ: its index, the
+    /// protocol's step and the engine's (`None`: one run made fewer
+    /// hand-offs than the other).
+    pub first_difference: Option<(usize, Option<Step>, Option<Step>)>,
+}
+
+impl Comparison {
+    /// Whether both made the same decisions in the same order and ended on
+    /// the same placement (docs/PROTOCOL.md, "The protocol decides as the
+    /// engine does").
+    pub fn same(&self) -> bool {
+        self.first_difference.is_none()
+    }
+}
+
+/// Runs `cfg` (on its [`SimConfig::world`], which it must have) through
+/// the protocol for `rounds` rounds and score-sim's decision-only engine on
+/// the same world with the same policy, rule (the paper's), c_m (0) and a
+/// blank first token (what a watcher regenerates), and compares their
+/// decisions hand-off by hand-off. The engine stops early after a round
+/// without migration; the protocol's later hand-offs must then all keep
+/// their VM where it is.
+pub fn compare(cfg: &SimConfig, rounds: u32) -> Result<Comparison, score_core::cost::CostError> {
+    let world = cfg.world.clone().expect("compare needs a score-sim world");
+    let mut c = cfg.clone();
+    c.record = true;
+    c.stop_after_rounds = Some(rounds);
+    let protocol = run(&c);
+    let opts = RunOptions {
+        rule: Rule::PaperFirst,
+        cm: MigrationCostSpec::Absolute(0.0),
+        max_rounds: rounds,
+        token_init: TokenInit::Blank,
+        record_steps: true,
+        trace: true,
+        ..RunOptions::default()
+    };
+    let engine = engine::run_policy(&world, cfg.policy, &opts, |_| {})?;
+    let ours = &protocol.decisions;
+    let theirs: Vec<Step> = engine.trace.iter().map(|&(vm, to)| (vm, to)).collect();
+    let mut first_difference = (0..ours.len().max(theirs.len())).find_map(|i| {
+        let (a, b) = (ours.get(i).copied(), theirs.get(i).copied());
+        let after_convergence = engine.converged && b.is_none() && a.is_some_and(|s| s.1.is_none());
+        (a != b && !after_convergence).then_some((i, a, b))
+    });
+    if first_difference.is_none() && protocol.final_hosts != engine.final_placement.hosts() {
+        // The same steps must leave the same placement: a check on the
+        // simulator's own bookkeeping of migrations.
+        first_difference = Some((ours.len(), None, None));
+    }
+    Ok(Comparison {
+        protocol,
+        engine,
+        first_difference,
+    })
+}
+
+/// Draws a [`Comparison`]'s two cost curves into `stem.png` and
+/// `stem.svg`.
+pub fn plot_comparison(cmp: &Comparison, stem: &std::path::Path) -> Result<(), PlotError> {
+    let vms = cmp.protocol.final_hosts.len();
+    let hosts = cmp.engine.final_placement.host_count();
+    let verdict = if cmp.same() {
+        "same decisions"
+    } else {
+        "decisions differ"
+    };
+    let title = format!(
+        "{hosts} hosts, {vms} VMs, {} policy: protocol beside engine ({verdict})",
+        cmp.engine.policy.name()
+    );
+    plot::protocol_beside_engine(
+        stem,
+        &title,
+        cmp.engine.initial_cost,
+        &cmp.protocol.step_costs,
+        &cmp.engine.step_costs,
+        vms as u64,
+    )
 }
 
 /// What many seeded runs did, in all.

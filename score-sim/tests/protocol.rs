@@ -1,0 +1,88 @@
+//! Without faults, the peer protocol (one score-core `Node` per host, over
+//! the simulated network) makes the same decisions as score-sim's
+//! decision-only engine on the same world: the same VM at every hand-off,
+//! sent to the same host or kept where it is, and so the same placement and
+//! cost after every hand-off (docs/PROTOCOL.md, "The protocol decides as
+//! the engine does").
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use score_core::policy::PolicyKind;
+use score_core::topology::{RegularSpec, TopologySpec};
+use score_sim::protocol::{SimConfig, compare};
+use score_sim::scenario::Scenario;
+use score_sim::world::Setup;
+
+/// A data centre of score-sim's traffic model: 32 hosts (fan-out 4, 4, 2),
+/// `vms` VMs placed at random in 16 slots.
+fn world(seed: u64, vms: u32) -> Arc<Setup> {
+    let mut s = Scenario {
+        seed,
+        topology: TopologySpec {
+            regular: Some(RegularSpec {
+                fanout: vec![4, 4, 2],
+                first_host: Ipv4Addr::new(10, 0, 0, 1),
+            }),
+            ..TopologySpec::default()
+        },
+        ..Scenario::default()
+    };
+    s.vms.count = vms;
+    Arc::new(Setup::build(&s).expect("world"))
+}
+
+/// The protocol's configuration for the check: the world's, with no
+/// hold-down and no cached locations, the two things by which a node
+/// knows less than the engine (docs/PROTOCOL.md).
+fn config(seed: u64, vms: u32, policy: PolicyKind) -> SimConfig {
+    let mut c = SimConfig::on_world(seed, world(seed, vms));
+    c.policy = policy;
+    c.hold_down_ns = 0;
+    c.location_ttl_ns = 0;
+    c.check_every = 1;
+    c
+}
+
+fn assert_same(seed: u64, vms: u32, policy: PolicyKind, rounds: u32) {
+    let cmp = compare(&config(seed, vms, policy), rounds).expect("runs");
+    let p = &cmp.protocol;
+    assert!(p.violations.is_empty(), "{:?}", p.violations);
+    assert_eq!(p.skips, 0, "a fault-free run skips nothing");
+    assert!(
+        cmp.engine.migrations > 0,
+        "the world gives the decisions something to do"
+    );
+    assert_eq!(
+        cmp.first_difference,
+        None,
+        "seed {seed}, {policy:?}: protocol {} decisions, engine {}",
+        p.decisions.len(),
+        cmp.engine.handoffs
+    );
+    assert_eq!(p.migrations, cmp.engine.migrations);
+    // The cost after every hand-off: the protocol's running total (each
+    // migration's exact change) against the engine's.
+    for (i, (a, b)) in p.step_costs.iter().zip(&cmp.engine.step_costs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "hand-off {i}: {a} vs {b}"
+        );
+    }
+    assert!((p.cost_end - cmp.engine.final_cost).abs() <= 1e-9 * p.cost_end.max(1.0));
+}
+
+#[test]
+fn the_protocol_decides_as_the_engine_does_distributed() {
+    assert_same(1, 256, PolicyKind::Distributed, 3);
+}
+
+#[test]
+fn the_protocol_decides_as_the_engine_does_round_robin() {
+    assert_same(2, 256, PolicyKind::RoundRobin, 3);
+}
+
+#[test]
+fn the_protocol_decides_as_the_engine_does_load_aware() {
+    assert_same(3, 384, PolicyKind::LoadAware, 3);
+}
