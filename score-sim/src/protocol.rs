@@ -23,8 +23,9 @@ use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
 use score_core::decision::{Decision, MigrationCost, Rule};
 use score_core::policy::PolicyKind;
 use score_core::proto::{
-    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, VmFacts,
+    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, SwapOutcome, VmFacts,
 };
+use score_core::swap::{CandidateSet, Scope};
 use score_core::token::VmId;
 use score_core::topology::{HostId, LinkWeights, Topology};
 use score_core::wire::{ClusterKey, KeyRing, Kind};
@@ -122,6 +123,10 @@ pub struct SimConfig {
     pub vms_per_host: u32,
     /// VM slots per host.
     pub vm_slots: u32,
+    /// Whether a full candidate host is asked for a swap.
+    pub swaps: bool,
+    /// VMs a host may run beyond its slots during a swap.
+    pub migration_headroom: u32,
     /// Peers per VM (random, symmetric rates).
     pub peers_per_vm: u32,
     /// Token policy.
@@ -167,16 +172,23 @@ pub struct SimConfig {
 impl SimConfig {
     /// A small data centre (`hosts` in racks of 4, two levels) with random
     /// faults drawn from `seed`.
+    /// Every other triple of seeds runs with swaps, full hosts and one VM
+    /// of headroom (each policy once with and once without swaps in six
+    /// consecutive seeds).
     pub fn seeded(seed: u64, hosts: u32) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
         let racks = hosts.div_ceil(4).max(1);
         let window = 600 * SEC;
+        let swaps = (seed / 3) % 2 == 1;
         SimConfig {
             seed,
             world: None,
             fanout: vec![4, racks],
-            vms_per_host: 3,
+            // Full hosts with swaps: a single migration has nowhere to go.
+            vms_per_host: if swaps { 4 } else { 3 },
             vm_slots: 4,
+            swaps,
+            migration_headroom: u32::from(swaps),
             peers_per_vm: 2,
             policy: [
                 PolicyKind::Distributed,
@@ -219,6 +231,8 @@ impl SimConfig {
     pub fn on_world(seed: u64, world: Arc<Setup>) -> Self {
         let mut c = SimConfig::seeded(seed, 4);
         c.vm_slots = world.shape.max_vms();
+        c.swaps = false;
+        c.migration_headroom = 0;
         c.fanout = Vec::new();
         c.vms_per_host = 0;
         c.peers_per_vm = 0;
@@ -299,6 +313,10 @@ pub struct Report {
     pub migrations_failed: u64,
     /// See `migrations`.
     pub migrations_undefined: u64,
+    /// Swaps agreed, and of those, done (both VMs moved).
+    pub swaps_agreed: u64,
+    /// See `swaps_agreed`.
+    pub swaps_done: u64,
     /// Total cost (eq. 1) at the start and at the end.
     pub cost_start: f64,
     /// See `cost_start`.
@@ -442,6 +460,11 @@ impl Sim {
         c.hold_down_ns = self.cfg.hold_down_ns;
         c.location_ttl_ns = self.cfg.location_ttl_ns;
         c.report_interval_ns = self.cfg.report_interval_ns;
+        if self.cfg.swaps {
+            c.scope = Scope::swaps(CandidateSet::Paper);
+        }
+        c.migration_headroom = self.cfg.migration_headroom;
+        c.swap_timeout_ns = c.reservation_ns;
         c
     }
 
@@ -461,6 +484,7 @@ impl Sim {
                         .iter()
                         .map(|z| (self.vm_ids[z.vm as usize], z.rate))
                         .collect(),
+                    undefined: self.undefined[v as usize],
                 })
                 .collect(),
         }
@@ -636,6 +660,11 @@ impl Sim {
                 }
             }
             Event::TokenRegenerated { .. } => self.report.regenerations += 1,
+            Event::SwapAgreed { .. } => self.report.swaps_agreed += 1,
+            Event::SwapFinished {
+                outcome: SwapOutcome::Done,
+                ..
+            } => self.report.swaps_done += 1,
             Event::TokenSuperseded { .. } => self.report.superseded += 1,
             Event::Decided { decision } if self.cfg.record => {
                 let (Decision::Migrate { vm, .. } | Decision::Stay { vm, .. }) = *decision;
@@ -787,7 +816,7 @@ impl Sim {
         let over: Vec<(usize, u32)> = count
             .iter()
             .enumerate()
-            .filter(|&(_, &c)| c > self.cfg.vm_slots)
+            .filter(|&(_, &c)| c > self.cfg.vm_slots + self.cfg.migration_headroom)
             .map(|(h, &c)| (h, c))
             .collect();
         if placed != self.placement.vm_count() {
@@ -796,7 +825,10 @@ impl Sim {
         for (h, c) in over {
             self.violate(
                 "capacity",
-                format!("host {h} runs {c} VMs, {} slots", self.cfg.vm_slots),
+                format!(
+                    "host {h} runs {c} VMs, {} slots + {} headroom",
+                    self.cfg.vm_slots, self.cfg.migration_headroom
+                ),
             );
         }
         // Epochs never decrease at any node, restarts included.
@@ -821,7 +853,15 @@ impl Sim {
             .collect();
         if holders.len() > 1 {
             let since = *self.dup_since.get_or_insert(self.now);
-            let bound = self.cfg.migration_max_ns + 3 * self.cfg.token_timeout_ns;
+            // A superseded copy ends when its migration does; a swap's
+            // when both did, or when its proposer stops waiting for the
+            // partner (the swap time-out, the sim's reservation time).
+            let held = if self.cfg.swaps {
+                self.cfg.migration_max_ns * 5 + 60 * SEC + self.cfg.migration_max_ns
+            } else {
+                self.cfg.migration_max_ns
+            };
+            let bound = held + 3 * self.cfg.token_timeout_ns;
             if self.now - since > bound {
                 self.violate(
                     "duplicate",
@@ -838,10 +878,17 @@ impl Sim {
 /// The liveness bound after the last fault: regeneration by the last
 /// watcher, then one visit per VM, each at most a hold, the location and
 /// capacity questions, a migration and a hop with every retry.
+/// With swaps, a visit may also ask each candidate for a swap (up to four
+/// request time-outs each), and make two migrations with a commit between.
 pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
     let hop = 300 * MS * 6;
-    let asks = 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
-    4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + cfg.migration_max_ns + hop)
+    let mut asks = 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
+    let mut migrations = cfg.migration_max_ns;
+    if cfg.swaps {
+        asks += 4 * 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
+        migrations = 2 * cfg.migration_max_ns + 4 * 500 * MS;
+    }
+    4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + migrations + hop)
 }
 
 /// The random world of the seeded fault runs: a regular tree of
@@ -1140,6 +1187,10 @@ pub struct Summary {
     pub migrations_failed: u64,
     /// See `migrations`.
     pub migrations_undefined: u64,
+    /// Swaps agreed, and done.
+    pub swaps_agreed: u64,
+    /// See `swaps_agreed`.
+    pub swaps_done: u64,
     /// Hops skipped, tokens regenerated, copies superseded.
     pub skips: u64,
     /// See `skips`.
@@ -1163,14 +1214,16 @@ impl std::fmt::Display for Summary {
         writeln!(
             f,
             "faults: {} datagrams lost, {} duplicated, {} crashes, {} partitions, \
-             {} migrations failed, {} undefined ({} done)",
+             {} migrations failed, {} undefined ({} done, {} swaps agreed, {} done)",
             self.lost,
             self.duplicated,
             self.crashes,
             self.partitions,
             self.migrations_failed,
             self.migrations_undefined,
-            self.migrations
+            self.migrations,
+            self.swaps_agreed,
+            self.swaps_done
         )?;
         writeln!(
             f,
@@ -1216,6 +1269,8 @@ pub fn soak(
         s.migrations += r.migrations;
         s.migrations_failed += r.migrations_failed;
         s.migrations_undefined += r.migrations_undefined;
+        s.swaps_agreed += r.swaps_agreed;
+        s.swaps_done += r.swaps_done;
         s.skips += r.skips;
         s.regenerations += r.regenerations;
         s.superseded += r.superseded;
@@ -1258,6 +1313,8 @@ mod tests {
     #[test]
     fn replayed_chunks_to_other_vms_start_no_second_token() {
         let mut c = quiet(11);
+        // The world this test was written for: no swaps, room to move.
+        (c.swaps, c.migration_headroom, c.vms_per_host) = (false, 0, 3);
         c.faults.replay_attack = 0.5;
         let r = run(&c);
         assert!(r.violations.is_empty(), "{r:?}");
@@ -1292,6 +1349,31 @@ mod tests {
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert!(r.skips >= 8, "{r:?}");
         assert!(r.covered_at_ns.is_some(), "{r:?}");
+    }
+
+    /// Full hosts (4 VMs in 4 slots) with swaps: VMs only move by
+    /// exchange, and no host ever runs more than its slots and its one VM
+    /// of headroom (the capacity invariant, checked after every event).
+    #[test]
+    fn full_hosts_swap_within_their_headroom() {
+        let c = quiet(3);
+        assert!(c.swaps && c.migration_headroom == 1 && c.vms_per_host == c.vm_slots);
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert!(r.swaps_done > 0, "{r:?}");
+        assert_eq!(r.migrations, 2 * r.swaps_done, "only swaps move VMs: {r:?}");
+        assert!(r.cost_end < r.cost_start, "{r:?}");
+    }
+
+    /// Without headroom on either host a swap would put one host over its
+    /// slots between its two migrations: every proposal is refused.
+    #[test]
+    fn without_headroom_no_swap_is_made() {
+        let mut c = quiet(3);
+        c.migration_headroom = 0;
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!((r.swaps_agreed, r.migrations), (0, 0), "{r:?}");
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! safety argument are in docs/PROTOCOL.md.
 
 mod node;
+pub mod swap;
 
 pub use node::{
-    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, TokenStamp, VmFacts,
+    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, SwapOutcome, TokenStamp,
+    VmFacts,
 };

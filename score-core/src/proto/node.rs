@@ -9,13 +9,19 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::swap::{CommitAction, Reservations, order as swap_order};
 use crate::decision::{self, Capacity, Decision, MigrationCost, Plan, Rule};
 use crate::policy::{self, PolicyKind, TokenPolicy};
+use crate::swap::{
+    LocalVm, Query, Scope, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
+    choose_swap_partner, plan_with,
+};
 use crate::token::{Load, Token, VmId};
 use crate::topology::{HostId, Topology};
 use crate::wire::{
     ChunkBitmap, ChunkOutcome, Datagram, FlowEntry, FlowReport, Freshness, Header, KeyRing,
-    MAX_MEMBER_VMS, Message, PartsAssembler, PartsOutcome, Reassembler, ReplayTable, TokenChunk,
+    MAX_MEMBER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
+    ReplayTable, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
     token_chunks,
 };
 
@@ -66,6 +72,16 @@ pub struct Config {
     pub report_interval_ns: u64,
     /// Oldest datagram accepted, in ms.
     pub max_age_ms: u64,
+    /// Candidate hosts, and whether a full one is asked for a swap (the
+    /// paper's rule by default).
+    pub scope: Scope,
+    /// VMs a host may run beyond `vm_slots` for the time of a swap (its
+    /// first migration arrived, its second not yet gone).
+    pub migration_headroom: u32,
+    /// How long an asked host keeps a swap partner reserved, and how long
+    /// a proposer waits for the partner to move; longer than any
+    /// migration.
+    pub swap_timeout_ns: u64,
 }
 
 impl Config {
@@ -97,6 +113,9 @@ impl Config {
             reservation_ns: 600_000_000_000,
             report_interval_ns: 2_000_000_000,
             max_age_ms: 30_000,
+            scope: Scope::PAPER,
+            migration_headroom: 0,
+            swap_timeout_ns: 600_000_000_000,
         }
     }
 }
@@ -119,6 +138,11 @@ pub struct VmFacts {
     pub id: VmId,
     /// (peer, λ(vm, peer) in bytes/s, both directions summed).
     pub peers: Vec<(VmId, f64)>,
+    /// The hypervisor reports the VM's state undefined (a migration of it
+    /// ended so): it counts against the slots and is never moved. Said by
+    /// the facts, not only remembered from the migration's outcome, so a
+    /// restarted node leaves it alone too.
+    pub undefined: bool,
 }
 
 /// What the host measures and runs: its VMs and their peers.
@@ -158,6 +182,17 @@ pub enum Output {
     },
     /// Write this state durably before anything else is sent.
     Persist(Persisted),
+}
+
+/// How a swap this node proposed, and the asked host accepted, ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapOutcome {
+    /// Both VMs moved.
+    Done,
+    /// One moved, the other did not: both run on one host.
+    Partial,
+    /// Neither moved.
+    Failed,
 }
 
 /// A copy of the token and how far it has come: epoch, round, VMs visited
@@ -238,10 +273,34 @@ pub enum Event {
         /// The epoch.
         epoch: u64,
     },
-    /// The holder decided for a VM.
+    /// The holder decided for a VM: migrate or stay.
     Decided {
         /// Equation 2's outcome with its numbers.
         decision: Decision,
+    },
+    /// The holder agreed a swap with a full host, which accepted it.
+    SwapAgreed {
+        /// The swap with its numbers.
+        swap: Swap,
+        /// Which migration goes first.
+        order: SwapOrder,
+    },
+    /// A swap this node agreed as the proposer ended.
+    SwapFinished {
+        /// The proposing VM.
+        vm: VmId,
+        /// The asked host's VM.
+        partner: VmId,
+        /// How.
+        outcome: SwapOutcome,
+    },
+    /// This host answered a swap proposal: the partner it reserved, or
+    /// why not.
+    SwapAnswered {
+        /// The proposing VM.
+        vm: VmId,
+        /// The partner, or the refusal.
+        answer: Result<VmId, SwapRefusal>,
     },
     /// A migration was asked of the driver.
     MigrationStarted {
@@ -269,15 +328,66 @@ enum Phase {
         pending: BTreeMap<u64, VmId>,
         deadline: u64,
     },
-    /// Asking candidate hosts for room, one at a time.
+    /// Asking candidate hosts for room (or for a swap), one at a time.
     Asking {
         plan: Box<Plan>,
-        answers: Vec<Option<Capacity>>,
+        /// The peers the plan was made with.
+        peers: Vec<decision::Peer>,
+        /// Free memory here when the plan was made (the walk's input).
+        home_free_mem: u64,
+        answers: Vec<Answer>,
+        /// Swaps accepted so far, by the asked host.
+        accepted: Vec<(Ipv4Addr, SwapAcceptance)>,
         seq: u64,
+        /// The question in flight is a swap proposal.
+        swap_pending: bool,
         deadline: u64,
     },
     /// A migration of the VM is under way.
     Migrating,
+    /// An agreed swap is under way.
+    Swapping(Deal),
+}
+
+/// One answer of the walk, in the order asked (the walk is replayed from
+/// them, since it borrows the plan).
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    Capacity(Option<Capacity>),
+    Swap(Option<SwapOffer>),
+}
+
+/// The proposer's side of an agreed swap.
+#[derive(Debug)]
+struct Deal {
+    /// The asked host.
+    to: Ipv4Addr,
+    partner: VmId,
+    order: SwapOrder,
+    stage: Stage,
+    /// When the commit is sent again.
+    resend_at: u64,
+    /// When the proposer stops waiting for the partner.
+    give_up_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// The held VM moves first (into the asked host's headroom).
+    FirstMove,
+    /// Waiting for the partner's migration (commits sent).
+    Committing,
+    /// The partner came; the held VM moves now.
+    SecondMove,
+}
+
+/// The asked host's side of a proposal while it locates its VMs' peers.
+#[derive(Debug)]
+struct Considering {
+    seq: u64,
+    proposal: SwapProposal,
+    pending: BTreeMap<u64, VmId>,
+    deadline: u64,
 }
 
 #[derive(Debug)]
@@ -303,6 +413,18 @@ struct Sending {
     deadline: u64,
     /// VMs skipped in a row by this hand-off.
     skipped: usize,
+}
+
+fn offer_of(a: &SwapAcceptance) -> SwapOffer {
+    SwapOffer {
+        partner: a.partner,
+        partner_gain: a.partner_gain,
+        partner_cost_before: a.partner_cost_before,
+        partner_cost_after: a.partner_cost_after,
+        partner_level_after: a.partner_level_after,
+        benefit: a.benefit,
+        c_m: a.c_m,
+    }
 }
 
 /// One host's protocol state machine (see the module documentation).
@@ -339,6 +461,12 @@ pub struct Node {
     report_parts: PartsAssembler<FlowEntry>,
     next_report: u64,
     reports_sent: u64,
+    /// The partners this host gave to swaps, by proposing VM.
+    swaps: Reservations,
+    /// A swap proposal being considered.
+    considering: Option<Considering>,
+    /// Partners moving for a swap: partner -> proposing VM.
+    partner_moves: BTreeMap<VmId, VmId>,
     out: VecDeque<Output>,
     events: VecDeque<Event>,
 }
@@ -405,6 +533,9 @@ impl Node {
             report_parts: PartsAssembler::default(),
             next_report,
             reports_sent: 0,
+            swaps: Reservations::default(),
+            considering: None,
+            partner_moves: BTreeMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -460,8 +591,12 @@ impl Node {
                 Phase::Locating { deadline, .. } | Phase::Asking { deadline, .. } => {
                     t = t.min(*deadline)
                 }
-                Phase::Migrating => {}
+                Phase::Swapping(d) if d.stage == Stage::Committing => t = t.min(d.resend_at),
+                Phase::Migrating | Phase::Swapping(_) => {}
             }
+        }
+        if let Some(c) = &self.considering {
+            t = t.min(c.deadline);
         }
         if let Some(s) = &self.sending {
             t = t.min(s.deadline);
@@ -477,6 +612,8 @@ impl Node {
     pub fn set_facts(&mut self, now: u64, facts: &HostFacts) {
         self.now = now.max(self.now);
         self.hosted = facts.vms.iter().map(|v| (v.id, v.peers.clone())).collect();
+        self.frozen
+            .extend(facts.vms.iter().filter(|v| v.undefined).map(|v| v.id));
         let hosted = &self.hosted;
         self.reservations.retain(|vm, _| !hosted.contains_key(vm));
     }
@@ -500,12 +637,47 @@ impl Node {
         }
         self.events
             .push_back(Event::MigrationFinished { vm, outcome });
-        if self
-            .held
-            .as_ref()
-            .is_some_and(|h| h.vm == vm && matches!(h.phase, Phase::Migrating))
-        {
-            self.hand_on();
+        if let Some(u) = self.partner_moves.remove(&vm) {
+            // A swap's partner: answer the proposer's latest commit.
+            let result = match outcome {
+                MigrationOutcome::Done => SwapResult::Done,
+                MigrationOutcome::Failed => SwapResult::Failed,
+                MigrationOutcome::Undefined => SwapResult::Undefined,
+            };
+            let linger = now.saturating_add(self.cfg.swap_timeout_ns);
+            if let Some((seq, proposer)) = self.swaps.end(u, result, linger) {
+                let done = Message::SwapDone {
+                    in_reply_to: seq,
+                    vm: u,
+                    partner: vm,
+                    result,
+                };
+                self.send(proposer, &done);
+            }
+        }
+        let Some(h) = self.held.as_mut().filter(|h| h.vm == vm) else {
+            return;
+        };
+        match &mut h.phase {
+            Phase::Migrating => self.hand_on(),
+            Phase::Swapping(d) => match d.stage {
+                Stage::FirstMove if outcome == MigrationOutcome::Done => {
+                    d.stage = Stage::Committing;
+                    d.resend_at = now;
+                    self.send_commit();
+                }
+                Stage::FirstMove => {
+                    let (to, partner) = (d.to, d.partner);
+                    self.cancel_swap(to, vm, partner);
+                    self.swap_finished(SwapOutcome::Failed);
+                }
+                Stage::SecondMove if outcome == MigrationOutcome::Done => {
+                    self.swap_finished(SwapOutcome::Done)
+                }
+                Stage::SecondMove => self.swap_finished(SwapOutcome::Partial),
+                Stage::Committing => {}
+            },
+            _ => {}
         }
     }
 
@@ -525,18 +697,40 @@ impl Node {
             Some(Phase::Locating { deadline, .. }) | Some(Phase::Asking { deadline, .. }) => {
                 now >= *deadline
             }
+            Some(Phase::Swapping(d)) => d.stage == Stage::Committing && now >= d.resend_at,
             _ => false,
         };
         if due {
             match self.held.as_mut().map(|h| &mut h.phase) {
                 Some(Phase::Holding { .. }) => self.start_decision(),
                 Some(Phase::Locating { .. }) => self.plan_and_ask(),
-                Some(Phase::Asking { answers, .. }) => {
-                    answers.push(None);
+                Some(Phase::Asking {
+                    answers,
+                    swap_pending,
+                    ..
+                }) => {
+                    answers.push(if *swap_pending {
+                        Answer::Swap(None)
+                    } else {
+                        Answer::Capacity(None)
+                    });
                     self.ask_next();
                 }
+                Some(Phase::Swapping(d)) if now >= d.give_up_at => {
+                    // The partner's fate is unknown; the swap timeout is
+                    // longer than any migration, so it has ended by now.
+                    let outcome = match d.order {
+                        SwapOrder::ProposerFirst => SwapOutcome::Partial,
+                        SwapOrder::PartnerFirst => SwapOutcome::Failed,
+                    };
+                    self.swap_finished(outcome);
+                }
+                Some(Phase::Swapping(_)) => self.send_commit(),
                 _ => {}
             }
+        }
+        if self.considering.as_ref().is_some_and(|c| now >= c.deadline) {
+            self.answer_proposal();
         }
         if self.sending.as_ref().is_some_and(|s| now >= s.deadline) {
             self.hop_timed_out();
@@ -628,6 +822,12 @@ impl Node {
                 if done {
                     self.plan_and_ask();
                 }
+                let considered = self.considering.as_mut().is_some_and(|c| {
+                    c.pending.remove(&in_reply_to).is_some() && c.pending.is_empty()
+                });
+                if considered {
+                    self.answer_proposal();
+                }
             }
             Message::CapacityRequest { vm } => {
                 let free = self.free_slots();
@@ -648,11 +848,16 @@ impl Node {
                 free_memory_mib,
             } => {
                 let mine = match self.held.as_mut().map(|x| &mut x.phase) {
-                    Some(Phase::Asking { seq, answers, .. }) if *seq == in_reply_to => {
-                        answers.push(Some(Capacity {
+                    Some(Phase::Asking {
+                        seq,
+                        swap_pending: false,
+                        answers,
+                        ..
+                    }) if *seq == in_reply_to => {
+                        answers.push(Answer::Capacity(Some(Capacity {
                             free_slots,
                             free_mem_mb: free_memory_mib,
-                        }));
+                        })));
                         true
                     }
                     _ => false,
@@ -686,12 +891,59 @@ impl Node {
                     self.joining = (vms, self.now);
                 }
             }
-            Message::TokenOrder(_)
-            | Message::SwapPropose(_)
-            | Message::SwapAccept(_)
-            | Message::SwapRefuse { .. }
-            | Message::SwapCommit { .. }
-            | Message::SwapDone { .. } => self.reject("unsupported"),
+            Message::SwapPropose(p) => self.on_propose(&h, p),
+            Message::SwapAccept(a) => {
+                let mine = match self.held.as_mut() {
+                    Some(Held {
+                        vm,
+                        phase:
+                            Phase::Asking {
+                                seq,
+                                swap_pending: true,
+                                answers,
+                                accepted,
+                                ..
+                            },
+                        ..
+                    }) if *seq == a.in_reply_to && *vm == a.vm => {
+                        answers.push(Answer::Swap(Some(offer_of(&a))));
+                        accepted.push((h.sender, a));
+                        true
+                    }
+                    _ => false,
+                };
+                if mine {
+                    self.ask_next();
+                } else {
+                    // The proposer stopped waiting: release the partner.
+                    self.cancel_swap(h.sender, a.vm, a.partner);
+                }
+            }
+            Message::SwapRefuse { in_reply_to, .. } => {
+                let mine = match self.held.as_mut().map(|x| &mut x.phase) {
+                    Some(Phase::Asking {
+                        seq,
+                        swap_pending: true,
+                        answers,
+                        ..
+                    }) if *seq == in_reply_to => {
+                        answers.push(Answer::Swap(None));
+                        true
+                    }
+                    _ => false,
+                };
+                if mine {
+                    self.ask_next();
+                }
+            }
+            Message::SwapCommit { vm, partner, go } => self.on_commit(&h, vm, partner, go),
+            Message::SwapDone {
+                vm,
+                partner,
+                result,
+                ..
+            } => self.on_swap_done(h.sender, vm, partner, result),
+            Message::TokenOrder(_) => self.reject("unsupported"),
         }
     }
 
@@ -719,11 +971,43 @@ impl Node {
         }
     }
 
-    fn free_slots(&mut self) -> u32 {
+    /// VMs here and slots promised.
+    fn used(&mut self) -> u32 {
         let now = self.now;
         self.reservations.retain(|_, until| *until > now);
-        let used = self.hosted.len() + self.reservations.len();
-        self.cfg.vm_slots.saturating_sub(used as u32)
+        self.swaps.expire(now);
+        (self.hosted.len() + self.reservations.len()) as u32
+    }
+
+    /// Whether this node's own decision may claim the headroom: while it
+    /// asks for swaps (its proposals offer the headroom), and while a
+    /// swap whose partner comes first is under way.
+    fn holder_claims(&self) -> bool {
+        match self.held.as_ref().map(|h| &h.phase) {
+            Some(Phase::Asking { .. }) => self.cfg.scope.swaps,
+            Some(Phase::Swapping(d)) => d.order == SwapOrder::PartnerFirst,
+            _ => false,
+        }
+    }
+
+    /// The headroom is taken: by a swap accepted here whose proposing VM
+    /// comes first, or by this node's own swap.
+    fn headroom_taken(&self) -> bool {
+        self.swaps.incoming_first() || self.holder_claims()
+    }
+
+    /// Slots free for a capacity answer: a slot the headroom may need is
+    /// not offered.
+    fn free_slots(&mut self) -> u32 {
+        let used = self.used() + u32::from(self.headroom_taken());
+        self.cfg.vm_slots.saturating_sub(used)
+    }
+
+    /// Whether one VM more may arrive before one leaves (the slots and the
+    /// headroom, with every promise counted).
+    fn room_for_one_more(&mut self) -> bool {
+        let used = u64::from(self.used()) + 1;
+        used <= u64::from(self.cfg.vm_slots) + u64::from(self.cfg.migration_headroom)
     }
 
     /// Learns a newer epoch: every copy of an older one held or being
@@ -751,14 +1035,18 @@ impl Node {
     /// or capacity answer) ends now; one whose VM is migrating ends when
     /// the migration does.
     fn drop_superseded_if_idle(&mut self) {
-        let idle = self
-            .held
-            .as_ref()
-            .is_some_and(|h| h.superseded && !matches!(h.phase, Phase::Migrating));
+        let idle = self.held.as_ref().is_some_and(|h| {
+            h.superseded && !matches!(h.phase, Phase::Migrating | Phase::Swapping(_))
+        });
         if idle {
             let h = self.held.take().expect("checked");
             let mine = self.stamp(&h.token, Some(h.vm));
             self.events.push_back(Event::TokenSuperseded { mine });
+            if let Phase::Asking { accepted, .. } = h.phase {
+                for (host, a) in accepted {
+                    self.cancel_swap(host, a.vm, a.partner);
+                }
+            }
         }
     }
 
@@ -1013,7 +1301,11 @@ impl Node {
         let Some(peers) = self.hosted.get(&vm).cloned() else {
             return self.hand_on();
         };
-        if held_down || self.frozen.contains(&vm) || self.migrating.contains_key(&vm) {
+        if held_down
+            || self.frozen.contains(&vm)
+            || self.migrating.contains_key(&vm)
+            || self.swaps.holds(vm)
+        {
             return self.hand_on();
         }
         let mut pending = BTreeMap::new();
@@ -1057,31 +1349,49 @@ impl Node {
                 peers.push(decision::Peer { id: p, host, rate });
             }
         }
-        let plan = decision::plan(&topo, vm, self.host, &peers);
+        let plan = plan_with(&topo, vm, self.host, &peers, self.cfg.scope.candidates);
+        let home_free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
         let deadline = self.now;
         if let Some(h) = self.held.as_mut() {
             h.phase = Phase::Asking {
                 plan: Box::new(plan),
+                peers,
+                home_free_mem,
                 answers: Vec::new(),
+                accepted: Vec::new(),
                 seq: 0,
+                swap_pending: false,
                 deadline,
             };
         }
         self.ask_next();
     }
 
-    /// Asks the next candidate for room, or decides.
+    fn settings(&self) -> Settings {
+        Settings {
+            rule: self.cfg.rule,
+            cm: self.cfg.migration_cost,
+            mem_need_mb: self.cfg.vm_memory_mib,
+            scope: self.cfg.scope,
+        }
+    }
+
+    /// Asks the next candidate for room (or for a swap), or decides.
     fn ask_next(&mut self) {
         if self.held.as_ref().is_some_and(|h| h.superseded) {
             return self.drop_superseded_if_idle();
         }
-        let (rule, cm, mem) = (
-            self.cfg.rule,
-            self.cfg.migration_cost,
-            self.cfg.vm_memory_mib,
-        );
+        let topo = self.cfg.topology.clone();
+        let settings = self.settings();
         let Some(Held {
-            phase: Phase::Asking { plan, answers, .. },
+            phase:
+                Phase::Asking {
+                    plan,
+                    peers,
+                    home_free_mem,
+                    answers,
+                    ..
+                },
             vm,
             ..
         }) = self.held.as_ref()
@@ -1089,18 +1399,41 @@ impl Node {
             return;
         };
         let vm = *vm;
-        let mut d = plan.decider(rule, cm, mem);
-        for a in answers {
-            d.answer(*a);
-        }
-        if let Some(h) = d.next_host() {
-            let to = self.cfg.topology.host_addr(h);
-            let seq = self.send(to, &Message::CapacityRequest { vm });
-            let deadline = self.now + self.cfg.request_timeout_ns;
+        let load = Load::from_rate(plan.load);
+        let (query, step) = {
+            let mut d = ScopedDecider::new(&topo, plan, peers, settings, *home_free_mem);
+            for a in answers {
+                match a {
+                    Answer::Capacity(c) => d.answer_capacity(*c),
+                    Answer::Swap(o) => d.answer_swap(*o),
+                }
+            }
+            match d.next_query() {
+                Some(q) => (Some(q), None),
+                None => (None, Some(d.finish())),
+            }
+        };
+        if let Some(q) = query {
+            let (seq, swap, wait) = match q {
+                Query::Capacity(h) => {
+                    let to = topo.host_addr(h);
+                    let seq = self.send(to, &Message::CapacityRequest { vm });
+                    (seq, false, self.cfg.request_timeout_ns)
+                }
+                Query::Swap(r) => {
+                    let to = topo.host_addr(r.to);
+                    let proposal = self.proposal(&r, to);
+                    let seq = self.send(to, &Message::SwapPropose(proposal));
+                    // The asked host may locate its VMs' peers first.
+                    (seq, true, self.cfg.request_timeout_ns.saturating_mul(4))
+                }
+            };
+            let deadline = self.now + wait;
             if let Some(Held {
                 phase:
                     Phase::Asking {
                         seq: s,
+                        swap_pending,
                         deadline: dl,
                         ..
                     },
@@ -1108,28 +1441,413 @@ impl Node {
             }) = self.held.as_mut()
             {
                 *s = seq;
+                *swap_pending = swap;
                 *dl = deadline;
             }
             return;
         }
-        let decision = d.finish();
-        let load = Load::from_rate(plan.load);
-        self.events.push_back(Event::Decided { decision });
-        if let Some(h) = self.held.as_mut() {
-            h.token.update(vm, decision.level_after(), load);
-        }
-        match decision {
-            Decision::Migrate { to, .. } => {
-                let to = self.cfg.topology.host_addr(to);
-                self.migrating.insert(vm, to);
-                self.migrated_at.insert(vm, self.now);
-                if let Some(h) = self.held.as_mut() {
-                    h.phase = Phase::Migrating;
-                }
-                self.out.push_back(Output::Migrate { vm, to });
-                self.events.push_back(Event::MigrationStarted { vm, to });
+        let Some(step) = step else { return };
+        let accepted = match self.held.as_mut().map(|h| &mut h.phase) {
+            Some(Phase::Asking { accepted, .. }) => std::mem::take(accepted),
+            _ => Vec::new(),
+        };
+        // Partners reserved for swaps not chosen are released.
+        let chosen = match &step {
+            Step::Swap(s) => {
+                let to = topo.host_addr(s.to);
+                accepted
+                    .iter()
+                    .find(|(h, a)| *h == to && a.partner == s.partner)
+                    .map(|(h, a)| (*h, *a))
             }
-            Decision::Stay { .. } => self.hand_on(),
+            Step::Single(_) => None,
+        };
+        for (host, a) in &accepted {
+            if chosen.is_none_or(|(h, c)| (*host, a.partner) != (h, c.partner)) {
+                self.cancel_swap(*host, a.vm, a.partner);
+            }
+        }
+        if let Some(h) = self.held.as_mut() {
+            h.token.update(vm, step.level_after(), load);
+        }
+        match (step, chosen) {
+            (Step::Single(decision), _) => {
+                self.events.push_back(Event::Decided { decision });
+                match decision {
+                    Decision::Migrate { to, .. } => {
+                        let to = self.cfg.topology.host_addr(to);
+                        self.migrating.insert(vm, to);
+                        self.migrated_at.insert(vm, self.now);
+                        if let Some(h) = self.held.as_mut() {
+                            h.phase = Phase::Migrating;
+                        }
+                        self.out.push_back(Output::Migrate { vm, to });
+                        self.events.push_back(Event::MigrationStarted { vm, to });
+                    }
+                    Decision::Stay { .. } => self.hand_on(),
+                }
+            }
+            (Step::Swap(swap), Some((to, a))) => {
+                self.events.push_back(Event::SwapAgreed {
+                    swap,
+                    order: a.order,
+                });
+                self.migrated_at.insert(vm, self.now);
+                let deal = Deal {
+                    to,
+                    partner: swap.partner,
+                    order: a.order,
+                    stage: match a.order {
+                        SwapOrder::ProposerFirst => Stage::FirstMove,
+                        SwapOrder::PartnerFirst => Stage::Committing,
+                    },
+                    resend_at: self.now,
+                    give_up_at: self.now.saturating_add(self.cfg.swap_timeout_ns),
+                };
+                let first = deal.stage;
+                if let Some(h) = self.held.as_mut() {
+                    h.phase = Phase::Swapping(deal);
+                }
+                match first {
+                    Stage::FirstMove => self.start_migration(vm, to),
+                    _ => self.send_commit(),
+                }
+            }
+            // The walk chose a swap no host accepted: cannot happen (it
+            // only chooses among answers); stay.
+            (Step::Swap(_), None) => self.hand_on(),
+        }
+    }
+
+    fn start_migration(&mut self, vm: VmId, to: Ipv4Addr) {
+        self.migrating.insert(vm, to);
+        self.migrated_at.insert(vm, self.now);
+        self.out.push_back(Output::Migrate { vm, to });
+        self.events.push_back(Event::MigrationStarted { vm, to });
+    }
+
+    /// The proposal for the walk's swap question `r` to host `to`.
+    fn proposal(&mut self, r: &SwapRequest, to: Ipv4Addr) -> SwapProposal {
+        let mut peers_on_target = r.peers_on_target.clone();
+        // The largest rates first, if they must be cut to one datagram.
+        peers_on_target.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        peers_on_target.truncate(MAX_SWAP_PEERS);
+        SwapProposal {
+            vm: r.vm,
+            from: self.cfg.me,
+            to,
+            gain: r.gain,
+            cost_before: r.cost_before,
+            c_m: r.c_m,
+            mem_mib: r.mem_mb,
+            from_free_mem_mib: r.from_free_mem_mb,
+            from_headroom: !self.swaps.incoming_first() && self.room_for_one_more(),
+            peers_on_target,
+        }
+    }
+
+    /// Releases a partner reserved for a swap that will not happen. Sent
+    /// once: if it is lost, the reservation expires there.
+    fn cancel_swap(&mut self, host: Ipv4Addr, vm: VmId, partner: VmId) {
+        let m = Message::SwapCommit {
+            vm,
+            partner,
+            go: false,
+        };
+        self.send(host, &m);
+    }
+
+    /// Tells the asked host to move the partner now; sent again until its
+    /// answer (a repeated commit never moves the partner twice).
+    fn send_commit(&mut self) {
+        let again = self.now + self.cfg.request_timeout_ns.saturating_mul(4);
+        let Some(Held {
+            vm,
+            phase: Phase::Swapping(d),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return;
+        };
+        d.resend_at = again;
+        let (to, m) = (
+            d.to,
+            Message::SwapCommit {
+                vm: *vm,
+                partner: d.partner,
+                go: true,
+            },
+        );
+        self.send(to, &m);
+    }
+
+    /// The proposer's swap ended: the token goes on.
+    fn swap_finished(&mut self, outcome: SwapOutcome) {
+        if let Some(Held {
+            vm,
+            phase: Phase::Swapping(d),
+            ..
+        }) = self.held.as_ref()
+        {
+            self.events.push_back(Event::SwapFinished {
+                vm: *vm,
+                partner: d.partner,
+                outcome,
+            });
+        }
+        self.hand_on();
+    }
+
+    /// The asked host's answer to a commit arrived at the proposer.
+    fn on_swap_done(&mut self, from: Ipv4Addr, vm: VmId, partner: VmId, result: SwapResult) {
+        let Some(Held {
+            vm: held,
+            phase: Phase::Swapping(d),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return;
+        };
+        if *held != vm || d.to != from || d.partner != partner || d.stage != Stage::Committing {
+            return;
+        }
+        match (d.order, result) {
+            (SwapOrder::ProposerFirst, SwapResult::Done) => self.swap_finished(SwapOutcome::Done),
+            (SwapOrder::ProposerFirst, _) => self.swap_finished(SwapOutcome::Partial),
+            (SwapOrder::PartnerFirst, SwapResult::Done) => {
+                d.stage = Stage::SecondMove;
+                let to = d.to;
+                self.locations
+                    .insert(partner, (self.cfg.me, self.now + self.cfg.location_ttl_ns));
+                self.start_migration(vm, to);
+            }
+            (SwapOrder::PartnerFirst, _) => self.swap_finished(SwapOutcome::Failed),
+        }
+    }
+
+    /// This host's VMs that may be a swap's partner: not moving, not
+    /// moved lately, not held for a decision or another swap.
+    fn swap_candidates(&self) -> Vec<VmId> {
+        let holding = self.held.as_ref().map(|h| h.vm);
+        self.hosted
+            .keys()
+            .copied()
+            .filter(|w| {
+                Some(*w) != holding
+                    && !self.migrating.contains_key(w)
+                    && !self.frozen.contains(w)
+                    && !self.swaps.holds(*w)
+                    && self
+                        .migrated_at
+                        .get(w)
+                        .is_none_or(|t| self.now >= t.saturating_add(self.cfg.hold_down_ns))
+            })
+            .collect()
+    }
+
+    /// A swap proposal arrived: check it, then locate the peers of this
+    /// host's VMs that it does not know the place of, then answer.
+    fn on_propose(&mut self, h: &Header, p: SwapProposal) {
+        let valid = p.from == h.sender
+            && p.to == self.cfg.me
+            && p.from != self.cfg.me
+            && self.cfg.topology.host_by_addr(p.from).is_some()
+            && !self.hosted.contains_key(&p.vm);
+        let now = self.now;
+        self.swaps.expire(now);
+        let refusal = if !self.cfg.scope.swaps {
+            Some(SwapRefusal::Disabled)
+        } else if !valid {
+            Some(SwapRefusal::Invalid)
+        } else if self.considering.is_some() || self.swaps.busy() {
+            Some(SwapRefusal::Busy)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            return self.refuse_swap(h.sender, h.seq, p.vm, r);
+        }
+        let mut pending = BTreeMap::new();
+        let mut asked = BTreeSet::new();
+        for w in self.swap_candidates() {
+            for (z, rate) in self.hosted.get(&w).cloned().unwrap_or_default() {
+                let known = self.hosted.contains_key(&z)
+                    || z == p.vm
+                    || self.locations.get(&z).is_some_and(|(_, t)| *t > now);
+                if rate < self.cfg.min_rate || rate <= 0.0 || known || !asked.insert(z) {
+                    continue;
+                }
+                let seq = self.send(Ipv4Addr::from(z), &Message::LocationRequest { vm: z });
+                pending.insert(seq, z);
+            }
+        }
+        let empty = pending.is_empty();
+        self.considering = Some(Considering {
+            seq: h.seq,
+            proposal: p,
+            pending,
+            deadline: now + self.cfg.request_timeout_ns,
+        });
+        if empty {
+            self.answer_proposal();
+        }
+    }
+
+    fn refuse_swap(&mut self, to: Ipv4Addr, in_reply_to: u64, vm: VmId, reason: SwapRefusal) {
+        self.events.push_back(Event::SwapAnswered {
+            vm,
+            answer: Err(reason),
+        });
+        self.send(
+            to,
+            &Message::SwapRefuse {
+                in_reply_to,
+                vm,
+                reason,
+            },
+        );
+    }
+
+    /// Answers the proposal being considered: the partner chosen with
+    /// score-core's `choose_swap_partner`, reserved; or a refusal.
+    fn answer_proposal(&mut self) {
+        let Some(c) = self.considering.take() else {
+            return;
+        };
+        let p = c.proposal;
+        match self.consider(&p) {
+            Ok(offer) => {
+                let order = offer.1;
+                let offer = offer.0;
+                self.events.push_back(Event::SwapAnswered {
+                    vm: p.vm,
+                    answer: Ok(offer.partner),
+                });
+                let a = SwapAcceptance {
+                    in_reply_to: c.seq,
+                    vm: p.vm,
+                    partner: offer.partner,
+                    partner_gain: offer.partner_gain,
+                    partner_cost_before: offer.partner_cost_before,
+                    partner_cost_after: offer.partner_cost_after,
+                    benefit: offer.benefit,
+                    c_m: offer.c_m,
+                    partner_level_after: offer.partner_level_after,
+                    order,
+                };
+                self.send(p.from, &Message::SwapAccept(a));
+            }
+            Err(r) => self.refuse_swap(p.from, c.seq, p.vm, r),
+        }
+    }
+
+    fn consider(&mut self, p: &SwapProposal) -> Result<(SwapOffer, SwapOrder), SwapRefusal> {
+        let now = self.now;
+        self.swaps.expire(now);
+        if self.swaps.busy() {
+            return Err(SwapRefusal::Busy);
+        }
+        if self.hosted.contains_key(&p.vm) {
+            return Err(SwapRefusal::Invalid);
+        }
+        let here = !self.holder_claims() && self.room_for_one_more();
+        let order = swap_order(false, here, p.from_headroom)?;
+        let topo = self.cfg.topology.clone();
+        let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
+        let local: Vec<LocalVm> = self
+            .swap_candidates()
+            .into_iter()
+            .map(|w| {
+                let peers = self
+                    .hosted
+                    .get(&w)
+                    .map(|ps| {
+                        ps.iter()
+                            .filter(|(_, rate)| *rate >= self.cfg.min_rate && *rate > 0.0)
+                            .filter_map(|&(z, rate)| {
+                                let host = if z == p.vm {
+                                    Some(from)
+                                } else if self.hosted.contains_key(&z) {
+                                    Some(self.host)
+                                } else {
+                                    self.locations
+                                        .get(&z)
+                                        .filter(|(_, t)| *t > now)
+                                        .and_then(|(a, _)| topo.host_by_addr(*a))
+                                };
+                                host.map(|host| decision::Peer { id: z, host, rate })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                LocalVm {
+                    id: w,
+                    mem_mb: self.cfg.vm_memory_mib,
+                    peers,
+                }
+            })
+            .collect();
+        let req = SwapRequest {
+            vm: p.vm,
+            from,
+            to: self.host,
+            gain: p.gain,
+            cost_before: p.cost_before,
+            c_m: p.c_m,
+            mem_mb: p.mem_mib,
+            from_free_mem_mb: p.from_free_mem_mib,
+            peers_on_target: p.peers_on_target.clone(),
+        };
+        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
+        let offer = choose_swap_partner(
+            &topo,
+            self.host,
+            free_mem,
+            &local,
+            &req,
+            self.cfg.migration_cost,
+        )
+        .ok_or(SwapRefusal::NoPartner)?;
+        let until = now.saturating_add(self.cfg.swap_timeout_ns);
+        if !self
+            .swaps
+            .reserve(p.vm, offer.partner, p.from, order, until)
+        {
+            return Err(SwapRefusal::Busy);
+        }
+        Ok((offer, order))
+    }
+
+    /// The asked host's side of a commit: move the partner (once), or
+    /// release it; answer with the result.
+    fn on_commit(&mut self, h: &Header, vm: VmId, partner: VmId, go: bool) {
+        let linger = self.now.saturating_add(self.cfg.swap_timeout_ns);
+        let reply = match self.swaps.commit(h.sender, vm, partner, go, h.seq, linger) {
+            CommitAction::Wait => return,
+            CommitAction::Reply(result) => Some((h.seq, h.sender, result)),
+            CommitAction::Migrate(w) => {
+                let movable = self.hosted.contains_key(&w)
+                    && !self.migrating.contains_key(&w)
+                    && !self.frozen.contains(&w);
+                if movable {
+                    self.partner_moves.insert(w, vm);
+                    self.start_migration(w, h.sender);
+                    None
+                } else {
+                    self.swaps
+                        .end(vm, SwapResult::Failed, linger)
+                        .map(|(seq, to)| (seq, to, SwapResult::Failed))
+                }
+            }
+        };
+        if let Some((in_reply_to, to, result)) = reply {
+            let done = Message::SwapDone {
+                in_reply_to,
+                vm,
+                partner,
+                result,
+            };
+            self.send(to, &done);
         }
     }
 
