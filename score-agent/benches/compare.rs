@@ -355,12 +355,17 @@ fn command_in(ns: &str, program: &str) -> Result<Command> {
 
 /// VmRSS of `pid`, KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One `... kB` field of /proc/PID/status, KiB.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("VmRSS of {pid}"))
+        .with_context(|| format!("{field} of {pid}"))
 }
 
 // ------------------------------------------------------------------- agent
@@ -378,7 +383,8 @@ impl Agent {
         let log = config.with_extension("log");
         let file = std::fs::File::create(&log)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_score-agent")])
+            .args(["netns", "exec", ns])
+            .arg(common::agent_bin())
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -863,21 +869,30 @@ const LIVE_PAIRS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
 /// ingress runs twice per round: with every pair in the flow map (as
 /// before the slot array: no drain has given them slots; the slot check
 /// misses), then after a drain gave them slots (`LIVE_SLOTTED`).
-const LIVE_PROGS: [(&str, &str); 8] = [
+const LIVE_PROGS: [(&str, &str); 10] = [
     ("empty", PROG_BENCH_EMPTY),
     ("score ingress, flow map", PROG_INGRESS),
     ("score ingress, slots", PROG_INGRESS),
+    ("score ingress, small array", PROG_INGRESS),
     ("count: per-CPU hash", "score_bench_count"),
     ("count: hash", "score_bench_count_hash"),
     ("count: per-CPU LRU", "score_bench_count_lru"),
     ("count: 16-byte key", "score_bench_count_key16"),
     ("count: array slot", "score_bench_count_array"),
+    ("count: array, hashed", "score_bench_count_array_hashed"),
 ];
 
 /// Index in [`LIVE_PROGS`] of score's ingress with slots given.
 const LIVE_SLOTTED: usize = 2;
 /// Index in [`LIVE_PROGS`] of score's ingress with the flow map only.
 const LIVE_UNSLOTTED: usize = 1;
+/// Index in [`LIVE_PROGS`] of score's ingress with slots, loaded a second
+/// time with a slot array sized for twice the live pairs instead of the
+/// curve's largest size (131,072 slots, 8 MiB on 2 CPUs): the same code
+/// over a smaller array, to tell the array's size from the rest.
+const LIVE_SMALL: usize = 3;
+/// The first of the bench object's `count:` programs in [`LIVE_PROGS`].
+const LIVE_BENCH_PROGS: usize = 4;
 
 /// A 128-byte UDP frame from one VM (198.18.0.1) to its `i`-th peer: a
 /// vif carries one VM's frames, to many peers.
@@ -960,21 +975,33 @@ fn live(plan: &Plan) -> Result<()> {
                     control_port: Some(7760),
                 },
             )?;
-            for (_, prog) in &LIVE_PROGS[3..] {
+            for (_, prog) in &LIVE_PROGS[LIVE_BENCH_PROGS..] {
                 dp.program_mut(prog)?
                     .load()
                     .with_context(|| format!("loading {prog}"))?;
             }
             dp.program_mut(PROG_BENCH_EMPTY)?.load()?;
+            let mut small = Datapath::load_object(
+                BENCH_OBJECT,
+                &LoadOptions {
+                    flows_max: (2 * n) as u32,
+                    pin_dir: None,
+                    control_port: Some(7760),
+                },
+            )?;
             let owned: Vec<Vec<u8>> = (0..n).map(live_frame).collect();
             let frames: Vec<&[u8]> = (0..plan.live_frames.max(n))
                 .map(|i| owned[i % n].as_slice())
                 .collect();
             // Warm-up: every pair once through every program, so the
             // timed windows see existing pairs only.
-            for (_, prog) in &LIVE_PROGS {
-                live_window(&mut dp, prog, &sock, &frames[..n], plan.live_rate)?;
+            for (i, (_, prog)) in LIVE_PROGS.iter().enumerate() {
+                let d = if i == LIVE_SMALL { &mut small } else { &mut dp };
+                live_window(d, prog, &sock, &frames[..n], plan.live_rate)?;
             }
+            let mut drained = Vec::new();
+            small.snapshot_into(&mut drained)?;
+            let small_slotted = small.slotted_pairs();
             let timed = &frames[..plan.live_frames];
             let mut per: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
             let mut minus: Vec<Vec<(f64, f64)>> = vec![Vec::new(); LIVE_PROGS.len()];
@@ -986,7 +1013,6 @@ fn live(plan: &Plan) -> Result<()> {
                     )
                 })
                 .collect();
-            let mut drained = Vec::new();
             let mut slotted = 0;
             for _ in 0..plan.live_rounds {
                 let mut base = (0.0, 0.0);
@@ -1002,7 +1028,8 @@ fn live(plan: &Plan) -> Result<()> {
                         dp.snapshot_into(&mut drained)?;
                         slotted = dp.slotted_pairs();
                     }
-                    let (ns, _, sender) = live_window(&mut dp, prog, &sock, timed, plan.live_rate)?;
+                    let d = if i == LIVE_SMALL { &mut small } else { &mut dp };
+                    let (ns, _, sender) = live_window(d, prog, &sock, timed, plan.live_rate)?;
                     per[i].push((ns, sender));
                     if i == 0 {
                         base = (ns, sender);
@@ -1021,8 +1048,15 @@ fn live(plan: &Plan) -> Result<()> {
                 .collect::<std::collections::HashSet<_>>()
                 .len();
             ensure!(counted == n, "score ingress holds {counted} pairs, not {n}");
+            let small_counted = small.snapshot()?.len();
+            ensure!(
+                small_counted == n,
+                "score ingress with the small array holds {small_counted} pairs, not {n}"
+            );
             println!(
-                "{n} live pairs, {slotted} of them in slots after a drain (load {}):",
+                "{n} live pairs, {slotted} of them in slots after a drain; {small_slotted} in \
+                 the small array's {} slots (load {}):",
+                score_agent::datapath::slot_count((2 * n) as u32),
                 loadavg()
             );
             for (i, (label, _)) in LIVE_PROGS.iter().enumerate() {
@@ -1561,7 +1595,7 @@ fn scale(plan: &Plan) -> Result<()> {
         plan.polls
     );
     println!(
-        "| pairs | before: flow map only, drain ms CPU | after: slots, drain ms (wall) | drain ms (CPU) | ns per pair | pairs in slots | daemon's mean drain ms | daemon RSS MiB | kernel maps MiB | load avg |"
+        "| pairs | before: flow map only, drain ms CPU | after: slots, drain ms (wall) | drain ms (CPU) | ns per pair | pairs in slots | daemon's mean drain ms | daemon RSS MiB (anon / file / shmem) | kernel maps MiB | load avg |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for n in [1_000usize, 10_000, 100_000, 1_000_000] {
@@ -1611,6 +1645,10 @@ fn scale(plan: &Plan) -> Result<()> {
         let (s1, c1) = agent.wait_drains(3, Duration::from_secs(300))?;
         let daemon_ms = (s1 - s0) / (c1 - c0) as f64 * 1e3;
         let rss = rss_kib(agent.pid())?;
+        // What the RSS is made of: the heap (anonymous), the binary's pages
+        // (file), and the slot array the daemon maps (shared memory).
+        let parts = ["RssAnon", "RssFile", "RssShmem"]
+            .map(|f| status_kib(agent.pid(), f).unwrap_or(0) as f64 / 1024.0);
         let map_kib = map_kib(agent.pid());
         agent.stop()?;
 
@@ -1621,10 +1659,13 @@ fn scale(plan: &Plan) -> Result<()> {
         ensure!(last.len() == n, "snapshot saw {} of {n}", last.len());
         let (w, c) = (summarize(&w), summarize(&c));
         println!(
-            "| {n} | {before_cpu:.2} | {w:.2} | {c:.2} | {:.0} | {} | {daemon_ms:.2} | {:.1} | {:.1} | {} |",
+            "| {n} | {before_cpu:.2} | {w:.2} | {c:.2} | {:.0} | {} | {daemon_ms:.2} | {:.1} ({:.1} / {:.1} / {:.1}) | {:.1} | {} |",
             c.median * 1e6 / n as f64,
             dp.slotted_pairs(),
             rss as f64 / 1024.0,
+            parts[0],
+            parts[1],
+            parts[2],
             map_kib as f64 / 1024.0,
             loadavg()
         );

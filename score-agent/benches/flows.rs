@@ -941,7 +941,8 @@ impl AgentProc {
             });
         }
         let mut child = cmd
-            .args(["netns", "exec", HOST_NS, env!("CARGO_BIN_EXE_score-agent")])
+            .args(["netns", "exec", HOST_NS])
+            .arg(common::agent_bin())
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -1192,14 +1193,13 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
 }
 
 /// The drain interval the daemon runs with: `--drain-interval D` (humantime,
-/// e.g. `4s`), 1 s by default.
-fn drain_interval() -> String {
+/// e.g. `4s`); None: the agent's default, which the config then leaves out.
+fn drain_interval() -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == "--drain-interval")
         .and_then(|i| args.get(i + 1))
         .cloned()
-        .unwrap_or_else(|| "1s".to_owned())
 }
 
 /// The agent part's namespaces, 16 vifs, bpffs and config file.
@@ -1220,16 +1220,17 @@ fn agent_bed() -> Result<(Bed, PathBuf)> {
     bed.mount_bpffs()?;
     // A fixed name: a killed run's file is simply overwritten.
     let config = PathBuf::from("/run/score-bench-agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "interfaces = [\"vif*\"]\ndrain_interval = \"{}\"\nrate_window = \"30s\"\n\
-             idle_timeout = \"2m\"\npin_path = \"{BPFFS}/score\"\nflows_max = {}\n\
-             http_listen = \"127.0.0.1:9464\"\n",
-            drain_interval(),
-            score_common::DEFAULT_FLOWS_MAX
-        ),
-    )?;
+    // Only what this bed needs; everything else (drain interval, rate
+    // window, idle time-out, map size) is the agent's default, unless
+    // `--drain-interval` says otherwise.
+    let mut text = format!(
+        "interfaces = [\"vif*\"]\npin_path = \"{BPFFS}/score\"\n\
+         http_listen = \"127.0.0.1:9464\"\n"
+    );
+    if let Some(d) = drain_interval() {
+        text.push_str(&format!("drain_interval = \"{d}\"\n"));
+    }
+    std::fs::write(&config, text)?;
     bed.files.push(config.clone());
     Ok((bed, config))
 }
@@ -1272,8 +1273,9 @@ fn profile(_plan: &Plan) -> Result<()> {
 fn agent(plan: &Plan) -> Result<()> {
     let (_bed, config) = agent_bed()?;
     println!(
-        "score-agent run: {VMS} vifs, {} drain, 30 s window; warm-up {:?}, measured {:?}",
-        drain_interval(),
+        "score-agent run: {VMS} vifs, drain interval {}, the rest of the configuration the \
+         agent's defaults; warm-up {:?}, measured {:?}",
+        drain_interval().unwrap_or_else(|| "default".into()),
         plan.agent_warmup,
         plan.agent_measure
     );

@@ -223,6 +223,23 @@ mod pieces {
         }
         TC_ACT_OK
     }
+
+    /// The same array at a slot spread by score's slot hash over all of
+    /// it, as the agent's slots are: against `score_bench_count_array`,
+    /// what scattering the live pairs over the whole array costs, with
+    /// the rest of the count the same.
+    #[classifier]
+    pub fn score_bench_count_array_hashed(ctx: TcContext) -> i32 {
+        if let Some((k, len)) = keyed(&ctx) {
+            let slot = score_common::slot_index(&k, VARIANT_MAX - 1);
+            if let Some(c) = ARRAY.get_ptr_mut(slot) {
+                // SAFETY: this CPU's slot of a per-CPU array, preemption
+                // off: nothing else writes it meanwhile.
+                unsafe { add(c, len) }
+            }
+        }
+        TC_ACT_OK
+    }
 }
 
 #[cfg(all(target_arch = "bpf", not(test)))]
