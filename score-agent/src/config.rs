@@ -51,7 +51,13 @@ pub struct Config {
     /// What `/metrics` exports (`[metrics]` table; every key optional).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsConfig,
-    /// How often the kernel maps are drained into the flow table.
+    /// How often the kernel maps are drained into the flow table. The
+    /// default, 4 s, is the first whole second at least one bucket of the
+    /// default rate window (30 s / 8 = 3.75 s, `flows::WINDOW_BUCKETS`):
+    /// the flow table keeps one sample per bucket, so more frequent drains
+    /// only refresh the newest sample, and a drain costs the same CPU
+    /// whatever its interval (docs/BENCHMARKS.md, "The default drain
+    /// interval").
     #[serde(default = "defaults::drain_interval", with = "humantime_serde")]
     pub drain_interval: Duration,
     /// The window over which per-pair rates are averaged (the paper's
@@ -98,7 +104,7 @@ mod defaults {
     use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
     pub(super) fn drain_interval() -> Duration {
-        Duration::from_secs(1)
+        Duration::from_secs(4)
     }
     pub(super) fn rate_window() -> Duration {
         Duration::from_secs(30)
@@ -302,10 +308,25 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("interfaces = [\"vif*\"]\n").unwrap();
-        assert_eq!(c.drain_interval, Duration::from_secs(1));
+        assert_eq!(c.drain_interval, Duration::from_secs(4));
         assert_eq!(c.rate_window, Duration::from_secs(30));
         assert_eq!(c.flows_max, score_common::DEFAULT_FLOWS_MAX);
         assert!(c.http_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn default_drains_once_per_bucket_of_the_default_window() {
+        // At least one bucket: each drain is a sample of its own, and no
+        // drain only refreshes the newest one. Under two: the rate's
+        // span stays within the window plus one drain interval.
+        let c = parse("interfaces = [\"vif*\"]\n").unwrap();
+        let bucket = c.rate_window / crate::flows::WINDOW_BUCKETS as u32;
+        assert!(
+            c.drain_interval >= bucket,
+            "{:?} < {bucket:?}",
+            c.drain_interval
+        );
+        assert!(c.drain_interval < 2 * bucket, "{:?}", c.drain_interval);
     }
 
     #[test]
