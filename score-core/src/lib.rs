@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod cost;
+pub mod cycle;
 pub mod decision;
 pub mod group;
 pub mod optimum;

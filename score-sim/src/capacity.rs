@@ -103,6 +103,8 @@ pub struct Variant {
     pub group: GroupMode,
     /// Ejection chains when u would stay.
     pub chain: bool,
+    /// Rotations of three VMs when u would stay.
+    pub cycle: bool,
     /// c_m schedule; `None`: the scenario's c_m, constant.
     pub cm: Option<CmSchedule>,
 }
@@ -115,17 +117,23 @@ impl Variant {
             scope,
             group: GroupMode::Off,
             chain: false,
+            cycle: false,
             cm: None,
         }
     }
 
     /// Its name in reports and on the command line: the scope's label,
-    /// `+chain` if ejection chains are on, `+group` or `+group-best`, then
-    /// `@start/decay/floor` if c_m has a schedule (e.g.
-    /// `swap+chain+group@10/0.5/0.003`).
+    /// `+chain` if ejection chains are on, `+cycle` if rotations are,
+    /// `+group` or `+group-best`, then `@start/decay/floor` if c_m has a
+    /// schedule (e.g. `swap+chain+cycle+group@10/0.5/0.003`).
     pub fn label(&self) -> String {
         let chain = if self.chain { "+chain" } else { "" };
-        let mut l = format!("{}{chain}{}", self.scope.label(), self.group.suffix());
+        let cycle = if self.cycle { "+cycle" } else { "" };
+        let mut l = format!(
+            "{}{chain}{cycle}{}",
+            self.scope.label(),
+            self.group.suffix()
+        );
         if let Some(c) = self.cm {
             l.push_str(&format!("@{}/{}/{}", c.start, c.decay, c.floor));
         }
@@ -143,6 +151,7 @@ impl Variant {
             scope: self.scope,
             group: self.group,
             chain: self.chain,
+            cycle: self.cycle,
             cm,
             cm_decay,
             cm_floor,
@@ -196,6 +205,10 @@ impl std::str::FromStr for Variant {
         } else {
             (head, GroupMode::Off)
         };
+        let (scope, cycle) = match scope.strip_suffix("+cycle") {
+            Some(s) => (s, true),
+            None => (scope, false),
+        };
         let (scope, chain) = match scope.strip_suffix("+chain") {
             Some(s) => (s, true),
             None => (scope, false),
@@ -205,6 +218,7 @@ impl std::str::FromStr for Variant {
             scope: scope.parse().map_err(|_| bad())?,
             group,
             chain,
+            cycle,
             cm,
         })
     }
@@ -233,6 +247,9 @@ pub struct VariantRun {
     /// Ejection chains among them (each two migrations).
     #[serde(default)]
     pub chains: u64,
+    /// Rotations among them (each three migrations).
+    #[serde(default)]
+    pub rotations: u64,
     /// Steps (migrations, swaps, chains, group moves) whose exact change
     /// of the total was zero: moves on rounding noise (0 expected).
     #[serde(default)]
@@ -423,6 +440,7 @@ fn run_fill(
                 swaps: r.swaps,
                 groups: r.groups,
                 chains: r.chains,
+                rotations: r.rotations,
                 zero_change_steps: r.zero_change_steps,
                 rounds: r.rounds,
                 rounds_to_converge: r.rounds_to_converge,
@@ -694,11 +712,11 @@ pub fn markdown(s: &CapacitySummary) -> String {
             f.local_search_from_initial_pct / f.baseline_reduction_pct,
             f.local_search_from_initial_moved_vms,
         ));
-        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains) | of baseline's moves | rounds to converge | steps with zero exact change |\n");
+        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains, rotations) | of baseline's moves | rounds to converge | steps with zero exact change |\n");
         t.push_str("|---|---|---|---|---|---|---|---|---|\n");
         for r in &f.runs {
             t.push_str(&format!(
-                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}) | {:.2} | {}{} | {} |\n",
+                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}, {}) | {:.2} | {}{} | {} |\n",
                 r.policy,
                 r.rule,
                 r.scope,
@@ -708,6 +726,7 @@ pub fn markdown(s: &CapacitySummary) -> String {
                 r.swaps,
                 r.groups,
                 r.chains,
+                r.rotations,
                 r.migrations as f64 / f.baseline_moved_vms.max(1) as f64,
                 r.rounds_to_converge,
                 if r.converged { "" } else { " (not converged)" },

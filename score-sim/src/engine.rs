@@ -17,12 +17,15 @@
 //! each member is one migration. [`RunOptions::chain`] adds ejection
 //! chains ([`score_core::chain`]): u goes to a full host, which sends one
 //! of its VMs on to u's host or to a third host with room.
+//! [`RunOptions::cycle`] adds rotations ([`score_core::cycle`]): u goes to a
+//! full host y, one of y's VMs to a full host z, one of z's VMs to u's host.
 
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use score_core::chain::{Chain, choose_ejection, decide_chain};
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
+use score_core::cycle::{Rotation, close_rotation, decide_rotation, extend_rotation};
 use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
 use score_core::group::{GroupLimits, GroupMove, decide_group};
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
@@ -63,6 +66,9 @@ pub struct RunOptions {
     pub group: GroupMode,
     /// Ejection chains when u would stay (beyond the paper; default: off).
     pub chain: bool,
+    /// Rotations of three VMs on three full hosts when u would stay and
+    /// has no better chain (beyond the paper; default: off).
+    pub cycle: bool,
     /// c_m of round r is c_m × max(`cm_decay`^r, `cm_floor`) (decay 1:
     /// constant, the paper's). The token carries the round, so every holder
     /// knows it; with a decay, a round without migration ends the run only
@@ -93,6 +99,7 @@ impl Default for RunOptions {
             cm_decay: 1.0,
             cm_floor: 0.0,
             chain: false,
+            cycle: false,
         }
     }
 }
@@ -169,6 +176,8 @@ pub struct PolicyRun {
     pub groups: u64,
     /// Ejection chains made (each also counted as two migrations).
     pub chains: u64,
+    /// Rotations made (each also counted as three migrations).
+    pub rotations: u64,
     /// Steps taken (migrations, swaps, chains, group moves) whose exact
     /// change of the total ([`CostModel::exact_change_sign`]) was zero:
     /// moves on rounding noise, 0 unless the decisions have a bug.
@@ -289,6 +298,56 @@ pub fn decide_chain_move(
             choose_ejection(model.topo, r.to, free, &local, r, settings.cm, set, cap)
         },
     )
+}
+
+/// A step of several VMs decided by several hosts: an ejection chain or a
+/// rotation, as (VM, from, to), u's first.
+struct Multi {
+    moves: Vec<(VmIdx, HostId, HostId)>,
+    benefit: f64,
+    net: f64,
+    rotation: bool,
+}
+
+/// The holder's rotation for `u` (`None` if none is worth making):
+/// score-core's [`decide_rotation`] over the scope's candidates; the
+/// asked host extends it with [`extend_rotation`] and the host it asks
+/// closes it with [`close_rotation`], each over its own VMs (`lists`),
+/// capacity from the hosts' VM counts.
+pub fn decide_rotation_move(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    u: VmIdx,
+    settings: Settings,
+) -> Option<Rotation> {
+    let x = placement.host(u);
+    let set = settings.scope.candidates;
+    let cm = settings.cm;
+    let cap = |h: HostId| Some(shape.capacity(placement.count(h)));
+    let free = |h: HostId| shape.capacity(placement.count(h)).free_mem_mb;
+    let local = |h: HostId| local_vms(model, placement, lists.on(h), |_| shape.vm_mem_mb);
+    let me = local_vms(model, placement, &[u], |_| shape.vm_mem_mb).remove(0);
+    let p = plan_with(model.topo, u, x, &me.peers, set);
+    decide_rotation(&p, &me, cm, free(x), CHAIN_ASKS, cap, |r| {
+        let y = r.legs[0].to;
+        extend_rotation(
+            model.topo,
+            y,
+            free(y),
+            &local(y),
+            r,
+            cm,
+            set,
+            CHAIN_ASKS,
+            cap,
+            |r2| {
+                let z = r2.legs[1].to;
+                close_rotation(model.topo, z, free(z), &local(z), r2, cm)
+            },
+        )
+    })
 }
 
 /// The mutable state of one run.
@@ -532,6 +591,7 @@ pub fn run_policy(
     let mut swaps = 0u64;
     let mut groups = 0u64;
     let mut chains = 0u64;
+    let mut rotations = 0u64;
     let mut zero_change_steps = 0u64;
     let exactly_zero = |st: &State<'_>, moves: &[(VmIdx, HostId)]| {
         u64::from(st.model().exact_change_sign(&st.placement, moves) == std::cmp::Ordering::Equal)
@@ -585,53 +645,92 @@ pub fn run_policy(
             _ => decide_group_move(&st.model(), &st.placement, &st.lists, st.shape, u, cm)
                 .filter(|g| d.is_noop() || g.benefit - g.c_m > d.benefit() - step_threshold(&d)),
         };
-        let chain = if opts.chain && d.is_noop() {
-            decide_chain_move(&st.model(), &st.placement, &st.lists, st.shape, u, settings).filter(
-                |c| {
-                    group
-                        .as_ref()
-                        .is_none_or(|g| c.benefit - c.c_m > g.benefit - g.c_m)
-                },
-            )
+        let beats_group = |net: f64| group.as_ref().is_none_or(|g| net > g.benefit - g.c_m);
+        let mut multi = if opts.chain && d.is_noop() {
+            decide_chain_move(&st.model(), &st.placement, &st.lists, st.shape, u, settings)
+                .filter(|c| beats_group(c.benefit - c.c_m))
+                .map(|c| Multi {
+                    moves: vec![(u, c.from, c.to), (c.partner, c.to, c.partner_to)],
+                    benefit: c.benefit,
+                    net: c.benefit - c.c_m,
+                    rotation: false,
+                })
         } else {
             None
         };
-        let group = if chain.is_some() { None } else { group };
-        if let Some(c) = chain {
-            zero_change_steps += exactly_zero(&st, &[(u, c.to), (c.partner, c.partner_to)]);
+        if opts.cycle && d.is_noop() {
+            let r =
+                decide_rotation_move(&st.model(), &st.placement, &st.lists, st.shape, u, settings)
+                    .filter(|r| beats_group(r.benefit - r.c_m))
+                    .filter(|r| multi.as_ref().is_none_or(|m| r.benefit - r.c_m > m.net));
+            if let Some(r) = r {
+                multi = Some(Multi {
+                    moves: r.moves.to_vec(),
+                    benefit: r.benefit,
+                    net: r.benefit - r.c_m,
+                    rotation: true,
+                });
+            }
+        }
+        let group = if multi.is_some() { None } else { group };
+        if let Some(c) = multi {
+            let targets: Vec<(VmIdx, HostId)> = c.moves.iter().map(|&(v, _, to)| (v, to)).collect();
+            zero_change_steps += exactly_zero(&st, &targets);
             let max = st.shape.max_vms();
-            let was_full = st.placement.count(c.from) == max;
-            st.placement.move_vm(u, c.to);
-            st.lists.moved(u, c.from, c.to);
-            st.placement.move_vm(c.partner, c.partner_to);
-            st.lists.moved(c.partner, c.to, c.partner_to);
+            let mut hosts: Vec<HostId> = c.moves.iter().flat_map(|&(_, a, b)| [a, b]).collect();
+            hosts.sort_unstable();
+            hosts.dedup();
+            let full_before: Vec<bool> = hosts
+                .iter()
+                .map(|&h| st.placement.count(h) == max)
+                .collect();
+            for &(v, from, to) in &c.moves {
+                st.placement.move_vm(v, to);
+                st.lists.moved(v, from, to);
+                moved[v as usize] = true;
+            }
             st.total -= c.benefit;
-            moved[u as usize] = true;
-            moved[c.partner as usize] = true;
-            migrations += 2;
-            chains += 1;
+            migrations += c.moves.len() as u64;
+            if c.rotation {
+                rotations += 1;
+            } else {
+                chains += 1;
+            }
             this_round += 1;
-            let (level_u, level_w) = {
+            {
+                // The holder learnt the others' new levels from the hosts it asked.
                 let model = st.model();
-                (
-                    model.vm_level(&st.placement, u),
-                    model.vm_level(&st.placement, c.partner),
-                )
-            };
-            // The holder learnt w's new level from y.
-            if let Some(e) = token.get_mut(c.partner) {
-                e.level = level_w;
+                for &(v, _, _) in &c.moves[1..] {
+                    if let Some(e) = token.get_mut(v) {
+                        e.level = model.vm_level(&st.placement, v);
+                    }
+                }
             }
             if let Some(gi) = global.as_mut() {
-                let freed = (was_full && st.placement.count(c.from) < max).then_some(c.from);
-                let filled = (c.partner_to != c.from && st.placement.count(c.partner_to) == max)
-                    .then_some(c.partner_to);
-                gi.after_change(&st, &[u, c.partner], freed, filled, opts.rule, cm);
+                let members: Vec<VmIdx> = c.moves.iter().map(|&(v, _, _)| v).collect();
+                let full_now = |h: HostId| st.placement.count(h) == max;
+                let freed = hosts
+                    .iter()
+                    .zip(&full_before)
+                    .find(|&(&h, &f)| f && !full_now(h));
+                let filled = hosts
+                    .iter()
+                    .zip(&full_before)
+                    .find(|&(&h, &f)| !f && full_now(h));
+                gi.after_change(
+                    &st,
+                    &members,
+                    freed.map(|(&h, _)| h),
+                    filled.map(|(&h, _)| h),
+                    opts.rule,
+                    cm,
+                );
             }
+            let level_u = st.model().vm_level(&st.placement, u);
             token.update(u, level_u, Load::from_rate(p.load));
             handoffs += 1;
             if opts.trace {
-                trace.push((u, Some(c.to)));
+                trace.push((u, Some(c.moves[0].2)));
             }
             if opts.self_check {
                 self_check(&st, global.as_mut(), opts.rule, cm);
@@ -813,6 +912,7 @@ pub fn run_policy(
         swaps,
         groups,
         chains,
+        rotations,
         zero_change_steps,
         rounds: token.round,
         rounds_to_converge,

@@ -95,7 +95,8 @@ enum Cmd {
         /// Decision variants, each `paper`, `swap`, `swap+<set>` or a
         /// candidate set (peer-racks, peer-pods, all), all with the paper's
         /// rule (default: paper, swap, swap+peer-racks); then `+chain`
-        /// (ejection chains when u would stay); then `+group`
+        /// (ejection chains when u would stay); then `+cycle` (rotations of
+        /// three VMs on full hosts when u would stay); then `+group`
         /// (group moves when u would stay) or `+group-best` (when better);
         /// then `@start/decay/floor`: c_m of round r = start × max(decay^r,
         /// floor) mean VM costs (e.g. `swap+group@1/0.5/0.03`).

@@ -155,6 +155,34 @@ fn group_moves_and_chains_keep_the_running_total_exact_and_capacity() {
 }
 
 #[test]
+fn rotations_keep_the_running_total_exact_and_capacity_on_full_hosts() {
+    // Every slot taken: no migration and no chain can happen, only swaps
+    // and rotations.
+    let setup = Setup::build(&common::small_scenario(512, 7)).unwrap();
+    for kind in PolicyKind::ALL {
+        let o = RunOptions {
+            scope: Scope::swaps(CandidateSet::PeerRacks),
+            chain: true,
+            cycle: true,
+            max_rounds: 4,
+            self_check: true,
+            ..RunOptions::default()
+        };
+        let r = run_policy(&setup, kind, &o, |_| {}).unwrap();
+        assert!(setup.fits(&r.final_placement), "{kind}");
+        assert!(
+            r.round_costs
+                .windows(2)
+                .all(|w| w[1] <= w[0] * (1.0 + 1e-12))
+        );
+        assert_eq!(r.migrations, 2 * r.swaps + 3 * r.rotations, "{kind}");
+        assert_eq!(r.chains, 0, "{kind}: a chain needs a host with room");
+        assert!(r.rotations > 0, "{kind}: no rotation on full hosts");
+        assert_eq!(r.zero_change_steps, 0, "{kind}");
+    }
+}
+
+#[test]
 fn group_moves_off_change_nothing() {
     let setup = Setup::build(&common::small_scenario(400, 3)).unwrap();
     for kind in PolicyKind::ALL {
