@@ -183,23 +183,35 @@ pub fn encode_token(token: &Token, out: &mut BytesMut) -> Result<(), TokenCodecE
             fields |= u64::from(e.load.0) << at;
         }
         match prev {
-            None => bits.put(u64::from(e.id), 32),
+            None => {
+                bits.put(u64::from(e.id), 32);
+                bits.put(fields, field_bits);
+            }
             Some(p) => {
                 // Entries are strictly increasing (checked above).
                 let gap = e.id - p - 1;
                 let q = gap >> k;
                 if q < ESCAPE {
-                    // q ones, then the terminating zero.
-                    bits.put((1u64 << q) - 1, q + 1);
-                    bits.put(u64::from(gap) & low_k, k);
+                    // q ones, the terminating zero, k low bits of the gap
+                    // and the fields: at most 15 + 1 + 31 + 13 = 60 bits.
+                    let code = ((1u64 << q) - 1)
+                        | ((u64::from(gap) & low_k) << (q + 1))
+                        | (fields << (q + 1 + k));
+                    let len = q + 1 + k + field_bits;
+                    if len <= 32 {
+                        bits.put(code, len);
+                    } else {
+                        bits.put(code, 32);
+                        bits.put(code >> 32, len - 32);
+                    }
                 } else {
                     bits.put((1u64 << ESCAPE) - 1, ESCAPE);
                     bits.put(u64::from(gap), 32);
+                    bits.put(fields, field_bits);
                 }
             }
         }
         prev = Some(e.id);
-        bits.put(fields, field_bits);
     }
     bits.finish();
     Ok(())
@@ -258,7 +270,36 @@ pub fn decode_token(bytes: &[u8]) -> Result<Token, TokenCodecError> {
     let mut entries = Vec::with_capacity(n.min(PREALLOC_ENTRIES));
     let mut bits = BitReader::new(&bytes[r.pos..]);
     let mut prev: Option<u64> = None;
+    let low_k = (1u64 << k) - 1;
+    let field_mask = (1u64 << fields) - 1;
+    let level_mask = (1u64 << w) - 1;
+    let load_at = w + u32::from(has_visited);
     for _ in 0..n {
+        // The usual entry (a gap below the escape) in one step: its code
+        // (q ones, a zero, k bits) and its fields read from the buffer at
+        // once. Anything else, or too few bits buffered, field by field.
+        if let Some(p) = prev {
+            if bits.n < 61 {
+                bits.refill();
+            }
+            let q = bits.acc.trailing_ones();
+            let used = q + 1 + k + fields;
+            if q < ESCAPE && used <= bits.n {
+                let gap = (u64::from(q) << k) | ((bits.acc >> (q + 1)) & low_k);
+                let f = (bits.acc >> (q + 1 + k)) & field_mask;
+                bits.acc >>= used;
+                bits.n -= used;
+                let id = VmId::try_from(p + gap + 1).map_err(|_| TokenCodecError::IdOverflow)?;
+                prev = Some(u64::from(id));
+                entries.push(TokenEntry {
+                    id,
+                    level: (f & level_mask) as u8,
+                    load: Load(if has_loads { (f >> load_at) as u8 } else { 0 }),
+                    visited: has_visited && (f >> w) & 1 == 1,
+                });
+                continue;
+            }
+        }
         let id = match prev {
             None => u64::from(bits.get(32)?),
             Some(p) => {
@@ -293,8 +334,13 @@ pub fn decode_token(bytes: &[u8]) -> Result<Token, TokenCodecError> {
 
 /// Picks the Rice parameter that makes the ID gaps smallest, and the bits
 /// the gaps then take. The optimum for geometric gaps sits near log2(mean
-/// gap); the exact cost of the five parameters around it is computed in
-/// one pass and the cheapest kept (the lowest on a tie).
+/// gap); the exact cost of the five parameters around it is computed and
+/// the cheapest kept (the lowest on a tie).
+///
+/// The costs come from one pass that counts the gaps by `g >> lo` (lo the
+/// smallest parameter tried), up to 256: for a parameter k of the five,
+/// a gap's quotient is that count's index shifted by k - lo, and a gap
+/// whose index reaches 256 escapes under all five (256 >> 4 = 16).
 fn choose_rice_parameter(entries: &[TokenEntry]) -> (u32, u64) {
     if entries.len() < 2 {
         return (0, 0);
@@ -305,24 +351,42 @@ fn choose_rice_parameter(entries: &[TokenEntry]) -> (u32, u64) {
     let guess = 64 - (mean + 1).leading_zeros(); // bit length of mean + 1
     let lo = guess.saturating_sub(3);
     let hi = (guess + 1).min(31);
-    const TRIED: usize = 5;
-    let mut cost = [0u64; TRIED];
-    for g in gaps() {
-        for (i, c) in cost.iter_mut().enumerate() {
-            let k = lo + i as u32;
-            let q = g >> k.min(31);
-            *c += if q < ESCAPE {
+    const ALWAYS_ESCAPES: usize = (ESCAPE as usize) << 4;
+    // Four tallies, each gap to the next, so that runs of equal gaps (a
+    // dense block: all zero) do not wait on one counter's last store.
+    let mut tally = [[0u32; ALWAYS_ESCAPES + 1]; 4];
+    let bucket = |g: u32| ((g >> lo) as usize).min(ALWAYS_ESCAPES);
+    let mut quads = entries.windows(5).step_by(4);
+    let mut done = 0;
+    for w in &mut quads {
+        for i in 0..4 {
+            tally[i][bucket(w[i + 1].id - w[i].id - 1)] += 1;
+        }
+        done += 4;
+    }
+    for g in gaps().skip(done) {
+        tally[0][bucket(g)] += 1;
+    }
+    let mut count = [0u64; ALWAYS_ESCAPES + 1];
+    for t in &tally {
+        for (c, &x) in count.iter_mut().zip(t) {
+            *c += u64::from(x);
+        }
+    }
+    let mut best = (u64::MAX, 0);
+    for k in lo..=hi {
+        let shift = k - lo;
+        let mut cost = count[ALWAYS_ESCAPES] * u64::from(ESCAPE + 32);
+        for (v, &c) in count[..ALWAYS_ESCAPES].iter().enumerate() {
+            let q = (v as u32) >> shift;
+            cost += c * if q < ESCAPE {
                 u64::from(q + 1 + k)
             } else {
                 u64::from(ESCAPE + 32)
             };
         }
-    }
-    let mut best = (u64::MAX, 0);
-    for k in lo..=hi {
-        let c = cost[(k - lo) as usize];
-        if c < best.0 {
-            best = (c, k);
+        if cost < best.0 {
+            best = (cost, k);
         }
     }
     (best.1, best.0)
