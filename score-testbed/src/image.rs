@@ -99,7 +99,7 @@ while :; do sleep 3600; done
 
 /// `GET /cgi-bin/status`: what a test reads to tell a live migration (same
 /// boot id, uptime still counting) from a reboot.
-const STATUS_CGI: &str = r#"#!/bin/sh
+pub(crate) const STATUS_CGI: &str = r#"#!/bin/sh
 printf 'Content-Type: text/plain\r\n\r\n'
 echo "boot_id=$(cat /proc/sys/kernel/random/boot_id)"
 echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -180,7 +180,7 @@ fn kernel_package() -> Result<String> {
 }
 
 /// A short content hash (FNV-1a) to notice that the guest's files changed.
-fn fnv(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in *p {
@@ -314,7 +314,7 @@ pub fn build(force: bool) -> Result<Guest> {
 /// Copies the host's iperf3 and the libraries `ldd` names into the image:
 /// the guests' traffic generator. Left out (with a note) if the host has
 /// none.
-fn add_iperf3(cpio: &mut Cpio) -> Result<()> {
+pub(crate) fn add_iperf3(cpio: &mut Cpio) -> Result<()> {
     let bin = Path::new("/usr/bin/iperf3");
     if !bin.exists() {
         eprintln!("guest: no /usr/bin/iperf3 on this host; the guest will send no traffic");
@@ -342,15 +342,7 @@ fn add_iperf3(cpio: &mut Cpio) -> Result<()> {
     for f in files {
         let data = fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
         let name = f.to_string_lossy().trim_start_matches('/').to_owned();
-        let mut parent = PathBuf::new();
-        for c in Path::new(&name)
-            .parent()
-            .map(|p| p.components().collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            parent.push(c);
-            cpio.dir(&parent.to_string_lossy());
-        }
+        cpio.parents(&name);
         cpio.file(&name, 0o755, &data);
     }
     Ok(())
@@ -359,7 +351,7 @@ fn add_iperf3(cpio: &mut Cpio) -> Result<()> {
 /// A `newc` cpio archive, the format the kernel unpacks as an initramfs
 /// (Documentation/driver-api/early-userspace/buffer-format.rst).
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     out: Vec<u8>,
     ino: u32,
     dirs: std::collections::BTreeSet<String>,
@@ -400,21 +392,39 @@ impl Cpio {
         }
     }
 
-    fn dir(&mut self, name: &str) {
+    pub(crate) fn dir(&mut self, name: &str) {
         if self.dirs.insert(name.to_owned()) {
             self.entry(name, 0o040755, (0, 0), &[]);
         }
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100000 | perm, (0, 0), data);
     }
 
-    fn chardev(&mut self, name: &str, major: u32, minor: u32) {
+    /// A symbolic link `name` -> `target`.
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, 0o120777, (0, 0), target.as_bytes());
+    }
+
+    /// The directories above `name`, each once.
+    pub(crate) fn parents(&mut self, name: &str) {
+        let mut parent = PathBuf::new();
+        for c in Path::new(name)
+            .parent()
+            .map(|p| p.components().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            parent.push(c);
+            self.dir(&parent.to_string_lossy());
+        }
+    }
+
+    pub(crate) fn chardev(&mut self, name: &str, major: u32, minor: u32) {
         self.entry(name, 0o020600, (major, minor), &[]);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.out
     }

@@ -41,3 +41,4 @@ pub mod status;
 pub(crate) mod sysctl;
 pub mod testbed;
 pub mod traffic;
+pub mod xen;

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use score_testbed::{
     agents, check, config::AgentOptions, guests, image, libvirt, plan, process, state, status,
-    testbed, traffic,
+    testbed, traffic, xen,
 };
 
 pub use score_testbed::process::run;
@@ -88,6 +88,13 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
+    /// Real Xen hosts (QEMU TCG VMs running Xen 4.17 and a PV dom0, built
+    /// from Debian packages into /var/cache/score-xen) for the xl
+    /// backend's tests and the agent on a real dom0 (root).
+    Xen {
+        #[command(subcommand)]
+        command: XenCommand,
+    },
     /// Traffic generator run inside a VM namespace by the testbed: listens
     /// on --listen (discarding) and sends UDP to every --to at its rate.
     #[command(hide = true)]
@@ -101,6 +108,44 @@ enum Task {
         /// Stop after this many seconds (default: run until killed).
         #[arg(long)]
         duration: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum XenCommand {
+    /// Build the hypervisor (with shadow paging) and the dom0 image,
+    /// unless the cached ones are current.
+    Build {
+        /// Rebuild even if the cache is current.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build if needed, boot the two Xen hosts, wait for their dom0s.
+    Up {
+        /// Also put this score-agent binary into each dom0
+        /// (/usr/bin/score-agent).
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
+    /// Each host's QEMU and `xl list`.
+    Status,
+    /// The Xen tier: build the agent, bring the rig up (it must be down),
+    /// run score-agent's Xen tests one at a time, take the rig down.
+    Test {
+        /// Only run Xen tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Stop the hosts and remove their state. Safe when nothing is up.
+    Down,
+    /// Run a command in a host's dom0 (xen1, xen2), with its output and
+    /// exit code.
+    Exec {
+        /// The host: xen1, xen2 or its address.
+        host: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -184,6 +229,7 @@ fn main() -> Result<()> {
             image::guest(force)?;
             libvirt::ensure_libvirt()
         }
+        Task::Xen { command } => xen_command(command),
         Task::Traffic {
             listen,
             to,
@@ -306,6 +352,44 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn xen_command(command: XenCommand) -> Result<()> {
+    match command {
+        XenCommand::Build { force } => xen::build(force).map(drop),
+        XenCommand::Up { agent_bin } => xen::up(agent_bin.as_deref()),
+        XenCommand::Status => xen::status(),
+        XenCommand::Test { filter } => xen_tier(filter.as_deref()),
+        XenCommand::Down => xen::down(),
+        XenCommand::Exec { host, command } => {
+            let code = xen::exec(&host, &command)?;
+            std::process::exit(code)
+        }
+    }
+}
+
+/// The Xen tier (`cargo xtask xen test`): builds the agent and (cached)
+/// the rig, boots it with the agent in each dom0, runs score-agent's Xen
+/// tests (score-agent/tests/xen.rs) one at a time, and takes the rig down
+/// again, also when they fail.
+fn xen_tier(filter: Option<&str>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let agent = demo::build_agent(false)?;
+    xen::up(Some(&agent))?;
+    let mut cmd = cargo();
+    cmd.env(xen::REQUIRE_XEN_ENV, "1");
+    cmd.args(["test", "--locked", "-p", "score-agent", "--test", "xen"]);
+    cmd.args(["--", "--ignored", "--test-threads=1"]);
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    let result = run(&mut cmd);
+    xen::down()?;
+    eprintln!(
+        "xtask: Xen tier took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    result
 }
 
 /// `score-sim protocol` over `seeds` seeds from `first`: fails on any
