@@ -119,7 +119,7 @@ pub struct LoadOptions {
 }
 
 /// How the classifiers are attached to an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// TCX where the kernel has it (>= 6.6), else clsact.

@@ -42,6 +42,10 @@ enum Command {
         /// Capacity of the kernel flow map, in directed pairs.
         #[arg(long, default_value_t = score_common::DEFAULT_FLOWS_MAX)]
         flows_max: u32,
+        /// How the classifiers attach: auto (TCX on kernels >= 6.6, else a
+        /// clsact qdisc), tcx or clsact.
+        #[arg(long, value_enum, default_value = "auto")]
+        attach: score_agent::datapath::AttachMode,
     },
     /// Run the daemon with a configuration file.
     Run {
@@ -261,6 +265,7 @@ fn main() -> ExitCode {
                 duration,
                 json,
                 flows_max,
+                attach,
             } => {
                 let stop = async move {
                     match duration {
@@ -271,7 +276,7 @@ fn main() -> ExitCode {
                         None => shutdown_signal().await,
                     }
                 };
-                let report = score_agent::watch::watch(&ifaces, flows_max, stop).await?;
+                let report = score_agent::watch::watch(&ifaces, flows_max, attach, stop).await?;
                 print_report(&report, json);
                 Ok(())
             }

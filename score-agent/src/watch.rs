@@ -13,7 +13,7 @@ use crate::{
     AgentError,
     collector::{Collector, monotonic_ns},
     config::IfacePatterns,
-    datapath::{Datapath, DatapathStats, LoadOptions},
+    datapath::{AttachMode, Datapath, DatapathStats, LoadOptions},
     flows::FlowTable,
     links::LinkMonitor,
     metrics::Metrics,
@@ -45,18 +45,20 @@ pub struct WatchReport {
     pub seconds: f64,
 }
 
-/// Watches until `stop` completes.
+/// Watches until `stop` completes, attaching as `attach` says.
 pub async fn watch(
     patterns: &[String],
     flows_max: u32,
+    attach: AttachMode,
     stop: impl Future<Output = ()>,
 ) -> Result<WatchReport, AgentError> {
     let patterns = IfacePatterns::new(patterns)?;
-    let datapath = Datapath::load(&LoadOptions {
+    let mut datapath = Datapath::load(&LoadOptions {
         flows_max,
         pin_dir: None,
         control_port: None,
     })?;
+    datapath.set_attach_mode(attach);
     let flows = FlowTable::new(u64::MAX, u64::MAX, monotonic_ns());
     // watch serves no metrics; the collector updates a private set.
     let metrics = std::sync::Arc::new(Metrics::new(0));

@@ -104,6 +104,69 @@ fn watch_counts_every_pair_exactly_once() {
     );
 }
 
+/// The attach path of kernels without TCX (a clsact qdisc and netlink
+/// filters, as on Debian 12's 6.1 Xen dom0), forced on this kernel: the
+/// same exact counts, and nothing of the agent's left loaded after it.
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn watch_counts_exactly_through_a_clsact_qdisc() {
+    let _ = IGNORE;
+    let mut lab = Lab::new("sct-clsact-");
+    let h = lab.host("h");
+    let a = lab.vm(&h, "vif1.0", "a", A);
+    let b = lab.vm(&h, "vif2.0", "b", B);
+    let _sinks = [sink(&a, A), sink(&b, B)];
+
+    let programs_before = score_program_ids();
+    let agent = Agent::start(
+        &h,
+        &["watch", "--iface", "vif*", "--json", "--attach", "clsact"],
+    );
+    agent.wait_for(
+        &["iface=vif1.0", "iface=vif2.0", "watching"],
+        Duration::from_secs(20),
+    );
+    let qdiscs = sh(&[
+        "ip", "netns", "exec", &h, "tc", "qdisc", "show", "dev", "vif1.0",
+    ]);
+    assert!(qdiscs.contains("clsact"), "{qdiscs}");
+    let filters = sh(&[
+        "ip", "netns", "exec", &h, "tc", "filter", "show", "dev", "vif1.0", "ingress",
+    ]);
+    assert!(filters.contains("bpf"), "{filters}");
+
+    ping(&a, B);
+    udp(&a, A, B, 50, 200);
+    udp(&b, B, A, 30, 1000);
+
+    let (code, out, err) = agent.stop(libc::SIGINT);
+    assert_eq!(code, Some(0), "{err}");
+    let c = counts(&serde_json::from_str(&out).expect("watch --json output"));
+    assert_eq!(
+        pair(&c, A, B),
+        (PING_FRAME + 50 * udp_frame(200), 51),
+        "{c:?}"
+    );
+    assert_eq!(
+        pair(&c, B, A),
+        (PING_FRAME + 30 * udp_frame(1000), 31),
+        "{c:?}"
+    );
+    assert_eq!(c.len(), 2, "no other pair may appear: {c:?}");
+    let filters = sh(&[
+        "ip", "netns", "exec", &h, "tc", "filter", "show", "dev", "vif1.0", "ingress",
+    ]);
+    assert!(
+        !filters.contains("bpf"),
+        "filters left after exit: {filters}"
+    );
+    let left = new_score_programs(&programs_before);
+    assert!(
+        left.is_empty(),
+        "classifiers left loaded after exit: {left:?}"
+    );
+}
+
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn watch_follows_interfaces_that_come_and_go() {
