@@ -212,6 +212,29 @@ pub struct Datapath {
     /// `SCORE_SLOTS` as mapped into this process, and which slots hold a
     /// pair.
     slots: Slots,
+    /// When a drain may skip the walk of `SCORE_FLOWS`.
+    walk: FlowsWalk,
+}
+
+/// What tells a drain that `SCORE_FLOWS` holds nothing to read, so that it
+/// skips the batched walk, which visits every bucket of the map, empty or
+/// not (with 65,536 buckets, most of an idle drain's cost). The map holds
+/// pairs only between their first frame and the drain that gives them a
+/// slot, and the classifiers count every insert (`Stat::FlowsInserted`).
+/// The count is read before the walk, so a pair inserted after the read
+/// moves it past what the drain remembers, and the next drain walks.
+#[derive(Debug)]
+struct FlowsWalk {
+    /// Whether the map may hold pairs no drain moved out: at load (pinned
+    /// entries of an earlier agent), and after a drain that left pairs
+    /// there (no free slot, or more than one drain moves).
+    left: bool,
+    /// The insert count, summed over CPUs, at the last walk; None before
+    /// the first.
+    inserted: Option<u64>,
+    /// Whether the statistics map has room for the count: a map pinned by
+    /// an agent without it is shorter, and then every drain walks.
+    counted: bool,
 }
 
 /// The counter slots (`SCORE_SLOTS`, see score-common's `SLOTS_MAP`) as
@@ -540,12 +563,23 @@ impl Datapath {
                 })?;
         }
         let slots = Slots::open(&bpf, slots, cells)?;
+        let counted = match bpf.map(STATS_MAP) {
+            Some(aya::maps::Map::PerCpuArray(md)) => {
+                md.info()?.max_entries() > Stat::FlowsInserted as u32
+            }
+            _ => false,
+        };
         Ok(Datapath {
             bpf,
             attached: HashMap::new(),
             mode: AttachMode::Auto.resolve(),
             batch: BatchBuffers::default(),
             slots,
+            walk: FlowsWalk {
+                left: true,
+                inserted: None,
+                counted,
+            },
         })
     }
 
@@ -691,12 +725,32 @@ impl Datapath {
     /// then reads every pair's counters into `out` (cleared first) as
     /// [`Datapath::snapshot`] does, reusing `out`'s and the datapath's own
     /// buffers, so that a drain allocates nothing in steady state.
+    /// The walk of `SCORE_FLOWS` is skipped when no pair can be there (see
+    /// [`FlowsWalk`]).
     pub fn snapshot_into(&mut self, out: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
-        let mut buffers = std::mem::take(&mut self.batch);
-        let result = self.read_flows(&mut buffers, out);
-        self.batch = buffers;
-        result?;
+        let inserted = if self.walk.counted {
+            Some(self.stat_sums()?[Stat::FlowsInserted as usize])
+        } else {
+            None
+        };
+        let walk = self.walk.left || inserted.is_none() || inserted != self.walk.inserted;
+        if walk {
+            let mut buffers = std::mem::take(&mut self.batch);
+            let result = self.read_flows(&mut buffers, out);
+            self.batch = buffers;
+            result?;
+        } else {
+            out.clear();
+        }
+        // Until the moves below succeed, the map may hold what was read.
+        self.walk.left = true;
         self.give_slots(out)?;
+        // What is still in `out` stays in the map: no free slot, or past
+        // this drain's moves.
+        self.walk.left = !out.is_empty();
+        if walk {
+            self.walk.inserted = inserted;
+        }
         self.slots.read_into(out);
         self.slots.add_carry(out);
         Ok(())
@@ -879,6 +933,21 @@ impl Datapath {
 
     /// The datapath's own counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats, DatapathError> {
+        let sums = self.stat_sums()?;
+        let get = |s: Stat| sums[s as usize];
+        Ok(DatapathStats {
+            flows_map_full: get(Stat::FlowsMapFull),
+            macs_map_full: get(Stat::MacsMapFull),
+            not_ipv4: get(Stat::NotIpv4),
+            not_unicast: get(Stat::NotUnicast),
+            control_intercepted: get(Stat::ControlIntercepted),
+            control_ring_full: get(Stat::ControlRingFull),
+        })
+    }
+
+    /// Every slot of `SCORE_STATS`, summed over CPUs (0 where a pinned
+    /// map of an earlier agent is shorter).
+    fn stat_sums(&self) -> Result<[u64; score_common::STATS_LEN as usize], DatapathError> {
         let data = self
             .bpf
             .map(STATS_MAP)
@@ -906,19 +975,12 @@ impl Datapath {
         };
         if !batched {
             let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(data)?;
-            for (i, s) in sums.iter_mut().enumerate() {
+            let len = map.len() as usize;
+            for (i, s) in sums.iter_mut().enumerate().take(len) {
                 *s = map.get(&(i as u32), 0)?.iter().sum();
             }
         }
-        let get = |s: Stat| sums[s as usize];
-        Ok(DatapathStats {
-            flows_map_full: get(Stat::FlowsMapFull),
-            macs_map_full: get(Stat::MacsMapFull),
-            not_ipv4: get(Stat::NotIpv4),
-            not_unicast: get(Stat::NotUnicast),
-            control_intercepted: get(Stat::ControlIntercepted),
-            control_ring_full: get(Stat::ControlRingFull),
-        })
+        Ok(sums)
     }
 
     /// Hosted VMs seen sending: address, MAC and the interface behind them.
@@ -1022,6 +1084,8 @@ impl Datapath {
         )?;
         let mut values = vec![PairCounters::default(); cpus];
         values[0] = counters;
+        // Not counted as the classifiers' inserts are: the next drain walks.
+        self.walk.left = true;
         let mut n = 0;
         for (src, dst) in pairs {
             let key = PairKey {

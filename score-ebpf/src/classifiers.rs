@@ -310,7 +310,11 @@ fn count(ctx: &TcContext, h: &Headers, from_vm: bool) -> Result<(), ()> {
         last_seen_ns: now,
     };
     match FLOWS.insert(&key, &fresh, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
+        // After the insert: an agent that sees the count move finds the
+        // entry in its next walk of the map.
+        Ok(()) => {
+            bump(Stat::FlowsInserted);
+        }
         Err(E2BIG) => {
             if bump(Stat::FlowsMapFull) == 1 {
                 warn!(ctx, "score: flow map full, new pairs go uncounted");
