@@ -35,6 +35,11 @@ pub async fn run(
         Some(_) => Some(Backend::from_config(&config.backend).map_err(AgentError::Backend)?),
         None => None,
     };
+    // Before the classifiers attach: they queue datagrams for this run.
+    let run = match &cluster {
+        Some(c) => Some(crate::distributed::Run::begin(c)?),
+        None => None,
+    };
     let mut datapath = Datapath::load(&LoadOptions {
         flows_max: config.flows_max,
         pin_dir: Some(config.pin_path.clone()),
@@ -88,7 +93,9 @@ pub async fn run(
     ));
 
     let mut peer = None;
-    if let (Some(cluster), Some(backend), Some(control)) = (cluster, backend, control) {
+    if let (Some(cluster), Some(backend), Some(control), Some(run)) =
+        (cluster, backend, control, run)
+    {
         info!(
             address = %cluster.node.address,
             port = cluster.peer.port,
@@ -104,6 +111,7 @@ pub async fn run(
             metrics.clone(),
             control,
             &board,
+            run,
             cancel.clone(),
         )
         .await?;

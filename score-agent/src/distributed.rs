@@ -109,7 +109,38 @@ pub fn migrator(backend: Backend) -> Migrator {
     })
 }
 
-/// Starts the peer protocol with the configured backend.
+/// This run on the wire: its incarnation and the freshness floor.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    /// Raised and persisted by [`Run::begin`].
+    pub incarnation: u32,
+    /// Wall-clock ms just before the incarnation was raised: datagrams
+    /// sealed earlier are refused.
+    pub started_ms: u64,
+}
+
+impl Run {
+    /// Raises this host's incarnation. Call it before the classifiers
+    /// attach: from then on they queue the datagrams sent to hosted VMs
+    /// for this run, and a peer's datagram queued before the floor was
+    /// taken would be refused as older than the run that received it.
+    pub fn begin(cluster: &ClusterSettings) -> Result<Run, AgentError> {
+        let started_ms = peer::net::wall_ms();
+        let incarnation = peer::incarnation::next(&cluster.peer.state_dir, cluster.node.address)
+            .map_err(|source| AgentError::State {
+                path: cluster.peer.state_dir.clone(),
+                source,
+            })?;
+        Ok(Run {
+            incarnation,
+            started_ms,
+        })
+    }
+}
+
+/// Starts the peer protocol with the configured backend, for `run` (taken
+/// with [`Run::begin`] before the classifiers attached).
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     cluster: ClusterSettings,
     backend: Backend,
@@ -117,16 +148,15 @@ pub async fn start(
     metrics: Arc<Metrics>,
     control: ControlReader,
     board: &Arc<StatusBoard>,
+    run: Run,
     cancel: CancellationToken,
 ) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
     let advisory = matches!(backend, Backend::Advisory(_));
-    let started_ms = peer::net::wall_ms();
-    let incarnation = peer::incarnation::next(&cluster.peer.state_dir, cluster.node.address)
-        .map_err(|source| AgentError::State {
-            path: cluster.peer.state_dir.clone(),
-            source,
-        })?;
+    let Run {
+        incarnation,
+        started_ms,
+    } = run;
     peer::start(
         Arc::new(cluster),
         collector,

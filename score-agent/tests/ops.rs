@@ -84,7 +84,11 @@ impl Unprivileged {
             .arg("--")
             .arg(bin)
             .args(args)
-            .env("RUST_LOG", "info,netlink_packet_route=error")
+            // The transport's debug lines name what it refuses and why.
+            .env(
+                "RUST_LOG",
+                "info,netlink_packet_route=error,score_agent::peer::net=debug",
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -755,17 +759,19 @@ fn advisory_cluster_runs_with_its_documented_capabilities() {
     });
     assert!(total(&dc, "score_token_passed_total") >= 1.0);
     assert!(total(&dc, "score_bpf_control_intercepted_total") >= 1.0);
-    // Nothing refused but, at most, one datagram per agent as not fresh:
-    // in about half of the runs one agent refuses one datagram sealed
-    // before its start, and the cause is not found yet (docs/PROTOCOL.md,
-    // "Open defects"). Every other reason must stay at zero.
-    let not_fresh = total(&dc, "score_datagrams_rejected_total{reason=\"not_fresh\"}");
-    assert!(not_fresh <= 2.0, "{not_fresh} refused as not fresh");
-    assert_eq!(
-        total(&dc, "score_datagrams_rejected_total") - not_fresh,
-        0.0,
-        "datagrams refused in a healthy cluster"
-    );
+    // Nothing refused, not even at the start: the freshness floor is taken
+    // before the classifiers attach, so a peer's datagram they queue for
+    // the new run is never older than it.
+    let refused = total(&dc, "score_datagrams_rejected_total");
+    if refused != 0.0 {
+        let logs = dc.stop_agents();
+        let why: Vec<&str> = logs
+            .iter()
+            .flat_map(|l| l.lines())
+            .filter(|l| l.contains("refused") || l.contains("rejected"))
+            .collect();
+        panic!("{refused} datagrams refused in a healthy cluster: {why:#?}");
+    }
     assert_eq!(
         (dc.host_of(0), dc.host_of(1)),
         (Some(0), Some(1)),

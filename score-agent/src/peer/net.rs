@@ -301,10 +301,27 @@ impl Net {
             Datagram::decode(bytes, &*keys)?
         };
         d.header.check_destination(received_on)?;
-        self.replay
+        let accepted = self
+            .replay
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .accept(&d.header, now)?;
+            .accept(&d.header, now);
+        if let Err(e) = accepted {
+            // Authenticated, so the header names its real sender: who it
+            // was and when it sealed the datagram tell a lagging clock or
+            // a datagram queued before this run from a replay.
+            debug!(
+                sender = %d.header.sender,
+                incarnation = d.header.incarnation,
+                seq = d.header.seq,
+                sent_at_ms = d.header.sent_at_ms,
+                kind = ?d.message.kind(),
+                %received_on,
+                error = %e,
+                "authenticated datagram refused"
+            );
+            return Err(e);
+        }
         Ok(d)
     }
 

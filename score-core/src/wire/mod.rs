@@ -181,12 +181,17 @@ pub enum WireError {
     },
     /// The datagram was sealed too long ago, before the receiver started,
     /// or too far in the receiver's future.
-    #[error("datagram sealed at {sent_at_ms} ms is not fresh at {now_ms} ms")]
+    #[error(
+        "datagram sealed at {sent_at_ms} ms is not fresh at {now_ms} ms (accepted: {floor_ms} ms on)"
+    )]
     NotFresh {
         /// Send time in the header, ms since the Unix epoch.
         sent_at_ms: u64,
         /// The receiver's time.
         now_ms: u64,
+        /// The oldest send time accepted then: the receiver's start, or
+        /// `now_ms` less the greatest age, whichever is later.
+        floor_ms: u64,
     },
     /// The sender has since restarted: its datagram is from an older
     /// incarnation than one already accepted.

@@ -133,7 +133,11 @@ impl Freshness {
     pub fn check(&self, sent_at_ms: u64, now_ms: u64) -> Result<(), WireError> {
         let floor = self.started_ms.max(now_ms.saturating_sub(self.max_age_ms));
         if sent_at_ms < floor || sent_at_ms > now_ms.saturating_add(self.max_age_ms) {
-            return Err(WireError::NotFresh { sent_at_ms, now_ms });
+            return Err(WireError::NotFresh {
+                sent_at_ms,
+                now_ms,
+                floor_ms: floor,
+            });
         }
         Ok(())
     }
