@@ -65,7 +65,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     cluster::ClusterSettings,
-    collector::Collector,
+    collector::{Collector, monotonic_ns},
     datapath::{ControlReader, HostedVm},
 };
 use net::{Net, Via};
@@ -862,7 +862,7 @@ impl Peer {
         }
         {
             let mut s = self.state();
-            s.swaps.expire(Instant::now());
+            s.swaps.expire(monotonic_ns());
             if s.swaps.busy() {
                 return Err(SwapRefusal::Busy);
             }
@@ -911,11 +911,11 @@ impl Peer {
             self.cfg.migration_cost,
         )
         .ok_or(SwapRefusal::NoPartner)?;
-        let until = Instant::now() + self.cfg.policy.swap_timeout;
+        let until = monotonic_ns() + self.cfg.policy.swap_timeout.as_nanos() as u64;
         if !self
             .state()
             .swaps
-            .reserve(p.vm, offer.partner, h.sender, until)
+            .reserve(p.vm, offer.partner, h.sender, order, until)
         {
             return Err(SwapRefusal::Busy);
         }
@@ -936,7 +936,7 @@ impl Peer {
     /// The asked host's side of a commit: move the partner (once), or
     /// release it; answer with the result.
     async fn on_swap_commit(self: Arc<Self>, h: Header, vm: VmId, partner: VmId, go: bool) {
-        let linger = Instant::now() + self.cfg.policy.swap_timeout;
+        let linger = monotonic_ns() + self.cfg.policy.swap_timeout.as_nanos() as u64;
         let action = self
             .state()
             .swaps
@@ -961,9 +961,9 @@ impl Peer {
                         }
                     }
                 };
-                let linger = Instant::now() + self.cfg.policy.swap_timeout;
+                let linger = monotonic_ns() + self.cfg.policy.swap_timeout.as_nanos() as u64;
                 match self.state().swaps.end(vm, result, linger) {
-                    Some(seq) => (seq, result),
+                    Some((seq, _)) => (seq, result),
                     None => return,
                 }
             }

@@ -1,24 +1,12 @@
-//! The bookkeeping of swaps (docs/WIRE.md, "Swaps") on the agent: whether a host may
-//! hold one VM more than its slots for the time of a swap, the order of a
-//! swap's two live migrations, and the asked host's reservations of the
-//! partners it gave. Pure and synchronous, so it is tested without root;
-//! the messages and the hypervisor calls are in the parent module.
-//!
-//! A swap's two migrations are ordered so that no host ever runs more VMs
-//! than `vm_slots + migration_headroom`: the first migration goes into the
-//! host that has headroom (the asked host if it has, else the proposer),
-//! the second one then brings that host back to its count. A host asked
-//! for a swap gives one partner at a time and keeps it reserved until the
-//! proposer commits (move it now) or cancels, or the reservation expires;
-//! a repeated commit is answered with the first one's result, so a
-//! partner never moves twice for one swap.
+//! Swaps on the agent (docs/WIRE.md, "Swaps"): whether this host may
+//! hold one VM more than its slots for the time of a swap, by its slots,
+//! its headroom and its memory. The order of a swap's two migrations and
+//! the asked host's reservations of the partners it gave are score-core's
+//! (`proto::swap`, shared with the protocol's state machine), with time as
+//! monotonic nanoseconds; the messages and the hypervisor calls are in the
+//! parent module.
 
-use std::{collections::HashMap, net::Ipv4Addr, time::Instant};
-
-use score_core::{
-    token::VmId,
-    wire::{SwapOrder, SwapRefusal, SwapResult},
-};
+pub use score_core::proto::swap::{CommitAction, Reservations, order};
 
 /// A host's room for VMs, as its `[node]` table and its attached VMs say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,150 +34,8 @@ impl Room {
     }
 }
 
-/// The order of a swap's migrations, decided by the asked host: into its
-/// own headroom first if it has some (`here`), else into the proposer's
-/// (`there`, what the proposal says); neither: refused. An `advisory`
-/// asked host moves nothing, so its partner "goes" first: the proposer
-/// hears "advisory" before it moves anything (headroom is not needed).
-pub fn order(advisory: bool, here: bool, there: bool) -> Result<SwapOrder, SwapRefusal> {
-    match (advisory, here, there) {
-        (true, _, _) => Ok(SwapOrder::PartnerFirst),
-        (false, true, _) => Ok(SwapOrder::ProposerFirst),
-        (false, false, true) => Ok(SwapOrder::PartnerFirst),
-        (false, false, false) => Err(SwapRefusal::NoHeadroom),
-    }
-}
-
-/// What the asked host does with a commit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CommitAction {
-    /// Answer at once with this result.
-    Reply(SwapResult),
-    /// Migrate this partner to the proposer now; answer when it ends.
-    Migrate(VmId),
-    /// The partner is moving: the answer goes out when it ends (to this
-    /// latest commit).
-    Wait,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Status {
-    Reserved,
-    Moving { reply_to: u64 },
-    Ended(SwapResult),
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Reservation {
-    partner: VmId,
-    proposer: Ipv4Addr,
-    expires: Instant,
-    status: Status,
-}
-
-/// The asked host's swaps, keyed by the proposing VM.
-#[derive(Debug, Default)]
-pub struct Reservations {
-    map: HashMap<VmId, Reservation>,
-}
-
-impl Reservations {
-    /// Forgets reservations past their time. A partner still moving is
-    /// kept: its migration ends on its own (bounded by the backend).
-    pub fn expire(&mut self, now: Instant) {
-        self.map
-            .retain(|_, r| matches!(r.status, Status::Moving { .. }) || r.expires > now);
-    }
-
-    /// Whether a swap is reserved or under way here (one at a time).
-    pub fn busy(&self) -> bool {
-        self.map
-            .values()
-            .any(|r| matches!(r.status, Status::Reserved | Status::Moving { .. }))
-    }
-
-    /// Whether `vm` is the partner of a swap reserved or under way here:
-    /// it must not move for another reason meanwhile.
-    pub fn holds(&self, vm: VmId) -> bool {
-        self.map.values().any(|r| {
-            r.partner == vm && matches!(r.status, Status::Reserved | Status::Moving { .. })
-        })
-    }
-
-    /// Reserves `partner` for the swap with `vm` from `proposer`, until
-    /// `until`; false (refuse: busy) if another swap is reserved or under
-    /// way.
-    pub fn reserve(&mut self, vm: VmId, partner: VmId, proposer: Ipv4Addr, until: Instant) -> bool {
-        if self.busy() {
-            return false;
-        }
-        self.map.insert(
-            vm,
-            Reservation {
-                partner,
-                proposer,
-                expires: until,
-                status: Status::Reserved,
-            },
-        );
-        true
-    }
-
-    /// A commit (sequence number `seq`) from `proposer` for the swap of
-    /// `vm` with `partner`: `go` moves the partner, otherwise the
-    /// reservation is released. Ended swaps are remembered until `linger`.
-    pub fn commit(
-        &mut self,
-        proposer: Ipv4Addr,
-        vm: VmId,
-        partner: VmId,
-        go: bool,
-        seq: u64,
-        linger: Instant,
-    ) -> CommitAction {
-        let Some(r) = self.map.get_mut(&vm) else {
-            return CommitAction::Reply(SwapResult::Unknown);
-        };
-        if r.proposer != proposer || r.partner != partner {
-            return CommitAction::Reply(SwapResult::Unknown);
-        }
-        match r.status {
-            Status::Ended(result) => CommitAction::Reply(result),
-            Status::Moving { .. } => {
-                // A migration under way is not cancelled; the answer goes
-                // to the newest commit, the one the proposer waits on.
-                r.status = Status::Moving { reply_to: seq };
-                CommitAction::Wait
-            }
-            Status::Reserved if go => {
-                r.status = Status::Moving { reply_to: seq };
-                CommitAction::Migrate(partner)
-            }
-            Status::Reserved => {
-                r.status = Status::Ended(SwapResult::Cancelled);
-                r.expires = linger;
-                CommitAction::Reply(SwapResult::Cancelled)
-            }
-        }
-    }
-
-    /// The partner's migration for `vm`'s swap ended with `result`;
-    /// returns the commit to answer (its sequence number).
-    pub fn end(&mut self, vm: VmId, result: SwapResult, linger: Instant) -> Option<u64> {
-        let r = self.map.get_mut(&vm)?;
-        let Status::Moving { reply_to } = r.status else {
-            return None;
-        };
-        r.status = Status::Ended(result);
-        r.expires = linger;
-        Some(reply_to)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn room(used: u32, headroom: u32) -> Room {
@@ -214,79 +60,5 @@ mod tests {
             ..room(2, 1)
         };
         assert!(!tight.can_hold_one_more());
-    }
-
-    #[test]
-    fn the_first_move_goes_where_the_headroom_is() {
-        assert_eq!(order(false, true, true), Ok(SwapOrder::ProposerFirst));
-        assert_eq!(order(false, true, false), Ok(SwapOrder::ProposerFirst));
-        assert_eq!(order(false, false, true), Ok(SwapOrder::PartnerFirst));
-        assert_eq!(order(false, false, false), Err(SwapRefusal::NoHeadroom));
-        // Advisory: the side that moves nothing answers first.
-        assert_eq!(order(true, false, false), Ok(SwapOrder::PartnerFirst));
-        assert_eq!(order(true, true, true), Ok(SwapOrder::PartnerFirst));
-    }
-
-    #[test]
-    fn a_partner_is_reserved_moved_once_and_answered() {
-        let t0 = Instant::now();
-        let later = t0 + Duration::from_secs(60);
-        let x = Ipv4Addr::new(10, 0, 0, 1);
-        let other = Ipv4Addr::new(10, 0, 0, 9);
-        let mut r = Reservations::default();
-        assert!(r.reserve(1, 4, x, later));
-        assert!(r.busy() && r.holds(4) && !r.holds(1));
-        assert!(!r.reserve(2, 5, x, later), "one swap at a time");
-        // Only the proposer, for the partner it was given, commits.
-        assert_eq!(
-            r.commit(other, 1, 4, true, 10, later),
-            CommitAction::Reply(SwapResult::Unknown)
-        );
-        assert_eq!(
-            r.commit(x, 1, 5, true, 11, later),
-            CommitAction::Reply(SwapResult::Unknown)
-        );
-        assert_eq!(r.commit(x, 1, 4, true, 12, later), CommitAction::Migrate(4));
-        // Resent commits while it moves: no second migration, and the
-        // answer goes to the newest; a cancel cannot stop it.
-        assert_eq!(r.commit(x, 1, 4, true, 13, later), CommitAction::Wait);
-        assert_eq!(r.commit(x, 1, 4, false, 14, later), CommitAction::Wait);
-        r.expire(t0 + Duration::from_secs(120));
-        assert!(r.holds(4), "a moving partner outlives its reservation");
-        assert_eq!(r.end(1, SwapResult::Done, later), Some(14));
-        assert_eq!(r.end(1, SwapResult::Done, later), None);
-        assert!(!r.busy() && !r.holds(4));
-        assert_eq!(
-            r.commit(x, 1, 4, true, 15, later),
-            CommitAction::Reply(SwapResult::Done)
-        );
-        r.expire(later + Duration::from_secs(1));
-        assert_eq!(
-            r.commit(x, 1, 4, true, 16, later),
-            CommitAction::Reply(SwapResult::Unknown)
-        );
-    }
-
-    #[test]
-    fn a_cancel_or_a_time_out_releases_the_partner() {
-        let t0 = Instant::now();
-        let later = t0 + Duration::from_secs(60);
-        let x = Ipv4Addr::new(10, 0, 0, 1);
-        let mut r = Reservations::default();
-        assert!(r.reserve(1, 4, x, later));
-        assert_eq!(
-            r.commit(x, 1, 4, false, 1, later),
-            CommitAction::Reply(SwapResult::Cancelled)
-        );
-        assert!(!r.busy() && !r.holds(4));
-        // A go after the cancel does not move it.
-        assert_eq!(
-            r.commit(x, 1, 4, true, 2, later),
-            CommitAction::Reply(SwapResult::Cancelled)
-        );
-        assert!(r.reserve(2, 5, x, later));
-        r.expire(later + Duration::from_secs(1));
-        assert!(!r.busy(), "an unanswered reservation expires");
-        assert!(r.reserve(3, 5, x, later));
     }
 }
