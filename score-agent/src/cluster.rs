@@ -73,10 +73,11 @@ pub struct PeerConfig {
     /// File holding the cluster key (at least 16 bytes); must not be
     /// readable or writable by group or others. Datagrams are sealed with it.
     pub key_file: PathBuf,
-    /// Files of earlier cluster keys, still accepted (never used to send)
+    /// Files of other cluster keys, still accepted (never used to send)
     /// for `previous_keys_for` after the agent starts: a cluster rotates
-    /// its key by restarting each agent with the new `key_file` and the
-    /// old key here, without a stop.
+    /// its key without a stop by restarting each agent with the new key
+    /// here, then each again with the new `key_file` and the old key here
+    /// (docs/WIRE.md, "Keys and their rotation").
     #[serde(default)]
     pub previous_key_files: Vec<PathBuf>,
     /// How long after the start the previous keys are accepted.
