@@ -156,9 +156,10 @@ fn debian_archive() -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The newest `linux-image-6.1.0-N-cloud-amd64-unsigned` apt knows: the
-/// 6.1 kernel is what TESTBED.md found to boot under TCG here.
-fn kernel_package() -> Result<String> {
+/// The newest `linux-image-6.1.0-N<flavour>` apt knows. The guest uses
+/// the cloud flavour (`-cloud-amd64-unsigned`): the 6.1 kernel is what
+/// TESTBED.md found to boot under TCG here.
+pub(crate) fn kernel_package(flavour: &str) -> Result<String> {
     let out = Command::new("apt-cache")
         .args(["pkgnames", "linux-image-6.1.0-"])
         .output()
@@ -169,14 +170,36 @@ fn kernel_package() -> Result<String> {
         .filter_map(|p| {
             let abi = p
                 .strip_prefix("linux-image-6.1.0-")?
-                .strip_suffix("-cloud-amd64-unsigned")?;
+                .strip_suffix(flavour)?;
             abi.parse::<u32>().ok().map(|n| (n, p.to_owned()))
         })
         .max();
     match best {
         Some((_, p)) => Ok(p),
-        None => bail!("apt knows no linux-image-6.1.0-*-cloud-amd64-unsigned (apt-get update?)"),
+        None => bail!("apt knows no linux-image-6.1.0-*{flavour} (apt-get update?)"),
     }
+}
+
+/// The kernel image of a linux-image package unpacked at `root`, and its
+/// release (the name after `vmlinuz-`).
+pub(crate) fn unpacked_kernel(root: &Path) -> Result<(PathBuf, String)> {
+    let vmlinuz = fs::read_dir(root.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("no vmlinuz in the kernel package")?;
+    let release = vmlinuz
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    Ok((vmlinuz, release))
 }
 
 /// A short content hash (FNV-1a) to notice that the guest's files changed.
@@ -199,7 +222,7 @@ pub fn build(force: bool) -> Result<Guest> {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
     };
-    let package = kernel_package()?;
+    let package = kernel_package("-cloud-amd64-unsigned")?;
     let busybox = fs::read("/bin/busybox").context("reading /bin/busybox (busybox-static)")?;
     let stamp = format!(
         "{package} {:016x}\n",
@@ -236,23 +259,7 @@ pub fn build(force: bool) -> Result<Guest> {
     let root = work.join("root");
     run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
 
-    let boot = root.join("boot");
-    let vmlinuz = fs::read_dir(&boot)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("no vmlinuz in the kernel package")?;
-    let release = vmlinuz
-        .file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .trim_start_matches("vmlinuz-")
-                .to_owned()
-        })
-        .unwrap_or_default();
+    let (vmlinuz, release) = unpacked_kernel(&root)?;
     let moddir = root.join("lib/modules").join(&release).join("kernel");
 
     let mut cpio = Cpio::default();

@@ -336,7 +336,9 @@ pub fn build(force: bool) -> Result<Images> {
     install_build_tools()?;
     let dir = Path::new(XEN_DIR);
     fs::create_dir_all(dir).with_context(|| format!("creating {XEN_DIR}"))?;
-    let kernel_pkg = kernel_package()?;
+    // Debian 12's dom0 kernel: the plain flavour (the cloud one has no Xen
+    // backend drivers).
+    let kernel_pkg = crate::image::kernel_package("-amd64-unsigned")?;
     let packages: Vec<&str> = PACKAGES
         .iter()
         .copied()
@@ -355,26 +357,6 @@ pub fn build(force: bool) -> Result<Images> {
 fn install_build_tools() -> Result<()> {
     crate::apt::ensure(&["flex", "bison", "busybox-static", "make", "gcc"])
         .context("installing the hypervisor's build tools")
-}
-
-/// The newest `linux-image-6.1.0-N-amd64-unsigned`: Debian 12's dom0
-/// kernel (the cloud flavour has no Xen backend drivers).
-fn kernel_package() -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(["pkgnames", "linux-image-6.1.0-"])
-        .output()
-        .context("running apt-cache")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter_map(|p| {
-            let abi = p
-                .strip_prefix("linux-image-6.1.0-")?
-                .strip_suffix("-amd64-unsigned")?;
-            abi.parse::<u32>().ok().map(|n| (n, p.to_owned()))
-        })
-        .max()
-        .map(|(_, p)| p)
-        .context("apt knows no linux-image-6.1.0-*-amd64-unsigned (apt-get update?)")
 }
 
 /// `PACKAGE=VERSION` of the candidate of each package.
@@ -538,23 +520,7 @@ fn build_images(
         println!("xen: images up to date in {XEN_DIR}");
         return Ok(images);
     }
-    let boot = root.join("boot");
-    let vmlinuz = fs::read_dir(&boot)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("no vmlinuz in the kernel package")?;
-    let release = vmlinuz
-        .file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .trim_start_matches("vmlinuz-")
-                .to_owned()
-        })
-        .unwrap_or_default();
+    let (vmlinuz, release) = crate::image::unpacked_kernel(root)?;
     // The .deb ships no modules.dep: make one.
     run(Command::new("depmod").arg("-b").arg(root).arg(&release))
         .context("running depmod on the unpacked kernel")?;
