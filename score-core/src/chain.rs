@@ -133,7 +133,6 @@ pub fn choose_ejection(
             .map(|&(_, r)| r)
             .sum();
         let cost_now = plan.cost_before;
-        let c_m = req.c_m + cm.threshold(cost_now);
         let margin = crate::decision::noise_margin(req.cost_before.abs() + cost_now.abs());
         // x first (a swap: u's slot and memory free it), then w's
         // candidates with room.
@@ -148,6 +147,8 @@ pub fn choose_ejection(
                 .map(|c| (c.host, c.benefit)),
         );
         for (z, gain_w) in dests {
+            // u's share and w's own, for w's move to z.
+            let c_m = req.c_m + cm.threshold(cost_now, w_of(me, z));
             let may_clear = req.gain + gain_w > c_m;
             if !may_clear && r_w == 0.0 && r_u == 0.0 {
                 // Without the pair's correction nothing can clear it.
@@ -218,8 +219,7 @@ pub fn decide_chain(
     mut capacity: impl FnMut(HostId) -> Option<Capacity>,
     mut ask: impl FnMut(&SwapRequest) -> Option<EjectionOffer>,
 ) -> Option<Chain> {
-    let c_m = cm.threshold(plan.cost_before);
-    if c_m.is_nan() {
+    if cm.threshold(plan.cost_before, 0.0).is_nan() {
         return None;
     }
     let mut order: Vec<usize> = (0..plan.candidates.len())
@@ -245,6 +245,7 @@ pub fn decide_chain(
         }
         asks += 1;
         asked += 1;
+        let c_m = cm.threshold(plan.cost_before, c.path_weight);
         let req = SwapRequest::for_candidate(plan, i, peers, c_m, mem_need_mb, home_free_mem_mb);
         let Some(o) = ask(&req) else {
             continue;

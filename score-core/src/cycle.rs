@@ -181,7 +181,7 @@ pub fn close_rotation(
             },
         ];
         let benefit = -moves_delta(topo, &legs);
-        let c_m = req.c_m + cm.threshold(cost_v);
+        let c_m = req.c_m + cm.threshold(cost_v, topo.weight(me, x));
         let margin = noise_margin(legs.iter().map(|l| l.cost_before.abs()).sum());
         // NaN anywhere refuses.
         let clears = benefit > c_m + margin;
@@ -291,7 +291,7 @@ pub fn extend_rotation(
                     cost_before: cost_w,
                 },
             ],
-            c_m: req.c_m + cm.threshold(cost_w),
+            c_m: req.c_m + cm.threshold(cost_w, topo.weight(me, z)),
             home_free_mem_mb: req.home_free_mem_mb,
         };
         let Some(o) = close(&next) else {
@@ -329,8 +329,7 @@ pub fn decide_rotation(
     mut capacity: impl FnMut(HostId) -> Option<Capacity>,
     mut ask: impl FnMut(&RotationRequest) -> Option<RotationOffer>,
 ) -> Option<Rotation> {
-    let c_m = cm.threshold(plan.cost_before);
-    if c_m.is_nan() || u.id != plan.vm {
+    if cm.threshold(plan.cost_before, 0.0).is_nan() || u.id != plan.vm {
         return None;
     }
     let mut order: Vec<usize> = (0..plan.candidates.len())
@@ -349,6 +348,7 @@ pub fn decide_rotation(
             break;
         }
         let y = plan.candidates[i].host;
+        let c_m = cm.threshold(plan.cost_before, plan.candidates[i].path_weight);
         asked += 1;
         if capacity(y).is_some_and(|cap| cap.fits(u.mem_mb)) {
             // Room: a plain migration, the paper's business.

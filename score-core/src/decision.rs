@@ -147,6 +147,18 @@ pub enum MigrationCost {
     Absolute(f64),
     /// A fraction of the deciding VM's current cost C(u).
     FractionOfVmCost(f64),
+    /// The migration's own traffic, repaid within a horizon: a move that
+    /// sends `bytes` over a path of weight W(ℓ(x, y)) costs `bytes × W`
+    /// once, and the benefit (a rate) must repay it within `horizon_s`
+    /// seconds, so c_m = `bytes × W(ℓ(x, y)) / horizon_s`. It depends on the
+    /// target: a move within a rack costs less than one across the core.
+    /// [`crate::migcost`] estimates `bytes` from measured migrations.
+    Traffic {
+        /// Bytes the migration sends (memory and re-sent dirty pages).
+        bytes: f64,
+        /// Seconds within which the benefit must repay them.
+        horizon_s: f64,
+    },
 }
 
 impl Default for MigrationCost {
@@ -157,14 +169,42 @@ impl Default for MigrationCost {
 }
 
 impl MigrationCost {
-    /// c_m for a VM whose current cost is `cost_before`; negative values are
-    /// taken as 0, NaN stays NaN (and then nothing migrates).
-    pub fn threshold(self, cost_before: f64) -> f64 {
+    /// c_m for moving a VM whose current cost is `cost_before` over a path
+    /// of weight `path_weight` (W(ℓ(from, to)), [`Candidate::path_weight`]);
+    /// only [`MigrationCost::Traffic`] reads the path. Negative values are
+    /// taken as 0, NaN stays NaN (and then nothing migrates); a horizon that
+    /// is not > 0 gives NaN.
+    pub fn threshold(self, cost_before: f64, path_weight: f64) -> f64 {
         let c = match self {
             MigrationCost::Absolute(a) => a,
             MigrationCost::FractionOfVmCost(f) => f * cost_before,
+            MigrationCost::Traffic { bytes, horizon_s } => {
+                if horizon_s > 0.0 {
+                    bytes * path_weight / horizon_s
+                } else {
+                    f64::NAN
+                }
+            }
         };
         if c < 0.0 { 0.0 } else { c }
+    }
+
+    /// Whether c_m depends on the path ([`MigrationCost::Traffic`]); the
+    /// others are one number per VM.
+    pub fn by_path(self) -> bool {
+        matches!(self, MigrationCost::Traffic { .. })
+    }
+
+    /// The same c_m scaled by `f` (a decaying schedule).
+    pub fn scaled(self, f: f64) -> MigrationCost {
+        match self {
+            MigrationCost::Absolute(a) => MigrationCost::Absolute(a * f),
+            MigrationCost::FractionOfVmCost(x) => MigrationCost::FractionOfVmCost(x * f),
+            MigrationCost::Traffic { bytes, horizon_s } => MigrationCost::Traffic {
+                bytes: bytes * f,
+                horizon_s,
+            },
+        }
     }
 }
 
@@ -183,6 +223,9 @@ pub struct Candidate {
     pub benefit: f64,
     /// u's level if it ran on this host.
     pub level_after: u8,
+    /// W(ℓ(x, host)): the weight of the path u's migration would cross
+    /// (what [`MigrationCost::Traffic`] charges).
+    pub path_weight: f64,
 }
 
 /// The costs of VM u now and on every candidate host, in the paper's order.
@@ -496,6 +539,7 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
             cost_after,
             benefit,
             level_after,
+            path_weight: w.cumulative(topo.level(host, y)),
         });
     }
     Plan {
@@ -535,9 +579,9 @@ impl Plan {
     /// its answer to [`Decider::answer`], and repeat until `next_host` is
     /// `None`; then [`Decider::finish`] gives the decision.
     pub fn decider(&self, rule: Rule, cm: MigrationCost, mem_need_mb: u64) -> Decider<'_> {
-        let c_m = cm.threshold(self.cost_before);
+        let c_m_at = |i: usize| cm.threshold(self.cost_before, self.candidates[i].path_weight);
         let mut queue: Vec<usize> = (0..self.candidates.len())
-            .filter(|&i| self.candidates[i].benefit > c_m)
+            .filter(|&i| self.candidates[i].benefit > c_m_at(i))
             .collect();
         if rule == Rule::BestBenefit {
             // Stable: equal benefits keep the paper's order.
@@ -547,8 +591,16 @@ impl Plan {
                     .total_cmp(&self.candidates[a].benefit)
             });
         }
+        // The c_m reported: the first asked candidate's (one number unless
+        // c_m is priced by path).
+        let c_m = match queue.first() {
+            Some(&i) => c_m_at(i),
+            None if self.candidates.is_empty() => cm.threshold(self.cost_before, 0.0),
+            None => c_m_at(best_candidate(&self.candidates)),
+        };
         Decider {
             plan: self,
+            cm,
             c_m,
             mem_need_mb,
             queue,
@@ -563,6 +615,8 @@ impl Plan {
 #[derive(Debug, Clone)]
 pub struct Decider<'p> {
     plan: &'p Plan,
+    cm: MigrationCost,
+    /// What [`Decider::c_m`] reports.
     c_m: f64,
     mem_need_mb: u64,
     /// Indices of the candidates above c_m, in the order they are asked.
@@ -613,7 +667,9 @@ impl Decider<'_> {
         }
     }
 
-    /// The c_m in force for this decision.
+    /// The c_m in force for this decision; with a c_m priced by path
+    /// ([`MigrationCost::Traffic`]), the one of the first candidate asked
+    /// (of the best one when none is asked).
     pub fn c_m(&self) -> f64 {
         self.c_m
     }
@@ -645,19 +701,13 @@ impl Decider<'_> {
                 cost_before: p.cost_before,
                 cost_after: c.cost_after,
                 benefit: c.benefit,
-                c_m,
+                c_m: self.cm.threshold(p.cost_before, c.path_weight),
                 level_after: c.level_after,
                 asked: self.pos as u32,
             };
         }
         if self.queue.is_empty() {
-            // The first of the largest benefits, in candidate order.
-            let mut best = &p.candidates[0];
-            for c in &p.candidates[1..] {
-                if c.benefit.total_cmp(&best.benefit) == Ordering::Greater {
-                    best = c;
-                }
-            }
+            let best = &p.candidates[best_candidate(&p.candidates)];
             return stay(StayReason::NotWorthIt {
                 best_benefit: best.benefit,
                 best_host: best.host,
@@ -669,6 +719,18 @@ impl Decider<'_> {
             c_m,
         })
     }
+}
+
+/// The first of the largest benefits, in candidate order (`candidates` is
+/// not empty).
+pub(crate) fn best_candidate(candidates: &[Candidate]) -> usize {
+    let mut best = 0;
+    for (i, c) in candidates.iter().enumerate().skip(1) {
+        if c.benefit.total_cmp(&candidates[best].benefit) == Ordering::Greater {
+            best = i;
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -812,9 +874,28 @@ mod tests {
 
     #[test]
     fn negative_and_nan_migration_costs() {
-        assert_eq!(MigrationCost::Absolute(-3.0).threshold(10.0), 0.0);
-        assert_eq!(MigrationCost::FractionOfVmCost(0.1).threshold(10.0), 1.0);
-        assert!(MigrationCost::Absolute(f64::NAN).threshold(1.0).is_nan());
+        assert_eq!(MigrationCost::Absolute(-3.0).threshold(10.0, 5.0), 0.0);
+        assert_eq!(
+            MigrationCost::FractionOfVmCost(0.1).threshold(10.0, 5.0),
+            1.0
+        );
+        assert!(
+            MigrationCost::Absolute(f64::NAN)
+                .threshold(1.0, 5.0)
+                .is_nan()
+        );
+        let traffic = MigrationCost::Traffic {
+            bytes: 1e9,
+            horizon_s: 100.0,
+        };
+        assert_eq!(traffic.threshold(10.0, 3.0), 3e7);
+        assert_eq!(traffic.threshold(99.0, 0.0), 0.0);
+        let never = MigrationCost::Traffic {
+            bytes: 1e9,
+            horizon_s: 0.0,
+        };
+        assert!(never.threshold(10.0, 3.0).is_nan());
+        assert_eq!(traffic.scaled(0.5).threshold(10.0, 3.0), 1.5e7);
         let t = topo();
         let p = plan(
             &t,
@@ -830,6 +911,49 @@ mod tests {
         assert!(d.is_noop());
         let d = p.decide(Rule::PaperFirst, MigrationCost::Absolute(-1.0), 0, room);
         assert_eq!(d.target(), Some(255));
+    }
+
+    #[test]
+    fn a_traffic_c_m_charges_the_path_of_each_candidate() {
+        let t = topo();
+        // u on host 0; peer 1 across the core (host 70), peer 2 in the rack.
+        let peers = [
+            Peer {
+                id: 1,
+                host: 70,
+                rate: 1.0,
+            },
+            Peer {
+                id: 2,
+                host: 1,
+                rate: 0.9,
+            },
+        ];
+        let p = plan(&t, 0, 0, &peers);
+        let (far, near) = (&p.candidates[0], &p.candidates[1]);
+        assert_eq!((far.host, near.host), (70, 1));
+        assert_eq!(far.path_weight, t.weight(0, 70));
+        assert_eq!(near.path_weight, t.weight(0, 1));
+        let to = |k: f64| match p.decide(
+            Rule::PaperFirst,
+            MigrationCost::Traffic {
+                bytes: k,
+                horizon_s: 1.0,
+            },
+            0,
+            room,
+        ) {
+            Decision::Migrate { to, c_m, .. } => Some((to, c_m)),
+            Decision::Stay { .. } => None,
+        };
+        // Cheap bytes: the far host's larger benefit pays for the core.
+        assert!(far.benefit > 0.1 * far.path_weight);
+        assert_eq!(to(0.1), Some((70, 0.1 * far.path_weight)));
+        // Dear bytes: crossing the core no longer pays; the rack still does.
+        assert!(far.benefit < 0.5 * far.path_weight && near.benefit > 0.5 * near.path_weight);
+        assert_eq!(to(0.5), Some((1, 0.5 * near.path_weight)));
+        // Dearer still: nothing pays.
+        assert_eq!(to(1e6), None);
     }
 
     #[test]

@@ -246,21 +246,20 @@ pub fn decide_group(
         return None;
     }
     let w = topo.weights();
-    let mut c_m = 0.0;
-    let mut scale = 0.0;
-    for g in &members {
-        let cost: f64 = g
-            .peers
-            .iter()
-            .filter(|z| usable(g.id, z) && z.host < topo.host_count())
-            .map(|z| z.rate * w.cumulative(topo.level(from, z.host)))
-            .sum();
-        c_m += cm.threshold(cost);
-        scale += cost.abs();
-    }
+    let costs: Vec<f64> = members
+        .iter()
+        .map(|g| {
+            g.peers
+                .iter()
+                .filter(|z| usable(g.id, z) && z.host < topo.host_count())
+                .map(|z| z.rate * w.cumulative(topo.level(from, z.host)))
+                .sum()
+        })
+        .collect();
+    let scale: f64 = costs.iter().map(|c| c.abs()).sum();
     let margin = crate::decision::noise_margin(scale);
     let mut asked = 0u32;
-    let mut best: Option<(f64, u32, Vec<HostId>, f64)> = None;
+    let mut best: Option<(f64, u32, Vec<HostId>, f64, f64)> = None;
     for rack in group_targets(topo, from, &members)
         .into_iter()
         .take(limits.max_racks)
@@ -294,6 +293,12 @@ pub fn decide_group(
             None => continue,
         };
         let benefit = -group_delta(topo, from, &members, &to);
+        // Each member's c_m for its own path.
+        let c_m: f64 = costs
+            .iter()
+            .zip(&to)
+            .map(|(&cost, &h)| cm.threshold(cost, w.cumulative(topo.level(from, h))))
+            .sum();
         // NaN anywhere refuses.
         let clears = benefit > c_m + margin;
         if !clears {
@@ -301,10 +306,10 @@ pub fn decide_group(
         }
         let net = benefit - c_m;
         if best.as_ref().is_none_or(|(b, ..)| net > *b) {
-            best = Some((net, rack, to, benefit));
+            best = Some((net, rack, to, benefit, c_m));
         }
     }
-    best.map(|(_, rack, to, benefit)| GroupMove {
+    best.map(|(_, rack, to, benefit, c_m)| GroupMove {
         vm,
         from,
         rack,

@@ -9,6 +9,7 @@ pub mod cost;
 pub mod cycle;
 pub mod decision;
 pub mod group;
+pub mod migcost;
 pub mod optimum;
 pub mod policy;
 pub mod proto;

@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::cost::{CostModel, Placement, VmIdx};
 use crate::decision::{
     Candidate, Capacity, Decider, Decision, MigrationCost, Peer, Plan, Rule, StayReason,
-    level_sums, noise_margin, plan, price, usable_peers,
+    best_candidate, level_sums, noise_margin, plan, price, usable_peers,
 };
 use crate::token::VmId;
 use crate::topology::{HostId, Topology};
@@ -268,6 +268,7 @@ pub fn plan_with(
                     cost_after,
                     benefit,
                     level_after,
+                    path_weight: w.cumulative(topo.level(host, y)),
                 });
             }
         }
@@ -417,7 +418,7 @@ pub fn choose_swap_partner(
         // Both gains count the u-w pair as becoming local; it stays at
         // level(x, y). Each side's term with its own measured rate.
         let benefit = req.gain + partner_gain - 2.0 * (rate_uw + rate_wu) * w_xy;
-        let c_m = req.c_m + cm.threshold(cost_now);
+        let c_m = req.c_m + cm.threshold(cost_now, w_xy);
         let margin = noise_margin(req.cost_before.abs() + cost_now.abs());
         // NaN anywhere refuses.
         let clears = benefit > c_m + margin;
@@ -606,6 +607,8 @@ struct SwapWalk<'p> {
     plan: &'p Plan,
     peers: &'p [Peer],
     rule: Rule,
+    cm: MigrationCost,
+    /// What [`ScopedDecider::c_m`] reports: the first candidate's c_m.
     c_m: f64,
     mem_need_mb: u64,
     home_free_mem_mb: u64,
@@ -645,7 +648,10 @@ impl<'p> ScopedDecider<'p> {
                 inner: Inner::Single(plan.decider(rule, cm, mem_need_mb)),
             };
         }
-        let c_m = cm.threshold(plan.cost_before);
+        let c_m = match plan.candidates.first() {
+            Some(c) => cm.threshold(plan.cost_before, c.path_weight),
+            None => cm.threshold(plan.cost_before, 0.0),
+        };
         let mut order: Vec<usize> = if c_m.is_nan() {
             Vec::new()
         } else {
@@ -666,6 +672,7 @@ impl<'p> ScopedDecider<'p> {
             plan,
             peers,
             rule,
+            cm,
             c_m,
             mem_need_mb,
             home_free_mem_mb,
@@ -732,12 +739,18 @@ impl SwapWalk<'_> {
         self.swap_asks < self.swap_budget
     }
 
+    /// c_m for u's move to candidate `i`.
+    fn c_m_at(&self, i: usize) -> f64 {
+        self.cm
+            .threshold(self.plan.cost_before, self.plan.candidates[i].path_weight)
+    }
+
     fn swap_request(&self, i: usize) -> SwapRequest {
         SwapRequest::for_candidate(
             self.plan,
             i,
             self.peers,
-            self.c_m,
+            self.c_m_at(i),
             self.mem_need_mb,
             self.home_free_mem_mb,
         )
@@ -750,7 +763,7 @@ impl SwapWalk<'_> {
         while !self.done && self.pos < self.order.len() {
             let i = self.order[self.pos];
             let c = &self.plan.candidates[i];
-            if c.benefit > self.c_m {
+            if c.benefit > self.c_m_at(i) {
                 self.pending = Some(Query::Capacity(c.host));
                 return;
             }
@@ -795,7 +808,7 @@ impl SwapWalk<'_> {
         let i = self.order[self.pos];
         // Trust but check: the offer must clear u's own share as well.
         if let Some(o) = offer.filter(|o| {
-            o.benefit > o.c_m && o.c_m >= self.c_m && to == self.plan.candidates[i].host
+            o.benefit > o.c_m && o.c_m >= self.c_m_at(i) && to == self.plan.candidates[i].host
         }) {
             let better = self
                 .swap
@@ -816,7 +829,6 @@ impl SwapWalk<'_> {
 
     fn finish(self) -> Step {
         let p = self.plan;
-        let c_m = self.c_m;
         let migrate = self.migrate.map(|i| {
             let c = &p.candidates[i];
             Decision::Migrate {
@@ -826,7 +838,7 @@ impl SwapWalk<'_> {
                 cost_before: p.cost_before,
                 cost_after: c.cost_after,
                 benefit: c.benefit,
-                c_m,
+                c_m: self.c_m_at(i),
                 level_after: c.level_after,
                 asked: self.asked,
             }
@@ -865,7 +877,11 @@ impl SwapWalk<'_> {
         });
         match (migrate, swap) {
             (Some(m), Some(s)) => {
-                if s.benefit - s.c_m > m.benefit() - c_m {
+                let m_net = match &m {
+                    Decision::Migrate { benefit, c_m, .. } => benefit - c_m,
+                    Decision::Stay { .. } => f64::NEG_INFINITY,
+                };
+                if s.benefit - s.c_m > m_net {
                     Step::Swap(s)
                 } else {
                     Step::Single(m)
@@ -898,19 +914,14 @@ impl SwapWalk<'_> {
         if p.level == 0 {
             return stay(StayReason::AllPeersLocal);
         }
-        let worth_it = p.candidates.iter().any(|c| c.benefit > c_m);
+        let worth_it = (0..p.candidates.len()).any(|i| p.candidates[i].benefit > self.c_m_at(i));
         if !worth_it && self.swap_asks == 0 {
-            // The first of the largest benefits, in candidate order.
-            let mut best = &p.candidates[0];
-            for c in &p.candidates[1..] {
-                if c.benefit.total_cmp(&best.benefit) == std::cmp::Ordering::Greater {
-                    best = c;
-                }
-            }
+            let b = best_candidate(&p.candidates);
+            let best = &p.candidates[b];
             return stay(StayReason::NotWorthIt {
                 best_benefit: best.benefit,
                 best_host: best.host,
-                c_m,
+                c_m: self.c_m_at(b),
             });
         }
         stay(StayReason::NoRoom {

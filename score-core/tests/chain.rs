@@ -89,8 +89,8 @@ proptest! {
             let peers = model.peers(p, u);
             let x = p.host(u);
             let pl = plan_with(&w.topo, u, x, &peers, CandidateSet::All);
-            let c_m = cm.threshold(pl.cost_before);
             for c in &pl.candidates {
+                let c_m = cm.threshold(pl.cost_before, c.path_weight);
                 let req = SwapRequest {
                     vm: u,
                     from: x,
@@ -117,7 +117,7 @@ proptest! {
                     let drop = total - model.total_cost(&q);
                     prop_assert!(close(o.benefit, drop, total), "{} vs {}", o.benefit, drop);
                     prop_assert!(o.benefit > o.c_m);
-                    let thr = c_m + cm.threshold(model.vm_cost(p, o.partner));
+                    let thr = c_m + cm.threshold(model.vm_cost(p, o.partner), w.topo.weight(c.host, o.partner_to));
                     prop_assert!(close(o.c_m, thr, thr));
                     prop_assert!(o.partner_to != c.host);
                     if o.partner_to != x {
@@ -126,7 +126,7 @@ proptest! {
                 }
                 for &v in &on {
                     let drop = -swap_delta(&model, p, u, v);
-                    let thr = c_m + cm.threshold(model.vm_cost(p, v));
+                    let thr = c_m + cm.threshold(model.vm_cost(p, v), w.topo.weight(c.host, x));
                     match offer {
                         Some(o) => prop_assert!(drop - thr <= o.benefit - o.c_m + 1e-9 * total.max(1.0)),
                         None => prop_assert!(drop <= thr + 1e-9 * total.max(1.0)),

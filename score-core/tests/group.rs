@@ -93,7 +93,7 @@ proptest! {
                 prop_assert_eq!(g.moves[0].0, u);
                 prop_assert!(g.moves.len() <= lim.max_members);
                 prop_assert_eq!(g.migrations() as usize, g.moves.len());
-                let thr: f64 = g.moves.iter().map(|&(v, _)| cm.threshold(model.vm_cost(&before, v))).sum();
+                let thr: f64 = g.moves.iter().map(|&(v, h)| cm.threshold(model.vm_cost(&before, v), w.topo.weight(x, h))).sum();
                 prop_assert!(close(g.c_m, thr, total));
                 let in_rack = g.moves.iter().all(|&(_, h)| w.topo.group_of(h, 1) == g.rack);
                 let pod = w.topo.group_of(w.topo.group_hosts(1, g.rack).start, 2);

@@ -93,6 +93,8 @@ proptest! {
             (0.0f64..100.0).prop_map(MigrationCost::Absolute),
             (0.0f64..1.0).prop_map(MigrationCost::FractionOfVmCost),
             (-5.0f64..0.0).prop_map(MigrationCost::Absolute),
+            (0.0f64..100.0, 0.5f64..4.0)
+                .prop_map(|(bytes, horizon_s)| MigrationCost::Traffic { bytes, horizon_s }),
         ],
         full in prop::collection::vec(any::<bool>(), 64),
     ) {
@@ -165,7 +167,11 @@ proptest! {
     #[test]
     fn rules_choose_as_documented(
         s in scenario(),
-        cm in (0.0f64..20.0).prop_map(MigrationCost::Absolute),
+        cm in prop_oneof![
+            (0.0f64..20.0).prop_map(MigrationCost::Absolute),
+            (0.0f64..20.0, 0.5f64..4.0)
+                .prop_map(|(bytes, horizon_s)| MigrationCost::Traffic { bytes, horizon_s }),
+        ],
         full in prop::collection::vec(any::<bool>(), 64),
     ) {
         let m = CostModel::new(&s.topo, &s.traffic);
@@ -174,8 +180,11 @@ proptest! {
         let cap = |h: u32| Some(Capacity { free_slots: u32::from(has_room(h)), free_mem_mb: 1 });
         for u in 0..p.vm_count() {
             let pl = plan(&s.topo, u, p.host(u), &m.peers(p, u));
-            let c_m = cm.threshold(pl.cost_before);
-            let worthy: Vec<_> = pl.candidates.iter().filter(|c| c.benefit > c_m).collect();
+            let worthy: Vec<_> = pl
+                .candidates
+                .iter()
+                .filter(|c| c.benefit > cm.threshold(pl.cost_before, c.path_weight))
+                .collect();
 
             let mut asked = Vec::new();
             let d = pl.decide(Rule::PaperFirst, cm, 1, |h| { asked.push(h); cap(h) });

@@ -141,8 +141,8 @@ proptest! {
             let peers = model.peers(p, u);
             let x = p.host(u);
             let pl = plan_with(&w.topo, u, x, &peers, CandidateSet::All);
-            let c_m = cm.threshold(pl.cost_before);
             for c in &pl.candidates {
+                let c_m = cm.threshold(pl.cost_before, c.path_weight);
                 let req = SwapRequest {
                     vm: u,
                     from: x,
@@ -166,7 +166,7 @@ proptest! {
                     q.move_vm(v, x);
                     let drop = total - model.total_cost(&q);
                     prop_assert!(close(-swap_delta(&model, p, u, v), drop, total));
-                    let thr = c_m + cm.threshold(model.vm_cost(p, v));
+                    let thr = c_m + cm.threshold(model.vm_cost(p, v), w.topo.weight(c.host, x));
                     if let Some(o) = offer {
                         // Nothing on y beats the offer by more than rounding.
                         prop_assert!(drop - thr <= o.benefit - o.c_m + 1e-9 * total.max(1.0));

@@ -170,6 +170,10 @@ pub struct PolicyRun {
     pub handoffs: u64,
     /// Migrations made (a swap counts two).
     pub migrations: u64,
+    /// Σ W(ℓ(from, to)) over every migration: times the bytes a migration
+    /// sends, the traffic cost of the migrations themselves (in byte ×
+    /// weight, where the communication cost is in byte/s × weight).
+    pub migration_path_weight: f64,
     /// Swaps made (each also counted as two migrations).
     pub swaps: u64,
     /// Group moves made (each also counted as one migration per member).
@@ -588,6 +592,7 @@ pub fn run_policy(
     let mut round_migrations = Vec::new();
     let mut moved = vec![false; n as usize];
     let (mut handoffs, mut migrations, mut this_round) = (0u64, 0u64, 0u64);
+    let mut path_weight = 0.0f64;
     let mut swaps = 0u64;
     let mut groups = 0u64;
     let mut chains = 0u64;
@@ -691,6 +696,11 @@ pub fn run_policy(
             }
             st.total -= c.benefit;
             migrations += c.moves.len() as u64;
+            path_weight += c
+                .moves
+                .iter()
+                .map(|&(_, a, b)| setup.topo.weight(a, b))
+                .sum::<f64>();
             if c.rotation {
                 rotations += 1;
             } else {
@@ -755,6 +765,11 @@ pub fn run_policy(
             }
             st.total -= g.benefit;
             migrations += u64::from(g.migrations());
+            path_weight += g
+                .moves
+                .iter()
+                .map(|&(_, h)| setup.topo.weight(x, h))
+                .sum::<f64>();
             groups += 1;
             this_round += 1;
             let members: Vec<VmIdx> = g.moves.iter().map(|&(v, _)| v).collect();
@@ -798,6 +813,7 @@ pub fn run_policy(
                     st.total -= benefit;
                     moved[u as usize] = true;
                     migrations += 1;
+                    path_weight += setup.topo.weight(from, to);
                     this_round += 1;
                     if let Some(g) = global.as_mut() {
                         let max = st.shape.max_vms();
@@ -820,6 +836,7 @@ pub fn run_policy(
                     moved[u as usize] = true;
                     moved[w as usize] = true;
                     migrations += 2;
+                    path_weight += 2.0 * setup.topo.weight(s.from, s.to);
                     swaps += 1;
                     this_round += 1;
                     // The holder learnt w's new level from w's host.
@@ -874,7 +891,7 @@ pub fn run_policy(
                     .powi(token.round.min(1 << 20) as i32)
                     .max(opts.cm_floor);
                 quiet &= f <= opts.cm_floor;
-                cm = scale_cm(cm0, f);
+                cm = cm0.scaled(f);
                 settings.cm = cm;
                 if let Some(g) = global.as_mut() {
                     *g = GlobalIndex::new(&st, opts.rule, cm);
@@ -909,6 +926,7 @@ pub fn run_policy(
         round_migrations,
         handoffs,
         migrations,
+        migration_path_weight: path_weight,
         swaps,
         groups,
         chains,
@@ -923,14 +941,6 @@ pub fn run_policy(
         elapsed_s: started.elapsed().as_secs_f64(),
         trace,
     })
-}
-
-/// c_m times `f`, in the same reading.
-fn scale_cm(cm: MigrationCost, f: f64) -> MigrationCost {
-    match cm {
-        MigrationCost::Absolute(a) => MigrationCost::Absolute(a * f),
-        MigrationCost::FractionOfVmCost(x) => MigrationCost::FractionOfVmCost(x * f),
-    }
 }
 
 /// The threshold a step had to beat: c_m for a migration, c_m(u) + c_m(w)

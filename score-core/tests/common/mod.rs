@@ -107,6 +107,8 @@ pub(crate) fn cm() -> impl Strategy<Value = MigrationCost> {
         Just(MigrationCost::Absolute(0.0)),
         (0.0f64..0.5).prop_map(MigrationCost::FractionOfVmCost),
         (0.0f64..20.0).prop_map(MigrationCost::Absolute),
+        (0.0f64..20.0, 1.0f64..4.0)
+            .prop_map(|(bytes, horizon_s)| MigrationCost::Traffic { bytes, horizon_s }),
     ]
 }
 
