@@ -35,8 +35,10 @@
 //! improves, not the best); best-benefit needs, in the worst case, as many
 //! capacity answers but moves each VM further down in one step.
 //!
-//! c_m is [`MigrationCost::Absolute`] or [`MigrationCost::FractionOfVmCost`]
-//! (c_m = f × u's current cost). The test "benefit > c_m" is strict. A
+//! c_m is [`MigrationCost::Absolute`], [`MigrationCost::FractionOfVmCost`]
+//! (c_m = f × u's current cost) or [`MigrationCost::Traffic`] (the
+//! migration's own traffic over the path to each candidate, to be repaid
+//! within a horizon; [`crate::migcost`]). The test "benefit > c_m" is strict. A
 //! negative c_m is taken as 0 (a move must never raise the total cost); a NaN
 //! c_m never migrates.
 //!

@@ -37,6 +37,9 @@ pub enum ExperimentError {
     /// A figure could not be drawn.
     #[error(transparent)]
     Plot(#[from] PlotError),
+    /// An option is out of range.
+    #[error("{0}")]
+    Invalid(String),
     /// The output folder could not be created.
     #[error("cannot create output folder {path}: {source}")]
     OutDir {
@@ -455,6 +458,7 @@ fn reading_label(cm: &MigrationCostSpec) -> &'static str {
         MigrationCostSpec::MeanVmFraction(_) => "% of the mean VM cost C/|V|",
         MigrationCostSpec::TotalFraction(_) => "% of the total cost C (literal)",
         MigrationCostSpec::Absolute(_) => "absolute",
+        MigrationCostSpec::Traffic { .. } => "s to repay the migration's traffic",
     }
 }
 

@@ -24,6 +24,7 @@ pub mod baseline;
 pub mod capacity;
 pub mod engine;
 pub mod experiment;
+pub mod migcost;
 pub mod plot;
 pub mod protocol;
 pub mod report;

@@ -10,6 +10,7 @@ use score_core::decision::Rule;
 use score_core::policy::PolicyKind;
 use score_sim::capacity::{CapacityOptions, Variant, outputs, read_summary, run_capacity};
 use score_sim::experiment::{ExperimentOptions, run_scenario};
+use score_sim::migcost::{self, MigCostOptions};
 use score_sim::scenario::Scenario;
 
 /// Data-centre-scale simulator of S-CORE: replays the paper's evaluation
@@ -78,6 +79,12 @@ enum Cmd {
         #[arg(long, value_name = "STEM")]
         plot: Option<PathBuf>,
     },
+    /// c_m from what a migration costs (docs/EVALUATION.md, "A migration
+    /// cost from measurements"): the paper's data centre with c_m = 0 and
+    /// with each migration's own traffic (pre-copy model) to be repaid
+    /// within each horizon; prints the table, writes OUT/migcost.json and a
+    /// figure (migcost.png/.svg).
+    MigrationCost(MigCostArgs),
     /// Beyond the paper (docs/EVALUATION.md): the paper scenario at 80%, 90% and 95%
     /// fill, every policy with the paper's rule, with swaps, and with swaps
     /// over the peers' racks; small instances against the exact optimum.
@@ -122,6 +129,32 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+}
+
+/// Options of `score-sim migration-cost`.
+#[derive(Debug, Args)]
+struct MigCostArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Horizons within which a migration's traffic must be repaid, seconds.
+    #[arg(long, value_delimiter = ',', default_values_t = [3600.0, 600.0, 60.0, 10.0])]
+    horizon: Vec<f64>,
+    /// Policies (default: all four).
+    #[arg(long, value_delimiter = ',')]
+    policy: Vec<PolicyKind>,
+    /// Memory a VM dirties per second while it migrates, MB/s.
+    #[arg(long, default_value_t = 20.0)]
+    dirty_mb_s: f64,
+    /// The migration stream's rate, Mbit/s.
+    #[arg(long, default_value_t = 1000.0)]
+    link_mbit: f64,
+    /// Most token rounds per run.
+    #[arg(long, default_value_t = 30)]
+    rounds: u32,
+    /// Do not draw the figures.
+    #[arg(long)]
+    no_plots: bool,
 }
 
 /// Command-line overrides of scenario fields.
@@ -281,6 +314,59 @@ struct CapacityArgs {
     threads: Option<usize>,
 }
 
+fn migration_cost(a: MigCostArgs) -> anyhow::Result<()> {
+    if let Some(h) = a.horizon.iter().find(|h| !(h.is_finite() && **h > 0.0)) {
+        anyhow::bail!("--horizon {h}: a horizon is a number of seconds > 0");
+    }
+    if !(a.dirty_mb_s.is_finite() && a.dirty_mb_s >= 0.0) {
+        anyhow::bail!("--dirty-mb-s {}: must be a number >= 0", a.dirty_mb_s);
+    }
+    if !(a.link_mbit.is_finite() && a.link_mbit > 0.0) {
+        anyhow::bail!("--link-mbit {}: must be a number > 0", a.link_mbit);
+    }
+    let opts = MigCostOptions {
+        out: a.out,
+        horizons: a.horizon,
+        policies: if a.policy.is_empty() {
+            PolicyKind::ALL.to_vec()
+        } else {
+            a.policy
+        },
+        dirty_bytes_per_s: a.dirty_mb_s * 1e6,
+        link_bytes_per_s: a.link_mbit * 1e6 / 8.0,
+        rounds: a.rounds,
+        plots: !a.no_plots,
+    };
+    let s = Scenario::default();
+    let started = std::time::Instant::now();
+    let summary = migcost::run(&s, &opts, |r| {
+        eprintln!(
+            "migration-cost: {} c_m {}: {} migrations, {:.1}% lower cost",
+            r.policy.name(),
+            r.horizon_s.map_or("0".to_string(), |h| format!(
+                "repaid within {}",
+                migcost::hours(h)
+            )),
+            r.migrations,
+            r.reduction_pct
+        );
+    })?;
+    println!(
+        "one migration of a {} MiB VM: {:.0} MB sent in {:.2} s, {:.0} ms paused (pre-copy model)",
+        summary.memory_bytes / 1048576.0,
+        summary.precopy.sent_bytes / 1e6,
+        summary.precopy.total_s,
+        summary.precopy.downtime_s * 1e3
+    );
+    print!("{}", migcost::table(&summary));
+    eprintln!(
+        "migration-cost: done in {:.1} s; {}",
+        started.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+    Ok(())
+}
+
 fn capacity(a: CapacityArgs) -> anyhow::Result<()> {
     if let Some(t) = a.threads {
         rayon::ThreadPoolBuilder::new()
@@ -404,6 +490,7 @@ fn main() -> ExitCode {
             replot,
             threads,
         }),
+        Cmd::MigrationCost(a) => migration_cost(a),
         Cmd::Scenario => {
             print!("{}", Scenario::default().to_toml_string());
             Ok(())

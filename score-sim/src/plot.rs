@@ -432,6 +432,33 @@ pub(crate) fn fill_migration_lines(
     )
 }
 
+/// Cost reduction against live migrations, a line per policy through its
+/// c_m settings (docs/EVALUATION.md, "A migration cost from
+/// measurements"): `lines` give (thousands of migrations, reduction in %).
+pub(crate) fn migrations_vs_reduction(
+    stem: &Path,
+    title: &str,
+    lines: &[SweepLine],
+) -> Result<(), PlotError> {
+    let pts = || lines.iter().flat_map(|l| l.points.iter().copied());
+    let x_max = pts().map(|p| p.0).fold(1.0f64, f64::max);
+    let (y_min, y_max) = pts().fold((100.0f64, 0.0f64), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let axes = Axes {
+        x: 0.0..x_max * 1.05,
+        y: (y_min - 3.0).max(0.0)..(y_max + 3.0).min(100.0),
+        x_desc: "live migrations (thousands)",
+        y_desc: "cost reduction (%)",
+        legend: SeriesLabelPosition::LowerRight,
+        palette: &PALETTE,
+    };
+    both(
+        stem,
+        (900, 600),
+        |r| draw_lines(r, title, lines, &axes),
+        |r| draw_lines(r, title, lines, &axes),
+    )
+}
+
 /// Ranges, labels and legend place of a line chart.
 struct Axes<'a> {
     x: std::ops::Range<f64>,

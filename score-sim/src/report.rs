@@ -240,6 +240,11 @@ pub struct Summary {
 
 /// Writes `summary.json`.
 pub fn write_summary(path: &Path, s: &Summary) -> Result<(), ReportError> {
+    write_json(path, s)
+}
+
+/// Writes any summary as pretty JSON.
+pub fn write_json(path: &Path, s: &impl serde::Serialize) -> Result<(), ReportError> {
     let text = serde_json::to_string_pretty(s)?;
     std::fs::write(path, text + "\n").map_err(io_err(path))
 }

@@ -73,6 +73,15 @@ pub enum MigrationCostSpec {
     /// A fraction of the mean VM cost C^A / |V| at the start, fixed when the
     /// run starts.
     MeanVmFraction(f64),
+    /// The migration's own traffic repaid within a horizon (score-core's
+    /// `MigrationCost::Traffic`): `bytes` sent per migration, `horizon_s`
+    /// seconds; the value of a sweep is the horizon.
+    Traffic {
+        /// Bytes one migration sends.
+        bytes: f64,
+        /// Seconds within which a move must repay them.
+        horizon_s: f64,
+    },
 }
 
 impl MigrationCostSpec {
@@ -83,6 +92,7 @@ impl MigrationCostSpec {
             | MigrationCostSpec::VmFraction(v)
             | MigrationCostSpec::TotalFraction(v)
             | MigrationCostSpec::MeanVmFraction(v) => v,
+            MigrationCostSpec::Traffic { horizon_s, .. } => horizon_s,
         }
     }
 
@@ -93,6 +103,10 @@ impl MigrationCostSpec {
             MigrationCostSpec::VmFraction(_) => MigrationCostSpec::VmFraction(v),
             MigrationCostSpec::TotalFraction(_) => MigrationCostSpec::TotalFraction(v),
             MigrationCostSpec::MeanVmFraction(_) => MigrationCostSpec::MeanVmFraction(v),
+            MigrationCostSpec::Traffic { bytes, .. } => MigrationCostSpec::Traffic {
+                bytes,
+                horizon_s: v,
+            },
         }
     }
 
@@ -103,6 +117,7 @@ impl MigrationCostSpec {
             MigrationCostSpec::VmFraction(_) => "vm-fraction",
             MigrationCostSpec::TotalFraction(_) => "total-fraction",
             MigrationCostSpec::MeanVmFraction(_) => "mean-vm-fraction",
+            MigrationCostSpec::Traffic { .. } => "traffic",
         }
     }
 
@@ -115,6 +130,9 @@ impl MigrationCostSpec {
             MigrationCostSpec::TotalFraction(f) => MigrationCost::Absolute(f * initial_total),
             MigrationCostSpec::MeanVmFraction(f) => {
                 MigrationCost::Absolute(f * initial_total / f64::from(vms.max(1)))
+            }
+            MigrationCostSpec::Traffic { bytes, horizon_s } => {
+                MigrationCost::Traffic { bytes, horizon_s }
             }
         }
     }
