@@ -68,7 +68,9 @@ use serde::{Deserialize, Serialize};
 use crate::token::{Token, VmId};
 
 pub use distributed::Distributed;
-pub use global::{GlobalPolicy, Ranked, best_move, rank_by_saving, ranking_ids};
+pub use global::{
+    GlobalPolicy, HostShape, Ranked, best_move, order_from_reports, rank_by_saving, ranking_ids,
+};
 pub use load_aware::LoadAware;
 pub use round_robin::RoundRobin;
 

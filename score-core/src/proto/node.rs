@@ -11,7 +11,7 @@ use bytes::BytesMut;
 
 use super::swap::{CommitAction, Reservations, order as swap_order};
 use crate::decision::{self, Capacity, Decision, MigrationCost, Plan, Rule};
-use crate::policy::{self, PolicyKind, TokenPolicy};
+use crate::policy::{self, HostShape, PolicyKind, TokenPolicy, order_from_reports};
 use crate::swap::{
     LocalVm, Query, Scope, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
     choose_swap_partner, plan_with,
@@ -21,8 +21,8 @@ use crate::topology::{HostId, Topology};
 use crate::wire::{
     ChunkBitmap, ChunkOutcome, Datagram, FlowEntry, FlowReport, Freshness, Header, KeyRing,
     MAX_MEMBER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
-    ReplayTable, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
-    token_chunks,
+    RejectReason, ReplayTable, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
+    TokenChunk, TokenOrder, token_chunks,
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -82,6 +82,16 @@ pub struct Config {
     /// a proposer waits for the partner to move; longer than any
     /// migration.
     pub swap_timeout_ns: u64,
+    /// The hypervisor only advises: a migration asked of the driver moves
+    /// nothing ([`MigrationOutcome::Advisory`]), so a swap never lets the
+    /// other host move its VM first (this one's would not follow).
+    pub advisory: bool,
+    /// The global policy's coordinator: every host sends it its flows with
+    /// their rates, and it sends every host the order the token follows
+    /// (`policy::order_from_reports`). `None`: no coordinator.
+    pub coordinator: Option<Ipv4Addr>,
+    /// A host's memory, MiB (what the coordinator counts room in).
+    pub memory_mib: u64,
 }
 
 impl Config {
@@ -116,6 +126,9 @@ impl Config {
             scope: Scope::PAPER,
             migration_headroom: 0,
             swap_timeout_ns: 600_000_000_000,
+            advisory: false,
+            coordinator: None,
+            memory_mib: 16 * 1024,
         }
     }
 }
@@ -161,6 +174,9 @@ pub enum MigrationOutcome {
     Failed,
     /// Nobody knows where the VM is: it is left alone from now on.
     Undefined,
+    /// Advisory mode: nothing moved, the VM runs here (and is not held
+    /// down: nothing happened to it).
+    Advisory,
 }
 
 /// What the node asks its driver to do.
@@ -193,6 +209,8 @@ pub enum SwapOutcome {
     Partial,
     /// Neither moved.
     Failed,
+    /// Advisory mode (here or at the asked host): nothing moved.
+    Advisory,
 }
 
 /// A copy of the token and how far it has come: epoch, round, VMs visited
@@ -214,10 +232,11 @@ pub struct TokenStamp {
 /// into enums).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A datagram was dropped (`WireError::reason()` or "unsupported").
+    /// A datagram was dropped.
     Rejected {
-        /// The reason label.
-        reason: &'static str,
+        /// Why, in the agent's bounded set (a malformed chunk or list, or
+        /// a message this node does not take, is `Other`).
+        reason: RejectReason,
     },
     /// The token arrived for a hosted VM.
     TokenReceived {
@@ -308,6 +327,12 @@ pub enum Event {
         vm: VmId,
         /// The target host.
         to: Ipv4Addr,
+    },
+    /// The coordinator's order arrived (or, on the coordinator, was
+    /// computed): the global policy follows it at the next hand-off.
+    OrderReceived {
+        /// VMs in it.
+        vms: usize,
     },
     /// A migration ended.
     MigrationFinished {
@@ -467,6 +492,12 @@ pub struct Node {
     considering: Option<Considering>,
     /// Partners moving for a swap: partner -> proposing VM.
     partner_moves: BTreeMap<VmId, VmId>,
+    /// The coordinator's last order, fed to a global policy at each
+    /// hand-off.
+    order: Option<Vec<VmId>>,
+    order_parts: PartsAssembler<VmId>,
+    /// The coordinator: each host's last flows, with their rates.
+    flows: BTreeMap<Ipv4Addr, Vec<FlowEntry>>,
     out: VecDeque<Output>,
     events: VecDeque<Event>,
 }
@@ -536,6 +567,9 @@ impl Node {
             swaps: Reservations::default(),
             considering: None,
             partner_moves: BTreeMap::new(),
+            order: None,
+            order_parts: PartsAssembler::default(),
+            flows: BTreeMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -634,6 +668,9 @@ impl Node {
             MigrationOutcome::Undefined => {
                 self.frozen.insert(vm);
             }
+            MigrationOutcome::Advisory => {
+                self.migrated_at.remove(&vm);
+            }
         }
         self.events
             .push_back(Event::MigrationFinished { vm, outcome });
@@ -643,8 +680,14 @@ impl Node {
                 MigrationOutcome::Done => SwapResult::Done,
                 MigrationOutcome::Failed => SwapResult::Failed,
                 MigrationOutcome::Undefined => SwapResult::Undefined,
+                MigrationOutcome::Advisory => SwapResult::Advisory,
             };
             let linger = now.saturating_add(self.cfg.swap_timeout_ns);
+            if outcome == MigrationOutcome::Done {
+                // The partner left first: the proposing VM comes next, into
+                // the slot it freed, which is promised to it until it does.
+                self.promise_slot(u);
+            }
             if let Some((seq, proposer)) = self.swaps.end(u, result, linger) {
                 let done = Message::SwapDone {
                     in_reply_to: seq,
@@ -664,15 +707,25 @@ impl Node {
                 Stage::FirstMove if outcome == MigrationOutcome::Done => {
                     d.stage = Stage::Committing;
                     d.resend_at = now;
+                    // The partner comes into the slot the held VM freed.
+                    let partner = d.partner;
+                    self.promise_slot(partner);
                     self.send_commit();
                 }
                 Stage::FirstMove => {
                     let (to, partner) = (d.to, d.partner);
                     self.cancel_swap(to, vm, partner);
-                    self.swap_finished(SwapOutcome::Failed);
+                    self.swap_finished(if outcome == MigrationOutcome::Advisory {
+                        SwapOutcome::Advisory
+                    } else {
+                        SwapOutcome::Failed
+                    });
                 }
                 Stage::SecondMove if outcome == MigrationOutcome::Done => {
                     self.swap_finished(SwapOutcome::Done)
+                }
+                Stage::SecondMove if outcome == MigrationOutcome::Advisory => {
+                    self.swap_finished(SwapOutcome::Advisory)
                 }
                 Stage::SecondMove => self.swap_finished(SwapOutcome::Partial),
                 Stage::Committing => {}
@@ -748,13 +801,13 @@ impl Node {
         self.cfg.keys.expire(now_ms);
         let d = match Datagram::decode(bytes, &self.cfg.keys) {
             Ok(d) => d,
-            Err(e) => return self.reject(e.reason()),
+            Err(e) => return self.reject(e.reject_reason()),
         };
         if let Err(e) = d.header.check_destination(received_on) {
-            return self.reject(e.reason());
+            return self.reject(e.reject_reason());
         }
         if let Err(e) = self.replay.accept(&d.header, now_ms) {
-            return self.reject(e.reason());
+            return self.reject(e.reject_reason());
         }
         let h = d.header;
         if h.epoch > self.persisted.epoch {
@@ -831,7 +884,9 @@ impl Node {
             }
             Message::CapacityRequest { vm } => {
                 let free = self.free_slots();
-                if free > 0 && vm != 0 {
+                // An advisory cluster moves nothing: a promise would only
+                // fill the host with VMs that never come.
+                if free > 0 && vm != 0 && !self.cfg.advisory {
                     self.reservations
                         .insert(vm, self.now + self.cfg.reservation_ns);
                 }
@@ -871,13 +926,19 @@ impl Node {
                     .insert(vm, (to, self.now + self.cfg.location_ttl_ns));
             }
             Message::FlowReport(r) => {
-                if self.is_watcher()
+                if (self.is_watcher() || self.is_coordinator())
                     && let Ok(PartsOutcome::Complete(entries)) =
                         self.report_parts.insert_flow_report(h.sender, r)
                 {
                     let mut vms: Vec<VmId> = entries.iter().map(|e| e.vm).collect();
+                    vms.sort_unstable();
                     vms.dedup();
-                    self.reports.insert(h.sender, (vms, self.now));
+                    if self.is_watcher() {
+                        self.reports.insert(h.sender, (vms, self.now));
+                    }
+                    if self.is_coordinator() {
+                        self.flows.insert(h.sender, entries);
+                    }
                 }
             }
             Message::Members { vms } => {
@@ -943,16 +1004,37 @@ impl Node {
                 result,
                 ..
             } => self.on_swap_done(h.sender, vm, partner, result),
-            Message::TokenOrder(_) => self.reject("unsupported"),
+            Message::TokenOrder(o) => {
+                if self.cfg.coordinator != Some(h.sender) {
+                    return self.reject(RejectReason::Other);
+                }
+                match self.order_parts.insert_token_order(h.sender, o) {
+                    Ok(PartsOutcome::Complete(vms)) => self.follow_order(vms),
+                    Ok(_) => {}
+                    Err(_) => self.reject(RejectReason::Other),
+                }
+            }
         }
     }
 
-    fn reject(&mut self, reason: &'static str) {
+    fn reject(&mut self, reason: RejectReason) {
         self.events.push_back(Event::Rejected { reason });
     }
 
     fn is_watcher(&self) -> bool {
         self.cfg.watchers.contains(&self.cfg.me)
+    }
+
+    fn is_coordinator(&self) -> bool {
+        self.cfg.coordinator == Some(self.cfg.me)
+    }
+
+    /// The coordinator's order, followed by a global policy at the next
+    /// hand-off (a policy that needs no global knowledge ignores it).
+    fn follow_order(&mut self, vms: Vec<VmId>) {
+        self.events
+            .push_back(Event::OrderReceived { vms: vms.len() });
+        self.order = Some(vms);
     }
 
     /// The stamp of `token` here: held for `holder` (whose visit counts
@@ -1001,6 +1083,16 @@ impl Node {
     fn free_slots(&mut self) -> u32 {
         let used = self.used() + u32::from(self.headroom_taken());
         self.cfg.vm_slots.saturating_sub(used)
+    }
+
+    /// Keeps a slot for `vm`, which is to arrive (the second migration of
+    /// a swap, into the slot its first one freed), until it does or the
+    /// reservation time passes: no capacity answer may promise it.
+    fn promise_slot(&mut self, vm: VmId) {
+        if !self.hosted.contains_key(&vm) {
+            self.reservations
+                .insert(vm, self.now.saturating_add(self.cfg.reservation_ns));
+        }
     }
 
     /// Whether one VM more may arrive before one leaves (the slots and the
@@ -1194,7 +1286,7 @@ impl Node {
         if h.epoch < self.persisted.epoch {
             // A copy of an older epoch: refuse it, and tell the sender the
             // newer epoch, so it stops resending (and skipping).
-            self.reject("stale_epoch");
+            self.reject(RejectReason::StaleEpoch);
             let best = self.best_seen.filter(|b| b.epoch == self.persisted.epoch);
             let stamp = best.unwrap_or(TokenStamp {
                 epoch: self.persisted.epoch,
@@ -1216,7 +1308,7 @@ impl Node {
             }
             Ok(_) => self.reasm.ack(h.sender, c.transfer),
             Err(_) => {
-                self.reject("bad_chunk");
+                self.reject(RejectReason::Other);
                 None
             }
         };
@@ -1241,7 +1333,7 @@ impl Node {
 
     fn receive_token(&mut self, token: Token, vm: VmId) {
         if token.epoch < self.persisted.epoch {
-            return self.reject("stale_epoch");
+            return self.reject(RejectReason::StaleEpoch);
         }
         let stamp = self.stamp(&token, Some(vm));
         if let Some(h) = &self.held {
@@ -1541,7 +1633,11 @@ impl Node {
             c_m: r.c_m,
             mem_mib: r.mem_mb,
             from_free_mem_mib: r.from_free_mem_mb,
-            from_headroom: !self.swaps.incoming_first() && self.room_for_one_more(),
+            // An advisory host moves nothing: the partner must not come
+            // first.
+            from_headroom: !self.cfg.advisory
+                && !self.swaps.incoming_first()
+                && self.room_for_one_more(),
             peers_on_target,
         }
     }
@@ -1612,6 +1708,7 @@ impl Node {
             return;
         }
         match (d.order, result) {
+            (_, SwapResult::Advisory) => self.swap_finished(SwapOutcome::Advisory),
             (SwapOrder::ProposerFirst, SwapResult::Done) => self.swap_finished(SwapOutcome::Done),
             (SwapOrder::ProposerFirst, _) => self.swap_finished(SwapOutcome::Partial),
             (SwapOrder::PartnerFirst, SwapResult::Done) => {
@@ -1751,7 +1848,7 @@ impl Node {
             return Err(SwapRefusal::Invalid);
         }
         let here = !self.holder_claims() && self.room_for_one_more();
-        let order = swap_order(false, here, p.from_headroom)?;
+        let order = swap_order(self.cfg.advisory, here, p.from_headroom)?;
         let topo = self.cfg.topology.clone();
         let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
         let local: Vec<LocalVm> = self
@@ -1884,6 +1981,11 @@ impl Node {
 
     fn pass(&mut self, mut token: Token, from: Option<VmId>, skipped: usize) {
         let round = token.round;
+        if self.policy.needs_global_knowledge()
+            && let Some(order) = &self.order
+        {
+            self.policy.feed_ranking(order.clone());
+        }
         let Some(next) = policy::advance(self.policy.as_mut(), &mut token, from) else {
             self.events
                 .push_back(Event::TokenDropped { epoch: token.epoch });
@@ -2031,26 +2133,86 @@ impl Node {
 
     /// Tells the watchers which VMs run here (membership for a
     /// regenerated token).
+    /// With a coordinator, the report also carries each VM's peers and
+    /// their rates, and goes to the coordinator too; the coordinator then
+    /// computes the order and sends it to every host.
     fn report(&mut self) {
-        if self.cfg.watchers.iter().all(|w| *w == self.cfg.me) {
-            return;
-        }
-        let entries: Vec<FlowEntry> = self
-            .hosted
-            .keys()
-            .map(|vm| FlowEntry {
+        let with_rates = self.cfg.coordinator.is_some();
+        let mut entries = Vec::new();
+        for (vm, peers) in &self.hosted {
+            entries.push(FlowEntry {
                 vm: *vm,
                 peer: *vm,
                 rate: 0.0,
-            })
-            .collect();
+            });
+            if with_rates {
+                entries.extend(
+                    peers
+                        .iter()
+                        .filter(|(p, rate)| p != vm && rate.is_finite() && *rate > 0.0)
+                        .map(|&(peer, rate)| FlowEntry {
+                            vm: *vm,
+                            peer,
+                            rate,
+                        }),
+                );
+            }
+        }
+        if self.is_coordinator() {
+            self.flows.insert(self.cfg.me, entries.clone());
+        }
+        let mut to: Vec<Ipv4Addr> = self.cfg.watchers.clone();
+        to.extend(self.cfg.coordinator);
+        to.sort_unstable();
+        to.dedup();
+        to.retain(|h| *h != self.cfg.me);
+        if !to.is_empty() {
+            self.reports_sent += 1;
+            let id = (u64::from(self.persisted.incarnation) << 32) | self.reports_sent;
+            if let Some(parts) = FlowReport::split(id, &entries) {
+                for p in parts {
+                    for host in &to {
+                        self.send(*host, &Message::FlowReport(p.clone()));
+                    }
+                }
+            }
+        }
+        if self.is_coordinator() {
+            self.coordinate();
+        }
+    }
+
+    /// The coordinator: the order from every host's last flows, sent to
+    /// every host (docs/PROTOCOL.md, "The global policy").
+    fn coordinate(&mut self) {
+        let shape = HostShape {
+            vm_slots: self.cfg.vm_slots,
+            memory_mib: self.cfg.memory_mib,
+            vm_memory_mib: self.cfg.vm_memory_mib,
+        };
+        let order = order_from_reports(
+            &self.cfg.topology,
+            self.flows.iter().map(|(h, e)| (*h, e.as_slice())),
+            self.cfg.rule,
+            self.cfg.migration_cost,
+            shape,
+        );
+        if order.is_empty() {
+            return;
+        }
         self.reports_sent += 1;
         let id = (u64::from(self.persisted.incarnation) << 32) | self.reports_sent;
-        let Some(parts) = FlowReport::split(id, &entries) else {
-            return;
-        };
-        for p in parts {
-            self.send_to_watchers(&Message::FlowReport(p));
+        if let Some(parts) = TokenOrder::split(id, &order) {
+            let hosts: Vec<Ipv4Addr> = (0..self.cfg.topology.host_count())
+                .map(|h| self.cfg.topology.host_addr(h))
+                .filter(|a| *a != self.cfg.me)
+                .collect();
+            for host in hosts {
+                for p in &parts {
+                    self.send(host, &Message::TokenOrder(p.clone()));
+                }
+            }
         }
+        self.follow_order(order);
     }
 }

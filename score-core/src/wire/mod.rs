@@ -265,6 +265,105 @@ impl WireError {
             WireError::Token(_) => "bad_token",
         }
     }
+
+    /// The reason in the agent's bounded set ([`RejectReason`]): the
+    /// malformed bodies, oversized payloads and bad tokens are `Other`.
+    pub fn reject_reason(&self) -> RejectReason {
+        match self {
+            WireError::Truncated { .. } => RejectReason::Truncated,
+            WireError::BadMagic => RejectReason::BadMagic,
+            WireError::BadVersion(_) => RejectReason::BadVersion,
+            WireError::UnknownKind(_) => RejectReason::UnknownKind,
+            WireError::BadLength { .. } => RejectReason::BadLength,
+            WireError::BadMac => RejectReason::BadMac,
+            WireError::StaleEpoch { .. } => RejectReason::StaleEpoch,
+            WireError::Replayed { .. } => RejectReason::Replayed,
+            WireError::WrongDestination { .. } => RejectReason::WrongDestination,
+            WireError::NotFresh { .. } => RejectReason::NotFresh,
+            WireError::OldIncarnation { .. } => RejectReason::OldIncarnation,
+            WireError::BodyTruncated { .. }
+            | WireError::TrailingBytes { .. }
+            | WireError::InvalidField { .. }
+            | WireError::PayloadTooLarge { .. }
+            | WireError::Token(_) => RejectReason::Other,
+        }
+    }
+}
+
+/// Why a datagram was dropped, as the agent counts it
+/// (`score_datagrams_rejected_total{reason}`).
+/// A fixed set, so that hostile input cannot grow the label space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Shorter than a header and MAC, or than its declared payload.
+    Truncated,
+    /// Not an S-CORE datagram.
+    BadMagic,
+    /// A protocol version this build does not speak.
+    BadVersion,
+    /// A message kind this build does not know.
+    UnknownKind,
+    /// Declared and actual lengths disagree.
+    BadLength,
+    /// Authentication failed (wrong key, forged or altered).
+    BadMac,
+    /// From an older token epoch.
+    StaleEpoch,
+    /// A sequence number already seen (or too old to tell).
+    Replayed,
+    /// Sealed for another address than the one it arrived on.
+    WrongDestination,
+    /// Sealed too long ago, or before this agent started.
+    NotFresh,
+    /// From an incarnation of the sender older than one already heard.
+    OldIncarnation,
+    /// Anything else (a malformed body, for example).
+    Other,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [RejectReason; 12] = [
+        Self::Truncated,
+        Self::BadMagic,
+        Self::BadVersion,
+        Self::UnknownKind,
+        Self::BadLength,
+        Self::BadMac,
+        Self::StaleEpoch,
+        Self::Replayed,
+        Self::WrongDestination,
+        Self::NotFresh,
+        Self::OldIncarnation,
+        Self::Other,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::BadMagic => "bad_magic",
+            Self::BadVersion => "bad_version",
+            Self::UnknownKind => "unknown_kind",
+            Self::BadLength => "bad_length",
+            Self::BadMac => "bad_mac",
+            Self::StaleEpoch => "stale_epoch",
+            Self::Replayed => "replayed",
+            Self::WrongDestination => "wrong_destination",
+            Self::NotFresh => "not_fresh",
+            Self::OldIncarnation => "old_incarnation",
+            Self::Other => "other",
+        }
+    }
+
+    /// The reason named by `label` (for instance
+    /// [`WireError::reason()`]); any label outside the fixed set is `Other`.
+    pub fn from_label(label: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.label() == label)
+            .unwrap_or(Self::Other)
+    }
 }
 
 /// Decodes one datagram: checks the frame and its MAC with `key`, then
@@ -280,6 +379,23 @@ pub fn decode<K: Verifier + ?Sized>(bytes: &[u8], key: &K) -> Result<Datagram, W
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_reject_reason_agrees_with_its_label() {
+        use super::{RejectReason, WireError};
+        let errors = [
+            WireError::BadMagic,
+            WireError::BadMac,
+            WireError::BadVersion(9),
+            WireError::UnknownKind(200),
+        ];
+        for e in errors {
+            assert_eq!(e.reject_reason(), RejectReason::from_label(e.reason()));
+        }
+        for r in RejectReason::ALL {
+            assert_eq!(RejectReason::from_label(r.label()), r);
+        }
+        assert_eq!(RejectReason::from_label("too_large"), RejectReason::Other);
+    }
     use super::*;
 
     #[test]

@@ -1,0 +1,357 @@
+//! The protocol's `Node` on a tiny lossless network driven here (the
+//! seeded fault runs are score-sim's): what the agent needs of it besides
+//! the token ring, advisory mode and the global policy's coordinator.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use score_core::decision::{Decision, Rule};
+use score_core::policy::PolicyKind;
+use score_core::proto::{
+    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, SwapOutcome, VmFacts,
+};
+use score_core::swap::{CandidateSet, Scope};
+use score_core::token::VmId;
+use score_core::topology::{LinkWeights, Topology};
+use score_core::wire::{ClusterKey, KeyRing, RejectReason};
+
+const SEC: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
+/// A plausible wall-clock start, as the daemon's clock gives.
+const T0: u64 = 1_750_000_000 * SEC;
+
+fn vm(i: u8) -> VmId {
+    u32::from(Ipv4Addr::new(10, 1, 0, i))
+}
+
+/// Four hosts, two racks of two (10.0.0.1-2 | 10.0.0.3-4), every node
+/// driven in one thread; datagrams arrive 1 ms after they are sent, in
+/// order; migrations end `migration_ns` after they start, with the
+/// outcome `outcome` gives (a done one moves the VM).
+struct Dc {
+    topo: Arc<Topology>,
+    nodes: Vec<Node>,
+    /// Where each VM runs.
+    at: BTreeMap<VmId, usize>,
+    /// Rates between VM pairs, bytes/s.
+    traffic: Vec<(VmId, VmId, f64)>,
+    now: u64,
+    wire: VecDeque<(u64, usize, Ipv4Addr, Vec<u8>)>,
+    moves: VecDeque<(u64, usize, VmId, usize)>,
+    outcome: fn(VmId) -> MigrationOutcome,
+    migration_ns: u64,
+    events: Vec<(usize, Event)>,
+}
+
+impl Dc {
+    fn new(
+        placement: &[(VmId, usize)],
+        traffic: &[(VmId, VmId, f64)],
+        cfg: impl Fn(&mut Config),
+    ) -> Dc {
+        let topo = Arc::new(
+            Topology::regular(
+                &[2, 2],
+                LinkWeights::paper_truncated(2),
+                Ipv4Addr::new(10, 0, 0, 1),
+            )
+            .unwrap(),
+        );
+        let key = ClusterKey::new(b"the tests' cluster key, 32 bytes").unwrap();
+        let watchers = vec![topo.host_addr(0), topo.host_addr(1)];
+        let nodes = (0..4)
+            .map(|h| {
+                let mut c = Config::new(
+                    topo.host_addr(h),
+                    topo.clone(),
+                    KeyRing::new(key.clone()),
+                    watchers.clone(),
+                );
+                c.vm_slots = 2;
+                c.token_hold_ns = 100 * MS;
+                c.token_timeout_ns = 2 * SEC;
+                c.report_interval_ns = SEC;
+                c.hold_down_ns = 30 * SEC;
+                c.rule = Rule::PaperFirst;
+                cfg(&mut c);
+                Node::new(c, Persisted::default(), T0 + u64::from(h) * MS)
+            })
+            .collect();
+        let mut dc = Dc {
+            topo,
+            nodes,
+            at: placement.iter().copied().collect(),
+            traffic: traffic.to_vec(),
+            now: T0,
+            wire: VecDeque::new(),
+            moves: VecDeque::new(),
+            outcome: |_| MigrationOutcome::Done,
+            migration_ns: 500 * MS,
+            events: Vec::new(),
+        };
+        for h in 0..4 {
+            dc.refresh(h);
+        }
+        dc
+    }
+
+    fn facts(&self, h: usize) -> HostFacts {
+        let vms = self
+            .at
+            .iter()
+            .filter(|&(_, &at)| at == h)
+            .map(|(&id, _)| VmFacts {
+                id,
+                peers: self
+                    .traffic
+                    .iter()
+                    .filter_map(|&(a, b, r)| match (a == id, b == id) {
+                        (true, false) => Some((b, r)),
+                        (false, true) => Some((a, r)),
+                        _ => None,
+                    })
+                    .collect(),
+                undefined: false,
+            })
+            .collect();
+        HostFacts { vms }
+    }
+
+    fn refresh(&mut self, h: usize) {
+        let f = self.facts(h);
+        self.nodes[h].set_facts(self.now, &f);
+    }
+
+    fn host_index(&self, a: Ipv4Addr) -> Option<usize> {
+        self.topo.host_by_addr(a).map(|h| h as usize)
+    }
+
+    /// Takes every node's outputs and events.
+    fn collect(&mut self) {
+        for h in 0..self.nodes.len() {
+            while let Some(o) = self.nodes[h].poll_output() {
+                match o {
+                    Output::Send { to, bytes } => {
+                        let dest = self
+                            .host_index(to)
+                            .or_else(|| self.at.get(&u32::from(to)).copied());
+                        if let Some(d) = dest {
+                            self.wire.push_back((self.now + MS, d, to, bytes));
+                        }
+                    }
+                    Output::Migrate { vm, to } => {
+                        let to = self.host_index(to).unwrap();
+                        self.moves
+                            .push_back((self.now + self.migration_ns, h, vm, to));
+                    }
+                    Output::Persist(_) => {}
+                }
+            }
+            while let Some(e) = self.nodes[h].poll_event() {
+                self.events.push((h, e));
+            }
+        }
+    }
+
+    /// Runs until `until` (ns after the start).
+    fn run(&mut self, until: u64) {
+        let end = T0 + until;
+        loop {
+            self.collect();
+            let wake = (0..self.nodes.len())
+                .filter_map(|h| self.nodes[h].poll_timeout())
+                .min();
+            let next = [
+                self.wire.front().map(|w| w.0),
+                self.moves.front().map(|m| m.0),
+                wake,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(end);
+            if next > end {
+                return;
+            }
+            self.now = self.now.max(next);
+            let now = self.now;
+            if self.wire.front().is_some_and(|w| w.0 <= now) {
+                let (_, d, on, bytes) = self.wire.pop_front().unwrap();
+                self.nodes[d].handle_datagram(now, on, &bytes);
+            } else if self.moves.front().is_some_and(|m| m.0 <= now) {
+                let (_, from, vm, to) = self.moves.pop_front().unwrap();
+                let outcome = (self.outcome)(vm);
+                if outcome == MigrationOutcome::Done {
+                    self.at.insert(vm, to);
+                    self.refresh(from);
+                    self.refresh(to);
+                }
+                self.nodes[from].migration_done(now, vm, outcome);
+            } else {
+                for h in 0..self.nodes.len() {
+                    if self.nodes[h].poll_timeout().is_some_and(|t| t <= now) {
+                        self.nodes[h].handle_timeout(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|(_, e)| f(e)).count()
+    }
+}
+
+/// An advisory host moves nothing: the driver answers every migration
+/// with `Advisory`, the VM stays, the token goes on, and the VM is not
+/// held down (nothing happened to it), so its next visit advises again.
+#[test]
+fn advisory_migrations_move_nothing_and_are_asked_again() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = Dc::new(&[(a, 0), (b, 2)], &[(a, b, 1000.0)], |c| {
+        c.advisory = true;
+        c.policy = PolicyKind::RoundRobin;
+    });
+    dc.outcome = |_| MigrationOutcome::Advisory;
+    dc.run(20 * SEC);
+    let advised = dc.count(|e| {
+        matches!(
+            e,
+            Event::MigrationFinished {
+                outcome: MigrationOutcome::Advisory,
+                ..
+            }
+        )
+    });
+    assert!(advised >= 4, "advised again at later visits: {advised}");
+    assert_eq!(dc.at[&a], 0);
+    assert_eq!(dc.at[&b], 2);
+    assert!(dc.count(|e| matches!(e, Event::TokenPassed { .. })) >= 8);
+    assert_eq!(dc.count(|e| matches!(e, Event::TokenRegenerated { .. })), 1);
+}
+
+/// Without advisory mode the same world moves one VM to the other, and
+/// the hold-down keeps it from moving again.
+#[test]
+fn a_real_migration_moves_the_vm_once() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = Dc::new(&[(a, 0), (b, 2)], &[(a, b, 1000.0)], |c| {
+        c.policy = PolicyKind::RoundRobin;
+    });
+    dc.run(20 * SEC);
+    assert_eq!(dc.at[&a], dc.at[&b], "together");
+    let done = dc.count(|e| {
+        matches!(
+            e,
+            Event::MigrationFinished {
+                outcome: MigrationOutcome::Done,
+                ..
+            }
+        )
+    });
+    assert_eq!(done, 1);
+}
+
+/// Full hosts, swaps on, the asked host advisory: it orders the partner
+/// first (its own move would not happen), answers the commit with
+/// "advisory", and the proposer's swap ends advisory with nothing moved.
+#[test]
+fn an_advisory_swap_moves_nothing() {
+    // a (host 0) talks to b (host 2); c (host 2) talks to d (host 0);
+    // both hosts full (the paper's candidates are the peers' hosts, so
+    // the empty ones are not asked): only a swap of a and c helps.
+    let (a, b, c, d) = (vm(1), vm(2), vm(3), vm(4));
+    let mut dc = Dc::new(
+        &[(a, 0), (d, 0), (b, 2), (c, 2)],
+        &[(a, b, 1000.0), (c, d, 1000.0)],
+        |cfg| {
+            cfg.advisory = true;
+            cfg.policy = PolicyKind::RoundRobin;
+            cfg.scope = Scope::swaps(CandidateSet::Paper);
+            cfg.migration_headroom = 1;
+        },
+    );
+    dc.outcome = |_| MigrationOutcome::Advisory;
+    dc.run(30 * SEC);
+    let advisory = dc.count(|e| {
+        matches!(
+            e,
+            Event::SwapFinished {
+                outcome: SwapOutcome::Advisory,
+                ..
+            }
+        )
+    });
+    let agreed = dc.count(|e| matches!(e, Event::SwapAgreed { .. }));
+    assert!(agreed >= 1, "{:?}", dc.events);
+    assert!(advisory >= 1, "{:?}", dc.events);
+    assert_eq!(
+        (dc.at[&a], dc.at[&b], dc.at[&c], dc.at[&d]),
+        (0, 2, 2, 0),
+        "nothing moved"
+    );
+}
+
+/// The global policy: every host reports its flows with their rates to
+/// the coordinator (host 0), which sends every host the order; the
+/// holders follow it, and the chatty pair ends on one host.
+#[test]
+fn the_coordinators_order_reaches_every_host_and_is_followed() {
+    let (a, b, c) = (vm(1), vm(2), vm(3));
+    let mut dc = Dc::new(&[(a, 0), (b, 2), (c, 3)], &[(a, b, 1000.0)], |cfg| {
+        cfg.policy = PolicyKind::Global;
+        cfg.coordinator = Some(Ipv4Addr::new(10, 0, 0, 1));
+    });
+    dc.run(20 * SEC);
+    for h in 0..4 {
+        assert!(
+            dc.events
+                .iter()
+                .any(|(at, e)| *at == h && matches!(e, Event::OrderReceived { vms: 3 })),
+            "host {h} has the order: {:?}",
+            dc.events
+        );
+    }
+    assert_eq!(dc.at[&a], dc.at[&b], "together");
+    // The first decision to move was the first VM of an order: a or b.
+    let first = dc.events.iter().find_map(|(_, e)| match e {
+        Event::Decided {
+            decision: Decision::Migrate { vm, .. },
+        } => Some(*vm),
+        _ => None,
+    });
+    assert!(first == Some(a) || first == Some(b), "{first:?}");
+    // Only the datagrams sealed before their receiver started are refused
+    // (the hosts start 1 ms apart).
+    assert_eq!(
+        dc.count(|e| matches!(e, Event::Rejected { reason } if *reason != RejectReason::NotFresh)),
+        0
+    );
+}
+
+/// An order from a host that is not the coordinator is refused.
+#[test]
+fn an_order_from_another_host_is_refused() {
+    let (a, b) = (vm(1), vm(2));
+    // Host 1 believes it coordinates; the others know host 0 does.
+    let mut dc = Dc::new(&[(a, 0), (b, 2)], &[(a, b, 1000.0)], |cfg| {
+        cfg.policy = PolicyKind::Global;
+        cfg.coordinator = Some(if cfg.me == Ipv4Addr::new(10, 0, 0, 2) {
+            cfg.me
+        } else {
+            Ipv4Addr::new(10, 0, 0, 1)
+        });
+    });
+    dc.run(5 * SEC);
+    assert!(
+        dc.count(|e| matches!(
+            e,
+            Event::Rejected {
+                reason: RejectReason::Other
+            }
+        )) > 0,
+        "{:?}",
+        dc.events
+    );
+}
