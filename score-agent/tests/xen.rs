@@ -19,7 +19,8 @@ use std::{
 use score_agent::backend::{Backend, BackendConfig, BackendError, HostRef, VmRef};
 use score_testbed::{
     lab::PING_FRAME,
-    xen::{self, Host},
+    xen::{self, Guest, Host, Status},
+    xen_cluster,
 };
 
 const XEN2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -75,116 +76,42 @@ fn dom0_ok(index: usize, line: &str) -> String {
 
 /// The names of the domains host `index` runs, Domain-0 left out.
 fn domains(index: usize) -> Vec<String> {
-    dom0_ok(index, "xl list")
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
+    host(index).domains().unwrap()
 }
 
-/// Destroys every guest on both hosts and starts both receivers: each
-/// test starts from two empty hosts.
+/// Destroys every guest on both hosts (and stops their agents) and starts
+/// both receivers: each test starts from two empty hosts.
 fn reset() {
     for index in [1, 2] {
-        dom0_ok(
-            index,
-            "for d in $(xl list | tail -n +3 | awk '{print $1}'); do xl destroy $d; done; \
-             score-receiver start",
-        );
-        assert!(
-            domains(index).is_empty(),
-            "xen{index}: {:?}",
-            domains(index)
-        );
+        host(index).reset().unwrap();
     }
 }
 
-/// A tiny PV guest: its name, address and MAC.
-struct Guest {
-    name: &'static str,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
+/// The guest most tests use, alone: g1 of the agents' scenario.
+const G1: Guest = xen_cluster::GUESTS[0];
+
+/// Its status on host `index`, if it answers.
+fn status(index: usize) -> Option<Status> {
+    G1.status(&host(index))
 }
 
-impl Guest {
-    fn vm(&self) -> VmRef {
-        VmRef {
-            ip: self.ip,
-            mac: self.mac,
-            vif: String::new(),
-        }
-    }
-
-    fn mac_text(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    /// Creates it on host `index` and waits until its status service
-    /// answers.
-    fn create(&self, index: usize) -> Status {
-        dom0_ok(
-            index,
-            &format!("score-domu {} {} {}", self.name, self.ip, self.mac_text()),
-        );
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            if let Some(s) = self.status(index) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not answer on xen{index} within 300 s",
-                self.name
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-
-    /// Its status service, asked from host `index`'s dom0.
-    fn status(&self, index: usize) -> Option<Status> {
-        let (code, body, _) = dom0(
-            index,
-            &format!(
-                "printf 'GET /cgi-bin/status HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80",
-                self.ip
-            ),
-        );
-        if code != 0 {
-            return None;
-        }
-        let field = |k: &str| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .map(str::to_owned)
-        };
-        Some(Status {
-            boot_id: field("boot_id")?,
-            uptime: field("uptime")?.parse().ok()?,
-        })
-    }
-
-    /// Its vif on host `index`, `vifDOMID.0`.
-    fn vif(&self, index: usize) -> String {
-        let domid = dom0_ok(index, &format!("xl domid {}", self.name));
-        format!("vif{}.0", domid.trim())
-    }
+/// Creates G1 on host `index` and waits until it answers.
+fn create(index: usize) -> Status {
+    G1.create(&host(index), "").unwrap()
 }
 
-#[derive(Debug)]
-struct Status {
-    boot_id: String,
-    uptime: f64,
+/// G1's vif on host `index`.
+fn vif(index: usize) -> String {
+    G1.vif(&host(index)).unwrap()
 }
 
-const G1: Guest = Guest {
-    name: "g1",
-    ip: Ipv4Addr::new(10, 77, 0, 101),
-    mac: [0x00, 0x16, 0x3e, 0x77, 0x00, 0x65],
-};
+fn vm(g: &Guest) -> VmRef {
+    VmRef {
+        ip: g.ip,
+        mac: g.mac,
+        vif: String::new(),
+    }
+}
 
 /// The xl backend of xen1's agent: `xl migrate -s score-xl-send DOMID HOST`,
 /// the rig's TCP relay to the target's receiver in place of ssh.
@@ -210,7 +137,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// guest to the dom0 and back. The guest's echo replies are frames it
 /// sent; the dom0's requests are frames it received.
 fn watch_pings(index: usize, guest: &Guest, pings: u64) -> ((u64, u64), (u64, u64), String) {
-    let vif = guest.vif(index);
+    let vif = guest.vif(&host(index)).unwrap();
     let out = dom0_ok(
         index,
         &format!(
@@ -264,10 +191,10 @@ fn xen_xl_migrate_moves_a_live_pv_guest() {
         return;
     }
     reset();
-    let before = G1.create(1);
+    let before = create(1);
     let started = Instant::now();
     let report = runtime()
-        .block_on(backend().migrate(&G1.vm(), &HostRef { addr: XEN2 }))
+        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
         .unwrap_or_else(|e| panic!("migration failed: {e}"));
     eprintln!(
         "xl migrate of a PV guest: {:.1} s",
@@ -278,13 +205,10 @@ fn xen_xl_migrate_moves_a_live_pv_guest() {
     assert_eq!(domains(2), ["g1"]);
     // The same boot, its uptime continuing: a live migration, not a
     // reboot; and it answers through its vif on xen2's bridge.
-    let after = G1.status(2).expect("g1 answers on xen2");
+    let after = status(2).expect("g1 answers on xen2");
     assert_eq!(after.boot_id, before.boot_id);
     assert!(after.uptime > before.uptime, "{before:?} -> {after:?}");
-    dom0_ok(
-        2,
-        &format!("test -e /sys/class/net/xenbr0/brif/{}", G1.vif(2)),
-    );
+    dom0_ok(2, &format!("test -e /sys/class/net/xenbr0/brif/{}", vif(2)));
 }
 
 #[test]
@@ -294,25 +218,25 @@ fn xen_no_receiver_or_target_down_leaves_the_guest_running_at_the_source() {
         return;
     }
     reset();
-    let before = G1.create(1);
+    let before = create(1);
     let rt = runtime();
     // The target runs, but nothing listens for the migration.
     dom0_ok(2, "score-receiver stop");
     let err = rt
-        .block_on(backend().migrate(&G1.vm(), &HostRef { addr: XEN2 }))
+        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
         .unwrap_err();
     dom0_ok(2, "score-receiver start");
     eprintln!("no receiver: {err}");
     assert!(matches!(err, BackendError::Failed { .. }), "{err}");
     // The target host is down: no answer at all.
     let err = rt
-        .block_on(backend().migrate(&G1.vm(), &HostRef { addr: DOWN }))
+        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: DOWN }))
         .unwrap_err();
     eprintln!("target down: {err}");
     assert!(matches!(err, BackendError::Failed { .. }), "{err}");
     assert_eq!(domains(1), ["g1"]);
     assert_eq!(domains(2), Vec::<String>::new());
-    let after = G1.status(1).expect("g1 still answers on xen1");
+    let after = status(1).expect("g1 still answers on xen1");
     assert_eq!(after.boot_id, before.boot_id);
     assert!(after.uptime > before.uptime);
 }
@@ -324,7 +248,7 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
         return;
     }
     reset();
-    let before = G1.create(1);
+    let before = create(1);
     // The target's `xl migrate-receive` and its restore helper (which
     // holds the stream too) are killed once the incoming domain exists
     // and memory is being copied: watched for in xen2's dom0 itself, so
@@ -337,7 +261,7 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
            echo killed >/tmp/killed) </dev/null >/dev/null 2>&1 &",
     );
     let err = runtime()
-        .block_on(backend().migrate(&G1.vm(), &HostRef { addr: XEN2 }))
+        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
         .unwrap_err();
     eprintln!("killed part-way: {err}");
     dom0_ok(2, "test -e /tmp/killed");
@@ -351,7 +275,7 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
     assert!(matches!(err, BackendError::Failed { .. }), "{err}");
     assert!(err.still_at_source());
     assert_eq!(domains(1), ["g1"]);
-    let after = G1.status(1).expect("g1 still answers on xen1");
+    let after = status(1).expect("g1 still answers on xen1");
     assert_eq!(after.boot_id, before.boot_id);
     assert!(after.uptime > before.uptime);
 }
@@ -363,7 +287,7 @@ fn xen_agent_counts_a_guests_frames_exactly_on_real_vifs_of_a_6_1_dom0() {
         return;
     }
     reset();
-    G1.create(1);
+    create(1);
     // Debian 12's dom0 kernel: no TCX, so the agent attaches with clsact.
     let release = dom0_ok(1, "uname -r");
     assert!(release.starts_with("6.1."), "{release}");
@@ -375,9 +299,113 @@ fn xen_agent_counts_a_guests_frames_exactly_on_real_vifs_of_a_6_1_dom0() {
 
     // Migrated live to xen2: its new vif there is counted as exactly.
     runtime()
-        .block_on(backend().migrate(&G1.vm(), &HostRef { addr: XEN2 }))
+        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
         .unwrap_or_else(|e| panic!("migration failed: {e}"));
     let (sent, received, _) = watch_pings(2, &G1, PINGS);
     assert_eq!(sent, (PINGS, PINGS * PING_FRAME));
     assert_eq!(received, (PINGS, PINGS * PING_FRAME));
+}
+
+/// The headline of the Xen rig: score-agent in each dom0 in cluster mode
+/// (token protocol between the dom0s, xl backend), two chatty guests
+/// started on different hosts; the agents decide by equation 2 and one of
+/// them live-migrates its guest with `xl migrate`, so that both run on one
+/// host. The guest keeps its boot (uptime continuing), its new vif is
+/// counted by the target's agent, and the cost falls to 0.
+#[test]
+#[ignore = "privileged: real Xen hosts (cargo xtask xen test)"]
+fn xen_agents_bring_chatty_guests_together_with_a_live_xl_migrate() {
+    if skip() || no_agent() {
+        return;
+    }
+    let r = xen_cluster::bring_together(&mut |line| eprintln!("xen demo: {line}"));
+    let logs = || {
+        [1, 2]
+            .map(|i| xen_cluster::agent_log(&host(i), 40))
+            .join("\n----\n")
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let logs = logs();
+            let _ = xen_cluster::stop_agents();
+            panic!("{e:#}\nagents' logs:\n{logs}");
+        }
+    };
+    let guest = &xen_cluster::GUESTS[r.moved];
+    eprintln!(
+        "{} moved xen{} -> xen{} {:.0} s after the agents started; cost {:.0} -> {:.0}",
+        guest.name,
+        r.from,
+        r.to,
+        r.decided_after.as_secs_f64(),
+        r.before.cost,
+        r.after.cost
+    );
+    // Live: the same boot, its uptime continuing on the target.
+    assert_eq!(r.status_after.boot_id, r.status_before.boot_id);
+    assert!(
+        r.status_after.uptime > r.status_before.uptime,
+        "{:?} -> {:?}",
+        r.status_before,
+        r.status_after
+    );
+    assert_ne!(r.from, r.to);
+    // Made by the source's agent through the xl backend, and only that.
+    let done = |i: usize| {
+        score_testbed::metrics::value(
+            r.after.metrics[i - 1].as_deref().unwrap_or(""),
+            "score_migrations_total{outcome=\"done\"}",
+        )
+    };
+    assert_eq!(done(r.from), 1.0);
+    assert_eq!(done(r.to), 0.0);
+    assert_eq!(
+        r.after.sum("score_migrations_total{outcome=\"failed\"}"),
+        0.0
+    );
+    // The target's agent attached to the guest's new vif and counts it.
+    assert!(r.counted.1 > r.counted.0, "{:?}", r.counted);
+    dom0_ok(
+        r.to,
+        &format!("test -e /sys/class/net/xenbr0/brif/{}", r.vif),
+    );
+    // The cost fell: equation 1 over what the agents measure, and the
+    // agents' own view after the token passed both guests again.
+    assert!(r.before.cost > 0.0, "{r:?}");
+    assert_eq!(r.after.cost, 0.0);
+    assert!(r.after.rate > 0.0, "the guests stopped talking: {r:?}");
+    assert_eq!(r.after.sum("score_host_communication_cost"), 0.0);
+    assert!(r.after.sum("score_migration_benefit_sum") > 0.0);
+    xen_cluster::stop_agents().unwrap();
+}
+
+/// Unprivileged: the configuration each dom0's agent gets from
+/// `xen_cluster` is one the agent accepts, distributed part included
+/// (topology and key read from a temporary directory in place of
+/// `/etc/score`).
+#[test]
+fn the_dom0_agent_configuration_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().display().to_string();
+    std::fs::write(
+        dir.path().join("topology.toml"),
+        xen_cluster::topology_toml(),
+    )
+    .unwrap();
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for h in xen::hosts() {
+        let text = xen_cluster::agent_config(&h)
+            .replace("/etc/score", &etc)
+            .replace("/var/lib/score-agent", &etc);
+        let config = score_agent::config::Config::parse(Path::new("agent.toml"), &text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let cluster = config
+            .cluster(false)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(cluster.is_some());
+    }
 }

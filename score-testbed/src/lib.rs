@@ -18,7 +18,8 @@
 //! ([`guests`], their image [`image`], [`libvirt`]), status ([`status`]),
 //! traffic ([`traffic`]), what the agents measure ([`measure`], read with
 //! [`http`] and [`metrics`]), the test bed's own check ([`check`]), and
-//! the Debian packages all of it needs ([`apt`]).
+//! the Debian packages all of it needs ([`apt`]); real Xen hosts under QEMU
+//! ([`xen`]) and the agents in their dom0s ([`xen_cluster`]).
 
 pub mod agents;
 pub mod apt;
@@ -42,3 +43,4 @@ pub(crate) mod sysctl;
 pub mod testbed;
 pub mod traffic;
 pub mod xen;
+pub mod xen_cluster;

@@ -58,20 +58,8 @@ pub fn snapshot(state: &State, previous: Option<&Placement>) -> Result<Snapshot>
     let mut metrics = Vec::new();
     for h in &state.hosts {
         match http::get(&h.name, addr, "/flows")? {
-            Some(body) => {
-                let reply: FlowsReply = serde_json::from_str(&body)
-                    .with_context(|| format!("parsing /flows of {}", h.name))?;
-                // Only VM-to-VM traffic of this data centre counts.
-                for p in reply.pairs {
-                    if let (Some(&u), Some(&v)) = (index.get(&p.src), index.get(&p.dst))
-                        && p.rate_bps.is_finite()
-                        && p.rate_bps > 0.0
-                    {
-                        let r = rates.entry((u, v)).or_insert(0.0);
-                        *r = r.max(p.rate_bps);
-                    }
-                }
-            }
+            Some(body) => add_pair_rates(&body, &index, &mut rates)
+                .with_context(|| format!("parsing /flows of {}", h.name))?,
             None => silent.push(h.name.clone()),
         }
         metrics.push(http::get(&h.name, addr, "/metrics")?);
@@ -98,6 +86,28 @@ pub fn snapshot(state: &State, previous: Option<&Placement>) -> Result<Snapshot>
         silent,
         metrics,
     })
+}
+
+/// Adds the pairs of one agent's `GET /flows` body between VMs of `index`
+/// (address -> VM index) to `rates`, keeping the largest rate any agent
+/// reports for a directed pair. Only VM-to-VM traffic of the data centre
+/// counts.
+pub fn add_pair_rates(
+    body: &str,
+    index: &HashMap<Ipv4Addr, u32>,
+    rates: &mut HashMap<(u32, u32), f64>,
+) -> Result<()> {
+    let reply: FlowsReply = serde_json::from_str(body)?;
+    for p in reply.pairs {
+        if let (Some(&u), Some(&v)) = (index.get(&p.src), index.get(&p.dst))
+            && p.rate_bps.is_finite()
+            && p.rate_bps > 0.0
+        {
+            let r = rates.entry((u, v)).or_insert(0.0);
+            *r = r.max(p.rate_bps);
+        }
+    }
+    Ok(())
 }
 
 /// Equation 1 and the traffic per level for a snapshot.

@@ -23,7 +23,7 @@
 use std::{
     fs,
     io::{Read as _, Write as _},
-    net::{Shutdown, TcpStream},
+    net::{Ipv4Addr, Shutdown, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -866,6 +866,149 @@ impl Host {
     fn alive(&self) -> bool {
         // SAFETY: kill with signal 0 only checks the process exists.
         self.pid().is_some_and(|p| unsafe { libc::kill(p, 0) } == 0)
+    }
+}
+
+impl Host {
+    /// As [`Host::exec`], and an error naming the command and its output
+    /// when it fails; its stdout when it succeeds.
+    pub fn exec_ok(&self, command: &str, timeout: Duration) -> Result<String> {
+        let r = self.exec(command, timeout)?;
+        if r.code != 0 {
+            bail!(
+                "{}: `{command}` exited with {}: {}{}",
+                self.name(),
+                r.code,
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&r.stdout).into_owned())
+    }
+
+    /// The names of the domains this host runs, Domain-0 left out
+    /// (`NAME--incoming` while one arrives).
+    pub fn domains(&self) -> Result<Vec<String>> {
+        Ok(self
+            .exec_ok("xl list", Duration::from_secs(120))?
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect())
+    }
+
+    /// Stops the agent (if [`crate::xen_cluster`] started one), destroys
+    /// every guest and starts the migration receiver: an empty host.
+    pub fn reset(&self) -> Result<()> {
+        self.exec_ok(
+            &format!(
+                "{}; for d in $(xl list | tail -n +3 | awk '{{print $1}}'); do xl destroy $d; done; \
+                 score-receiver start",
+                crate::xen_cluster::STOP_AGENT
+            ),
+            Duration::from_secs(300),
+        )?;
+        let left = self.domains()?;
+        if !left.is_empty() {
+            bail!("{}: domains left after a reset: {left:?}", self.name());
+        }
+        Ok(())
+    }
+}
+
+/// A tiny PV guest of the rig (`score-domu`): its name, address and MAC.
+#[derive(Clone, Copy, Debug)]
+pub struct Guest {
+    /// Its domain name.
+    pub name: &'static str,
+    /// Its address on the hosts' network.
+    pub ip: Ipv4Addr,
+    /// The MAC of its one vif.
+    pub mac: [u8; 6],
+}
+
+/// What a guest's status service answered.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// The kernel's boot id: the same after a live migration.
+    pub boot_id: String,
+    /// Seconds since it booted: continuing after a live migration.
+    pub uptime: f64,
+}
+
+impl Guest {
+    /// Its MAC as xl writes it.
+    pub fn mac_text(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// Creates it on `host`, sending UDP to `peers` (`ADDR:RATE,...`,
+    /// iperf3's `-b`; empty for none), and waits until its status service
+    /// answers.
+    pub fn create(&self, host: &Host, peers: &str) -> Result<Status> {
+        host.exec_ok(
+            &format!(
+                "score-domu {} {} {} {}",
+                self.name,
+                self.ip,
+                self.mac_text(),
+                shell_quote(peers)
+            ),
+            Duration::from_secs(600),
+        )?;
+        // A guest boots in about a minute under TCG; minutes on a loaded
+        // machine.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Some(s) = self.status(host) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not answer on {} within 600 s",
+                    self.name,
+                    host.name()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Its status service, asked from `host`'s dom0; `None` if it does not
+    /// answer.
+    pub fn status(&self, host: &Host) -> Option<Status> {
+        let r = host
+            .exec(
+                &format!(
+                    "printf 'GET /cgi-bin/status HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 80",
+                    self.ip
+                ),
+                Duration::from_secs(120),
+            )
+            .ok()?;
+        if r.code != 0 {
+            return None;
+        }
+        let body = String::from_utf8_lossy(&r.stdout);
+        let field = |k: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_owned)
+        };
+        Some(Status {
+            boot_id: field("boot_id")?,
+            uptime: field("uptime")?.parse().ok()?,
+        })
+    }
+
+    /// Its vif on `host`, `vifDOMID.0`.
+    pub fn vif(&self, host: &Host) -> Result<String> {
+        let domid = host.exec_ok(&format!("xl domid {}", self.name), Duration::from_secs(120))?;
+        Ok(format!("vif{}.0", domid.trim()))
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use score_testbed::{
     agents, check, config::AgentOptions, guests, image, libvirt, plan, process, state, status,
-    testbed, traffic, xen,
+    testbed, traffic, xen, xen_cluster,
 };
 
 pub use score_testbed::process::run;
@@ -135,6 +135,33 @@ enum XenCommand {
         /// Only run Xen tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+    },
+    /// The agents on real Xen: build the agent, bring the rig up with it,
+    /// start two chatty guests on different hosts and score-agent in each
+    /// dom0 (token protocol, xl backend), and show the agents bringing the
+    /// guests together with a live `xl migrate`, the cost before and
+    /// after; then take the rig down.
+    Demo {
+        /// Leave the rig, guests and agents up at the end
+        /// (`cargo xtask xen down`).
+        #[arg(long)]
+        keep: bool,
+        /// Run this score-agent binary instead of building one.
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
+    /// Paper Fig. 4 on the rig: live migrations of a 128 MiB PV guest back
+    /// and forth, idle and while it exchanges UDP with a guest on the
+    /// other host; migration time and the longest gap in pings from the
+    /// source dom0. Brings the rig up and down (it must be down).
+    Bench {
+        /// Migrations per case (idle, loaded).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Each guest's UDP rate to the other in the loaded case (iperf3
+        /// `-b`, bits per second of payload).
+        #[arg(long, default_value = "2M")]
+        rate: String,
     },
     /// Stop the hosts and remove their state. Safe when nothing is up.
     Down,
@@ -360,6 +387,8 @@ fn xen_command(command: XenCommand) -> Result<()> {
         XenCommand::Up { agent_bin } => xen::up(agent_bin.as_deref()),
         XenCommand::Status => xen::status(),
         XenCommand::Test { filter } => xen_tier(filter.as_deref()),
+        XenCommand::Demo { keep, agent_bin } => xen_demo(keep, agent_bin),
+        XenCommand::Bench { reps, rate } => xen_bench(reps, &rate),
         XenCommand::Down => xen::down(),
         XenCommand::Exec { host, command } => {
             let code = xen::exec(&host, &command)?;
@@ -390,6 +419,104 @@ fn xen_tier(filter: Option<&str>) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     result
+}
+
+/// `cargo xtask xen demo`: the rig up with the agent, score_testbed's
+/// `xen_cluster::bring_together`, a summary, and the rig down again (also
+/// when it fails) unless `keep`.
+fn xen_demo(keep: bool, agent_bin: Option<std::path::PathBuf>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let agent = match agent_bin {
+        Some(p) => {
+            std::fs::canonicalize(&p).with_context(|| format!("--agent-bin {}", p.display()))?
+        }
+        None => demo::build_agent(false)?,
+    };
+    xen::up(Some(&agent))?;
+    let say = |line: &str| {
+        println!(
+            "xen demo [{:>4.0} s] {line}",
+            started.elapsed().as_secs_f64()
+        )
+    };
+    let result = xen_cluster::bring_together(&mut |line| say(line));
+    match &result {
+        Ok(r) => {
+            let g = &xen_cluster::GUESTS[r.moved];
+            say(&format!(
+                "done: {} moved live xen{} -> xen{} (boot id kept, uptime {:.0} s -> {:.0} s);                  cost {:.0} -> {:.0}",
+                g.name,
+                r.from,
+                r.to,
+                r.status_before.uptime,
+                r.status_after.uptime,
+                r.before.cost,
+                r.after.cost
+            ));
+        }
+        Err(_) => {
+            for h in xen::hosts() {
+                eprintln!(
+                    "--- {}'s agent log:\n{}",
+                    h.name(),
+                    xen_cluster::agent_log(&h, 40)
+                );
+            }
+        }
+    }
+    if keep {
+        say("left up: `cargo xtask xen status`, `cargo xtask xen down`");
+    } else {
+        let _ = xen_cluster::stop_agents();
+        xen::down()?;
+    }
+    result.map(drop)
+}
+
+/// `cargo xtask xen bench`: the rig up, score_testbed's
+/// `xen_cluster::migration_times`, a table, the rig down (also on error).
+fn xen_bench(reps: usize, rate: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    xen::up(None)?;
+    let result = xen_cluster::migration_times(reps, rate, &mut |line| {
+        println!(
+            "xen bench [{:>4.0} s] {line}",
+            started.elapsed().as_secs_f64()
+        )
+    });
+    xen::down()?;
+    let samples = result?;
+    println!("| case | n | xl migrate (s) | longest ping gap (s) | pings answered |");
+    println!("|---|---|---|---|---|");
+    for loaded in [false, true] {
+        let of: Vec<&xen_cluster::Sample> = samples.iter().filter(|s| s.loaded == loaded).collect();
+        let stat = |v: Vec<f64>| {
+            let mut v = v;
+            v.sort_by(f64::total_cmp);
+            format!("{:.2} ({:.2}-{:.2})", v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        if of.is_empty() {
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {} | {} of {} |",
+            if loaded {
+                format!("UDP {rate}bit/s each way")
+            } else {
+                "idle".to_owned()
+            },
+            of.len(),
+            stat(of.iter().map(|s| s.seconds).collect()),
+            stat(of.iter().map(|s| s.gap).collect()),
+            of.iter().map(|s| s.pings.1).sum::<u32>(),
+            of.iter().map(|s| s.pings.0).sum::<u32>()
+        );
+    }
+    eprintln!(
+        "xtask: Xen bench took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// `score-sim protocol` over `seeds` seeds from `first`: fails on any
