@@ -94,7 +94,7 @@ pub fn agent_config(host: &Host) -> String {
          key_file = \"/etc/score/cluster.key\"\n\
          hop_timeout = \"2s\"\n\
          request_timeout = \"3s\"\n\
-         token_timeout = \"20s\"\n\
+         token_timeout = \"30s\"\n\
          max_datagram_age = \"2m\"\n\
          state_dir = \"/var/lib/score-agent\"\n\
          \n[policy]\n\
@@ -182,7 +182,7 @@ pub fn agent_log(host: &Host, lines: usize) -> String {
 /// not answer.
 pub fn agent_get(host: &Host, path: &str) -> Result<Option<String>> {
     let r = host.exec(
-        &format!("wget -q -T 20 -O - http://{AGENT_HTTP}{path}"),
+        &format!("wget -q -O - http://{AGENT_HTTP}{path}"),
         Duration::from_secs(120),
     )?;
     Ok((r.code == 0).then(|| String::from_utf8_lossy(&r.stdout).into_owned()))
@@ -631,14 +631,18 @@ pub fn migration_times(
             let (src, dst) = (&all[from - 1], &all[to - 1]);
             src.exec_ok(
                 &format!(
-                    "rm -f /tmp/mping.*; cut -d' ' -f1 /proc/uptime > /tmp/mping.t0;                      (ping -i {PING_INTERVAL} {} > /tmp/mping.log 2>&1 </dev/null & echo $! > /tmp/mping.pid);                      sleep 2",
+                    "rm -f /tmp/mping.*; cut -d' ' -f1 /proc/uptime > /tmp/mping.t0; \
+                     (ping -i {PING_INTERVAL} {} > /tmp/mping.log 2>&1 </dev/null & \
+                     echo $! > /tmp/mping.pid); sleep 2",
                     g1.ip
                 ),
                 Duration::from_secs(120),
             )?;
             let out = src.exec_ok(
                 &format!(
-                    "a=$(cut -d' ' -f1 /proc/uptime); xl migrate -s score-xl-send g1 {}                      2>/tmp/mig.err; rc=$?; b=$(cut -d' ' -f1 /proc/uptime); echo $rc $a $b;                      [ $rc = 0 ] || cat /tmp/mig.err",
+                    "a=$(cut -d' ' -f1 /proc/uptime); xl migrate -s score-xl-send g1 {} \
+                     2>/tmp/mig.err; rc=$?; b=$(cut -d' ' -f1 /proc/uptime); echo $rc $a $b; \
+                     [ $rc = 0 ] || cat /tmp/mig.err",
                     dst.addr()
                 ),
                 Duration::from_secs(1800),
@@ -652,7 +656,8 @@ pub fn migration_times(
                 bail!("xl migrate xen{from} -> xen{to} failed: {out}");
             }
             let ping = src.exec_ok(
-                "sleep 3; kill -INT $(cat /tmp/mping.pid); sleep 1;                  cut -d' ' -f1 /proc/uptime; cat /tmp/mping.t0 /tmp/mping.log",
+                "sleep 3; kill -INT $(cat /tmp/mping.pid); sleep 1; \
+                 cut -d' ' -f1 /proc/uptime; cat /tmp/mping.t0 /tmp/mping.log",
                 Duration::from_secs(120),
             )?;
             let mut lines = ping.lines();
@@ -680,7 +685,8 @@ pub fn migration_times(
                 bail!("g1 rebooted: boot id {} -> {}", first.boot_id, now.boot_id);
             }
             progress(&format!(
-                "{}: xen{from} -> xen{to} in {:.1} s, longest ping gap {:.2} s ({} of {} answered,                  every {:.3} s)",
+                "{}: xen{from} -> xen{to} in {:.1} s, longest ping gap {:.2} s \
+                 ({} of {} answered, every {:.3} s)",
                 if loaded { "loaded" } else { "idle" },
                 s.seconds,
                 s.gap,
