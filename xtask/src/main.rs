@@ -408,7 +408,9 @@ fn xen_tier(filter: Option<&str>) -> Result<()> {
     let mut cmd = cargo();
     cmd.env(xen::REQUIRE_XEN_ENV, "1");
     cmd.args(["test", "--locked", "-p", "score-agent", "--test", "xen"]);
-    cmd.args(["--", "--ignored", "--test-threads=1"]);
+    // --nocapture: the tests' progress and timings (the migrations, the
+    // agents' decision) belong in the tier's log, passed or failed.
+    cmd.args(["--", "--ignored", "--test-threads=1", "--nocapture"]);
     if let Some(f) = filter {
         cmd.arg(f);
     }
