@@ -258,7 +258,8 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
         "(i=0; until xl list | grep -q '^g1--incoming'; do i=$((i+1)); \
            [ $i -gt 3000 ] && exit 1; sleep 0.1; done; \
            kill -9 $(ps | grep -E '[m]igrate-receive|[s]ave-helper' | awk '{print $1}'); \
-           echo killed >/tmp/killed) </dev/null >/dev/null 2>&1 &",
+           echo killed >/tmp/killed) </dev/null >/dev/null 2>&1 & \
+         echo $! >/run/score-watcher.pid",
     );
     let err = runtime()
         .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))

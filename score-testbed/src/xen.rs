@@ -897,12 +897,15 @@ impl Host {
             .collect())
     }
 
-    /// Stops the agent (if [`crate::xen_cluster`] started one), destroys
+    /// Stops the agent (if [`crate::xen_cluster`] started one) and a test's
+    /// background watcher (its pid in `/run/score-watcher.pid`), destroys
     /// every guest and starts the migration receiver: an empty host.
     pub fn reset(&self) -> Result<()> {
         self.exec_ok(
             &format!(
-                "{}; for d in $(xl list | tail -n +3 | awk '{{print $1}}'); do xl destroy $d; done; \
+                "{}; [ -f /run/score-watcher.pid ] && kill $(cat /run/score-watcher.pid) 2>/dev/null; \
+                 rm -f /run/score-watcher.pid /tmp/killed; \
+                 for d in $(xl list | tail -n +3 | awk '{{print $1}}'); do xl destroy $d; done; \
                  score-receiver start",
                 crate::xen_cluster::STOP_AGENT
             ),
@@ -1184,6 +1187,10 @@ fn agent_archive(bin: &Path) -> Result<Vec<u8>> {
 /// runs xl there: for tests and for the xl backend's `xl_path`.
 fn write_wrappers(host: &Host, xtask: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
+    // Linux names a running program whose file was replaced (xtask rebuilt
+    // while the rig is up) "PATH (deleted)": the wrappers run the new one.
+    let xtask = xtask.to_string_lossy();
+    let xtask = xtask.strip_suffix(" (deleted)").unwrap_or(&xtask);
     for (name, prefix) in [("exec", ""), ("xl", "xl ")] {
         let path = host.dir().join(name);
         fs::write(
@@ -1192,7 +1199,7 @@ fn write_wrappers(host: &Host, xtask: &Path) -> Result<()> {
                 "#!/bin/sh\n# Runs {prefix}ARGS in {}'s dom0 (cargo xtask xen exec).\n\
                  exec {} xen exec {} -- {prefix}\"$@\"\n",
                 host.name(),
-                shell_quote(&xtask.to_string_lossy()),
+                shell_quote(xtask),
                 host.name()
             ),
         )?;
