@@ -1226,6 +1226,8 @@ fn compare(plan: &Plan, max_pairs: usize) -> Result<()> {
         sizes.push(max_pairs);
     }
     let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
+    // The order the datapath hands pairs over in, as the daemon keeps it.
+    table.set_order(dp.pair_order());
     let mut clock = monotonic_ns();
     let mut rows = Vec::new();
     let mut done = 0usize;
@@ -1624,6 +1626,8 @@ fn scale(plan: &Plan) -> Result<()> {
         // Before: every pair in the flow map, as before the slot array
         // (batched hash-map reads), with a table in steady state.
         let mut table = FlowTable::new(30 * SEC, 3600 * SEC, 0);
+        // The order the datapath hands pairs over in, as the daemon keeps it.
+        table.set_order(dp.pair_order());
         let mut clock = monotonic_ns();
         let warm = dp.snapshot()?;
         for _ in 0..STEADY_DRAINS {

@@ -583,6 +583,8 @@ fn drain(plan: &Plan) -> Result<()> {
         ensure!(warm.len() == n, "snapshot saw {} of {n} pairs", warm.len());
         let heap_before = HEAP_LIVE.load(Ordering::Relaxed);
         let mut table = FlowTable::new(window, 120 * SEC, 0);
+        // The order the datapath hands pairs over in, as the daemon keeps it.
+        table.set_order(dp.pair_order());
         let mut clock = now;
         for _ in 0..31 {
             clock += SEC;
@@ -596,6 +598,7 @@ fn drain(plan: &Plan) -> Result<()> {
         let mut first_sight = Times::default();
         for _ in 0..plan.drains {
             let mut t = FlowTable::new(window, 120 * SEC, 0);
+            t.set_order(dp.pair_order());
             let t0 = Stamp::now();
             t.update(clock, warm.iter().copied());
             first_sight.push(t0, Stamp::now());

@@ -17,7 +17,7 @@ use crate::{
     datapath::{Datapath, DatapathError, DatapathStats},
     flows::{FlowTable, Pair, Totals},
     links::{LinkEvent, LinkMonitor, current_links},
-    metrics::{DrainSample, Metrics, PairSample},
+    metrics::{Metrics, PairSample},
 };
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -36,32 +36,30 @@ pub struct Collector {
     evict: bool,
     metrics: Arc<Metrics>,
     /// When this collector started: pinned counters older than this are
-    /// not this run's traffic (see [`DrainSample::since_ns`]).
+    /// not this run's traffic (see [`Metrics::drain_pairs`]).
     started_ns: u64,
-    /// Buffers every drain fills, kept so that a drain in steady state
-    /// allocates nothing (each was a fresh allocation of 40-50 bytes per
-    /// pair per drain, on whichever blocking thread ran it).
+    /// Buffers every drain fills, kept from one drain to the next. None
+    /// holds a slotted pair: those go from the slot array straight into
+    /// the flow table and the metrics.
     scratch: Mutex<Scratch>,
 }
 
 #[derive(Debug, Default)]
 struct Scratch {
-    snapshot: Vec<(Pair, Totals)>,
-    pairs: Vec<PairSample>,
+    /// The pairs read from the kernel's hash map (new since the last
+    /// drain, or without a free slot).
+    fresh: Vec<(Pair, Totals)>,
     hosted: Vec<std::net::Ipv4Addr>,
 }
 
 impl Scratch {
-    /// Gives memory back after the table shrank a lot (idle pairs evicted),
-    /// keeping room for growth.
+    /// Gives memory back after a burst of new pairs, keeping room for
+    /// growth.
     fn trim(&mut self) {
-        fn fit<T>(v: &mut Vec<T>) {
-            if v.capacity() > 4 * v.len() + 1024 {
-                v.shrink_to(2 * v.len());
-            }
+        let v = &mut self.fresh;
+        if v.capacity() > 4 * v.len() + 1024 {
+            v.shrink_to(2 * v.len());
         }
-        fit(&mut self.snapshot);
-        fit(&mut self.pairs);
     }
 }
 
@@ -81,6 +79,9 @@ impl Collector {
         evict: bool,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let mut flows = flows;
+        // The order drains come in: each drain walks the table once.
+        flows.set_order(datapath.pair_order());
         Arc::new(Collector {
             datapath: Mutex::new(datapath),
             flows: Mutex::new(flows),
@@ -164,38 +165,40 @@ impl Collector {
     fn drain_once(&self) -> Result<(), DatapathError> {
         let started = std::time::Instant::now();
         let mut scratch = lock(&self.scratch);
-        let Scratch {
-            snapshot,
-            pairs,
-            hosted,
-        } = &mut *scratch;
-        // The VM table is read after the pairs, so that every VM whose
-        // frames were counted is already known as hosted.
-        let (stats, attached) = {
+        let Scratch { fresh, hosted } = &mut *scratch;
+        let mut pairs = self.metrics.drain_pairs(self.started_ns);
+        // The pairs go from the kernel's maps into the flow table and the
+        // metrics one by one, in the table's order (no list of them); the
+        // VM table is read after the pairs, so that every VM whose frames
+        // were counted is already known as hosted.
+        let (stats, attached, evicted) = {
             let mut dp = lock(&self.datapath);
-            dp.snapshot_into(snapshot)?;
-            let stats = dp.stats()?;
-            hosted.clear();
-            hosted.extend(dp.vm_macs()?.into_iter().map(|(ip, _)| ip));
-            (stats, dp.attached_count())
-        };
-        let now = monotonic_ns();
-        pairs.clear();
-        let evicted = {
             let mut flows = lock(&self.flows);
-            // Rates as of this drain, before eviction forgets idle pairs.
-            flows.update_each(now, snapshot.iter().copied(), |pair, totals, rate_bps| {
-                pairs.push(PairSample {
-                    pair,
-                    totals,
-                    rate_bps,
-                });
-            });
-            if self.evict {
+            let now = monotonic_ns();
+            {
+                let mut drain = flows.drain(now);
+                dp.drain_each(fresh, |pair, totals| {
+                    let (rate_bps, previous) = drain.push(pair, totals);
+                    pairs.add(PairSample {
+                        pair,
+                        totals,
+                        rate_bps,
+                        previous,
+                    });
+                })?;
+            }
+            // Rates as of this drain were taken above, before eviction
+            // forgets idle pairs.
+            let evicted = if self.evict {
                 flows.evict_idle(now)
             } else {
                 Vec::new()
-            }
+            };
+            drop(flows);
+            let stats = dp.stats()?;
+            hosted.clear();
+            hosted.extend(dp.vm_macs()?.into_iter().map(|(ip, _)| ip));
+            (stats, dp.attached_count(), evicted)
         };
         if !evicted.is_empty() {
             let n = lock(&self.datapath).remove_pairs(&evicted)?;
@@ -209,16 +212,8 @@ impl Collector {
             );
         }
         let took = started.elapsed();
-        self.metrics.observe_drain(
-            &DrainSample {
-                pairs,
-                hosted,
-                stats,
-                attached,
-                since_ns: self.started_ns,
-            },
-            took,
-        );
+        self.metrics
+            .observe_drain_pairs(pairs, hosted, stats, attached, took);
         scratch.trim();
         debug!(elapsed_us = took.as_micros() as u64, "drained");
         Ok(())

@@ -29,7 +29,7 @@ use score_common::{
 };
 use serde::Serialize;
 
-use crate::flows::{Pair, Totals};
+use crate::flows::{Pair, PairOrder, Totals};
 
 /// The eBPF object built by build.rs (empty when built without bpf-linker).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/score-tc"));
@@ -459,33 +459,6 @@ impl Slots {
             .into_iter()
             .find(|&i| i < self.mem.slots && self.mem.key(i) == 0)
     }
-
-    /// Appends every slotted pair's counters to `out`, remembering them.
-    fn read_into(&mut self, out: &mut Vec<(Pair, Totals)>) {
-        out.reserve(self.owned.len());
-        for o in &mut self.owned {
-            let key = key_of_word(self.mem.key(o.idx));
-            let t = self.mem.totals(o.idx);
-            (o.bytes, o.packets) = (t.bytes, t.packets);
-            out.push((pair_of(&key), t));
-        }
-    }
-
-    /// Adds the residuals of freed slots to the pairs' readings in `out`
-    /// (or lists them alone where the pair has no other counter).
-    fn add_carry(&self, out: &mut Vec<(Pair, Totals)>) {
-        if self.carry.is_empty() {
-            return;
-        }
-        let mut left = self.carry.clone();
-        for (pair, t) in out.iter_mut() {
-            if let Some(c) = left.remove(&key_of(pair)) {
-                t.bytes += c.bytes;
-                t.packets += c.packets;
-            }
-        }
-        out.extend(left.into_iter().map(|(k, t)| (pair_of(&k), t)));
-    }
 }
 
 /// Keys and per-CPU values of one `BPF_MAP_LOOKUP_BATCH` call (about 290
@@ -701,33 +674,61 @@ impl Datapath {
         v
     }
 
+    /// The order in which drains hand the pairs over ([`PairOrder`] of this
+    /// slot array): the order a [`crate::flows::FlowTable`] should keep
+    /// them in, so that a drain walks it once without lookups.
+    pub fn pair_order(&self) -> PairOrder {
+        PairOrder::new(self.slots.mask)
+    }
+
     /// Reads every pair's counters: the slotted pairs' through the shared
     /// mapping of `SCORE_SLOTS` (no syscall), the others' from
     /// `SCORE_FLOWS`, summed over CPUs, in batches of 4,096 entries per
     /// syscall (BPF_MAP_LOOKUP_BATCH), or pair by pair where the kernel
-    /// refuses the batch. Gives no pair a slot: see
-    /// [`Datapath::snapshot_into`].
+    /// refuses the batch; in [`Datapath::pair_order`]. Gives no pair a
+    /// slot: see [`Datapath::drain_each`].
     pub fn snapshot(&self) -> Result<Vec<(Pair, Totals)>, DatapathError> {
-        let mut out = Vec::new();
+        let mut fresh = Vec::new();
         let mut buffers = BatchBuffers::default();
-        self.read_flows(&mut buffers, &mut out)?;
-        for o in &self.slots.owned {
-            let key = key_of_word(self.slots.mem.key(o.idx));
-            out.push((pair_of(&key), self.slots.mem.totals(o.idx)));
-        }
-        self.slots.add_carry(&mut out);
+        self.read_flows(&mut buffers, &mut fresh)?;
+        let mut owned = self.slots.owned.clone();
+        let mut out = Vec::with_capacity(fresh.len() + owned.len());
+        emit_pairs(
+            &self.slots.mem,
+            self.pair_order(),
+            &mut owned,
+            &mut fresh,
+            &self.slots.carry,
+            |p, t| out.push((p, t)),
+        );
         Ok(out)
+    }
+
+    /// [`Datapath::drain_each`] into `out` (cleared first).
+    pub fn snapshot_into(&mut self, out: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
+        let mut fresh = Vec::new();
+        let mut pairs = std::mem::take(out);
+        pairs.clear();
+        let result = self.drain_each(&mut fresh, |p, t| pairs.push((p, t)));
+        *out = pairs;
+        result
     }
 
     /// What the collector calls at every drain: gives each pair that is
     /// still counted in `SCORE_FLOWS` a slot where one of its two is free
     /// (from then on its frames cost an array access, not a hash walk),
-    /// then reads every pair's counters into `out` (cleared first) as
-    /// [`Datapath::snapshot`] does, reusing `out`'s and the datapath's own
-    /// buffers, so that a drain allocates nothing in steady state.
+    /// then hands every pair's counters to `each`, in
+    /// [`Datapath::pair_order`]: the slotted pairs' read through the
+    /// mapping in memory order, merged with the others'. `fresh` is a
+    /// buffer for the pairs read from `SCORE_FLOWS`, kept by the caller
+    /// from one drain to the next; nothing is allocated per slotted pair.
     /// The walk of `SCORE_FLOWS` is skipped when no pair can be there (see
     /// [`FlowsWalk`]).
-    pub fn snapshot_into(&mut self, out: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
+    pub fn drain_each(
+        &mut self,
+        fresh: &mut Vec<(Pair, Totals)>,
+        each: impl FnMut(Pair, Totals),
+    ) -> Result<(), DatapathError> {
         let inserted = if self.walk.counted {
             Some(self.stat_sums()?[Stat::FlowsInserted as usize])
         } else {
@@ -736,23 +737,26 @@ impl Datapath {
         let walk = self.walk.left || inserted.is_none() || inserted != self.walk.inserted;
         if walk {
             let mut buffers = std::mem::take(&mut self.batch);
-            let result = self.read_flows(&mut buffers, out);
+            let result = self.read_flows(&mut buffers, fresh);
             self.batch = buffers;
             result?;
         } else {
-            out.clear();
+            fresh.clear();
         }
         // Until the moves below succeed, the map may hold what was read.
         self.walk.left = true;
-        self.give_slots(out)?;
-        // What is still in `out` stays in the map: no free slot, or past
+        self.give_slots(fresh)?;
+        // What is still in `fresh` stays in the map: no free slot, or past
         // this drain's moves.
-        self.walk.left = !out.is_empty();
+        self.walk.left = !fresh.is_empty();
         if walk {
             self.walk.inserted = inserted;
         }
-        self.slots.read_into(out);
-        self.slots.add_carry(out);
+        let order = self.pair_order();
+        let Slots {
+            mem, owned, carry, ..
+        } = &mut self.slots;
+        emit_pairs(mem, order, owned, fresh, carry, each);
         Ok(())
     }
 
@@ -1121,6 +1125,124 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifi
         })
 }
 
+/// Hands every pair's counters to `each` in `order`: the slotted pairs
+/// (`owned`, sorted by slot, read through the mapping and remembered
+/// there), the pairs of `fresh` (read from `SCORE_FLOWS`; sorted here) and
+/// the residuals of freed slots (`carry`), merged, with the counts of one
+/// pair found in more than one of them summed. A slot's group (two
+/// adjacent slots) is the order's first key, so the slots are read in
+/// memory order and only the two of a group need sorting.
+fn emit_pairs(
+    mem: &SlotMem,
+    order: PairOrder,
+    owned: &mut [Owned],
+    fresh: &mut [(Pair, Totals)],
+    carry: &HashMap<PairKey, Totals>,
+    mut each: impl FnMut(Pair, Totals),
+) {
+    fresh.sort_unstable_by_key(|(p, _)| order.of(p));
+    let mut carried: Vec<(u128, Pair, Totals)> = carry
+        .iter()
+        .map(|(k, t)| (order.of_key(k), pair_of(k), *t))
+        .collect();
+    carried.sort_unstable_by_key(|c| c.0);
+    let mut others = Others {
+        fresh: fresh.iter().map(|(p, t)| (order.of(p), *p, *t)).peekable(),
+        carry: carried.into_iter().peekable(),
+    };
+    let mut i = 0;
+    while i < owned.len() {
+        let group = owned[i].idx >> 1;
+        let n = if owned.get(i + 1).is_some_and(|o| o.idx >> 1 == group) {
+            2
+        } else {
+            1
+        };
+        let mut read = [(0u128, key_of_word(0), Totals::default()); 2];
+        for (k, o) in owned[i..i + n].iter_mut().enumerate() {
+            let key = key_of_word(mem.key(o.idx));
+            let t = mem.totals(o.idx);
+            (o.bytes, o.packets) = (t.bytes, t.packets);
+            read[k] = (order.of_key(&key), key, t);
+        }
+        if n == 2 && read[1].0 < read[0].0 {
+            read.swap(0, 1);
+        }
+        for &(at, key, mut t) in &read[..n] {
+            others.before(at, &mut each);
+            others.fold_into(at, &mut t);
+            each(pair_of(&key), t);
+        }
+        i += n;
+    }
+    // Every order is below u128::MAX: a group is at most 31 bits.
+    others.before(u128::MAX, &mut each);
+}
+
+/// The pairs of a drain that are not in slots, in order, with their
+/// orders: those read from `SCORE_FLOWS` and the residuals of freed slots.
+struct Others<F, C>
+where
+    F: Iterator<Item = (u128, Pair, Totals)>,
+    C: Iterator<Item = (u128, Pair, Totals)>,
+{
+    fresh: std::iter::Peekable<F>,
+    carry: std::iter::Peekable<C>,
+}
+
+impl<F, C> Others<F, C>
+where
+    F: Iterator<Item = (u128, Pair, Totals)>,
+    C: Iterator<Item = (u128, Pair, Totals)>,
+{
+    /// Hands on every pair that sorts before `bound`, one pair's counts
+    /// from both sources summed.
+    fn before(&mut self, bound: u128, each: &mut impl FnMut(Pair, Totals)) {
+        loop {
+            let f = self.fresh.peek().map(|x| x.0).filter(|&o| o < bound);
+            let c = self.carry.peek().map(|x| x.0).filter(|&o| o < bound);
+            let at = match (f, c) {
+                (None, None) => return,
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+            };
+            let mut t = Totals::default();
+            let mut pair = None;
+            while let Some((_, p, x)) = self.fresh.next_if(|x| x.0 == at) {
+                add_totals(&mut t, &x);
+                pair = Some(p);
+            }
+            while let Some((_, p, x)) = self.carry.next_if(|x| x.0 == at) {
+                add_totals(&mut t, &x);
+                pair = Some(p);
+            }
+            if let Some(p) = pair {
+                each(p, t);
+            }
+        }
+    }
+
+    /// Adds the counts of the pair at `at` in either source to `t`.
+    fn fold_into(&mut self, at: u128, t: &mut Totals) {
+        while let Some((_, _, x)) = self.fresh.next_if(|x| x.0 == at) {
+            add_totals(t, &x);
+        }
+        while let Some((_, _, x)) = self.carry.next_if(|x| x.0 == at) {
+            add_totals(t, &x);
+        }
+    }
+}
+
+/// One pair's counts from two places, as one.
+fn add_totals(t: &mut Totals, x: &Totals) {
+    t.bytes += x.bytes;
+    t.packets += x.packets;
+    if x.first_seen_ns != 0 && (t.first_seen_ns == 0 || x.first_seen_ns < t.first_seen_ns) {
+        t.first_seen_ns = x.first_seen_ns;
+    }
+    t.last_seen_ns = t.last_seen_ns.max(x.last_seen_ns);
+}
+
 /// Every entry of the per-CPU flow map, 4,096 per syscall, appended to
 /// `out`. Fails (and the caller falls back) on kernels without batch
 /// support or when a hash bucket holds more entries than fit the buffer
@@ -1256,4 +1378,130 @@ fn prepare_bpffs(dir: &Path) -> Result<(), DatapathError> {
         return Err(fail("not on a bpf filesystem".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot array in anonymous memory, laid out as the kernel's.
+    fn anonymous(slots: u32, cells: u32) -> SlotMem {
+        let map_len = (slots * cells) as usize * std::mem::size_of::<SlotCell>();
+        // SAFETY: a fresh private anonymous mapping, unmapped by SlotMem.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        SlotMem {
+            ptr: std::ptr::NonNull::new(ptr.cast()).unwrap(),
+            slots,
+            cells,
+            map_len,
+        }
+    }
+
+    fn pair(i: u32) -> Pair {
+        (
+            Ipv4Addr::from(0xc612_0000 + i % 7),
+            Ipv4Addr::from(0xc613_0000 + i),
+        )
+    }
+
+    fn totals(bytes: u64) -> Totals {
+        Totals {
+            bytes,
+            packets: bytes / 10,
+            first_seen_ns: 5,
+            last_seen_ns: 5,
+        }
+    }
+
+    /// Slotted pairs, pairs from the hash map and residuals of freed
+    /// slots come out once each, in the flow table's order, with one
+    /// pair's counts from several places summed.
+    #[test]
+    fn a_drain_hands_every_pair_over_once_in_order() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (slots, cells) = (64u32, 4u32);
+        let mem = anonymous(slots, cells);
+        let mask = slots - 1;
+        let order = PairOrder::new(mask);
+        let mut owned = Vec::new();
+        let mut fresh = Vec::new();
+        let mut want: HashMap<Pair, Totals> = HashMap::new();
+        for i in 0..60u32 {
+            let p = pair(i);
+            let key = key_of(&p);
+            let first = slot_index(&key, mask);
+            let free = [first, first ^ 1].into_iter().find(|&j| mem.key(j) == 0);
+            let t = totals(u64::from(i + 1) * 100);
+            match free {
+                Some(idx) if i % 4 != 0 => {
+                    mem.word(idx, 0, 1).store(5, Relaxed);
+                    mem.word(idx, 0, 0).store(key.word(), Relaxed);
+                    // Split between the agent's cell and two CPUs'.
+                    for (cell, share) in [(1, 50), (2, 30), (3, 20)] {
+                        mem.word(idx, cell, 0).store(t.bytes * share / 100, Relaxed);
+                        mem.word(idx, cell, 1)
+                            .store(t.packets * share / 100, Relaxed);
+                    }
+                    owned.push(Owned {
+                        idx,
+                        bytes: 0,
+                        packets: 0,
+                    });
+                    want.insert(p, t);
+                }
+                _ => {
+                    fresh.push((p, t));
+                    want.insert(p, t);
+                }
+            }
+        }
+        owned.sort_unstable_by_key(|o| o.idx);
+        // Residuals: one of a slotted pair, one of a pair in the hash map,
+        // one of a pair counted nowhere else.
+        let slotted = key_of_word(mem.key(owned[3].idx));
+        let mut carry = HashMap::new();
+        for (p, extra) in [(pair_of(&slotted), 7), (fresh[2].0, 9), (pair(99), 11)] {
+            let r = Totals {
+                bytes: extra,
+                packets: 1,
+                ..Totals::default()
+            };
+            carry.insert(key_of(&p), r);
+            let w = want.entry(p).or_default();
+            w.bytes += extra;
+            w.packets += 1;
+        }
+        fresh.reverse();
+        let mut got = Vec::new();
+        emit_pairs(&mem, order, &mut owned, &mut fresh, &carry, |p, t| {
+            got.push((p, t))
+        });
+        assert!(
+            got.windows(2)
+                .all(|w| order.of(&w[0].0) < order.of(&w[1].0)),
+            "{got:?}"
+        );
+        assert_eq!(got.len(), want.len());
+        for (p, t) in &got {
+            assert_eq!(
+                (t.bytes, t.packets),
+                (want[p].bytes, want[p].packets),
+                "{p:?}"
+            );
+        }
+        // The slots' readings are remembered for a later eviction.
+        for o in &owned {
+            assert_eq!(o.bytes, mem.totals(o.idx).bytes);
+        }
+    }
 }

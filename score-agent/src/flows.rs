@@ -10,13 +10,13 @@
 //!
 //! # What "rate over the window" means here
 //!
-//! A pair keeps a few `(time, cumulative bytes)` samples, stored inline in
-//! a fixed ring (no allocation per pair, [`WINDOW_BUCKETS`] + 2 slots, 160
-//! bytes). Time is cut into buckets of `window / WINDOW_BUCKETS` (rounded
-//! up); the ring holds the latest sample of each bucket, and the anchor:
-//! the newest sample taken at or before `now - window`. The rate is the
-//! bytes between the anchor and the newest sample divided by the time
-//! between them. So:
+//! The table keeps a few samples: the times of recent drains, in one ring
+//! of [`WINDOW_BUCKETS`] + 2 slots shared by every pair, and per pair its
+//! cumulative bytes at each of them (80 bytes). Time is cut into buckets of
+//! `window / WINDOW_BUCKETS` (rounded up); the ring holds the latest drain
+//! of each bucket, and the anchor: the newest drain at or before
+//! `now - window`. A pair's rate is the bytes between the anchor and the
+//! newest sample divided by the time between them. So:
 //!
 //! - once a pair is older than the window, the rate averages over a span of
 //!   at least `window` and less than `window` + one bucket + one drain
@@ -26,15 +26,36 @@
 //!   exactly what a full list of samples would give: the newest drain at or
 //!   before `now - window`;
 //! - a pair born while the agent watched counts from its first frame
-//!   (kernel first-seen stamp, zero bytes); one that predates the agent
-//!   (pinned counters of an earlier run) has a rate from its second sample.
+//!   (kernel first-seen stamp, zero bytes, kept as the pair's own anchor
+//!   until its first sample leaves the window); one that predates the
+//!   agent (pinned counters of an earlier run) has a rate from its second
+//!   sample in a later bucket (so does one whose counters restarted);
+//! - a pair missing from a drain (its kernel entry gone) adds no sample
+//!   there; if it comes back, the drains it missed count as drains without
+//!   traffic. Once its samples have left the window, its rate is 0.
 //!
-//! This replaced a `VecDeque` of every drain's sample (32 samples at 1 s
-//! drains and a 30 s window, 0.5-1 KiB per pair on the heap); the ring is
-//! what bounds the agent's memory per pair (docs/BENCHMARKS.md).
+//! Every drain samples every pair at the same time, so the times are kept
+//! once for the table, not once per pair.
+//!
+//! # Layout: one sorted array, no hashing per drain
+//!
+//! The pairs sit in one `Vec`, sorted by a [`PairOrder`]: the pair's group
+//! of two counter slots in the kernel's slot array, then its key. The
+//! datapath hands a drain over in that same order (it reads the slots in
+//! memory order), so a drain is a merge of two sorted sequences: each
+//! pair's entry is the next one, or close to it, and the table is walked
+//! once, front to back, with no hash lookup. Looking one pair up
+//! ([`FlowTable::rate`]) is a binary search. A pair's entry is 120 bytes
+//! ([`FlowTable::ENTRY_BYTES`]) and the table keeps nothing else per pair
+//! (docs/BENCHMARKS.md, "The agent's memory per pair").
+//!
+//! This replaced a hash map of 200-byte entries, each with its own ring of
+//! `(time, bytes)` samples (before that, a `VecDeque` of every drain's
+//! sample: 0.5-1 KiB per pair).
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
+use score_common::{PairKey, slot_index};
 use serde::Serialize;
 
 /// Buckets the rate window is cut into: the ring keeps one sample per
@@ -42,12 +63,23 @@ use serde::Serialize;
 /// (12.5%) and one drain interval.
 pub const WINDOW_BUCKETS: u64 = 8;
 
-/// Slots of a pair's ring: one per bucket the window touches (the window
-/// spans at most `WINDOW_BUCKETS` + 1 buckets) plus the anchor.
+/// Slots of the ring of sample times: one per bucket the window touches
+/// (the window spans at most `WINDOW_BUCKETS` + 1 buckets) plus the anchor.
 const RING: usize = WINDOW_BUCKETS as usize + 2;
+
+/// A pair's `birth_ns` when it has no first-frame anchor.
+const NO_BIRTH: u64 = u64::MAX;
 
 /// One directed VM pair, host-order addresses.
 pub type Pair = (Ipv4Addr, Ipv4Addr);
+
+/// The kernel's key of a pair: both addresses in network order.
+pub fn pair_key(pair: &Pair) -> PairKey {
+    PairKey {
+        src: u32::from(pair.0).to_be(),
+        dst: u32::from(pair.1).to_be(),
+    }
+}
 
 /// Cumulative counters of one directed pair, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,90 +125,70 @@ pub struct FlowView {
     pub rate_bps: f64,
 }
 
-/// A pair's samples: `(time, cumulative bytes)`, oldest first, in a ring
-/// stored inline. See the module documentation for what it keeps.
-#[derive(Clone, Copy, Debug, Default)]
-struct Window {
-    /// `(time, bytes)` side by side: a drain touches one cache line per
-    /// sample it reads or writes, not two.
-    samples: [(u64, u64); RING],
-    head: u8,
-    len: u8,
+/// The order the flow table keeps its pairs in, and the order the datapath
+/// hands a drain over in: first the pair's group of two adjacent slots in
+/// the kernel's slot array (`score_common::slot_index` of its key, halved:
+/// a pair sits in one of the two), then its key as one word. A pure
+/// function of the pair and the slot array's size, so the two sides agree
+/// without telling each other anything per pair. With a mask of 0 (the
+/// default) it is the keys' order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairOrder {
+    mask: u32,
 }
 
-impl Window {
-    fn slot(&self, i: usize) -> usize {
-        (usize::from(self.head) + i) % RING
+impl PairOrder {
+    /// The order of a slot array of `mask + 1` slots.
+    pub fn new(mask: u32) -> Self {
+        PairOrder { mask }
     }
 
-    fn get(&self, i: usize) -> (u64, u64) {
-        self.samples[self.slot(i)]
+    /// Where `pair` sorts.
+    pub fn of(&self, pair: &Pair) -> u128 {
+        self.of_key(&pair_key(pair))
     }
 
-    fn clear(&mut self) {
-        self.head = 0;
-        self.len = 0;
-    }
-
-    fn pop_front(&mut self) {
-        if self.len > 0 {
-            self.head = ((usize::from(self.head) + 1) % RING) as u8;
-            self.len -= 1;
-        }
-    }
-
-    fn push_back(&mut self, time: u64, bytes: u64) {
-        if usize::from(self.len) == RING {
-            // Only reachable if time went backwards: keep the newest.
-            self.pop_front();
-        }
-        let s = self.slot(usize::from(self.len));
-        self.samples[s] = (time, bytes);
-        self.len += 1;
-    }
-
-    /// Adds the sample of a drain at `now`: drops anchors older than
-    /// needed, then either replaces the newest sample (same bucket, and it
-    /// is not the anchor) or appends.
-    fn record(&mut self, now: u64, bytes: u64, window_ns: u64, bucket_ns: u64) {
-        let horizon = now.saturating_sub(window_ns);
-        while self.len > 1 && self.get(1).0 <= horizon {
-            self.pop_front();
-        }
-        if self.len >= 2 {
-            let last = self.slot(usize::from(self.len) - 1);
-            if self.samples[last].0 / bucket_ns == now / bucket_ns {
-                self.samples[last] = (now, bytes);
-                return;
-            }
-        }
-        self.push_back(now, bytes);
-    }
-
-    /// Bytes per second between the oldest and the newest sample.
-    fn rate(&self) -> f64 {
-        if self.len < 2 {
-            return 0.0;
-        }
-        let (t0, b0) = self.get(0);
-        let (t1, b1) = self.get(usize::from(self.len) - 1);
-        if t1 > t0 {
-            b1.saturating_sub(b0) as f64 / ((t1 - t0) as f64 / 1e9)
-        } else {
-            0.0
-        }
+    /// Where the pair of kernel key `key` sorts.
+    pub fn of_key(&self, key: &PairKey) -> u128 {
+        let group = slot_index(key, self.mask) >> 1;
+        (u128::from(group) << 64) | u128::from(key.word())
     }
 }
 
-#[derive(Debug)]
-struct PairState {
-    bytes: u64,
+/// One pair's state: 120 bytes, inline in the table's array.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    pair: Pair,
     packets: u64,
     /// When the pair was last known to send: the drain that saw its bytes
     /// move (the classifiers do not stamp every frame), or the kernel's
     /// stamp if later.
     active_ns: u64,
-    window: Window,
+    /// The kernel's first-frame stamp, the pair's anchor (zero bytes)
+    /// until its first sample leaves the window; [`NO_BIRTH`]: none.
+    birth_ns: u64,
+    /// Generations (drain numbers) of the pair's first and newest samples:
+    /// `bytes` holds generation `g` at `g % RING`, valid for every `g`
+    /// from `first` (or `last - RING + 1`) to `last`.
+    first: u32,
+    last: u32,
+    bytes: [u64; RING],
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry {
+        pair: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED),
+        packets: 0,
+        active_ns: 0,
+        birth_ns: NO_BIRTH,
+        first: 0,
+        last: 0,
+        bytes: [0; RING],
+    };
+
+    fn newest_bytes(&self) -> u64 {
+        self.bytes[self.last as usize % RING]
+    }
 }
 
 /// Windowed rates per directed pair.
@@ -186,76 +198,186 @@ pub struct FlowTable {
     bucket_ns: u64,
     idle_ns: u64,
     started_ns: u64,
-    pairs: HashMap<Pair, PairState>,
+    order: PairOrder,
+    /// Every pair, sorted by `order`.
+    entries: Vec<Entry>,
+    /// Drain times by generation, at `generation % RING`: valid from
+    /// `head` to `newest`.
+    times: [u64; RING],
+    /// The oldest generation still needed (the anchor) and the newest; 0
+    /// before the first drain.
+    head: u32,
+    newest: u32,
+    /// `now - window` at the newest drain.
+    horizon: u64,
+    /// Pairs new at a drain that sort before pairs already there, merged
+    /// into `entries` when the drain ends.
+    fresh: Vec<Entry>,
 }
 
 impl FlowTable {
     /// A table averaging over `window_ns` and evicting pairs idle for
-    /// `idle_ns`; `now_ns` is when the agent started counting.
+    /// `idle_ns`; `now_ns` is when the agent started counting. Pairs are
+    /// kept in the keys' order until [`FlowTable::set_order`].
     pub fn new(window_ns: u64, idle_ns: u64, now_ns: u64) -> Self {
         FlowTable {
             window_ns,
             bucket_ns: window_ns.div_ceil(WINDOW_BUCKETS).max(1),
             idle_ns,
             started_ns: now_ns,
-            pairs: HashMap::new(),
+            order: PairOrder::default(),
+            entries: Vec::new(),
+            times: [0; RING],
+            head: 0,
+            newest: 0,
+            horizon: 0,
+            fresh: Vec::new(),
         }
+    }
+
+    /// Keeps the pairs in `order` from now on: the order the datapath's
+    /// drains come in ([`crate::datapath::Datapath::pair_order`]), so that
+    /// a drain walks the table once with no lookups.
+    pub fn set_order(&mut self, order: PairOrder) {
+        self.order = order;
+        self.entries.sort_by_cached_key(|e| order.of(&e.pair));
+    }
+
+    /// The order the pairs are kept in.
+    pub fn order(&self) -> PairOrder {
+        self.order
     }
 
     /// Folds one drain of the kernel map, taken at `now_ns`, into the table.
     pub fn update(&mut self, now_ns: u64, snapshot: impl IntoIterator<Item = (Pair, Totals)>) {
-        self.update_each(now_ns, snapshot, |_, _, _| {});
+        self.update_each(now_ns, snapshot, |_, _, _, _| {});
     }
 
-    /// [`FlowTable::update`], calling `seen(pair, totals, rate)` with each
-    /// pair's new rate as it goes: one hash lookup per pair instead of two
-    /// for a caller that wants every rate (the collector's metrics).
+    /// [`FlowTable::update`], calling `seen(pair, totals, rate, previous)`
+    /// for each pair with its new rate and the bytes the table had for it
+    /// before this drain (None: a pair new to the table). Fastest when the
+    /// snapshot comes in the table's order ([`FlowTable::order`]); any
+    /// other order costs a binary search per pair out of order.
     pub fn update_each<I, F>(&mut self, now_ns: u64, snapshot: I, mut seen: F)
     where
         I: IntoIterator<Item = (Pair, Totals)>,
-        F: FnMut(Pair, Totals, f64),
+        F: FnMut(Pair, Totals, f64, Option<u64>),
     {
-        let (window_ns, bucket_ns, started_ns) = (self.window_ns, self.bucket_ns, self.started_ns);
+        let mut drain = self.drain(now_ns);
         for (pair, totals) in snapshot {
-            let state = self.pairs.entry(pair).or_insert_with(|| {
-                let mut window = Window::default();
-                // A pair born while we watched started from zero bytes at its
-                // first frame; one that predates us (pinned counters from an
-                // earlier run) has no known start and waits for two samples.
-                if totals.first_seen_ns >= started_ns && totals.first_seen_ns <= now_ns {
-                    window.push_back(totals.first_seen_ns, 0);
-                }
-                PairState {
-                    bytes: totals.bytes,
-                    packets: totals.packets,
-                    // The kernel stamps the entry's creation; without a
-                    // stamp, count the pair as active now.
-                    active_ns: if totals.last_seen_ns == 0 {
-                        now_ns
-                    } else {
-                        totals.last_seen_ns
-                    },
-                    window,
-                }
-            });
-            if totals.bytes < state.bytes {
-                // The kernel entry was deleted and recreated (eviction race,
-                // map reset): restart the history rather than go negative.
-                state.window.clear();
-            }
-            if totals.bytes != state.bytes || totals.packets != state.packets {
-                // Frames since the last drain: the latest was at most one
-                // drain interval ago.
-                state.active_ns = now_ns;
-            }
-            state.active_ns = state.active_ns.max(totals.last_seen_ns);
-            state.bytes = totals.bytes;
-            state.packets = totals.packets;
-            state
-                .window
-                .record(now_ns, totals.bytes, window_ns, bucket_ns);
-            seen(pair, totals, state.window.rate());
+            let (rate, previous) = drain.push(pair, totals);
+            seen(pair, totals, rate, previous);
         }
+    }
+
+    /// Starts the drain taken at `now_ns`: push each pair's counters into
+    /// the returned [`Drain`]; the drain ends when it is dropped.
+    pub fn drain(&mut self, now_ns: u64) -> Drain<'_> {
+        let generation = self.advance(now_ns);
+        let fresh = std::mem::take(&mut self.fresh);
+        Drain {
+            table: self,
+            now_ns,
+            generation,
+            cursor: 0,
+            cursor_order: None,
+            last_order: None,
+            fresh,
+        }
+    }
+
+    /// Moves the ring of sample times to a drain at `now`: drops anchors
+    /// older than needed, then either replaces the newest sample (same
+    /// bucket) or starts a new one. Returns the generation this drain's
+    /// samples go to.
+    fn advance(&mut self, now: u64) -> u32 {
+        self.horizon = now.saturating_sub(self.window_ns);
+        if self.newest == 0 {
+            (self.head, self.newest) = (1, 1);
+            self.times[1] = now;
+            return 1;
+        }
+        while self.head < self.newest && self.time(self.head + 1) <= self.horizon {
+            self.head += 1;
+        }
+        // The newest sample is replaced even when it is the only one: a
+        // pair's own first-frame anchor comes before it, so for every pair
+        // born while the agent watched it is not the anchor.
+        if self.time(self.newest) / self.bucket_ns == now / self.bucket_ns {
+            self.times[self.newest as usize % RING] = now;
+            return self.newest;
+        }
+        self.newest += 1;
+        // Only reachable if time went backwards: keep the newest.
+        self.head = self.head.max(self.newest.saturating_sub(RING as u32 - 1));
+        self.times[self.newest as usize % RING] = now;
+        self.newest
+    }
+
+    fn time(&self, generation: u32) -> u64 {
+        self.times[generation as usize % RING]
+    }
+
+    /// Bytes per second between the pair's oldest and newest sample in the
+    /// window.
+    fn rate_of(&self, e: &Entry) -> f64 {
+        let lo = e.first.max(self.head);
+        if e.last < lo {
+            return 0.0;
+        }
+        let (t1, b1) = (self.time(e.last), e.newest_bytes());
+        let born =
+            e.birth_ns != NO_BIRTH && e.first >= self.head && self.time(e.first) > self.horizon;
+        let (t0, b0) = if born {
+            (e.birth_ns, 0)
+        } else {
+            (self.time(lo), e.bytes[lo as usize % RING])
+        };
+        if t1 > t0 {
+            b1.saturating_sub(b0) as f64 / ((t1 - t0) as f64 / 1e9)
+        } else {
+            0.0
+        }
+    }
+
+    fn find(&self, pair: &Pair) -> Option<usize> {
+        let want = self.order.of(pair);
+        self.entries
+            .binary_search_by(|e| self.order.of(&e.pair).cmp(&want))
+            .ok()
+    }
+
+    /// Merges the pairs new at the last drain into the sorted array, in
+    /// place from the back (no second copy of the table).
+    fn merge_fresh(&mut self, mut fresh: Vec<Entry>) {
+        if !fresh.is_empty() {
+            let order = self.order;
+            fresh.sort_by_cached_key(|e| order.of(&e.pair));
+            let (n, k) = (self.entries.len(), fresh.len());
+            self.entries.resize(n + k, Entry::EMPTY);
+            let (mut i, mut j) = (n, k);
+            for w in (0..n + k).rev() {
+                if j == 0 {
+                    break;
+                }
+                let take_old =
+                    i > 0 && order.of(&self.entries[i - 1].pair) > order.of(&fresh[j - 1].pair);
+                self.entries[w] = if take_old {
+                    i -= 1;
+                    self.entries[i]
+                } else {
+                    j -= 1;
+                    fresh[j]
+                };
+            }
+            fresh.clear();
+        }
+        // A burst of new pairs (an agent adopting a full map) leaves a large
+        // buffer behind: give it back.
+        if fresh.capacity() > 4096 {
+            fresh = Vec::new();
+        }
+        self.fresh = fresh;
     }
 
     /// Removes pairs idle for longer than the idle time-out and returns
@@ -266,24 +388,31 @@ impl FlowTable {
     pub fn evict_idle(&mut self, now_ns: u64) -> Vec<Pair> {
         let idle_ns = self.idle_ns;
         let mut gone = Vec::new();
-        self.pairs.retain(|pair, s| {
-            let keep = now_ns.saturating_sub(s.active_ns) <= idle_ns;
+        self.entries.retain(|e| {
+            let keep = now_ns.saturating_sub(e.active_ns) <= idle_ns;
             if !keep {
-                gone.push(*pair);
+                gone.push(e.pair);
             }
             keep
         });
+        if self.entries.capacity() > 2 * self.entries.len() + 1024 {
+            self.entries
+                .shrink_to(self.entries.len() + self.entries.len() / 4);
+        }
         gone
     }
 
     /// Forgets a pair (its kernel entry is gone).
     pub fn remove(&mut self, pair: &Pair) {
-        self.pairs.remove(pair);
+        if let Some(i) = self.find(pair) {
+            self.entries.remove(i);
+        }
     }
 
     /// Rate of one directed pair over the window, bytes per second.
     pub fn rate(&self, pair: &Pair) -> f64 {
-        self.pairs.get(pair).map_or(0.0, |s| s.window.rate())
+        self.find(pair)
+            .map_or(0.0, |i| self.rate_of(&self.entries[i]))
     }
 
     /// λ(u, v): both directions summed, as the cost model wants.
@@ -294,7 +423,8 @@ impl FlowTable {
     /// Every peer of `vm` with λ(vm, peer), in no particular order.
     pub fn peers_of(&self, vm: Ipv4Addr) -> Vec<(Ipv4Addr, f64)> {
         let mut acc: HashMap<Ipv4Addr, f64> = HashMap::new();
-        for (&(src, dst), s) in &self.pairs {
+        for e in &self.entries {
+            let (src, dst) = e.pair;
             let peer = if src == vm && dst != vm {
                 dst
             } else if dst == vm && src != vm {
@@ -302,45 +432,212 @@ impl FlowTable {
             } else {
                 continue;
             };
-            *acc.entry(peer).or_default() += s.window.rate();
+            *acc.entry(peer).or_default() += self.rate_of(e);
         }
         acc.into_iter().collect()
     }
 
     /// Number of directed pairs in the table.
     pub fn len(&self) -> usize {
-        self.pairs.len()
+        self.entries.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
+        self.entries.is_empty()
     }
 
     /// Every pair with its counters and rate, sorted by (src, dst).
     pub fn views(&self) -> Vec<FlowView> {
         let mut v: Vec<FlowView> = self
-            .pairs
+            .entries
             .iter()
-            .map(|(&(src, dst), s)| FlowView {
-                src,
-                dst,
-                bytes: s.bytes,
-                packets: s.packets,
-                rate_bps: s.window.rate(),
+            .map(|e| FlowView {
+                src: e.pair.0,
+                dst: e.pair.1,
+                bytes: e.newest_bytes(),
+                packets: e.packets,
+                rate_bps: self.rate_of(e),
             })
             .collect();
         v.sort_by_key(|f| (f.src, f.dst));
         v
     }
 
-    /// Bytes one pair's entry takes in the table, inline (the table keeps
-    /// no other memory per pair; the hash map's own slack comes on top).
-    pub const ENTRY_BYTES: usize = std::mem::size_of::<(Pair, PairState)>();
+    /// The samples the rate of `pair` is computed from, oldest first:
+    /// `(time, cumulative bytes)`.
+    #[cfg(test)]
+    fn samples(&self, pair: &Pair) -> Vec<(u64, u64)> {
+        let Some(e) = self.find(pair).map(|i| &self.entries[i]) else {
+            return Vec::new();
+        };
+        let lo = e.first.max(self.head);
+        let mut v = Vec::new();
+        if e.last < lo {
+            return v;
+        }
+        if e.birth_ns != NO_BIRTH && e.first >= self.head && self.time(e.first) > self.horizon {
+            v.push((e.birth_ns, 0));
+        }
+        v.extend((lo..=e.last).map(|g| (self.time(g), e.bytes[g as usize % RING])));
+        v
+    }
+
+    /// Bytes one pair takes in the table: its entry, inline in the sorted
+    /// array (the table keeps no other memory per pair; the array's spare
+    /// capacity comes on top).
+    pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 }
 
-// The memory bound the window exists for: (pair, counters, 10-slot ring).
-const _: () = assert!(FlowTable::ENTRY_BYTES <= 200);
+// The memory bound the layout exists for: pair, counters, first-frame
+// anchor, and the pair's bytes at each of the ring's drains.
+const _: () = assert!(FlowTable::ENTRY_BYTES <= 120);
+
+/// One drain being folded into the table ([`FlowTable::drain`]): pairs
+/// pushed in the table's order cost a step along the sorted array, others
+/// a binary search. Ends (new pairs merged in) when dropped.
+#[derive(Debug)]
+pub struct Drain<'a> {
+    table: &'a mut FlowTable,
+    now_ns: u64,
+    generation: u32,
+    /// The first entry not yet passed, and its order.
+    cursor: usize,
+    cursor_order: Option<u128>,
+    /// The largest order pushed so far.
+    last_order: Option<u128>,
+    /// Pairs new to the table that sort before its end.
+    fresh: Vec<Entry>,
+}
+
+impl Drain<'_> {
+    /// Folds one pair's counters in; returns its new rate and the bytes
+    /// the table had for it before this drain (None: new pair).
+    pub fn push(&mut self, pair: Pair, totals: Totals) -> (f64, Option<u64>) {
+        let order = self.table.order.of(&pair);
+        let in_order = self.last_order.is_none_or(|o| order >= o);
+        if in_order {
+            self.last_order = Some(order);
+            let entries = &self.table.entries;
+            loop {
+                let at = match self.cursor_order {
+                    Some(o) => o,
+                    None if self.cursor < entries.len() => {
+                        let o = self.table.order.of(&entries[self.cursor].pair);
+                        self.cursor_order = Some(o);
+                        o
+                    }
+                    None => break,
+                };
+                if at >= order {
+                    break;
+                }
+                self.cursor += 1;
+                self.cursor_order = None;
+            }
+            if self.cursor_order == Some(order) {
+                let i = self.cursor;
+                return self.update(Slot::Table(i), totals);
+            }
+            if self.cursor == self.table.entries.len() {
+                // Past the end: append in place, in order.
+                self.table.entries.push(self.born(pair, totals));
+                self.cursor_order = Some(order);
+                let rate = self.table.rate_of(&self.table.entries[self.cursor]);
+                return (rate, None);
+            }
+            // In order, the same pair twice comes twice in a row.
+            if self.fresh.last().is_some_and(|e| e.pair == pair) {
+                return self.update(Slot::Fresh(self.fresh.len() - 1), totals);
+            }
+        } else if let Some(i) = self.table.find(&pair) {
+            return self.update(Slot::Table(i), totals);
+        } else if let Some(j) = self.fresh.iter().rposition(|e| e.pair == pair) {
+            return self.update(Slot::Fresh(j), totals);
+        }
+        let e = self.born(pair, totals);
+        let rate = self.table.rate_of(&e);
+        self.fresh.push(e);
+        (rate, None)
+    }
+
+    /// A pair's entry at its first drain.
+    fn born(&self, pair: Pair, totals: Totals) -> Entry {
+        let (g, now) = (self.generation, self.now_ns);
+        let mut e = Entry {
+            pair,
+            packets: totals.packets,
+            // The kernel stamps the entry's creation; without a stamp,
+            // count the pair as active now.
+            active_ns: if totals.last_seen_ns == 0 {
+                now
+            } else {
+                totals.last_seen_ns
+            },
+            // A pair born while we watched started from zero bytes at its
+            // first frame; one that predates us (pinned counters from an
+            // earlier run) has no known start and waits for two samples.
+            birth_ns: if totals.first_seen_ns >= self.table.started_ns
+                && totals.first_seen_ns <= now
+            {
+                totals.first_seen_ns
+            } else {
+                NO_BIRTH
+            },
+            first: g,
+            last: g,
+            bytes: [0; RING],
+        };
+        e.bytes[g as usize % RING] = totals.bytes;
+        e
+    }
+
+    fn update(&mut self, at: Slot, totals: Totals) -> (f64, Option<u64>) {
+        let (g, now) = (self.generation, self.now_ns);
+        let e = match at {
+            Slot::Table(i) => &mut self.table.entries[i],
+            Slot::Fresh(j) => &mut self.fresh[j],
+        };
+        let previous = e.newest_bytes();
+        if totals.bytes < previous {
+            // The kernel entry was deleted and recreated (eviction race,
+            // map reset): restart the history rather than go negative.
+            e.first = g;
+            e.birth_ns = NO_BIRTH;
+        } else if e.last < g {
+            // Drains the pair missed (absent from the kernel map) count as
+            // drains without traffic.
+            let from = (e.last + 1).max(g.saturating_sub(RING as u32 - 1));
+            for missed in from..g {
+                e.bytes[missed as usize % RING] = previous;
+            }
+        }
+        if totals.bytes != previous || totals.packets != e.packets {
+            // Frames since the last drain: the latest was at most one
+            // drain interval ago.
+            e.active_ns = now;
+        }
+        e.active_ns = e.active_ns.max(totals.last_seen_ns);
+        e.packets = totals.packets;
+        e.bytes[g as usize % RING] = totals.bytes;
+        e.last = g;
+        let e = *e;
+        (self.table.rate_of(&e), Some(previous))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Table(usize),
+    Fresh(usize),
+}
+
+impl Drop for Drain<'_> {
+    fn drop(&mut self) {
+        let fresh = std::mem::take(&mut self.fresh);
+        self.table.merge_fresh(fresh);
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -357,6 +654,146 @@ mod tests {
             first_seen_ns: first,
             last_seen_ns: last,
         }
+    }
+
+    /// The ring as each pair kept it before the table shared its times:
+    /// the reference the shared ring must agree with for every pair that
+    /// is in every drain from its first.
+    #[derive(Default)]
+    struct Reference {
+        samples: Vec<(u64, u64)>,
+    }
+
+    impl Reference {
+        fn record(&mut self, now: u64, bytes: u64, window_ns: u64, bucket_ns: u64) {
+            let horizon = now.saturating_sub(window_ns);
+            while self.samples.len() > 1 && self.samples[1].0 <= horizon {
+                self.samples.remove(0);
+            }
+            if self.samples.len() >= 2 {
+                let last = self.samples.len() - 1;
+                if self.samples[last].0 / bucket_ns == now / bucket_ns {
+                    self.samples[last] = (now, bytes);
+                    return;
+                }
+            }
+            self.samples.push((now, bytes));
+        }
+
+        fn rate(&self) -> f64 {
+            let (Some(&(t0, b0)), Some(&(t1, b1))) = (self.samples.first(), self.samples.last())
+            else {
+                return 0.0;
+            };
+            if t1 > t0 {
+                (b1 - b0) as f64 / ((t1 - t0) as f64 / 1e9)
+            } else {
+                0.0
+            }
+        }
+    }
+
+    /// Pairs arriving over time, fed in drain order (the datapath's) to one
+    /// table and in reverse to another: both agree with each other, with
+    /// the per-pair reference, and keep their array sorted.
+    #[test]
+    fn drain_order_and_any_order_agree_with_the_per_pair_ring() {
+        let order = PairOrder::new(255);
+        for (window, drains) in [(8 * S, 40u64), (16 * S, 40), (30 * S, 90)] {
+            let bucket = window.div_ceil(WINDOW_BUCKETS);
+            let mut fast = FlowTable::new(window, 600 * S, 0);
+            fast.set_order(order);
+            let mut slow = FlowTable::new(window, 600 * S, 0);
+            let pairs: Vec<Pair> = (0..200u8)
+                .map(|i| (ip(i % 13), Ipv4Addr::new(10, 0, i / 13, i)))
+                .collect();
+            let mut reference: HashMap<Pair, Reference> = HashMap::new();
+            for sec in 1..=drains {
+                let now = sec * S;
+                // Pair i arrives at second i % 25 + 1 (first frame half a
+                // second before), then sends i + 1 bytes a second, and 7
+                // more every third second.
+                let mut snap: Vec<(Pair, Totals)> = pairs
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| sec > i as u64 % 25)
+                    .map(|(i, p)| {
+                        let born = i as u64 % 25 + 1;
+                        let bytes = (sec - born + 1) * (i as u64 + 1) + sec / 3 * 7;
+                        (*p, tot(bytes, born * S - S / 2, now))
+                    })
+                    .collect();
+                snap.sort_by_key(|(p, _)| order.of(p));
+                let mut seen = 0;
+                fast.update_each(now, snap.iter().copied(), |_, _, _, _| seen += 1);
+                assert_eq!(seen, snap.len());
+                slow.update(now, snap.iter().rev().copied());
+                for (p, t) in &snap {
+                    let r = reference.entry(*p).or_insert_with(|| Reference {
+                        samples: vec![(t.first_seen_ns, 0)],
+                    });
+                    r.record(now, t.bytes, window, bucket);
+                }
+                assert!(
+                    fast.entries
+                        .windows(2)
+                        .all(|w| order.of(&w[0].pair) < order.of(&w[1].pair))
+                );
+                assert_eq!(fast.len(), snap.len());
+                for (p, _) in &snap {
+                    let want = reference[p].rate();
+                    assert!(
+                        (fast.rate(p) - want).abs() < 1e-9,
+                        "{p:?} at {sec}, window {window}: {} vs {want}; {:?} vs {:?}",
+                        fast.rate(p),
+                        fast.samples(p),
+                        reference[p].samples
+                    );
+                    assert!((slow.rate(p) - want).abs() < 1e-9, "{p:?} at {sec}");
+                }
+                let (mut a, mut b) = (fast.views(), slow.views());
+                a.iter_mut()
+                    .chain(b.iter_mut())
+                    .for_each(|v| v.rate_bps = v.rate_bps.round());
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_pair_that_misses_drains_counts_them_as_silent() {
+        // 8 s window, 1 s buckets. The pair sends 1000 B/s, misses the
+        // drains at 11-13 s (its kernel entry gone), and is back at 14 s
+        // with 1000 B more: those drains count as drains without traffic.
+        let mut t = FlowTable::new(8 * S, 60 * S, 0);
+        let (p, q) = ((ip(1), ip(2)), (ip(3), ip(4)));
+        for sec in 1..=10u64 {
+            t.update(
+                sec * S,
+                [
+                    (p, tot(sec * 1000, S / 2, sec * S)),
+                    (q, tot(sec, S / 2, sec * S)),
+                ],
+            );
+        }
+        for sec in 11..=13u64 {
+            t.update(sec * S, [(q, tot(sec, S / 2, sec * S))]);
+        }
+        // Absent: no sample, the rate of its samples still in the window.
+        assert!((t.rate(&p) - 1000.0).abs() < 1e-9, "{}", t.rate(&p));
+        t.update(
+            14 * S,
+            [(p, tot(11_000, S / 2, 14 * S)), (q, tot(14, S / 2, 14 * S))],
+        );
+        // 6..14 s: 5000 B (6-10 s), nothing at 11-13, 1000 B at 14.
+        assert_eq!(t.samples(&p)[0], (6 * S, 6_000));
+        assert!((t.rate(&p) - 5000.0 / 8.0).abs() < 1e-9, "{}", t.rate(&p));
+        // Gone for longer than the window: no sample left, rate 0.
+        for sec in 15..=30u64 {
+            t.update(sec * S, [(q, tot(sec, S / 2, sec * S))]);
+        }
+        assert_eq!(t.rate(&p), 0.0);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
@@ -450,8 +887,8 @@ mod tests {
             if sec > 20 {
                 assert!((t.rate(&p) - 500.0).abs() < 1e-9, "{sec}: {}", t.rate(&p));
             }
-            let w = &t.pairs[&p].window;
-            assert!(usize::from(w.len) <= RING);
+            // The shared ring, plus the pair's first-frame anchor.
+            assert!(t.samples(&p).len() <= RING + 1);
         }
         // Then the step of the test above, shifted by 1,000 s.
         for sec in 1001..=1030u64 {
@@ -488,8 +925,8 @@ mod tests {
             now += gap;
             bytes += gap / 1000; // 1 MB/s
             t.update(now, [(p, tot(bytes, 0, now))]);
-            let w = &t.pairs[&p].window;
-            let span = w.get(usize::from(w.len) - 1).0 - w.get(0).0;
+            let w = t.samples(&p);
+            let span = w[w.len() - 1].0 - w[0].0;
             if now > window + 2 * S {
                 assert!(span >= window, "span {span} at {now}");
                 assert!(span < window + t.bucket_ns + 2 * S, "span {span} at {now}");
@@ -521,7 +958,7 @@ mod tests {
         t.update_each(
             2 * S,
             [(a, tot(1100, S / 2, 2 * S)), (b, tot(30, S / 2, 2 * S))],
-            |p, tot, r| seen.push((p, tot.bytes, r)),
+            |p, tot, r, _| seen.push((p, tot.bytes, r)),
         );
         assert_eq!(
             seen,

@@ -10,7 +10,8 @@
 //! labels come from fixed enums.
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeSet, HashMap},
+    hash::{BuildHasherDefault, Hasher},
     net::Ipv4Addr,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -213,6 +214,102 @@ pub struct PairSample {
     pub totals: Totals,
     /// Its windowed rate, bytes per second.
     pub rate_bps: f64,
+    /// The pair's bytes at the drain before (what the flow table had for
+    /// it); None at first sight. Turns the kernel's totals into counter
+    /// increments: no table of its own per pair here.
+    pub previous: Option<u64>,
+}
+
+/// A hasher for IPv4 addresses (one multiply): the per-VM sums of a drain
+/// are looked up twice per pair, and SipHash cost more than the rest of a
+/// pair's share of the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type AddrMap<V> = HashMap<u32, V, BuildHasherDefault<AddrHasher>>;
+
+/// The per-pair part of one drain, folded in pair by pair as the flow table
+/// takes the drain ([`Metrics::drain_pairs`]): per-address sums, the
+/// busiest pairs, the count. No list of every pair is kept.
+#[derive(Debug)]
+pub struct DrainPairs {
+    since_ns: u64,
+    top_k: usize,
+    /// Candidates for the top K: cut back to K whenever 2K are held.
+    top: Vec<PairSample>,
+    /// Bytes since the last drain and summed rate, by sending address and
+    /// by receiving address (filtered to the hosted VMs at the end).
+    tx: AddrMap<(u64, f64)>,
+    rx: AddrMap<(u64, f64)>,
+    pairs: usize,
+}
+
+/// The top-K order: highest rate first, then most bytes, then lowest
+/// (src, dst).
+fn busiest_first(a: &PairSample, b: &PairSample) -> std::cmp::Ordering {
+    b.rate_bps
+        .total_cmp(&a.rate_bps)
+        .then(b.totals.bytes.cmp(&a.totals.bytes))
+        .then(a.pair.cmp(&b.pair))
+}
+
+impl DrainPairs {
+    /// Folds one pair in.
+    pub fn add(&mut self, p: PairSample) {
+        self.pairs += 1;
+        let bytes = p.totals.bytes;
+        let before = match p.previous {
+            // Fewer bytes than last time: the entry was deleted and
+            // created again, so everything in it is new.
+            Some(b) if b <= bytes => b,
+            Some(_) => 0,
+            // First sight: bytes from before this agent counted are a
+            // baseline, not traffic of this run.
+            None if p.totals.first_seen_ns < self.since_ns => bytes,
+            None => 0,
+        };
+        let delta = bytes - before;
+        let (src, dst) = p.pair;
+        // Self traffic is ignored (docs/METRICS.md, "Conventions").
+        if src != dst {
+            for (sums, vm) in [(&mut self.tx, src), (&mut self.rx, dst)] {
+                let t = sums.entry(u32::from(vm)).or_default();
+                t.0 += delta;
+                t.1 += p.rate_bps;
+            }
+        }
+        if self.top_k > 0 {
+            self.top.push(p);
+            if self.top.len() >= 2 * self.top_k {
+                self.keep_top();
+            }
+        }
+    }
+
+    /// Cuts the candidates to the K busiest, sorted (linear-time
+    /// selection, then a sort of the K kept).
+    fn keep_top(&mut self) {
+        let k = self.top_k;
+        if k < self.top.len() {
+            self.top.select_nth_unstable_by(k - 1, busiest_first);
+            self.top.truncate(k);
+        }
+        self.top.sort_unstable_by(busiest_first);
+    }
 }
 
 /// Everything one drain of the kernel maps tells the metrics.
@@ -234,14 +331,6 @@ pub struct DrainSample<'a> {
 
 #[derive(Debug, Default)]
 struct DrainState {
-    /// Cumulative bytes of each pair at the last drain, to turn the
-    /// kernel's totals into counter increments, and the drain that last
-    /// saw the pair. Updated in place: rebuilding it at every drain took
-    /// about 40 ms at 100k pairs, in place about 20 ms (release build, the
-    /// 2-core project machine under load).
-    last_bytes: HashMap<Pair, (u64, u64)>,
-    /// Number of the current drain.
-    generation: u64,
     /// The datapath's counters at the last drain (`None` before the first).
     last_stats: Option<DatapathStats>,
     /// VMs that have `vm` labels now.
@@ -779,62 +868,48 @@ impl Metrics {
         self.drain_failures.inc();
     }
 
+    /// Starts folding one drain's pairs in (see [`DrainPairs`]); pairs
+    /// whose first frame came before `since_ns` (CLOCK_MONOTONIC, when this
+    /// agent started counting) are a baseline at first sight.
+    pub fn drain_pairs(&self, since_ns: u64) -> DrainPairs {
+        DrainPairs {
+            since_ns,
+            top_k: self.top_k,
+            top: Vec::new(),
+            tx: AddrMap::default(),
+            rx: AddrMap::default(),
+            pairs: 0,
+        }
+    }
+
     /// Folds one drain into the metrics: per-VM bytes and rates, the top-K
     /// pairs, the BPF counters, and how long the drain took.
     pub fn observe_drain(&self, sample: &DrainSample<'_>, took: Duration) {
-        let mut state = lock(&self.state);
-        let hosted: BTreeSet<Ipv4Addr> = sample.hosted.iter().copied().collect();
-
-        // Per-VM: the increments of every pair since the last drain, and
-        // the sum of the pairs' rates.
-        let mut tx: HashMap<Ipv4Addr, (u64, f64)> = HashMap::new();
-        let mut rx: HashMap<Ipv4Addr, (u64, f64)> = HashMap::new();
-        for vm in &hosted {
-            tx.insert(*vm, (0, 0.0));
-            rx.insert(*vm, (0, 0.0));
-        }
-        state.generation = state.generation.wrapping_add(1);
-        let generation = state.generation;
+        let mut pairs = self.drain_pairs(sample.since_ns);
         for p in sample.pairs {
-            let bytes = p.totals.bytes;
-            let before = match state.last_bytes.entry(p.pair) {
-                Entry::Occupied(mut e) => {
-                    let (b, _) = e.insert((bytes, generation));
-                    // Fewer bytes than last time: the entry was deleted and
-                    // created again, so everything in it is new.
-                    if b <= bytes { b } else { 0 }
-                }
-                Entry::Vacant(e) => {
-                    e.insert((bytes, generation));
-                    // First sight: bytes from before this agent counted
-                    // are a baseline, not traffic of this run.
-                    if p.totals.first_seen_ns < sample.since_ns {
-                        bytes
-                    } else {
-                        0
-                    }
-                }
-            };
-            let delta = bytes - before;
-            let (src, dst) = p.pair;
-            if src == dst {
-                continue; // self traffic is ignored (docs/METRICS.md, "Conventions")
-            }
-            if let Some(t) = tx.get_mut(&src) {
-                t.0 += delta;
-                t.1 += p.rate_bps;
-            }
-            if let Some(t) = rx.get_mut(&dst) {
-                t.0 += delta;
-                t.1 += p.rate_bps;
-            }
+            pairs.add(*p);
         }
-        if state.last_bytes.len() > sample.pairs.len() {
-            // Pairs gone from the kernel map: forget them, so that one
-            // that comes back counts from zero.
-            state.last_bytes.retain(|_, (_, g)| *g == generation);
-        }
+        self.observe_drain_pairs(pairs, sample.hosted, sample.stats, sample.attached, took);
+    }
 
+    /// [`Metrics::observe_drain`] with the pairs folded in already.
+    pub fn observe_drain_pairs(
+        &self,
+        mut pairs: DrainPairs,
+        hosted: &[Ipv4Addr],
+        stats: DatapathStats,
+        attached: usize,
+        took: Duration,
+    ) {
+        let mut state = lock(&self.state);
+        let hosted: BTreeSet<Ipv4Addr> = hosted.iter().copied().collect();
+        // Per hosted VM: the increments of its pairs since the last drain,
+        // and the sum of their rates.
+        let of = |sums: &AddrMap<(u64, f64)>, vm: &Ipv4Addr| {
+            (*vm, sums.get(&u32::from(*vm)).copied().unwrap_or_default())
+        };
+        let tx: Vec<(Ipv4Addr, (u64, f64))> = hosted.iter().map(|vm| of(&pairs.tx, vm)).collect();
+        let rx: Vec<(Ipv4Addr, (u64, f64))> = hosted.iter().map(|vm| of(&pairs.rx, vm)).collect();
         for (vm, (delta, rate)) in &tx {
             let l = [vm.to_string()];
             self.vm_transmit_bytes.with_label_values(&l).inc_by(*delta);
@@ -854,12 +929,13 @@ impl Metrics {
         self.host_cost.set(state.host_cost());
         self.vms_hosted.set(clamp_i64(state.labelled.len() as u64));
 
-        self.export_top_pairs(sample.pairs);
+        pairs.keep_top();
+        self.export_top_pairs(&pairs.top);
 
         // Kernel counters: increments since the last drain. The first
         // drain is the baseline (counters pinned by an earlier run are not
         // this run's events).
-        let now = sample.stats;
+        let now = stats;
         let prev = state.last_stats.unwrap_or(now);
         let inc = |c: &IntCounter, new: u64, old: u64| {
             // A smaller value: the map was created again; all of it is new.
@@ -889,36 +965,17 @@ impl Metrics {
         );
         state.last_stats = Some(now);
 
-        self.flow_map_entries
-            .set(clamp_i64(sample.pairs.len() as u64));
-        self.attached_interfaces
-            .set(clamp_i64(sample.attached as u64));
+        self.flow_map_entries.set(clamp_i64(pairs.pairs as u64));
+        self.attached_interfaces.set(clamp_i64(attached as u64));
         self.drain_duration.observe(took.as_secs_f64());
     }
 
-    /// Replaces the top-K pair series with the `top_k` busiest pairs:
-    /// highest rate first, then most bytes, then lowest (src, dst).
-    fn export_top_pairs(&self, pairs: &[PairSample]) {
+    /// Replaces the top-K pair series with `top`, the busiest pairs in
+    /// order (highest rate first, then most bytes, then lowest (src, dst)).
+    fn export_top_pairs(&self, top: &[PairSample]) {
         self.top_pair_rate.reset();
         self.top_pair_bytes.reset();
-        let k = self.top_k.min(pairs.len());
-        if k == 0 {
-            return;
-        }
-        let mut ranked: Vec<&PairSample> = pairs.iter().collect();
-        let order = |a: &&PairSample, b: &&PairSample| {
-            b.rate_bps
-                .total_cmp(&a.rate_bps)
-                .then(b.totals.bytes.cmp(&a.totals.bytes))
-                .then(a.pair.cmp(&b.pair))
-        };
-        // Linear-time selection, then a sort of the K kept only.
-        if k < ranked.len() {
-            ranked.select_nth_unstable_by(k - 1, order);
-            ranked.truncate(k);
-        }
-        ranked.sort_unstable_by(order);
-        for p in ranked {
+        for p in top {
             let l = [p.pair.0.to_string(), p.pair.1.to_string()];
             self.top_pair_rate.with_label_values(&l).set(p.rate_bps);
             self.top_pair_bytes
@@ -946,10 +1003,37 @@ mod tests {
                 last_seen_ns: 3_000,
             },
             rate_bps: rate,
+            previous: None,
         }
     }
 
+    thread_local! {
+        /// What a flow table would have had for each pair at the drain
+        /// before, per `Metrics` (by address): pairs absent from a drain
+        /// are forgotten, as the daemon's table evicts them.
+        static PREVIOUS: std::cell::RefCell<HashMap<(usize, Pair), u64>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+
     fn drain(m: &Metrics, pairs: &[PairSample], hosted: &[Ipv4Addr], stats: DatapathStats) {
+        let id = m as *const Metrics as usize;
+        let pairs: Vec<PairSample> = PREVIOUS.with(|prev| {
+            let mut prev = prev.borrow_mut();
+            let pairs = pairs
+                .iter()
+                .map(|p| PairSample {
+                    previous: prev.get(&(id, p.pair)).copied(),
+                    ..*p
+                })
+                .collect();
+            prev.retain(|(i, _), _| *i != id);
+            for p in &pairs {
+                let p: &PairSample = p;
+                prev.insert((id, p.pair), p.totals.bytes);
+            }
+            pairs
+        });
+        let pairs = &pairs[..];
         m.observe_drain(
             &DrainSample {
                 pairs,
