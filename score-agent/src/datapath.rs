@@ -24,8 +24,8 @@ use aya::{
 };
 use score_common::{
     FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, SLOT_CELLS_GLOBAL,
-    SLOT_MASK_GLOBAL, SLOTS_MAP, STATS_MAP, SlotCell, Stat, VIF_SEEN_MAP, VIF_SEEN_SLOTS,
-    VM_MACS_MAP, VifSeen, VmMac, slot_index,
+    SLOT_MASK_GLOBAL, SLOT_WAYS, SLOTS_MAP, STATS_MAP, SlotCell, Stat, VIF_SEEN_MAP,
+    VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac, slot_candidate, slot_index,
 };
 use serde::Serialize;
 
@@ -443,21 +443,25 @@ impl Slots {
         })
     }
 
-    /// The slot holding `key`, if any.
-    fn find(&self, key: &PairKey) -> Option<u32> {
-        let first = slot_index(key, self.mask);
-        let word = key.word();
-        [first, first ^ 1]
-            .into_iter()
-            .find(|&i| i < self.mem.slots && self.mem.key(i) == word)
+    /// The candidate slots of `key`, in the order the classifiers try
+    /// them (score-common's `SLOT_WAYS`).
+    fn candidates(&self, key: &PairKey) -> impl Iterator<Item = u32> + use<> {
+        let (first, slots) = (slot_index(key, self.mask), self.mem.slots);
+        (0..SLOT_WAYS)
+            .map(move |j| slot_candidate(first, j))
+            .filter(move |&i| i < slots)
     }
 
-    /// An empty slot where `key` may go, if any.
+    /// The slot holding `key`, if any.
+    fn find(&self, key: &PairKey) -> Option<u32> {
+        let word = key.word();
+        self.candidates(key).find(|&i| self.mem.key(i) == word)
+    }
+
+    /// An empty slot where `key` may go, if any: the first free candidate,
+    /// so that a pair is found at its first probe where it can be.
     fn free_for(&self, key: &PairKey) -> Option<u32> {
-        let first = slot_index(key, self.mask);
-        [first, first ^ 1]
-            .into_iter()
-            .find(|&i| i < self.mem.slots && self.mem.key(i) == 0)
+        self.candidates(key).find(|&i| self.mem.key(i) == 0)
     }
 }
 
@@ -1129,9 +1133,9 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifi
 /// (`owned`, sorted by slot, read through the mapping and remembered
 /// there), the pairs of `fresh` (read from `SCORE_FLOWS`; sorted here) and
 /// the residuals of freed slots (`carry`), merged, with the counts of one
-/// pair found in more than one of them summed. A slot's group (two
-/// adjacent slots) is the order's first key, so the slots are read in
-/// memory order and only the two of a group need sorting.
+/// pair found in more than one of them summed. A slot's group (its
+/// `SLOT_WAYS` adjacent candidates) is the order's first key, so the slots
+/// are read in memory order and only those of one group need sorting.
 fn emit_pairs(
     mem: &SlotMem,
     order: PairOrder,
@@ -1152,22 +1156,20 @@ fn emit_pairs(
     };
     let mut i = 0;
     while i < owned.len() {
-        let group = owned[i].idx >> 1;
-        let n = if owned.get(i + 1).is_some_and(|o| o.idx >> 1 == group) {
-            2
-        } else {
-            1
-        };
-        let mut read = [(0u128, key_of_word(0), Totals::default()); 2];
+        let group = owned[i].idx / SLOT_WAYS;
+        let n = owned[i..]
+            .iter()
+            .take(SLOT_WAYS as usize)
+            .take_while(|o| o.idx / SLOT_WAYS == group)
+            .count();
+        let mut read = [(0u128, key_of_word(0), Totals::default()); SLOT_WAYS as usize];
         for (k, o) in owned[i..i + n].iter_mut().enumerate() {
             let key = key_of_word(mem.key(o.idx));
             let t = mem.totals(o.idx);
             (o.bytes, o.packets) = (t.bytes, t.packets);
             read[k] = (order.of_key(&key), key, t);
         }
-        if n == 2 && read[1].0 < read[0].0 {
-            read.swap(0, 1);
-        }
+        read[..n].sort_unstable_by_key(|r| r.0);
         for &(at, key, mut t) in &read[..n] {
             others.before(at, &mut each);
             others.fold_into(at, &mut t);
@@ -1335,11 +1337,11 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
 const MOVES_PER_DRAIN: usize = 16_384;
 
 /// Slots of `SCORE_SLOTS` for a flow map of `flows_max` pairs: the next
-/// power of two (the classifiers mask the hash), at least 2 (a pair has
-/// two candidate slots).
+/// power of two (the classifiers mask the hash), at least one group of
+/// candidates (`SLOT_WAYS`).
 pub fn slot_count(flows_max: u32) -> u32 {
     flows_max
-        .max(2)
+        .max(SLOT_WAYS)
         .checked_next_power_of_two()
         .unwrap_or(1 << 31)
 }
@@ -1440,7 +1442,9 @@ mod tests {
             let p = pair(i);
             let key = key_of(&p);
             let first = slot_index(&key, mask);
-            let free = [first, first ^ 1].into_iter().find(|&j| mem.key(j) == 0);
+            let free = (0..SLOT_WAYS)
+                .map(|j| slot_candidate(first, j))
+                .find(|&j| mem.key(j) == 0);
             let t = totals(u64::from(i + 1) * 100);
             match free {
                 Some(idx) if i % 4 != 0 => {

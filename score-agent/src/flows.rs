@@ -40,7 +40,7 @@
 //! # Layout: one sorted array, no hashing per drain
 //!
 //! The pairs sit in one `Vec`, sorted by a [`PairOrder`]: the pair's group
-//! of two counter slots in the kernel's slot array, then its key. The
+//! of candidate counter slots in the kernel's slot array, then its key. The
 //! datapath hands a drain over in that same order (it reads the slots in
 //! memory order), so a drain is a merge of two sorted sequences: each
 //! pair's entry is the next one, or close to it, and the table is walked
@@ -55,7 +55,7 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use score_common::{PairKey, slot_index};
+use score_common::{PairKey, SLOT_WAYS, slot_index};
 use serde::Serialize;
 
 /// Buckets the rate window is cut into: the ring keeps one sample per
@@ -126,9 +126,10 @@ pub struct FlowView {
 }
 
 /// The order the flow table keeps its pairs in, and the order the datapath
-/// hands a drain over in: first the pair's group of two adjacent slots in
-/// the kernel's slot array (`score_common::slot_index` of its key, halved:
-/// a pair sits in one of the two), then its key as one word. A pure
+/// hands a drain over in: first the pair's group of adjacent slots in the
+/// kernel's slot array (`score_common::slot_index` of its key divided by
+/// `SLOT_WAYS`: a pair sits in one of the group's slots), then its key as
+/// one word. A pure
 /// function of the pair and the slot array's size, so the two sides agree
 /// without telling each other anything per pair. With a mask of 0 (the
 /// default) it is the keys' order.
@@ -150,7 +151,7 @@ impl PairOrder {
 
     /// Where the pair of kernel key `key` sorts.
     pub fn of_key(&self, key: &PairKey) -> u128 {
-        let group = slot_index(key, self.mask) >> 1;
+        let group = slot_index(key, self.mask) / SLOT_WAYS;
         (u128::from(group) << 64) | u128::from(key.word())
     }
 }

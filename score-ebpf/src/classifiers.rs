@@ -14,8 +14,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use score_common::{
     BPF_F_MMAPABLE, CONTROL_MAGIC, CONTROL_MAX_PAYLOAD, CONTROL_RING_BYTES, ControlFrame,
-    DEFAULT_FLOWS_MAX, PairCounters, PairKey, STATS_LEN, SlotCell, Stat, VIF_SEEN_SLOTS,
-    VM_MACS_MAX, VifSeen, VmMac, slot_index,
+    DEFAULT_FLOWS_MAX, PairCounters, PairKey, SLOT_WAYS, STATS_LEN, SlotCell, Stat, VIF_SEEN_SLOTS,
+    VM_MACS_MAX, VifSeen, VmMac, slot_candidate, slot_index,
 };
 
 #[map(name = "SCORE_CONTROL")]
@@ -340,9 +340,10 @@ fn count(ctx: &TcContext, h: &Headers, from_vm: bool) -> Result<(), ()> {
 }
 
 /// Counts a frame at the pair's slot, if the agent gave it one: a pair
-/// has two candidate slots, each an inlined array access (the key cell,
-/// then this CPU's cell, usually in the same cache line), instead of a
-/// hash-map walk. False if the pair has no slot yet: the caller counts it
+/// has four candidate slots in one aligned group (score-common's
+/// `SLOT_WAYS`), tried from its first, each an inlined array access (the
+/// key cell, then this CPU's cell, usually in the same cache line),
+/// instead of a hash-map walk. False if the pair has no slot yet: the caller counts it
 /// in `SCORE_FLOWS`.
 #[inline(always)]
 pub(crate) fn count_in_slot(key: &PairKey, len: u64) -> bool {
@@ -352,8 +353,8 @@ pub(crate) fn count_in_slot(key: &PairKey, len: u64) -> bool {
     }
     let word = key.word();
     let first = slot_index(key, SCORE_SLOT_MASK.load());
-    for i in [first, first ^ 1] {
-        let base = i.wrapping_mul(cells);
+    for j in 0..SLOT_WAYS {
+        let base = slot_candidate(first, j).wrapping_mul(cells);
         let Some(k) = SLOTS.get_ptr(base) else {
             continue;
         };

@@ -35,8 +35,9 @@
 //! Where a pair is counted: once the agent has given it a slot in the
 //! `SCORE_SLOTS` array (at the drain after its first frame), its frames
 //! are added to this CPU's cell of that slot, found by a hash of the key
-//! computed in the program (two candidate slots, each an inlined array
-//! access); until then, and where both candidate slots are taken, in its
+//! computed in the program (four candidate slots in one aligned group,
+//! each an inlined array access); until then, and where all four are
+//! taken, in its
 //! `SCORE_FLOWS` entry. A hash-map lookup walks a bucket, an element and
 //! a per-CPU pointer, dependent cache misses on every frame when traffic
 //! moves between many pairs; the slot is one or two lines. The agent reads
