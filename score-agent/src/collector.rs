@@ -94,6 +94,19 @@ impl Collector {
         })
     }
 
+    /// [`Collector::new`] with metrics of the default size: for the
+    /// benches, which time the daemon's own drain on their own handle of
+    /// the maps.
+    pub fn with_default_metrics(
+        datapath: Datapath,
+        flows: FlowTable,
+        patterns: IfacePatterns,
+        evict: bool,
+    ) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(crate::metrics::DEFAULT_TOP_K));
+        Self::new(datapath, flows, patterns, evict, metrics)
+    }
+
     /// Attaches to every matching interface that exists now.
     pub fn attach_existing(&self) -> std::io::Result<usize> {
         let mut n = 0;
