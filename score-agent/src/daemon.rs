@@ -31,6 +31,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let patterns = IfacePatterns::new(&config.interfaces)?;
+    heap::large_buffers_apart();
     let backend = match &cluster {
         Some(_) => Some(Backend::from_config(&config.backend).map_err(AgentError::Backend)?),
         None => None,
@@ -64,6 +65,8 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(config.metrics.top_k));
     metrics.set_flow_map_capacity(config.flows_max);
     let collector = Collector::new(datapath, flows, patterns, true, metrics.clone());
+    // Loading parsed the eBPF object (a few MiB at the peak, all freed).
+    heap::give_back();
     let cancel = CancellationToken::new();
     collector.forward_kernel_logs(cancel.clone());
 
@@ -138,4 +141,30 @@ pub async fn run(
     collector.detach_all();
     info!("detached from every interface; maps stay pinned");
     Ok(())
+}
+
+/// The allocator's settings for a long-lived daemon whose large buffers
+/// (the flow table's array, a drain's scratch) grow and shrink with the
+/// number of pairs (docs/BENCHMARKS.md, "The agent's memory per pair").
+mod heap {
+    /// Allocations of 256 KiB and more each get a mapping of their own,
+    /// returned to the system when freed. glibc's default raises that
+    /// threshold to the largest block freed so far (up to 32 MiB), after
+    /// which a grown array's old buffer stays in the heap, resident.
+    pub(super) fn large_buffers_apart() {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only changes the allocator's settings.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        }
+    }
+
+    /// Returns the heap's free pages to the system.
+    pub(super) fn give_back() {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases memory the allocator holds free.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
