@@ -186,11 +186,14 @@ impl Collector {
         // were counted is already known as hosted.
         let (stats, attached, evicted) = {
             let mut dp = lock(&self.datapath);
+            // Moving pairs into slots waits for running classifiers: not
+            // while holding the flow table, which readers want meanwhile.
+            dp.drain_fresh(fresh)?;
             let mut flows = lock(&self.flows);
             let now = monotonic_ns();
             {
                 let mut drain = flows.drain(now);
-                dp.drain_each(fresh, |pair, totals| {
+                dp.hand_over(fresh, |pair, totals| {
                     let (rate_bps, previous) = drain.push(pair, totals);
                     pairs.add(PairSample {
                         pair,
@@ -198,7 +201,7 @@ impl Collector {
                         rate_bps,
                         previous,
                     });
-                })?;
+                });
             }
             // Rates as of this drain were taken above, before eviction
             // forgets idle pairs.

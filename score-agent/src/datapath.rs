@@ -733,6 +733,15 @@ impl Datapath {
         fresh: &mut Vec<(Pair, Totals)>,
         each: impl FnMut(Pair, Totals),
     ) -> Result<(), DatapathError> {
+        self.drain_fresh(fresh)?;
+        self.hand_over(fresh, each);
+        Ok(())
+    }
+
+    /// The first half of [`Datapath::drain_each`]: reads the pairs counted
+    /// in `SCORE_FLOWS` into `fresh` and gives those it can a slot (which
+    /// waits for running classifiers: no other lock should be held).
+    pub fn drain_fresh(&mut self, fresh: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
         let inserted = if self.walk.counted {
             Some(self.stat_sums()?[Stat::FlowsInserted as usize])
         } else {
@@ -756,12 +765,18 @@ impl Datapath {
         if walk {
             self.walk.inserted = inserted;
         }
+        Ok(())
+    }
+
+    /// The second half of [`Datapath::drain_each`]: hands every pair's
+    /// counters to `each`, the slotted pairs' and those `fresh` holds
+    /// after [`Datapath::drain_fresh`], in [`Datapath::pair_order`].
+    pub fn hand_over(&mut self, fresh: &mut [(Pair, Totals)], each: impl FnMut(Pair, Totals)) {
         let order = self.pair_order();
         let Slots {
             mem, owned, carry, ..
         } = &mut self.slots;
         emit_pairs(mem, order, owned, fresh, carry, each);
-        Ok(())
     }
 
     /// Moves the pairs of `fresh` (read from `SCORE_FLOWS`) that find a
