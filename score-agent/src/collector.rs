@@ -241,55 +241,60 @@ impl Collector {
     }
 
     /// Drains every `interval` until cancelled, on a thread of its own that
-    /// lives as long as the loop (map syscalls block). Not tokio's blocking
-    /// pool: its threads end after 10 s idle, so every drain of an interval
-    /// longer than that would start and end a thread.
+    /// lives as long as the loop (map syscalls block) and keeps the time
+    /// itself: one wake-up per drain. (Ticking in tokio and handing each
+    /// drain to the thread took three: the timer, the thread, the reply.)
+    /// Not tokio's blocking pool: its threads end after 10 s idle, so every
+    /// drain of an interval longer than that would start and end a thread.
     pub async fn drain_loop(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
-        type Done = tokio::sync::oneshot::Sender<Result<(), DatapathError>>;
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Done>(1);
+        // Dropped when cancelled: the thread stops at its next wait.
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let me = self.clone();
         let worker = std::thread::Builder::new()
             .name("score-drain".into())
             .spawn(move || {
-                for done in queue {
-                    // A panic drops `done` (reported below) and the thread
-                    // carries on with the next drain.
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.drain()));
-                    if let Ok(r) = result {
-                        let _ = done.send(r);
+                let mut next = std::time::Instant::now();
+                loop {
+                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    match stopped.recv_timeout(wait) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    // A panic is reported and the thread carries on with
+                    // the next drain.
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.drain())) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "drain failed"),
+                        Err(_) => warn!("the drain panicked"),
+                    }
+                    // One drain per interval; a late one delays the next
+                    // (no burst to catch up).
+                    next += interval;
+                    let now = std::time::Instant::now();
+                    if next < now {
+                        next = now + interval;
                     }
                 }
             });
-        let pooled = match worker {
-            Ok(_) => false,
-            Err(e) => {
-                warn!(error = %e, "cannot start the drain thread; draining on tokio's blocking pool");
-                true
-            }
-        };
+        if let Err(e) = worker {
+            warn!(error = %e, "cannot start the drain thread; draining on tokio's blocking pool");
+            return self.drain_pooled(interval, cancel).await;
+        }
+        cancel.cancelled().await;
+        drop(stop);
+    }
+
+    /// [`Collector::drain_loop`] on tokio's blocking pool, where no thread
+    /// of its own could be started.
+    async fn drain_pooled(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {
-                    let result = if pooled {
-                        let me = self.clone();
-                        tokio::task::spawn_blocking(move || me.drain())
-                            .await
-                            .map_err(|e| e.to_string())
-                    } else {
-                        let (done, reply) = tokio::sync::oneshot::channel();
-                        // Never blocks: one drain at a time, and the queue
-                        // holds one.
-                        if jobs.send(done).is_err() {
-                            warn!("the drain thread is gone; no more drains");
-                            return;
-                        }
-                        reply.await.map_err(|_| "the drain panicked".to_owned())
-                    };
-                    match result {
+                    let me = self.clone();
+                    match tokio::task::spawn_blocking(move || me.drain()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => warn!(error = %e, "drain failed"),
                         Err(e) => warn!(error = %e, "drain task failed"),
