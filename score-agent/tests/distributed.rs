@@ -246,6 +246,73 @@ fn a_lost_token_is_regenerated_once() {
     );
 }
 
+/// A cluster changes its key without a stop (docs/WIRE.md, "Keys and
+/// their rotation"): each agent is restarted in turn, first with the new
+/// key accepted beside the old one, then sealing with the new key and
+/// still accepting the old. The token keeps reaching every restarted
+/// agent, and no datagram is refused for its MAC at any step.
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_cluster_rotates_its_key_without_a_stop() {
+    let mut dc = Dc::build("sct-key-", tree(), &[0, 1, 2, 3]);
+    let next: Vec<u8> = (0..32u8)
+        .map(|b| b.wrapping_mul(53).wrapping_add(7))
+        .collect();
+    dc.write_key("next.key", &next);
+    // Round-robin visits every VM of the token in every round, so a
+    // restarted agent's VM is reached within a round or two. One slot per
+    // host, so no VM moves: a host whose VM had migrated away would come
+    // back with no VM interface and never be handed the token.
+    let policy = "round-robin";
+    let slots = 1;
+    dc.start_agents(&Options {
+        policy,
+        slots,
+        ..Options::default()
+    });
+    for v in 0..4 {
+        dc.chat(v, (v + 1) % 4, 20_000);
+    }
+    dc.wait_until("a circulating token", Duration::from_secs(30), |dc| {
+        (0..4)
+            .map(|i| dc.metric(i, "score_token_passed_total"))
+            .sum::<f64>()
+            >= 4.0
+    });
+    let bad_mac = "score_datagrams_rejected_total{reason=\"bad_mac\"}";
+    let mut refused = 0.0;
+    for keys in [
+        ("cluster.key", &["next.key"][..]),
+        ("next.key", &["cluster.key"][..]),
+    ] {
+        let o = Options {
+            keys: Some(keys),
+            policy,
+            slots,
+            ..Options::default()
+        };
+        for i in 0..4 {
+            assert_eq!(dc.host_of(i), Some(i), "VM {i} stayed on its host");
+            refused += dc.metric(i, bad_mac);
+            let (code, _, err) = dc.agents[i].take().unwrap().stop(libc::SIGTERM);
+            assert_eq!(code, Some(0), "agent exit: {err}");
+            dc.start_agent(i, &o);
+            dc.agents[i]
+                .as_ref()
+                .unwrap()
+                .wait_for(&["score-agent running"], Duration::from_secs(30));
+            dc.wait_until(
+                "the token at the restarted agent",
+                Duration::from_secs(30),
+                |dc| dc.metric(i, "score_token_received_total") >= 1.0,
+            );
+        }
+    }
+    refused += (0..4).map(|i| dc.metric(i, bad_mac)).sum::<f64>();
+    assert_eq!(refused, 0.0, "datagrams refused for their MAC");
+    dc.stop_agents();
+}
+
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn a_failed_migration_leaves_the_vm_and_the_token_moves_on() {

@@ -61,6 +61,10 @@ pub struct Options {
     /// Who the agents run as: root (`None`), or another user holding
     /// exactly some capabilities.
     pub run_as: Option<RunAs>,
+    /// `[peer] key_file` and `previous_key_files`, as names of files
+    /// in the data centre's directory ([`Dc::write_key`]); `None`: the
+    /// data centre's own key, alone.
+    pub keys: Option<(&'static str, &'static [&'static str])>,
 }
 
 /// An agent run as a user other than root with exactly `caps` (setpriv:
@@ -91,6 +95,7 @@ impl Default for Options {
             candidates: "paper",
             http_listen: HTTP,
             run_as: None,
+            keys: None,
         }
     }
 }
@@ -223,6 +228,13 @@ impl Dc {
             ),
             other => format!("[backend]\nkind = \"{other}\"\n"),
         };
+        let dir = self.dir.path().display();
+        let (key, previous) = o.keys.unwrap_or(("cluster.key", &[]));
+        let previous = previous
+            .iter()
+            .map(|k| format!("\"{dir}/{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let coordinator = if o.policy == "global" {
             format!("coordinator = \"{}\"\n", self.hosts[0].addr)
         } else {
@@ -234,7 +246,7 @@ impl Dc {
              [node]\naddress = \"{addr}\"\nvm_slots = {slots}\nmemory_mib = 4096\nvm_memory_mib = 256\n\
              migration_headroom = {headroom}\n\
              [topology]\nfile = \"{dir}/topology.toml\"\n\
-             [peer]\nport = {PORT}\nkey_file = \"{dir}/cluster.key\"\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
+             [peer]\nport = {PORT}\nkey_file = \"{dir}/{key}\"\nprevious_key_files = [{previous}]\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
              [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
              candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{backend}",
@@ -242,7 +254,6 @@ impl Dc {
             ns = h.ns,
             addr = h.addr,
             slots = o.slots,
-            dir = self.dir.path().display(),
             tt = o.token_timeout,
             policy = o.policy,
             headroom = o
@@ -254,6 +265,15 @@ impl Dc {
             candidates = o.candidates,
             http = o.http_listen,
         )
+    }
+
+    /// Writes a key file `name` into the data centre's directory, readable
+    /// by its owner only (as the agent requires).
+    pub fn write_key(&self, name: &str, key: &[u8]) {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
     }
 
     /// Starts every host's agent.
