@@ -70,8 +70,8 @@ impl PeerMetrics for Metrics {
             Metrics::forget_vm(self, ip)
         }
     }
-    fn rejected(&self, reason: &str) {
-        Metrics::rejected(self, RejectReason::from_label(reason))
+    fn rejected(&self, reason: RejectReason) {
+        Metrics::rejected(self, reason)
     }
     fn swap(&self, outcome: &str) {
         if let Some(o) = SwapOutcome::from_label(outcome) {

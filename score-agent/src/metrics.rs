@@ -130,80 +130,9 @@ pub(crate) const SWAP_ANSWERS: [&str; 6] = [
     "invalid",
 ];
 
-/// Why a peer datagram was dropped (`score_datagrams_rejected_total{reason}`).
-/// A fixed set, so that hostile input cannot grow the label space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// Shorter than a header and MAC, or than its declared payload.
-    Truncated,
-    /// Not an S-CORE datagram.
-    BadMagic,
-    /// A protocol version this build does not speak.
-    BadVersion,
-    /// A message kind this build does not know.
-    UnknownKind,
-    /// Declared and actual lengths disagree.
-    BadLength,
-    /// Authentication failed (wrong key, forged or altered).
-    BadMac,
-    /// From an older token epoch.
-    StaleEpoch,
-    /// A sequence number already seen (or too old to tell).
-    Replayed,
-    /// Sealed for another address than the one it arrived on.
-    WrongDestination,
-    /// Sealed too long ago, or before this agent started.
-    NotFresh,
-    /// From an incarnation of the sender older than one already heard.
-    OldIncarnation,
-    /// Anything else (a malformed body, for example).
-    Other,
-}
-
-impl RejectReason {
-    /// Every reason, in label order.
-    pub const ALL: [RejectReason; 12] = [
-        Self::Truncated,
-        Self::BadMagic,
-        Self::BadVersion,
-        Self::UnknownKind,
-        Self::BadLength,
-        Self::BadMac,
-        Self::StaleEpoch,
-        Self::Replayed,
-        Self::WrongDestination,
-        Self::NotFresh,
-        Self::OldIncarnation,
-        Self::Other,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Truncated => "truncated",
-            Self::BadMagic => "bad_magic",
-            Self::BadVersion => "bad_version",
-            Self::UnknownKind => "unknown_kind",
-            Self::BadLength => "bad_length",
-            Self::BadMac => "bad_mac",
-            Self::StaleEpoch => "stale_epoch",
-            Self::Replayed => "replayed",
-            Self::WrongDestination => "wrong_destination",
-            Self::NotFresh => "not_fresh",
-            Self::OldIncarnation => "old_incarnation",
-            Self::Other => "other",
-        }
-    }
-
-    /// The reason named by `label` (for instance score-core's
-    /// `WireError::reason()`); any label outside the fixed set is `Other`.
-    pub fn from_label(label: &str) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.label() == label)
-            .unwrap_or(Self::Other)
-    }
-}
+/// Why a peer datagram was dropped (`score_datagrams_rejected_total{reason}`):
+/// score-core's fixed set, shared with the protocol's state machine.
+pub(crate) use score_core::wire::RejectReason;
 
 /// One directed pair as seen at a drain.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1451,14 +1380,6 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(value(&t, "score_drain_failures_total"), Some(1.0));
-    }
-
-    #[test]
-    fn reasons_round_trip_through_their_labels() {
-        for r in RejectReason::ALL {
-            assert_eq!(RejectReason::from_label(r.label()), r);
-        }
-        assert_eq!(RejectReason::from_label("too_large"), RejectReason::Other);
     }
 
     #[test]

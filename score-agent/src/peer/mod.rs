@@ -43,9 +43,8 @@ use std::{
 };
 
 use score_core::{
-    cost::{CostModel, Placement, Traffic},
     decision::{self, Capacity, Decision},
-    policy::{self, TokenPolicy, rank_by_saving},
+    policy::{self, HostShape, TokenPolicy, order_from_reports},
     swap::{
         LocalVm, Query, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
         choose_swap_partner, plan_with,
@@ -54,8 +53,8 @@ use score_core::{
     topology::HostId,
     wire::{
         ChunkBitmap, ChunkOutcome, FlowEntry, FlowReport, Header, HopAck, KeyRing, MAX_SWAP_PEERS,
-        Message, PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder,
-        SwapProposal, SwapRefusal, SwapResult, TokenOrder, token_chunks,
+        Message, PartsAssembler, PartsOutcome, Reassembler, RejectReason, SwapAcceptance,
+        SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenOrder, token_chunks,
     },
 };
 use serde::Serialize;
@@ -99,7 +98,7 @@ pub trait PeerMetrics: Send + Sync {
     /// A hosted VM's communication cost and level, as of its last decision.
     fn set_vm_cost(&self, _vm: &str, _cost: f64, _level: u8) {}
     /// A datagram was dropped, for `reason`.
-    fn rejected(&self, _reason: &str) {}
+    fn rejected(&self, _reason: RejectReason) {}
     /// A hosted VM migrated away: its series go now.
     fn vm_left(&self, _vm: &str) {}
     /// A swap this host proposed, and the other accepted, ended with
@@ -154,8 +153,9 @@ struct State {
     locations: HashMap<VmId, Ipv4Addr>,
     /// Watchers: the latest copy of the token.
     backup: Option<Token>,
-    /// Watchers and coordinator: each host's latest complete flow report.
-    reports: HashMap<Ipv4Addr, Vec<FlowEntry>>,
+    /// Watchers and coordinator: each host's latest complete flow report
+    /// (in address order: the coordinator's order is a function of them).
+    reports: BTreeMap<Ipv4Addr, Vec<FlowEntry>>,
     /// Flow reports still missing parts.
     report_parts: PartsAssembler<FlowEntry>,
     /// Global policy: the coordinator's latest order, by parts.
@@ -281,7 +281,7 @@ impl Peer {
             Ok(d) => d,
             Err(e) => {
                 debug!(error = %e, ?via, "datagram rejected");
-                self.metrics.rejected(e.reason());
+                self.metrics.rejected(e.reject_reason());
                 return;
             }
         };
@@ -303,7 +303,7 @@ impl Peer {
         );
         if token_kind {
             if let Err(e) = h.check_epoch(self.epoch()) {
-                self.metrics.rejected(e.reason());
+                self.metrics.rejected(e.reject_reason());
                 return;
             }
             self.adopt_epoch(h.epoch);
@@ -322,7 +322,7 @@ impl Peer {
                     Ok(_) => self.state().reasm.ack(h.sender, chunk.transfer),
                     Err(e) => {
                         debug!(error = %e, "token chunk refused");
-                        self.metrics.rejected("other");
+                        self.metrics.rejected(RejectReason::Other);
                         None
                     }
                 };
@@ -413,7 +413,7 @@ impl Peer {
                     Ok(_) => {}
                     Err(e) => {
                         debug!(error = %e, from = %h.sender, "flow report part refused");
-                        self.metrics.rejected("other");
+                        self.metrics.rejected(RejectReason::Other);
                     }
                 }
             }
@@ -424,7 +424,7 @@ impl Peer {
                     Ok(_) => {}
                     Err(e) => {
                         debug!(error = %e, from = %h.sender, "token order part refused");
-                        self.metrics.rejected("other");
+                        self.metrics.rejected(RejectReason::Other);
                     }
                 }
             }
@@ -1211,104 +1211,32 @@ impl Peer {
     }
 
     /// The coordinator: ranks every VM by the saving of its best move, from
-    /// all hosts' reports, and sends the order to every host.
+    /// all hosts' reports (score-core's `order_from_reports`, which the
+    /// protocol's `Node` shares), and sends the order to every host.
     async fn coordinate(&self, order_id: u64) {
-        let topo = &self.cfg.topology;
-        let (ids, triples, host_of) = {
-            let s = self.state();
-            let mut ids: BTreeMap<VmId, u32> = BTreeMap::new();
-            let mut host_of: HashMap<VmId, Ipv4Addr> = HashMap::new();
-            let mut triples = Vec::new();
-            for (host, entries) in &s.reports {
-                for e in entries {
-                    host_of.insert(e.vm, *host);
-                    let n = ids.len() as u32;
-                    ids.entry(e.vm).or_insert(n);
-                    if e.peer != e.vm {
-                        let n = ids.len() as u32;
-                        ids.entry(e.peer).or_insert(n);
-                        triples.push((e.vm, e.peer, e.rate));
-                    }
-                }
-            }
-            (ids, triples, host_of)
-        };
-        if ids.is_empty() {
-            return;
-        }
-        // Dense indices in VM ID order; peers whose host never reported are
-        // left out (their place is unknown).
-        let located: Vec<VmId> = ids
-            .keys()
-            .copied()
-            .filter(|v| host_of.contains_key(v))
-            .collect();
-        let index: HashMap<VmId, u32> = located
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v, i as u32))
-            .collect();
-        // Each report gives λ from one side: halve when both sides reported.
-        let mut lam: HashMap<(u32, u32), (f64, u32)> = HashMap::new();
-        for (a, b, r) in triples {
-            let (Some(&i), Some(&j)) = (index.get(&a), index.get(&b)) else {
-                continue;
-            };
-            let k = if i < j { (i, j) } else { (j, i) };
-            let e = lam.entry(k).or_default();
-            e.0 += r;
-            e.1 += 1;
-        }
-        let triples: Vec<(u32, u32, f64)> = lam
-            .into_iter()
-            .map(|((i, j), (r, n))| (i, j, r / f64::from(n)))
-            .collect();
-        let Ok(traffic) = Traffic::from_triples(located.len() as u32, triples) else {
-            return;
-        };
-        let hosts: Vec<u32> = located
-            .iter()
-            .map(|v| {
-                host_of
-                    .get(v)
-                    .and_then(|h| topo.host_by_addr(*h))
-                    .unwrap_or(0)
-            })
-            .collect();
-        let Ok(placement) = Placement::new(topo.host_count(), hosts) else {
-            return;
-        };
-        let model = CostModel::new(topo, &traffic);
         let n = &self.cfg.node;
-        let ranking = rank_by_saving(
-            &model,
-            &placement,
-            self.cfg.policy.rule,
-            self.cfg.migration_cost,
-            |_| n.vm_memory_mib,
-            |h| {
-                let used = u64::from(placement.count(h));
-                Some(Capacity {
-                    free_slots: u64::from(n.vm_slots).saturating_sub(used) as u32,
-                    free_mem_mb: n.memory_mib.saturating_sub(used * n.vm_memory_mib),
-                })
-            },
-        );
-        let mut order: Vec<VmId> = ranking.iter().map(|r| located[r.vm as usize]).collect();
-        // VMs with no saving follow in ID order, so every VM is visited.
-        for v in &located {
-            if !order.contains(v) {
-                order.push(*v);
-            }
+        let shape = HostShape {
+            vm_slots: n.vm_slots,
+            memory_mib: n.memory_mib,
+            vm_memory_mib: n.vm_memory_mib,
+        };
+        let order = {
+            let s = self.state();
+            order_from_reports(
+                &self.cfg.topology,
+                s.reports.iter().map(|(h, e)| (*h, e.as_slice())),
+                self.cfg.policy.rule,
+                self.cfg.migration_cost,
+                shape,
+            )
+        };
+        if order.is_empty() {
+            return;
         }
         let Some(parts) = TokenOrder::split(order_id, &order) else {
             return;
         };
-        debug!(
-            vms = order.len(),
-            movers = ranking.len(),
-            "global order sent"
-        );
+        debug!(vms = order.len(), "global order sent");
         for host in self.cfg.hosts().collect::<Vec<_>>() {
             if host == self.net.me() {
                 self.state().order = Some(order.clone());
@@ -1404,7 +1332,7 @@ pub async fn start(
             reasm: Reassembler::default(),
             locations: HashMap::new(),
             backup: None,
-            reports: HashMap::new(),
+            reports: BTreeMap::new(),
             report_parts: PartsAssembler::default(),
             order: None,
             order_parts: PartsAssembler::default(),
@@ -1495,7 +1423,7 @@ async fn token_loop(
         match got {
             Ok(Some((h, mut token, vm))) => {
                 if token.epoch < p.epoch() {
-                    p.metrics.rejected("stale_epoch");
+                    p.metrics.rejected(RejectReason::StaleEpoch);
                     continue;
                 }
                 p.metrics.token_received();
