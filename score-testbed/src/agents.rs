@@ -35,10 +35,7 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
     }
     let mut full = true;
     for h in &state.hosts {
-        fs::write(
-            &h.config,
-            agent_config(state, h, &opts.policy, &opts.token_hold, true),
-        )?;
+        fs::write(&h.config, agent_config(state, h, opts, true))?;
     }
     // Try the first host alone: a config refusal shows within a moment.
     let first = state.hosts[0].clone();
@@ -53,10 +50,7 @@ pub fn start_agents(state: &mut State, opts: &AgentOptions) -> Result<()> {
             );
             full = false;
             for h in &state.hosts {
-                fs::write(
-                    &h.config,
-                    agent_config(state, h, &opts.policy, &opts.token_hold, false),
-                )?;
+                fs::write(&h.config, agent_config(state, h, opts, false))?;
             }
             let pid = spawn_agent(&first, &opts.binary, false)?;
             match wait_healthy(&first, pid, Duration::from_secs(20))? {

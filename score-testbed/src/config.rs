@@ -23,17 +23,35 @@ pub struct AgentOptions {
     pub policy: String,
     /// How long a host holds the token for one VM.
     pub token_hold: String,
+    /// Candidate hosts of a decision: paper, peer-racks, peer-pods or all.
+    #[serde(default = "paper_candidates")]
+    pub candidates: String,
+    /// Swaps with full hosts, with one VM of headroom per host.
+    #[serde(default)]
+    pub swaps: bool,
+}
+
+fn paper_candidates() -> String {
+    "paper".to_string()
+}
+
+impl AgentOptions {
+    /// The paper's decisions: its candidates, no swaps.
+    pub fn paper(binary: PathBuf, policy: String, token_hold: String) -> AgentOptions {
+        AgentOptions {
+            binary,
+            policy,
+            token_hold,
+            candidates: paper_candidates(),
+            swaps: false,
+        }
+    }
 }
 
 /// One agent's configuration: the full S-CORE one, or (`full == false`)
 /// only its flow-counting part, for an agent that predates the rest.
-pub fn agent_config(
-    state: &State,
-    host: &Host,
-    policy: &str,
-    token_hold: &str,
-    full: bool,
-) -> String {
+pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool) -> String {
+    let (policy, token_hold) = (opts.policy.as_str(), opts.token_hold.as_str());
     let pin = Path::new(&state.bpffs).join(&host.name);
     let mut s = format!(
         "# score-agent on {name} ({addr}), written by `cargo xtask testbed up`.\n\
@@ -51,12 +69,16 @@ pub fn agent_config(
         return s;
     }
     let slots = state.sizes.slots;
+    // A swap between full hosts needs one VM of headroom on one of them
+    // while its first migration is under way, and the memory for it.
+    let headroom = u32::from(opts.swaps);
     s.push_str(&format!(
         "\n[node]\n\
          address = \"{addr}\"\n\
          vm_slots = {slots}\n\
          memory_mib = {mem}\n\
          vm_memory_mib = {vm_mem}\n\
+         migration_headroom = {headroom}\n\
          \n[topology]\n\
          file = \"{topo}\"\n\
          \n[peer]\n\
@@ -66,12 +88,16 @@ pub fn agent_config(
          \n[policy]\n\
          kind = \"{policy}\"\n\
          token_hold = \"{token_hold}\"\n\
+         candidates = \"{candidates}\"\n\
+         swaps = {swaps}\n\
          \n[backend]\n\
          {backend}\
          \n[backend.hosts]\n",
         addr = host.address,
         vm_mem = state.vm_memory_mib(),
-        mem = slots * state.vm_memory_mib(),
+        mem = (slots + headroom) * state.vm_memory_mib(),
+        candidates = opts.candidates,
+        swaps = opts.swaps,
         backend = backend_config(state, host),
         topo = state.topology_file.display(),
         key = state.key_file.display(),
@@ -152,7 +178,8 @@ mod tests {
             memory_mib: GUEST_MEMORY_MIB,
             boot_seconds: 0.0,
         });
-        let c = agent_config(&state, &state.hosts[1], "distributed", "1s", true);
+        let opts = AgentOptions::paper("score-agent".into(), "distributed".into(), "1s".into());
+        let c = agent_config(&state, &state.hosts[1], &opts, true);
         for line in [
             "vm_memory_mib = 256",
             "memory_mib = 1024",

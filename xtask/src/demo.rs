@@ -51,6 +51,13 @@ pub(crate) struct DemoArgs {
     /// How long a host holds the token for one VM.
     #[arg(long, default_value = "1s")]
     token_hold: String,
+    /// Candidate hosts of a decision: paper, peer-racks, peer-pods or all
+    /// (docs/EVALUATION.md, "Beyond the paper").
+    #[arg(long, default_value = "paper")]
+    candidates: String,
+    /// Swaps with full hosts (each host gets one VM of headroom for them).
+    #[arg(long)]
+    swaps: bool,
     /// Seconds between cost reports when the agents export no token round.
     #[arg(long, default_value_t = 15)]
     period: u64,
@@ -202,6 +209,10 @@ impl Round {
 
 /// Runs the demo.
 pub(crate) fn demo(args: &DemoArgs) -> Result<()> {
+    // Checked before anything is set up (the agents would refuse it later).
+    args.candidates
+        .parse::<score_core::swap::CandidateSet>()
+        .map_err(|e| anyhow::anyhow!("--candidates: {e}"))?;
     testbed::require_root("the demo")?;
     catch_signals();
     let t0 = Instant::now();
@@ -269,9 +280,9 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<()> {
         args.policy
     );
     let opts = AgentOptions {
-        binary,
-        policy: args.policy.clone(),
-        token_hold: args.token_hold.clone(),
+        candidates: args.candidates.clone(),
+        swaps: args.swaps,
+        ..AgentOptions::paper(binary, args.policy.clone(), args.token_hold.clone())
     };
     let started = Instant::now();
     agents::start_agents(&mut state, &opts)?;
@@ -440,6 +451,19 @@ fn report(
         mb(best.cost),
         optimum::describe(&best)
     );
+    // Against the optimum of the same (final) traffic from the same start:
+    // the start's cost recomputed with it, so that traffic that changed
+    // while the agents ran does not count as their gain.
+    let start_now = measure::cost(topo, &s.traffic, &state.initial_placement()?).total;
+    let possible = start_now - best.cost;
+    if possible > 0.0 {
+        println!(
+            "reduction: {:.3} of the best placement's ({} of {} MB/s x W, the final traffic on the start placement)",
+            (start_now - c.total) / possible,
+            mb(start_now - c.total),
+            mb(possible)
+        );
+    }
     let groups: Vec<String> = (0..topo.host_count())
         .filter(|&h| best.placement.count(h) > 0)
         .map(|h| {

@@ -313,11 +313,7 @@ fn testbed_command(command: TestbedCommand) -> Result<()> {
                     );
                 }
                 if let Some(binary) = binary {
-                    let opts = AgentOptions {
-                        binary,
-                        policy,
-                        token_hold,
-                    };
+                    let opts = AgentOptions::paper(binary, policy, token_hold);
                     agents::start_agents(&mut state, &opts)?;
                 }
                 if with_traffic && state.guests.is_none() {
