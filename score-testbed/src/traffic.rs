@@ -154,16 +154,28 @@ pub fn plan(state: &State, rates: &Rates) -> Vec<Flow> {
     flows
 }
 
-/// Groups: VM i (from 0, address order) joins group i mod (n / size), so
-/// that a group's members start on hosts `n / size` apart (VM i starts on
-/// host i mod hosts): spread over racks and pods. Each member sends
-/// `chatty / (size - 1)` to every other member; background as for pairs,
-/// to VMs outside the group.
+/// Groups: VM i (from 0, address order) starts on host i mod hosts (slot
+/// i / hosts there). When the hosts divide into `size` equal strides, a
+/// group is one slot on hosts r, r + stride, r + 2·stride, ...: every
+/// member on a host of its own, spread evenly over racks and pods. (Taking
+/// group i mod (n / size) put a whole group on one host whenever there are
+/// as many groups as hosts.) Otherwise VM i joins group i mod (n / size).
+/// Each member sends `chatty / (size - 1)` to every other member;
+/// background as for pairs, to VMs outside the group.
 fn plan_groups(state: &State, rates: &Rates) -> Vec<Flow> {
     let n = state.vms.len();
     let size = (rates.group_size.max(2) as usize).min(n.max(1));
+    let hosts = state.hosts.len().max(1);
     let groups = (n / size).max(1);
-    let group = |i: usize| i % groups;
+    let stride = hosts / size;
+    let group = |i: usize| {
+        if stride > 0 && hosts.is_multiple_of(size) {
+            let (h, slot) = (i % hosts, i / hosts);
+            h % stride + stride * slot
+        } else {
+            i % groups
+        }
+    };
     let mut flows = Vec::new();
     let per_peer = rates.chatty / (size as u64 - 1).max(1);
     for a in 0..n {
@@ -473,13 +485,33 @@ mod tests {
             .map(|f| f.dst)
             .collect();
         assert_eq!(peers.len(), 3);
-        // Members 0, 4, 8, 12 start on hosts 1, 5, 1, 5: both pods.
-        let hosts: Vec<&str> = [0, 4, 8, 12]
+        // Members 0, 2, 4, 6 start on hosts 1, 3, 5, 7: a host each, both
+        // pods.
+        let hosts: Vec<&str> = [0, 2, 4, 6]
             .iter()
             .map(|&i| state.vms[i].initial_host.as_str())
             .collect();
-        assert_eq!(hosts, ["dc-h1", "dc-h5", "dc-h1", "dc-h5"]);
-        assert!(peers.contains(&state.vms[4].address));
+        assert_eq!(hosts, ["dc-h1", "dc-h3", "dc-h5", "dc-h7"]);
+        for i in [2, 4, 6] {
+            assert!(peers.contains(&state.vms[i].address));
+        }
+    }
+
+    #[test]
+    fn groups_never_start_on_one_host_when_there_are_as_many_as_hosts() {
+        // 8 hosts of 4 VMs, groups of 4: 8 groups.
+        let state = crate::state::planned_state(&crate::plan::Sizes {
+            vms_per_host: 4,
+            ..sizes()
+        });
+        let flows = plan(&state, &rates(Pattern::Groups));
+        let host_of = |a: Ipv4Addr| {
+            let v = state.vms.iter().find(|v| v.address == a).unwrap();
+            v.initial_host.clone()
+        };
+        let heavy: Vec<&Flow> = flows.iter().filter(|f| f.rate == 100).collect();
+        assert_eq!(heavy.len(), 8 * 12);
+        assert!(heavy.iter().all(|f| host_of(f.src) != host_of(f.dst)));
     }
 
     #[test]
