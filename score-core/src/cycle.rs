@@ -332,14 +332,7 @@ pub fn decide_rotation(
     if cm.threshold(plan.cost_before, 0.0).is_nan() || u.id != plan.vm {
         return None;
     }
-    let mut order: Vec<usize> = (0..plan.candidates.len())
-        .filter(|&i| plan.candidates[i].benefit > 0.0)
-        .collect();
-    order.sort_by(|&a, &b| {
-        plan.candidates[b]
-            .benefit
-            .total_cmp(&plan.candidates[a].benefit)
-    });
+    let order = plan.gaining_best_first();
     let mut asked = 0u32;
     let mut asks = 0u32;
     let mut best: Option<(f64, RotationOffer)> = None;

@@ -557,6 +557,21 @@ pub fn plan(topo: &Topology, vm: VmId, host: HostId, peers: &[Peer]) -> Plan {
 }
 
 impl Plan {
+    /// Indices of the candidates where u gains, largest benefit first (ties
+    /// in candidate order): the order in which chains and rotations ask
+    /// full hosts.
+    pub(crate) fn gaining_best_first(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.candidates.len())
+            .filter(|&i| self.candidates[i].benefit > 0.0)
+            .collect();
+        order.sort_by(|&a, &b| {
+            self.candidates[b]
+                .benefit
+                .total_cmp(&self.candidates[a].benefit)
+        });
+        order
+    }
+
     /// Applies equation 2 with `rule`: see the module documentation.
     /// `capacity(h)` is asked lazily, only for candidates whose benefit is
     /// above c_m, and `None` (no answer) counts as no room. For callers that
