@@ -210,6 +210,69 @@ impl MigrationCost {
     }
 }
 
+/// A c_m that decays over the token's rounds (beyond the paper,
+/// docs/EVALUATION.md): round r prices with c_m × max(`decay`^r, `floor`).
+/// The token carries its round, so every holder knows the round's c_m;
+/// large gains are made first, and the many small moves that later become
+/// pointless are not made. [`CmDecay::CONSTANT`] (decay 1) is the paper's
+/// constant c_m. score-sim's engine and the protocol's
+/// [`Node`](crate::proto::Node) both price with [`CmDecay::at`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmDecay {
+    /// Factor per round; 1 (or more): constant.
+    pub decay: f64,
+    /// The floor, a fraction of the first round's c_m.
+    pub floor: f64,
+}
+
+impl Default for CmDecay {
+    fn default() -> Self {
+        CmDecay::CONSTANT
+    }
+}
+
+impl CmDecay {
+    /// No decay: the paper's constant c_m.
+    pub const CONSTANT: CmDecay = CmDecay {
+        decay: 1.0,
+        floor: 0.0,
+    };
+
+    /// Whether c_m stays what it is (decay 1 or more, or NaN).
+    pub fn is_constant(self) -> bool {
+        self.decay.is_nan() || self.decay >= 1.0
+    }
+
+    /// The factor of round `round`: max(`decay`^round, `floor`), 1 when
+    /// constant. A negative decay counts as 0.
+    pub fn factor(self, round: u32) -> f64 {
+        if self.is_constant() {
+            return 1.0;
+        }
+        self.decay
+            .max(0.0)
+            .powi(round.min(1 << 20) as i32)
+            .max(self.floor)
+    }
+
+    /// Whether c_m has reached its floor by round `round` (a quiet round
+    /// then means no later round would move anything either). Always true
+    /// when constant.
+    pub fn settled(self, round: u32) -> bool {
+        self.is_constant() || self.factor(round) <= self.floor
+    }
+
+    /// The c_m of round `round`, from the first round's `cm`.
+    pub fn at(self, cm: MigrationCost, round: u32) -> MigrationCost {
+        if self.is_constant() {
+            cm
+        } else {
+            cm.scaled(self.factor(round))
+        }
+    }
+}
+
 /// A candidate host for the deciding VM.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Candidate {
@@ -755,6 +818,31 @@ mod tests {
     use super::*;
     use crate::topology::LinkWeights;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn c_m_decays_by_round_to_its_floor() {
+        let d = CmDecay {
+            decay: 0.5,
+            floor: 0.1,
+        };
+        let cm = MigrationCost::Absolute(8.0);
+        assert_eq!(d.at(cm, 0), MigrationCost::Absolute(8.0));
+        assert_eq!(d.at(cm, 2), MigrationCost::Absolute(2.0));
+        // 0.5^4 = 0.0625 is below the floor.
+        assert_eq!(d.factor(4), 0.1);
+        assert!(!d.settled(3) && d.settled(4) && d.settled(u32::MAX));
+        assert_eq!(CmDecay::default(), CmDecay::CONSTANT);
+        for c in [
+            CmDecay::CONSTANT,
+            CmDecay {
+                decay: 2.0,
+                floor: 0.0,
+            },
+        ] {
+            assert!(c.is_constant() && c.settled(0));
+            assert_eq!(c.at(cm, 7), cm);
+        }
+    }
 
     fn topo() -> Topology {
         Topology::regular(

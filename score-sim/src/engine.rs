@@ -26,7 +26,7 @@ use std::time::Instant;
 use score_core::chain::{Chain, choose_ejection, decide_chain};
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::cycle::{Rotation, close_rotation, decide_rotation, extend_rotation};
-use score_core::decision::{Decision, MigrationCost, Plan, Rule, plan};
+use score_core::decision::{CmDecay, Decision, MigrationCost, Plan, Rule, plan};
 use score_core::group::{GroupLimits, GroupMove, decide_group};
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
 use score_core::swap::{
@@ -881,17 +881,16 @@ pub fn run_policy(
             }
             let mut quiet = this_round == 0 && next_event >= events.len();
             this_round = 0;
-            if opts.cm_decay < 1.0 {
+            let decay = CmDecay {
+                decay: opts.cm_decay,
+                floor: opts.cm_floor,
+            };
+            if !decay.is_constant() {
                 // The token carries the round: every holder knows this
                 // round's c_m. A quiet round ends the run only once c_m
                 // has decayed to nothing that matters.
-                let f = opts
-                    .cm_decay
-                    .max(0.0)
-                    .powi(token.round.min(1 << 20) as i32)
-                    .max(opts.cm_floor);
-                quiet &= f <= opts.cm_floor;
-                cm = cm0.scaled(f);
+                quiet &= decay.settled(token.round);
+                cm = decay.at(cm0, token.round);
                 settings.cm = cm;
                 if let Some(g) = global.as_mut() {
                     *g = GlobalIndex::new(&st, opts.rule, cm);

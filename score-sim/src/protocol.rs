@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use score_core::cost::{CostModel, Placement, Traffic, VmIdx};
-use score_core::decision::{Decision, MigrationCost, Rule};
+use score_core::decision::{CmDecay, Decision, MigrationCost, Rule};
 use score_core::policy::PolicyKind;
 use score_core::proto::{
     Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, SwapOutcome, VmFacts,
@@ -167,6 +167,11 @@ pub struct SimConfig {
     /// Keep every decision and the cost after it ([`Report::decisions`],
     /// [`Report::step_costs`]).
     pub record: bool,
+    /// c_m of the first round, read as score-sim's engine reads it
+    /// (resolved against the world's initial cost).
+    pub cm: MigrationCostSpec,
+    /// How c_m decays over the rounds (constant by default, the paper's).
+    pub cm_decay: CmDecay,
 }
 
 impl SimConfig {
@@ -210,6 +215,8 @@ impl SimConfig {
             hold_down_ns: 60 * SEC,
             location_ttl_ns: 30 * SEC,
             record: false,
+            cm: MigrationCostSpec::Absolute(0.0),
+            cm_decay: CmDecay::CONSTANT,
         }
     }
 
@@ -387,6 +394,8 @@ struct Sim {
     /// Equation 1's total now, kept by each migration's exact change and
     /// recomputed at every round's end.
     total: f64,
+    /// c_m of the first round, resolved against the initial total.
+    cm0: MigrationCost,
     undefined: Vec<bool>,
     nodes: Vec<Option<Node>>,
     persisted: Vec<Persisted>,
@@ -451,7 +460,8 @@ impl Sim {
         c.token_timeout_ns = self.cfg.token_timeout_ns;
         c.token_hold_ns = self.cfg.token_hold_ns;
         c.rule = Rule::PaperFirst;
-        c.migration_cost = MigrationCost::Absolute(0.0);
+        c.migration_cost = self.cm0;
+        c.cm_decay = self.cfg.cm_decay;
         if let Some(w) = &self.cfg.world {
             c.vm_memory_mib = w.shape.vm_mem_mb;
         }
@@ -969,6 +979,7 @@ pub fn run(cfg: &SimConfig) -> Report {
         placement,
         traffic,
         total: 0.0,
+        cm0: MigrationCost::Absolute(0.0),
         undefined: vec![false; n_vms],
         nodes: (0..hosts).map(|_| None).collect(),
         persisted: vec![Persisted::default(); hosts],
@@ -992,6 +1003,7 @@ pub fn run(cfg: &SimConfig) -> Report {
     };
     sim.total = sim.cost();
     sim.report.cost_start = sim.total;
+    sim.cm0 = cfg.cm.resolve(sim.total, n_vms as u32);
     // Faults: crashes and partitions at random times within the window.
     let f = cfg.faults;
     let mut last_fault = f.window_ns;
@@ -1104,8 +1116,8 @@ impl Comparison {
 
 /// Runs `cfg` (on its [`SimConfig::world`], which it must have) through
 /// the protocol for `rounds` rounds and score-sim's decision-only engine on
-/// the same world with the same policy, rule (the paper's), c_m (0) and a
-/// blank first token (what a watcher regenerates), and compares their
+/// the same world with the same policy, rule (the paper's), c_m and its
+/// decay (`cfg`'s) and a blank first token (what a watcher regenerates), and compares their
 /// decisions hand-off by hand-off. The engine stops early after a round
 /// without migration; the protocol's later hand-offs must then all keep
 /// their VM where it is.
@@ -1117,7 +1129,9 @@ pub fn compare(cfg: &SimConfig, rounds: u32) -> Result<Comparison, score_core::c
     let protocol = run(&c);
     let opts = RunOptions {
         rule: Rule::PaperFirst,
-        cm: MigrationCostSpec::Absolute(0.0),
+        cm: cfg.cm,
+        cm_decay: cfg.cm_decay.decay,
+        cm_floor: cfg.cm_decay.floor,
         max_rounds: rounds,
         token_init: TokenInit::Blank,
         record_steps: true,

@@ -8,9 +8,11 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use score_core::decision::CmDecay;
 use score_core::policy::PolicyKind;
 use score_core::topology::{RegularSpec, TopologySpec};
-use score_sim::protocol::{SimConfig, compare};
+use score_sim::protocol::{Comparison, SimConfig, compare};
+use score_sim::scenario::MigrationCostSpec;
 use score_sim::scenario::Scenario;
 use score_sim::world::Setup;
 
@@ -45,7 +47,12 @@ fn config(seed: u64, vms: u32, policy: PolicyKind) -> SimConfig {
 }
 
 fn assert_same(seed: u64, vms: u32, policy: PolicyKind, rounds: u32) {
-    let cmp = compare(&config(seed, vms, policy), rounds).expect("runs");
+    assert_same_with(&config(seed, vms, policy), rounds);
+}
+
+fn assert_same_with(c: &SimConfig, rounds: u32) -> Comparison {
+    let (seed, policy) = (c.seed, c.policy);
+    let cmp = compare(c, rounds).expect("runs");
     let p = &cmp.protocol;
     assert!(p.violations.is_empty(), "{:?}", p.violations);
     assert_eq!(p.skips, 0, "a fault-free run skips nothing");
@@ -70,6 +77,7 @@ fn assert_same(seed: u64, vms: u32, policy: PolicyKind, rounds: u32) {
         );
     }
     assert!((p.cost_end - cmp.engine.final_cost).abs() <= 1e-9 * p.cost_end.max(1.0));
+    cmp
 }
 
 #[test]
@@ -85,4 +93,27 @@ fn the_protocol_decides_as_the_engine_does_round_robin() {
 #[test]
 fn the_protocol_decides_as_the_engine_does_load_aware() {
     assert_same(3, 384, PolicyKind::LoadAware, 3);
+}
+
+/// With a c_m that decays over the rounds (the engine's `@start/decay/floor`
+/// variants), every holder prices with its token's round: the protocol
+/// still makes the engine's decisions, and the schedule holds the first
+/// rounds back.
+#[test]
+fn with_a_decaying_c_m_the_protocol_decides_as_the_engine_does() {
+    let mut c = config(4, 320, PolicyKind::Distributed);
+    c.cm = MigrationCostSpec::MeanVmFraction(2.0);
+    c.cm_decay = CmDecay {
+        decay: 0.5,
+        floor: 0.01,
+    };
+    let cmp = assert_same_with(&c, 5);
+    let flat = compare(&config(4, 320, PolicyKind::Distributed), 1).expect("runs");
+    let first = |r: &[u64]| r.first().copied().unwrap_or(0);
+    assert!(
+        first(&cmp.engine.round_migrations) < first(&flat.engine.round_migrations),
+        "the first round's high c_m moves fewer VMs: {:?} vs {:?}",
+        cmp.engine.round_migrations,
+        flat.engine.round_migrations
+    );
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::swap::{CommitAction, Reservations, order as swap_order};
-use crate::decision::{self, Capacity, Decision, MigrationCost, Plan, Rule};
+use crate::decision::{self, Capacity, CmDecay, Decision, MigrationCost, Plan, Rule};
 use crate::policy::{self, HostShape, PolicyKind, TokenPolicy, order_from_reports};
 use crate::swap::{
     LocalVm, Query, Scope, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
@@ -42,8 +42,12 @@ pub struct Config {
     pub policy: PolicyKind,
     /// The decision rule.
     pub rule: Rule,
-    /// c_m.
+    /// c_m (of the first round, when it decays).
     pub migration_cost: MigrationCost,
+    /// How c_m decays over the token's rounds (beyond the paper; constant
+    /// by default): a holder prices with its token's round, an asked host
+    /// with the latest round it knows (docs/PROTOCOL.md).
+    pub cm_decay: CmDecay,
     /// VMs this host may run.
     pub vm_slots: u32,
     /// Memory of one VM, MiB (what a capacity answer counts in).
@@ -110,6 +114,7 @@ impl Config {
             policy: PolicyKind::Distributed,
             rule: Rule::default(),
             migration_cost: MigrationCost::Absolute(0.0),
+            cm_decay: CmDecay::CONSTANT,
             vm_slots: 16,
             vm_memory_mib: 1024,
             min_rate: 0.0,
@@ -498,6 +503,10 @@ pub struct Node {
     order_parts: PartsAssembler<VmId>,
     /// The coordinator: each host's last flows, with their rates.
     flows: BTreeMap<Ipv4Addr, Vec<FlowEntry>>,
+    /// The highest token round this node has seen (held, backed up or
+    /// reported to it): what an asked host and the coordinator price c_m
+    /// with when it decays.
+    round_seen: u32,
     out: VecDeque<Output>,
     events: VecDeque<Event>,
 }
@@ -570,6 +579,7 @@ impl Node {
             order: None,
             order_parts: PartsAssembler::default(),
             flows: BTreeMap::new(),
+            round_seen: 0,
             out: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -1221,9 +1231,9 @@ impl Node {
     }
 
     fn on_seen(&mut self, h: &Header, holder: VmId, stamp: TokenStamp) {
-        let _ = holder;
         if stamp.epoch >= self.persisted.epoch {
             self.last_seen = self.now;
+            self.round_seen = self.round_seen.max(stamp.round);
         }
         // A notice that a greater copy of this epoch exists ends ours.
         let overtaken = self.held.as_ref().is_some_and(|x| {
@@ -1358,6 +1368,7 @@ impl Node {
                 return;
             }
         }
+        self.round_seen = self.round_seen.max(token.round);
         let mut token = token;
         let (joining, at) = std::mem::take(&mut self.joining);
         if self.now.saturating_sub(at) <= self.cfg.token_timeout_ns {
@@ -1459,10 +1470,20 @@ impl Node {
         self.ask_next();
     }
 
+    /// c_m in round `round` (the schedule's, constant by default).
+    fn cm(&self, round: u32) -> MigrationCost {
+        self.cfg.cm_decay.at(self.cfg.migration_cost, round)
+    }
+
+    /// The holder decides with its token's round's c_m.
     fn settings(&self) -> Settings {
+        let round = self
+            .held
+            .as_ref()
+            .map_or(self.round_seen, |h| h.token.round);
         Settings {
             rule: self.cfg.rule,
-            cm: self.cfg.migration_cost,
+            cm: self.cm(round),
             mem_need_mb: self.cfg.vm_memory_mib,
             scope: self.cfg.scope,
         }
@@ -1902,7 +1923,7 @@ impl Node {
             free_mem,
             &local,
             &req,
-            self.cfg.migration_cost,
+            self.cm(self.round_seen),
         )
         .ok_or(SwapRefusal::NoPartner)?;
         let until = now.saturating_add(self.cfg.swap_timeout_ns);
@@ -1992,6 +2013,7 @@ impl Node {
             return;
         };
         if token.round != round {
+            self.round_seen = self.round_seen.max(token.round);
             self.events.push_back(Event::RoundComplete {
                 epoch: token.epoch,
                 round: token.round,
@@ -2194,7 +2216,7 @@ impl Node {
             &self.cfg.topology,
             self.flows.iter().map(|(h, e)| (*h, e.as_slice())),
             self.cfg.rule,
-            self.cfg.migration_cost,
+            self.cm(self.round_seen),
             shape,
         );
         if order.is_empty() {
