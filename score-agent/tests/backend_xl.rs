@@ -1,7 +1,8 @@
 //! The xl backend against a stand-in `xl` (tests/fixtures/xl-standin) that
-//! replays the real tool's output and records its calls: the right
-//! commands for the right domain, found by MAC, and every way `xl migrate`
-//! can end mapped to where the VM is. Unprivileged.
+//! replays what xl 4.17 printed on the Xen rig (tests/fixtures/xl-4.17)
+//! and records its calls: the right commands for the right domain, found
+//! by MAC, and every way `xl migrate` can end mapped to where the VM is.
+//! Unprivileged; tests/xen.rs checks the captures against the real tool.
 
 use std::{
     net::Ipv4Addr,
@@ -15,7 +16,7 @@ use score_agent::backend::{
 
 mod fixtures;
 
-use fixtures::link_stand_in;
+use fixtures::{XlOutput, link_stand_in};
 
 /// web1 (domid 3), one NIC.
 const WEB1: [u8; 6] = [0x00, 0x16, 0x3e, 0x12, 0x01, 0x05];
@@ -32,15 +33,33 @@ struct StandIn {
 
 impl StandIn {
     fn new() -> StandIn {
-        let dir = tempfile::tempdir().unwrap();
-        link_stand_in("xl-standin", &dir.path().join("xl"));
-        let domains = dir.path().join("domains");
-        std::fs::create_dir(&domains).unwrap();
+        let s = StandIn::empty();
         for entry in std::fs::read_dir(fixtures::path("xl-domains")).unwrap() {
             let entry = entry.unwrap();
-            std::fs::copy(entry.path(), domains.join(entry.file_name())).unwrap();
+            std::fs::copy(
+                entry.path(),
+                s.path().join("domains").join(entry.file_name()),
+            )
+            .unwrap();
         }
+        s
+    }
+
+    /// A host running Domain-0 only.
+    fn empty() -> StandIn {
+        let dir = tempfile::tempdir().unwrap();
+        link_stand_in("xl-standin", &dir.path().join("xl"));
+        std::fs::create_dir(dir.path().join("domains")).unwrap();
         StandIn { dir }
+    }
+
+    /// Runs the stand-in with `args`.
+    fn run(&self, args: &[&str]) -> XlOutput {
+        let out = std::process::Command::new(self.path().join("xl"))
+            .args(args)
+            .output()
+            .unwrap();
+        XlOutput::of(&out)
     }
 
     fn with_mode(mode: &str) -> StandIn {
@@ -90,7 +109,7 @@ impl StandIn {
             .collect()
     }
 
-    /// The names of the domains the stand-in still runs.
+    /// The names of the domains the stand-in still runs, Domain-0 left out.
     fn names(&self) -> Vec<String> {
         let out = std::process::Command::new(self.path().join("xl"))
             .args(["list", "-l"])
@@ -100,6 +119,7 @@ impl StandIn {
         list.as_array()
             .unwrap()
             .iter()
+            .filter(|d| d["domid"] != 0)
             .map(|d| d["config"]["c_info"]["name"].as_str().unwrap().to_owned())
             .collect()
     }
@@ -221,7 +241,19 @@ async fn fail_with(mode: &str) -> (BackendError, Vec<String>) {
 
 #[tokio::test]
 async fn failures_before_the_go_leave_the_vm_at_the_source() {
-    for mode in ["no-receiver", "suspend-timeout", "transfer-fails"] {
+    // Each as xl 4.17 printed it on the rig.
+    for (mode, last_words) in [
+        ("no-receiver", "exited with error status 1"),
+        ("target-down", "exited with error status 1"),
+        (
+            "receiver-killed",
+            "xc_domain_resume failed: Invalid argument",
+        ),
+        (
+            "save-fails",
+            "Migration failed, failed to suspend at sender.",
+        ),
+    ] {
         let (err, names) = fail_with(mode).await;
         assert!(
             matches!(err, BackendError::Failed { .. }),
@@ -229,13 +261,87 @@ async fn failures_before_the_go_leave_the_vm_at_the_source() {
         );
         assert!(err.still_at_source(), "{mode}");
         assert!(names.contains(&"web1".to_owned()), "{mode}: {names:?}");
+        assert!(
+            err.to_string().contains(last_words),
+            "{mode}: the reason carries xl's last words: {err}"
+        );
     }
-    let (err, _) = fail_with("transfer-fails").await;
-    assert!(
-        err.to_string()
-            .contains("Migration failed, resuming at sender."),
-        "the reason carries xl's last words: {err}"
+}
+
+/// Every captured case, replayed: the stand-in prints exactly what xl 4.17
+/// printed on the rig (tests/fixtures/xl-4.17), so that the backend's
+/// classification above is of the real tool's words.
+#[test]
+fn the_stand_in_prints_what_xl_4_17_printed_on_the_rig() {
+    let host = "10.77.0.2";
+    for (mode, case) in [
+        ("ok", "migrate-ok"),
+        ("no-receiver", "migrate-no-receiver"),
+        ("target-down", "migrate-target-down"),
+        ("receiver-killed", "migrate-receiver-killed"),
+        ("save-fails", "migrate-save-fails"),
+    ] {
+        let xl = StandIn::with_mode(mode);
+        let got = xl.run(&["migrate", "-s", "score-xl-send", "web1", host]);
+        assert_eq!(
+            got.masked(),
+            XlOutput::captured(case, "", 3, host),
+            "{mode}"
+        );
+    }
+    let xl = StandIn::new();
+    for (args, case, name) in [
+        (
+            &["migrate", "-s", "score-xl-send", "nosuch", host][..],
+            "not-found",
+            "nosuch",
+        ),
+        (&["list", "nosuch"][..], "not-found", "nosuch"),
+        (&["migrate"][..], "migrate-usage", ""),
+        (&["migrate", "web1"][..], "migrate-usage", ""),
+        (&["migrate", "-Z", "web1", host][..], "bad-option", "Z"),
+        (&["migrate", "-s"][..], "bad-option", "s"),
+    ] {
+        assert_eq!(
+            xl.run(args),
+            XlOutput::captured(case, name, 0, host),
+            "{args:?}"
+        );
+    }
+    // `xl list -l` on a host with no guests: Domain-0 alone.
+    let empty = StandIn::empty().run(&["list", "-l"]);
+    let domain0 =
+        std::fs::read_to_string(fixtures::path("xl-4.17/list-long-domain0.json")).unwrap();
+    assert_eq!(empty.stdout, format!("[\n{domain0}]\n\n"));
+    let header = std::fs::read_to_string(fixtures::path("xl-4.17/list-header.stdout")).unwrap();
+    assert!(xl.run(&["list"]).stdout.starts_with(&header));
+}
+
+#[test]
+fn pids_are_masked_and_nothing_else() {
+    assert_eq!(
+        fixtures::mask_pids("process [312] exited; L1[380]: [x] [] [7]"),
+        "process [@PID@] exited; L1[380]: [x] [] [@PID@]"
     );
+}
+
+/// The rig's guest as real `xl list -l` printed it (Domain-0 first, the
+/// guest's NIC with its MAC): found by its MAC and migrated by domid.
+#[tokio::test]
+async fn the_guest_real_xl_listed_is_found_by_its_mac() {
+    let xl = StandIn::empty();
+    std::fs::copy(
+        fixtures::path("xl-4.17/list-long-g1.json"),
+        xl.path().join("domains/1.json"),
+    )
+    .unwrap();
+    let g1 = [0x00, 0x16, 0x3e, 0x77, 0x00, 0x65];
+    xl.backend().migrate(&vm(g1), &to(H2)).await.unwrap();
+    assert_eq!(
+        xl.migrate_calls(),
+        vec![args(&["migrate", "1", "xen-h2.example"])]
+    );
+    assert!(xl.names().is_empty());
 }
 
 #[tokio::test]
