@@ -23,6 +23,10 @@ use score_testbed::{
     xen_cluster,
 };
 
+mod fixtures;
+
+use fixtures::XlOutput;
+
 const XEN2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// An address on the hosts' network that nothing answers: a target host
 /// that is down.
@@ -113,16 +117,64 @@ fn vm(g: &Guest) -> VmRef {
     }
 }
 
-/// The xl backend of xen1's agent: `xl migrate -s score-xl-send DOMID HOST`,
-/// the rig's TCP relay to the target's receiver in place of ssh.
-fn backend() -> Backend {
-    let run = xen::RUN_DIR;
-    let text = format!(
-        "kind = \"xl\"\nxl_path = \"{run}/xen1/xl\"\n\
-         migrate_options = [\"-s\", \"score-xl-send\"]\ntimeout = \"600s\"\n"
-    );
-    let config: BackendConfig = toml::from_str(&text).unwrap();
-    Backend::from_config(&config).unwrap()
+/// The xl backend of xen1's agent, `xl migrate -s score-xl-send DOMID
+/// HOST` (the rig's TCP relay to the target's receiver in place of ssh),
+/// through a recorder (tests/fixtures/xl-recorder) that keeps what real xl
+/// printed, to compare with what the stand-in replays.
+struct Recorded {
+    dir: tempfile::TempDir,
+}
+
+impl Recorded {
+    fn new() -> Recorded {
+        let dir = tempfile::tempdir().unwrap();
+        fixtures::link_stand_in("xl-recorder", &dir.path().join("xl"));
+        std::fs::write(
+            dir.path().join("real-xl"),
+            format!("{}/xen1/xl", xen::RUN_DIR),
+        )
+        .unwrap();
+        Recorded { dir }
+    }
+
+    fn backend(&self) -> Backend {
+        let text = format!(
+            "kind = \"xl\"\nxl_path = \"{}\"\n\
+             migrate_options = [\"-s\", \"score-xl-send\"]\ntimeout = \"600s\"\n",
+            self.dir.path().join("xl").display()
+        );
+        let config: BackendConfig = toml::from_str(&text).unwrap();
+        Backend::from_config(&config).unwrap()
+    }
+
+    /// Migrates `guest` from xen1 to `to` with the backend; what xl
+    /// printed must be what it printed when the stand-in's capture `case`
+    /// was taken (tests/fixtures/xl-4.17). The backend's error, if it
+    /// failed.
+    fn migrate(&self, guest: &Guest, to: Ipv4Addr, case: &str) -> Option<BackendError> {
+        let domid: u32 = dom0_ok(1, &format!("xl domid {}", guest.name))
+            .trim()
+            .parse()
+            .unwrap();
+        let result = runtime()
+            .block_on(self.backend().migrate(&vm(guest), &HostRef { addr: to }))
+            .err();
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.dir.path().join(format!("migrate.{ext}"))).unwrap()
+        };
+        let real = XlOutput {
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+            code: read("rc").trim().parse().unwrap(),
+        };
+        assert_eq!(
+            real.masked(),
+            XlOutput::captured(case, "", domid, &to.to_string()),
+            "real xl 4.17 no longer prints what the stand-in replays as {case} \
+             (tests/fixtures/xl-4.17/README)"
+        );
+        result
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -193,14 +245,13 @@ fn xen_xl_migrate_moves_a_live_pv_guest() {
     reset();
     let before = create(1);
     let started = Instant::now();
-    let report = runtime()
-        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
-        .unwrap_or_else(|e| panic!("migration failed: {e}"));
+    if let Some(e) = Recorded::new().migrate(&G1, XEN2, "migrate-ok") {
+        panic!("migration failed: {e}");
+    }
     eprintln!(
         "xl migrate of a PV guest: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert!(!report.advisory);
     assert_eq!(domains(1), Vec::<String>::new());
     assert_eq!(domains(2), ["g1"]);
     // The same boot, its uptime continuing: a live migration, not a
@@ -219,19 +270,19 @@ fn xen_no_receiver_or_target_down_leaves_the_guest_running_at_the_source() {
     }
     reset();
     let before = create(1);
-    let rt = runtime();
+    let xl = Recorded::new();
     // The target runs, but nothing listens for the migration.
     dom0_ok(2, "score-receiver stop");
-    let err = rt
-        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
-        .unwrap_err();
+    let err = xl
+        .migrate(&G1, XEN2, "migrate-no-receiver")
+        .expect("failed");
     dom0_ok(2, "score-receiver start");
     eprintln!("no receiver: {err}");
     assert!(matches!(err, BackendError::Failed { .. }), "{err}");
     // The target host is down: no answer at all.
-    let err = rt
-        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: DOWN }))
-        .unwrap_err();
+    let err = xl
+        .migrate(&G1, DOWN, "migrate-target-down")
+        .expect("failed");
     eprintln!("target down: {err}");
     assert!(matches!(err, BackendError::Failed { .. }), "{err}");
     assert_eq!(domains(1), ["g1"]);
@@ -261,9 +312,9 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
            echo killed >/tmp/killed) </dev/null >/dev/null 2>&1 & \
          echo $! >/run/score-watcher.pid",
     );
-    let err = runtime()
-        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
-        .unwrap_err();
+    let err = Recorded::new()
+        .migrate(&G1, XEN2, "migrate-receiver-killed")
+        .expect("failed");
     eprintln!("killed part-way: {err}");
     dom0_ok(2, "test -e /tmp/killed");
     // What the killed receiver leaves on the target: the paused incoming
@@ -279,6 +330,87 @@ fn xen_a_receiver_killed_part_way_leaves_the_guest_at_the_source() {
     let after = status(1).expect("g1 still answers on xen1");
     assert_eq!(after.boot_id, before.boot_id);
     assert!(after.uptime > before.uptime);
+}
+
+/// The stand-in's other replies, next to real xl's for the same command
+/// lines: a domain that does not exist, usage errors, and the lists on a
+/// host with no guests. Real xl runs in xen1's dom0, the stand-in here;
+/// both must print the capture (tests/fixtures/xl-4.17).
+#[test]
+#[ignore = "privileged: real Xen hosts (cargo xtask xen test)"]
+fn xen_xl_prints_what_the_stand_in_replays() {
+    if skip() {
+        return;
+    }
+    reset();
+    let host = XEN2.to_string();
+    let stand_in = tempfile::tempdir().unwrap();
+    fixtures::link_stand_in("xl-standin", &stand_in.path().join("xl"));
+    std::fs::create_dir(stand_in.path().join("domains")).unwrap();
+    let run = |xl: &Path, args: &[&str]| {
+        XlOutput::of(&std::process::Command::new(xl).args(args).output().unwrap())
+    };
+    let real_xl = Path::new(xen::RUN_DIR).join("xen1/xl");
+    let stand_in_xl = stand_in.path().join("xl");
+    for (args, case, name) in [
+        (
+            &["migrate", "-s", "score-xl-send", "nosuch", &host][..],
+            "not-found",
+            "nosuch",
+        ),
+        (&["list", "nosuch"][..], "not-found", "nosuch"),
+        (&["migrate"][..], "migrate-usage", ""),
+        (&["migrate", "g1"][..], "migrate-usage", ""),
+        (&["migrate", "-Z", "g1", &host][..], "bad-option", "Z"),
+        (&["migrate", "-s"][..], "bad-option", "s"),
+    ] {
+        let want = XlOutput::captured(case, name, 0, &host);
+        assert_eq!(run(&real_xl, args), want, "real xl {args:?}");
+        assert_eq!(run(&stand_in_xl, args), want, "the stand-in, {args:?}");
+    }
+    // `xl list -l` with no guests: Domain-0 alone, as the stand-in prints
+    // it first.
+    let domain0 =
+        std::fs::read_to_string(fixtures::path("xl-4.17/list-long-domain0.json")).unwrap();
+    let real = run(&real_xl, &["list", "-l"]);
+    assert_eq!(real.stdout, format!("[\n{domain0}]\n\n"));
+    assert_eq!(run(&stand_in_xl, &["list", "-l"]), real);
+    // `xl list`: the header, and the rows in the stand-in's format
+    // (`%-40s %5d %5d %5d     %s  %8.1f`).
+    let header = std::fs::read_to_string(fixtures::path("xl-4.17/list-header.stdout")).unwrap();
+    let real = run(&real_xl, &["list"]).stdout;
+    assert!(real.starts_with(&header), "{real}");
+    for row in real.lines().skip(1) {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        let time: f64 = f[5].parse().unwrap();
+        let again = format!(
+            "{:<40} {:>5} {:>5} {:>5}     {}  {:>8.1}",
+            f[0], f[1], f[2], f[3], f[4], time
+        );
+        assert_eq!(row, again);
+    }
+}
+
+/// Each dom0's clock is set from this machine's at every reset (and at
+/// boot), so that the agents run with the default `max_datagram_age`: a
+/// dom0 clock put 30 years back comes right again.
+#[test]
+#[ignore = "privileged: real Xen hosts (cargo xtask xen test)"]
+fn xen_a_reset_sets_each_dom0_clock_from_this_machines() {
+    if skip() {
+        return;
+    }
+    dom0_ok(1, "date -u -s @1000000000 >/dev/null");
+    assert!(host(1).clock_offset().unwrap() < -1e8);
+    reset();
+    for i in [1, 2] {
+        let offset = host(i).clock_offset().unwrap();
+        eprintln!("xen{i}'s clock after a reset: {offset:+.3} s from this machine's");
+        assert!(
+            offset.abs() <= xen::CLOCK_TOLERANCE.as_secs_f64(),
+            "xen{i}: {offset}"
+        );
+    }
 }
 
 #[test]
@@ -299,9 +431,9 @@ fn xen_agent_counts_a_guests_frames_exactly_on_real_vifs_of_a_6_1_dom0() {
     assert_eq!(received, (PINGS, PINGS * PING_FRAME));
 
     // Migrated live to xen2: its new vif there is counted as exactly.
-    runtime()
-        .block_on(backend().migrate(&vm(&G1), &HostRef { addr: XEN2 }))
-        .unwrap_or_else(|e| panic!("migration failed: {e}"));
+    if let Some(e) = Recorded::new().migrate(&G1, XEN2, "migrate-ok") {
+        panic!("migration failed: {e}");
+    }
     let (sent, received, _) = watch_pings(2, &G1, PINGS);
     assert_eq!(sent, (PINGS, PINGS * PING_FRAME));
     assert_eq!(received, (PINGS, PINGS * PING_FRAME));
@@ -378,6 +510,20 @@ fn xen_agents_bring_chatty_guests_together_with_a_live_xl_migrate() {
     assert!(r.after.rate > 0.0, "the guests stopped talking: {r:?}");
     assert_eq!(r.after.sum("score_host_communication_cost"), 0.0);
     assert!(r.after.sum("score_migration_benefit_sum") > 0.0);
+    // With the default max_datagram_age (30 s): the dom0 clocks, set at
+    // the start, stayed close, and no datagram was too old.
+    for (i, offset) in r.clocks.iter().enumerate() {
+        assert!(
+            offset.abs() <= xen::CLOCK_TOLERANCE.as_secs_f64(),
+            "xen{}'s clock {offset:+.2} s off at the end",
+            i + 1
+        );
+    }
+    assert_eq!(
+        r.after
+            .sum("score_datagrams_rejected_total{reason=\"not_fresh\"}"),
+        0.0
+    );
     xen_cluster::stop_agents().unwrap();
 }
 
@@ -406,7 +552,9 @@ fn the_dom0_agent_configuration_is_accepted() {
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         let cluster = config
             .cluster(false)
-            .unwrap_or_else(|e| panic!("{e}\n{text}"));
-        assert!(cluster.is_some());
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .expect("cluster mode");
+        // The default: the rig sets the dom0 clocks.
+        assert_eq!(cluster.peer.max_datagram_age, Duration::from_secs(30));
     }
 }

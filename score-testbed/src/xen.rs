@@ -26,12 +26,17 @@ use std::{
     net::{Ipv4Addr, Shutdown, TcpStream},
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{image::Cpio, process::run};
+
+/// The largest offset of a dom0's clock from this machine's that
+/// [`Host::set_clock`] leaves: the agents' peer protocol rejects datagrams
+/// older than `max_datagram_age` (30 s by default) by the sender's clock.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(2);
 
 /// Where the built rig lives: `xen` (the hypervisor), `vmlinuz`,
 /// `dom0.img`, and their stamps.
@@ -899,7 +904,8 @@ impl Host {
 
     /// Stops the agent (if [`crate::xen_cluster`] started one) and a test's
     /// background watcher (its pid in `/run/score-watcher.pid`), destroys
-    /// every guest and starts the migration receiver: an empty host.
+    /// every guest, starts the migration receiver and sets the dom0's
+    /// clock ([`Host::set_clock`]): an empty host.
     pub fn reset(&self) -> Result<()> {
         self.exec_ok(
             &format!(
@@ -915,8 +921,76 @@ impl Host {
         if !left.is_empty() {
             bail!("{}: domains left after a reset: {left:?}", self.name());
         }
+        self.set_clock()?;
         Ok(())
     }
+
+    /// Sets this dom0's clock from this machine's, so that the two dom0s'
+    /// agents agree on the time their datagrams were sent (the dom0s run
+    /// no time service). busybox `date -s` takes whole seconds: the dom0
+    /// sleeps to the second it is given, so the clock lands within the
+    /// control connection's latency; checked with
+    /// [`Host::clock_offset`], and set a second time, shifted by what the
+    /// first missed, if it is off by more than a quarter second.
+    pub fn set_clock(&self) -> Result<f64> {
+        let mut lag = 0.0;
+        let mut offset = 0.0;
+        for _ in 0..2 {
+            let now = unix_now();
+            // Two seconds ahead: the line reaches the dom0 well before.
+            let target = now.floor() + 2.0;
+            let wait = (target - now - lag).max(0.0);
+            self.exec_ok(
+                &format!("sleep {wait:.3}; date -u -s @{target:.0} >/dev/null"),
+                Duration::from_secs(60),
+            )?;
+            offset = self.clock_offset()?;
+            if offset.abs() < 0.25 {
+                break;
+            }
+            // Behind by the latency: start the sleep that much earlier.
+            lag -= offset;
+        }
+        if offset.abs() > CLOCK_TOLERANCE.as_secs_f64() {
+            bail!(
+                "{}'s clock is {offset:+.2} s off this machine's after setting it",
+                self.name()
+            );
+        }
+        Ok(offset)
+    }
+
+    /// This dom0's clock minus this machine's, in seconds (busybox
+    /// `adjtimex` prints the time to the microsecond), taken against the
+    /// middle of the control round trip.
+    pub fn clock_offset(&self) -> Result<f64> {
+        let before = unix_now();
+        let out = self.exec_ok("adjtimex", Duration::from_secs(60))?;
+        let after = unix_now();
+        let dom0 = parse_adjtimex(&out)
+            .with_context(|| format!("{}: unexpected `adjtimex` output {out:?}", self.name()))?;
+        Ok(dom0 - (before + after) / 2.0)
+    }
+}
+
+/// Seconds since the Unix epoch on this machine.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The time busybox `adjtimex` prints (`time.tv_sec:` and
+/// `time.tv_usec:`), in seconds since the epoch.
+fn parse_adjtimex(out: &str) -> Option<f64> {
+    let field = |name: &str| {
+        out.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    };
+    Some(field("time.tv_sec:")? + field("time.tv_usec:")? / 1e6)
 }
 
 /// A tiny PV guest of the rig (`score-domu`): its name, address and MAC.
@@ -1134,8 +1208,23 @@ fn boot(images: &Images, agent: Option<&Path>) -> Result<()> {
         fs::write(host.dom0_image(), image)?;
         write_wrappers(host, &xtask)?;
         let peer = &all[(i + 1) % all.len()];
-        run(Command::new("qemu-system-x86_64").args(host.qemu_args(images, peer)))
-            .with_context(|| format!("starting {}", host.name()))?;
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(host.qemu_args(images, peer));
+        // The daemonized QEMU outlives this command: it must not keep the
+        // descriptors this process inherited, such as a lock that
+        // `flock LOCK cargo xtask xen up` holds (it would stay held until
+        // `xen down`).
+        // CLOSE_RANGE_CLOEXEC: closed at the exec, so that a failing exec
+        // is still reported through the standard library's own pipe.
+        const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+        // SAFETY: close_range between fork and exec touches no memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut qemu, || {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            });
+        }
+        run(&mut qemu).with_context(|| format!("starting {}", host.name()))?;
     }
     // Boot under TCG on a loaded machine: minutes, not seconds.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -1162,6 +1251,7 @@ fn boot(images: &Images, agent: Option<&Path>) -> Result<()> {
             }
             std::thread::sleep(Duration::from_secs(2));
         }
+        host.set_clock()?;
     }
     Ok(())
 }
@@ -1329,6 +1419,14 @@ mod tests {
                 PathBuf::from("/lib64/ld-linux-x86-64.so.2")
             ]
         );
+    }
+
+    #[test]
+    fn adjtimex_gives_the_time() {
+        let out = "    mode:         0\n    time.tv_sec:  1796481087\n    time.tv_usec: 736874\n\
+                   \x20   return value: 5 (clock not synchronized)\n";
+        assert_eq!(parse_adjtimex(out), Some(1_796_481_087.736_874));
+        assert_eq!(parse_adjtimex("time.tv_sec: 1\n"), None);
     }
 
     #[test]

@@ -70,8 +70,9 @@ pub fn topology_toml() -> String {
 
 /// The agent's configuration in `host`'s dom0. The peer protocol's
 /// time-outs are the defaults stretched for dom0s that TCG runs on a
-/// loaded machine, and the dom0s' clocks are not synchronised (no NTP):
-/// datagrams may be up to 2 minutes old. A VM migrates at most once per
+/// loaded machine; `max_datagram_age` is the default (30 s), since the
+/// rig sets each dom0's clock from this machine's ([`Host::set_clock`],
+/// at boot and at every [`Host::reset`]). A VM migrates at most once per
 /// 10 minutes: one move per run.
 pub fn agent_config(host: &Host) -> String {
     format!(
@@ -95,7 +96,6 @@ pub fn agent_config(host: &Host) -> String {
          hop_timeout = \"2s\"\n\
          request_timeout = \"3s\"\n\
          token_timeout = \"30s\"\n\
-         max_datagram_age = \"2m\"\n\
          state_dir = \"/var/lib/score-agent\"\n\
          \n[policy]\n\
          kind = \"distributed\"\n\
@@ -299,6 +299,9 @@ pub struct Report {
     /// Wall time from the agents' start to the guest running at the
     /// target.
     pub decided_after: Duration,
+    /// Each dom0's clock minus this machine's at the end, s (set at the
+    /// start, then left to run).
+    pub clocks: Vec<f64>,
 }
 
 /// The bytes of the directed pair `src -> dst` in a /flows body.
@@ -358,8 +361,9 @@ pub fn bring_together(progress: &mut dyn FnMut(&str)) -> Result<Report> {
     });
     let statuses: Vec<Status> = statuses.into_iter().collect::<Result<_>>()?;
     progress(&format!(
-        "both guests answer ({:.0} s); starting the agents",
-        started.elapsed().as_secs_f64()
+        "both guests answer ({:.0} s); dom0 clocks {} (set at the reset); starting the agents",
+        started.elapsed().as_secs_f64(),
+        clock_offsets(&all)?
     ));
     let agents_started = Instant::now();
     start_agents()?;
@@ -523,6 +527,15 @@ pub fn bring_together(progress: &mut dyn FnMut(&str)) -> Result<Report> {
         after.sum("score_host_communication_cost"),
         after.sum("score_migration_benefit_sum"),
     ));
+    let clocks = all
+        .iter()
+        .map(Host::clock_offset)
+        .collect::<Result<Vec<f64>>>()?;
+    progress(&format!(
+        "dom0 clocks at the end {}; datagrams the agents rejected as not fresh: {:.0}",
+        describe_offsets(&clocks),
+        after.sum("score_datagrams_rejected_total{reason=\"not_fresh\"}")
+    ));
     Ok(Report {
         before,
         after,
@@ -534,7 +547,26 @@ pub fn bring_together(progress: &mut dyn FnMut(&str)) -> Result<Report> {
         vif,
         counted: (first, second),
         decided_after,
+        clocks,
     })
+}
+
+/// Each host's clock offset from this machine's, as words.
+fn clock_offsets(all: &[Host]) -> Result<String> {
+    let offsets = all
+        .iter()
+        .map(Host::clock_offset)
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(describe_offsets(&offsets))
+}
+
+fn describe_offsets(offsets: &[f64]) -> String {
+    let each: Vec<String> = offsets
+        .iter()
+        .enumerate()
+        .map(|(i, o)| format!("xen{} {o:+.2} s", i + 1))
+        .collect();
+    format!("{} from this machine's", each.join(", "))
 }
 
 /// One live migration of g1 measured by [`migration_times`].

@@ -442,7 +442,8 @@ fn xen_demo(keep: bool, agent_bin: Option<std::path::PathBuf>) -> Result<()> {
         Ok(r) => {
             let g = &xen_cluster::GUESTS[r.moved];
             say(&format!(
-                "done: {} moved live xen{} -> xen{} (boot id kept, uptime {:.0} s -> {:.0} s);                  cost {:.0} -> {:.0}",
+                "done: {} moved live xen{} -> xen{} (boot id kept, uptime {:.0} s -> {:.0} s); \
+                 cost {:.0} -> {:.0}",
                 g.name,
                 r.from,
                 r.to,
