@@ -112,8 +112,10 @@ pub struct PeerConfig {
     /// coordinator).
     #[serde(default = "defaults::report_interval", with = "humantime_serde")]
     pub report_interval: Duration,
-    /// Address of the host running `score-agent run --coordinator`, needed
-    /// by the global policy.
+    /// The global policy's coordinator: the host at this address collects
+    /// every host's flow reports and sends the token order (the same value
+    /// on every host; `score-agent run --coordinator` on a host without it
+    /// makes that host the coordinator). Needed by the global policy.
     #[serde(default)]
     pub coordinator: Option<Ipv4Addr>,
 }
@@ -303,7 +305,8 @@ pub struct ClusterSettings {
     pub migration_cost: MigrationCost,
     /// The watcher hosts, lowest address first.
     pub watchers: Vec<Ipv4Addr>,
-    /// Whether this agent is the global policy's coordinator.
+    /// Whether this agent is the global policy's coordinator (its address
+    /// is `peer.coordinator`, or it was started with `--coordinator`).
     pub coordinator: bool,
 }
 
@@ -448,6 +451,20 @@ impl ClusterSettings {
                 format!("{c} is not a host of the topology"),
             ));
         }
+        // The coordinator is the host at `peer.coordinator`; `--coordinator`
+        // names this host, so it must not contradict the file.
+        if coordinator
+            && let Some(c) = peer.coordinator
+            && c != node.address
+        {
+            return Err(invalid(
+                "peer.coordinator",
+                format!(
+                    "{c} is the coordinator, but this host ({}) was started with --coordinator",
+                    node.address
+                ),
+            ));
+        }
         let key = read_key(&peer.key_file)?;
         let previous_keys = peer
             .previous_key_files
@@ -467,7 +484,7 @@ impl ClusterSettings {
             policy: policy.clone(),
             migration_cost,
             watchers,
-            coordinator,
+            coordinator: coordinator || peer.coordinator == Some(node.address),
         })
     }
 
@@ -562,6 +579,42 @@ mod tests {
         assert!(e.contains("policy.swap_timeout"), "{e}");
         let e = resolve_error(1, "swaps = true\nmax_swap_asks = 0\n");
         assert!(e.contains("policy.max_swap_asks"), "{e}");
+    }
+
+    /// The coordinator is whoever `peer.coordinator` names; `--coordinator`
+    /// names this host and must agree with the file.
+    #[test]
+    fn the_coordinator_follows_the_configured_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let topo_file = dir.path().join("topology.toml");
+        std::fs::write(
+            &topo_file,
+            "regular = { fanout = [2, 2], first_host = \"10.0.0.1\" }\n",
+        )
+        .unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, (1..=32u8).collect::<Vec<u8>>()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (n, mut t, _, pol) = tables(0, "kind = \"global\"\n");
+        t.file = topo_file;
+        let peer = |c: &str| -> PeerConfig {
+            toml::from_str(&format!("key_file = {key_file:?}\n{c}")).unwrap()
+        };
+        let resolve = |p: &PeerConfig, flag: bool| ClusterSettings::resolve(&n, &t, p, &pol, flag);
+        let here = peer("coordinator = \"10.0.0.1\"\n");
+        let there = peer("coordinator = \"10.0.0.2\"\n");
+        let none = peer("");
+        assert!(resolve(&here, false).unwrap().coordinator);
+        assert!(resolve(&here, true).unwrap().coordinator);
+        assert!(!resolve(&there, false).unwrap().coordinator);
+        assert!(resolve(&none, true).unwrap().coordinator);
+        let e = resolve(&there, true).unwrap_err().to_string();
+        assert!(
+            e.contains("peer.coordinator") && e.contains("--coordinator"),
+            "{e}"
+        );
+        let e = resolve(&none, false).unwrap_err().to_string();
+        assert!(e.contains("needs a coordinator"), "{e}");
     }
 
     #[test]

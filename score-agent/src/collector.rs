@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::IfacePatterns,
     datapath::{Datapath, DatapathError, DatapathStats},
+    facts::HostSnapshot,
     flows::{FlowTable, Pair, Totals},
     links::{LinkEvent, LinkMonitor, current_links},
     metrics::{Metrics, PairSample},
@@ -42,6 +43,8 @@ pub struct Collector {
     /// holds a slotted pair: those go from the slot array straight into
     /// the flow table and the metrics.
     scratch: Mutex<Scratch>,
+    /// The host's facts as of the last drain, for the peer protocol.
+    facts: tokio::sync::watch::Sender<Arc<HostSnapshot>>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +53,8 @@ struct Scratch {
     /// drain, or without a free slot).
     fresh: Vec<(Pair, Totals)>,
     hosted: Vec<std::net::Ipv4Addr>,
+    /// The pairs with a rate, for the facts.
+    rates: Vec<(Pair, f64)>,
 }
 
 impl Scratch {
@@ -91,6 +96,7 @@ impl Collector {
             metrics,
             started_ns: monotonic_ns(),
             scratch: Mutex::new(Scratch::default()),
+            facts: tokio::sync::watch::Sender::new(Arc::new(HostSnapshot::default())),
         })
     }
 
@@ -178,13 +184,22 @@ impl Collector {
     fn drain_once(&self) -> Result<(), DatapathError> {
         let started = std::time::Instant::now();
         let mut scratch = lock(&self.scratch);
-        let Scratch { fresh, hosted } = &mut *scratch;
+        let Scratch {
+            fresh,
+            hosted,
+            rates,
+        } = &mut *scratch;
+        // The pairs with a rate, for the protocol's facts (which keep only
+        // those touching a hosted VM); an idle pair weighs nothing in
+        // equation 1. A lone agent (no peer protocol) collects none.
+        let want_facts = self.facts.receiver_count() > 0;
+        rates.clear();
         let mut pairs = self.metrics.drain_pairs(self.started_ns);
         // The pairs go from the kernel's maps into the flow table and the
         // metrics one by one, in the table's order (no list of them); the
         // VM table is read after the pairs, so that every VM whose frames
         // were counted is already known as hosted.
-        let (stats, attached, evicted) = {
+        let (stats, attached, evicted, vms) = {
             let mut dp = lock(&self.datapath);
             // Moving pairs into slots waits for running classifiers: not
             // while holding the flow table, which readers want meanwhile.
@@ -195,6 +210,9 @@ impl Collector {
                 let mut drain = flows.drain(now);
                 dp.hand_over(fresh, |pair, totals| {
                     let (rate_bps, previous) = drain.push(pair, totals);
+                    if want_facts && rate_bps > 0.0 {
+                        rates.push((pair, rate_bps));
+                    }
                     pairs.add(PairSample {
                         pair,
                         totals,
@@ -214,11 +232,21 @@ impl Collector {
             let stats = dp.stats()?;
             hosted.clear();
             hosted.extend(dp.vm_macs()?.into_iter().map(|(ip, _)| ip));
-            (stats, dp.attached_count(), evicted)
+            // The VMs behind attached interfaces only, with their vif.
+            let vms = if want_facts {
+                dp.hosted_vms()?
+            } else {
+                Vec::new()
+            };
+            (stats, dp.attached_count(), evicted, vms)
         };
         if !evicted.is_empty() {
             let n = lock(&self.datapath).remove_pairs(&evicted)?;
             debug!(evicted = n, "idle pairs removed from the kernel map");
+        }
+        if want_facts {
+            self.facts
+                .send_replace(Arc::new(HostSnapshot::new(vms, rates, attached)));
         }
         let previous = std::mem::replace(&mut *lock(&self.stats), stats);
         if stats.flows_map_full > previous.flows_map_full {
@@ -302,6 +330,12 @@ impl Collector {
                 }
             }
         }
+    }
+
+    /// The host's facts, republished at every drain (the peer protocol
+    /// reads them without a lock).
+    pub fn facts(&self) -> tokio::sync::watch::Receiver<Arc<HostSnapshot>> {
+        self.facts.subscribe()
     }
 
     /// The flow table, for reading.

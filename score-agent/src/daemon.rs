@@ -95,7 +95,6 @@ pub async fn run(
         cancel.clone(),
     ));
 
-    let mut peer = None;
     if let (Some(cluster), Some(backend), Some(control), Some(run)) =
         (cluster, backend, control, run)
     {
@@ -120,9 +119,7 @@ pub async fn run(
         .await?;
         board.set_protocol(p.clone());
         tasks.extend(peer_tasks);
-        peer = Some(p);
     }
-    let _ = &peer;
 
     shutdown.await;
     info!("shutting down");

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use score_core::proto;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -16,9 +17,9 @@ use crate::{
     cluster::ClusterSettings,
     collector::Collector,
     datapath::{ControlReader, HostedVm},
-    metrics::{Metrics, MigrationOutcome, RejectReason, SwapOutcome},
-    peer::{self, MigrationResult, Migrator, Peer, PeerMetrics},
-    status::StatusBoard,
+    metrics::{Metrics, MigrationOutcome, SwapOutcome},
+    peer::{self, MigrationResult, Migrator, PeerMetrics},
+    status::{ProtocolView, StatusBoard},
 };
 
 impl PeerMetrics for Metrics {
@@ -46,11 +47,13 @@ impl PeerMetrics for Metrics {
     fn decision_evaluated(&self) {
         Metrics::decision_evaluated(self)
     }
-    fn migration(&self, outcome: &str) {
+    fn migration(&self, outcome: proto::MigrationOutcome) {
         let o = match outcome {
-            "done" => MigrationOutcome::Done,
-            "advisory" => MigrationOutcome::Advisory,
-            _ => MigrationOutcome::Failed,
+            proto::MigrationOutcome::Done => MigrationOutcome::Done,
+            proto::MigrationOutcome::Advisory => MigrationOutcome::Advisory,
+            proto::MigrationOutcome::Failed | proto::MigrationOutcome::Undefined => {
+                MigrationOutcome::Failed
+            }
         };
         Metrics::migration(self, o)
     }
@@ -60,26 +63,26 @@ impl PeerMetrics for Metrics {
     fn observe_benefit(&self, benefit: f64) {
         Metrics::observe_benefit(self, benefit)
     }
-    fn set_vm_cost(&self, vm: &str, cost: f64, level: u8) {
-        if let Ok(ip) = vm.parse::<Ipv4Addr>() {
-            Metrics::set_vm_cost(self, ip, cost, level)
-        }
+    fn set_vm_cost(&self, vm: Ipv4Addr, cost: f64, level: u8) {
+        Metrics::set_vm_cost(self, vm, cost, level)
     }
-    fn vm_left(&self, vm: &str) {
-        if let Ok(ip) = vm.parse::<Ipv4Addr>() {
-            Metrics::forget_vm(self, ip)
-        }
+    fn vm_left(&self, vm: Ipv4Addr) {
+        Metrics::forget_vm(self, vm)
     }
-    fn rejected(&self, reason: RejectReason) {
+    fn rejected(&self, reason: score_core::wire::RejectReason) {
         Metrics::rejected(self, reason)
     }
-    fn swap(&self, outcome: &str) {
-        if let Some(o) = SwapOutcome::from_label(outcome) {
-            Metrics::swap(self, o)
-        }
+    fn swap(&self, outcome: proto::SwapOutcome) {
+        let o = match outcome {
+            proto::SwapOutcome::Done => SwapOutcome::Done,
+            proto::SwapOutcome::Partial => SwapOutcome::Partial,
+            proto::SwapOutcome::Failed => SwapOutcome::Failed,
+            proto::SwapOutcome::Advisory => SwapOutcome::Advisory,
+        };
+        Metrics::swap(self, o)
     }
-    fn swap_request(&self, answer: &str) {
-        Metrics::swap_request(self, answer)
+    fn swap_request(&self, refused: Option<score_core::wire::SwapRefusal>) {
+        Metrics::swap_request(self, refused.map_or("accepted", |r| r.name()))
     }
 }
 
@@ -139,7 +142,8 @@ impl Run {
 }
 
 /// Starts the peer protocol with the configured backend, for `run` (taken
-/// with [`Run::begin`] before the classifiers attached).
+/// with [`Run::begin`] before the classifiers attached): the shell over
+/// score-core's protocol node, fed the collector's published facts.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     cluster: ClusterSettings,
@@ -150,25 +154,25 @@ pub async fn start(
     board: &Arc<StatusBoard>,
     run: Run,
     cancel: CancellationToken,
-) -> Result<(Arc<Peer>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
+) -> Result<(Arc<dyn ProtocolView>, Vec<tokio::task::JoinHandle<()>>), AgentError> {
     let addr = std::net::SocketAddr::from((cluster.node.address, cluster.peer.port));
     let advisory = matches!(backend, Backend::Advisory(_));
     let Run {
         incarnation,
         started_ms,
     } = run;
-    peer::start(
-        Arc::new(cluster),
-        collector,
+    let parts = peer::shell::Parts {
         metrics,
         // Tracked, so that /status lists the migrations under way.
-        board.track(migrator(backend)),
+        migrate: board.track(migrator(backend)),
         advisory,
         control,
-        cancel,
+        facts: collector.facts(),
         incarnation,
         started_ms,
-    )
-    .await
-    .map_err(|source| AgentError::Bind { addr, source })
+    };
+    let (view, task) = peer::shell::start(&cluster, parts, cancel)
+        .await
+        .map_err(|source| AgentError::Bind { addr, source })?;
+    Ok((Arc::new(view), vec![task]))
 }

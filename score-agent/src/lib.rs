@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod distributed;
+pub mod facts;
 pub mod flows;
 pub(crate) mod http;
 pub(crate) mod links;

@@ -16,10 +16,7 @@ use std::{
 use prometheus::proto::{MetricFamily, MetricType};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    collector::Collector,
-    peer::{Migrator, Peer},
-};
+use crate::{collector::Collector, peer::Migrator};
 
 /// The protocol's side of `/status`: what the token ring looks like from
 /// this host. The peer protocol implements it; a test can too.
@@ -40,22 +37,6 @@ pub struct ProtocolStatus {
     /// The last decisions made here, newest last, with score-core's
     /// numbers (cost before and after, benefit, target) and the outcome.
     pub decisions: Vec<serde_json::Value>,
-}
-
-impl ProtocolView for Peer {
-    fn protocol_status(&self) -> ProtocolStatus {
-        let s = self.status();
-        ProtocolStatus {
-            epoch: s.epoch,
-            token_seen_seconds_ago: s.token_seen_seconds_ago,
-            regenerated: s.regenerated,
-            decisions: s
-                .decisions
-                .iter()
-                .filter_map(|d| serde_json::to_value(d).ok())
-                .collect(),
-        }
-    }
 }
 
 /// A migration the backend is carrying out now.

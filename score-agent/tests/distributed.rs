@@ -246,6 +246,140 @@ fn a_lost_token_is_regenerated_once() {
     );
 }
 
+/// Every "token received" line of `log` from its `from`-th on, as (epoch,
+/// round, visited).
+fn receptions(log: &str, from: usize) -> Vec<(u64, u64, u64)> {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    log.lines()
+        .filter(|l| l.contains("token received"))
+        .skip(from)
+        .map(|l| (field(l, "epoch"), field(l, "round"), field(l, "visited")))
+        .collect()
+}
+
+/// A hop whose acknowledgements are all lost is skipped by its sender,
+/// although the receiver has the token: the two copies must not both live
+/// on (docs/PROTOCOL.md, "Loss and regeneration"). h2's acknowledgements
+/// are dropped by nftables until a hop to it is skipped; after the copies
+/// meet, every reception is of one epoch and no stamp comes twice.
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_lost_hop_ack_leaves_one_token() {
+    let mut dc = Dc::build("sct-ack-", tree(), &[0, 1, 2, 3]);
+    // One slot each: nothing migrates, so every host keeps its VM and is
+    // visited every round.
+    let o = Options {
+        slots: 1,
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    for v in 0..4 {
+        dc.chat(v, (v + 1) % 4, 20_000);
+    }
+    let sum = |dc: &Dc, name: &str| (0..4).map(|i| dc.metric(i, name)).sum::<f64>();
+    dc.wait_until("a circulating token", Duration::from_secs(30), |dc| {
+        sum(dc, "score_token_passed_total") >= 4.0
+    });
+    // HopAck is kind 2, the byte at offset 5 of the datagram (docs/WIRE.md),
+    // bit 104 of the UDP segment.
+    let ns = dc.hosts[1].ns.clone();
+    let rules = format!(
+        "table inet sct_ack {{\n chain out {{\n  type filter hook output priority 0;\n  \
+         udp dport {PORT} @th,104,8 2 counter drop\n }}\n}}\n"
+    );
+    let nft = |ns: &str, args: &[&str], stdin: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "nft"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft runs");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "nft {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let h2_received = |dc: &Dc| {
+        dc.agents[1]
+            .as_ref()
+            .unwrap()
+            .stderr()
+            .matches("token received")
+            .count()
+    };
+    let before = h2_received(&dc);
+    nft(&ns, &["-f", "-"], Some(&rules));
+    dc.wait_until("a hop to h2 skipped", Duration::from_secs(60), |dc| {
+        sum(dc, "score_token_lost_total") >= 1.0
+    });
+    let dropped = nft(&ns, &["list", "table", "inet", "sct_ack"], None);
+    nft(&ns, &["delete", "table", "inet", "sct_ack"], None);
+    assert!(
+        !dropped.contains("counter packets 0 "),
+        "no acknowledgement was dropped: {dropped}"
+    );
+    // The skipped hop had arrived: h2 held a copy.
+    assert!(
+        h2_received(&dc) > before,
+        "h2 did not receive the token while its acknowledgements were lost"
+    );
+
+    // Two rounds for the copies to meet, then two more watched.
+    let settled = sum(&dc, "score_token_received_total") + 8.0;
+    dc.wait_until("the token going on", Duration::from_secs(60), |dc| {
+        sum(dc, "score_token_received_total") >= settled
+    });
+    let marks: Vec<usize> = (0..4)
+        .map(|i| {
+            dc.agents[i]
+                .as_ref()
+                .unwrap()
+                .stderr()
+                .matches("token received")
+                .count()
+        })
+        .collect();
+    let watched = sum(&dc, "score_token_received_total") + 8.0;
+    dc.wait_until("two more rounds", Duration::from_secs(60), |dc| {
+        sum(dc, "score_token_received_total") >= watched
+    });
+    let logs = dc.stop_agents();
+    for l in logs.iter().flat_map(|l| l.lines()) {
+        if l.contains("skipping it") || l.contains("this one ends here") || l.contains("adopted") {
+            eprintln!("{l}");
+        }
+    }
+    let seen: Vec<(u64, u64, u64)> = logs
+        .iter()
+        .zip(&marks)
+        .flat_map(|(log, &from)| receptions(log, from))
+        .collect();
+    assert!(seen.len() >= 8, "{seen:?}");
+    let epochs: std::collections::BTreeSet<u64> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(epochs.len(), 1, "more than one epoch alive: {seen:?}");
+    let mut stamps = seen.clone();
+    stamps.sort_unstable();
+    stamps.dedup();
+    assert_eq!(stamps.len(), seen.len(), "a stamp came twice: {seen:?}");
+}
+
 /// A cluster changes its key without a stop (docs/WIRE.md, "Keys and
 /// their rotation"): each agent is restarted in turn, first with the new
 /// key accepted beside the old one, then sealing with the new key and

@@ -14,7 +14,7 @@ use score_core::proto::{
 use score_core::swap::{CandidateSet, Scope};
 use score_core::token::VmId;
 use score_core::topology::{LinkWeights, Topology};
-use score_core::wire::{ClusterKey, KeyRing, RejectReason};
+use score_core::wire::{ClusterKey, Datagram, Header, KeyRing, Message, RejectReason};
 
 const SEC: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -42,6 +42,8 @@ struct Dc {
     outcome: fn(VmId) -> MigrationOutcome,
     migration_ns: u64,
     events: Vec<(usize, Event)>,
+    /// Every datagram sent: (sender index, address, bytes).
+    sent: Vec<(usize, Ipv4Addr, Vec<u8>)>,
 }
 
 impl Dc {
@@ -89,6 +91,7 @@ impl Dc {
             outcome: |_| MigrationOutcome::Done,
             migration_ns: 500 * MS,
             events: Vec::new(),
+            sent: Vec::new(),
         };
         for h in 0..4 {
             dc.refresh(h);
@@ -115,7 +118,7 @@ impl Dc {
                 undefined: false,
             })
             .collect();
-        HostFacts { vms }
+        HostFacts { vms, unnamed: 0 }
     }
 
     fn refresh(&mut self, h: usize) {
@@ -133,6 +136,7 @@ impl Dc {
             while let Some(o) = self.nodes[h].poll_output() {
                 match o {
                     Output::Send { to, bytes } => {
+                        self.sent.push((h, to, bytes.clone()));
                         let dest = self
                             .host_index(to)
                             .or_else(|| self.at.get(&u32::from(to)).copied());
@@ -253,6 +257,44 @@ fn a_real_migration_moves_the_vm_once() {
     assert_eq!(done, 1);
 }
 
+/// After a migration the source tells the hosts of the VM's peers where it
+/// went (they would otherwise price against its old place until their
+/// cached location expires), and no other host.
+#[test]
+fn the_hosts_of_a_moved_vms_peers_are_told_where_it_went() {
+    let (a, b, c) = (vm(1), vm(2), vm(3));
+    // a (host 0) talks most to b (host 2), a little to c (host 3); host 1
+    // runs nothing a talks to.
+    let mut dc = Dc::new(
+        &[(a, 0), (b, 2), (c, 3)],
+        &[(a, b, 1000.0), (a, c, 10.0)],
+        |c| c.policy = PolicyKind::RoundRobin,
+    );
+    dc.run(20 * SEC);
+    assert_eq!(dc.at[&a], 2, "a went to b's host");
+    let key = KeyRing::new(ClusterKey::new(b"the tests' cluster key, 32 bytes").unwrap());
+    let notices: Vec<(usize, Ipv4Addr, Message)> = dc
+        .sent
+        .iter()
+        .filter_map(|(h, to, bytes)| {
+            let d = Datagram::decode(bytes, &key).ok()?;
+            matches!(d.message, Message::MigrationNotice { .. }).then_some((*h, *to, d.message))
+        })
+        .collect();
+    assert_eq!(
+        notices,
+        vec![(
+            0,
+            Ipv4Addr::new(10, 0, 0, 4),
+            Message::MigrationNotice {
+                vm: a,
+                from: Ipv4Addr::new(10, 0, 0, 1),
+                to: Ipv4Addr::new(10, 0, 0, 3),
+            }
+        )]
+    );
+}
+
 /// Full hosts, swaps on, the asked host advisory: it orders the partner
 /// first (its own move would not happen), answers the commit with
 /// "advisory", and the proposer's swap ends advisory with nothing moved.
@@ -354,4 +396,108 @@ fn an_order_from_another_host_is_refused() {
         "{:?}",
         dc.events
     );
+}
+
+/// One node at 10.0.0.2 (of `Dc`'s tree) with the keys `keys`, started at
+/// `T0`, and a sealer speaking for 10.0.0.1.
+fn lone_node(keys: KeyRing) -> Node {
+    let topo = Arc::new(
+        Topology::regular(
+            &[2, 2],
+            LinkWeights::paper_truncated(2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap(),
+    );
+    let watchers = vec![topo.host_addr(0), topo.host_addr(1)];
+    let cfg = Config::new(Ipv4Addr::new(10, 0, 0, 2), topo, keys, watchers);
+    Node::new(cfg, Persisted::default(), T0)
+}
+
+/// A notice from 10.0.0.1 sealed with `key` at `sent_ns`, with sequence
+/// number `seq`, for `destination`.
+fn notice(key: &ClusterKey, seq: u64, sent_ns: u64, destination: Ipv4Addr) -> Vec<u8> {
+    let d = Datagram {
+        header: Header {
+            sender: Ipv4Addr::new(10, 0, 0, 1),
+            destination,
+            incarnation: 1,
+            sent_at_ms: sent_ns / MS,
+            epoch: 0,
+            seq,
+        },
+        message: Message::MigrationNotice {
+            vm: vm(9),
+            from: Ipv4Addr::new(10, 0, 0, 3),
+            to: Ipv4Addr::new(10, 0, 0, 1),
+        },
+    };
+    let mut buf = bytes::BytesMut::new();
+    d.encode(key, &mut buf).unwrap();
+    buf.to_vec()
+}
+
+/// What the node made of the datagrams handled since the last call: `None`
+/// if it took them, else why it refused the last.
+fn verdict(node: &mut Node) -> Option<RejectReason> {
+    let mut last = None;
+    while let Some(e) = node.poll_event() {
+        if let Event::Rejected { reason } = e {
+            last = Some(reason);
+        }
+    }
+    last
+}
+
+/// The guards a datagram passes before the node acts on it: a replay, a
+/// foreign key, another destination, and one sealed before the node
+/// started or too long ago are each refused with its reason; a genuine
+/// one is taken.
+#[test]
+fn replays_foreign_keys_misaddressed_and_stale_datagrams_are_refused() {
+    let key = ClusterKey::new(b"the tests' cluster key, 32 bytes").unwrap();
+    let foreign = ClusterKey::new(b"somebody else's key of 32 bytes!").unwrap();
+    let mut node = lone_node(KeyRing::new(key.clone()));
+    let me = Ipv4Addr::new(10, 0, 0, 2);
+    let now = T0 + SEC;
+    let good = notice(&key, 1, now, me);
+    node.handle_datagram(now, me, &good);
+    assert_eq!(verdict(&mut node), None);
+    node.handle_datagram(now + MS, me, &good);
+    assert_eq!(verdict(&mut node), Some(RejectReason::Replayed));
+    node.handle_datagram(now, me, &notice(&foreign, 2, now, me));
+    assert_eq!(verdict(&mut node), Some(RejectReason::BadMac));
+    // Captured on its way to 10.0.0.3 and sent here.
+    let elsewhere = Ipv4Addr::new(10, 0, 0, 3);
+    node.handle_datagram(now, me, &notice(&key, 3, now, elsewhere));
+    assert_eq!(verdict(&mut node), Some(RejectReason::WrongDestination));
+    // Sealed before this node started: from an earlier run of it.
+    node.handle_datagram(now, me, &notice(&key, 4, T0 - SEC, me));
+    assert_eq!(verdict(&mut node), Some(RejectReason::NotFresh));
+    let later = now + 60 * SEC;
+    node.handle_datagram(later, me, &notice(&key, 5, now, me));
+    assert_eq!(verdict(&mut node), Some(RejectReason::NotFresh));
+    node.handle_datagram(later, me, &notice(&key, 6, later, me));
+    assert_eq!(verdict(&mut node), None);
+}
+
+/// A key being rotated out verifies until its deadline and not after;
+/// the current key always does (docs/WIRE.md, "Keys and their rotation").
+#[test]
+fn a_previous_key_is_accepted_until_its_deadline() {
+    let old = ClusterKey::new(b"the old cluster key, 32 bytes!!").unwrap();
+    let new = ClusterKey::new(b"the new cluster key, 32 bytes!!").unwrap();
+    let until = T0 + 10 * SEC;
+    let mut node = lone_node(KeyRing::new(new.clone()).accepting(old.clone(), until / MS));
+    let me = Ipv4Addr::new(10, 0, 0, 2);
+    let t = T0 + SEC;
+    node.handle_datagram(t, me, &notice(&old, 1, t, me));
+    assert_eq!(verdict(&mut node), None);
+    node.handle_datagram(t, me, &notice(&new, 2, t, me));
+    assert_eq!(verdict(&mut node), None);
+    let after = until + MS;
+    node.handle_datagram(after, me, &notice(&old, 3, after, me));
+    assert_eq!(verdict(&mut node), Some(RejectReason::BadMac));
+    node.handle_datagram(after, me, &notice(&new, 4, after, me));
+    assert_eq!(verdict(&mut node), None);
 }

@@ -17,6 +17,6 @@ mod node;
 pub mod swap;
 
 pub use node::{
-    Config, Event, HostFacts, MigrationOutcome, Node, Output, Persisted, SwapOutcome, TokenStamp,
-    VmFacts,
+    Config, Event, HostFacts, MigrationOutcome, NoDecision, Node, Output, Persisted, SwapOutcome,
+    TokenStamp, VmFacts,
 };

@@ -168,6 +168,9 @@ pub struct VmFacts {
 pub struct HostFacts {
     /// The VMs running here.
     pub vms: Vec<VmFacts>,
+    /// VMs running here that the host cannot name yet (the agent knows a
+    /// VM by the address it sends from): they take slots all the same.
+    pub unnamed: u32,
 }
 
 /// How a migration the node asked for ended.
@@ -231,6 +234,19 @@ pub struct TokenStamp {
     pub visited: u32,
     /// The host holding the copy, as a number.
     pub host: u32,
+}
+
+/// Why a holder decided nothing for its VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoDecision {
+    /// The VM migrated less than `hold_down` ago.
+    HeldDown,
+    /// The VM is moving, or reserved as a swap's partner.
+    Busy,
+    /// A migration of the VM ended undefined: it is left alone.
+    Undefined,
+    /// The VM is not (or no longer) here.
+    NotHere,
 }
 
 /// What happened, for metrics and logs (typed: no strings turned back
@@ -302,12 +318,28 @@ pub enum Event {
         /// Equation 2's outcome with its numbers.
         decision: Decision,
     },
+    /// The holder held the token for a VM and decided nothing for it.
+    NotDecided {
+        /// The VM.
+        vm: VmId,
+        /// Why.
+        why: NoDecision,
+    },
     /// The holder agreed a swap with a full host, which accepted it.
     SwapAgreed {
         /// The swap with its numbers.
         swap: Swap,
         /// Which migration goes first.
         order: SwapOrder,
+    },
+    /// A host this node proposed a swap to refused it.
+    SwapRefused {
+        /// The proposing VM.
+        vm: VmId,
+        /// The asked host.
+        by: Ipv4Addr,
+        /// Why.
+        reason: SwapRefusal,
     },
     /// A swap this node agreed as the proposer ended.
     SwapFinished {
@@ -469,8 +501,12 @@ pub struct Node {
     replay: ReplayTable,
     reasm: Reassembler,
     hosted: BTreeMap<VmId, Vec<(VmId, f64)>>,
+    /// VMs here that the facts cannot name: they take slots.
+    unnamed: u32,
     frozen: BTreeSet<VmId>,
     migrating: BTreeMap<VmId, Ipv4Addr>,
+    /// For each VM migrating: the hosts to tell where it went.
+    peer_hosts: BTreeMap<VmId, BTreeSet<Ipv4Addr>>,
     migrated_at: HashMap<VmId, u64>,
     reservations: BTreeMap<VmId, u64>,
     locations: HashMap<VmId, (Ipv4Addr, u64)>,
@@ -557,8 +593,10 @@ impl Node {
             replay,
             reasm: Reassembler::default(),
             hosted: BTreeMap::new(),
+            unnamed: 0,
             frozen: BTreeSet::new(),
             migrating: BTreeMap::new(),
+            peer_hosts: BTreeMap::new(),
             migrated_at: HashMap::new(),
             reservations: BTreeMap::new(),
             locations: HashMap::new(),
@@ -656,6 +694,7 @@ impl Node {
     pub fn set_facts(&mut self, now: u64, facts: &HostFacts) {
         self.now = now.max(self.now);
         self.hosted = facts.vms.iter().map(|v| (v.id, v.peers.clone())).collect();
+        self.unnamed = facts.unnamed;
         self.frozen
             .extend(facts.vms.iter().filter(|v| v.undefined).map(|v| v.id));
         let hosted = &self.hosted;
@@ -668,11 +707,23 @@ impl Node {
         let Some(to) = self.migrating.remove(&vm) else {
             return;
         };
+        let tell = self.peer_hosts.remove(&vm).unwrap_or_default();
         match outcome {
             MigrationOutcome::Done => {
                 self.locations
                     .insert(vm, (to, now.saturating_add(self.cfg.location_ttl_ns)));
                 self.hosted.remove(&vm);
+                // The hosts of its peers would otherwise price their VMs
+                // against its old place until their cached location
+                // expires; only they are told, not every host.
+                let notice = Message::MigrationNotice {
+                    vm,
+                    from: self.cfg.me,
+                    to,
+                };
+                for host in tell {
+                    self.send(host, &notice);
+                }
             }
             MigrationOutcome::Failed => {}
             MigrationOutcome::Undefined => {
@@ -990,7 +1041,11 @@ impl Node {
                     self.cancel_swap(h.sender, a.vm, a.partner);
                 }
             }
-            Message::SwapRefuse { in_reply_to, .. } => {
+            Message::SwapRefuse {
+                in_reply_to,
+                vm,
+                reason,
+            } => {
                 let mine = match self.held.as_mut().map(|x| &mut x.phase) {
                     Some(Phase::Asking {
                         seq,
@@ -1004,6 +1059,11 @@ impl Node {
                     _ => false,
                 };
                 if mine {
+                    self.events.push_back(Event::SwapRefused {
+                        vm,
+                        by: h.sender,
+                        reason,
+                    });
                     self.ask_next();
                 }
             }
@@ -1068,7 +1128,7 @@ impl Node {
         let now = self.now;
         self.reservations.retain(|_, until| *until > now);
         self.swaps.expire(now);
-        (self.hosted.len() + self.reservations.len()) as u32
+        (self.hosted.len() + self.reservations.len()) as u32 + self.unnamed
     }
 
     /// Whether this node's own decision may claim the headroom: while it
@@ -1402,13 +1462,23 @@ impl Node {
             .get(&vm)
             .is_some_and(|t| self.now < t.saturating_add(self.cfg.hold_down_ns));
         let Some(peers) = self.hosted.get(&vm).cloned() else {
+            self.events.push_back(Event::NotDecided {
+                vm,
+                why: NoDecision::NotHere,
+            });
             return self.hand_on();
         };
-        if held_down
-            || self.frozen.contains(&vm)
-            || self.migrating.contains_key(&vm)
-            || self.swaps.holds(vm)
-        {
+        let why = if self.frozen.contains(&vm) {
+            Some(NoDecision::Undefined)
+        } else if self.migrating.contains_key(&vm) || self.swaps.holds(vm) {
+            Some(NoDecision::Busy)
+        } else if held_down {
+            Some(NoDecision::HeldDown)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.events.push_back(Event::NotDecided { vm, why });
             return self.hand_on();
         }
         let mut pending = BTreeMap::new();
@@ -1589,13 +1659,10 @@ impl Node {
                 match decision {
                     Decision::Migrate { to, .. } => {
                         let to = self.cfg.topology.host_addr(to);
-                        self.migrating.insert(vm, to);
-                        self.migrated_at.insert(vm, self.now);
                         if let Some(h) = self.held.as_mut() {
                             h.phase = Phase::Migrating;
                         }
-                        self.out.push_back(Output::Migrate { vm, to });
-                        self.events.push_back(Event::MigrationStarted { vm, to });
+                        self.start_migration(vm, to);
                     }
                     Decision::Stay { .. } => self.hand_on(),
                 }
@@ -1633,6 +1700,18 @@ impl Node {
     }
 
     fn start_migration(&mut self, vm: VmId, to: Ipv4Addr) {
+        // Whom to tell where it went, if it goes: the hosts of its peers
+        // as located now (the facts may have dropped it by the time the
+        // migration ends).
+        let peer_hosts: BTreeSet<Ipv4Addr> = self
+            .hosted
+            .get(&vm)
+            .into_iter()
+            .flatten()
+            .filter_map(|(p, _)| self.locations.get(p).map(|&(h, _)| h))
+            .filter(|&h| h != self.cfg.me && h != to)
+            .collect();
+        self.peer_hosts.insert(vm, peer_hosts);
         self.migrating.insert(vm, to);
         self.migrated_at.insert(vm, self.now);
         self.out.push_back(Output::Migrate { vm, to });
