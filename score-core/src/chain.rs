@@ -25,6 +25,21 @@ use crate::swap::{CandidateSet, LocalVm, SwapRequest, plan_with};
 use crate::token::VmId;
 use crate::topology::{HostId, Topology};
 
+/// Most full candidates a holder asks for an ejection chain (score-sim's
+/// engine and the protocol's [`Node`](crate::proto::Node) both ask this
+/// many).
+pub const MAX_EJECT_ASKS: u32 = 4;
+
+/// The level `vm` would have on `host`, with its peers `peers` where
+/// they are (what a holder writes in the token after a chain).
+pub(crate) fn level_at(topo: &Topology, vm: VmId, peers: &[Peer], host: HostId) -> u8 {
+    let usable = usable_peers(topo, vm, peers);
+    crate::decision::level_sums(topo, &usable)
+        .0
+        .cost_at(topo, host)
+        .1
+}
+
 /// What the asked host y answers: the VM it ejects and where to.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct EjectionOffer {
@@ -207,6 +222,7 @@ pub fn choose_ejection(
 /// on the asked host; `capacity` tells which are full); the chain with the
 /// largest benefit net of its threshold wins. `cm` is c_m, `mem_need_mb`
 /// u's memory, `home_free_mem_mb` the free memory on u's host now.
+/// [`ChainDecider`] is the same walk one question at a time.
 // As for choose_ejection: the holder's own state, one argument each.
 #[allow(clippy::too_many_arguments)]
 pub fn decide_chain(
@@ -219,53 +235,164 @@ pub fn decide_chain(
     mut capacity: impl FnMut(HostId) -> Option<Capacity>,
     mut ask: impl FnMut(&SwapRequest) -> Option<EjectionOffer>,
 ) -> Option<Chain> {
-    if cm.threshold(plan.cost_before, 0.0).is_nan() {
-        return None;
+    let mut d = ChainDecider::new(plan, peers, cm, mem_need_mb, home_free_mem_mb, max_asks);
+    while let Some(q) = d.next_query() {
+        match q {
+            ChainQuery::Capacity(h) => d.answer_capacity(capacity(h)),
+            ChainQuery::Eject(r) => d.answer_eject(ask(&r)),
+        }
     }
-    let order = plan.gaining_best_first();
-    let mut asked = 0u32;
-    let mut asks = 0u32;
-    let mut best: Option<(f64, Chain)> = None;
-    for i in order {
-        if asks >= max_asks {
-            break;
-        }
-        let c = &plan.candidates[i];
-        asked += 1;
-        if capacity(c.host).is_some_and(|cap| cap.fits(mem_need_mb)) {
-            // Room: a plain migration, the paper's business.
-            continue;
-        }
-        asks += 1;
-        asked += 1;
-        let c_m = cm.threshold(plan.cost_before, c.path_weight);
-        let req = SwapRequest::for_candidate(plan, i, peers, c_m, mem_need_mb, home_free_mem_mb);
-        let Some(o) = ask(&req) else {
-            continue;
+    d.finish()
+}
+
+/// A question of a [`ChainDecider`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainQuery {
+    /// Is this candidate full? (a capacity request that reserves nothing:
+    /// a host with room is the paper's business, not a chain's).
+    Capacity(HostId),
+    /// Ask the full candidate `request.to` for an ejection; answered with
+    /// [`choose_ejection`]'s result there.
+    Eject(SwapRequest),
+}
+
+/// [`decide_chain`] one question at a time, for a holder that asks over
+/// the network (the protocol's [`Node`](crate::proto::Node)):
+/// [`next_query`](Self::next_query), then
+/// [`answer_capacity`](Self::answer_capacity) or
+/// [`answer_eject`](Self::answer_eject) by the question, until
+/// `next_query` is `None`; then [`finish`](Self::finish).
+#[derive(Debug, Clone)]
+pub struct ChainDecider<'p> {
+    plan: &'p Plan,
+    peers: &'p [Peer],
+    cm: MigrationCost,
+    mem_need_mb: u64,
+    home_free_mem_mb: u64,
+    max_asks: u32,
+    order: Vec<usize>,
+    pos: usize,
+    pending: Option<ChainQuery>,
+    asked: u32,
+    asks: u32,
+    best: Option<(f64, Chain)>,
+}
+
+impl<'p> ChainDecider<'p> {
+    /// Starts the walk (arguments as for [`decide_chain`]).
+    pub fn new(
+        plan: &'p Plan,
+        peers: &'p [Peer],
+        cm: MigrationCost,
+        mem_need_mb: u64,
+        home_free_mem_mb: u64,
+        max_asks: u32,
+    ) -> Self {
+        let order = if cm.threshold(plan.cost_before, 0.0).is_nan() {
+            Vec::new()
+        } else {
+            plan.gaining_best_first()
         };
-        asked += o.asked;
-        // Trust but check: the offer must clear u's own share as well.
-        if !(o.benefit > o.c_m && o.c_m >= c_m) {
-            continue;
-        }
-        let net = o.benefit - o.c_m;
-        if best.as_ref().is_none_or(|(b, _)| net > *b) {
-            best = Some((
-                net,
-                Chain {
-                    vm: plan.vm,
-                    from: plan.host,
-                    to: c.host,
-                    partner: o.partner,
-                    partner_to: o.partner_to,
-                    benefit: o.benefit,
-                    c_m: o.c_m,
-                    asked: 0,
-                },
-            ));
-        }
+        let mut d = ChainDecider {
+            plan,
+            peers,
+            cm,
+            mem_need_mb,
+            home_free_mem_mb,
+            max_asks,
+            order,
+            pos: 0,
+            pending: None,
+            asked: 0,
+            asks: 0,
+            best: None,
+        };
+        d.advance();
+        d
     }
-    best.map(|(_, ch)| Chain { asked, ..ch })
+
+    fn advance(&mut self) {
+        self.pending = match self.order.get(self.pos) {
+            Some(&i) if self.asks < self.max_asks => {
+                Some(ChainQuery::Capacity(self.plan.candidates[i].host))
+            }
+            _ => None,
+        };
+    }
+
+    /// The question to ask now; `None` once decided.
+    pub fn next_query(&self) -> Option<ChainQuery> {
+        self.pending.clone()
+    }
+
+    /// The answer to a [`ChainQuery::Capacity`] (`None`: no answer, taken
+    /// as full). Ignored if that is not the pending question.
+    pub fn answer_capacity(&mut self, capacity: Option<Capacity>) {
+        let Some(ChainQuery::Capacity(_)) = self.pending else {
+            return;
+        };
+        self.asked += 1;
+        if capacity.is_some_and(|cap| cap.fits(self.mem_need_mb)) {
+            // Room: a plain migration, the paper's business.
+            self.pos += 1;
+            return self.advance();
+        }
+        self.asks += 1;
+        self.asked += 1;
+        let i = self.order[self.pos];
+        let c_m = self
+            .cm
+            .threshold(self.plan.cost_before, self.plan.candidates[i].path_weight);
+        let req = SwapRequest::for_candidate(
+            self.plan,
+            i,
+            self.peers,
+            c_m,
+            self.mem_need_mb,
+            self.home_free_mem_mb,
+        );
+        self.pending = Some(ChainQuery::Eject(req));
+    }
+
+    /// The answer to a [`ChainQuery::Eject`] (`None`: refused or no
+    /// answer). Ignored if that is not the pending question.
+    pub fn answer_eject(&mut self, offer: Option<EjectionOffer>) {
+        let Some(ChainQuery::Eject(req)) = &self.pending else {
+            return;
+        };
+        let (to, c_m) = (req.to, req.c_m);
+        if let Some(o) = offer {
+            self.asked += o.asked;
+            // Trust but check: the offer must clear u's own share as well.
+            if o.benefit > o.c_m && o.c_m >= c_m {
+                let net = o.benefit - o.c_m;
+                if self.best.as_ref().is_none_or(|(b, _)| net > *b) {
+                    self.best = Some((
+                        net,
+                        Chain {
+                            vm: self.plan.vm,
+                            from: self.plan.host,
+                            to,
+                            partner: o.partner,
+                            partner_to: o.partner_to,
+                            benefit: o.benefit,
+                            c_m: o.c_m,
+                            asked: 0,
+                        },
+                    ));
+                }
+            }
+        }
+        self.pos += 1;
+        self.advance();
+    }
+
+    /// The chain with the largest benefit net of its threshold, if any.
+    /// Called early, it decides with the answers so far.
+    pub fn finish(self) -> Option<Chain> {
+        let asked = self.asked;
+        self.best.map(|(_, ch)| Chain { asked, ..ch })
+    }
 }
 
 #[cfg(test)]

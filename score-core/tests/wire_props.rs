@@ -8,10 +8,11 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use score_core::token::{Load, Token, TokenEntry};
 use score_core::wire::{
-    ChunkBitmap, ChunkOutcome, ClusterKey, FlowEntry, FlowReport, HEADER_LEN, Header, HopAck, Kind,
-    MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler,
-    PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
-    TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal, token_chunks,
+    ChunkBitmap, ChunkOutcome, ClusterKey, EjectAcceptance, FlowEntry, FlowReport, HEADER_LEN,
+    Header, HopAck, Kind, MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS, Message,
+    PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal,
+    SwapRefusal, SwapResult, TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token,
+    seal, token_chunks,
 };
 use score_core::wire::{Freshness, KeyRing, ReplayTable};
 
@@ -211,6 +212,7 @@ fn swap_strategy() -> impl Strategy<Value = Message> {
         Just(f64::MAX),
         Just(f64::MIN)
     ];
+    let finite_again = finite.clone();
     let propose = (
         (any::<u32>(), ip.clone(), ip),
         (finite.clone(), rate_strategy(), rate_strategy()),
@@ -237,7 +239,8 @@ fn swap_strategy() -> impl Strategy<Value = Message> {
                     peers_on_target,
                 })
             },
-        );
+        )
+        .boxed();
     let accept = (
         (any::<u64>(), any::<u32>(), any::<u32>()),
         (finite.clone(), rate_strategy(), rate_strategy()),
@@ -267,9 +270,37 @@ fn swap_strategy() -> impl Strategy<Value = Message> {
                 })
             },
         );
+    let eject_propose = (any::<u32>(), propose.clone()).prop_map(|(round, m)| match m {
+        Message::SwapPropose(proposal) => Message::EjectPropose { round, proposal },
+        other => other,
+    });
+    let eject_accept = (
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()),
+        (finite_again, rate_strategy(), any::<u8>(), any::<bool>()),
+    )
+        .prop_map(
+            |((in_reply_to, vm, partner, to), (benefit, c_m, partner_level_after, first))| {
+                Message::EjectAccept(EjectAcceptance {
+                    in_reply_to,
+                    vm,
+                    partner,
+                    partner_to: Ipv4Addr::from(to),
+                    benefit,
+                    c_m,
+                    partner_level_after,
+                    order: if first {
+                        SwapOrder::PartnerFirst
+                    } else {
+                        SwapOrder::ProposerFirst
+                    },
+                })
+            },
+        );
     prop_oneof![
         propose,
         accept,
+        eject_propose,
+        eject_accept,
         (
             any::<u64>(),
             any::<u32>(),

@@ -268,8 +268,9 @@ pub fn decide_scoped(
     (p, step)
 }
 
-/// Most full candidates a holder asks for an ejection chain.
-const CHAIN_ASKS: u32 = 4;
+/// Most full candidates a holder asks for an ejection chain (or a
+/// rotation).
+const CHAIN_ASKS: u32 = score_core::chain::MAX_EJECT_ASKS;
 
 /// The holder's ejection chain for `u` (`None` if none is worth making):
 /// score-core's [`decide_chain`] over the scope's candidates; each asked

@@ -78,6 +78,16 @@ enum Cmd {
         /// draw both cost curves into STEM.png and STEM.svg.
         #[arg(long, value_name = "STEM")]
         plot: Option<PathBuf>,
+        /// Seeded runs: ejection chains on every seed (beyond the paper);
+        /// on the seeds with swaps, half the hosts get one VM fewer so a
+        /// chain's third host has room.
+        #[arg(long)]
+        chains: bool,
+        /// Seeded runs: c_m as START/DECAY/FLOOR, START in mean VM costs
+        /// (C^A / |V| at the start), decayed each round to FLOOR x START
+        /// (the capacity variants' `@start/decay/floor`).
+        #[arg(long, value_name = "START/DECAY/FLOOR")]
+        cm: Option<String>,
     },
     /// c_m from what a migration costs (docs/EVALUATION.md, "A migration
     /// cost from measurements"): the paper's data centre with c_m = 0 and
@@ -504,6 +514,8 @@ fn main() -> ExitCode {
             trace,
             paper_rounds: Some(rounds),
             plot,
+            chains: _,
+            cm: _,
         } => {
             let _ = (seeds, hosts, seconds, quiet);
             paper_protocol(seed, rounds, trace, plot.as_deref())
@@ -517,12 +529,33 @@ fn main() -> ExitCode {
             trace,
             paper_rounds: None,
             plot: _,
-        } => {
-            let s = score_sim::protocol::soak(seed, seeds, hosts, seconds, quiet, trace, |r| {
-                if !r.violations.is_empty() {
-                    eprintln!("seed {}: {:?}", r.seed, r.violations);
+            chains,
+            cm,
+        } => (|| {
+            let cm = cm.map(|c| parse_cm(&c)).transpose()?;
+            let tweak = |c: &mut score_sim::protocol::SimConfig| {
+                if chains {
+                    *c = c.clone().with_chains();
                 }
-            });
+                if let Some((spec, decay)) = cm {
+                    c.cm = spec;
+                    c.cm_decay = decay;
+                }
+            };
+            let s = score_sim::protocol::soak_with(
+                seed,
+                seeds,
+                hosts,
+                seconds,
+                quiet,
+                trace,
+                tweak,
+                |r| {
+                    if !r.violations.is_empty() {
+                        eprintln!("seed {}: {:?}", r.seed, r.violations);
+                    }
+                },
+            );
             println!("{s}");
             if s.violations == 0 {
                 Ok(())
@@ -533,7 +566,7 @@ fn main() -> ExitCode {
                     s.runs
                 ))
             }
-        }
+        })(),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -541,6 +574,36 @@ fn main() -> ExitCode {
             eprintln!("score-sim: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `START/DECAY/FLOOR` (START in mean VM costs) as the protocol
+/// simulation's c_m and its decay.
+fn parse_cm(
+    s: &str,
+) -> anyhow::Result<(
+    score_sim::scenario::MigrationCostSpec,
+    score_core::decision::CmDecay,
+)> {
+    let xs: Vec<f64> = s
+        .split('/')
+        .map(|x| x.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("--cm {s:?}: expected START/DECAY/FLOOR"))?;
+    match xs[..] {
+        [start, decay, floor]
+            if [start, decay, floor]
+                .iter()
+                .all(|x| x.is_finite() && *x >= 0.0) =>
+        {
+            Ok((
+                score_sim::scenario::MigrationCostSpec::MeanVmFraction(start),
+                score_core::decision::CmDecay { decay, floor },
+            ))
+        }
+        _ => Err(anyhow::anyhow!(
+            "--cm {s:?}: expected START/DECAY/FLOOR, each finite and >= 0"
+        )),
     }
 }
 

@@ -127,6 +127,11 @@ pub struct SimConfig {
     pub swaps: bool,
     /// VMs a host may run beyond its slots during a swap.
     pub migration_headroom: u32,
+    /// Ejection chains when a VM would stay (beyond the paper).
+    pub chains: bool,
+    /// Slots left free in the random world: `vms_per_host` on every host
+    /// but this many fewer VMs in all (so a chain's third host has room).
+    pub spare_slots: u32,
     /// Peers per VM (random, symmetric rates).
     pub peers_per_vm: u32,
     /// Token policy.
@@ -194,6 +199,8 @@ impl SimConfig {
             vm_slots: 4,
             swaps,
             migration_headroom: u32::from(swaps),
+            chains: false,
+            spare_slots: 0,
             peers_per_vm: 2,
             policy: [
                 PolicyKind::Distributed,
@@ -218,6 +225,18 @@ impl SimConfig {
             cm: MigrationCostSpec::Absolute(0.0),
             cm_decay: CmDecay::CONSTANT,
         }
+    }
+
+    /// Turns ejection chains on for a seeded run: on the seeds with swaps
+    /// (full hosts) half the hosts get one VM fewer, so a chain's third
+    /// host has room and single migrations have somewhere to go too.
+    pub fn with_chains(mut self) -> Self {
+        self.chains = true;
+        if self.swaps && self.world.is_none() {
+            let hosts: u32 = self.fanout.iter().product();
+            self.spare_slots = hosts / 2;
+        }
+        self
     }
 
     /// A fault-free run on a score-sim world: its tree, traffic,
@@ -324,6 +343,21 @@ pub struct Report {
     pub swaps_agreed: u64,
     /// See `swaps_agreed`.
     pub swaps_done: u64,
+    /// Ejection chains agreed, done (both VMs moved), and half done (one
+    /// moved).
+    pub chains_agreed: u64,
+    /// See `chains_agreed`.
+    pub chains_done: u64,
+    /// See `chains_agreed`.
+    pub chains_partial: u64,
+    /// Chains agreed whose ejected VM goes to a third host (not to the
+    /// proposer's: those are swaps found as chains).
+    pub chains_third_host: u64,
+    /// Every chain agreed (with [`SimConfig::record`]): its benefit as the
+    /// hosts computed it, the drop of the equation 1 total recomputed on
+    /// the placement of the moment with both moves made, and its
+    /// threshold c_m(u) + c_m(w).
+    pub chain_benefits: Vec<(f64, f64, f64)>,
     /// Total cost (eq. 1) at the start and at the end.
     pub cost_start: f64,
     /// See `cost_start`.
@@ -473,6 +507,7 @@ impl Sim {
         if self.cfg.swaps {
             c.scope = Scope::swaps(CandidateSet::Paper);
         }
+        c.chains = self.cfg.chains;
         c.migration_headroom = self.cfg.migration_headroom;
         c.swap_timeout_ns = c.reservation_ns;
         c
@@ -672,6 +707,32 @@ impl Sim {
             }
             Event::TokenRegenerated { .. } => self.report.regenerations += 1,
             Event::SwapAgreed { .. } => self.report.swaps_agreed += 1,
+            Event::ChainAgreed { chain, .. } => {
+                self.report.chains_agreed += 1;
+                if chain.partner_to != chain.from {
+                    self.report.chains_third_host += 1;
+                }
+                if self.cfg.record
+                    && let (Some(&u), Some(&w)) = (
+                        self.vm_by_id.get(&chain.vm),
+                        self.vm_by_id.get(&chain.partner),
+                    )
+                {
+                    let model = CostModel::new(&self.topo, &self.traffic);
+                    let mut after = self.placement.clone();
+                    after.move_vm(u as VmIdx, chain.to);
+                    after.move_vm(w as VmIdx, chain.partner_to);
+                    let drop = model.total_cost(&self.placement) - model.total_cost(&after);
+                    self.report
+                        .chain_benefits
+                        .push((chain.benefit, drop, chain.c_m));
+                }
+            }
+            Event::ChainFinished { outcome, .. } => match outcome {
+                SwapOutcome::Done => self.report.chains_done += 1,
+                SwapOutcome::Partial => self.report.chains_partial += 1,
+                _ => {}
+            },
             Event::SwapFinished {
                 outcome: SwapOutcome::Done,
                 ..
@@ -869,7 +930,7 @@ impl Sim {
             // A superseded copy ends when its migration does; a swap's
             // when both did, or when its proposer stops waiting for the
             // partner (the swap time-out, the sim's reservation time).
-            let held = if self.cfg.swaps {
+            let held = if self.cfg.swaps || self.cfg.chains {
                 self.cfg.migration_max_ns * 5 + 60 * SEC + self.cfg.migration_max_ns
             } else {
                 self.cfg.migration_max_ns
@@ -897,9 +958,14 @@ pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
     let hop = 300 * MS * 6;
     let mut asks = 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
     let mut migrations = cfg.migration_max_ns;
-    if cfg.swaps {
+    if cfg.swaps || cfg.chains {
         asks += 4 * 500 * MS * u64::from(2 * cfg.peers_per_vm + 2);
         migrations = 2 * cfg.migration_max_ns + 4 * 500 * MS;
+    }
+    if cfg.chains {
+        // Up to four full candidates asked whether full, then for a chain;
+        // the partner's slot asked on the third host.
+        asks += 4 * (500 * MS + 4 * 500 * MS) + 500 * MS;
     }
     4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + migrations + hop)
 }
@@ -912,7 +978,7 @@ fn random_world(cfg: &SimConfig, rng: &mut ChaCha8Rng) -> (Arc<Topology>, Placem
     let topo =
         Topology::regular(&cfg.fanout, weights, Ipv4Addr::new(10, 0, 0, 1)).expect("topology");
     let hosts = topo.host_count() as usize;
-    let n_vms = hosts * cfg.vms_per_host as usize;
+    let n_vms = (hosts * cfg.vms_per_host as usize).saturating_sub(cfg.spare_slots as usize);
     let mut place: Vec<HostId> = (0..n_vms).map(|v| (v % hosts) as HostId).collect();
     // Shuffle the placement: the network-agnostic start.
     for i in (1..n_vms).rev() {
@@ -1208,6 +1274,12 @@ pub struct Summary {
     pub swaps_agreed: u64,
     /// See `swaps_agreed`.
     pub swaps_done: u64,
+    /// Ejection chains agreed, done and half done.
+    pub chains_agreed: u64,
+    /// See `chains_agreed`.
+    pub chains_done: u64,
+    /// See `chains_agreed`.
+    pub chains_partial: u64,
     /// Hops skipped, tokens regenerated, copies superseded.
     pub skips: u64,
     /// See `skips`.
@@ -1242,6 +1314,13 @@ impl std::fmt::Display for Summary {
             self.swaps_agreed,
             self.swaps_done
         )?;
+        if self.chains_agreed > 0 {
+            writeln!(
+                f,
+                "chains: {} agreed, {} done, {} half done",
+                self.chains_agreed, self.chains_done, self.chains_partial
+            )?;
+        }
         writeln!(
             f,
             "protocol: {} hops skipped, {} regenerations, {} copies superseded",
@@ -1265,6 +1344,23 @@ pub fn soak(
     seconds: u64,
     quiet: bool,
     trace: bool,
+    each: impl FnMut(&Report),
+) -> Summary {
+    soak_with(first, seeds, hosts, seconds, quiet, trace, |_| {}, each)
+}
+
+/// [`soak`], with each seed's configuration changed by `tweak` before it
+/// runs (ejection chains, a decaying c_m).
+// The soak's knobs, one argument each, as for `soak`.
+#[allow(clippy::too_many_arguments)]
+pub fn soak_with(
+    first: u64,
+    seeds: u64,
+    hosts: u32,
+    seconds: u64,
+    quiet: bool,
+    trace: bool,
+    tweak: impl Fn(&mut SimConfig),
     mut each: impl FnMut(&Report),
 ) -> Summary {
     let mut s = Summary::default();
@@ -1275,6 +1371,7 @@ pub fn soak(
             c.faults = Faults::none();
         }
         c.trace = trace;
+        tweak(&mut c);
         let r = run(&c);
         each(&r);
         s.runs += 1;
@@ -1288,6 +1385,9 @@ pub fn soak(
         s.migrations_undefined += r.migrations_undefined;
         s.swaps_agreed += r.swaps_agreed;
         s.swaps_done += r.swaps_done;
+        s.chains_agreed += r.chains_agreed;
+        s.chains_done += r.chains_done;
+        s.chains_partial += r.chains_partial;
         s.skips += r.skips;
         s.regenerations += r.regenerations;
         s.superseded += r.superseded;
@@ -1395,6 +1495,62 @@ mod tests {
         let r = run(&c);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!((r.swaps_agreed, r.migrations), (0, 0), "{r:?}");
+    }
+
+    /// Ejection chains on hosts that are full or nearly (half the hosts
+    /// one VM short), with no headroom anywhere: a chain's partner leaves
+    /// first, into a slot its third host promised, so no host ever runs
+    /// more than its slots (the capacity invariant, after every event).
+    /// Every chain's benefit, as the asked hosts computed it from what
+    /// they measure, is the drop of the equation 1 total recomputed on
+    /// the placement with both moves made, and beats its threshold.
+    #[test]
+    fn chains_keep_every_host_within_its_slots_and_their_benefit_is_exact() {
+        let mut third = 0;
+        for seed in [3, 4, 5, 9, 10, 11] {
+            let mut c = quiet(seed).with_chains();
+            c.swaps = false;
+            c.migration_headroom = 0;
+            c.record = true;
+            // Locations trusted only for the time of one decision, so
+            // every host's view is exact (no VM moves meanwhile: the
+            // token is serial without faults).
+            (c.hold_down_ns, c.location_ttl_ns) = (0, SEC);
+            let r = run(&c);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            assert_eq!(r.chains_agreed, r.chains_done, "seed {seed}: {r:?}");
+            assert!(r.cost_end < r.cost_start, "{r:?}");
+            for &(claimed, drop, c_m) in &r.chain_benefits {
+                assert!(
+                    (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
+                    "seed {seed}: chain benefit {claimed}, recomputed {drop}"
+                );
+                assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
+            }
+            assert_eq!(r.chain_benefits.len() as u64, r.chains_agreed);
+            third += r.chains_third_host;
+        }
+        assert!(third > 0, "some chain sends its VM to a third host");
+    }
+
+    /// Chains under faults (loss, duplication, delay, partitions, crashes,
+    /// failing migrations): the invariants hold, and a chain whose second
+    /// migration fails ends half done, reported, within capacity.
+    #[test]
+    fn chains_under_faults_keep_the_invariants() {
+        let (mut agreed, mut partial) = (0, 0);
+        for seed in 0..10 {
+            let mut c = SimConfig::seeded(seed, 8).with_chains();
+            c.duration_ns = 1800 * SEC;
+            let r = run(&c);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            agreed += r.chains_agreed;
+            partial += r.chains_partial;
+        }
+        assert!(
+            agreed > 0 && partial > 0,
+            "{agreed} agreed, {partial} half done"
+        );
     }
 
     /// Seed 364: the asked host of a swap whose partner went first had a

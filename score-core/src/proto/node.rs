@@ -10,6 +10,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::swap::{CommitAction, Reservations, order as swap_order};
+use crate::chain::{
+    Chain, ChainDecider, ChainQuery, EjectionOffer, MAX_EJECT_ASKS, choose_ejection, level_at,
+};
 use crate::decision::{self, Capacity, CmDecay, Decision, MigrationCost, Plan, Rule};
 use crate::policy::{self, HostShape, PolicyKind, TokenPolicy, order_from_reports};
 use crate::swap::{
@@ -19,8 +22,8 @@ use crate::swap::{
 use crate::token::{Load, Token, VmId};
 use crate::topology::{HostId, Topology};
 use crate::wire::{
-    ChunkBitmap, ChunkOutcome, Datagram, FlowEntry, FlowReport, Freshness, Header, KeyRing,
-    MAX_MEMBER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
+    ChunkBitmap, ChunkOutcome, Datagram, EjectAcceptance, FlowEntry, FlowReport, Freshness, Header,
+    KeyRing, MAX_MEMBER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
     RejectReason, ReplayTable, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
     TokenChunk, TokenOrder, token_chunks,
 };
@@ -82,6 +85,12 @@ pub struct Config {
     /// VMs a host may run beyond `vm_slots` for the time of a swap (its
     /// first migration arrived, its second not yet gone).
     pub migration_headroom: u32,
+    /// Ejection chains (beyond the paper; off by default): when the
+    /// decision with `scope` lets the held VM u stay, ask up to four full
+    /// candidates where u gains to take u and send one of their VMs on,
+    /// to u's host or to a third host with room (docs/PROTOCOL.md). An
+    /// asked host with chains off refuses them.
+    pub chains: bool,
     /// How long an asked host keeps a swap partner reserved, and how long
     /// a proposer waits for the partner to move; longer than any
     /// migration.
@@ -130,6 +139,7 @@ impl Config {
             max_age_ms: 30_000,
             scope: Scope::PAPER,
             migration_headroom: 0,
+            chains: false,
             swap_timeout_ns: 600_000_000_000,
             advisory: false,
             coordinator: None,
@@ -341,6 +351,24 @@ pub enum Event {
         /// Why.
         reason: SwapRefusal,
     },
+    /// The holder agreed an ejection chain with a full host, which
+    /// accepted it: u goes there, its partner on to `partner_to`.
+    ChainAgreed {
+        /// The chain with its numbers (hosts as the topology's indices).
+        chain: Chain,
+        /// Which migration goes first.
+        order: SwapOrder,
+    },
+    /// An ejection chain this node agreed as the proposer ended
+    /// (`Partial`: one VM moved, the other did not).
+    ChainFinished {
+        /// The proposing VM.
+        vm: VmId,
+        /// The asked host's VM.
+        partner: VmId,
+        /// How.
+        outcome: SwapOutcome,
+    },
     /// A swap this node agreed as the proposer ended.
     SwapFinished {
         /// The proposing VM.
@@ -405,6 +433,23 @@ enum Phase {
         swap_pending: bool,
         deadline: u64,
     },
+    /// The decision let u stay: asking full candidates for an ejection
+    /// chain, one question at a time.
+    Chaining {
+        plan: Box<Plan>,
+        peers: Vec<decision::Peer>,
+        home_free_mem: u64,
+        answers: Vec<ChainAnswer>,
+        /// Chains accepted so far, by the asked host.
+        accepted: Vec<(Ipv4Addr, EjectAcceptance)>,
+        seq: u64,
+        /// The question in flight is an ejection proposal.
+        eject_pending: bool,
+        /// What the holder decided before the chains (u stays), told if
+        /// no chain is agreed.
+        stay: Decision,
+        deadline: u64,
+    },
     /// A migration of the VM is under way.
     Migrating,
     /// An agreed swap is under way.
@@ -419,12 +464,24 @@ enum Answer {
     Swap(Option<SwapOffer>),
 }
 
-/// The proposer's side of an agreed swap.
+/// One answer of the chain walk, in the order asked.
+#[derive(Clone, Copy, Debug)]
+enum ChainAnswer {
+    Capacity(Option<Capacity>),
+    Eject(Option<EjectionOffer>),
+}
+
+/// The proposer's side of an agreed swap or ejection chain.
 #[derive(Debug)]
 struct Deal {
     /// The asked host.
     to: Ipv4Addr,
     partner: VmId,
+    /// Where the partner goes: this host (a swap) or a third host (a
+    /// chain).
+    partner_to: Ipv4Addr,
+    /// Agreed as a chain (its end is told as one).
+    chain: bool,
     order: SwapOrder,
     stage: Stage,
     /// When the commit is sent again.
@@ -443,12 +500,30 @@ enum Stage {
     SecondMove,
 }
 
-/// The asked host's side of a proposal while it locates its VMs' peers.
+/// The asked host's side of a proposal while it locates its VMs' peers
+/// (and, for a chain, asks the third hosts for room).
 #[derive(Debug)]
 struct Considering {
     seq: u64,
     proposal: SwapProposal,
+    /// A chain proposal, with the proposer's round.
+    eject: Option<u32>,
     pending: BTreeMap<u64, VmId>,
+    /// A chain's capacity questions to third hosts: by sequence number.
+    asking: BTreeMap<u64, HostId>,
+    /// Their answers (`None`: not yet, or none).
+    rooms: Vec<(HostId, Option<Capacity>)>,
+    deadline: u64,
+}
+
+/// An asked host's chain partner about to leave for a third host: the
+/// slot asked for it there (a capacity request that reserves it).
+#[derive(Debug)]
+struct Placing {
+    vm: VmId,
+    partner: VmId,
+    to: Ipv4Addr,
+    seq: u64,
     deadline: u64,
 }
 
@@ -531,6 +606,8 @@ pub struct Node {
     swaps: Reservations,
     /// A swap proposal being considered.
     considering: Option<Considering>,
+    /// A chain's partner waiting for its slot on the third host.
+    placing: Option<Placing>,
     /// Partners moving for a swap: partner -> proposing VM.
     partner_moves: BTreeMap<VmId, VmId>,
     /// The coordinator's last order, fed to a global policy at each
@@ -613,6 +690,7 @@ impl Node {
             reports_sent: 0,
             swaps: Reservations::default(),
             considering: None,
+            placing: None,
             partner_moves: BTreeMap::new(),
             order: None,
             order_parts: PartsAssembler::default(),
@@ -670,15 +748,18 @@ impl Node {
             t = t.min(h.keepalive_at);
             match &h.phase {
                 Phase::Holding { until } => t = t.min(*until),
-                Phase::Locating { deadline, .. } | Phase::Asking { deadline, .. } => {
-                    t = t.min(*deadline)
-                }
+                Phase::Locating { deadline, .. }
+                | Phase::Asking { deadline, .. }
+                | Phase::Chaining { deadline, .. } => t = t.min(*deadline),
                 Phase::Swapping(d) if d.stage == Stage::Committing => t = t.min(d.resend_at),
                 Phase::Migrating | Phase::Swapping(_) => {}
             }
         }
         if let Some(c) = &self.considering {
             t = t.min(c.deadline);
+        }
+        if let Some(p) = &self.placing {
+            t = t.min(p.deadline);
         }
         if let Some(s) = &self.sending {
             t = t.min(s.deadline);
@@ -808,9 +889,9 @@ impl Node {
         }
         let due = match self.held.as_ref().map(|h| &h.phase) {
             Some(Phase::Holding { until }) => now >= *until,
-            Some(Phase::Locating { deadline, .. }) | Some(Phase::Asking { deadline, .. }) => {
-                now >= *deadline
-            }
+            Some(Phase::Locating { deadline, .. })
+            | Some(Phase::Asking { deadline, .. })
+            | Some(Phase::Chaining { deadline, .. }) => now >= *deadline,
             Some(Phase::Swapping(d)) => d.stage == Stage::Committing && now >= d.resend_at,
             _ => false,
         };
@@ -830,6 +911,18 @@ impl Node {
                     });
                     self.ask_next();
                 }
+                Some(Phase::Chaining {
+                    answers,
+                    eject_pending,
+                    ..
+                }) => {
+                    answers.push(if *eject_pending {
+                        ChainAnswer::Eject(None)
+                    } else {
+                        ChainAnswer::Capacity(None)
+                    });
+                    self.chain_next();
+                }
                 Some(Phase::Swapping(d)) if now >= d.give_up_at => {
                     // The partner's fate is unknown; the swap timeout is
                     // longer than any migration, so it has ended by now.
@@ -845,6 +938,9 @@ impl Node {
         }
         if self.considering.as_ref().is_some_and(|c| now >= c.deadline) {
             self.answer_proposal();
+        }
+        if self.placing.as_ref().is_some_and(|p| now >= p.deadline) {
+            self.placed(None);
         }
         if self.sending.as_ref().is_some_and(|s| now >= s.deadline) {
             self.hop_timed_out();
@@ -963,24 +1059,11 @@ impl Node {
                 free_slots,
                 free_memory_mib,
             } => {
-                let mine = match self.held.as_mut().map(|x| &mut x.phase) {
-                    Some(Phase::Asking {
-                        seq,
-                        swap_pending: false,
-                        answers,
-                        ..
-                    }) if *seq == in_reply_to => {
-                        answers.push(Answer::Capacity(Some(Capacity {
-                            free_slots,
-                            free_mem_mb: free_memory_mib,
-                        })));
-                        true
-                    }
-                    _ => false,
+                let cap = Capacity {
+                    free_slots,
+                    free_mem_mb: free_memory_mib,
                 };
-                if mine {
-                    self.ask_next();
-                }
+                self.on_capacity(in_reply_to, cap);
             }
             Message::MigrationNotice { vm, to, .. } => {
                 self.locations
@@ -1013,7 +1096,7 @@ impl Node {
                     self.joining = (vms, self.now);
                 }
             }
-            Message::SwapPropose(p) => self.on_propose(&h, p),
+            Message::SwapPropose(p) => self.on_propose(&h, p, None),
             Message::SwapAccept(a) => {
                 let mine = match self.held.as_mut() {
                     Some(Held {
@@ -1046,7 +1129,7 @@ impl Node {
                 vm,
                 reason,
             } => {
-                let mine = match self.held.as_mut().map(|x| &mut x.phase) {
+                let (mine, chain) = match self.held.as_mut().map(|x| &mut x.phase) {
                     Some(Phase::Asking {
                         seq,
                         swap_pending: true,
@@ -1054,9 +1137,18 @@ impl Node {
                         ..
                     }) if *seq == in_reply_to => {
                         answers.push(Answer::Swap(None));
-                        true
+                        (true, false)
                     }
-                    _ => false,
+                    Some(Phase::Chaining {
+                        seq,
+                        eject_pending: true,
+                        answers,
+                        ..
+                    }) if *seq == in_reply_to => {
+                        answers.push(ChainAnswer::Eject(None));
+                        (true, true)
+                    }
+                    _ => (false, false),
                 };
                 if mine {
                     self.events.push_back(Event::SwapRefused {
@@ -1064,9 +1156,15 @@ impl Node {
                         by: h.sender,
                         reason,
                     });
-                    self.ask_next();
+                }
+                match (mine, chain) {
+                    (true, false) => self.ask_next(),
+                    (true, true) => self.chain_next(),
+                    _ => {}
                 }
             }
+            Message::EjectPropose { round, proposal } => self.on_propose(&h, proposal, Some(round)),
+            Message::EjectAccept(a) => self.on_eject_accept(h.sender, a),
             Message::SwapCommit { vm, partner, go } => self.on_commit(&h, vm, partner, go),
             Message::SwapDone {
                 vm,
@@ -1137,7 +1235,11 @@ impl Node {
     fn holder_claims(&self) -> bool {
         match self.held.as_ref().map(|h| &h.phase) {
             Some(Phase::Asking { .. }) => self.cfg.scope.swaps,
-            Some(Phase::Swapping(d)) => d.order == SwapOrder::PartnerFirst,
+            Some(Phase::Chaining { .. }) => true,
+            // A chain's partner goes to a third host: no headroom here.
+            Some(Phase::Swapping(d)) => {
+                d.order == SwapOrder::PartnerFirst && d.partner_to == self.cfg.me
+            }
             _ => false,
         }
     }
@@ -1204,10 +1306,18 @@ impl Node {
             let h = self.held.take().expect("checked");
             let mine = self.stamp(&h.token, Some(h.vm));
             self.events.push_back(Event::TokenSuperseded { mine });
-            if let Phase::Asking { accepted, .. } = h.phase {
-                for (host, a) in accepted {
-                    self.cancel_swap(host, a.vm, a.partner);
+            match h.phase {
+                Phase::Asking { accepted, .. } => {
+                    for (host, a) in accepted {
+                        self.cancel_swap(host, a.vm, a.partner);
+                    }
                 }
+                Phase::Chaining { accepted, .. } => {
+                    for (host, a) in accepted {
+                        self.cancel_swap(host, a.vm, a.partner);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -1630,6 +1740,11 @@ impl Node {
             return;
         }
         let Some(step) = step else { return };
+        if let Step::Single(stay @ Decision::Stay { .. }) = step
+            && self.cfg.chains
+        {
+            return self.start_chains(stay);
+        }
         let accepted = match self.held.as_mut().map(|h| &mut h.phase) {
             Some(Phase::Asking { accepted, .. }) => std::mem::take(accepted),
             _ => Vec::new(),
@@ -1676,6 +1791,8 @@ impl Node {
                 let deal = Deal {
                     to,
                     partner: swap.partner,
+                    partner_to: self.cfg.me,
+                    chain: false,
                     order: a.order,
                     stage: match a.order {
                         SwapOrder::ProposerFirst => Stage::FirstMove,
@@ -1696,6 +1813,299 @@ impl Node {
             // The walk chose a swap no host accepted: cannot happen (it
             // only chooses among answers); stay.
             (Step::Swap(_), None) => self.hand_on(),
+        }
+    }
+
+    /// The decision lets u stay: walk the full candidates for an ejection
+    /// chain (score-core's `ChainDecider`) with the plan just made.
+    fn start_chains(&mut self, stay: Decision) {
+        let Some(h) = self.held.as_mut() else {
+            return;
+        };
+        let phase = std::mem::replace(&mut h.phase, Phase::Migrating);
+        let Phase::Asking {
+            plan,
+            peers,
+            home_free_mem,
+            accepted,
+            ..
+        } = phase
+        else {
+            h.phase = phase;
+            return;
+        };
+        h.phase = Phase::Chaining {
+            plan,
+            peers,
+            home_free_mem,
+            answers: Vec::new(),
+            accepted: Vec::new(),
+            seq: 0,
+            eject_pending: false,
+            stay,
+            deadline: self.now,
+        };
+        // No swap was chosen: release every partner reserved.
+        for (host, a) in accepted {
+            self.cancel_swap(host, a.vm, a.partner);
+        }
+        self.chain_next();
+    }
+
+    /// Asks the chain walk's next question, or ends it: the best chain
+    /// accepted is agreed (the others released), or u stays.
+    fn chain_next(&mut self) {
+        if self.held.as_ref().is_some_and(|h| h.superseded) {
+            return self.drop_superseded_if_idle();
+        }
+        let topo = self.cfg.topology.clone();
+        let mem = self.cfg.vm_memory_mib;
+        let Some(Held {
+            phase:
+                Phase::Chaining {
+                    plan,
+                    peers,
+                    home_free_mem,
+                    answers,
+                    stay,
+                    ..
+                },
+            vm,
+            token,
+            ..
+        }) = self.held.as_ref()
+        else {
+            return;
+        };
+        let (vm, stay, round) = (*vm, *stay, token.round);
+        let cm = self.cm(round);
+        let load = Load::from_rate(plan.load);
+        let (query, chain) = {
+            let mut d = ChainDecider::new(plan, peers, cm, mem, *home_free_mem, MAX_EJECT_ASKS);
+            for a in answers {
+                match a {
+                    ChainAnswer::Capacity(c) => d.answer_capacity(*c),
+                    ChainAnswer::Eject(o) => d.answer_eject(*o),
+                }
+            }
+            match d.next_query() {
+                Some(q) => (Some(q), None),
+                None => (None, d.finish()),
+            }
+        };
+        // u's level if the chain is made: its peers where they are, w on
+        // its new host.
+        let level_after = chain.map(|c| {
+            let mut ps = peers.clone();
+            for p in ps.iter_mut().filter(|p| p.id == c.partner) {
+                p.host = c.partner_to;
+            }
+            level_at(&topo, vm, &ps, c.to)
+        });
+        if let Some(q) = query {
+            let (seq, eject, wait) = match q {
+                // Only whether it is full: a question that reserves nothing.
+                ChainQuery::Capacity(host) => {
+                    let to = topo.host_addr(host);
+                    let seq = self.send(to, &Message::CapacityRequest { vm: 0 });
+                    (seq, false, self.cfg.request_timeout_ns)
+                }
+                ChainQuery::Eject(r) => {
+                    let to = topo.host_addr(r.to);
+                    let proposal = self.proposal(&r, to);
+                    let seq = self.send(to, &Message::EjectPropose { round, proposal });
+                    // The asked host locates its VMs' peers, then asks
+                    // the third hosts for room.
+                    (seq, true, self.cfg.request_timeout_ns.saturating_mul(4))
+                }
+            };
+            let deadline = self.now + wait;
+            if let Some(Held {
+                phase:
+                    Phase::Chaining {
+                        seq: s,
+                        eject_pending,
+                        deadline: dl,
+                        ..
+                    },
+                ..
+            }) = self.held.as_mut()
+            {
+                *s = seq;
+                *eject_pending = eject;
+                *dl = deadline;
+            }
+            return;
+        }
+        let accepted = match self.held.as_mut().map(|h| &mut h.phase) {
+            Some(Phase::Chaining { accepted, .. }) => std::mem::take(accepted),
+            _ => Vec::new(),
+        };
+        let chosen = chain.and_then(|c| {
+            let to = topo.host_addr(c.to);
+            accepted
+                .iter()
+                .find(|(h, a)| *h == to && a.partner == c.partner)
+                .map(|(h, a)| (c, *h, *a))
+        });
+        for (host, a) in &accepted {
+            if chosen.is_none_or(|(_, h, c)| (*host, a.partner) != (h, c.partner)) {
+                self.cancel_swap(*host, a.vm, a.partner);
+            }
+        }
+        let Some((chain, to, a)) = chosen else {
+            if let Some(h) = self.held.as_mut() {
+                h.token.update(vm, stay.level_after(), load);
+            }
+            self.events.push_back(Event::Decided { decision: stay });
+            return self.hand_on();
+        };
+        if let Some(h) = self.held.as_mut() {
+            h.token
+                .update(vm, level_after.unwrap_or(stay.level_after()), load);
+            if let Some(e) = h.token.get_mut(chain.partner) {
+                e.level = a.partner_level_after.min(15);
+            }
+        }
+        self.events.push_back(Event::ChainAgreed {
+            chain,
+            order: a.order,
+        });
+        self.migrated_at.insert(vm, self.now);
+        let deal = Deal {
+            to,
+            partner: chain.partner,
+            partner_to: a.partner_to,
+            chain: true,
+            order: a.order,
+            stage: match a.order {
+                SwapOrder::ProposerFirst => Stage::FirstMove,
+                SwapOrder::PartnerFirst => Stage::Committing,
+            },
+            resend_at: self.now,
+            give_up_at: self.now.saturating_add(self.cfg.swap_timeout_ns),
+        };
+        let first = deal.stage;
+        if let Some(h) = self.held.as_mut() {
+            h.phase = Phase::Swapping(deal);
+        }
+        match first {
+            Stage::FirstMove => self.start_migration(vm, to),
+            _ => self.send_commit(),
+        }
+    }
+
+    /// An asked host accepted a chain: the holder's walk takes it (if it
+    /// is the question in flight, and makes sense), or it is released.
+    fn on_eject_accept(&mut self, from: Ipv4Addr, a: EjectAcceptance) {
+        let topo = self.cfg.topology.clone();
+        let me = self.cfg.me;
+        // A partner sent to a third host goes first (it needs no
+        // headroom); into the asked host's headroom first, only back here.
+        let sane =
+            a.partner_to != from && (a.partner_to == me || a.order == SwapOrder::PartnerFirst);
+        let target = topo.host_by_addr(a.partner_to).filter(|_| sane);
+        let mine = match self.held.as_mut() {
+            Some(Held {
+                vm,
+                phase:
+                    Phase::Chaining {
+                        seq,
+                        eject_pending: true,
+                        answers,
+                        accepted,
+                        ..
+                    },
+                ..
+            }) if *seq == a.in_reply_to && *vm == a.vm => {
+                answers.push(ChainAnswer::Eject(target.map(|partner_to| EjectionOffer {
+                    partner: a.partner,
+                    partner_to,
+                    benefit: a.benefit,
+                    c_m: a.c_m,
+                    asked: 0,
+                })));
+                accepted.push((from, a));
+                true
+            }
+            _ => false,
+        };
+        if mine {
+            self.chain_next();
+        } else {
+            // The proposer stopped waiting: release the partner.
+            self.cancel_swap(from, a.vm, a.partner);
+        }
+    }
+
+    /// A capacity answer: for the holder's walk (migration or chain), for
+    /// a chain being considered here (a third host's room), or for a
+    /// chain's partner about to leave (its slot there).
+    fn on_capacity(&mut self, in_reply_to: u64, cap: Capacity) {
+        let walk = match self.held.as_mut().map(|x| &mut x.phase) {
+            Some(Phase::Asking {
+                seq,
+                swap_pending: false,
+                answers,
+                ..
+            }) if *seq == in_reply_to => {
+                answers.push(Answer::Capacity(Some(cap)));
+                Some(false)
+            }
+            Some(Phase::Chaining {
+                seq,
+                eject_pending: false,
+                answers,
+                ..
+            }) if *seq == in_reply_to => {
+                answers.push(ChainAnswer::Capacity(Some(cap)));
+                Some(true)
+            }
+            _ => None,
+        };
+        match walk {
+            Some(false) => return self.ask_next(),
+            Some(true) => return self.chain_next(),
+            None => {}
+        }
+        if self.placing.as_ref().is_some_and(|p| p.seq == in_reply_to) {
+            return self.placed(Some(cap));
+        }
+        let all = self.considering.as_mut().and_then(|c| {
+            let host = c.asking.remove(&in_reply_to)?;
+            if let Some(r) = c.rooms.iter_mut().find(|(h, _)| *h == host) {
+                r.1 = Some(cap);
+            }
+            Some(c.asking.is_empty())
+        });
+        if all == Some(true) {
+            self.answer_proposal();
+        }
+    }
+
+    /// The third host answered (or not: `None`) for a chain's partner:
+    /// with room (reserved there for it), the partner leaves now; without,
+    /// the chain fails and the proposer is told.
+    fn placed(&mut self, cap: Option<Capacity>) {
+        let Some(p) = self.placing.take() else {
+            return;
+        };
+        let movable = self.hosted.contains_key(&p.partner)
+            && !self.migrating.contains_key(&p.partner)
+            && !self.frozen.contains(&p.partner);
+        if movable && cap.is_some_and(|c| c.fits(self.cfg.vm_memory_mib)) {
+            self.partner_moves.insert(p.partner, p.vm);
+            return self.start_migration(p.partner, p.to);
+        }
+        let linger = self.now.saturating_add(self.cfg.swap_timeout_ns);
+        if let Some((in_reply_to, to)) = self.swaps.end(p.vm, SwapResult::Failed, linger) {
+            let done = Message::SwapDone {
+                in_reply_to,
+                vm: p.vm,
+                partner: p.partner,
+                result: SwapResult::Failed,
+            };
+            self.send(to, &done);
         }
     }
 
@@ -1785,10 +2195,19 @@ impl Node {
             ..
         }) = self.held.as_ref()
         {
-            self.events.push_back(Event::SwapFinished {
-                vm: *vm,
-                partner: d.partner,
-                outcome,
+            let (vm, partner) = (*vm, d.partner);
+            self.events.push_back(if d.chain {
+                Event::ChainFinished {
+                    vm,
+                    partner,
+                    outcome,
+                }
+            } else {
+                Event::SwapFinished {
+                    vm,
+                    partner,
+                    outcome,
+                }
             });
         }
         self.hand_on();
@@ -1814,8 +2233,9 @@ impl Node {
             (SwapOrder::PartnerFirst, SwapResult::Done) => {
                 d.stage = Stage::SecondMove;
                 let to = d.to;
+                let at = d.partner_to;
                 self.locations
-                    .insert(partner, (self.cfg.me, self.now + self.cfg.location_ttl_ns));
+                    .insert(partner, (at, self.now + self.cfg.location_ttl_ns));
                 self.start_migration(vm, to);
             }
             (SwapOrder::PartnerFirst, _) => self.swap_finished(SwapOutcome::Failed),
@@ -1842,9 +2262,10 @@ impl Node {
             .collect()
     }
 
-    /// A swap proposal arrived: check it, then locate the peers of this
+    /// A swap proposal (or, with `eject`, a chain proposal and the
+    /// proposer's round) arrived: check it, then locate the peers of this
     /// host's VMs that it does not know the place of, then answer.
-    fn on_propose(&mut self, h: &Header, p: SwapProposal) {
+    fn on_propose(&mut self, h: &Header, p: SwapProposal, eject: Option<u32>) {
         let valid = p.from == h.sender
             && p.to == self.cfg.me
             && p.from != self.cfg.me
@@ -1852,7 +2273,12 @@ impl Node {
             && !self.hosted.contains_key(&p.vm);
         let now = self.now;
         self.swaps.expire(now);
-        let refusal = if !self.cfg.scope.swaps {
+        let enabled = if eject.is_some() {
+            self.cfg.chains
+        } else {
+            self.cfg.scope.swaps
+        };
+        let refusal = if !enabled {
             Some(SwapRefusal::Disabled)
         } else if !valid {
             Some(SwapRefusal::Invalid)
@@ -1882,7 +2308,10 @@ impl Node {
         self.considering = Some(Considering {
             seq: h.seq,
             proposal: p,
+            eject,
             pending,
+            asking: BTreeMap::new(),
+            rooms: Vec::new(),
             deadline: now + self.cfg.request_timeout_ns,
         });
         if empty {
@@ -1908,9 +2337,45 @@ impl Node {
     /// Answers the proposal being considered: the partner chosen with
     /// score-core's `choose_swap_partner`, reserved; or a refusal.
     fn answer_proposal(&mut self) {
-        let Some(c) = self.considering.take() else {
+        let Some(mut c) = self.considering.take() else {
             return;
         };
+        if let Some(round) = c.eject {
+            if c.rooms.is_empty() && c.asking.is_empty() {
+                // The peers are located: ask the third hosts a chain may
+                // send a VM to whether they have room (reserving nothing).
+                for host in self.ejection_hosts(&c.proposal, round) {
+                    let seq = self.send(
+                        self.cfg.topology.host_addr(host),
+                        &Message::CapacityRequest { vm: 0 },
+                    );
+                    c.asking.insert(seq, host);
+                    c.rooms.push((host, None));
+                }
+                if !c.asking.is_empty() {
+                    c.pending.clear();
+                    c.deadline = self.now + self.cfg.request_timeout_ns;
+                    self.considering = Some(c);
+                    return;
+                }
+            }
+            let (seq, p) = (c.seq, c.proposal.clone());
+            match self.consider_eject(&p, round, &c.rooms) {
+                Ok(a) => {
+                    self.events.push_back(Event::SwapAnswered {
+                        vm: p.vm,
+                        answer: Ok(a.partner),
+                    });
+                    let a = EjectAcceptance {
+                        in_reply_to: seq,
+                        ..a
+                    };
+                    self.send(p.from, &Message::EjectAccept(a));
+                }
+                Err(r) => self.refuse_swap(p.from, seq, p.vm, r),
+            }
+            return;
+        }
         let p = c.proposal;
         match self.consider(&p) {
             Ok(offer) => {
@@ -1938,21 +2403,13 @@ impl Node {
         }
     }
 
-    fn consider(&mut self, p: &SwapProposal) -> Result<(SwapOffer, SwapOrder), SwapRefusal> {
+    /// This host's VMs that may be given in a swap or chain, as it knows
+    /// them: their peers (u on the proposer's host `from`) where it
+    /// believes they are.
+    fn local_view(&self, p: &SwapProposal, from: HostId) -> Vec<LocalVm> {
         let now = self.now;
-        self.swaps.expire(now);
-        if self.swaps.busy() {
-            return Err(SwapRefusal::Busy);
-        }
-        if self.hosted.contains_key(&p.vm) {
-            return Err(SwapRefusal::Invalid);
-        }
-        let here = !self.holder_claims() && self.room_for_one_more();
-        let order = swap_order(self.cfg.advisory, here, p.from_headroom)?;
         let topo = self.cfg.topology.clone();
-        let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
-        let local: Vec<LocalVm> = self
-            .swap_candidates()
+        self.swap_candidates()
             .into_iter()
             .map(|w| {
                 let peers = self
@@ -1983,8 +2440,12 @@ impl Node {
                     peers,
                 }
             })
-            .collect();
-        let req = SwapRequest {
+            .collect()
+    }
+
+    /// The proposal as score-core's request to this host.
+    fn request_of(&self, p: &SwapProposal, from: HostId) -> SwapRequest {
+        SwapRequest {
             vm: p.vm,
             from,
             to: self.host,
@@ -1994,7 +2455,122 @@ impl Node {
             mem_mb: p.mem_mib,
             from_free_mem_mb: p.from_free_mem_mib,
             peers_on_target: p.peers_on_target.clone(),
+        }
+    }
+
+    /// The third hosts a chain from `p` may send one of this host's VMs
+    /// to: those score-core's `choose_ejection` would ask for room.
+    fn ejection_hosts(&mut self, p: &SwapProposal, round: u32) -> Vec<HostId> {
+        let topo = self.cfg.topology.clone();
+        let Some(from) = topo.host_by_addr(p.from) else {
+            return Vec::new();
         };
+        let local = self.local_view(p, from);
+        let req = self.request_of(p, from);
+        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
+        let mut hosts = Vec::new();
+        // Whom it asks does not depend on the answers: a first pass with
+        // none records them.
+        choose_ejection(
+            &topo,
+            self.host,
+            free_mem,
+            &local,
+            &req,
+            self.cm(round),
+            self.cfg.scope.candidates,
+            |z| {
+                hosts.push(z);
+                None
+            },
+        );
+        hosts
+    }
+
+    /// The chain this host offers for `p`, with the third hosts' answers
+    /// `rooms`: the partner (reserved) and where it goes, or a refusal.
+    fn consider_eject(
+        &mut self,
+        p: &SwapProposal,
+        round: u32,
+        rooms: &[(HostId, Option<Capacity>)],
+    ) -> Result<EjectAcceptance, SwapRefusal> {
+        let now = self.now;
+        self.swaps.expire(now);
+        if self.swaps.busy() {
+            return Err(SwapRefusal::Busy);
+        }
+        if self.hosted.contains_key(&p.vm) {
+            return Err(SwapRefusal::Invalid);
+        }
+        let topo = self.cfg.topology.clone();
+        let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
+        let local = self.local_view(p, from);
+        let req = self.request_of(p, from);
+        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
+        let offer = choose_ejection(
+            &topo,
+            self.host,
+            free_mem,
+            &local,
+            &req,
+            self.cm(round),
+            self.cfg.scope.candidates,
+            |z| rooms.iter().find(|(h, _)| *h == z).and_then(|(_, c)| *c),
+        )
+        .ok_or(SwapRefusal::NoPartner)?;
+        let order = if offer.partner_to == from {
+            // Back to the proposer: a swap, ordered as one.
+            let here = !self.holder_claims() && self.room_for_one_more();
+            swap_order(self.cfg.advisory, here, p.from_headroom)?
+        } else {
+            // To a third host, into a slot it promises: the partner goes
+            // first, and no host needs headroom.
+            SwapOrder::PartnerFirst
+        };
+        let partner_to = topo.host_addr(offer.partner_to);
+        // w's level there, with u here.
+        let level = local.iter().find(|w| w.id == offer.partner).map_or(0, |w| {
+            let mut ps = w.peers.clone();
+            for z in ps.iter_mut().filter(|z| z.id == p.vm) {
+                z.host = self.host;
+            }
+            level_at(&topo, w.id, &ps, offer.partner_to)
+        });
+        let until = now.saturating_add(self.cfg.swap_timeout_ns);
+        if !self
+            .swaps
+            .reserve_to(p.vm, offer.partner, p.from, partner_to, order, until)
+        {
+            return Err(SwapRefusal::Busy);
+        }
+        Ok(EjectAcceptance {
+            in_reply_to: 0,
+            vm: p.vm,
+            partner: offer.partner,
+            partner_to,
+            benefit: offer.benefit,
+            c_m: offer.c_m,
+            partner_level_after: level,
+            order,
+        })
+    }
+
+    fn consider(&mut self, p: &SwapProposal) -> Result<(SwapOffer, SwapOrder), SwapRefusal> {
+        let now = self.now;
+        self.swaps.expire(now);
+        if self.swaps.busy() {
+            return Err(SwapRefusal::Busy);
+        }
+        if self.hosted.contains_key(&p.vm) {
+            return Err(SwapRefusal::Invalid);
+        }
+        let here = !self.holder_claims() && self.room_for_one_more();
+        let order = swap_order(self.cfg.advisory, here, p.from_headroom)?;
+        let topo = self.cfg.topology.clone();
+        let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
+        let local = self.local_view(p, from);
+        let req = self.request_of(p, from);
         let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
         let offer = choose_swap_partner(
             &topo,
@@ -2023,10 +2599,23 @@ impl Node {
             CommitAction::Wait => return,
             CommitAction::Reply(result) => Some((h.seq, h.sender, result)),
             CommitAction::Migrate(w) => {
+                let to = self.swaps.destination(vm).unwrap_or(h.sender);
                 let movable = self.hosted.contains_key(&w)
                     && !self.migrating.contains_key(&w)
                     && !self.frozen.contains(&w);
-                if movable {
+                if movable && to != h.sender {
+                    // A chain: ask the third host for the slot (reserved
+                    // there for w), then move w.
+                    let seq = self.send(to, &Message::CapacityRequest { vm: w });
+                    self.placing = Some(Placing {
+                        vm,
+                        partner: w,
+                        to,
+                        seq,
+                        deadline: self.now + self.cfg.request_timeout_ns,
+                    });
+                    None
+                } else if movable {
                     self.partner_moves.insert(w, vm);
                     self.start_migration(w, h.sender);
                     None

@@ -11,7 +11,10 @@
 //! for a swap gives one partner at a time and keeps it reserved until the
 //! proposer commits (move it now) or cancels, or the reservation expires;
 //! a repeated commit is answered with the first one's result, so a
-//! partner never moves twice for one swap.
+//! partner never moves twice for one swap. An ejection chain (u to the
+//! asked host y, y's partner w to a third host z) is kept the same way
+//! ([`Reservations::reserve_to`]); its partner goes first, to z, into a
+//! slot z promised for it, so it needs no headroom anywhere.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -56,6 +59,9 @@ enum Status {
 struct Reservation {
     partner: VmId,
     proposer: Ipv4Addr,
+    /// Where the partner goes: the proposer (a swap) or a third host (an
+    /// ejection chain).
+    to: Ipv4Addr,
     order: SwapOrder,
     expires: u64,
     status: Status,
@@ -110,6 +116,20 @@ impl Reservations {
         order: SwapOrder,
         until: u64,
     ) -> bool {
+        self.reserve_to(vm, partner, proposer, proposer, order, until)
+    }
+
+    /// [`Reservations::reserve`] for an ejection chain: the partner goes
+    /// to `to` (a third host, or the proposer) when committed.
+    pub fn reserve_to(
+        &mut self,
+        vm: VmId,
+        partner: VmId,
+        proposer: Ipv4Addr,
+        to: Ipv4Addr,
+        order: SwapOrder,
+        until: u64,
+    ) -> bool {
         if self.busy() {
             return false;
         }
@@ -118,6 +138,7 @@ impl Reservations {
             Reservation {
                 partner,
                 proposer,
+                to,
                 order,
                 expires: until,
                 status: Status::Reserved,
@@ -162,6 +183,11 @@ impl Reservations {
                 CommitAction::Reply(SwapResult::Cancelled)
             }
         }
+    }
+
+    /// Where the partner of `vm`'s swap or chain goes when committed.
+    pub fn destination(&self, vm: VmId) -> Option<Ipv4Addr> {
+        self.map.get(&vm).map(|r| r.to)
     }
 
     /// The partner's migration for `vm`'s swap ended with `result`;
@@ -257,5 +283,14 @@ mod tests {
         r.expire(later + S);
         assert!(!r.busy(), "an unanswered reservation expires");
         assert!(r.reserve(3, 5, x, SwapOrder::PartnerFirst, later));
+        assert_eq!(r.destination(3), Some(x));
+        let z = Ipv4Addr::new(10, 0, 0, 3);
+        r.expire(2 * later);
+        assert!(r.reserve_to(4, 6, x, z, SwapOrder::PartnerFirst, 3 * later));
+        assert_eq!(r.destination(4), Some(z));
+        assert_eq!(
+            r.commit(x, 4, 6, true, 3, 3 * later),
+            CommitAction::Migrate(6)
+        );
     }
 }

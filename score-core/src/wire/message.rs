@@ -235,6 +235,33 @@ pub struct SwapAcceptance {
     pub order: SwapOrder,
 }
 
+/// The asked host accepts an ejection chain (docs/EVALUATION.md, "Beyond
+/// the paper"): it gives `partner` (chosen from its own VMs with its own
+/// measurements, score-core's `chain::choose_ejection`), sends it to
+/// `partner_to` (the proposer's host: a swap; or a third host that had
+/// room) and has reserved it for this chain.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EjectAcceptance {
+    /// Sequence number of the proposal answered.
+    pub in_reply_to: u64,
+    /// The proposing VM u.
+    pub vm: VmId,
+    /// The ejected VM w (on the asked host).
+    pub partner: VmId,
+    /// Where w goes.
+    pub partner_to: Ipv4Addr,
+    /// The chain's benefit: the drop of the equation 1 total (finite).
+    pub benefit: f64,
+    /// The threshold it exceeds, c_m(u) + c_m(w) (finite, >= 0).
+    pub c_m: f64,
+    /// w's communication level on `partner_to` after the chain.
+    pub partner_level_after: u8,
+    /// Which migration goes first: into a third host, always the
+    /// partner's (it needs no headroom); back to the proposer, as for a
+    /// swap.
+    pub order: SwapOrder,
+}
+
 /// Why an asked host refused a swap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -430,6 +457,21 @@ pub enum Message {
         /// cancel.
         go: bool,
     },
+    /// An ejection chain proposal, from the holder of the token for its VM
+    /// to a full candidate host: take the VM, and make room by sending one
+    /// of yours to me or to a third host with room. Refused with
+    /// [`Message::SwapRefuse`]; an accepted chain is committed, released
+    /// and answered with the swap messages.
+    EjectPropose {
+        /// The holder's token round (the asked host prices its own VM's
+        /// share of c_m with it).
+        round: u32,
+        /// The proposal, as for a swap.
+        proposal: SwapProposal,
+    },
+    /// The asked host accepts a chain and names the VM it ejects and
+    /// where to.
+    EjectAccept(EjectAcceptance),
     /// The asked host's answer to a [`Message::SwapCommit`], once its part
     /// has ended.
     SwapDone {
@@ -464,6 +506,8 @@ impl Message {
             Message::SwapCommit { .. } => Kind::SwapCommit,
             Message::SwapDone { .. } => Kind::SwapDone,
             Message::Members { .. } => Kind::Members,
+            Message::EjectPropose { .. } => Kind::EjectPropose,
+            Message::EjectAccept(_) => Kind::EjectAccept,
         }
     }
 
@@ -519,6 +563,8 @@ impl Message {
             ),
             Message::SwapPropose(p) => p.check(),
             Message::SwapAccept(a) => a.check(),
+            Message::EjectPropose { proposal, .. } => proposal.check_as(Kind::EjectPropose),
+            Message::EjectAccept(a) => a.check(),
             Message::Members { vms } => check_members(vms),
             _ => Ok(()),
         }
@@ -594,22 +640,6 @@ impl Message {
                 buf.put_u32(*visited);
                 buf.put_slice(&host.octets());
             }
-            Message::SwapPropose(p) => {
-                buf.put_u32(p.vm);
-                buf.put_slice(&p.from.octets());
-                buf.put_slice(&p.to.octets());
-                buf.put_u64(p.gain.to_bits());
-                buf.put_u64(p.cost_before.to_bits());
-                buf.put_u64(p.c_m.to_bits());
-                buf.put_u64(p.mem_mib);
-                buf.put_u64(p.from_free_mem_mib);
-                buf.put_u8(u8::from(p.from_headroom));
-                buf.put_u16(p.peers_on_target.len() as u16); // <= MAX_SWAP_PEERS
-                for &(vm, rate) in &p.peers_on_target {
-                    buf.put_u32(vm);
-                    buf.put_u64(rate.to_bits());
-                }
-            }
             Message::SwapAccept(a) => {
                 buf.put_u64(a.in_reply_to);
                 buf.put_u32(a.vm);
@@ -647,6 +677,21 @@ impl Message {
                 buf.put_u32(*partner);
                 buf.put_u8(*result as u8);
             }
+            Message::SwapPropose(p) => p.put(buf),
+            Message::EjectPropose { round, proposal } => {
+                buf.put_u32(*round);
+                proposal.put(buf);
+            }
+            Message::EjectAccept(a) => {
+                buf.put_u64(a.in_reply_to);
+                buf.put_u32(a.vm);
+                buf.put_u32(a.partner);
+                buf.put_slice(&a.partner_to.octets());
+                buf.put_u64(a.benefit.to_bits());
+                buf.put_u64(a.c_m.to_bits());
+                buf.put_u8(a.partner_level_after);
+                buf.put_u8(a.order as u8);
+            }
             Message::Members { vms } => {
                 buf.put_u16(vms.len() as u16); // <= MAX_MEMBER_VMS
                 for vm in vms {
@@ -655,7 +700,33 @@ impl Message {
             }
         }
     }
+}
 
+impl SwapProposal {
+    fn put(&self, buf: &mut BytesMut) {
+        let p = self;
+        {
+            {
+                buf.put_u32(p.vm);
+                buf.put_slice(&p.from.octets());
+                buf.put_slice(&p.to.octets());
+                buf.put_u64(p.gain.to_bits());
+                buf.put_u64(p.cost_before.to_bits());
+                buf.put_u64(p.c_m.to_bits());
+                buf.put_u64(p.mem_mib);
+                buf.put_u64(p.from_free_mem_mib);
+                buf.put_u8(u8::from(p.from_headroom));
+                buf.put_u16(p.peers_on_target.len() as u16); // <= MAX_SWAP_PEERS
+                for &(vm, rate) in &p.peers_on_target {
+                    buf.put_u32(vm);
+                    buf.put_u64(rate.to_bits());
+                }
+            }
+        }
+    }
+}
+
+impl Message {
     /// Second decoding step: parses the body of a checked frame. Every
     /// field is validated and the body must be consumed exactly. Lists are
     /// allocated only after their length is checked against the body.
@@ -754,39 +825,24 @@ impl Message {
                 visited: r.u32()?,
                 host: r.ip()?,
             },
-            Kind::SwapPropose => {
-                let vm = r.u32()?;
-                let from = r.ip()?;
-                let to = r.ip()?;
-                let gain = r.f64()?;
-                let cost_before = r.f64()?;
-                let c_m = r.f64()?;
-                let mem_mib = r.u64()?;
-                let from_free_mem_mib = r.u64()?;
-                let from_headroom = r.flag("from_headroom")?;
-                let n = usize::from(r.u16()?);
-                if n > MAX_SWAP_PEERS {
-                    return Err(r.invalid("peer count"));
-                }
-                r.expect_exactly(n * SWAP_PEER_LEN)?;
-                let mut peers_on_target = Vec::with_capacity(n);
-                for _ in 0..n {
-                    peers_on_target.push((r.u32()?, r.f64()?));
-                }
-                let p = SwapProposal {
-                    vm,
-                    from,
-                    to,
-                    gain,
-                    cost_before,
-                    c_m,
-                    mem_mib,
-                    from_free_mem_mib,
-                    from_headroom,
-                    peers_on_target,
+            Kind::SwapPropose => Message::SwapPropose(SwapProposal::read(&mut r)?),
+            Kind::EjectPropose => Message::EjectPropose {
+                round: r.u32()?,
+                proposal: SwapProposal::read(&mut r)?,
+            },
+            Kind::EjectAccept => {
+                let a = EjectAcceptance {
+                    in_reply_to: r.u64()?,
+                    vm: r.u32()?,
+                    partner: r.u32()?,
+                    partner_to: r.ip()?,
+                    benefit: r.f64()?,
+                    c_m: r.f64()?,
+                    partner_level_after: r.u8()?,
+                    order: SwapOrder::from_u8(r.u8()?).ok_or(r.invalid("order"))?,
                 };
-                p.check()?;
-                Message::SwapPropose(p)
+                a.check()?;
+                Message::EjectAccept(a)
             }
             Kind::SwapAccept => {
                 let a = SwapAcceptance {
@@ -884,15 +940,53 @@ fn valid_rate(rate: f64) -> bool {
 }
 
 impl SwapProposal {
+    /// Reads a proposal's body (a swap's, or the tail of a chain's) and
+    /// checks it.
+    fn read(r: &mut Reader<'_>) -> Result<SwapProposal, WireError> {
+        let kind = r.kind;
+        let vm = r.u32()?;
+        let from = r.ip()?;
+        let to = r.ip()?;
+        let gain = r.f64()?;
+        let cost_before = r.f64()?;
+        let c_m = r.f64()?;
+        let mem_mib = r.u64()?;
+        let from_free_mem_mib = r.u64()?;
+        let from_headroom = r.flag("from_headroom")?;
+        let n = usize::from(r.u16()?);
+        if n > MAX_SWAP_PEERS {
+            return Err(r.invalid("peer count"));
+        }
+        r.expect_exactly(n * SWAP_PEER_LEN)?;
+        let mut peers_on_target = Vec::with_capacity(n);
+        for _ in 0..n {
+            peers_on_target.push((r.u32()?, r.f64()?));
+        }
+        let p = SwapProposal {
+            vm,
+            from,
+            to,
+            gain,
+            cost_before,
+            c_m,
+            mem_mib,
+            from_free_mem_mib,
+            from_headroom,
+            peers_on_target,
+        };
+        p.check_as(kind)?;
+        Ok(p)
+    }
+
     /// The checks [`Message::parse`] makes: finite numbers, costs and
     /// rates not negative, at most [`MAX_SWAP_PEERS`] peers.
     fn check(&self) -> Result<(), WireError> {
-        let bad = |field| {
-            Err(WireError::InvalidField {
-                kind: Kind::SwapPropose,
-                field,
-            })
-        };
+        self.check_as(Kind::SwapPropose)
+    }
+
+    /// [`SwapProposal::check`], its errors naming `kind`.
+    fn check_as(&self, kind: Kind) -> Result<(), WireError> {
+        let bad = |field| Err(WireError::InvalidField { kind, field });
         if !self.gain.is_finite() {
             return bad("gain");
         }
@@ -907,6 +1001,26 @@ impl SwapProposal {
         }
         if self.peers_on_target.iter().any(|&(_, r)| !valid_rate(r)) {
             return bad("rate");
+        }
+        Ok(())
+    }
+}
+
+impl EjectAcceptance {
+    /// The checks [`Message::parse`] makes: a finite benefit, a finite
+    /// threshold not negative.
+    fn check(&self) -> Result<(), WireError> {
+        let bad = |field| {
+            Err(WireError::InvalidField {
+                kind: Kind::EjectAccept,
+                field,
+            })
+        };
+        if !self.benefit.is_finite() {
+            return bad("benefit");
+        }
+        if !valid_rate(self.c_m) {
+            return bad("c_m");
         }
         Ok(())
     }
@@ -1304,6 +1418,119 @@ mod tests {
             decode(&b, &k),
             Err(WireError::BodyTruncated {
                 kind: Kind::SwapPropose
+            })
+        );
+    }
+
+    #[test]
+    fn chain_messages_round_trip_and_refuse_what_is_malformed() {
+        let h = HEADER_LEN + 32;
+        let p = proposal();
+        let propose = Message::EjectPropose {
+            round: 7,
+            proposal: p.clone(),
+        };
+        assert_eq!(
+            round_trip(&propose),
+            h + 4 + SWAP_PROPOSE_FIXED_LEN + 2 * SWAP_PEER_LEN
+        );
+        let full = Message::EjectPropose {
+            round: u32::MAX,
+            proposal: SwapProposal {
+                peers_on_target: (0..MAX_SWAP_PEERS as u32).map(|i| (i, 1.0)).collect(),
+                ..p.clone()
+            },
+        };
+        assert!(round_trip(&full) <= crate::wire::MAX_DATAGRAM);
+        let accept = EjectAcceptance {
+            in_reply_to: 77,
+            vm: 1,
+            partner: 4,
+            partner_to: Ipv4Addr::new(10, 1, 0, 9),
+            benefit: 12.5,
+            c_m: 3.0,
+            partner_level_after: 1,
+            order: SwapOrder::PartnerFirst,
+        };
+        assert_eq!(round_trip(&Message::EjectAccept(accept)), h + 38);
+        // Encoding refuses what decoding would, naming the chain's kind.
+        let k = key();
+        let mut b = BytesMut::new();
+        for (m, field) in [
+            (
+                Message::EjectPropose {
+                    round: 1,
+                    proposal: SwapProposal {
+                        c_m: f64::NAN,
+                        ..p.clone()
+                    },
+                },
+                "c_m",
+            ),
+            (
+                Message::EjectAccept(EjectAcceptance {
+                    benefit: f64::INFINITY,
+                    ..accept
+                }),
+                "benefit",
+            ),
+            (
+                Message::EjectAccept(EjectAcceptance {
+                    c_m: -1.0,
+                    ..accept
+                }),
+                "c_m",
+            ),
+        ] {
+            let kind = m.kind();
+            assert_eq!(
+                m.encode(&header(), &k, &mut b),
+                Err(WireError::InvalidField { kind, field })
+            );
+        }
+        // Bodies behind a valid MAC: a bad order byte, a bad flag, a peer
+        // count the body does not hold.
+        let mut body = BytesMut::new();
+        Message::EjectAccept(accept).put_body(&mut body);
+        body[37] = 2;
+        b.clear();
+        seal(Kind::EjectAccept as u8, &header(), &body, &k, &mut b).unwrap();
+        assert_eq!(
+            decode(&b, &k),
+            Err(WireError::InvalidField {
+                kind: Kind::EjectAccept,
+                field: "order"
+            })
+        );
+        let mut body = BytesMut::new();
+        propose.put_body(&mut body);
+        body[4 + 52] = 3;
+        b.clear();
+        seal(Kind::EjectPropose as u8, &header(), &body, &k, &mut b).unwrap();
+        assert_eq!(
+            decode(&b, &k),
+            Err(WireError::InvalidField {
+                kind: Kind::EjectPropose,
+                field: "from_headroom"
+            })
+        );
+        body[4 + 52] = 1;
+        body[4 + 53..4 + 55].copy_from_slice(&3u16.to_be_bytes());
+        b.clear();
+        seal(Kind::EjectPropose as u8, &header(), &body, &k, &mut b).unwrap();
+        assert_eq!(
+            decode(&b, &k),
+            Err(WireError::BodyTruncated {
+                kind: Kind::EjectPropose
+            })
+        );
+        // Too short for its round.
+        b.clear();
+        seal(Kind::EjectPropose as u8, &header(), &[0, 0], &k, &mut b).unwrap();
+        assert_eq!(
+            decode(&b, &k),
+            Err(WireError::BodyTruncated {
+                kind: Kind::EjectPropose
             })
         );
     }

@@ -10,7 +10,8 @@
 //! - [`auth`]: the cluster key, the key ring of a rotation, HMAC-SHA256.
 //! - [`frame`]: the datagram header, sealing and checking a frame.
 //! - [`message`]: the message bodies (the swap messages too:
-//!   propose, accept or refuse, commit, done).
+//!   propose, accept or refuse, commit, done; and an ejection chain's
+//!   propose and accept).
 //! - [`token_codec`]: the compact token encoding.
 //! - [`chunk`]: splitting an encoded token into datagrams, and reassembly.
 //! - [`parts`]: reassembly of flow reports and token orders sent in parts.
@@ -34,9 +35,9 @@ pub use chunk::{
 };
 pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
 pub use message::{
-    Datagram, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_MEMBER_VMS, MAX_ORDER_VMS,
-    MAX_SWAP_PEERS, Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
-    TokenChunk, TokenOrder,
+    Datagram, EjectAcceptance, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_MEMBER_VMS,
+    MAX_ORDER_VMS, MAX_SWAP_PEERS, Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
+    SwapResult, TokenChunk, TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
 pub use replay::{Freshness, REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
@@ -78,11 +79,15 @@ pub enum Kind {
     SwapDone = 15,
     /// VMs the token lacks: a watcher to the holder.
     Members = 16,
+    /// An ejection chain proposal to a full candidate host.
+    EjectPropose = 17,
+    /// The asked host accepts a chain: the VM it ejects and where to.
+    EjectAccept = 18,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -99,6 +104,8 @@ impl Kind {
         Kind::SwapCommit,
         Kind::SwapDone,
         Kind::Members,
+        Kind::EjectPropose,
+        Kind::EjectAccept,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -125,6 +132,8 @@ impl Kind {
             Kind::SwapCommit => "swap_commit",
             Kind::SwapDone => "swap_done",
             Kind::Members => "members",
+            Kind::EjectPropose => "eject_propose",
+            Kind::EjectAccept => "eject_accept",
         }
     }
 }
@@ -406,7 +415,8 @@ mod tests {
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(15), Some(Kind::SwapDone));
         assert_eq!(Kind::from_u8(16), Some(Kind::Members));
-        assert_eq!(Kind::from_u8(17), None);
+        assert_eq!(Kind::from_u8(18), Some(Kind::EjectAccept));
+        assert_eq!(Kind::from_u8(19), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
