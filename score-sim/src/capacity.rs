@@ -141,7 +141,7 @@ impl Variant {
     }
 
     /// Run options for the scenario `s`.
-    fn options(&self, s: &Scenario, max_rounds: u32) -> RunOptions {
+    pub fn options(&self, s: &Scenario, max_rounds: u32) -> RunOptions {
         let (cm, cm_decay, cm_floor) = match self.cm {
             None => (s.migration_cost, 1.0, 0.0),
             Some(c) => (MigrationCostSpec::MeanVmFraction(c.start), c.decay, c.floor),
@@ -394,13 +394,9 @@ fn reduction(initial: f64, cost: f64) -> f64 {
     }
 }
 
-/// Runs one fill: baseline, local search from the initial placement, and
-/// every policy with every variant (in parallel).
-fn run_fill(
-    s: &Scenario,
-    fill: Option<f64>,
-    opts: &CapacityOptions,
-) -> Result<FillResult, ExperimentError> {
+/// The scenario `s` with static traffic and, with `fill`, that fraction of
+/// the slots taken by VMs; its slots in all.
+pub fn at_fill(s: &Scenario, fill: Option<f64>) -> Result<(Scenario, u64), WorldError> {
     let mut sc = s.clone();
     sc.traffic.dynamic.batches = 0;
     // Hosts from the tree alone: the scenario's VM count may not fit it.
@@ -411,11 +407,31 @@ fn run_fill(
     if let Some(f) = fill {
         sc.vms.count = (f * slots as f64).round() as u32;
     }
+    Ok((sc, slots))
+}
+
+/// The best centralised baseline (greedy + local search) on `setup`: its
+/// cost reduction in percent and the VMs it moves.
+pub fn best_baseline(setup: &Setup, sc: &Scenario) -> (f64, u64) {
+    let base = search::run(setup, &sc.baselines.search, sc.seed);
+    (
+        reduction(setup.initial_cost(), base.cost),
+        moved(&setup.placement, &base.placement),
+    )
+}
+
+/// Runs one fill: baseline, local search from the initial placement, and
+/// every policy with every variant (in parallel).
+fn run_fill(
+    s: &Scenario,
+    fill: Option<f64>,
+    opts: &CapacityOptions,
+) -> Result<FillResult, ExperimentError> {
+    let (sc, slots) = at_fill(s, fill)?;
     let setup = Setup::build(&sc)?;
     let model = setup.model();
     let initial = setup.initial_cost();
-    let base = search::run(&setup, &sc.baselines.search, sc.seed);
-    let base_red = reduction(initial, base.cost);
+    let (base_red, base_moved) = best_baseline(&setup, &sc);
     let mut ls = setup.placement.clone();
     search::local_search(&model, &mut ls, setup.shape.max_vms(), &sc.baselines.search);
     let ls_red = reduction(initial, model.total_cost(&ls));
@@ -453,7 +469,7 @@ fn run_fill(
         fill: f64::from(setup.vms()) / slots as f64,
         vms: setup.vms(),
         baseline_reduction_pct: base_red,
-        baseline_moved_vms: moved(&setup.placement, &base.placement),
+        baseline_moved_vms: base_moved,
         local_search_from_initial_pct: ls_red,
         local_search_from_initial_moved_vms: moved(&setup.placement, &ls),
         runs: runs?,

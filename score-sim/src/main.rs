@@ -88,6 +88,28 @@ enum Cmd {
         /// (the capacity variants' `@start/decay/floor`).
         #[arg(long, value_name = "START/DECAY/FLOOR")]
         cm: Option<String>,
+        /// Instead: the paper scenario (or --fanout's tree) filled to each
+        /// of these fractions of the slots, without faults, each
+        /// --variant through the protocol until a quiet round with c_m at
+        /// its floor, beside the decision-only engine and the best
+        /// centralised baseline (greedy + local search).
+        #[arg(long, value_delimiter = ',')]
+        fill: Vec<f64>,
+        /// With --fill: fan-out of the regular tree instead of the
+        /// paper's 20,8,4,4 (20,8,2,2: a quarter of the hosts).
+        #[arg(long, value_delimiter = ',')]
+        fanout: Vec<u32>,
+        /// With --fill: variants as `score-sim capacity` names them, of
+        /// what the protocol's node has: `paper` or `swap`, then `+chain`,
+        /// then `@start/decay/floor` (default swap+chain@10/0.5/0.003).
+        #[arg(long, value_delimiter = ',')]
+        variant: Vec<Variant>,
+        /// With --fill: the token policy.
+        #[arg(long, default_value = "distributed")]
+        policy: PolicyKind,
+        /// With --fill: most rounds per run.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
     },
     /// c_m from what a migration costs (docs/EVALUATION.md, "A migration
     /// cost from measurements"): the paper's data centre with c_m = 0 and
@@ -506,6 +528,15 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Protocol {
+            paper_rounds: None,
+            fill,
+            fanout,
+            variant,
+            policy,
+            max_rounds,
+            ..
+        } if !fill.is_empty() => protocol_versus(&fill, &fanout, &variant, policy, max_rounds),
+        Cmd::Protocol {
             seed,
             seeds,
             hosts,
@@ -514,8 +545,7 @@ fn main() -> ExitCode {
             trace,
             paper_rounds: Some(rounds),
             plot,
-            chains: _,
-            cm: _,
+            ..
         } => {
             let _ = (seeds, hosts, seconds, quiet);
             paper_protocol(seed, rounds, trace, plot.as_deref())
@@ -528,9 +558,9 @@ fn main() -> ExitCode {
             quiet,
             trace,
             paper_rounds: None,
-            plot: _,
             chains,
             cm,
+            ..
         } => (|| {
             let cm = cm.map(|c| parse_cm(&c)).transpose()?;
             let tweak = |c: &mut score_sim::protocol::SimConfig| {
@@ -575,6 +605,88 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `score-sim protocol --fill ...`: the protocol beside the engine and the
+/// best baseline, one line per fill and variant.
+fn protocol_versus(
+    fills: &[f64],
+    fanout: &[u32],
+    variants: &[Variant],
+    policy: PolicyKind,
+    max_rounds: u32,
+) -> anyhow::Result<()> {
+    let mut s = Scenario::default();
+    if !fanout.is_empty()
+        && let Some(r) = s.topology.regular.as_mut()
+    {
+        r.fanout = fanout.to_vec();
+    }
+    let default = ["swap+chain@10/0.5/0.003".parse::<Variant>()?];
+    let variants = if variants.is_empty() {
+        &default[..]
+    } else {
+        variants
+    };
+    for v in variants {
+        if v.group != score_sim::engine::GroupMode::Off
+            || v.cycle
+            || v.scope.candidates != score_core::swap::CandidateSet::Paper
+        {
+            anyhow::bail!(
+                "variant {}: the protocol's node has swaps over the paper's candidates, \
+                 chains and a c_m schedule, not group moves, rotations or wider sets",
+                v.label()
+            );
+        }
+    }
+    println!(
+        "fill,vms,hosts,variant,policy,baseline_pct,baseline_moved,protocol_pct,protocol_of_best,\
+         protocol_migrations,protocol_migrations_over_baseline,swaps_done,chains_done,chains_third_host,\
+         chains_half_done,rounds,engine_pct,engine_of_best,engine_migrations,engine_rounds,\
+         datagrams,protocol_wall_s,violations"
+    );
+    for &fill in fills {
+        for v in variants {
+            let r = score_sim::protocol::versus_baseline(&s, fill, v, policy, max_rounds)?;
+            let p = &r.protocol;
+            let e = &r.engine;
+            let of = |x: f64| {
+                if r.baseline_pct > 0.0 {
+                    x / r.baseline_pct
+                } else {
+                    0.0
+                }
+            };
+            println!(
+                "{:.3},{},{},{},{},{:.3},{},{:.3},{:.4},{},{:.3},{},{},{},{},{},{:.3},{:.4},{},{},{},{:.1},{}",
+                r.fill,
+                r.vms,
+                r.hosts,
+                v.label(),
+                policy.name(),
+                r.baseline_pct,
+                r.baseline_moved,
+                r.protocol_pct,
+                of(r.protocol_pct),
+                p.migrations,
+                p.migrations as f64 / r.baseline_moved.max(1) as f64,
+                p.swaps_done,
+                p.chains_done,
+                p.chains_third_host,
+                p.chains_partial,
+                p.rounds,
+                e.reduction_pct(),
+                of(e.reduction_pct()),
+                e.migrations,
+                e.rounds,
+                p.datagrams,
+                r.protocol_wall_s,
+                p.violations.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `START/DECAY/FLOOR` (START in mean VM costs) as the protocol

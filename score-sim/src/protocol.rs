@@ -177,6 +177,9 @@ pub struct SimConfig {
     pub cm: MigrationCostSpec,
     /// How c_m decays over the rounds (constant by default, the paper's).
     pub cm_decay: CmDecay,
+    /// Stop after a round without migration once c_m has reached its
+    /// floor (the engine's convergence: no later round would move a VM).
+    pub stop_when_settled: bool,
 }
 
 impl SimConfig {
@@ -224,6 +227,7 @@ impl SimConfig {
             record: false,
             cm: MigrationCostSpec::Absolute(0.0),
             cm_decay: CmDecay::CONSTANT,
+            stop_when_settled: false,
         }
     }
 
@@ -450,6 +454,11 @@ struct Sim {
     /// VMs whose decision sent them away and whose migration has not ended
     /// (the cost after that decision is recorded when it does).
     recording: BTreeSet<usize>,
+    /// Migrations done when the current round began.
+    round_started_migrations: u64,
+    /// A quiet round with c_m at its floor ended the run
+    /// ([`SimConfig::stop_when_settled`]).
+    settled: bool,
     report: Report,
 }
 
@@ -752,6 +761,15 @@ impl Sim {
             }
             Event::RoundComplete { round, .. } => {
                 if *round > self.report.rounds {
+                    let moved = self.report.migrations - self.round_started_migrations;
+                    self.round_started_migrations = self.report.migrations;
+                    if self.cfg.stop_when_settled
+                        && moved == 0
+                        && self.migrating.is_empty()
+                        && self.cfg.cm_decay.settled(*round)
+                    {
+                        self.settled = true;
+                    }
                     // Resynchronise the running total (no drift).
                     self.total = self.cost();
                     let cost = self.total;
@@ -1063,6 +1081,8 @@ pub fn run(cfg: &SimConfig) -> Report {
         uncovered: n_vms,
         dup_since: None,
         recording: BTreeSet::new(),
+        round_started_migrations: 0,
+        settled: false,
         report: Report {
             seed: cfg.seed,
             ..Report::default()
@@ -1117,9 +1137,10 @@ pub fn run(cfg: &SimConfig) -> Report {
         if sim.report.events.is_multiple_of(cfg.check_every.max(1)) {
             sim.check();
         }
-        if cfg
-            .stop_after_rounds
-            .is_some_and(|n| sim.report.rounds >= n)
+        if sim.settled
+            || cfg
+                .stop_after_rounds
+                .is_some_and(|n| sim.report.rounds >= n)
         {
             break;
         }
@@ -1127,9 +1148,10 @@ pub fn run(cfg: &SimConfig) -> Report {
             sim.report.covered_at_ns = Some(sim.now);
         }
     }
-    let stopped = cfg
-        .stop_after_rounds
-        .is_some_and(|n| sim.report.rounds >= n);
+    let stopped = sim.settled
+        || cfg
+            .stop_after_rounds
+            .is_some_and(|n| sim.report.rounds >= n);
     if !stopped {
         sim.now = cfg.duration_ns;
     }
@@ -1222,6 +1244,83 @@ pub fn compare(cfg: &SimConfig, rounds: u32) -> Result<Comparison, score_core::c
         protocol,
         engine,
         first_difference,
+    })
+}
+
+/// The protocol beside the best centralised baseline on a data centre
+/// filled to `fill` (docs/PROTOCOL.md, "The whole repertoire beside the
+/// best baseline").
+#[derive(Debug)]
+pub struct Versus {
+    /// VMs over slots.
+    pub fill: f64,
+    /// VMs.
+    pub vms: u32,
+    /// Hosts.
+    pub hosts: u32,
+    /// The best baseline's cost reduction, percent, and the VMs it moves.
+    pub baseline_pct: f64,
+    /// See `baseline_pct`.
+    pub baseline_moved: u64,
+    /// The protocol's run (no faults).
+    pub protocol: Report,
+    /// Its cost reduction, percent.
+    pub protocol_pct: f64,
+    /// The decision-only engine's run of the same variant.
+    pub engine: engine::PolicyRun,
+    /// Wall-clock seconds of the protocol's run.
+    pub protocol_wall_s: f64,
+}
+
+/// Runs `variant` (swaps over the paper's candidates, ejection chains, a
+/// c_m schedule: what the `Node` has; no group moves or rotations)
+/// through the protocol, without faults, on scenario `s` filled to
+/// `fill`, until a quiet round with c_m at its floor or `max_rounds`;
+/// beside the engine's run of the same variant and the best baseline.
+pub fn versus_baseline(
+    s: &Scenario,
+    fill: f64,
+    variant: &crate::capacity::Variant,
+    policy: PolicyKind,
+    max_rounds: u32,
+) -> Result<Versus, crate::experiment::ExperimentError> {
+    let (sc, slots) = crate::capacity::at_fill(s, Some(fill))?;
+    let setup = Arc::new(Setup::build(&sc)?);
+    let (baseline_pct, baseline_moved) = crate::capacity::best_baseline(&setup, &sc);
+    let opts = variant.options(&sc, max_rounds);
+    let mut c = SimConfig::on_world(sc.seed, setup.clone());
+    c.policy = policy;
+    c.swaps = variant.scope.swaps;
+    // A swap's two migrations need one VM of room beyond the slots on
+    // one of its hosts; the engine's swaps are instantaneous.
+    c.migration_headroom = u32::from(variant.scope.swaps);
+    c.chains = variant.chain;
+    c.cm = opts.cm;
+    c.cm_decay = CmDecay {
+        decay: opts.cm_decay,
+        floor: opts.cm_floor,
+    };
+    c.stop_after_rounds = Some(max_rounds);
+    c.stop_when_settled = true;
+    let started = std::time::Instant::now();
+    let protocol = run(&c);
+    let protocol_wall_s = started.elapsed().as_secs_f64();
+    let engine = engine::run_policy(&setup, policy, &opts, |_| {})?;
+    let protocol_pct = if protocol.cost_start > 0.0 {
+        100.0 * (1.0 - protocol.cost_end / protocol.cost_start)
+    } else {
+        0.0
+    };
+    Ok(Versus {
+        fill: f64::from(setup.vms()) / slots as f64,
+        vms: setup.vms(),
+        hosts: setup.topo.host_count(),
+        baseline_pct,
+        baseline_moved,
+        protocol,
+        protocol_pct,
+        engine,
+        protocol_wall_s,
     })
 }
 

@@ -117,3 +117,28 @@ fn with_a_decaying_c_m_the_protocol_decides_as_the_engine_does() {
         flat.engine.round_migrations
     );
 }
+
+/// The whole repertoire the node has (swaps, ejection chains, a decaying
+/// c_m) on a full data centre of score-sim's traffic model: the protocol
+/// reduces the cost about as far as the decision-only engine with the
+/// same variant, with no invariant broken, and chains are made.
+#[test]
+fn the_repertoire_through_the_protocol_tracks_the_engine() {
+    let mut s = Scenario::default();
+    if let Some(r) = s.topology.regular.as_mut() {
+        r.fanout = vec![4, 2, 2];
+    }
+    let v = "swap+chain@10/0.5/0.003".parse().expect("variant");
+    let r = score_sim::protocol::versus_baseline(&s, 0.9, &v, PolicyKind::Distributed, 30)
+        .expect("runs");
+    let p = &r.protocol;
+    assert!(p.violations.is_empty(), "{:?}", p.violations);
+    assert!(p.chains_done > 0 && p.swaps_done > 0, "{p:?}");
+    assert!(r.protocol_pct > 0.0 && r.protocol_pct <= r.baseline_pct + 1e-9);
+    assert!(
+        (r.protocol_pct - r.engine.reduction_pct()).abs() < 0.05 * r.baseline_pct,
+        "protocol {} %, engine {} %",
+        r.protocol_pct,
+        r.engine.reduction_pct()
+    );
+}
