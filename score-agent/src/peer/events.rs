@@ -212,6 +212,24 @@ impl Events {
                 m.swap(*outcome);
                 self.outcome(*vm, format!("swap {name}"));
             }
+            // Ejection chains (off by default, `proto::Config::chains`):
+            // logged and kept for /status; no metric of their own yet.
+            Event::ChainAgreed { chain, order } => {
+                m.decision_evaluated();
+                m.observe_benefit(chain.benefit);
+                info!(vm = %ip(chain.vm), partner = %ip(chain.partner), benefit = chain.benefit, c_m = chain.c_m, ?order, "ejection chain");
+            }
+            Event::ChainFinished {
+                vm,
+                partner,
+                outcome,
+            } => {
+                if *outcome == SwapOutcome::Partial {
+                    warn!(vm = %ip(*vm), partner = %ip(*partner), "ejection chain half done");
+                }
+                info!(vm = %ip(*vm), partner = %ip(*partner), ?outcome, "ejection chain ended");
+                self.outcome(*vm, format!("chain {outcome:?}").to_lowercase());
+            }
             Event::SwapRefused { vm, by, reason } => {
                 info!(vm = %ip(*vm), host = %by, reason = reason.name(), "swap refused");
             }
