@@ -15,6 +15,7 @@ use std::{
 
 use score_core::{
     decision::{MigrationCost, Rule},
+    migcost::EstimatorConfig,
     policy::PolicyKind,
     swap::{CandidateSet, Scope},
     topology::{HostId, Topology},
@@ -121,7 +122,10 @@ pub struct PeerConfig {
 }
 
 /// The migration cost c_m as written in the file: a number (absolute, in
-/// rate × weight units) or a percentage of the VM's current cost ("10%").
+/// rate × weight units), a percentage of the VM's current cost ("10%"), or
+/// the migration's own traffic repaid within a horizon ("traffic/10m",
+/// docs/EVALUATION.md "A migration cost from measurements"), learnt from
+/// the migrations this host makes.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum MigrationCostSetting {
@@ -138,7 +142,9 @@ impl Default for MigrationCostSetting {
 }
 
 impl MigrationCostSetting {
-    fn resolve(&self) -> Result<MigrationCost, ConfigError> {
+    /// c_m before any migration was seen; a traffic c_m starts from a VM's
+    /// whole memory (`vm_memory_mib`) sent once.
+    fn resolve(&self, vm_memory_mib: u64) -> Result<MigrationCost, ConfigError> {
         match self {
             MigrationCostSetting::Absolute(a) if a.is_finite() && *a >= 0.0 => {
                 Ok(MigrationCost::Absolute(*a))
@@ -147,6 +153,23 @@ impl MigrationCostSetting {
                 "policy.migration_cost",
                 format!("{a} is not a finite number >= 0"),
             )),
+            MigrationCostSetting::Text(t) if t.starts_with("traffic/") => {
+                let horizon = humantime::parse_duration(&t["traffic/".len()..])
+                    .ok()
+                    .filter(|h| !h.is_zero())
+                    .ok_or_else(|| {
+                        invalid(
+                            "policy.migration_cost",
+                            format!("{t:?}: expected \"traffic/\" and a horizon above 0 (\"traffic/10m\")"),
+                        )
+                    })?;
+                Ok(MigrationCost::Traffic {
+                    bytes: EstimatorConfig::default().prior_ratio
+                        * (vm_memory_mib as f64)
+                        * 1_048_576.0,
+                    horizon_s: horizon.as_secs_f64(),
+                })
+            }
             MigrationCostSetting::Text(t) => {
                 let pct = t
                     .strip_suffix('%')
@@ -155,7 +178,7 @@ impl MigrationCostSetting {
                     .ok_or_else(|| {
                         invalid(
                             "policy.migration_cost",
-                            format!("{t:?}: expected a number or \"N%\""),
+                            format!("{t:?}: expected a number, \"N%\" or \"traffic/HORIZON\""),
                         )
                     })?;
                 Ok(MigrationCost::FractionOfVmCost(pct / 100.0))
@@ -177,6 +200,11 @@ pub struct PolicyConfig {
     /// c_m of equation 2.
     #[serde(default)]
     pub migration_cost: MigrationCostSetting,
+    /// With a traffic c_m: the rate a migration streams at, bytes/s, to
+    /// turn a migration's duration into the bytes it sent (the backends
+    /// report only the time).
+    #[serde(default = "defaults::migration_link_bytes_per_second")]
+    pub migration_link_bytes_per_second: f64,
     /// A VM migrates at most once per this time (no oscillation).
     #[serde(default = "defaults::hold_down", with = "humantime_serde")]
     pub hold_down: Duration,
@@ -221,6 +249,7 @@ impl Default for PolicyConfig {
             kind: defaults::policy(),
             rule: Rule::default(),
             migration_cost: MigrationCostSetting::default(),
+            migration_link_bytes_per_second: defaults::migration_link_bytes_per_second(),
             hold_down: defaults::hold_down(),
             token_hold: defaults::token_hold(),
             min_rate: 0.0,
@@ -242,6 +271,9 @@ mod defaults {
     }
     pub fn port() -> u16 {
         7760
+    }
+    pub fn migration_link_bytes_per_second() -> f64 {
+        score_core::migcost::EstimatorConfig::default().link_bytes_per_s
     }
     pub fn hop_timeout() -> Duration {
         Duration::from_millis(300)
@@ -429,7 +461,14 @@ impl ClusterSettings {
         if !(policy.min_rate.is_finite() && policy.min_rate >= 0.0) {
             return Err(invalid("policy.min_rate", "must be a finite number >= 0"));
         }
-        let migration_cost = policy.migration_cost.resolve()?;
+        let migration_cost = policy.migration_cost.resolve(node.vm_memory_mib)?;
+        let link = policy.migration_link_bytes_per_second;
+        if !(link.is_finite() && link > 0.0) {
+            return Err(invalid(
+                "policy.migration_link_bytes_per_second",
+                format!("{link} is not a finite rate above 0"),
+            ));
+        }
         let topo = read_topology(&topology.file)?;
         let me = topo.host_by_addr(node.address).ok_or_else(|| {
             invalid(
@@ -506,21 +545,46 @@ mod tests {
     #[test]
     fn migration_cost_forms() {
         assert_eq!(
-            MigrationCostSetting::Absolute(3.0).resolve().unwrap(),
+            MigrationCostSetting::Absolute(3.0).resolve(256).unwrap(),
             MigrationCost::Absolute(3.0)
         );
         assert_eq!(
-            MigrationCostSetting::Text("10%".into()).resolve().unwrap(),
+            MigrationCostSetting::Text("10%".into())
+                .resolve(256)
+                .unwrap(),
             MigrationCost::FractionOfVmCost(0.1)
         );
         for bad in ["10", "x%", "-5%"] {
             let e = MigrationCostSetting::Text(bad.into())
-                .resolve()
+                .resolve(256)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("policy.migration_cost"), "{e}");
         }
-        assert!(MigrationCostSetting::Absolute(f64::NAN).resolve().is_err());
+        assert!(
+            MigrationCostSetting::Absolute(f64::NAN)
+                .resolve(256)
+                .is_err()
+        );
+        assert_eq!(
+            MigrationCostSetting::Text("traffic/10m".into())
+                .resolve(256)
+                .unwrap(),
+            MigrationCost::Traffic {
+                bytes: 256.0 * 1_048_576.0,
+                horizon_s: 600.0,
+            }
+        );
+        for bad in ["traffic/", "traffic/0s", "traffic/soon"] {
+            let e = MigrationCostSetting::Text(bad.into())
+                .resolve(256)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("policy.migration_cost") && e.contains("traffic/10m"),
+                "{e}"
+            );
+        }
     }
 
     fn tables(

@@ -60,6 +60,9 @@ impl PeerMetrics for Metrics {
     fn migration_duration(&self, took: Duration) {
         Metrics::observe_migration_duration(self, took)
     }
+    fn migration_cost_bytes(&self, bytes: f64) {
+        Metrics::set_migration_cost_bytes(self, bytes)
+    }
     fn observe_benefit(&self, benefit: f64) {
         Metrics::observe_benefit(self, benefit)
     }

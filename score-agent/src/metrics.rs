@@ -308,6 +308,7 @@ pub struct Metrics {
     migrations: IntCounterVec,
     migration_benefit: Histogram,
     migration_duration: Histogram,
+    migration_cost_bytes: Gauge,
     swaps: IntCounterVec,
     swap_requests: IntCounterVec,
     rejected: IntCounterVec,
@@ -517,6 +518,13 @@ impl Metrics {
             // one takes no time, so mixing them in would hide the figure
             // an operator wants (how long a VM that moved took); its
             // `_count` equals score_migrations_total{outcome="done"}.
+            migration_cost_bytes: reg(
+                &r,
+                Gauge::new(
+                    "score_migration_cost_bytes",
+                    "Bytes a VM's next migration from this host is expected to send, learnt from the migrations it made (policy.migration_cost = \"traffic/H\"; 0 otherwise).",
+                ),
+            ),
             migration_duration: reg(
                 &r,
                 Histogram::with_opts(
@@ -722,6 +730,11 @@ impl Metrics {
 
     /// A migration was done (the VM moved) and took `took`; count it with
     /// [`Metrics::migration`] too.
+    /// The bytes a VM's next migration is expected to send (a traffic c_m).
+    pub fn set_migration_cost_bytes(&self, bytes: f64) {
+        self.migration_cost_bytes.set(bytes);
+    }
+
     pub fn observe_migration_duration(&self, took: Duration) {
         self.migration_duration.observe(took.as_secs_f64());
     }

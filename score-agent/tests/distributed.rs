@@ -134,6 +134,60 @@ fn agents_bring_chatty_pairs_together() {
     assert!(logs.iter().any(|l| l.contains("migration done")));
 }
 
+/// A traffic c_m (`migration_cost = "traffic/1d"`): every agent starts
+/// from a VM's whole memory sent once (256 MiB), and a host that made a
+/// migration prices the next with what that one sent (its duration at
+/// `migration_link_bytes_per_second`, 125 MB/s by default), exported as
+/// `score_migration_cost_bytes`.
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_traffic_migration_cost_is_learnt_from_the_migrations_made() {
+    let mut dc = Dc::build("sct-cm-", tree(), &[0, 2, 1, 3]);
+    let o = Options {
+        migration_cost: Some("\"traffic/1d\""),
+        ..Options::default()
+    };
+    dc.chat(0, 1, 200_000);
+    dc.chat(1, 0, 100_000);
+    dc.chat(2, 3, 150_000);
+    dc.chat(3, 2, 150_000);
+    dc.start_agents(&o);
+    let prior = 256.0 * 1_048_576.0;
+    dc.wait_until("every agent's c_m", Duration::from_secs(30), |dc| {
+        (0..4).all(|i| dc.metric(i, "score_migration_cost_bytes") == prior)
+    });
+    dc.wait_until("both pairs together", Duration::from_secs(60), |dc| {
+        let (h0, h1, h2, h3) = (dc.host_of(0), dc.host_of(1), dc.host_of(2), dc.host_of(3));
+        h0.is_some() && h0 == h1 && h2.is_some() && h2 == h3
+    });
+    let mut movers = 0;
+    for i in 0..4 {
+        let n = dc.metric(i, "score_migration_duration_seconds_count");
+        let learnt = dc.metric(i, "score_migration_cost_bytes");
+        if n == 0.0 {
+            assert_eq!(learnt, prior, "h{} made no migration", i + 1);
+            continue;
+        }
+        movers += 1;
+        // The mean of its migrations' bytes: their mean duration at the
+        // link's rate.
+        let mean_s = dc.metric(i, "score_migration_duration_seconds_sum") / n;
+        let expected = mean_s * 125e6;
+        assert!(
+            (learnt - expected).abs() <= 1e-6 * expected,
+            "h{}: {learnt} bytes, expected {expected}",
+            i + 1
+        );
+        assert!(learnt < prior, "a netns move takes milliseconds");
+    }
+    assert!(movers >= 1);
+    let logs = dc.stop_agents();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("migration cost: a migration is expected to send"))
+    );
+}
+
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn global_policy_follows_the_coordinators_order() {

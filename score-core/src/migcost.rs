@@ -122,13 +122,27 @@ impl Estimator {
     }
 
     /// The ratio of bytes sent to memory expected for `vm`: its own, else
-    /// the fleet's mean, else the prior.
+    /// the fleet's.
     pub fn ratio(&self, vm: VmId) -> f64 {
-        match self.per_vm.get(&vm) {
-            Some(&r) => r,
-            None if self.fleet_n > 0 => self.fleet_sum / self.fleet_n as f64,
-            None => self.cfg.prior_ratio,
+        self.per_vm
+            .get(&vm)
+            .copied()
+            .unwrap_or_else(|| self.fleet_ratio())
+    }
+
+    /// The ratio expected for a VM never migrated yet: the mean of every
+    /// migration seen, else the prior.
+    pub fn fleet_ratio(&self) -> f64 {
+        if self.fleet_n > 0 {
+            self.fleet_sum / self.fleet_n as f64
+        } else {
+            self.cfg.prior_ratio
         }
+    }
+
+    /// How many migrations it has seen.
+    pub fn seen(&self) -> u64 {
+        self.fleet_n
     }
 
     /// The bytes `vm`'s next migration is expected to send.

@@ -257,6 +257,41 @@ fn a_real_migration_moves_the_vm_once() {
     assert_eq!(done, 1);
 }
 
+/// c_m may change while the node runs (the agent learns it from the
+/// migrations it makes): a move the configured c_m forbids is made once a
+/// lower one is set.
+#[test]
+fn a_learnt_migration_cost_prices_the_next_decisions() {
+    use score_core::decision::MigrationCost;
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = Dc::new(&[(a, 0), (b, 2)], &[(a, b, 1000.0)], |c| {
+        c.policy = PolicyKind::RoundRobin;
+        // A whole terabyte to repay within a second.
+        c.migration_cost = MigrationCost::Traffic {
+            bytes: 1e12,
+            horizon_s: 1.0,
+        };
+    });
+    dc.run(10 * SEC);
+    assert_ne!(dc.at[&a], dc.at[&b], "too dear to move");
+    assert!(
+        dc.count(|e| matches!(
+            e,
+            Event::Decided {
+                decision: Decision::Stay { .. }
+            }
+        )) >= 2
+    );
+    for n in &mut dc.nodes {
+        n.set_migration_cost(MigrationCost::Traffic {
+            bytes: 1.0,
+            horizon_s: 600.0,
+        });
+    }
+    dc.run(20 * SEC);
+    assert_eq!(dc.at[&a], dc.at[&b], "together once it is cheap");
+}
+
 /// After a migration the source tells the hosts of the VM's peers where it
 /// went (they would otherwise price against its old place until their
 /// cached location expires), and no other host.

@@ -55,6 +55,9 @@ pub struct Options {
     pub headroom_at: Vec<(usize, u32)>,
     /// `[policy] candidates`.
     pub candidates: &'static str,
+    /// `[policy] migration_cost`, as written in the file (`None`: the
+    /// default, 0).
+    pub migration_cost: Option<&'static str>,
     /// `http_listen`: [`HTTP`], loopback, unless a test scrapes the agents
     /// from another namespace (then `0.0.0.0:9464`, still [`HTTP`] too).
     pub http_listen: &'static str,
@@ -93,6 +96,7 @@ impl Default for Options {
             headroom: 0,
             headroom_at: Vec::new(),
             candidates: "paper",
+            migration_cost: None,
             http_listen: HTTP,
             run_as: None,
             keys: None,
@@ -249,7 +253,7 @@ impl Dc {
              [peer]\nport = {PORT}\nkey_file = \"{dir}/{key}\"\nprevious_key_files = [{previous}]\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
              [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
-             candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{backend}",
+             candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{cm}{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
             addr = h.addr,
@@ -263,6 +267,10 @@ impl Dc {
                 .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
             candidates = o.candidates,
+            cm = o
+                .migration_cost
+                .map(|c| format!("migration_cost = {c}\n"))
+                .unwrap_or_default(),
             http = o.http_listen,
         )
     }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use score_core::{
-    decision::Decision,
+    decision::{Decision, MigrationCost},
     proto::{Event, MigrationOutcome, NoDecision, Node, SwapOutcome},
     swap::Step,
     token::VmId,
@@ -255,6 +255,17 @@ impl Events {
 
     /// How the backend's migration of `vm` to `to` ended (the shell times
     /// it, the node only hears the outcome).
+    /// c_m is now `cm` (a traffic c_m, learnt from the migrations made).
+    pub fn migration_cost(&self, cm: MigrationCost) {
+        if let MigrationCost::Traffic { bytes, horizon_s } = cm {
+            self.metrics.migration_cost_bytes(bytes);
+            info!(
+                expected_bytes = bytes as u64,
+                horizon_s, "migration cost: a migration is expected to send"
+            );
+        }
+    }
+
     pub fn migration_result(&self, vm: VmId, to: Ipv4Addr, result: &MigrationResult) {
         let m = &self.metrics;
         let vm_ip = ip(vm);

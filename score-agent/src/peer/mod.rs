@@ -16,10 +16,11 @@
 //! `/status`), [`node_config`] (the agent's configuration as the node's),
 //! [`persist`] (the epoch kept across restarts), [`incarnation`] (the
 //! incarnation kept across restarts), [`net`] (wall clock and socket
-//! buffer).
+//! buffer), [`migcost`] (a traffic c_m learnt from the migrations made).
 
 pub mod events;
 pub mod incarnation;
+pub mod migcost;
 pub mod net;
 pub mod node_config;
 pub mod persist;
@@ -60,6 +61,9 @@ pub trait PeerMetrics: Send + Sync {
     /// A migration was done and took this long (reported with
     /// `migration("done")`, swap halves included).
     fn migration_duration(&self, _took: Duration) {}
+    /// The bytes a VM's next migration is expected to send, as learnt (a
+    /// traffic c_m only).
+    fn migration_cost_bytes(&self, _bytes: f64) {}
     /// The benefit of a migration about to be made.
     fn observe_benefit(&self, _benefit: f64) {}
     /// A hosted VM's communication cost and level, as of its last decision.

@@ -26,7 +26,9 @@ use tokio::{net::UdpSocket, sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{MigrationResult, Migrator, PeerMetrics, events::Events, net, node_config, persist};
+use super::{
+    MigrationResult, Migrator, PeerMetrics, events::Events, migcost, net, node_config, persist,
+};
 use crate::{
     cluster::ClusterSettings,
     datapath::{ControlReader, HostedVm},
@@ -53,6 +55,8 @@ pub struct Shell {
     moving: JoinSet<(VmId, Ipv4Addr, MigrationResult)>,
     persist: persist::StateFile,
     events: Events,
+    /// A traffic c_m's estimate, learnt from the migrations done here.
+    learner: Option<migcost::Learner>,
 }
 
 impl Shell {
@@ -63,6 +67,7 @@ impl Shell {
         migrate: Migrator,
         persist: persist::StateFile,
         events: Events,
+        learner: Option<migcost::Learner>,
     ) -> std::io::Result<Shell> {
         let me = node.me();
         let sock = UdpSocket::bind(SocketAddrV4::new(me, port)).await?;
@@ -78,6 +83,7 @@ impl Shell {
             moving: JoinSet::new(),
             persist,
             events,
+            learner,
         })
     }
 
@@ -155,6 +161,12 @@ impl Shell {
             MigrationResult::Undefined(_) => MigrationOutcome::Undefined,
         };
         self.events.migration_result(vm, to, result);
+        if let (MigrationResult::Done(took), Some(l)) = (result, self.learner.as_mut())
+            && let Some(cm) = l.migrated(vm, *took)
+        {
+            self.node.set_migration_cost(cm);
+            self.events.migration_cost(cm);
+        }
         self.node.migration_done(wall_ns(), vm, outcome);
     }
 
@@ -269,7 +281,15 @@ pub async fn start(
     let node = Node::new(node_cfg, persisted, started_ms.saturating_mul(1_000_000));
     let events = Events::new(metrics);
     let view = events.view();
-    let shell = Shell::bind(node, cfg.peer.port, migrate, state, events).await?;
+    let learner = migcost::Learner::new(
+        cfg.migration_cost,
+        cfg.node.vm_memory_mib,
+        cfg.policy.migration_link_bytes_per_second,
+    );
+    if let Some(l) = &learner {
+        events.migration_cost(l.cost());
+    }
+    let shell = Shell::bind(node, cfg.peer.port, migrate, state, events, learner).await?;
     info!(incarnation, keys, "peer listening");
     let task = tokio::spawn(async move {
         if let Err(e) = shell.run(control, facts, cancel).await {

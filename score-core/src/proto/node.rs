@@ -770,6 +770,13 @@ impl Node {
         Some(t)
     }
 
+    /// c_m changed: what the host learnt from its migrations (the shell's
+    /// [`crate::migcost::Estimator`]) prices the decisions from now on; a
+    /// decaying schedule scales it as it scaled the configured one.
+    pub fn set_migration_cost(&mut self, cm: MigrationCost) {
+        self.cfg.migration_cost = cm;
+    }
+
     /// The host's facts changed (or are refreshed): its VMs and their
     /// peers. A VM that arrived frees the reservation made for it.
     pub fn set_facts(&mut self, now: u64, facts: &HostFacts) {
