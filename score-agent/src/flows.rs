@@ -520,6 +520,16 @@ impl Drain<'_> {
         if in_order {
             self.last_order = Some(order);
             let entries = &self.table.entries;
+            // A steady drain hands over the pairs the table holds, in its
+            // order: the pair is the entry after the last one found (or
+            // that one again). Compared by pair, no order computed.
+            for i in [self.cursor + 1, self.cursor] {
+                if entries.get(i).is_some_and(|e| e.pair == pair) {
+                    self.cursor = i;
+                    self.cursor_order = Some(order);
+                    return self.update(Slot::Table(i), totals);
+                }
+            }
             loop {
                 let at = match self.cursor_order {
                     Some(o) => o,

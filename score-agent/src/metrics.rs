@@ -185,6 +185,19 @@ pub struct DrainPairs {
     tx: AddrMap<(u64, f64)>,
     rx: AddrMap<(u64, f64)>,
     pairs: usize,
+    /// The K-th busiest of the candidates at the last cut: a pair that is
+    /// not busier can never be among the K, and costs one comparison.
+    floor: Option<PairSample>,
+}
+
+/// The per-drain buffers of [`DrainPairs`], kept from one drain to the
+/// next: a drain's sums fill a table as large as the last one's without
+/// growing it step by step.
+#[derive(Debug, Default)]
+struct DrainBuffers {
+    tx: AddrMap<(u64, f64)>,
+    rx: AddrMap<(u64, f64)>,
+    top: Vec<PairSample>,
 }
 
 /// The top-K order: highest rate first, then most bytes, then lowest
@@ -213,30 +226,43 @@ impl DrainPairs {
         };
         let delta = bytes - before;
         let (src, dst) = p.pair;
-        // Self traffic is ignored (docs/METRICS.md, "Conventions").
-        if src != dst {
+        // Self traffic is ignored (docs/METRICS.md, "Conventions"); a pair
+        // that adds nothing to a sum needs no entry (an absent address
+        // sums to zero).
+        if src != dst && (delta != 0 || p.rate_bps != 0.0) {
             for (sums, vm) in [(&mut self.tx, src), (&mut self.rx, dst)] {
                 let t = sums.entry(u32::from(vm)).or_default();
                 t.0 += delta;
                 t.1 += p.rate_bps;
             }
         }
-        if self.top_k > 0 {
+        if self.top_k > 0
+            && self
+                .floor
+                .as_ref()
+                .is_none_or(|f| busiest_first(&p, f).is_lt())
+        {
             self.top.push(p);
             if self.top.len() >= 2 * self.top_k {
-                self.keep_top();
+                self.cut_top();
             }
         }
     }
 
-    /// Cuts the candidates to the K busiest, sorted (linear-time
-    /// selection, then a sort of the K kept).
-    fn keep_top(&mut self) {
+    /// Cuts the candidates to the K busiest (linear-time selection), and
+    /// remembers the K-th as the floor for the pairs still to come.
+    fn cut_top(&mut self) {
         let k = self.top_k;
-        if k < self.top.len() {
+        if k > 0 && k < self.top.len() {
             self.top.select_nth_unstable_by(k - 1, busiest_first);
             self.top.truncate(k);
+            self.floor = Some(self.top[k - 1]);
         }
+    }
+
+    /// Cuts the candidates to the K busiest, sorted.
+    fn keep_top(&mut self) {
+        self.cut_top();
         self.top.sort_unstable_by(busiest_first);
     }
 }
@@ -284,6 +310,8 @@ pub struct Metrics {
     /// Held while a drain updates the drain-derived metrics and while
     /// rendering, so that a scrape never sees a half-updated top-K set.
     state: Mutex<DrainState>,
+    /// The buffers of the last drain's [`DrainPairs`], for the next.
+    buffers: Mutex<DrainBuffers>,
 
     vm_transmit_bytes: IntCounterVec,
     vm_receive_bytes: IntCounterVec,
@@ -367,6 +395,7 @@ impl Metrics {
         let m = Metrics {
             top_k: top_k.min(MAX_TOP_K),
             state: Mutex::new(DrainState::default()),
+            buffers: Mutex::new(DrainBuffers::default()),
             vm_transmit_bytes: reg(
                 &r,
                 IntCounterVec::new(
@@ -814,13 +843,15 @@ impl Metrics {
     /// whose first frame came before `since_ns` (CLOCK_MONOTONIC, when this
     /// agent started counting) are a baseline at first sight.
     pub fn drain_pairs(&self, since_ns: u64) -> DrainPairs {
+        let DrainBuffers { tx, rx, top } = std::mem::take(&mut *lock(&self.buffers));
         DrainPairs {
             since_ns,
             top_k: self.top_k,
-            top: Vec::new(),
-            tx: AddrMap::default(),
-            rx: AddrMap::default(),
+            top,
+            tx,
+            rx,
             pairs: 0,
+            floor: None,
         }
     }
 
@@ -910,6 +941,25 @@ impl Metrics {
         self.flow_map_entries.set(clamp_i64(pairs.pairs as u64));
         self.attached_interfaces.set(clamp_i64(attached as u64));
         self.drain_duration.observe(took.as_secs_f64());
+        drop(state);
+
+        // Keep the buffers for the next drain, unless a burst of
+        // addresses left them far larger than this drain needed.
+        let DrainPairs {
+            mut tx,
+            mut rx,
+            mut top,
+            ..
+        } = pairs;
+        for sums in [&mut tx, &mut rx] {
+            let used = sums.len();
+            sums.clear();
+            if sums.capacity() > 4 * used + 1024 {
+                sums.shrink_to(2 * used);
+            }
+        }
+        top.clear();
+        *lock(&self.buffers) = DrainBuffers { tx, rx, top };
     }
 
     /// Replaces the top-K pair series with `top`, the busiest pairs in
@@ -1357,6 +1407,39 @@ mod tests {
             DatapathStats::default(),
         );
         assert!(!none.render().contains("score_top_pair_bytes{"));
+    }
+
+    /// The candidates cut back to K with a floor as pairs come in keep
+    /// exactly the K busiest of all, in order, with ties broken as a full
+    /// sort breaks them.
+    #[test]
+    fn the_top_k_of_many_pairs_is_that_of_a_full_sort() {
+        let m = Metrics::new(5);
+        let all: Vec<PairSample> = (0..500u32)
+            .map(|i| {
+                let x = i.wrapping_mul(2_654_435_761) % 97;
+                PairSample {
+                    pair: (ip(1 + (i % 7) as u8), ip(100 + (i % 150) as u8)),
+                    totals: Totals {
+                        bytes: u64::from(x % 5),
+                        packets: 1,
+                        first_seen_ns: 2_000,
+                        last_seen_ns: 3_000,
+                    },
+                    rate_bps: f64::from(x / 3),
+                    previous: None,
+                }
+            })
+            .collect();
+        let mut pairs = m.drain_pairs(1_000);
+        for p in &all {
+            pairs.add(*p);
+        }
+        pairs.keep_top();
+        let mut want = all.clone();
+        want.sort_by(busiest_first);
+        want.truncate(5);
+        assert_eq!(pairs.top, want);
     }
 
     #[test]
