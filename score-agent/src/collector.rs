@@ -203,7 +203,7 @@ impl Collector {
             let mut dp = lock(&self.datapath);
             // Moving pairs into slots waits for running classifiers: not
             // while holding the flow table, which readers want meanwhile.
-            dp.drain_fresh(fresh)?;
+            let stats = dp.drain_fresh(fresh)?;
             let mut flows = lock(&self.flows);
             let now = monotonic_ns();
             {
@@ -229,7 +229,6 @@ impl Collector {
                 Vec::new()
             };
             drop(flows);
-            let stats = dp.stats()?;
             hosted.clear();
             hosted.extend(dp.vm_macs()?.into_iter().map(|(ip, _)| ip));
             // The VMs behind attached interfaces only, with their vif.

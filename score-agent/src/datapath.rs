@@ -741,12 +741,17 @@ impl Datapath {
     /// The first half of [`Datapath::drain_each`]: reads the pairs counted
     /// in `SCORE_FLOWS` into `fresh` and gives those it can a slot (which
     /// waits for running classifiers: no other lock should be held).
-    pub fn drain_fresh(&mut self, fresh: &mut Vec<(Pair, Totals)>) -> Result<(), DatapathError> {
-        let inserted = if self.walk.counted {
-            Some(self.stat_sums()?[Stat::FlowsInserted as usize])
-        } else {
-            None
-        };
+    /// Returns the datapath's statistics as read at its start (one read
+    /// of `SCORE_STATS` serves both).
+    pub fn drain_fresh(
+        &mut self,
+        fresh: &mut Vec<(Pair, Totals)>,
+    ) -> Result<DatapathStats, DatapathError> {
+        let sums = self.stat_sums()?;
+        let inserted = self
+            .walk
+            .counted
+            .then_some(sums[Stat::FlowsInserted as usize]);
         let walk = self.walk.left || inserted.is_none() || inserted != self.walk.inserted;
         if walk {
             let mut buffers = std::mem::take(&mut self.batch);
@@ -765,7 +770,7 @@ impl Datapath {
         if walk {
             self.walk.inserted = inserted;
         }
-        Ok(())
+        Ok(stats_of(&sums))
     }
 
     /// The second half of [`Datapath::drain_each`]: hands every pair's
@@ -956,16 +961,7 @@ impl Datapath {
 
     /// The datapath's own counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats, DatapathError> {
-        let sums = self.stat_sums()?;
-        let get = |s: Stat| sums[s as usize];
-        Ok(DatapathStats {
-            flows_map_full: get(Stat::FlowsMapFull),
-            macs_map_full: get(Stat::MacsMapFull),
-            not_ipv4: get(Stat::NotIpv4),
-            not_unicast: get(Stat::NotUnicast),
-            control_intercepted: get(Stat::ControlIntercepted),
-            control_ring_full: get(Stat::ControlRingFull),
-        })
+        Ok(stats_of(&self.stat_sums()?))
     }
 
     /// Every slot of `SCORE_STATS`, summed over CPUs (0 where a pinned
@@ -980,10 +976,12 @@ impl Datapath {
         let batched = match (data, aya::util::nr_cpus()) {
             (aya::maps::Map::PerCpuArray(md), Ok(cpus)) => {
                 let (mut keys, mut values) = (Vec::<u32>::new(), Vec::<u64>::new());
+                // Room for one more than the array holds: the kernel
+                // then ends the walk (ENOENT) in the same syscall.
                 batch_lookup(
                     md.fd().as_fd(),
                     cpus,
-                    score_common::STATS_LEN as usize,
+                    score_common::STATS_LEN as usize + 1,
                     &mut keys,
                     &mut values,
                     |k, v| {
@@ -1342,6 +1340,19 @@ fn batch_lookup<K: Copy + Default, V: Copy + Default>(
         }
         cursor_in = cursor_out;
         started = true;
+    }
+}
+
+/// The statistics in `SCORE_STATS`' slots, summed over CPUs.
+fn stats_of(sums: &[u64; score_common::STATS_LEN as usize]) -> DatapathStats {
+    let get = |s: Stat| sums[s as usize];
+    DatapathStats {
+        flows_map_full: get(Stat::FlowsMapFull),
+        macs_map_full: get(Stat::MacsMapFull),
+        not_ipv4: get(Stat::NotIpv4),
+        not_unicast: get(Stat::NotUnicast),
+        control_intercepted: get(Stat::ControlIntercepted),
+        control_ring_full: get(Stat::ControlRingFull),
     }
 }
 
