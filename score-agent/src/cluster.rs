@@ -230,6 +230,17 @@ pub struct PolicyConfig {
     /// the backend's own migration time-out.
     #[serde(default = "defaults::swap_timeout", with = "humantime_serde")]
     pub swap_timeout: Duration,
+    /// Ejection chains when the decision lets a VM stay (docs/PROTOCOL.md);
+    /// off, this host neither proposes nor accepts them: the paper's rule.
+    #[serde(default)]
+    pub chains: bool,
+    /// c_m's factor per token round (docs/PROTOCOL.md, "A c_m that decays
+    /// over the rounds"); 1: constant, the paper's.
+    #[serde(default = "defaults::cm_decay")]
+    pub cm_decay: f64,
+    /// The decay's floor, a fraction of the first round's c_m.
+    #[serde(default)]
+    pub cm_floor: f64,
 }
 
 impl PolicyConfig {
@@ -257,6 +268,9 @@ impl Default for PolicyConfig {
             swaps: false,
             max_swap_asks: None,
             swap_timeout: defaults::swap_timeout(),
+            chains: false,
+            cm_decay: defaults::cm_decay(),
+            cm_floor: 0.0,
         }
     }
 }
@@ -271,6 +285,9 @@ mod defaults {
     }
     pub fn port() -> u16 {
         7760
+    }
+    pub fn cm_decay() -> f64 {
+        1.0
     }
     pub fn migration_link_bytes_per_second() -> f64 {
         score_core::migcost::EstimatorConfig::default().link_bytes_per_s
@@ -461,6 +478,18 @@ impl ClusterSettings {
         if !(policy.min_rate.is_finite() && policy.min_rate >= 0.0) {
             return Err(invalid("policy.min_rate", "must be a finite number >= 0"));
         }
+        if !(policy.cm_decay.is_finite() && policy.cm_decay > 0.0 && policy.cm_decay <= 1.0) {
+            return Err(invalid(
+                "policy.cm_decay",
+                format!("{} is not a factor in (0, 1]", policy.cm_decay),
+            ));
+        }
+        if !(0.0..=1.0).contains(&policy.cm_floor) {
+            return Err(invalid(
+                "policy.cm_floor",
+                format!("{} is not a fraction in [0, 1]", policy.cm_floor),
+            ));
+        }
         let migration_cost = policy.migration_cost.resolve(node.vm_memory_mib)?;
         let link = policy.migration_link_bytes_per_second;
         if !(link.is_finite() && link > 0.0) {
@@ -643,6 +672,14 @@ mod tests {
         assert!(e.contains("policy.swap_timeout"), "{e}");
         let e = resolve_error(1, "swaps = true\nmax_swap_asks = 0\n");
         assert!(e.contains("policy.max_swap_asks"), "{e}");
+        // Chains and a decaying c_m: off and constant by default, checked.
+        assert!(!pol.chains && pol.cm_decay == 1.0 && pol.cm_floor == 0.0);
+        let (_, _, _, pol) = tables(0, "chains = true\ncm_decay = 0.5\ncm_floor = 0.003\n");
+        assert!(pol.chains && pol.cm_decay == 0.5 && pol.cm_floor == 0.003);
+        let e = resolve_error(1, "cm_decay = 0.0\n");
+        assert!(e.contains("policy.cm_decay"), "{e}");
+        let e = resolve_error(1, "cm_floor = 2.0\n");
+        assert!(e.contains("policy.cm_floor"), "{e}");
     }
 
     /// The coordinator is whoever `peer.coordinator` names; `--coordinator`

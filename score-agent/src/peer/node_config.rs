@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use score_core::{proto::Config, wire::KeyRing};
+use score_core::{decision::CmDecay, proto::Config, wire::KeyRing};
 
 use crate::cluster::ClusterSettings;
 
@@ -50,6 +50,11 @@ pub fn node_config(cfg: &ClusterSettings, advisory: bool, now_ms: u64) -> Config
     c.scope = cfg.policy.scope();
     c.migration_headroom = cfg.node.migration_headroom;
     c.swap_timeout_ns = ns(cfg.policy.swap_timeout);
+    c.chains = cfg.policy.chains;
+    c.cm_decay = CmDecay {
+        decay: cfg.policy.cm_decay,
+        floor: cfg.policy.cm_floor,
+    };
     // A promised slot outlives any migration: the swap time-out is the
     // agent's bound on one.
     c.reservation_ns = c.swap_timeout_ns.max(c.reservation_ns);
