@@ -29,6 +29,9 @@ pub struct AgentOptions {
     /// Swaps with full hosts, with one VM of headroom per host.
     #[serde(default)]
     pub swaps: bool,
+    /// Ejection chains when a VM would stay (`[policy] chains`).
+    #[serde(default)]
+    pub chains: bool,
 }
 
 fn paper_candidates() -> String {
@@ -44,6 +47,7 @@ impl AgentOptions {
             token_hold,
             candidates: paper_candidates(),
             swaps: false,
+            chains: false,
         }
     }
 }
@@ -90,6 +94,7 @@ pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool)
          token_hold = \"{token_hold}\"\n\
          candidates = \"{candidates}\"\n\
          swaps = {swaps}\n\
+         chains = {chains}\n\
          \n[backend]\n\
          {backend}\
          \n[backend.hosts]\n",
@@ -98,6 +103,7 @@ pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool)
         mem = (slots + headroom) * state.vm_memory_mib(),
         candidates = opts.candidates,
         swaps = opts.swaps,
+        chains = opts.chains,
         backend = backend_config(state, host),
         topo = state.topology_file.display(),
         key = state.key_file.display(),

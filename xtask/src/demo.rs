@@ -58,6 +58,10 @@ pub(crate) struct DemoArgs {
     /// Swaps with full hosts (each host gets one VM of headroom for them).
     #[arg(long)]
     swaps: bool,
+    /// Ejection chains when a VM would stay: it goes to a full host, which
+    /// sends one of its VMs on to a host with room (docs/PROTOCOL.md).
+    #[arg(long)]
+    chains: bool,
     /// Seconds between cost reports when the agents export no token round.
     #[arg(long, default_value_t = 15)]
     period: u64,
@@ -282,6 +286,7 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<()> {
     let opts = AgentOptions {
         candidates: args.candidates.clone(),
         swaps: args.swaps,
+        chains: args.chains,
         ..AgentOptions::paper(binary, args.policy.clone(), args.token_hold.clone())
     };
     let started = Instant::now();
