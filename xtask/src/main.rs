@@ -248,7 +248,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { suite } => bench(&suite),
-        Task::Soak { seeds, seed, hosts } => soak(seed, seeds, hosts, 3600),
+        Task::Soak { seeds, seed, hosts } => soak(seed, seeds, hosts, 3600, &[]),
         Task::Testbed { command } => testbed_command(command),
         Task::Demo(args) => demo::demo(&args),
         Task::Dist(args) => dist::dist(&args).map(|_| ()),
@@ -518,26 +518,28 @@ fn xen_bench(reps: usize, rate: &str) -> Result<()> {
     Ok(())
 }
 
-/// `score-sim protocol` over `seeds` seeds from `first`: fails on any
-/// invariant violation.
-fn soak(first: u64, seeds: u64, hosts: u32, seconds: u64) -> Result<()> {
-    run(cargo().args([
-        "run",
-        "--locked",
-        "--release",
-        "-p",
-        "score-sim",
-        "--",
-        "protocol",
-        "--seed",
-        &first.to_string(),
-        "--seeds",
-        &seeds.to_string(),
-        "--hosts",
-        &hosts.to_string(),
-        "--seconds",
-        &seconds.to_string(),
-    ]))
+/// `score-sim protocol` over `seeds` seeds from `first`, with `extra`
+/// options: fails on any invariant violation.
+fn soak(first: u64, seeds: u64, hosts: u32, seconds: u64, extra: &[&str]) -> Result<()> {
+    run(cargo()
+        .args([
+            "run",
+            "--locked",
+            "--release",
+            "-p",
+            "score-sim",
+            "--",
+            "protocol",
+            "--seed",
+            &first.to_string(),
+            "--seeds",
+            &seeds.to_string(),
+            "--hosts",
+            &hosts.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .args(extra))
 }
 
 fn workspace_root() -> Result<std::path::PathBuf> {
@@ -578,8 +580,17 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     // The peer protocol under seeded faults (docs/PROTOCOL.md): a few
     // hundred runs of small and medium data centres, in release (a debug
     // build is ten times slower). Any violation fails and names its seed.
-    soak(0, 300, 8, 1800)?;
-    soak(1_000_000, 40, 32, 1800)?;
+    soak(0, 300, 8, 1800, &[])?;
+    soak(1_000_000, 40, 32, 1800, &[])?;
+    // The repertoire beyond the paper: ejection chains and a decaying c_m
+    // (docs/PROTOCOL.md), under the same faults.
+    soak(
+        2_000_000,
+        200,
+        8,
+        1800,
+        &["--chains", "--cm", "10/0.5/0.003"],
+    )?;
 
     if !is_root() {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");
