@@ -294,7 +294,8 @@ fn a_learnt_migration_cost_prices_the_next_decisions() {
 
 /// After a migration the source tells the hosts of the VM's peers where it
 /// went (they would otherwise price against its old place until their
-/// cached location expires), and no other host.
+/// cached location expires) and the destination (which counts the VM only
+/// from its next drain on), and no other host.
 #[test]
 fn the_hosts_of_a_moved_vms_peers_are_told_where_it_went() {
     let (a, b, c) = (vm(1), vm(2), vm(3));
@@ -316,17 +317,17 @@ fn the_hosts_of_a_moved_vms_peers_are_told_where_it_went() {
             matches!(d.message, Message::MigrationNotice { .. }).then_some((*h, *to, d.message))
         })
         .collect();
+    let notice = Message::MigrationNotice {
+        vm: a,
+        from: Ipv4Addr::new(10, 0, 0, 1),
+        to: Ipv4Addr::new(10, 0, 0, 3),
+    };
     assert_eq!(
         notices,
-        vec![(
-            0,
-            Ipv4Addr::new(10, 0, 0, 4),
-            Message::MigrationNotice {
-                vm: a,
-                from: Ipv4Addr::new(10, 0, 0, 1),
-                to: Ipv4Addr::new(10, 0, 0, 3),
-            }
-        )]
+        vec![
+            (0, Ipv4Addr::new(10, 0, 0, 3), notice.clone()),
+            (0, Ipv4Addr::new(10, 0, 0, 4), notice),
+        ]
     );
 }
 

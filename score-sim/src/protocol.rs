@@ -1557,18 +1557,28 @@ mod tests {
     /// were announced), and every VM of their hosts was skipped. Those
     /// hosts then never held the token again to add their VMs back (the
     /// liveness invariant failed) until the watchers sent the token's
-    /// holders the members it lacked. The announcements changed every
-    /// seed's draws; these three have partitions and dozens of skips.
+    /// holders the members it lacked. Any change to the datagrams a node
+    /// sends changes every seed's draws, so the test takes the first seeds
+    /// whose runs have a partition and dozens of skips, rather than fixed
+    /// ones.
     #[test]
     fn a_host_whose_vms_were_all_skipped_gets_them_back() {
-        for seed in [2, 4, 7] {
+        let mut hard = 0;
+        for seed in 0..20 {
             let mut c = SimConfig::seeded(seed, 8);
             c.duration_ns = 1800 * SEC;
             let r = run(&c);
+            if r.partitions == 0 || r.skips < 50 {
+                continue;
+            }
             assert!(r.violations.is_empty(), "{:?}", r.violations);
-            assert!(r.partitions >= 1 && r.skips >= 50, "{r:?}");
             assert!(r.covered_at_ns.is_some(), "{r:?}");
+            hard += 1;
+            if hard == 3 {
+                return;
+            }
         }
+        panic!("only {hard} of the first 20 seeds had a partition and 50 skips");
     }
 
     /// Full hosts (4 VMs in 4 slots) with swaps: VMs only move by

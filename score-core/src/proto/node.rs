@@ -2119,14 +2119,17 @@ impl Node {
     fn start_migration(&mut self, vm: VmId, to: Ipv4Addr) {
         // Whom to tell where it went, if it goes: the hosts of its peers
         // as located now (the facts may have dropped it by the time the
-        // migration ends).
+        // migration ends), and the destination, which counts the VM only
+        // from its next drain on: until then its own holders would ask
+        // themselves where the VM is, and wait a request's time-out.
         let peer_hosts: BTreeSet<Ipv4Addr> = self
             .hosted
             .get(&vm)
             .into_iter()
             .flatten()
             .filter_map(|(p, _)| self.locations.get(p).map(|&(h, _)| h))
-            .filter(|&h| h != self.cfg.me && h != to)
+            .chain(std::iter::once(to))
+            .filter(|&h| h != self.cfg.me)
             .collect();
         self.peer_hosts.insert(vm, peer_hosts);
         self.migrating.insert(vm, to);
