@@ -25,6 +25,18 @@ fn vm(i: u8) -> VmId {
     u32::from(Ipv4Addr::new(10, 1, 0, i))
 }
 
+/// Four hosts, two racks of two: 10.0.0.1-2 | 10.0.0.3-4.
+fn topology() -> Arc<Topology> {
+    Arc::new(
+        Topology::regular(
+            &[2, 2],
+            LinkWeights::paper_truncated(2),
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .unwrap(),
+    )
+}
+
 /// Four hosts, two racks of two (10.0.0.1-2 | 10.0.0.3-4), every node
 /// driven in one thread; datagrams arrive 1 ms after they are sent, in
 /// order; migrations end `migration_ns` after they start, with the
@@ -52,14 +64,7 @@ impl Dc {
         traffic: &[(VmId, VmId, f64)],
         cfg: impl Fn(&mut Config),
     ) -> Dc {
-        let topo = Arc::new(
-            Topology::regular(
-                &[2, 2],
-                LinkWeights::paper_truncated(2),
-                Ipv4Addr::new(10, 0, 0, 1),
-            )
-            .unwrap(),
-        );
+        let topo = topology();
         let key = ClusterKey::new(b"the tests' cluster key, 32 bytes").unwrap();
         let watchers = vec![topo.host_addr(0), topo.host_addr(1)];
         let nodes = (0..4)
@@ -437,14 +442,7 @@ fn an_order_from_another_host_is_refused() {
 /// One node at 10.0.0.2 (of `Dc`'s tree) with the keys `keys`, started at
 /// `T0`, and a sealer speaking for 10.0.0.1.
 fn lone_node(keys: KeyRing) -> Node {
-    let topo = Arc::new(
-        Topology::regular(
-            &[2, 2],
-            LinkWeights::paper_truncated(2),
-            Ipv4Addr::new(10, 0, 0, 1),
-        )
-        .unwrap(),
-    );
+    let topo = topology();
     let watchers = vec![topo.host_addr(0), topo.host_addr(1)];
     let cfg = Config::new(Ipv4Addr::new(10, 0, 0, 2), topo, keys, watchers);
     Node::new(cfg, Persisted::default(), T0)
