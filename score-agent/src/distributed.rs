@@ -76,16 +76,23 @@ impl PeerMetrics for Metrics {
         Metrics::rejected(self, reason)
     }
     fn swap(&self, outcome: proto::SwapOutcome) {
-        let o = match outcome {
-            proto::SwapOutcome::Done => SwapOutcome::Done,
-            proto::SwapOutcome::Partial => SwapOutcome::Partial,
-            proto::SwapOutcome::Failed => SwapOutcome::Failed,
-            proto::SwapOutcome::Advisory => SwapOutcome::Advisory,
-        };
-        Metrics::swap(self, o)
+        Metrics::swap(self, swap_outcome(outcome))
+    }
+    fn chain(&self, outcome: proto::SwapOutcome) {
+        Metrics::chain(self, swap_outcome(outcome))
     }
     fn swap_request(&self, refused: Option<score_core::wire::SwapRefusal>) {
         Metrics::swap_request(self, refused.map_or("accepted", |r| r.name()))
+    }
+}
+
+/// The protocol's outcome of a swap or chain, as the metrics label it.
+fn swap_outcome(outcome: proto::SwapOutcome) -> SwapOutcome {
+    match outcome {
+        proto::SwapOutcome::Done => SwapOutcome::Done,
+        proto::SwapOutcome::Partial => SwapOutcome::Partial,
+        proto::SwapOutcome::Failed => SwapOutcome::Failed,
+        proto::SwapOutcome::Advisory => SwapOutcome::Advisory,
     }
 }
 

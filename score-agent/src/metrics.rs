@@ -338,6 +338,7 @@ pub struct Metrics {
     migration_duration: Histogram,
     migration_cost_bytes: Gauge,
     swaps: IntCounterVec,
+    chains: IntCounterVec,
     swap_requests: IntCounterVec,
     rejected: IntCounterVec,
 
@@ -578,6 +579,16 @@ impl Metrics {
                     &["outcome"],
                 ),
             ),
+            chains: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_chains_total",
+                        "Ejection chains this host proposed and the asked host accepted, by outcome: done (both VMs moved), partial (one moved, the other did not), failed (nothing moved), advisory (reported, not made).",
+                    ),
+                    &["outcome"],
+                ),
+            ),
             swap_requests: reg(
                 &r,
                 IntCounterVec::new(
@@ -665,6 +676,7 @@ impl Metrics {
         }
         for o in SwapOutcome::ALL {
             m.swaps.with_label_values(&[o.label()]);
+            m.chains.with_label_values(&[o.label()]);
         }
         for a in SWAP_ANSWERS {
             m.swap_requests.with_label_values(&[a]);
@@ -771,6 +783,12 @@ impl Metrics {
     /// A swap this host proposed ended with `outcome`.
     pub fn swap(&self, outcome: SwapOutcome) {
         self.swaps.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// An ejection chain this host proposed, and the asked host accepted,
+    /// ended with `outcome` (the swaps' outcomes: a chain is two moves too).
+    pub fn chain(&self, outcome: SwapOutcome) {
+        self.chains.with_label_values(&[outcome.label()]).inc();
     }
 
     /// This host answered a swap proposal; answers outside
@@ -1075,8 +1093,10 @@ mod tests {
             assert_eq!(value(&text, &s), Some(0.0), "{s}");
         }
         for o in ["done", "partial", "failed", "advisory"] {
-            let s = format!("score_swaps_total{{outcome=\"{o}\"}}");
-            assert_eq!(value(&text, &s), Some(0.0), "{s}");
+            for name in ["score_swaps_total", "score_chains_total"] {
+                let s = format!("{name}{{outcome=\"{o}\"}}");
+                assert_eq!(value(&text, &s), Some(0.0), "{s}");
+            }
         }
         for a in SWAP_ANSWERS {
             let s = format!("score_swap_requests_total{{answer=\"{a}\"}}");
@@ -1089,6 +1109,7 @@ mod tests {
         let m = Metrics::default();
         m.swap(SwapOutcome::Done);
         m.swap(SwapOutcome::from_label("partial").unwrap());
+        m.chain(SwapOutcome::Failed);
         assert_eq!(SwapOutcome::from_label("held"), None);
         for r in score_core::wire::SwapRefusal::ALL {
             assert!(SWAP_ANSWERS.contains(&r.name()), "{r:?}");
@@ -1103,6 +1124,11 @@ mod tests {
             value(&t, "score_swaps_total{outcome=\"partial\"}"),
             Some(1.0)
         );
+        assert_eq!(
+            value(&t, "score_chains_total{outcome=\"failed\"}"),
+            Some(1.0)
+        );
+        assert_eq!(value(&t, "score_chains_total{outcome=\"done\"}"), Some(0.0));
         assert_eq!(
             value(&t, "score_swap_requests_total{answer=\"no_partner\"}"),
             Some(2.0)

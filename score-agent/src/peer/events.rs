@@ -213,7 +213,7 @@ impl Events {
                 self.outcome(*vm, format!("swap {name}"));
             }
             // Ejection chains (off by default, `proto::Config::chains`):
-            // logged and kept for /status; no metric of their own yet.
+            // logged, kept for /status, counted by `score_chains_total`.
             Event::ChainAgreed { chain, order } => {
                 m.decision_evaluated();
                 m.observe_benefit(chain.benefit);
@@ -228,6 +228,7 @@ impl Events {
                     warn!(vm = %ip(*vm), partner = %ip(*partner), "ejection chain half done");
                 }
                 info!(vm = %ip(*vm), partner = %ip(*partner), ?outcome, "ejection chain ended");
+                m.chain(*outcome);
                 self.outcome(*vm, format!("chain {outcome:?}").to_lowercase());
             }
             Event::SwapRefused { vm, by, reason } => {

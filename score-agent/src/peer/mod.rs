@@ -75,6 +75,9 @@ pub trait PeerMetrics: Send + Sync {
     /// A swap this host proposed, and the other accepted, ended with
     /// `outcome`.
     fn swap(&self, _outcome: SwapOutcome) {}
+    /// An ejection chain this host proposed, and the asked host accepted,
+    /// ended with `outcome`.
+    fn chain(&self, _outcome: SwapOutcome) {}
     /// This host answered a swap proposal: accepted (`None`), or refused.
     fn swap_request(&self, _refused: Option<SwapRefusal>) {}
 }
