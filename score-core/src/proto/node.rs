@@ -418,57 +418,99 @@ enum Phase {
         pending: BTreeMap<u64, VmId>,
         deadline: u64,
     },
-    /// Asking candidate hosts for room (or for a swap), one at a time.
-    Asking {
-        plan: Box<Plan>,
-        /// The peers the plan was made with.
-        peers: Vec<decision::Peer>,
-        /// Free memory here when the plan was made (the walk's input).
-        home_free_mem: u64,
-        answers: Vec<Answer>,
-        /// Swaps accepted so far, by the asked host.
-        accepted: Vec<(Ipv4Addr, SwapAcceptance)>,
-        seq: u64,
-        /// The question in flight is a swap proposal.
-        swap_pending: bool,
-        deadline: u64,
-    },
-    /// The decision let u stay: asking full candidates for an ejection
-    /// chain, one question at a time.
-    Chaining {
-        plan: Box<Plan>,
-        peers: Vec<decision::Peer>,
-        home_free_mem: u64,
-        answers: Vec<ChainAnswer>,
-        /// Chains accepted so far, by the asked host.
-        accepted: Vec<(Ipv4Addr, EjectAcceptance)>,
-        seq: u64,
-        /// The question in flight is an ejection proposal.
-        eject_pending: bool,
-        /// What the holder decided before the chains (u stays), told if
-        /// no chain is agreed.
-        stay: Decision,
-        deadline: u64,
-    },
+    /// Asking candidate hosts for room, a swap or a chain, one at a time.
+    Walking(Walk),
     /// A migration of the VM is under way.
     Migrating,
     /// An agreed swap is under way.
     Swapping(Deal),
 }
 
-/// One answer of the walk, in the order asked (the walk is replayed from
-/// them, since it borrows the plan).
+/// What the holder's walk over the candidates decides.
+#[derive(Clone, Copy, Debug)]
+enum WalkKind {
+    /// The decision with the configured scope: a migration, a swap, or
+    /// u stays (score-core's `ScopedDecider`).
+    Decide,
+    /// That decision let u stay: an ejection chain with a full candidate
+    /// (score-core's `ChainDecider`), or `stay` is told.
+    Chains { stay: Decision },
+}
+
+/// The holder's walk over the plan's candidates: one question at a time,
+/// replayed from the answers so far (the deciders borrow the plan).
+#[derive(Debug)]
+struct Walk {
+    kind: WalkKind,
+    plan: Box<Plan>,
+    /// The peers the plan was made with.
+    peers: Vec<decision::Peer>,
+    /// Free memory here when the plan was made (the walk's input).
+    home_free_mem: u64,
+    answers: Vec<Answer>,
+    /// Proposals accepted so far (their partners reserved there).
+    accepted: Vec<Accepted>,
+    seq: u64,
+    /// The question in flight is a proposal (a swap or a chain), not a
+    /// capacity request.
+    proposing: bool,
+    deadline: u64,
+}
+
+impl Walk {
+    /// The answer that a time-out (or a refusal) of the question in
+    /// flight gives.
+    fn none(&self) -> Answer {
+        match (self.proposing, self.kind) {
+            (false, _) => Answer::Capacity(None),
+            (true, WalkKind::Decide) => Answer::Swap(None),
+            (true, WalkKind::Chains { .. }) => Answer::Eject(None),
+        }
+    }
+}
+
+/// A walk's next question: a capacity request (for `vm`, whose slot it
+/// reserves; 0 reserves none), or a proposal.
+enum Ask {
+    Room(HostId, VmId),
+    Swap(SwapRequest),
+    Eject(SwapRequest),
+}
+
+/// How a walk ended.
+#[derive(Clone, Copy, Debug)]
+enum WalkEnd {
+    /// The decision: a migration, a swap, or u stays.
+    Step(Step),
+    /// The chains' walk: the best chain (and u's level after it), or
+    /// `stay`.
+    Chain {
+        stay: Decision,
+        chain: Option<Chain>,
+        level: Option<u8>,
+    },
+}
+
+/// One answer of a walk, in the order asked.
 #[derive(Clone, Copy, Debug)]
 enum Answer {
     Capacity(Option<Capacity>),
     Swap(Option<SwapOffer>),
+    Eject(Option<EjectionOffer>),
 }
 
-/// One answer of the chain walk, in the order asked.
+/// A proposal an asked host accepted, its partner reserved there.
 #[derive(Clone, Copy, Debug)]
-enum ChainAnswer {
-    Capacity(Option<Capacity>),
-    Eject(Option<EjectionOffer>),
+struct Accepted {
+    /// The asked host.
+    host: Ipv4Addr,
+    vm: VmId,
+    partner: VmId,
+    /// Where the partner goes.
+    partner_to: Ipv4Addr,
+    /// The partner's level there.
+    partner_level_after: u8,
+    order: SwapOrder,
 }
 
 /// The proposer's side of an agreed swap or ejection chain.
@@ -748,9 +790,9 @@ impl Node {
             t = t.min(h.keepalive_at);
             match &h.phase {
                 Phase::Holding { until } => t = t.min(*until),
-                Phase::Locating { deadline, .. }
-                | Phase::Asking { deadline, .. }
-                | Phase::Chaining { deadline, .. } => t = t.min(*deadline),
+                Phase::Locating { deadline, .. } | Phase::Walking(Walk { deadline, .. }) => {
+                    t = t.min(*deadline)
+                }
                 Phase::Swapping(d) if d.stage == Stage::Committing => t = t.min(d.resend_at),
                 Phase::Migrating | Phase::Swapping(_) => {}
             }
@@ -897,8 +939,7 @@ impl Node {
         let due = match self.held.as_ref().map(|h| &h.phase) {
             Some(Phase::Holding { until }) => now >= *until,
             Some(Phase::Locating { deadline, .. })
-            | Some(Phase::Asking { deadline, .. })
-            | Some(Phase::Chaining { deadline, .. }) => now >= *deadline,
+            | Some(Phase::Walking(Walk { deadline, .. })) => now >= *deadline,
             Some(Phase::Swapping(d)) => d.stage == Stage::Committing && now >= d.resend_at,
             _ => false,
         };
@@ -906,29 +947,9 @@ impl Node {
             match self.held.as_mut().map(|h| &mut h.phase) {
                 Some(Phase::Holding { .. }) => self.start_decision(),
                 Some(Phase::Locating { .. }) => self.plan_and_ask(),
-                Some(Phase::Asking {
-                    answers,
-                    swap_pending,
-                    ..
-                }) => {
-                    answers.push(if *swap_pending {
-                        Answer::Swap(None)
-                    } else {
-                        Answer::Capacity(None)
-                    });
-                    self.ask_next();
-                }
-                Some(Phase::Chaining {
-                    answers,
-                    eject_pending,
-                    ..
-                }) => {
-                    answers.push(if *eject_pending {
-                        ChainAnswer::Eject(None)
-                    } else {
-                        ChainAnswer::Capacity(None)
-                    });
-                    self.chain_next();
+                Some(Phase::Walking(w)) => {
+                    w.answers.push(w.none());
+                    self.walk_next();
                 }
                 Some(Phase::Swapping(d)) if now >= d.give_up_at => {
                     // The partner's fate is unknown; the swap timeout is
@@ -1105,69 +1126,32 @@ impl Node {
             }
             Message::SwapPropose(p) => self.on_propose(&h, p, None),
             Message::SwapAccept(a) => {
-                let mine = match self.held.as_mut() {
-                    Some(Held {
-                        vm,
-                        phase:
-                            Phase::Asking {
-                                seq,
-                                swap_pending: true,
-                                answers,
-                                accepted,
-                                ..
-                            },
-                        ..
-                    }) if *seq == a.in_reply_to && *vm == a.vm => {
-                        answers.push(Answer::Swap(Some(offer_of(&a))));
-                        accepted.push((h.sender, a));
-                        true
-                    }
-                    _ => false,
+                let accepted = Accepted {
+                    host: h.sender,
+                    vm: a.vm,
+                    partner: a.partner,
+                    partner_to: self.cfg.me,
+                    partner_level_after: a.partner_level_after,
+                    order: a.order,
                 };
-                if mine {
-                    self.ask_next();
-                } else {
-                    // The proposer stopped waiting: release the partner.
-                    self.cancel_swap(h.sender, a.vm, a.partner);
-                }
+                self.on_accept(a.in_reply_to, Answer::Swap(Some(offer_of(&a))), accepted);
             }
             Message::SwapRefuse {
                 in_reply_to,
                 vm,
                 reason,
             } => {
-                let (mine, chain) = match self.held.as_mut().map(|x| &mut x.phase) {
-                    Some(Phase::Asking {
-                        seq,
-                        swap_pending: true,
-                        answers,
-                        ..
-                    }) if *seq == in_reply_to => {
-                        answers.push(Answer::Swap(None));
-                        (true, false)
-                    }
-                    Some(Phase::Chaining {
-                        seq,
-                        eject_pending: true,
-                        answers,
-                        ..
-                    }) if *seq == in_reply_to => {
-                        answers.push(ChainAnswer::Eject(None));
-                        (true, true)
-                    }
-                    _ => (false, false),
+                let none = match self.held.as_ref().map(|x| &x.phase) {
+                    Some(Phase::Walking(w)) if w.proposing => Some(w.none()),
+                    _ => None,
                 };
-                if mine {
+                if none.is_some_and(|n| self.walk_answer(in_reply_to, None, n)) {
                     self.events.push_back(Event::SwapRefused {
                         vm,
                         by: h.sender,
                         reason,
                     });
-                }
-                match (mine, chain) {
-                    (true, false) => self.ask_next(),
-                    (true, true) => self.chain_next(),
-                    _ => {}
+                    self.walk_next();
                 }
             }
             Message::EjectPropose { round, proposal } => self.on_propose(&h, proposal, Some(round)),
@@ -1241,8 +1225,10 @@ impl Node {
     /// swap whose partner comes first is under way.
     fn holder_claims(&self) -> bool {
         match self.held.as_ref().map(|h| &h.phase) {
-            Some(Phase::Asking { .. }) => self.cfg.scope.swaps,
-            Some(Phase::Chaining { .. }) => true,
+            Some(Phase::Walking(w)) => match w.kind {
+                WalkKind::Decide => self.cfg.scope.swaps,
+                WalkKind::Chains { .. } => true,
+            },
             // A chain's partner goes to a third host: no headroom here.
             Some(Phase::Swapping(d)) => {
                 d.order == SwapOrder::PartnerFirst && d.partner_to == self.cfg.me
@@ -1313,18 +1299,10 @@ impl Node {
             let h = self.held.take().expect("checked");
             let mine = self.stamp(&h.token, Some(h.vm));
             self.events.push_back(Event::TokenSuperseded { mine });
-            match h.phase {
-                Phase::Asking { accepted, .. } => {
-                    for (host, a) in accepted {
-                        self.cancel_swap(host, a.vm, a.partner);
-                    }
+            if let Phase::Walking(w) = h.phase {
+                for a in w.accepted {
+                    self.cancel_swap(a.host, a.vm, a.partner);
                 }
-                Phase::Chaining { accepted, .. } => {
-                    for (host, a) in accepted {
-                        self.cancel_swap(host, a.vm, a.partner);
-                    }
-                }
-                _ => {}
             }
         }
     }
@@ -1643,18 +1621,19 @@ impl Node {
         let home_free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
         let deadline = self.now;
         if let Some(h) = self.held.as_mut() {
-            h.phase = Phase::Asking {
+            h.phase = Phase::Walking(Walk {
+                kind: WalkKind::Decide,
                 plan: Box::new(plan),
                 peers,
                 home_free_mem,
                 answers: Vec::new(),
                 accepted: Vec::new(),
                 seq: 0,
-                swap_pending: false,
+                proposing: false,
                 deadline,
-            };
+            });
         }
-        self.ask_next();
+        self.walk_next();
     }
 
     /// c_m in round `round` (the schedule's, constant by default).
@@ -1676,207 +1655,18 @@ impl Node {
         }
     }
 
-    /// Asks the next candidate for room (or for a swap), or decides.
-    fn ask_next(&mut self) {
+    /// Asks the walk's next question, or ends it: with the decision (a
+    /// migration, a swap, or u stays, and then the chains' walk if they
+    /// are on), or with the best chain accepted (or u stays). Proposals
+    /// accepted and not chosen are released.
+    fn walk_next(&mut self) {
         if self.held.as_ref().is_some_and(|h| h.superseded) {
             return self.drop_superseded_if_idle();
         }
         let topo = self.cfg.topology.clone();
         let settings = self.settings();
         let Some(Held {
-            phase:
-                Phase::Asking {
-                    plan,
-                    peers,
-                    home_free_mem,
-                    answers,
-                    ..
-                },
-            vm,
-            ..
-        }) = self.held.as_ref()
-        else {
-            return;
-        };
-        let vm = *vm;
-        let load = Load::from_rate(plan.load);
-        let (query, step) = {
-            let mut d = ScopedDecider::new(&topo, plan, peers, settings, *home_free_mem);
-            for a in answers {
-                match a {
-                    Answer::Capacity(c) => d.answer_capacity(*c),
-                    Answer::Swap(o) => d.answer_swap(*o),
-                }
-            }
-            match d.next_query() {
-                Some(q) => (Some(q), None),
-                None => (None, Some(d.finish())),
-            }
-        };
-        if let Some(q) = query {
-            let (seq, swap, wait) = match q {
-                Query::Capacity(h) => {
-                    let to = topo.host_addr(h);
-                    let seq = self.send(to, &Message::CapacityRequest { vm });
-                    (seq, false, self.cfg.request_timeout_ns)
-                }
-                Query::Swap(r) => {
-                    let to = topo.host_addr(r.to);
-                    let proposal = self.proposal(&r, to);
-                    let seq = self.send(to, &Message::SwapPropose(proposal));
-                    // The asked host may locate its VMs' peers first.
-                    (seq, true, self.cfg.request_timeout_ns.saturating_mul(4))
-                }
-            };
-            let deadline = self.now + wait;
-            if let Some(Held {
-                phase:
-                    Phase::Asking {
-                        seq: s,
-                        swap_pending,
-                        deadline: dl,
-                        ..
-                    },
-                ..
-            }) = self.held.as_mut()
-            {
-                *s = seq;
-                *swap_pending = swap;
-                *dl = deadline;
-            }
-            return;
-        }
-        let Some(step) = step else { return };
-        if let Step::Single(stay @ Decision::Stay { .. }) = step
-            && self.cfg.chains
-        {
-            return self.start_chains(stay);
-        }
-        let accepted = match self.held.as_mut().map(|h| &mut h.phase) {
-            Some(Phase::Asking { accepted, .. }) => std::mem::take(accepted),
-            _ => Vec::new(),
-        };
-        // Partners reserved for swaps not chosen are released.
-        let chosen = match &step {
-            Step::Swap(s) => {
-                let to = topo.host_addr(s.to);
-                accepted
-                    .iter()
-                    .find(|(h, a)| *h == to && a.partner == s.partner)
-                    .map(|(h, a)| (*h, *a))
-            }
-            Step::Single(_) => None,
-        };
-        for (host, a) in &accepted {
-            if chosen.is_none_or(|(h, c)| (*host, a.partner) != (h, c.partner)) {
-                self.cancel_swap(*host, a.vm, a.partner);
-            }
-        }
-        if let Some(h) = self.held.as_mut() {
-            h.token.update(vm, step.level_after(), load);
-        }
-        match (step, chosen) {
-            (Step::Single(decision), _) => {
-                self.events.push_back(Event::Decided { decision });
-                match decision {
-                    Decision::Migrate { to, .. } => {
-                        let to = self.cfg.topology.host_addr(to);
-                        if let Some(h) = self.held.as_mut() {
-                            h.phase = Phase::Migrating;
-                        }
-                        self.start_migration(vm, to);
-                    }
-                    Decision::Stay { .. } => self.hand_on(),
-                }
-            }
-            (Step::Swap(swap), Some((to, a))) => {
-                self.events.push_back(Event::SwapAgreed {
-                    swap,
-                    order: a.order,
-                });
-                self.migrated_at.insert(vm, self.now);
-                let deal = Deal {
-                    to,
-                    partner: swap.partner,
-                    partner_to: self.cfg.me,
-                    chain: false,
-                    order: a.order,
-                    stage: match a.order {
-                        SwapOrder::ProposerFirst => Stage::FirstMove,
-                        SwapOrder::PartnerFirst => Stage::Committing,
-                    },
-                    resend_at: self.now,
-                    give_up_at: self.now.saturating_add(self.cfg.swap_timeout_ns),
-                };
-                let first = deal.stage;
-                if let Some(h) = self.held.as_mut() {
-                    h.phase = Phase::Swapping(deal);
-                }
-                match first {
-                    Stage::FirstMove => self.start_migration(vm, to),
-                    _ => self.send_commit(),
-                }
-            }
-            // The walk chose a swap no host accepted: cannot happen (it
-            // only chooses among answers); stay.
-            (Step::Swap(_), None) => self.hand_on(),
-        }
-    }
-
-    /// The decision lets u stay: walk the full candidates for an ejection
-    /// chain (score-core's `ChainDecider`) with the plan just made.
-    fn start_chains(&mut self, stay: Decision) {
-        let Some(h) = self.held.as_mut() else {
-            return;
-        };
-        let phase = std::mem::replace(&mut h.phase, Phase::Migrating);
-        let Phase::Asking {
-            plan,
-            peers,
-            home_free_mem,
-            accepted,
-            ..
-        } = phase
-        else {
-            h.phase = phase;
-            return;
-        };
-        h.phase = Phase::Chaining {
-            plan,
-            peers,
-            home_free_mem,
-            answers: Vec::new(),
-            accepted: Vec::new(),
-            seq: 0,
-            eject_pending: false,
-            stay,
-            deadline: self.now,
-        };
-        // No swap was chosen: release every partner reserved.
-        for (host, a) in accepted {
-            self.cancel_swap(host, a.vm, a.partner);
-        }
-        self.chain_next();
-    }
-
-    /// Asks the chain walk's next question, or ends it: the best chain
-    /// accepted is agreed (the others released), or u stays.
-    fn chain_next(&mut self) {
-        if self.held.as_ref().is_some_and(|h| h.superseded) {
-            return self.drop_superseded_if_idle();
-        }
-        let topo = self.cfg.topology.clone();
-        let mem = self.cfg.vm_memory_mib;
-        let Some(Held {
-            phase:
-                Phase::Chaining {
-                    plan,
-                    peers,
-                    home_free_mem,
-                    answers,
-                    stay,
-                    ..
-                },
+            phase: Phase::Walking(w),
             vm,
             token,
             ..
@@ -1884,106 +1674,208 @@ impl Node {
         else {
             return;
         };
-        let (vm, stay, round) = (*vm, *stay, token.round);
-        let cm = self.cm(round);
-        let load = Load::from_rate(plan.load);
-        let (query, chain) = {
-            let mut d = ChainDecider::new(plan, peers, cm, mem, *home_free_mem, MAX_EJECT_ASKS);
-            for a in answers {
-                match a {
-                    ChainAnswer::Capacity(c) => d.answer_capacity(*c),
-                    ChainAnswer::Eject(o) => d.answer_eject(*o),
+        let (vm, round, kind) = (*vm, token.round, w.kind);
+        let load = Load::from_rate(w.plan.load);
+        let (query, end) = match kind {
+            WalkKind::Decide => {
+                let mut d = ScopedDecider::new(&topo, &w.plan, &w.peers, settings, w.home_free_mem);
+                for a in &w.answers {
+                    match a {
+                        Answer::Capacity(c) => d.answer_capacity(*c),
+                        Answer::Swap(o) => d.answer_swap(*o),
+                        Answer::Eject(_) => {}
+                    }
+                }
+                match d.next_query() {
+                    Some(Query::Capacity(h)) => (Some(Ask::Room(h, vm)), None),
+                    Some(Query::Swap(r)) => (Some(Ask::Swap(r)), None),
+                    None => (None, Some(WalkEnd::Step(d.finish()))),
                 }
             }
-            match d.next_query() {
-                Some(q) => (Some(q), None),
-                None => (None, d.finish()),
+            WalkKind::Chains { stay } => {
+                let mem = settings.mem_need_mb;
+                let mut d = ChainDecider::new(
+                    &w.plan,
+                    &w.peers,
+                    settings.cm,
+                    mem,
+                    w.home_free_mem,
+                    MAX_EJECT_ASKS,
+                );
+                for a in &w.answers {
+                    match a {
+                        Answer::Capacity(c) => d.answer_capacity(*c),
+                        Answer::Eject(o) => d.answer_eject(*o),
+                        Answer::Swap(_) => {}
+                    }
+                }
+                match d.next_query() {
+                    // Only whether it is full: a question that reserves
+                    // nothing.
+                    Some(ChainQuery::Capacity(h)) => (Some(Ask::Room(h, 0)), None),
+                    Some(ChainQuery::Eject(r)) => (Some(Ask::Eject(r)), None),
+                    None => {
+                        let chain = d.finish();
+                        // u's level if the chain is made: its peers where
+                        // they are, w on its new host.
+                        let level = chain.map(|c| {
+                            let mut ps = w.peers.clone();
+                            for p in ps.iter_mut().filter(|p| p.id == c.partner) {
+                                p.host = c.partner_to;
+                            }
+                            level_at(&topo, vm, &ps, c.to)
+                        });
+                        (None, Some(WalkEnd::Chain { stay, chain, level }))
+                    }
+                }
             }
         };
-        // u's level if the chain is made: its peers where they are, w on
-        // its new host.
-        let level_after = chain.map(|c| {
-            let mut ps = peers.clone();
-            for p in ps.iter_mut().filter(|p| p.id == c.partner) {
-                p.host = c.partner_to;
-            }
-            level_at(&topo, vm, &ps, c.to)
-        });
         if let Some(q) = query {
-            let (seq, eject, wait) = match q {
-                // Only whether it is full: a question that reserves nothing.
-                ChainQuery::Capacity(host) => {
-                    let to = topo.host_addr(host);
-                    let seq = self.send(to, &Message::CapacityRequest { vm: 0 });
-                    (seq, false, self.cfg.request_timeout_ns)
+            let (to, message) = match q {
+                Ask::Room(h, vm) => (topo.host_addr(h), Message::CapacityRequest { vm }),
+                Ask::Swap(r) => {
+                    let to = topo.host_addr(r.to);
+                    (to, Message::SwapPropose(self.proposal(&r, to)))
                 }
-                ChainQuery::Eject(r) => {
+                Ask::Eject(r) => {
                     let to = topo.host_addr(r.to);
                     let proposal = self.proposal(&r, to);
-                    let seq = self.send(to, &Message::EjectPropose { round, proposal });
-                    // The asked host locates its VMs' peers, then asks
-                    // the third hosts for room.
-                    (seq, true, self.cfg.request_timeout_ns.saturating_mul(4))
+                    (to, Message::EjectPropose { round, proposal })
                 }
+            };
+            let proposing = !matches!(message, Message::CapacityRequest { .. });
+            let seq = self.send(to, &message);
+            // An asked host may locate its VMs' peers first (and, for a
+            // chain, ask the third hosts for room).
+            let wait = if proposing {
+                self.cfg.request_timeout_ns.saturating_mul(4)
+            } else {
+                self.cfg.request_timeout_ns
             };
             let deadline = self.now + wait;
             if let Some(Held {
-                phase:
-                    Phase::Chaining {
-                        seq: s,
-                        eject_pending,
-                        deadline: dl,
-                        ..
-                    },
+                phase: Phase::Walking(w),
                 ..
             }) = self.held.as_mut()
             {
-                *s = seq;
-                *eject_pending = eject;
-                *dl = deadline;
+                w.seq = seq;
+                w.proposing = proposing;
+                w.deadline = deadline;
             }
             return;
         }
+        let Some(end) = end else { return };
         let accepted = match self.held.as_mut().map(|h| &mut h.phase) {
-            Some(Phase::Chaining { accepted, .. }) => std::mem::take(accepted),
+            Some(Phase::Walking(w)) => std::mem::take(&mut w.accepted),
             _ => Vec::new(),
         };
-        let chosen = chain.and_then(|c| {
-            let to = topo.host_addr(c.to);
+        // The proposal chosen; the others' partners are released.
+        let (to, partner) = match end {
+            WalkEnd::Step(Step::Swap(s)) => (Some(s.to), s.partner),
+            WalkEnd::Chain { chain: Some(c), .. } => (Some(c.to), c.partner),
+            _ => (None, 0),
+        };
+        let chosen = to.and_then(|to| {
+            let to = topo.host_addr(to);
             accepted
                 .iter()
-                .find(|(h, a)| *h == to && a.partner == c.partner)
-                .map(|(h, a)| (c, *h, *a))
+                .find(|a| a.host == to && a.partner == partner)
+                .copied()
         });
-        for (host, a) in &accepted {
-            if chosen.is_none_or(|(_, h, c)| (*host, a.partner) != (h, c.partner)) {
-                self.cancel_swap(*host, a.vm, a.partner);
+        for a in &accepted {
+            if chosen.is_none_or(|c| (a.host, a.partner) != (c.host, c.partner)) {
+                self.cancel_swap(a.host, a.vm, a.partner);
             }
         }
-        let Some((chain, to, a)) = chosen else {
-            if let Some(h) = self.held.as_mut() {
-                h.token.update(vm, stay.level_after(), load);
+        match (end, chosen) {
+            (WalkEnd::Step(Step::Single(stay @ Decision::Stay { .. })), _) if self.cfg.chains => {
+                if let Some(Held {
+                    phase: Phase::Walking(w),
+                    ..
+                }) = self.held.as_mut()
+                {
+                    w.kind = WalkKind::Chains { stay };
+                    w.answers.clear();
+                    w.seq = 0;
+                    w.proposing = false;
+                    w.deadline = self.now;
+                }
+                self.walk_next()
             }
-            self.events.push_back(Event::Decided { decision: stay });
-            return self.hand_on();
+            (WalkEnd::Step(step), chosen) => {
+                if let Some(h) = self.held.as_mut() {
+                    h.token.update(vm, step.level_after(), load);
+                }
+                match (step, chosen) {
+                    (Step::Single(decision), _) => {
+                        self.events.push_back(Event::Decided { decision });
+                        match decision {
+                            Decision::Migrate { to, .. } => {
+                                let to = topo.host_addr(to);
+                                if let Some(h) = self.held.as_mut() {
+                                    h.phase = Phase::Migrating;
+                                }
+                                self.start_migration(vm, to);
+                            }
+                            Decision::Stay { .. } => self.hand_on(),
+                        }
+                    }
+                    (Step::Swap(swap), Some(a)) => {
+                        self.events.push_back(Event::SwapAgreed {
+                            swap,
+                            order: a.order,
+                        });
+                        self.agree(a, false);
+                    }
+                    // The walk chose a swap no host accepted: cannot
+                    // happen (it only chooses among answers); stay.
+                    (Step::Swap(_), None) => self.hand_on(),
+                }
+            }
+            (
+                WalkEnd::Chain {
+                    chain: Some(chain),
+                    level,
+                    stay,
+                },
+                Some(a),
+            ) => {
+                if let Some(h) = self.held.as_mut() {
+                    h.token
+                        .update(vm, level.unwrap_or(stay.level_after()), load);
+                    if let Some(e) = h.token.get_mut(chain.partner) {
+                        e.level = a.partner_level_after.min(15);
+                    }
+                }
+                self.events.push_back(Event::ChainAgreed {
+                    chain,
+                    order: a.order,
+                });
+                self.agree(a, true);
+            }
+            (WalkEnd::Chain { stay, .. }, _) => {
+                if let Some(h) = self.held.as_mut() {
+                    h.token.update(vm, stay.level_after(), load);
+                }
+                self.events.push_back(Event::Decided { decision: stay });
+                self.hand_on()
+            }
+        }
+    }
+
+    /// The holder agreed the proposal `a` (a swap, or a chain): its VM is
+    /// held down, and the first migration starts (or the first commit is
+    /// sent, if the partner goes first).
+    fn agree(&mut self, a: Accepted, chain: bool) {
+        let Some(vm) = self.held.as_ref().map(|h| h.vm) else {
+            return;
         };
-        if let Some(h) = self.held.as_mut() {
-            h.token
-                .update(vm, level_after.unwrap_or(stay.level_after()), load);
-            if let Some(e) = h.token.get_mut(chain.partner) {
-                e.level = a.partner_level_after.min(15);
-            }
-        }
-        self.events.push_back(Event::ChainAgreed {
-            chain,
-            order: a.order,
-        });
         self.migrated_at.insert(vm, self.now);
         let deal = Deal {
-            to,
-            partner: chain.partner,
+            to: a.host,
+            partner: a.partner,
             partner_to: a.partner_to,
-            chain: true,
+            chain,
             order: a.order,
             stage: match a.order {
                 SwapOrder::ProposerFirst => Stage::FirstMove,
@@ -1997,13 +1889,56 @@ impl Node {
             h.phase = Phase::Swapping(deal);
         }
         match first {
-            Stage::FirstMove => self.start_migration(vm, to),
+            Stage::FirstMove => self.start_migration(vm, a.host),
             _ => self.send_commit(),
         }
     }
 
-    /// An asked host accepted a chain: the holder's walk takes it (if it
-    /// is the question in flight, and makes sense), or it is released.
+    /// An answer to the walk's question in flight: taken if `in_reply_to`
+    /// is it and it is of the kind asked (`vm`: the proposal's VM, if the
+    /// answer names one); whether it was.
+    fn walk_answer(&mut self, in_reply_to: u64, vm: Option<VmId>, answer: Answer) -> bool {
+        let Some(Held {
+            vm: held,
+            phase: Phase::Walking(w),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return false;
+        };
+        let fits = match (answer, w.kind) {
+            (Answer::Capacity(_), _) => !w.proposing,
+            (Answer::Swap(_), WalkKind::Decide) => w.proposing,
+            (Answer::Eject(_), WalkKind::Chains { .. }) => w.proposing,
+            _ => false,
+        };
+        if !fits || w.seq != in_reply_to || vm.is_some_and(|v| v != *held) {
+            return false;
+        }
+        w.answers.push(answer);
+        true
+    }
+
+    /// An asked host accepted a swap or a chain: the holder's walk takes
+    /// it (if it is the question in flight, and makes sense), or it is
+    /// released.
+    fn on_accept(&mut self, in_reply_to: u64, answer: Answer, a: Accepted) {
+        if self.walk_answer(in_reply_to, Some(a.vm), answer) {
+            if let Some(Held {
+                phase: Phase::Walking(w),
+                ..
+            }) = self.held.as_mut()
+            {
+                w.accepted.push(a);
+            }
+            self.walk_next();
+        } else {
+            // The proposer stopped waiting: release the partner.
+            self.cancel_swap(a.host, a.vm, a.partner);
+        }
+    }
+
+    /// An asked host accepted a chain.
     fn on_eject_accept(&mut self, from: Ipv4Addr, a: EjectAcceptance) {
         let topo = self.cfg.topology.clone();
         let me = self.cfg.me;
@@ -2012,68 +1947,30 @@ impl Node {
         let sane =
             a.partner_to != from && (a.partner_to == me || a.order == SwapOrder::PartnerFirst);
         let target = topo.host_by_addr(a.partner_to).filter(|_| sane);
-        let mine = match self.held.as_mut() {
-            Some(Held {
-                vm,
-                phase:
-                    Phase::Chaining {
-                        seq,
-                        eject_pending: true,
-                        answers,
-                        accepted,
-                        ..
-                    },
-                ..
-            }) if *seq == a.in_reply_to && *vm == a.vm => {
-                answers.push(ChainAnswer::Eject(target.map(|partner_to| EjectionOffer {
-                    partner: a.partner,
-                    partner_to,
-                    benefit: a.benefit,
-                    c_m: a.c_m,
-                    asked: 0,
-                })));
-                accepted.push((from, a));
-                true
-            }
-            _ => false,
+        let offer = target.map(|partner_to| EjectionOffer {
+            partner: a.partner,
+            partner_to,
+            benefit: a.benefit,
+            c_m: a.c_m,
+            asked: 0,
+        });
+        let accepted = Accepted {
+            host: from,
+            vm: a.vm,
+            partner: a.partner,
+            partner_to: a.partner_to,
+            partner_level_after: a.partner_level_after,
+            order: a.order,
         };
-        if mine {
-            self.chain_next();
-        } else {
-            // The proposer stopped waiting: release the partner.
-            self.cancel_swap(from, a.vm, a.partner);
-        }
+        self.on_accept(a.in_reply_to, Answer::Eject(offer), accepted);
     }
 
-    /// A capacity answer: for the holder's walk (migration or chain), for
-    /// a chain being considered here (a third host's room), or for a
-    /// chain's partner about to leave (its slot there).
+    /// A capacity answer: for the holder's walk, for a chain being
+    /// considered here (a third host's room), or for a chain's partner
+    /// about to leave (its slot there).
     fn on_capacity(&mut self, in_reply_to: u64, cap: Capacity) {
-        let walk = match self.held.as_mut().map(|x| &mut x.phase) {
-            Some(Phase::Asking {
-                seq,
-                swap_pending: false,
-                answers,
-                ..
-            }) if *seq == in_reply_to => {
-                answers.push(Answer::Capacity(Some(cap)));
-                Some(false)
-            }
-            Some(Phase::Chaining {
-                seq,
-                eject_pending: false,
-                answers,
-                ..
-            }) if *seq == in_reply_to => {
-                answers.push(ChainAnswer::Capacity(Some(cap)));
-                Some(true)
-            }
-            _ => None,
-        };
-        match walk {
-            Some(false) => return self.ask_next(),
-            Some(true) => return self.chain_next(),
-            None => {}
+        if self.walk_answer(in_reply_to, None, Answer::Capacity(Some(cap))) {
+            return self.walk_next();
         }
         if self.placing.as_ref().is_some_and(|p| p.seq == in_reply_to) {
             return self.placed(Some(cap));
