@@ -229,14 +229,14 @@ impl Collector {
                 Vec::new()
             };
             drop(flows);
+            // One read of the VM table, and one list made of it, serve
+            // the metrics and the facts: the two name the same VMs, those
+            // behind an attached interface (an entry pinned by an earlier
+            // run for a vif gone since is not hosted here).
+            let vms = dp.hosted_vms_of(&dp.vm_macs()?);
             hosted.clear();
-            hosted.extend(dp.vm_macs()?.into_iter().map(|(ip, _)| ip));
-            // The VMs behind attached interfaces only, with their vif.
-            let vms = if want_facts {
-                dp.hosted_vms()?
-            } else {
-                Vec::new()
-            };
+            hosted.extend(vms.iter().map(|v| v.ip));
+            let vms = if want_facts { vms } else { Vec::new() };
             (stats, dp.attached_count(), evicted, vms)
         };
         if !evicted.is_empty() {

@@ -1055,25 +1055,19 @@ impl Datapath {
     /// The VMs behind the attached interfaces, as seen sending: address,
     /// MAC and vif name. A VM that has sent nothing yet is not listed.
     pub fn hosted_vms(&self) -> Result<Vec<HostedVm>, DatapathError> {
-        let mut out: Vec<HostedVm> = self
-            .vm_macs()?
-            .into_iter()
-            .filter_map(|(ip, m)| {
-                let vif = self
-                    .attached
-                    .iter()
-                    .find(|(_, a)| a.ifindex == m.ifindex)?
-                    .0
-                    .clone();
-                Some(HostedVm {
-                    ip,
-                    mac: m.mac,
-                    vif,
-                })
-            })
-            .collect();
-        out.sort_by_key(|v| v.ip);
-        Ok(out)
+        Ok(self.hosted_vms_of(&self.vm_macs()?))
+    }
+
+    /// [`Datapath::hosted_vms`] from a read of [`Datapath::vm_macs`]
+    /// already made: a drain derives both of its views of the hosted VMs
+    /// (the metrics' and the peer protocol's) from one read.
+    pub fn hosted_vms_of(&self, macs: &[(Ipv4Addr, VmMac)]) -> Vec<HostedVm> {
+        hosted_behind(macs, |ifindex| {
+            self.attached
+                .iter()
+                .find(|(_, a)| a.ifindex == ifindex)
+                .map(|(name, _)| name.as_str())
+        })
     }
 
     /// Number of attached interfaces: each is one VM's vif.
@@ -1402,6 +1396,25 @@ pub fn slot_count(flows_max: u32) -> u32 {
         .unwrap_or(1 << 31)
 }
 
+/// The VMs of `macs` behind an interface `vif_of` names, by address.
+fn hosted_behind<'a>(
+    macs: &[(Ipv4Addr, VmMac)],
+    vif_of: impl Fn(u32) -> Option<&'a str>,
+) -> Vec<HostedVm> {
+    let mut out: Vec<HostedVm> = macs
+        .iter()
+        .filter_map(|&(ip, m)| {
+            Some(HostedVm {
+                ip,
+                mac: m.mac,
+                vif: vif_of(m.ifindex)?.to_owned(),
+            })
+        })
+        .collect();
+    out.sort_by_key(|v| v.ip);
+    out
+}
+
 fn pair_of(key: &PairKey) -> Pair {
     (
         Ipv4Addr::from(u32::from_be(key.src)),
@@ -1479,6 +1492,44 @@ mod tests {
             first_seen_ns: 5,
             last_seen_ns: 5,
         }
+    }
+
+    /// The hosted VMs a drain publishes (to the metrics and the facts
+    /// alike) are the VM table's entries behind an attached interface, by
+    /// address: an entry for a vif not attached (pinned by an earlier run)
+    /// is left out, and each VM keeps its own MAC and vif.
+    #[test]
+    fn hosted_vms_are_the_entries_behind_attached_vifs_by_address() {
+        let vm = |last: u8, mac: u8, ifindex: u32| {
+            (
+                Ipv4Addr::new(198, 18, 0, last),
+                VmMac {
+                    mac: [2, 0, 0, 0, 0, mac],
+                    _pad: [0; 2],
+                    ifindex,
+                },
+            )
+        };
+        let macs = [vm(9, 1, 7), vm(3, 2, 8), vm(5, 3, 99), vm(4, 4, 7)];
+        let vifs = |ifindex: u32| match ifindex {
+            7 => Some("vif7.0"),
+            8 => Some("vif8.0"),
+            _ => None,
+        };
+        let got = hosted_behind(&macs, vifs);
+        let want = |last: u8, mac: u8, vif: &str| HostedVm {
+            ip: Ipv4Addr::new(198, 18, 0, last),
+            mac: [2, 0, 0, 0, 0, mac],
+            vif: vif.into(),
+        };
+        assert_eq!(
+            got,
+            vec![
+                want(3, 2, "vif8.0"),
+                want(4, 4, "vif7.0"),
+                want(9, 1, "vif7.0")
+            ]
+        );
     }
 
     /// Slotted pairs, pairs from the hash map and residuals of freed
