@@ -171,9 +171,35 @@ impl Hasher for AddrHasher {
 
 type AddrMap<V> = HashMap<u32, V, BuildHasherDefault<AddrHasher>>;
 
+/// Most pairs a drain keeps aside for addresses that were not hosted at
+/// the drain before ([`DrainPairs`]); past this, it sums for every
+/// address instead. The paper's workload puts 3,200 pairs aside (each has
+/// a peer elsewhere), 75 KiB.
+const STRAYS_MAX: usize = 4_096;
+
+/// A pair's share of the sums, kept aside because its sending or its
+/// receiving address was not hosted at the drain before.
+#[derive(Clone, Copy, Debug)]
+struct Stray {
+    src: u32,
+    dst: u32,
+    delta: u64,
+    rate: f64,
+}
+
 /// The per-pair part of one drain, folded in pair by pair as the flow table
 /// takes the drain ([`Metrics::drain_pairs`]): per-address sums, the
 /// busiest pairs, the count. No list of every pair is kept.
+///
+/// Only the hosted VMs' sums are exported, so only they are summed: the
+/// tables start with the VMs hosted at the drain before, and a pair's
+/// share for an address not among them (a peer elsewhere, mostly) is put
+/// aside instead, in a list written in order. A VM hosted now but not
+/// then (learnt since, even while this drain ran) is summed from that
+/// list at the end, so its bytes of this drain are counted. Summing for
+/// every address cost a third of the loaded daemon's CPU, in cache misses
+/// on tables that held every peer (docs/BENCHMARKS.md). Past
+/// [`STRAYS_MAX`] pairs put aside, the drain sums for every address.
 #[derive(Debug)]
 pub struct DrainPairs {
     since_ns: u64,
@@ -181,9 +207,16 @@ pub struct DrainPairs {
     /// Candidates for the top K: cut back to K whenever 2K are held.
     top: Vec<PairSample>,
     /// Bytes since the last drain and summed rate, by sending address and
-    /// by receiving address (filtered to the hosted VMs at the end).
+    /// by receiving address: the VMs of `seeded`, or every address once
+    /// `spilled` (filtered to the hosted VMs at the end).
     tx: AddrMap<(u64, f64)>,
     rx: AddrMap<(u64, f64)>,
+    /// The VMs hosted at the drain before, sorted.
+    seeded: Vec<u32>,
+    /// Shares for addresses not in `seeded`, while not `spilled`.
+    strays: Vec<Stray>,
+    strays_max: usize,
+    spilled: bool,
     pairs: usize,
     /// The K-th busiest of the candidates at the last cut: a pair that is
     /// not busier can never be among the K, and costs one comparison.
@@ -198,6 +231,8 @@ struct DrainBuffers {
     tx: AddrMap<(u64, f64)>,
     rx: AddrMap<(u64, f64)>,
     top: Vec<PairSample>,
+    seeded: Vec<u32>,
+    strays: Vec<Stray>,
 }
 
 /// The top-K order: highest rate first, then most bytes, then lowest
@@ -230,11 +265,12 @@ impl DrainPairs {
         // that adds nothing to a sum needs no entry (an absent address
         // sums to zero).
         if src != dst && (delta != 0 || p.rate_bps != 0.0) {
-            for (sums, vm) in [(&mut self.tx, src), (&mut self.rx, dst)] {
-                let t = sums.entry(u32::from(vm)).or_default();
-                t.0 += delta;
-                t.1 += p.rate_bps;
-            }
+            self.sum(Stray {
+                src: u32::from(src),
+                dst: u32::from(dst),
+                delta,
+                rate: p.rate_bps,
+            });
         }
         if self.top_k > 0
             && self
@@ -245,6 +281,76 @@ impl DrainPairs {
             self.top.push(p);
             if self.top.len() >= 2 * self.top_k {
                 self.cut_top();
+            }
+        }
+    }
+
+    /// Adds a pair's share to the sums of its addresses that are summed,
+    /// and puts it aside if either is not.
+    fn sum(&mut self, s: Stray) {
+        if self.spilled {
+            for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+                let t = sums.entry(vm).or_default();
+                t.0 += s.delta;
+                t.1 += s.rate;
+            }
+            return;
+        }
+        let mut aside = false;
+        for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+            match sums.get_mut(&vm) {
+                Some(t) => {
+                    t.0 += s.delta;
+                    t.1 += s.rate;
+                }
+                None => aside = true,
+            }
+        }
+        if !aside {
+            return;
+        }
+        if self.strays.len() < self.strays_max {
+            self.strays.push(s);
+            return;
+        }
+        // Too many to keep aside: sum for every address from here on,
+        // starting with the shares put aside (this one included).
+        self.spilled = true;
+        let strays = std::mem::take(&mut self.strays);
+        for s in strays.iter().chain([&s]) {
+            for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+                if self.seeded.binary_search(&vm).is_err() {
+                    let t = sums.entry(vm).or_default();
+                    t.0 += s.delta;
+                    t.1 += s.rate;
+                }
+            }
+        }
+        self.strays = strays;
+        self.strays.clear();
+    }
+
+    /// Sums the shares put aside for the VMs of `hosted` that were not
+    /// summed during the pass (hosted now, not at the drain before).
+    fn sum_new(&mut self, hosted: &BTreeSet<Ipv4Addr>) {
+        if self.spilled {
+            return;
+        }
+        let new: Vec<u32> = hosted
+            .iter()
+            .map(|&vm| u32::from(vm))
+            .filter(|vm| self.seeded.binary_search(vm).is_err())
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        for s in &self.strays {
+            for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+                if new.contains(&vm) {
+                    let t = sums.entry(vm).or_default();
+                    t.0 += s.delta;
+                    t.1 += s.rate;
+                }
             }
         }
     }
@@ -861,13 +967,35 @@ impl Metrics {
     /// whose first frame came before `since_ns` (CLOCK_MONOTONIC, when this
     /// agent started counting) are a baseline at first sight.
     pub fn drain_pairs(&self, since_ns: u64) -> DrainPairs {
-        let DrainBuffers { tx, rx, top } = std::mem::take(&mut *lock(&self.buffers));
+        self.drain_pairs_aside(since_ns, STRAYS_MAX)
+    }
+
+    /// [`Metrics::drain_pairs`] putting at most `strays_max` pairs aside.
+    fn drain_pairs_aside(&self, since_ns: u64, strays_max: usize) -> DrainPairs {
+        let DrainBuffers {
+            mut tx,
+            mut rx,
+            top,
+            mut seeded,
+            strays,
+        } = std::mem::take(&mut *lock(&self.buffers));
+        // The VMs hosted at the last drain (in order: the set is sorted).
+        seeded.clear();
+        seeded.extend(lock(&self.state).labelled.iter().map(|&vm| u32::from(vm)));
+        for &vm in &seeded {
+            tx.insert(vm, (0, 0.0));
+            rx.insert(vm, (0, 0.0));
+        }
         DrainPairs {
             since_ns,
             top_k: self.top_k,
             top,
             tx,
             rx,
+            seeded,
+            strays,
+            strays_max,
+            spilled: false,
             pairs: 0,
             floor: None,
         }
@@ -894,6 +1022,7 @@ impl Metrics {
     ) {
         let mut state = lock(&self.state);
         let hosted: BTreeSet<Ipv4Addr> = hosted.iter().copied().collect();
+        pairs.sum_new(&hosted);
         // Per hosted VM: the increments of its pairs since the last drain,
         // and the sum of their rates.
         let of = |sums: &AddrMap<(u64, f64)>, vm: &Ipv4Addr| {
@@ -967,6 +1096,8 @@ impl Metrics {
             mut tx,
             mut rx,
             mut top,
+            seeded,
+            mut strays,
             ..
         } = pairs;
         for sums in [&mut tx, &mut rx] {
@@ -977,7 +1108,14 @@ impl Metrics {
             }
         }
         top.clear();
-        *lock(&self.buffers) = DrainBuffers { tx, rx, top };
+        strays.clear();
+        *lock(&self.buffers) = DrainBuffers {
+            tx,
+            rx,
+            top,
+            seeded,
+            strays,
+        };
     }
 
     /// Replaces the top-K pair series with `top`, the busiest pairs in
@@ -1319,6 +1457,130 @@ mod tests {
             value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}"),
             Some(1840.0 + 100.0)
         );
+    }
+
+    /// A VM learnt since the drain before (not among the sums the drain
+    /// starts with) has its bytes of the drain that first sees it hosted
+    /// counted, from the pairs put aside.
+    #[test]
+    fn a_vm_hosted_since_the_drain_before_counts_that_drains_bytes() {
+        let m = Metrics::new(10);
+        drain(
+            &m,
+            &[pair(1, 9, 100, 1.0), pair(2, 9, 40, 4.0)],
+            &[ip(1)],
+            DatapathStats::default(),
+        );
+        // 2 is hosted now: its 60 new bytes to 9, and 9's 25 to it.
+        drain(
+            &m,
+            &[
+                pair(1, 9, 100, 1.0),
+                pair(2, 9, 100, 6.0),
+                pair(9, 2, 25, 2.0),
+            ],
+            &[ip(1), ip(2)],
+            DatapathStats::default(),
+        );
+        let t = m.render();
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.2\"}"),
+            Some(60.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_per_second{vm=\"198.18.0.2\"}"),
+            Some(6.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_receive_bytes_total{vm=\"198.18.0.2\"}"),
+            Some(25.0)
+        );
+        assert_eq!(
+            value(&t, "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}"),
+            Some(100.0)
+        );
+    }
+
+    /// Summing for the VMs hosted at the drain before, with the rest put
+    /// aside (or summed for every address past the limit), gives each VM
+    /// hosted now the sums of summing every address: whichever VMs came
+    /// or went, and wherever the limit falls.
+    #[test]
+    fn sums_of_hosted_vms_match_summing_every_address() {
+        let addr = |i: u64| ip(1 + (i % 12) as u8);
+        let mut x: u64 = 7;
+        let mut next = move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let samples: Vec<PairSample> = (0..200)
+            .map(|_| {
+                let (s, d) = (addr(next()), addr(next()));
+                let mut p = pair(0, 0, 10 + next() % 1000, (next() % 50) as f64);
+                p.pair = (s, d);
+                p.previous = match next() % 3 {
+                    0 => None,
+                    _ => Some(next() % 500),
+                };
+                if next() % 4 == 0 {
+                    p.rate_bps = 0.0;
+                }
+                p
+            })
+            .collect();
+        let set = |v: &[u8]| -> Vec<Ipv4Addr> { v.iter().map(|&i| ip(i)).collect() };
+        let cases = [
+            (set(&[]), set(&[1, 2, 3])),
+            (set(&[1, 2]), set(&[1, 2])),
+            (set(&[1, 2]), set(&[1, 2, 5, 7])),
+            (set(&[1, 2, 5, 7]), set(&[2, 7])),
+            (set(&[3, 4]), set(&[8, 9, 12])),
+        ];
+        for strays_max in [0, 1, 17, 10_000] {
+            for (before, now) in &cases {
+                let m = Metrics::new(5);
+                m.observe_drain_pairs(
+                    m.drain_pairs(1_000),
+                    before,
+                    DatapathStats::default(),
+                    0,
+                    Duration::ZERO,
+                );
+                let mut d = m.drain_pairs_aside(1_000, strays_max);
+                // Every address summed: the sums before this change.
+                let mut want: HashMap<(bool, Ipv4Addr), (u64, f64)> = HashMap::new();
+                for p in &samples {
+                    let bytes = p.totals.bytes;
+                    let delta = match p.previous {
+                        Some(b) if b <= bytes => bytes - b,
+                        Some(_) => bytes,
+                        None => bytes,
+                    };
+                    if p.pair.0 != p.pair.1 && (delta != 0 || p.rate_bps != 0.0) {
+                        for key in [(true, p.pair.0), (false, p.pair.1)] {
+                            let w = want.entry(key).or_default();
+                            w.0 += delta;
+                            w.1 += p.rate_bps;
+                        }
+                    }
+                    d.add(*p);
+                }
+                d.sum_new(&now.iter().copied().collect());
+                for vm in now {
+                    for (tx, sums) in [(true, &d.tx), (false, &d.rx)] {
+                        assert_eq!(
+                            sums.get(&u32::from(*vm)).copied().unwrap_or_default(),
+                            want.get(&(tx, *vm)).copied().unwrap_or_default(),
+                            "vm {vm} tx {tx}, before {before:?}, now {now:?}, at most {strays_max} aside"
+                        );
+                    }
+                }
+                // Both ways were taken: put aside, and past the limit.
+                assert_eq!(d.spilled, strays_max < 10_000);
+            }
+        }
     }
 
     #[test]
