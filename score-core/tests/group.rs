@@ -1,7 +1,7 @@
 //! Properties of group moves (score_core::group) over random trees,
 //! traffic, placements and capacities (proptest): the benefit is the exact
 //! drop of the fully recomputed equation 1 total, a decided group move
-//! never raises the cost and respects capacity.
+//! never raises the cost and respects capacity; the same for group swaps.
 
 mod common;
 
@@ -9,7 +9,10 @@ use common::{Shape, World, close, cm};
 use proptest::prelude::*;
 use score_core::cost::{Placement, VmIdx};
 use score_core::decision::Capacity;
-use score_core::group::{GroupLimits, decide_group, group_delta, local_group};
+use score_core::group::{
+    GroupLimits, Home, SwapLimits, decide_group, decide_group_swap, group_delta, local_group,
+    offer_exchange,
+};
 use score_core::swap::{LocalVm, local_vms};
 use score_core::topology::HostId;
 
@@ -108,6 +111,64 @@ proptest! {
                     prop_assert!(p.count(h) <= w.cap[h as usize].max(before.count(h)));
                     let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
                     prop_assert!(used <= u64::from(w.cap[h as usize]) * 1024 || h == x);
+                }
+                total = now;
+            }
+        }
+    }
+
+    /// A decided group swap: its benefit is the drop of the recomputed
+    /// total, above every moving VM's summed c_m, it moves u's group (u
+    /// first) from u's host to one host and VMs of that host back, keeps
+    /// every host within its slots and memory, and a run of them only
+    /// lowers the total.
+    #[test]
+    fn group_swaps_are_exact_and_never_raise_the_cost(w in world(), cm in cm(), hosts in 1usize..6, pool in 1usize..8) {
+        let model = w.model();
+        let mut p = w.placement.clone();
+        let mut total = model.total_cost(&p);
+        let lim = SwapLimits { max_members: 4, max_back: 4, pool, max_hosts: hosts };
+        let mem = |v: VmIdx| 512 + 256 * u64::from(v % 3);
+        for _round in 0..2 {
+            for u in 0..p.vm_count() {
+                let x = p.host(u);
+                let room = |p: &Placement, h: HostId| {
+                    let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
+                    Capacity {
+                        free_slots: w.cap[h as usize].saturating_sub(p.count(h)),
+                        free_mem_mb: (u64::from(w.cap[h as usize]) * 1024).saturating_sub(used),
+                    }
+                };
+                let lx = local(&w, &p, x);
+                let home = Home { host: x, room: room(&p, x), local: &lx };
+                let Some(g) = decide_group_swap(&w.topo, home, u, cm, lim, |y, req| {
+                    offer_exchange(&w.topo, y, room(&p, y), &local(&w, &p, y), req, cm, lim)
+                }) else {
+                    continue;
+                };
+                let before = p.clone();
+                g.apply(&mut p);
+                let now = model.total_cost(&p);
+                prop_assert!(close(g.benefit, total - now, total), "{} vs {}", g.benefit, total - now);
+                prop_assert!(g.benefit > g.c_m && g.c_m >= 0.0);
+                prop_assert!(now < total);
+                prop_assert_eq!(g.vm, u);
+                prop_assert_eq!(g.moves[0], (u, x, g.moves[0].2));
+                let y = g.moves[0].2;
+                prop_assert_ne!(y, x);
+                let thr: f64 = g.moves.iter().map(|&(v, a, b)| cm.threshold(model.vm_cost(&before, v), w.topo.weight(a, b))).sum();
+                prop_assert!(close(g.c_m, thr, total));
+                let mut back = 0;
+                for &(v, a, b) in &g.moves {
+                    prop_assert_eq!(before.host(v), a);
+                    prop_assert!((a, b) == (x, y) || (a, b) == (y, x));
+                    back += usize::from(a == y);
+                }
+                prop_assert!(back >= 1 && back <= lim.max_back);
+                for h in [x, y] {
+                    let used: u64 = (0..p.vm_count()).filter(|&v| p.host(v) == h).map(mem).sum();
+                    prop_assert!(p.count(h) <= w.cap[h as usize].max(before.count(h)));
+                    prop_assert!(used <= u64::from(w.cap[h as usize]) * 1024);
                 }
                 total = now;
             }

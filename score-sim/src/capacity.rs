@@ -105,6 +105,8 @@ pub struct Variant {
     pub chain: bool,
     /// Rotations of three VMs when u would stay.
     pub cycle: bool,
+    /// Group swaps when u would stay.
+    pub gswap: bool,
     /// c_m schedule; `None`: the scenario's c_m, constant.
     pub cm: Option<CmSchedule>,
 }
@@ -118,19 +120,21 @@ impl Variant {
             group: GroupMode::Off,
             chain: false,
             cycle: false,
+            gswap: false,
             cm: None,
         }
     }
 
     /// Its name in reports and on the command line: the scope's label,
     /// `+chain` if ejection chains are on, `+cycle` if rotations are,
-    /// `+group` or `+group-best`, then `@start/decay/floor` if c_m has a
+    /// `+gswap` if group swaps are, `+group` or `+group-best`, then `@start/decay/floor` if c_m has a
     /// schedule (e.g. `swap+chain+cycle+group@10/0.5/0.003`).
     pub fn label(&self) -> String {
         let chain = if self.chain { "+chain" } else { "" };
         let cycle = if self.cycle { "+cycle" } else { "" };
+        let gswap = if self.gswap { "+gswap" } else { "" };
         let mut l = format!(
-            "{}{chain}{cycle}{}",
+            "{}{chain}{cycle}{gswap}{}",
             self.scope.label(),
             self.group.suffix()
         );
@@ -152,6 +156,7 @@ impl Variant {
             group: self.group,
             chain: self.chain,
             cycle: self.cycle,
+            gswap: self.gswap,
             cm,
             cm_decay,
             cm_floor,
@@ -205,6 +210,10 @@ impl std::str::FromStr for Variant {
         } else {
             (head, GroupMode::Off)
         };
+        let (scope, gswap) = match scope.strip_suffix("+gswap") {
+            Some(s) => (s, true),
+            None => (scope, false),
+        };
         let (scope, cycle) = match scope.strip_suffix("+cycle") {
             Some(s) => (s, true),
             None => (scope, false),
@@ -219,6 +228,7 @@ impl std::str::FromStr for Variant {
             group,
             chain,
             cycle,
+            gswap,
             cm,
         })
     }
@@ -250,6 +260,9 @@ pub struct VariantRun {
     /// Rotations among them (each three migrations).
     #[serde(default)]
     pub rotations: u64,
+    /// Group swaps among them (one migration per moving VM).
+    #[serde(default)]
+    pub group_swaps: u64,
     /// Steps (migrations, swaps, chains, group moves) whose exact change
     /// of the total was zero: moves on rounding noise (0 expected).
     #[serde(default)]
@@ -457,6 +470,7 @@ fn run_fill(
                 groups: r.groups,
                 chains: r.chains,
                 rotations: r.rotations,
+                group_swaps: r.group_swaps,
                 zero_change_steps: r.zero_change_steps,
                 rounds: r.rounds,
                 rounds_to_converge: r.rounds_to_converge,
@@ -728,11 +742,11 @@ pub fn markdown(s: &CapacitySummary) -> String {
             f.local_search_from_initial_pct / f.baseline_reduction_pct,
             f.local_search_from_initial_moved_vms,
         ));
-        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains, rotations) | of baseline's moves | rounds to converge | steps with zero exact change |\n");
+        t.push_str("| policy | rule | variant | reduction | of best baseline | migrations (swaps, group moves, chains, rotations, group swaps) | of baseline's moves | rounds to converge | steps with zero exact change |\n");
         t.push_str("|---|---|---|---|---|---|---|---|---|\n");
         for r in &f.runs {
             t.push_str(&format!(
-                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}, {}) | {:.2} | {}{} | {} |\n",
+                "| {} | {} | {} | {:.2}% | {:.3} | {} ({}, {}, {}, {}, {}) | {:.2} | {}{} | {} |\n",
                 r.policy,
                 r.rule,
                 r.scope,
@@ -743,6 +757,7 @@ pub fn markdown(s: &CapacitySummary) -> String {
                 r.groups,
                 r.chains,
                 r.rotations,
+                r.group_swaps,
                 r.migrations as f64 / f.baseline_moved_vms.max(1) as f64,
                 r.rounds_to_converge,
                 if r.converged { "" } else { " (not converged)" },

@@ -19,6 +19,8 @@
 //! of its VMs on to u's host or to a third host with room.
 //! [`RunOptions::cycle`] adds rotations ([`score_core::cycle`]): u goes to a
 //! full host y, one of y's VMs to a full host z, one of z's VMs to u's host.
+//! [`RunOptions::gswap`] adds group swaps ([`score_core::group`]): u's
+//! group on its host changes places with VMs of a host near its peers.
 
 use std::collections::BinaryHeap;
 use std::time::Instant;
@@ -27,7 +29,10 @@ use score_core::chain::{Chain, choose_ejection, decide_chain};
 use score_core::cost::{CostError, CostModel, Placement, Traffic, VmIdx};
 use score_core::cycle::{Rotation, close_rotation, decide_rotation, extend_rotation};
 use score_core::decision::{CmDecay, Decision, MigrationCost, Plan, Rule, plan};
-use score_core::group::{GroupLimits, GroupMove, decide_group};
+use score_core::group::{
+    GroupLimits, GroupMove, GroupSwap, Home, SwapLimits, decide_group, decide_group_swap,
+    offer_exchange,
+};
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
 use score_core::swap::{
     Scope, Settings, Step, choose_swap_partner, decide_with, local_vms, plan_with,
@@ -69,6 +74,9 @@ pub struct RunOptions {
     /// Rotations of three VMs on three full hosts when u would stay and
     /// has no better chain (beyond the paper; default: off).
     pub cycle: bool,
+    /// Group swaps when u would stay and has no better chain, rotation or
+    /// group move (beyond the paper; default: off).
+    pub gswap: bool,
     /// c_m of round r is c_m × max(`cm_decay`^r, `cm_floor`) (decay 1:
     /// constant, the paper's). The token carries the round, so every holder
     /// knows it; with a decay, a round without migration ends the run only
@@ -100,6 +108,7 @@ impl Default for RunOptions {
             cm_floor: 0.0,
             chain: false,
             cycle: false,
+            gswap: false,
         }
     }
 }
@@ -182,6 +191,8 @@ pub struct PolicyRun {
     pub chains: u64,
     /// Rotations made (each also counted as three migrations).
     pub rotations: u64,
+    /// Group swaps made (each also counted as one migration per VM).
+    pub group_swaps: u64,
     /// Steps taken (migrations, swaps, chains, group moves) whose exact
     /// change of the total ([`CostModel::exact_change_sign`]) was zero:
     /// moves on rounding noise, 0 unless the decisions have a bug.
@@ -305,13 +316,47 @@ pub fn decide_chain_move(
     )
 }
 
-/// A step of several VMs decided by several hosts: an ejection chain or a
-/// rotation, as (VM, from, to), u's first.
+/// A step of several VMs decided by several hosts: an ejection chain, a
+/// rotation or a group swap, as (VM, from, to), u's first.
 struct Multi {
     moves: Vec<(VmIdx, HostId, HostId)>,
     benefit: f64,
     net: f64,
-    rotation: bool,
+    kind: MultiKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MultiKind {
+    Chain,
+    Rotation,
+    GroupSwap,
+}
+
+/// The holder's group swap for `u` (`None` if none is worth making):
+/// score-core's [`decide_group_swap`] over the VMs of u's host; each asked
+/// host answers with [`offer_exchange`] over its own VMs (`lists`),
+/// capacities from the hosts' VM counts.
+pub fn decide_group_swap_move(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    u: VmIdx,
+    cm: MigrationCost,
+) -> Option<GroupSwap> {
+    let x = placement.host(u);
+    let local = |h: HostId| local_vms(model, placement, lists.on(h), |_| shape.vm_mem_mb);
+    let room = |h: HostId| shape.capacity(placement.count(h));
+    let lim = SwapLimits::default();
+    let lx = local(x);
+    let home = Home {
+        host: x,
+        room: room(x),
+        local: &lx,
+    };
+    decide_group_swap(model.topo, home, u, cm, lim, |y, req| {
+        offer_exchange(model.topo, y, room(y), &local(y), req, cm, lim)
+    })
 }
 
 /// The holder's rotation for `u` (`None` if none is worth making):
@@ -598,6 +643,7 @@ pub fn run_policy(
     let mut groups = 0u64;
     let mut chains = 0u64;
     let mut rotations = 0u64;
+    let mut group_swaps = 0u64;
     let mut zero_change_steps = 0u64;
     let exactly_zero = |st: &State<'_>, moves: &[(VmIdx, HostId)]| {
         u64::from(st.model().exact_change_sign(&st.placement, moves) == std::cmp::Ordering::Equal)
@@ -659,7 +705,7 @@ pub fn run_policy(
                     moves: vec![(u, c.from, c.to), (c.partner, c.to, c.partner_to)],
                     benefit: c.benefit,
                     net: c.benefit - c.c_m,
-                    rotation: false,
+                    kind: MultiKind::Chain,
                 })
         } else {
             None
@@ -674,7 +720,20 @@ pub fn run_policy(
                     moves: r.moves.to_vec(),
                     benefit: r.benefit,
                     net: r.benefit - r.c_m,
-                    rotation: true,
+                    kind: MultiKind::Rotation,
+                });
+            }
+        }
+        if opts.gswap && d.is_noop() {
+            let g = decide_group_swap_move(&st.model(), &st.placement, &st.lists, st.shape, u, cm)
+                .filter(|g| beats_group(g.benefit - g.c_m))
+                .filter(|g| multi.as_ref().is_none_or(|m| g.benefit - g.c_m > m.net));
+            if let Some(g) = g {
+                multi = Some(Multi {
+                    moves: g.moves,
+                    benefit: g.benefit,
+                    net: g.benefit - g.c_m,
+                    kind: MultiKind::GroupSwap,
                 });
             }
         }
@@ -702,10 +761,10 @@ pub fn run_policy(
                 .iter()
                 .map(|&(_, a, b)| setup.topo.weight(a, b))
                 .sum::<f64>();
-            if c.rotation {
-                rotations += 1;
-            } else {
-                chains += 1;
+            match c.kind {
+                MultiKind::Chain => chains += 1,
+                MultiKind::Rotation => rotations += 1,
+                MultiKind::GroupSwap => group_swaps += 1,
             }
             this_round += 1;
             {
@@ -931,6 +990,7 @@ pub fn run_policy(
         groups,
         chains,
         rotations,
+        group_swaps,
         zero_change_steps,
         rounds: token.round,
         rounds_to_converge,

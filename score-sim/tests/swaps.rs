@@ -183,6 +183,37 @@ fn rotations_keep_the_running_total_exact_and_capacity_on_full_hosts() {
 }
 
 #[test]
+fn group_swaps_keep_the_running_total_exact_and_capacity_on_full_hosts() {
+    // Every slot taken: swaps, rotations and group swaps only.
+    let setup = Setup::build(&common::small_scenario(512, 7)).unwrap();
+    let mut made = 0;
+    for kind in PolicyKind::ALL {
+        let o = RunOptions {
+            scope: Scope::swaps(CandidateSet::PeerRacks),
+            cycle: true,
+            gswap: true,
+            max_rounds: 4,
+            self_check: true,
+            ..RunOptions::default()
+        };
+        let r = run_policy(&setup, kind, &o, |_| {}).unwrap();
+        assert!(setup.fits(&r.final_placement), "{kind}");
+        assert!(
+            r.round_costs
+                .windows(2)
+                .all(|w| w[1] <= w[0] * (1.0 + 1e-12))
+        );
+        assert!(
+            r.migrations >= 2 * r.swaps + 3 * r.rotations + 2 * r.group_swaps,
+            "{kind}"
+        );
+        assert_eq!(r.zero_change_steps, 0, "{kind}");
+        made += r.group_swaps;
+    }
+    assert!(made > 0, "no group swap on full hosts");
+}
+
+#[test]
 fn group_moves_off_change_nothing() {
     let setup = Setup::build(&common::small_scenario(400, 3)).unwrap();
     for kind in PolicyKind::ALL {
@@ -214,6 +245,7 @@ fn variants_parse_and_label() {
         "swap+peer-pods+group@1/0.5/0.03",
         "swap@0.1",
         "swap+peer-pods+chain+group",
+        "swap+peer-pods+chain+cycle+gswap+group",
     ] {
         let v: Variant = s.parse().unwrap();
         let back = if s == "swap@0.1" { "swap@0.1/1/0" } else { s };
