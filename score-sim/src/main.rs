@@ -135,7 +135,8 @@ enum Cmd {
         /// candidate set (peer-racks, peer-pods, all), all with the paper's
         /// rule (default: paper, swap, swap+peer-racks); then `+chain`
         /// (ejection chains when u would stay); then `+cycle` (rotations of
-        /// three VMs on full hosts when u would stay); then `+group`
+        /// three VMs on full hosts when u would stay); then `+gswap` (group
+        /// swaps when u would stay); then `+group`
         /// (group moves when u would stay) or `+group-best` (when better);
         /// then `@start/decay/floor`: c_m of round r = start × max(decay^r,
         /// floor) mean VM costs (e.g. `swap+group@1/0.5/0.03`).
@@ -631,11 +632,12 @@ fn protocol_versus(
     for v in variants {
         if v.group != score_sim::engine::GroupMode::Off
             || v.cycle
+            || v.gswap
             || v.scope.candidates != score_core::swap::CandidateSet::Paper
         {
             anyhow::bail!(
                 "variant {}: the protocol's node has swaps over the paper's candidates, \
-                 chains and a c_m schedule, not group moves, rotations or wider sets",
+                 chains and a c_m schedule, not group moves, rotations, group swaps or wider sets",
                 v.label()
             );
         }
