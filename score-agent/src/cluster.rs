@@ -234,6 +234,12 @@ pub struct PolicyConfig {
     /// off, this host neither proposes nor accepts them: the paper's rule.
     #[serde(default)]
     pub chains: bool,
+    /// Rotations when a VM would still stay (docs/PROTOCOL.md,
+    /// "Rotations"): three VMs on three full hosts move in a cycle; off,
+    /// this host neither proposes nor accepts them: the paper's rule.
+    /// The two asked hosts each need `node.migration_headroom`.
+    #[serde(default)]
+    pub rotations: bool,
     /// c_m's factor per token round (docs/PROTOCOL.md, "A c_m that decays
     /// over the rounds"); 1: constant, the paper's.
     #[serde(default = "defaults::cm_decay")]
@@ -269,6 +275,7 @@ impl Default for PolicyConfig {
             max_swap_asks: None,
             swap_timeout: defaults::swap_timeout(),
             chains: false,
+            rotations: false,
             cm_decay: defaults::cm_decay(),
             cm_floor: 0.0,
         }
@@ -673,9 +680,12 @@ mod tests {
         let e = resolve_error(1, "swaps = true\nmax_swap_asks = 0\n");
         assert!(e.contains("policy.max_swap_asks"), "{e}");
         // Chains and a decaying c_m: off and constant by default, checked.
-        assert!(!pol.chains && pol.cm_decay == 1.0 && pol.cm_floor == 0.0);
-        let (_, _, _, pol) = tables(0, "chains = true\ncm_decay = 0.5\ncm_floor = 0.003\n");
-        assert!(pol.chains && pol.cm_decay == 0.5 && pol.cm_floor == 0.003);
+        assert!(!pol.chains && !pol.rotations && pol.cm_decay == 1.0 && pol.cm_floor == 0.0);
+        let (_, _, _, pol) = tables(
+            0,
+            "chains = true\nrotations = true\ncm_decay = 0.5\ncm_floor = 0.003\n",
+        );
+        assert!(pol.chains && pol.rotations && pol.cm_decay == 0.5 && pol.cm_floor == 0.003);
         let e = resolve_error(1, "cm_decay = 0.0\n");
         assert!(e.contains("policy.cm_decay"), "{e}");
         let e = resolve_error(1, "cm_floor = 2.0\n");

@@ -72,7 +72,7 @@ pub struct RotationOffer {
 }
 
 /// A decided rotation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Rotation {
     /// (VM, from, to) for u, w and v, in that order.
     pub moves: [(VmId, HostId, HostId); 3],

@@ -9,10 +9,11 @@ use proptest::prelude::*;
 use score_core::token::{Load, Token, TokenEntry};
 use score_core::wire::{
     ChunkBitmap, ChunkOutcome, ClusterKey, EjectAcceptance, FlowEntry, FlowReport, HEADER_LEN,
-    Header, HopAck, Kind, MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_SWAP_PEERS, Message,
-    PartsAssembler, PartsOutcome, Reassembler, SwapAcceptance, SwapOrder, SwapProposal,
-    SwapRefusal, SwapResult, TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token,
-    seal, token_chunks,
+    Header, HopAck, Kind, MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_ROTATION_PEERS,
+    MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler, RotationAcceptance,
+    RotationLeg, RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
+    SwapResult, TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal,
+    token_chunks,
 };
 use score_core::wire::{Freshness, KeyRing, ReplayTable};
 
@@ -199,7 +200,57 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             }
         ),
         swap_strategy(),
+        rotation_strategy(),
     ]
+}
+
+/// The rotation messages (WIRE.md, "Rotations").
+fn rotation_strategy() -> impl Strategy<Value = Message> {
+    let ip = || any::<u32>().prop_map(Ipv4Addr::from);
+    let leg = |peers: usize| {
+        (
+            (any::<u32>(), ip(), ip()),
+            (rate_strategy(), any::<u64>()),
+            proptest::collection::vec((any::<u32>(), ip(), rate_strategy()), 0..=peers),
+        )
+            .prop_map(
+                |((vm, from, to), (cost_before, mem_mib), peers)| RotationLeg {
+                    vm,
+                    from,
+                    to,
+                    cost_before,
+                    mem_mib,
+                    peers,
+                },
+            )
+    };
+    let half = MAX_ROTATION_PEERS / 2;
+    let propose = (
+        (any::<u32>(), rate_strategy(), any::<u64>()),
+        proptest::collection::vec(leg(half), 1..=2),
+    )
+        .prop_map(|((round, c_m, home_free_mem_mib), legs)| {
+            Message::RotatePropose(RotationProposal {
+                round,
+                c_m,
+                home_free_mem_mib,
+                legs,
+            })
+        });
+    let accept = (
+        (any::<u64>(), any::<[u32; 3]>(), (ip(), ip(), ip())),
+        (-1e12f64..1e12, rate_strategy()),
+    )
+        .prop_map(|((in_reply_to, vms, (x, y, z)), (benefit, c_m))| {
+            Message::RotateAccept(RotationAcceptance {
+                in_reply_to,
+                vms,
+                hosts: [x, y, z],
+                benefit,
+                c_m,
+            })
+        });
+    prop_oneof![propose, accept]
 }
 
 /// The swap messages (WIRE.md, "Swaps").

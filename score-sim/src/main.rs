@@ -83,6 +83,10 @@ enum Cmd {
         /// chain's third host has room.
         #[arg(long)]
         chains: bool,
+        /// Seeded runs: rotations on every seed (beyond the paper); on the
+        /// seeds with swaps every host is full, with one VM of headroom.
+        #[arg(long)]
+        rotations: bool,
         /// Seeded runs: c_m as START/DECAY/FLOOR, START in mean VM costs
         /// (C^A / |V| at the start), decayed each round to FLOOR x START
         /// (the capacity variants' `@start/decay/floor`).
@@ -101,7 +105,8 @@ enum Cmd {
         fanout: Vec<u32>,
         /// With --fill: variants as `score-sim capacity` names them, of
         /// what the protocol's node has: `paper` or `swap`, then `+chain`,
-        /// then `@start/decay/floor` (default swap+chain@10/0.5/0.003).
+        /// then `+cycle` (rotations), then `@start/decay/floor` (default
+        /// swap+chain@10/0.5/0.003).
         #[arg(long, value_delimiter = ',')]
         variant: Vec<Variant>,
         /// With --fill: the token policy.
@@ -560,6 +565,7 @@ fn main() -> ExitCode {
             trace,
             paper_rounds: None,
             chains,
+            rotations,
             cm,
             ..
         } => (|| {
@@ -567,6 +573,9 @@ fn main() -> ExitCode {
             let tweak = |c: &mut score_sim::protocol::SimConfig| {
                 if chains {
                     *c = c.clone().with_chains();
+                }
+                if rotations {
+                    *c = c.clone().with_rotations();
                 }
                 if let Some((spec, decay)) = cm {
                     c.cm = spec;
@@ -631,13 +640,12 @@ fn protocol_versus(
     };
     for v in variants {
         if v.group != score_sim::engine::GroupMode::Off
-            || v.cycle
             || v.gswap
             || v.scope.candidates != score_core::swap::CandidateSet::Paper
         {
             anyhow::bail!(
                 "variant {}: the protocol's node has swaps over the paper's candidates, \
-                 chains and a c_m schedule, not group moves, rotations, group swaps or wider sets",
+                 chains, rotations and a c_m schedule, not group moves, group swaps or wider sets",
                 v.label()
             );
         }
@@ -645,7 +653,7 @@ fn protocol_versus(
     println!(
         "fill,vms,hosts,variant,policy,baseline_pct,baseline_moved,protocol_pct,protocol_of_best,\
          protocol_migrations,protocol_migrations_over_baseline,swaps_done,chains_done,chains_third_host,\
-         chains_half_done,rounds,engine_pct,engine_of_best,engine_migrations,engine_rounds,\
+         chains_half_done,rotations_done,rotations_partly_done,rounds,engine_pct,engine_of_best,engine_migrations,engine_rounds,\
          datagrams,protocol_wall_s,violations"
     );
     for &fill in fills {
@@ -661,7 +669,7 @@ fn protocol_versus(
                 }
             };
             println!(
-                "{:.3},{},{},{},{},{:.3},{},{:.3},{:.4},{},{:.3},{},{},{},{},{},{:.3},{:.4},{},{},{},{:.1},{}",
+                "{:.3},{},{},{},{},{:.3},{},{:.3},{:.4},{},{:.3},{},{},{},{},{},{},{},{:.3},{:.4},{},{},{},{:.1},{}",
                 r.fill,
                 r.vms,
                 r.hosts,
@@ -677,6 +685,8 @@ fn protocol_versus(
                 p.chains_done,
                 p.chains_third_host,
                 p.chains_partial,
+                p.rotations_done,
+                p.rotations_partial,
                 p.rounds,
                 e.reduction_pct(),
                 of(e.reduction_pct()),

@@ -129,6 +129,8 @@ pub struct SimConfig {
     pub migration_headroom: u32,
     /// Ejection chains when a VM would stay (beyond the paper).
     pub chains: bool,
+    /// Rotations when a VM would still stay (beyond the paper).
+    pub rotations: bool,
     /// Slots left free in the random world: `vms_per_host` on every host
     /// but this many fewer VMs in all (so a chain's third host has room).
     pub spare_slots: u32,
@@ -203,6 +205,7 @@ impl SimConfig {
             swaps,
             migration_headroom: u32::from(swaps),
             chains: false,
+            rotations: false,
             spare_slots: 0,
             peers_per_vm: 2,
             policy: [
@@ -240,6 +243,13 @@ impl SimConfig {
             let hosts: u32 = self.fanout.iter().product();
             self.spare_slots = hosts / 2;
         }
+        self
+    }
+
+    /// Turns rotations on for a seeded run (on the seeds with swaps every
+    /// host is full, with one VM of headroom: what a rotation needs).
+    pub fn with_rotations(mut self) -> Self {
+        self.rotations = true;
         self
     }
 
@@ -357,6 +367,18 @@ pub struct Report {
     /// Chains agreed whose ejected VM goes to a third host (not to the
     /// proposer's: those are swaps found as chains).
     pub chains_third_host: u64,
+    /// Rotations agreed, done (all three VMs moved), and partly done
+    /// (one or two moved).
+    pub rotations_agreed: u64,
+    /// See `rotations_agreed`.
+    pub rotations_done: u64,
+    /// See `rotations_agreed`.
+    pub rotations_partial: u64,
+    /// Every rotation agreed (with [`SimConfig::record`]): its benefit as
+    /// the hosts computed it, the drop of the equation 1 total recomputed
+    /// on the placement of the moment with its three moves made, and its
+    /// threshold.
+    pub rotation_benefits: Vec<(f64, f64, f64)>,
     /// Every chain agreed (with [`SimConfig::record`]): its benefit as the
     /// hosts computed it, the drop of the equation 1 total recomputed on
     /// the placement of the moment with both moves made, and its
@@ -517,6 +539,7 @@ impl Sim {
             c.scope = Scope::swaps(CandidateSet::Paper);
         }
         c.chains = self.cfg.chains;
+        c.rotations = self.cfg.rotations;
         c.migration_headroom = self.cfg.migration_headroom;
         c.swap_timeout_ns = c.reservation_ns;
         c
@@ -737,6 +760,32 @@ impl Sim {
                         .push((chain.benefit, drop, chain.c_m));
                 }
             }
+            Event::RotationAgreed { rotation } => {
+                self.report.rotations_agreed += 1;
+                let vms: Option<Vec<usize>> = rotation
+                    .moves
+                    .iter()
+                    .map(|(v, _, _)| self.vm_by_id.get(v).copied())
+                    .collect();
+                if self.cfg.record
+                    && let Some(vms) = vms
+                {
+                    let model = CostModel::new(&self.topo, &self.traffic);
+                    let mut after = self.placement.clone();
+                    for (&v, &(_, _, to)) in vms.iter().zip(&rotation.moves) {
+                        after.move_vm(v as VmIdx, to);
+                    }
+                    let drop = model.total_cost(&self.placement) - model.total_cost(&after);
+                    self.report
+                        .rotation_benefits
+                        .push((rotation.benefit, drop, rotation.c_m));
+                }
+            }
+            Event::RotationFinished { outcome, .. } => match outcome {
+                SwapOutcome::Done => self.report.rotations_done += 1,
+                SwapOutcome::Partial => self.report.rotations_partial += 1,
+                _ => {}
+            },
             Event::ChainFinished { outcome, .. } => match outcome {
                 SwapOutcome::Done => self.report.chains_done += 1,
                 SwapOutcome::Partial => self.report.chains_partial += 1,
@@ -948,8 +997,14 @@ impl Sim {
             // A superseded copy ends when its migration does; a swap's
             // when both did, or when its proposer stops waiting for the
             // partner (the swap time-out, the sim's reservation time).
-            let held = if self.cfg.swaps || self.cfg.chains {
-                self.cfg.migration_max_ns * 5 + 60 * SEC + self.cfg.migration_max_ns
+            let held = if self.cfg.swaps || self.cfg.chains || self.cfg.rotations {
+                // A rotation's third migration after its second.
+                let third = if self.cfg.rotations {
+                    self.cfg.migration_max_ns + 2 * SEC
+                } else {
+                    0
+                };
+                self.cfg.migration_max_ns * 5 + 60 * SEC + self.cfg.migration_max_ns + third
             } else {
                 self.cfg.migration_max_ns
             };
@@ -984,6 +1039,13 @@ pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
         // Up to four full candidates asked whether full, then for a chain;
         // the partner's slot asked on the third host.
         asks += 4 * (500 * MS + 4 * 500 * MS) + 500 * MS;
+    }
+    if cfg.rotations {
+        // Up to four full candidates asked whether full, then for a
+        // rotation (five request time-outs each); a third migration and
+        // its commit.
+        asks += 4 * (500 * MS + 5 * 500 * MS);
+        migrations += cfg.migration_max_ns + 4 * 500 * MS;
     }
     4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + migrations + hop)
 }
@@ -1272,8 +1334,8 @@ pub struct Versus {
     pub protocol_wall_s: f64,
 }
 
-/// Runs `variant` (swaps over the paper's candidates, ejection chains, a
-/// c_m schedule: what the `Node` has; no group moves or rotations)
+/// Runs `variant` (swaps over the paper's candidates, ejection chains,
+/// rotations, a c_m schedule: what the `Node` has; no group moves)
 /// through the protocol, without faults, on scenario `s` filled to
 /// `fill`, until a quiet round with c_m at its floor or `max_rounds`;
 /// beside the engine's run of the same variant and the best baseline.
@@ -1293,8 +1355,10 @@ pub fn versus_baseline(
     c.swaps = variant.scope.swaps;
     // A swap's two migrations need one VM of room beyond the slots on
     // one of its hosts; the engine's swaps are instantaneous.
-    c.migration_headroom = u32::from(variant.scope.swaps);
+    // A rotation's likewise on its asked hosts.
+    c.migration_headroom = u32::from(variant.scope.swaps || variant.cycle);
     c.chains = variant.chain;
+    c.rotations = variant.cycle;
     c.cm = opts.cm;
     c.cm_decay = CmDecay {
         decay: opts.cm_decay,
@@ -1379,6 +1443,12 @@ pub struct Summary {
     pub chains_done: u64,
     /// See `chains_agreed`.
     pub chains_partial: u64,
+    /// Rotations agreed, done and partly done.
+    pub rotations_agreed: u64,
+    /// See `rotations_agreed`.
+    pub rotations_done: u64,
+    /// See `rotations_agreed`.
+    pub rotations_partial: u64,
     /// Hops skipped, tokens regenerated, copies superseded.
     pub skips: u64,
     /// See `skips`.
@@ -1418,6 +1488,13 @@ impl std::fmt::Display for Summary {
                 f,
                 "chains: {} agreed, {} done, {} half done",
                 self.chains_agreed, self.chains_done, self.chains_partial
+            )?;
+        }
+        if self.rotations_agreed > 0 {
+            writeln!(
+                f,
+                "rotations: {} agreed, {} done, {} partly done",
+                self.rotations_agreed, self.rotations_done, self.rotations_partial
             )?;
         }
         writeln!(
@@ -1487,6 +1564,9 @@ pub fn soak_with(
         s.chains_agreed += r.chains_agreed;
         s.chains_done += r.chains_done;
         s.chains_partial += r.chains_partial;
+        s.rotations_agreed += r.rotations_agreed;
+        s.rotations_done += r.rotations_done;
+        s.rotations_partial += r.rotations_partial;
         s.skips += r.skips;
         s.regenerations += r.regenerations;
         s.superseded += r.superseded;
@@ -1640,6 +1720,70 @@ mod tests {
             third += r.chains_third_host;
         }
         assert!(third > 0, "some chain sends its VM to a third host");
+    }
+
+    /// Rotations on full hosts with one VM of headroom: every host stays
+    /// within its slots and headroom (the run's invariants), every
+    /// rotation agreed is done, and its benefit as the three hosts
+    /// computed it is the drop of the equation 1 total recomputed with
+    /// its three moves made.
+    #[test]
+    fn rotations_keep_every_host_within_its_slots_and_their_benefit_is_exact() {
+        let mut agreed = 0;
+        for seed in [3, 4, 5, 9, 10, 11] {
+            agreed += rotations_are_exact(seed);
+        }
+        assert!(agreed > 0, "some rotation is agreed");
+    }
+
+    /// One quiet run with rotations (and swaps, on full hosts): its
+    /// rotations are all done and exact; how many there were.
+    fn rotations_are_exact(seed: u64) -> u64 {
+        let mut c = quiet(seed).with_rotations();
+        c.record = true;
+        // Every host's view exact, as for chains.
+        (c.hold_down_ns, c.location_ttl_ns) = (0, SEC);
+        let r = run(&c);
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        assert_eq!(r.rotations_agreed, r.rotations_done, "seed {seed}: {r:?}");
+        assert_eq!(r.rotation_benefits.len() as u64, r.rotations_agreed);
+        for &(claimed, drop, c_m) in &r.rotation_benefits {
+            assert!(
+                (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
+                "seed {seed}: rotation benefit {claimed}, recomputed {drop}"
+            );
+            assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
+        }
+        r.rotations_agreed
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
+        /// [`rotations_are_exact`] on worlds drawn at random (the seeds
+        /// with full hosts and headroom).
+        #[test]
+        fn a_rotation_benefit_is_the_recomputed_drop(k in 2u64..5000, i in 0u64..3) {
+            rotations_are_exact(6 * k + 3 + i);
+        }
+    }
+
+    /// Rotations under faults keep the invariants, and some end partly
+    /// done (a host then holds one VM more, within its headroom).
+    #[test]
+    fn rotations_under_faults_keep_the_invariants() {
+        let (mut agreed, mut partial) = (0, 0);
+        for seed in 0..12 {
+            let mut c = SimConfig::seeded(seed, 8).with_rotations();
+            c.duration_ns = 1800 * SEC;
+            let r = run(&c);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            agreed += r.rotations_agreed;
+            partial += r.rotations_partial;
+        }
+        assert!(
+            agreed > 0 && partial > 0,
+            "{agreed} agreed, {partial} partly done"
+        );
     }
 
     /// Chains under faults (loss, duplication, delay, partitions, crashes,

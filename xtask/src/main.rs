@@ -591,6 +591,15 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         1800,
         &["--chains", "--cm", "10/0.5/0.003"],
     )?;
+    // Rotations (docs/PROTOCOL.md, "Rotations"): on the seeds with swaps
+    // every host is full, with one VM of headroom.
+    soak(
+        3_000_000,
+        120,
+        8,
+        1800,
+        &["--rotations", "--cm", "10/0.5/0.003"],
+    )?;
 
     if !is_root() {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");

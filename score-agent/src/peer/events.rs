@@ -231,6 +231,21 @@ impl Events {
                 m.chain(*outcome);
                 self.outcome(*vm, format!("chain {outcome:?}").to_lowercase());
             }
+            // Rotations (off by default, `proto::Config::rotations`):
+            // logged and kept for /status.
+            Event::RotationAgreed { rotation } => {
+                m.decision_evaluated();
+                m.observe_benefit(rotation.benefit);
+                let [(u, ..), (w, ..), (v, ..)] = rotation.moves;
+                info!(vm = %ip(u), partner = %ip(w), third = %ip(v), benefit = rotation.benefit, c_m = rotation.c_m, "rotation");
+            }
+            Event::RotationFinished { vm, outcome } => {
+                if *outcome == SwapOutcome::Partial {
+                    warn!(vm = %ip(*vm), "rotation partly done");
+                }
+                info!(vm = %ip(*vm), ?outcome, "rotation ended");
+                self.outcome(*vm, format!("rotation {outcome:?}").to_lowercase());
+            }
             Event::SwapRefused { vm, by, reason } => {
                 info!(vm = %ip(*vm), host = %by, reason = reason.name(), "swap refused");
             }

@@ -3,6 +3,7 @@
 //! (the daemon passes the wall clock, the simulator its simulated one);
 //! [`Node::poll_timeout`] says when the node next needs to be woken.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use bytes::BytesMut;
 use super::swap::{CommitAction, Reservations, order as swap_order};
 use crate::chain::{
     Chain, ChainDecider, ChainQuery, EjectionOffer, MAX_EJECT_ASKS, choose_ejection, level_at,
+};
+use crate::cycle::{
+    Leg, Rotation, RotationOffer, RotationRequest, close_rotation, decide_rotation, extend_rotation,
 };
 use crate::decision::{self, Capacity, CmDecay, Decision, MigrationCost, Plan, Rule};
 use crate::policy::{self, HostShape, PolicyKind, TokenPolicy, order_from_reports};
@@ -23,9 +27,10 @@ use crate::token::{Load, Token, VmId};
 use crate::topology::{HostId, Topology};
 use crate::wire::{
     ChunkBitmap, ChunkOutcome, Datagram, EjectAcceptance, FlowEntry, FlowReport, Freshness, Header,
-    KeyRing, MAX_MEMBER_VMS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
-    RejectReason, ReplayTable, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult,
-    TokenChunk, TokenOrder, token_chunks,
+    KeyRing, MAX_MEMBER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, PartsAssembler,
+    PartsOutcome, Reassembler, RejectReason, ReplayTable, RotationAcceptance, RotationLeg,
+    RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
+    TokenOrder, token_chunks,
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -91,6 +96,13 @@ pub struct Config {
     /// to u's host or to a third host with room (docs/PROTOCOL.md). An
     /// asked host with chains off refuses them.
     pub chains: bool,
+    /// Rotations (beyond the paper; off by default): when u would still
+    /// stay, ask up to four full candidates y where u gains to take u and
+    /// send one of their VMs w on to a full third host z, which sends
+    /// one of its VMs back to u's host (docs/PROTOCOL.md, "Rotations").
+    /// Each of y and z needs `migration_headroom` for one VM. An asked
+    /// host with rotations off refuses them.
+    pub rotations: bool,
     /// How long an asked host keeps a swap partner reserved, and how long
     /// a proposer waits for the partner to move; longer than any
     /// migration.
@@ -140,6 +152,7 @@ impl Config {
             scope: Scope::PAPER,
             migration_headroom: 0,
             chains: false,
+            rotations: false,
             swap_timeout_ns: 600_000_000_000,
             advisory: false,
             coordinator: None,
@@ -369,6 +382,20 @@ pub enum Event {
         /// How.
         outcome: SwapOutcome,
     },
+    /// The holder agreed a rotation: u to y, y's w to z, z's v here.
+    RotationAgreed {
+        /// The rotation with its numbers (hosts as the topology's
+        /// indices).
+        rotation: Rotation,
+    },
+    /// A rotation this node agreed as the holder ended (`Partial`: u, or
+    /// u and w, moved; the rest did not).
+    RotationFinished {
+        /// The holder's VM u.
+        vm: VmId,
+        /// How.
+        outcome: SwapOutcome,
+    },
     /// A swap this node agreed as the proposer ended.
     SwapFinished {
         /// The proposing VM.
@@ -435,6 +462,9 @@ enum WalkKind {
     /// That decision let u stay: an ejection chain with a full candidate
     /// (score-core's `ChainDecider`), or `stay` is told.
     Chains { stay: Decision },
+    /// Still u stays: a rotation through a full candidate and a full
+    /// third host (score-core's `decide_rotation`), or `stay` is told.
+    Rotations { stay: Decision },
 }
 
 /// The holder's walk over the plan's candidates: one question at a time,
@@ -465,6 +495,7 @@ impl Walk {
             (false, _) => Answer::Capacity(None),
             (true, WalkKind::Decide) => Answer::Swap(None),
             (true, WalkKind::Chains { .. }) => Answer::Eject(None),
+            (true, WalkKind::Rotations { .. }) => Answer::Rotate(None),
         }
     }
 }
@@ -475,6 +506,7 @@ enum Ask {
     Room(HostId, VmId),
     Swap(SwapRequest),
     Eject(SwapRequest),
+    Rotate(RotationRequest),
 }
 
 /// How a walk ended.
@@ -489,6 +521,11 @@ enum WalkEnd {
         chain: Option<Chain>,
         level: Option<u8>,
     },
+    /// The rotations' walk: the best rotation, or `stay`.
+    Rotation {
+        stay: Decision,
+        rotation: Option<Rotation>,
+    },
 }
 
 /// One answer of a walk, in the order asked.
@@ -497,6 +534,7 @@ enum Answer {
     Capacity(Option<Capacity>),
     Swap(Option<SwapOffer>),
     Eject(Option<EjectionOffer>),
+    Rotate(Option<RotationAcceptance>),
 }
 
 /// A proposal an asked host accepted, its partner reserved there.
@@ -511,6 +549,9 @@ struct Accepted {
     /// The partner's level there.
     partner_level_after: u8,
     order: SwapOrder,
+    /// A rotation's third host z and its VM v (reserved there, coming
+    /// here).
+    closing: Option<(Ipv4Addr, VmId)>,
 }
 
 /// The proposer's side of an agreed swap or ejection chain.
@@ -524,6 +565,13 @@ struct Deal {
     partner_to: Ipv4Addr,
     /// Agreed as a chain (its end is told as one).
     chain: bool,
+    /// Agreed as a rotation (its end is told as one).
+    rotation: bool,
+    /// The proposing VM the commit names: the held VM, or a rotation's w
+    /// (its second commit goes to z, where w came).
+    commit_vm: VmId,
+    /// A rotation's second commit, to z for v, once w has moved.
+    then: Option<(Ipv4Addr, VmId)>,
     order: SwapOrder,
     stage: Stage,
     /// When the commit is sent again.
@@ -555,6 +603,24 @@ struct Considering {
     asking: BTreeMap<u64, HostId>,
     /// Their answers (`None`: not yet, or none).
     rooms: Vec<(HostId, Option<Capacity>)>,
+    deadline: u64,
+}
+
+/// An asked host's side of a rotation proposal: locating its VMs' peers,
+/// then (asked by the holder) asking third hosts to close the cycle.
+#[derive(Debug)]
+struct Rotating {
+    /// Who asked, and the proposal's sequence number.
+    from: Ipv4Addr,
+    seq: u64,
+    proposal: RotationProposal,
+    pending: BTreeMap<u64, VmId>,
+    /// The third hosts asked to close it were asked (once).
+    asked: bool,
+    /// Their questions in flight: by sequence number.
+    closes: BTreeMap<u64, Ipv4Addr>,
+    /// Their acceptances, by third host.
+    offers: Vec<(Ipv4Addr, RotationAcceptance)>,
     deadline: u64,
 }
 
@@ -606,6 +672,124 @@ fn offer_of(a: &SwapAcceptance) -> SwapOffer {
     }
 }
 
+/// A rotation request on the wire: hosts as addresses, each leg's peers
+/// cut to its share of [`MAX_ROTATION_PEERS`], the largest rates first.
+fn rotation_proposal(topo: &Topology, r: &RotationRequest, round: u32) -> RotationProposal {
+    let share = MAX_ROTATION_PEERS / 2;
+    let legs = r
+        .legs
+        .iter()
+        .map(|l| {
+            let mut peers: Vec<(VmId, Ipv4Addr, f64)> =
+                l.vm.peers
+                    .iter()
+                    .filter(|p| p.host < topo.host_count())
+                    .map(|p| (p.id, topo.host_addr(p.host), p.rate))
+                    .collect();
+            peers.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+            peers.truncate(share);
+            RotationLeg {
+                vm: l.vm.id,
+                from: topo.host_addr(l.from),
+                to: topo.host_addr(l.to),
+                cost_before: l.cost_before,
+                mem_mib: l.vm.mem_mb,
+                peers,
+            }
+        })
+        .collect();
+    RotationProposal {
+        round,
+        c_m: r.c_m,
+        home_free_mem_mib: r.home_free_mem_mb,
+        legs,
+    }
+}
+
+/// The request a rotation proposal carries, hosts as the topology's
+/// indices; `None` if a host is not in it.
+fn rotation_request(topo: &Topology, p: &RotationProposal) -> Option<RotationRequest> {
+    let legs = p
+        .legs
+        .iter()
+        .map(|l| {
+            let peers = l
+                .peers
+                .iter()
+                .map(|&(id, host, rate)| {
+                    let host = topo.host_by_addr(host)?;
+                    Some(decision::Peer { id, host, rate })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(Leg {
+                vm: LocalVm {
+                    id: l.vm,
+                    mem_mb: l.mem_mib,
+                    peers,
+                },
+                from: topo.host_by_addr(l.from)?,
+                to: topo.host_by_addr(l.to)?,
+                cost_before: l.cost_before,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(RotationRequest {
+        legs,
+        c_m: p.c_m,
+        home_free_mem_mb: p.home_free_mem_mib,
+    })
+}
+
+/// The offer an acceptance `a` of the request `req` stands for: the legs
+/// asked for, then the legs the asked hosts added (their VMs' peers stay
+/// with their hosts); `None` if it is not a rotation of three hosts that
+/// begins with the legs asked for.
+fn rotation_offer(
+    topo: &Topology,
+    req: &RotationRequest,
+    a: &RotationAcceptance,
+    mem_mb: u64,
+) -> Option<RotationOffer> {
+    let [Some(x), Some(y), Some(z)] = a.hosts.map(|h| topo.host_by_addr(h)) else {
+        return None;
+    };
+    let moves = [(a.vms[0], x, y), (a.vms[1], y, z), (a.vms[2], z, x)];
+    let distinct = x != y && y != z && z != x && {
+        let [u, w, v] = a.vms;
+        u != w && w != v && v != u
+    };
+    let begins = req
+        .legs
+        .iter()
+        .zip(&moves)
+        .all(|(l, &(vm, from, to))| (l.vm.id, l.from, l.to) == (vm, from, to));
+    if !distinct || !begins || req.legs.len() > 2 {
+        return None;
+    }
+    let legs = moves
+        .iter()
+        .enumerate()
+        .map(|(i, &(id, from, to))| {
+            req.legs.get(i).cloned().unwrap_or(Leg {
+                vm: LocalVm {
+                    id,
+                    mem_mb,
+                    peers: Vec::new(),
+                },
+                from,
+                to,
+                cost_before: 0.0,
+            })
+        })
+        .collect();
+    Some(RotationOffer {
+        legs,
+        benefit: a.benefit,
+        c_m: a.c_m,
+        asked: 0,
+    })
+}
+
 /// One host's protocol state machine (see the module documentation).
 pub struct Node {
     cfg: Config,
@@ -650,6 +834,8 @@ pub struct Node {
     considering: Option<Considering>,
     /// A chain's partner waiting for its slot on the third host.
     placing: Option<Placing>,
+    /// A rotation proposal being considered.
+    rotating: Option<Rotating>,
     /// Partners moving for a swap: partner -> proposing VM.
     partner_moves: BTreeMap<VmId, VmId>,
     /// The coordinator's last order, fed to a global policy at each
@@ -733,6 +919,7 @@ impl Node {
             swaps: Reservations::default(),
             considering: None,
             placing: None,
+            rotating: None,
             partner_moves: BTreeMap::new(),
             order: None,
             order_parts: PartsAssembler::default(),
@@ -799,6 +986,9 @@ impl Node {
         }
         if let Some(c) = &self.considering {
             t = t.min(c.deadline);
+        }
+        if let Some(r) = &self.rotating {
+            t = t.min(r.deadline);
         }
         if let Some(p) = &self.placing {
             t = t.min(p.deadline);
@@ -898,14 +1088,18 @@ impl Node {
                 Stage::FirstMove if outcome == MigrationOutcome::Done => {
                     d.stage = Stage::Committing;
                     d.resend_at = now;
-                    // The partner comes into the slot the held VM freed.
-                    let partner = d.partner;
-                    self.promise_slot(partner);
+                    // The partner (a rotation's v) comes into the slot the
+                    // held VM freed.
+                    let coming = d.then.map_or(d.partner, |(_, v)| v);
+                    self.promise_slot(coming);
                     self.send_commit();
                 }
                 Stage::FirstMove => {
-                    let (to, partner) = (d.to, d.partner);
+                    let (to, partner, then) = (d.to, d.partner, d.then);
                     self.cancel_swap(to, vm, partner);
+                    if let Some((z, v)) = then {
+                        self.cancel_swap(z, partner, v);
+                    }
                     self.swap_finished(if outcome == MigrationOutcome::Advisory {
                         SwapOutcome::Advisory
                     } else {
@@ -958,6 +1152,12 @@ impl Node {
                         SwapOrder::ProposerFirst => SwapOutcome::Partial,
                         SwapOrder::PartnerFirst => SwapOutcome::Failed,
                     };
+                    // A rotation's third host, not yet committed, is
+                    // released.
+                    if let Some((z, v)) = d.then {
+                        let w = d.partner;
+                        self.cancel_swap(z, w, v);
+                    }
                     self.swap_finished(outcome);
                 }
                 Some(Phase::Swapping(_)) => self.send_commit(),
@@ -966,6 +1166,14 @@ impl Node {
         }
         if self.considering.as_ref().is_some_and(|c| now >= c.deadline) {
             self.answer_proposal();
+        }
+        if self.rotating.as_ref().is_some_and(|r| now >= r.deadline) {
+            // Unanswered questions are dropped: a late answer is released.
+            if let Some(r) = self.rotating.as_mut() {
+                r.closes.clear();
+                r.pending.clear();
+            }
+            self.answer_rotation();
         }
         if self.placing.as_ref().is_some_and(|p| now >= p.deadline) {
             self.placed(None);
@@ -1066,6 +1274,12 @@ impl Node {
                 if considered {
                     self.answer_proposal();
                 }
+                let rotating = self.rotating.as_mut().is_some_and(|r| {
+                    r.pending.remove(&in_reply_to).is_some() && r.pending.is_empty()
+                });
+                if rotating {
+                    self.answer_rotation();
+                }
             }
             Message::CapacityRequest { vm } => {
                 let free = self.free_slots();
@@ -1133,6 +1347,7 @@ impl Node {
                     partner_to: self.cfg.me,
                     partner_level_after: a.partner_level_after,
                     order: a.order,
+                    closing: None,
                 };
                 self.on_accept(a.in_reply_to, Answer::Swap(Some(offer_of(&a))), accepted);
             }
@@ -1141,6 +1356,20 @@ impl Node {
                 vm,
                 reason,
             } => {
+                // A third host's refusal, for a rotation extended here.
+                let mut all = None;
+                if let Some(r) = self.rotating.as_mut()
+                    && r.closes.get(&in_reply_to) == Some(&h.sender)
+                {
+                    r.closes.remove(&in_reply_to);
+                    all = Some(r.closes.is_empty());
+                }
+                if let Some(all) = all {
+                    if all {
+                        self.answer_rotation();
+                    }
+                    return;
+                }
                 let none = match self.held.as_ref().map(|x| &x.phase) {
                     Some(Phase::Walking(w)) if w.proposing => Some(w.none()),
                     _ => None,
@@ -1156,6 +1385,8 @@ impl Node {
             }
             Message::EjectPropose { round, proposal } => self.on_propose(&h, proposal, Some(round)),
             Message::EjectAccept(a) => self.on_eject_accept(h.sender, a),
+            Message::RotatePropose(p) => self.on_rotate_propose(&h, p),
+            Message::RotateAccept(a) => self.on_rotate_accept(h.sender, a),
             Message::SwapCommit { vm, partner, go } => self.on_commit(&h, vm, partner, go),
             Message::SwapDone {
                 vm,
@@ -1228,6 +1459,8 @@ impl Node {
             Some(Phase::Walking(w)) => match w.kind {
                 WalkKind::Decide => self.cfg.scope.swaps,
                 WalkKind::Chains { .. } => true,
+                // u leaves first: no VM comes here before it.
+                WalkKind::Rotations { .. } => false,
             },
             // A chain's partner goes to a third host: no headroom here.
             Some(Phase::Swapping(d)) => {
@@ -1301,7 +1534,7 @@ impl Node {
             self.events.push_back(Event::TokenSuperseded { mine });
             if let Phase::Walking(w) = h.phase {
                 for a in w.accepted {
-                    self.cancel_swap(a.host, a.vm, a.partner);
+                    self.release(&a);
                 }
             }
         }
@@ -1683,7 +1916,7 @@ impl Node {
                     match a {
                         Answer::Capacity(c) => d.answer_capacity(*c),
                         Answer::Swap(o) => d.answer_swap(*o),
-                        Answer::Eject(_) => {}
+                        Answer::Eject(_) | Answer::Rotate(_) => {}
                     }
                 }
                 match d.next_query() {
@@ -1706,7 +1939,7 @@ impl Node {
                     match a {
                         Answer::Capacity(c) => d.answer_capacity(*c),
                         Answer::Eject(o) => d.answer_eject(*o),
-                        Answer::Swap(_) => {}
+                        Answer::Swap(_) | Answer::Rotate(_) => {}
                     }
                 }
                 match d.next_query() {
@@ -1729,6 +1962,51 @@ impl Node {
                     }
                 }
             }
+            WalkKind::Rotations { stay } => {
+                let u = LocalVm {
+                    id: vm,
+                    mem_mb: settings.mem_need_mb,
+                    peers: w.peers.clone(),
+                };
+                // Replayed from the answers: the first question beyond
+                // them is the next one asked.
+                let replay = RefCell::new((w.answers.iter(), None::<Ask>));
+                let rotation = decide_rotation(
+                    &w.plan,
+                    &u,
+                    settings.cm,
+                    w.home_free_mem,
+                    MAX_EJECT_ASKS,
+                    |h| {
+                        let (answers, next) = &mut *replay.borrow_mut();
+                        match (next.is_some(), answers.next()) {
+                            (false, Some(Answer::Capacity(c))) => *c,
+                            (false, _) => {
+                                *next = Some(Ask::Room(h, 0));
+                                None
+                            }
+                            (true, _) => None,
+                        }
+                    },
+                    |req| {
+                        let (answers, next) = &mut *replay.borrow_mut();
+                        match (next.is_some(), answers.next()) {
+                            (false, Some(Answer::Rotate(a))) => {
+                                a.and_then(|a| rotation_offer(&topo, req, &a, settings.mem_need_mb))
+                            }
+                            (false, _) => {
+                                *next = Some(Ask::Rotate(req.clone()));
+                                None
+                            }
+                            (true, _) => None,
+                        }
+                    },
+                );
+                match replay.into_inner().1 {
+                    Some(q) => (Some(q), None),
+                    None => (None, Some(WalkEnd::Rotation { stay, rotation })),
+                }
+            }
         };
         if let Some(q) = query {
             let (to, message) = match q {
@@ -1742,15 +2020,20 @@ impl Node {
                     let proposal = self.proposal(&r, to);
                     (to, Message::EjectPropose { round, proposal })
                 }
+                Ask::Rotate(r) => (
+                    topo.host_addr(r.legs[0].to),
+                    Message::RotatePropose(rotation_proposal(&topo, &r, round)),
+                ),
             };
             let proposing = !matches!(message, Message::CapacityRequest { .. });
             let seq = self.send(to, &message);
             // An asked host may locate its VMs' peers first (and, for a
-            // chain, ask the third hosts for room).
-            let wait = if proposing {
-                self.cfg.request_timeout_ns.saturating_mul(4)
-            } else {
-                self.cfg.request_timeout_ns
+            // chain, ask the third hosts for room; for a rotation, ask the
+            // third hosts to close it, which locate theirs).
+            let wait = match message {
+                Message::CapacityRequest { .. } => self.cfg.request_timeout_ns,
+                Message::RotatePropose(_) => self.cfg.request_timeout_ns.saturating_mul(5),
+                _ => self.cfg.request_timeout_ns.saturating_mul(4),
             };
             let deadline = self.now + wait;
             if let Some(Held {
@@ -1773,6 +2056,9 @@ impl Node {
         let (to, partner) = match end {
             WalkEnd::Step(Step::Swap(s)) => (Some(s.to), s.partner),
             WalkEnd::Chain { chain: Some(c), .. } => (Some(c.to), c.partner),
+            WalkEnd::Rotation {
+                rotation: Some(r), ..
+            } => (Some(r.moves[0].2), r.moves[1].0),
             _ => (None, 0),
         };
         let chosen = to.and_then(|to| {
@@ -1784,24 +2070,20 @@ impl Node {
         });
         for a in &accepted {
             if chosen.is_none_or(|c| (a.host, a.partner) != (c.host, c.partner)) {
-                self.cancel_swap(a.host, a.vm, a.partner);
+                self.release(a);
             }
         }
         match (end, chosen) {
             (WalkEnd::Step(Step::Single(stay @ Decision::Stay { .. })), _) if self.cfg.chains => {
-                if let Some(Held {
-                    phase: Phase::Walking(w),
-                    ..
-                }) = self.held.as_mut()
-                {
-                    w.kind = WalkKind::Chains { stay };
-                    w.answers.clear();
-                    w.seq = 0;
-                    w.proposing = false;
-                    w.deadline = self.now;
-                }
-                self.walk_next()
+                self.walk_again(WalkKind::Chains { stay })
             }
+            (WalkEnd::Step(Step::Single(stay @ Decision::Stay { .. })), _)
+            | (
+                WalkEnd::Chain {
+                    stay, chain: None, ..
+                },
+                _,
+            ) if self.cfg.rotations => self.walk_again(WalkKind::Rotations { stay }),
             (WalkEnd::Step(step), chosen) => {
                 if let Some(h) = self.held.as_mut() {
                     h.token.update(vm, step.level_after(), load);
@@ -1853,13 +2135,66 @@ impl Node {
                 });
                 self.agree(a, true);
             }
-            (WalkEnd::Chain { stay, .. }, _) => {
+            (
+                WalkEnd::Rotation {
+                    rotation: Some(rotation),
+                    ..
+                },
+                Some(a),
+            ) => {
+                // u's level on y, w and v where they go.
+                let mut ps = self
+                    .held
+                    .as_ref()
+                    .and_then(|h| match &h.phase {
+                        Phase::Walking(w) => Some(w.peers.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for p in ps.iter_mut() {
+                    if let Some(&(_, _, to)) = rotation.moves[1..].iter().find(|m| m.0 == p.id) {
+                        p.host = to;
+                    }
+                }
+                let level = level_at(&topo, vm, &ps, rotation.moves[0].2);
+                if let Some(h) = self.held.as_mut() {
+                    h.token.update(vm, level, load);
+                }
+                self.events.push_back(Event::RotationAgreed { rotation });
+                self.agree(a, false);
+            }
+            (WalkEnd::Chain { stay, .. }, _) | (WalkEnd::Rotation { stay, .. }, _) => {
                 if let Some(h) = self.held.as_mut() {
                     h.token.update(vm, stay.level_after(), load);
                 }
                 self.events.push_back(Event::Decided { decision: stay });
                 self.hand_on()
             }
+        }
+    }
+
+    /// The walk starts again over the same plan, for `kind`.
+    fn walk_again(&mut self, kind: WalkKind) {
+        if let Some(Held {
+            phase: Phase::Walking(w),
+            ..
+        }) = self.held.as_mut()
+        {
+            w.kind = kind;
+            w.answers.clear();
+            w.seq = 0;
+            w.proposing = false;
+            w.deadline = self.now;
+        }
+        self.walk_next()
+    }
+
+    /// Releases what an asked host reserved for a proposal not chosen
+    /// (and, for a rotation, what the third host reserved).
+    fn release(&mut self, a: &Accepted) {
+        self.cancel_swap(a.host, a.vm, a.partner);
+        if let Some((z, v)) = a.closing {
+            self.cancel_swap(z, a.partner, v);
         }
     }
 
@@ -1876,6 +2211,9 @@ impl Node {
             partner: a.partner,
             partner_to: a.partner_to,
             chain,
+            rotation: a.closing.is_some(),
+            commit_vm: vm,
+            then: a.closing,
             order: a.order,
             stage: match a.order {
                 SwapOrder::ProposerFirst => Stage::FirstMove,
@@ -1910,6 +2248,7 @@ impl Node {
             (Answer::Capacity(_), _) => !w.proposing,
             (Answer::Swap(_), WalkKind::Decide) => w.proposing,
             (Answer::Eject(_), WalkKind::Chains { .. }) => w.proposing,
+            (Answer::Rotate(_), WalkKind::Rotations { .. }) => w.proposing,
             _ => false,
         };
         if !fits || w.seq != in_reply_to || vm.is_some_and(|v| v != *held) {
@@ -1934,7 +2273,7 @@ impl Node {
             self.walk_next();
         } else {
             // The proposer stopped waiting: release the partner.
-            self.cancel_swap(a.host, a.vm, a.partner);
+            self.release(&a);
         }
     }
 
@@ -1961,8 +2300,240 @@ impl Node {
             partner_to: a.partner_to,
             partner_level_after: a.partner_level_after,
             order: a.order,
+            closing: None,
         };
         self.on_accept(a.in_reply_to, Answer::Eject(offer), accepted);
+    }
+
+    /// A rotation proposal arrived: from the holder of u (one leg: this
+    /// host is y) or from y (two legs: this host is z, asked to close
+    /// it). Checked, then this host's VMs' peers are located, then it is
+    /// answered ([`Node::answer_rotation`]).
+    fn on_rotate_propose(&mut self, h: &Header, p: RotationProposal) {
+        let topo = self.cfg.topology.clone();
+        let me = self.cfg.me;
+        let vm = p.legs[0].vm;
+        let known = |a: Ipv4Addr| topo.host_by_addr(a).is_some();
+        let last = &p.legs[p.legs.len() - 1];
+        let valid = last.to == me
+            && last.from == h.sender
+            && p.legs.iter().all(|l| {
+                known(l.from) && known(l.to) && l.from != l.to && !self.hosted.contains_key(&l.vm)
+            })
+            && (p.legs.len() == 1 || (p.legs[0].to == h.sender && p.legs[0].from != me));
+        let now = self.now;
+        self.swaps.expire(now);
+        let refusal = if !self.cfg.rotations || self.cfg.advisory {
+            Some(SwapRefusal::Disabled)
+        } else if !valid {
+            Some(SwapRefusal::Invalid)
+        } else if self.considering.is_some() || self.rotating.is_some() || self.swaps.busy() {
+            Some(SwapRefusal::Busy)
+        } else if self.holder_claims() || !self.room_for_one_more() {
+            // The VM asked to come arrives before this host's leaves.
+            Some(SwapRefusal::NoHeadroom)
+        } else if p.legs.len() == 2 && self.free_slots() > 0 {
+            // With room, a chain is the simpler move.
+            Some(SwapRefusal::NoPartner)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            return self.refuse_swap(h.sender, h.seq, vm, r);
+        }
+        let moving: Vec<VmId> = p.legs.iter().map(|l| l.vm).collect();
+        let pending = self.locate_candidates_peers(&moving);
+        let empty = pending.is_empty();
+        self.rotating = Some(Rotating {
+            from: h.sender,
+            seq: h.seq,
+            proposal: p,
+            pending,
+            asked: false,
+            closes: BTreeMap::new(),
+            offers: Vec::new(),
+            deadline: now + self.cfg.request_timeout_ns,
+        });
+        if empty {
+            self.answer_rotation();
+        }
+    }
+
+    /// Moves the rotation being considered on: z closes it with score-core's
+    /// `close_rotation` (v reserved, or a refusal); y first asks the third
+    /// hosts that `extend_rotation` would ask, all at once, then takes the
+    /// best closed rotation (w reserved, the other offers released), or
+    /// refuses.
+    fn answer_rotation(&mut self) {
+        let Some(mut r) = self.rotating.take() else {
+            return;
+        };
+        let topo = self.cfg.topology.clone();
+        let vm = r.proposal.legs[0].vm;
+        let Some(req) = rotation_request(&topo, &r.proposal) else {
+            return self.refuse_swap(r.from, r.seq, vm, SwapRefusal::Invalid);
+        };
+        let placed: Vec<(VmId, HostId)> = req.legs.iter().map(|l| (l.vm.id, l.from)).collect();
+        let local = self.local_with(&placed);
+        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
+        let round = r.proposal.round;
+        let cm = self.cm(round);
+        let until = self.now.saturating_add(self.cfg.swap_timeout_ns);
+        let x = r.proposal.legs[0].from;
+        if req.legs.len() == 2 {
+            let offer = close_rotation(&topo, self.host, free_mem, &local, &req, cm);
+            let w = req.legs[1].vm.id;
+            // Its headroom may have been taken while it located.
+            let room = !self.holder_claims() && self.room_for_one_more();
+            let reserved = room
+                && offer.as_ref().is_some_and(|o| {
+                    self.swaps
+                        .reserve_rotation(w, o.legs[2].vm.id, x, x, Some(r.from), until)
+                });
+            return match offer {
+                Some(o) if reserved => {
+                    self.events.push_back(Event::SwapAnswered {
+                        vm: w,
+                        answer: Ok(o.legs[2].vm.id),
+                    });
+                    let a = RotationAcceptance {
+                        in_reply_to: r.seq,
+                        vms: [vm, w, o.legs[2].vm.id],
+                        hosts: [x, r.from, self.cfg.me],
+                        benefit: o.benefit,
+                        c_m: o.c_m,
+                    };
+                    self.send(r.from, &Message::RotateAccept(a));
+                }
+                Some(_) if !room => self.refuse_swap(r.from, r.seq, w, SwapRefusal::NoHeadroom),
+                Some(_) => self.refuse_swap(r.from, r.seq, w, SwapRefusal::Busy),
+                None => self.refuse_swap(r.from, r.seq, w, SwapRefusal::NoPartner),
+            };
+        }
+        let (host, set) = (self.host, self.cfg.scope.candidates);
+        let extend = |close: &mut dyn FnMut(&RotationRequest) -> Option<RotationOffer>| {
+            extend_rotation(
+                &topo,
+                host,
+                free_mem,
+                &local,
+                &req,
+                cm,
+                set,
+                MAX_EJECT_ASKS,
+                // Whether z is full, z says itself.
+                |_| None,
+                close,
+            )
+        };
+        if !r.asked {
+            // Whom it asks does not depend on the answers: a first pass
+            // with none records them (one question a host).
+            let mut asks: Vec<RotationRequest> = Vec::new();
+            extend(&mut |r2| {
+                if asks.iter().all(|a| a.legs[1].to != r2.legs[1].to) {
+                    asks.push(r2.clone());
+                }
+                None
+            });
+            r.asked = true;
+            for r2 in asks {
+                let z = topo.host_addr(r2.legs[1].to);
+                let m = Message::RotatePropose(rotation_proposal(&topo, &r2, round));
+                let seq = self.send(z, &m);
+                r.closes.insert(seq, z);
+            }
+            if !r.closes.is_empty() {
+                r.pending.clear();
+                // z locates its VMs' peers too.
+                r.deadline = self.now + self.cfg.request_timeout_ns.saturating_mul(2);
+                self.rotating = Some(r);
+                return;
+            }
+        }
+        let mem = self.cfg.vm_memory_mib;
+        let offers = std::mem::take(&mut r.offers);
+        let best = extend(&mut |r2| {
+            let z = topo.host_addr(r2.legs[1].to);
+            offers
+                .iter()
+                .find(|(h, a)| *h == z && a.vms[1] == r2.legs[1].vm.id)
+                .and_then(|(_, a)| rotation_offer(&topo, r2, a, mem))
+        });
+        let chosen = best.as_ref().map(|o| {
+            (
+                topo.host_addr(o.legs[2].from),
+                o.legs[1].vm.id,
+                o.legs[2].vm.id,
+            )
+        });
+        for (z, a) in &offers {
+            if chosen != Some((*z, a.vms[1], a.vms[2])) {
+                self.cancel_swap(*z, a.vms[1], a.vms[2]);
+            }
+        }
+        let Some((z, w, v)) = chosen else {
+            return self.refuse_swap(r.from, r.seq, vm, SwapRefusal::NoPartner);
+        };
+        let room = !self.holder_claims() && self.room_for_one_more();
+        if !room || !self.swaps.reserve_rotation(vm, w, x, z, None, until) {
+            self.cancel_swap(z, w, v);
+            let why = if room {
+                SwapRefusal::Busy
+            } else {
+                SwapRefusal::NoHeadroom
+            };
+            return self.refuse_swap(r.from, r.seq, vm, why);
+        }
+        let o = best.expect("chosen");
+        self.events
+            .push_back(Event::SwapAnswered { vm, answer: Ok(w) });
+        let a = RotationAcceptance {
+            in_reply_to: r.seq,
+            vms: [vm, w, v],
+            hosts: [x, self.cfg.me, z],
+            benefit: o.benefit,
+            c_m: o.c_m,
+        };
+        self.send(r.from, &Message::RotateAccept(a));
+    }
+
+    /// A rotation was closed: by a third host, for the rotation being
+    /// extended here; or by the asked host, for the holder's walk. One
+    /// nobody waits for any more is released.
+    fn on_rotate_accept(&mut self, from: Ipv4Addr, a: RotationAcceptance) {
+        let mut all = false;
+        let theirs = self.rotating.as_mut().is_some_and(|r| {
+            let asked = r.closes.get(&a.in_reply_to) == Some(&from);
+            if asked {
+                r.closes.remove(&a.in_reply_to);
+                r.offers.push((from, a));
+                all = r.closes.is_empty();
+            }
+            asked
+        });
+        if theirs {
+            if all {
+                self.answer_rotation();
+            }
+            return;
+        }
+        let me = self.cfg.me;
+        if a.hosts[0] == me && a.hosts[1] == from {
+            let accepted = Accepted {
+                host: from,
+                vm: a.vms[0],
+                partner: a.vms[1],
+                partner_to: a.hosts[2],
+                partner_level_after: 0,
+                order: SwapOrder::ProposerFirst,
+                closing: Some((a.hosts[2], a.vms[2])),
+            };
+            self.on_accept(a.in_reply_to, Answer::Rotate(Some(a)), accepted);
+        } else if a.hosts[2] == from {
+            // Too late for the rotation extended here.
+            self.cancel_swap(from, a.vms[1], a.vms[2]);
+        }
     }
 
     /// A capacity answer: for the holder's walk, for a chain being
@@ -2075,7 +2646,6 @@ impl Node {
     fn send_commit(&mut self) {
         let again = self.now + self.cfg.request_timeout_ns.saturating_mul(4);
         let Some(Held {
-            vm,
             phase: Phase::Swapping(d),
             ..
         }) = self.held.as_mut()
@@ -2086,7 +2656,7 @@ impl Node {
         let (to, m) = (
             d.to,
             Message::SwapCommit {
-                vm: *vm,
+                vm: d.commit_vm,
                 partner: d.partner,
                 go: true,
             },
@@ -2103,7 +2673,9 @@ impl Node {
         }) = self.held.as_ref()
         {
             let (vm, partner) = (*vm, d.partner);
-            self.events.push_back(if d.chain {
+            self.events.push_back(if d.rotation {
+                Event::RotationFinished { vm, outcome }
+            } else if d.chain {
                 Event::ChainFinished {
                     vm,
                     partner,
@@ -2122,22 +2694,48 @@ impl Node {
 
     /// The asked host's answer to a commit arrived at the proposer.
     fn on_swap_done(&mut self, from: Ipv4Addr, vm: VmId, partner: VmId, result: SwapResult) {
+        let me = self.cfg.me;
         let Some(Held {
-            vm: held,
             phase: Phase::Swapping(d),
             ..
         }) = self.held.as_mut()
         else {
             return;
         };
-        if *held != vm || d.to != from || d.partner != partner || d.stage != Stage::Committing {
+        if d.commit_vm != vm || d.to != from || d.partner != partner || d.stage != Stage::Committing
+        {
             return;
         }
-        match (d.order, result) {
-            (_, SwapResult::Advisory) => self.swap_finished(SwapOutcome::Advisory),
-            (SwapOrder::ProposerFirst, SwapResult::Done) => self.swap_finished(SwapOutcome::Done),
-            (SwapOrder::ProposerFirst, _) => self.swap_finished(SwapOutcome::Partial),
-            (SwapOrder::PartnerFirst, SwapResult::Done) => {
+        match (d.order, result, d.then) {
+            // A rotation's w reached z: z is told to send v here now.
+            (SwapOrder::ProposerFirst, SwapResult::Done, Some((z, v))) => {
+                let until = self.now + self.cfg.location_ttl_ns;
+                self.locations.insert(partner, (z, until));
+                let Some(Held {
+                    phase: Phase::Swapping(d),
+                    ..
+                }) = self.held.as_mut()
+                else {
+                    return;
+                };
+                d.to = z;
+                d.commit_vm = partner;
+                d.partner = v;
+                d.partner_to = me;
+                d.then = None;
+                self.send_commit();
+            }
+            (_, _, Some((z, v))) => {
+                // w did not move: z is released; u moved.
+                self.cancel_swap(z, partner, v);
+                self.swap_finished(SwapOutcome::Partial);
+            }
+            (_, SwapResult::Advisory, None) => self.swap_finished(SwapOutcome::Advisory),
+            (SwapOrder::ProposerFirst, SwapResult::Done, None) => {
+                self.swap_finished(SwapOutcome::Done)
+            }
+            (SwapOrder::ProposerFirst, _, None) => self.swap_finished(SwapOutcome::Partial),
+            (SwapOrder::PartnerFirst, SwapResult::Done, None) => {
                 d.stage = Stage::SecondMove;
                 let to = d.to;
                 let at = d.partner_to;
@@ -2145,7 +2743,7 @@ impl Node {
                     .insert(partner, (at, self.now + self.cfg.location_ttl_ns));
                 self.start_migration(vm, to);
             }
-            (SwapOrder::PartnerFirst, _) => self.swap_finished(SwapOutcome::Failed),
+            (SwapOrder::PartnerFirst, _, None) => self.swap_finished(SwapOutcome::Failed),
         }
     }
 
@@ -2189,7 +2787,7 @@ impl Node {
             Some(SwapRefusal::Disabled)
         } else if !valid {
             Some(SwapRefusal::Invalid)
-        } else if self.considering.is_some() || self.swaps.busy() {
+        } else if self.considering.is_some() || self.rotating.is_some() || self.swaps.busy() {
             Some(SwapRefusal::Busy)
         } else {
             None
@@ -2197,20 +2795,7 @@ impl Node {
         if let Some(r) = refusal {
             return self.refuse_swap(h.sender, h.seq, p.vm, r);
         }
-        let mut pending = BTreeMap::new();
-        let mut asked = BTreeSet::new();
-        for w in self.swap_candidates() {
-            for (z, rate) in self.hosted.get(&w).cloned().unwrap_or_default() {
-                let known = self.hosted.contains_key(&z)
-                    || z == p.vm
-                    || self.locations.get(&z).is_some_and(|(_, t)| *t > now);
-                if rate < self.cfg.min_rate || rate <= 0.0 || known || !asked.insert(z) {
-                    continue;
-                }
-                let seq = self.send(Ipv4Addr::from(z), &Message::LocationRequest { vm: z });
-                pending.insert(seq, z);
-            }
-        }
+        let pending = self.locate_candidates_peers(&[p.vm]);
         let empty = pending.is_empty();
         self.considering = Some(Considering {
             seq: h.seq,
@@ -2224,6 +2809,28 @@ impl Node {
         if empty {
             self.answer_proposal();
         }
+    }
+
+    /// Asks where the peers of this host's swap candidates are, those it
+    /// does not know the place of (nor are `moving`, whose places the
+    /// proposal says); by sequence number.
+    fn locate_candidates_peers(&mut self, moving: &[VmId]) -> BTreeMap<u64, VmId> {
+        let now = self.now;
+        let mut pending = BTreeMap::new();
+        let mut asked = BTreeSet::new();
+        for w in self.swap_candidates() {
+            for (z, rate) in self.hosted.get(&w).cloned().unwrap_or_default() {
+                let known = self.hosted.contains_key(&z)
+                    || moving.contains(&z)
+                    || self.locations.get(&z).is_some_and(|(_, t)| *t > now);
+                if rate < self.cfg.min_rate || rate <= 0.0 || known || !asked.insert(z) {
+                    continue;
+                }
+                let seq = self.send(Ipv4Addr::from(z), &Message::LocationRequest { vm: z });
+                pending.insert(seq, z);
+            }
+        }
+        pending
     }
 
     fn refuse_swap(&mut self, to: Ipv4Addr, in_reply_to: u64, vm: VmId, reason: SwapRefusal) {
@@ -2314,6 +2921,13 @@ impl Node {
     /// them: their peers (u on the proposer's host `from`) where it
     /// believes they are.
     fn local_view(&self, p: &SwapProposal, from: HostId) -> Vec<LocalVm> {
+        self.local_with(&[(p.vm, from)])
+    }
+
+    /// This host's VMs that may be given in a swap, chain or rotation, as
+    /// it knows them: their peers where it believes they are (those in
+    /// `placed` where it says).
+    fn local_with(&self, placed: &[(VmId, HostId)]) -> Vec<LocalVm> {
         let now = self.now;
         let topo = self.cfg.topology.clone();
         self.swap_candidates()
@@ -2326,16 +2940,17 @@ impl Node {
                         ps.iter()
                             .filter(|(_, rate)| *rate >= self.cfg.min_rate && *rate > 0.0)
                             .filter_map(|&(z, rate)| {
-                                let host = if z == p.vm {
-                                    Some(from)
-                                } else if self.hosted.contains_key(&z) {
-                                    Some(self.host)
-                                } else {
-                                    self.locations
-                                        .get(&z)
-                                        .filter(|(_, t)| *t > now)
-                                        .and_then(|(a, _)| topo.host_by_addr(*a))
-                                };
+                                let host =
+                                    if let Some(&(_, h)) = placed.iter().find(|(v, _)| *v == z) {
+                                        Some(h)
+                                    } else if self.hosted.contains_key(&z) {
+                                        Some(self.host)
+                                    } else {
+                                        self.locations
+                                            .get(&z)
+                                            .filter(|(_, t)| *t > now)
+                                            .and_then(|(a, _)| topo.host_by_addr(*a))
+                                    };
                                 host.map(|host| decision::Peer { id: z, host, rate })
                             })
                             .collect()
@@ -2510,7 +3125,7 @@ impl Node {
                 let movable = self.hosted.contains_key(&w)
                     && !self.migrating.contains_key(&w)
                     && !self.frozen.contains(&w);
-                if movable && to != h.sender {
+                if movable && to != h.sender && !self.swaps.placed(vm) {
                     // A chain: ask the third host for the slot (reserved
                     // there for w), then move w.
                     let seq = self.send(to, &Message::CapacityRequest { vm: w });
@@ -2523,8 +3138,10 @@ impl Node {
                     });
                     None
                 } else if movable {
+                    // A swap's partner goes to the proposer; a rotation's
+                    // to the host that promised it its headroom.
                     self.partner_moves.insert(w, vm);
-                    self.start_migration(w, h.sender);
+                    self.start_migration(w, to);
                     None
                 } else {
                     self.swaps

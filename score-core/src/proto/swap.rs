@@ -65,6 +65,12 @@ struct Reservation {
     order: SwapOrder,
     expires: u64,
     status: Status,
+    /// A rotation's: `to` promised the partner a place (its headroom), so
+    /// the partner goes there at the commit without asking.
+    placed: bool,
+    /// Who else may release it: the host that asked this one to close a
+    /// rotation (it may choose another host's offer).
+    releaser: Option<Ipv4Addr>,
 }
 
 /// The asked host's swaps, keyed by the proposing VM.
@@ -142,9 +148,40 @@ impl Reservations {
                 order,
                 expires: until,
                 status: Status::Reserved,
+                placed: false,
+                releaser: None,
             },
         );
         true
+    }
+
+    /// Reserves `partner` for a rotation (docs/PROTOCOL.md, "Rotations"):
+    /// `vm` comes here first, from the holder's side, into this host's
+    /// headroom; at `proposer`'s commit the partner goes on to `to`,
+    /// whose headroom is promised to it. `releaser` may release it too.
+    pub fn reserve_rotation(
+        &mut self,
+        vm: VmId,
+        partner: VmId,
+        proposer: Ipv4Addr,
+        to: Ipv4Addr,
+        releaser: Option<Ipv4Addr>,
+        until: u64,
+    ) -> bool {
+        if !self.reserve_to(vm, partner, proposer, to, SwapOrder::ProposerFirst, until) {
+            return false;
+        }
+        if let Some(r) = self.map.get_mut(&vm) {
+            r.placed = true;
+            r.releaser = releaser;
+        }
+        true
+    }
+
+    /// Whether `vm`'s partner has its place promised where it goes (a
+    /// rotation's).
+    pub fn placed(&self, vm: VmId) -> bool {
+        self.map.get(&vm).is_some_and(|r| r.placed)
     }
 
     /// A commit (sequence number `seq`) from `proposer` for the swap of
@@ -162,7 +199,8 @@ impl Reservations {
         let Some(r) = self.map.get_mut(&vm) else {
             return CommitAction::Reply(SwapResult::Unknown);
         };
-        if r.proposer != proposer || r.partner != partner {
+        let releases = !go && r.releaser == Some(proposer);
+        if (r.proposer != proposer && !releases) || r.partner != partner {
             return CommitAction::Reply(SwapResult::Unknown);
         }
         match r.status {
@@ -292,5 +330,35 @@ mod tests {
             r.commit(x, 4, 6, true, 3, 3 * later),
             CommitAction::Migrate(6)
         );
+    }
+
+    #[test]
+    fn a_rotation_is_committed_by_the_holder_and_released_by_either() {
+        let later = 60 * S;
+        let (x, y, z) = (
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 3),
+        );
+        let mut r = Reservations::default();
+        assert!(r.reserve_rotation(2, 3, x, x, Some(y), later));
+        assert!(r.placed(2) && r.incoming_first() && r.holds(3));
+        // The asking host may not move it, only release it.
+        assert_eq!(
+            r.commit(y, 2, 3, true, 1, later),
+            CommitAction::Reply(SwapResult::Unknown)
+        );
+        assert_eq!(
+            r.commit(y, 2, 3, false, 2, later),
+            CommitAction::Reply(SwapResult::Cancelled)
+        );
+        assert!(!r.busy());
+        assert!(r.reserve_rotation(1, 2, x, z, None, later));
+        assert_eq!(r.destination(1), Some(z));
+        assert_eq!(
+            r.commit(y, 1, 2, false, 3, later),
+            CommitAction::Reply(SwapResult::Unknown)
+        );
+        assert_eq!(r.commit(x, 1, 2, true, 4, later), CommitAction::Migrate(2));
     }
 }

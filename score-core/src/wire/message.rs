@@ -188,6 +188,75 @@ pub struct SwapProposal {
     pub peers_on_target: Vec<(VmId, f64)>,
 }
 
+/// Fixed fields of a [`RotationProposal`]: round, c_m, free memory, legs.
+const ROTATE_PROPOSE_FIXED_LEN: usize = 4 + 8 + 8 + 1;
+
+/// Fixed fields of a [`RotationLeg`] before its peer list.
+const ROTATION_LEG_FIXED_LEN: usize = 4 + 4 + 4 + 8 + 8 + 2;
+
+/// Bytes per peer of a [`RotationLeg`]: VM, host, rate.
+const ROTATION_PEER_LEN: usize = 4 + 4 + 8;
+
+/// Most peers the (at most two) legs of a [`RotationProposal`] carry
+/// together (69).
+pub const MAX_ROTATION_PEERS: usize =
+    (MAX_PAYLOAD - ROTATE_PROPOSE_FIXED_LEN - 2 * ROTATION_LEG_FIXED_LEN) / ROTATION_PEER_LEN;
+
+/// One VM of a rotation being built, with what its host measured of it
+/// (score-core's `cycle::Leg`, with addresses).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RotationLeg {
+    /// The VM.
+    pub vm: VmId,
+    /// Its host now.
+    pub from: Ipv4Addr,
+    /// Its host after the rotation.
+    pub to: Ipv4Addr,
+    /// Its cost now, C(vm) (finite, >= 0).
+    pub cost_before: f64,
+    /// Its memory, MiB.
+    pub mem_mib: u64,
+    /// Its peers with their hosts and λ as its host measures them (the
+    /// largest rates, if they must be cut; finite, >= 0).
+    pub peers: Vec<(VmId, Ipv4Addr, f64)>,
+}
+
+/// "Take my VM, and let the cycle close" (docs/PROTOCOL.md, "Rotations"):
+/// from the holder of the token for u to a full candidate host y (one
+/// leg, u: x → y), or from y to a full third host z (two legs, then w:
+/// y → z), which would send one of its VMs to x. Answered with
+/// [`Message::RotateAccept`] or [`Message::SwapRefuse`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RotationProposal {
+    /// The holder's token round (each host prices its VM's share of c_m
+    /// with it).
+    pub round: u32,
+    /// The legs' c_m so far (finite, >= 0).
+    pub c_m: f64,
+    /// Free memory on x now, MiB.
+    pub home_free_mem_mib: u64,
+    /// One or two legs, u's first.
+    pub legs: Vec<RotationLeg>,
+}
+
+/// A closed rotation, from the host that closed it (z) to the host that
+/// asked it (y), and from y to the holder: u x → y, w y → z, v z → x.
+/// y and z have reserved w and v for it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RotationAcceptance {
+    /// Sequence number of the proposal answered.
+    pub in_reply_to: u64,
+    /// u, w and v.
+    pub vms: [VmId; 3],
+    /// x, y and z: each VM's host now.
+    pub hosts: [Ipv4Addr; 3],
+    /// The drop of the equation 1 total with the three moves made
+    /// (finite).
+    pub benefit: f64,
+    /// The threshold it exceeds, c_m(u) + c_m(w) + c_m(v) (finite, >= 0).
+    pub c_m: f64,
+}
+
 /// Which of the two live migrations of a swap goes first: the one into
 /// the host that has headroom for a VM more than its slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,6 +541,11 @@ pub enum Message {
     /// The asked host accepts a chain and names the VM it ejects and
     /// where to.
     EjectAccept(EjectAcceptance),
+    /// A rotation proposal (to the asked host, or from it to the host
+    /// that would close the cycle).
+    RotatePropose(RotationProposal),
+    /// A rotation closed and reserved.
+    RotateAccept(RotationAcceptance),
     /// The asked host's answer to a [`Message::SwapCommit`], once its part
     /// has ended.
     SwapDone {
@@ -508,6 +582,8 @@ impl Message {
             Message::Members { .. } => Kind::Members,
             Message::EjectPropose { .. } => Kind::EjectPropose,
             Message::EjectAccept(_) => Kind::EjectAccept,
+            Message::RotatePropose(_) => Kind::RotatePropose,
+            Message::RotateAccept(_) => Kind::RotateAccept,
         }
     }
 
@@ -565,6 +641,8 @@ impl Message {
             Message::SwapAccept(a) => a.check(),
             Message::EjectPropose { proposal, .. } => proposal.check_as(Kind::EjectPropose),
             Message::EjectAccept(a) => a.check(),
+            Message::RotatePropose(p) => p.check(),
+            Message::RotateAccept(a) => a.check(),
             Message::Members { vms } => check_members(vms),
             _ => Ok(()),
         }
@@ -691,6 +769,36 @@ impl Message {
                 buf.put_u64(a.c_m.to_bits());
                 buf.put_u8(a.partner_level_after);
                 buf.put_u8(a.order as u8);
+            }
+            Message::RotatePropose(p) => {
+                buf.put_u32(p.round);
+                buf.put_u64(p.c_m.to_bits());
+                buf.put_u64(p.home_free_mem_mib);
+                buf.put_u8(p.legs.len() as u8); // 1 or 2
+                for l in &p.legs {
+                    buf.put_u32(l.vm);
+                    buf.put_slice(&l.from.octets());
+                    buf.put_slice(&l.to.octets());
+                    buf.put_u64(l.cost_before.to_bits());
+                    buf.put_u64(l.mem_mib);
+                    buf.put_u16(l.peers.len() as u16); // <= MAX_ROTATION_PEERS
+                    for &(vm, host, rate) in &l.peers {
+                        buf.put_u32(vm);
+                        buf.put_slice(&host.octets());
+                        buf.put_u64(rate.to_bits());
+                    }
+                }
+            }
+            Message::RotateAccept(a) => {
+                buf.put_u64(a.in_reply_to);
+                for vm in a.vms {
+                    buf.put_u32(vm);
+                }
+                for h in a.hosts {
+                    buf.put_slice(&h.octets());
+                }
+                buf.put_u64(a.benefit.to_bits());
+                buf.put_u64(a.c_m.to_bits());
             }
             Message::Members { vms } => {
                 buf.put_u16(vms.len() as u16); // <= MAX_MEMBER_VMS
@@ -843,6 +951,60 @@ impl Message {
                 };
                 a.check()?;
                 Message::EjectAccept(a)
+            }
+            Kind::RotatePropose => {
+                let round = r.u32()?;
+                let c_m = r.f64()?;
+                let home_free_mem_mib = r.u64()?;
+                let n = r.u8()?;
+                if !(1..=2).contains(&n) {
+                    return Err(r.invalid("leg count"));
+                }
+                let mut legs = Vec::with_capacity(usize::from(n));
+                let mut peers_left = MAX_ROTATION_PEERS;
+                for _ in 0..n {
+                    let vm = r.u32()?;
+                    let from = r.ip()?;
+                    let to = r.ip()?;
+                    let cost_before = r.f64()?;
+                    let mem_mib = r.u64()?;
+                    let k = usize::from(r.u16()?);
+                    if k > peers_left {
+                        return Err(r.invalid("peer count"));
+                    }
+                    peers_left -= k;
+                    let mut peers = Vec::with_capacity(k);
+                    for _ in 0..k {
+                        peers.push((r.u32()?, r.ip()?, r.f64()?));
+                    }
+                    legs.push(RotationLeg {
+                        vm,
+                        from,
+                        to,
+                        cost_before,
+                        mem_mib,
+                        peers,
+                    });
+                }
+                let p = RotationProposal {
+                    round,
+                    c_m,
+                    home_free_mem_mib,
+                    legs,
+                };
+                p.check()?;
+                Message::RotatePropose(p)
+            }
+            Kind::RotateAccept => {
+                let a = RotationAcceptance {
+                    in_reply_to: r.u64()?,
+                    vms: [r.u32()?, r.u32()?, r.u32()?],
+                    hosts: [r.ip()?, r.ip()?, r.ip()?],
+                    benefit: r.f64()?,
+                    c_m: r.f64()?,
+                };
+                a.check()?;
+                Message::RotateAccept(a)
             }
             Kind::SwapAccept => {
                 let a = SwapAcceptance {
@@ -1006,23 +1168,66 @@ impl SwapProposal {
     }
 }
 
+/// An acceptance's numbers (of a `kind`): a finite benefit, a finite
+/// threshold not negative.
+fn check_benefit(kind: Kind, benefit: f64, c_m: f64) -> Result<(), WireError> {
+    let bad = |field| Err(WireError::InvalidField { kind, field });
+    if !benefit.is_finite() {
+        return bad("benefit");
+    }
+    if !valid_rate(c_m) {
+        return bad("c_m");
+    }
+    Ok(())
+}
+
 impl EjectAcceptance {
     /// The checks [`Message::parse`] makes: a finite benefit, a finite
     /// threshold not negative.
     fn check(&self) -> Result<(), WireError> {
+        check_benefit(Kind::EjectAccept, self.benefit, self.c_m)
+    }
+}
+
+impl RotationProposal {
+    /// The checks [`Message::parse`] makes: one or two legs, at most
+    /// [`MAX_ROTATION_PEERS`] peers in all, finite numbers, costs, rates
+    /// and the threshold not negative.
+    fn check(&self) -> Result<(), WireError> {
         let bad = |field| {
             Err(WireError::InvalidField {
-                kind: Kind::EjectAccept,
+                kind: Kind::RotatePropose,
                 field,
             })
         };
-        if !self.benefit.is_finite() {
-            return bad("benefit");
+        if !(1..=2).contains(&self.legs.len()) {
+            return bad("leg count");
+        }
+        if self.legs.iter().map(|l| l.peers.len()).sum::<usize>() > MAX_ROTATION_PEERS {
+            return bad("peer count");
         }
         if !valid_rate(self.c_m) {
             return bad("c_m");
         }
+        if self.legs.iter().any(|l| !valid_rate(l.cost_before)) {
+            return bad("cost_before");
+        }
+        if self
+            .legs
+            .iter()
+            .any(|l| l.peers.iter().any(|&(_, _, r)| !valid_rate(r)))
+        {
+            return bad("rate");
+        }
         Ok(())
+    }
+}
+
+impl RotationAcceptance {
+    /// The checks [`Message::parse`] makes: a finite benefit, a finite
+    /// threshold not negative.
+    fn check(&self) -> Result<(), WireError> {
+        check_benefit(Kind::RotateAccept, self.benefit, self.c_m)
     }
 }
 

@@ -36,8 +36,9 @@ pub use chunk::{
 pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
 pub use message::{
     Datagram, EjectAcceptance, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_MEMBER_VMS,
-    MAX_ORDER_VMS, MAX_SWAP_PEERS, Message, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
-    SwapResult, TokenChunk, TokenOrder,
+    MAX_ORDER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, RotationAcceptance, RotationLeg,
+    RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
+    TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
 pub use replay::{Freshness, REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
@@ -83,11 +84,16 @@ pub enum Kind {
     EjectPropose = 17,
     /// The asked host accepts a chain: the VM it ejects and where to.
     EjectAccept = 18,
+    /// A rotation proposal: to a full candidate host, or from it to a
+    /// third full host that would close the cycle.
+    RotatePropose = 19,
+    /// A rotation is closed: its three VMs, their hosts and its benefit.
+    RotateAccept = 20,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 20] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -106,6 +112,8 @@ impl Kind {
         Kind::Members,
         Kind::EjectPropose,
         Kind::EjectAccept,
+        Kind::RotatePropose,
+        Kind::RotateAccept,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -134,6 +142,8 @@ impl Kind {
             Kind::Members => "members",
             Kind::EjectPropose => "eject_propose",
             Kind::EjectAccept => "eject_accept",
+            Kind::RotatePropose => "rotate_propose",
+            Kind::RotateAccept => "rotate_accept",
         }
     }
 }
@@ -416,7 +426,8 @@ mod tests {
         assert_eq!(Kind::from_u8(15), Some(Kind::SwapDone));
         assert_eq!(Kind::from_u8(16), Some(Kind::Members));
         assert_eq!(Kind::from_u8(18), Some(Kind::EjectAccept));
-        assert_eq!(Kind::from_u8(19), None);
+        assert_eq!(Kind::from_u8(20), Some(Kind::RotateAccept));
+        assert_eq!(Kind::from_u8(21), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
