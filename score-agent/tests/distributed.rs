@@ -1023,3 +1023,72 @@ fn a_wider_candidate_set_moves_next_to_a_full_peer_host() {
     eprintln!("peer-racks: cost {before:.0} -> {after:.0} (optimum {optimum:.0}), hosts {hosts:?}");
     dc.stop_agents();
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn an_ejection_chain_sends_a_full_hosts_vm_on_to_a_host_with_room() {
+    // h1: v1 v2 | h3: v3 v4 | h4: v5, two slots each (h2 empty). v1 talks
+    // to v3 across the core; v4 talks to v3 and a little to v5 on h4, the
+    // other host of its rack. The paper's candidates are the peers' hosts:
+    // v1's (h3) is full, and v4 alone would lose more leaving v3 than it
+    // gains beside v5. With chains, v1 goes to h3 and h3 sends v4 on to
+    // h4: the optimum, without any host over its two slots (v4 goes
+    // first, into the slot h4 promises).
+    let mut dc = Dc::build("sct-chain-", tree(), &[0, 0, 2, 2, 3]);
+    for (a, b, rate) in [(0, 2, 150_000), (2, 3, 30_000), (3, 4, 10_000)] {
+        dc.chat(a, b, rate);
+        dc.chat(b, a, rate);
+    }
+    let o = Options {
+        chains: true,
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    dc.wait_until("an ejection chain done", Duration::from_secs(60), |dc| {
+        total(dc, "score_chains_total{outcome=\"done\"}") >= 1.0
+    });
+    dc.wait_until(
+        "v1 beside v3, v4 beside v5",
+        Duration::from_secs(10),
+        |dc| {
+            let h: Vec<Option<usize>> = (0..5).map(|v| dc.host_of(v)).collect();
+            h[0] == Some(2) && h[2] == Some(2) && h[3] == Some(3) && h[4] == Some(3)
+        },
+    );
+    assert_eq!(dc.host_of(1), Some(0), "v2 stays");
+    // Another round: nothing else moves.
+    let decided = total(&dc, "score_decisions_evaluated_total");
+    dc.wait_until("another round", Duration::from_secs(60), |dc| {
+        total(dc, "score_decisions_evaluated_total") >= decided + 5.0
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let (after, optimum) = costs(&dc, o.slots);
+    assert!(
+        after <= optimum * 1.05 + 1.0,
+        "cost {after}, optimum {optimum}"
+    );
+    assert_eq!(total(&dc, "score_chains_total{outcome=\"done\"}"), 1.0);
+    assert_eq!(total(&dc, "score_chains_total"), 1.0);
+    assert_eq!(total(&dc, "score_swaps_total"), 0.0);
+    assert_eq!(
+        total(&dc, "score_migrations_total{outcome=\"done\"}"),
+        2.0,
+        "a chain is two migrations"
+    );
+    assert_eq!(total(&dc, "score_migrations_total"), 2.0);
+    for (a, b) in [(0, 2), (2, 0), (2, 3), (3, 4), (4, 3), (0, 1)] {
+        let took = reachable_within(&dc, a, b, Duration::from_secs(10));
+        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
+    }
+    let logs = dc.stop_agents();
+    let line = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .find(|l| l.contains("ejection chain vm="))
+        .expect("an ejection chain line")
+        .to_owned();
+    assert!(line.contains("vm=198.18.1.1 "), "{line}");
+    assert!(line.contains("partner=198.18.1.4 "), "{line}");
+    assert!(line.contains("order=PartnerFirst"), "{line}");
+    eprintln!("{line}");
+}

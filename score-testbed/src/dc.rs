@@ -49,6 +49,8 @@ pub struct Options {
     pub token_timeout: &'static str,
     /// `[policy] swaps`.
     pub swaps: bool,
+    /// `[policy] chains`: ejection chains when a VM would stay.
+    pub chains: bool,
     /// `[node] migration_headroom`.
     pub headroom: u32,
     /// (host index, headroom): another `migration_headroom` on that host.
@@ -93,6 +95,7 @@ impl Default for Options {
             ns_override_at: Vec::new(),
             token_timeout: "4s",
             swaps: false,
+            chains: false,
             headroom: 0,
             headroom_at: Vec::new(),
             candidates: "paper",
@@ -252,7 +255,7 @@ impl Dc {
              [topology]\nfile = \"{dir}/topology.toml\"\n\
              [peer]\nport = {PORT}\nkey_file = \"{dir}/{key}\"\nprevious_key_files = [{previous}]\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
-             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\n\
+             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\nchains = {chains}\n\
              candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{cm}{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
@@ -266,6 +269,7 @@ impl Dc {
                 .find(|(h, _)| *h == i)
                 .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
+            chains = o.chains,
             candidates = o.candidates,
             cm = o
                 .migration_cost
