@@ -870,7 +870,7 @@ const LIVE_PAIRS: [usize; 5] = [10, 100, 1_000, 10_000, 100_000];
 /// ingress runs twice per round: with every pair in the flow map (as
 /// before the slot array: no drain has given them slots; the slot check
 /// misses), then after a drain gave them slots (`LIVE_SLOTTED`).
-const LIVE_PROGS: [(&str, &str); 10] = [
+const LIVE_PROGS: [(&str, &str); 11] = [
     ("empty", PROG_BENCH_EMPTY),
     ("score ingress, flow map", PROG_INGRESS),
     ("score ingress, slots", PROG_INGRESS),
@@ -881,6 +881,7 @@ const LIVE_PROGS: [(&str, &str); 10] = [
     ("count: 16-byte key", "score_bench_count_key16"),
     ("count: array slot", "score_bench_count_array"),
     ("count: array, hashed", "score_bench_count_array_hashed"),
+    ("count: index, slots in order", "score_bench_count_dense"),
 ];
 
 /// Index in [`LIVE_PROGS`] of score's ingress with slots given.

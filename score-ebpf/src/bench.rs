@@ -13,12 +13,12 @@ mod classifiers;
 mod pieces {
     use aya_ebpf::{
         bindings::TC_ACT_OK,
-        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+        helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{classifier, map},
-        maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+        maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
         programs::TcContext,
     };
-    use score_common::{PairCounters, PairKey, Stat};
+    use score_common::{PairCounters, PairKey, SLOT_WAYS, SlotCell, Stat, slot_candidate};
 
     use crate::classifiers::{
         FLOWS, Headers, VM_MACS, bump, headers, ifindex, is_unicast, learn_mac, remember_mac,
@@ -241,6 +241,73 @@ mod pieces {
                 // SAFETY: this CPU's slot of a per-CPU array, preemption
                 // off: nothing else writes it meanwhile.
                 unsafe { add(c, len) }
+            }
+        }
+        TC_ACT_OK
+    }
+
+    /// A denser slot layout, as a cost probe: the slot hash picks a group
+    /// of four entries in a small index of slot numbers (4 bytes each,
+    /// 512 KiB), and the slots themselves (key cell, agent cell, a cell
+    /// per CPU: 64 bytes, as in `SCORE_SLOTS` on 2 CPUs) are handed out in
+    /// the order pairs are first seen, so that live pairs share pages
+    /// instead of being spread over the whole array. The first frame of a
+    /// pair hands its slot out here (the agent would, at a drain); a pair
+    /// whose group is full is not counted (a probe of the cost, not a
+    /// counter).
+    #[map(name = "BENCH_INDEX")]
+    static INDEX: Array<u32> = Array::with_max_entries(VARIANT_MAX, 0);
+    #[map(name = "BENCH_DENSE")]
+    static DENSE: Array<[SlotCell; 4]> = Array::with_max_entries(VARIANT_MAX, 0);
+    /// Slots handed out so far.
+    #[map(name = "BENCH_NEXT")]
+    static NEXT: Array<u32> = Array::with_max_entries(1, 0);
+
+    #[classifier]
+    pub fn score_bench_count_dense(ctx: TcContext) -> i32 {
+        if let Some((k, len)) = keyed(&ctx) {
+            let word = k.word();
+            let first = score_common::slot_index(&k, VARIANT_MAX - 1);
+            for j in 0..SLOT_WAYS {
+                let Some(e) = INDEX.get_ptr_mut(slot_candidate(first, j)) else {
+                    break;
+                };
+                // SAFETY: a valid element of the index; a race with
+                // another CPU can only mis-hand a slot of this probe.
+                let mut at = unsafe { *e };
+                if at == 0 {
+                    let Some(n) = NEXT.get_ptr_mut(0) else {
+                        break;
+                    };
+                    // SAFETY: valid elements (as above).
+                    unsafe {
+                        *n += 1;
+                        at = *n;
+                        *e = at;
+                    }
+                    if let Some(s) = DENSE.get_ptr_mut(at.wrapping_sub(1)) {
+                        // SAFETY: a valid element of the slots.
+                        unsafe { (*s)[0].a = word };
+                    }
+                }
+                let Some(s) = DENSE.get_ptr_mut(at.wrapping_sub(1)) else {
+                    break;
+                };
+                // SAFETY: a valid element of the slots, 64 bytes; the key
+                // cell is read as one word, as the classifiers do.
+                if unsafe { core::ptr::read_volatile(&raw const (*s)[0].a) } != word {
+                    continue;
+                }
+                // SAFETY: a helper without arguments or preconditions.
+                let cpu = unsafe { bpf_get_smp_processor_id() } & 1;
+                // SAFETY: cell 2 or 3 of the slot, this CPU's (preemption
+                // off): in bounds of the 64-byte element.
+                unsafe {
+                    let c = (s as *mut SlotCell).add(2 + cpu as usize);
+                    (*c).a += len;
+                    (*c).b += 1;
+                }
+                break;
             }
         }
         TC_ACT_OK
