@@ -21,7 +21,8 @@ mod pieces {
     use score_common::{PairCounters, PairKey, SLOT_WAYS, SlotCell, Stat, slot_candidate};
 
     use crate::classifiers::{
-        FLOWS, Headers, VM_MACS, bump, headers, ifindex, is_unicast, learn_mac, remember_mac,
+        FLOWS, Headers, SCORE_SLOT_MASK, VM_MACS, bump, headers, ifindex, is_unicast, learn_mac,
+        remember_mac,
     };
 
     /// Does nothing: the baseline every other program is measured against,
@@ -247,8 +248,9 @@ mod pieces {
     }
 
     /// A denser slot layout, as a cost probe: the slot hash picks a group
-    /// of four entries in a small index of slot numbers (4 bytes each,
-    /// 512 KiB), and the slots themselves (key cell, agent cell, a cell
+    /// of four entries in a small index of slot numbers (4 bytes each; as
+    /// many as the object's slots, `SCORE_SLOT_MASK` + 1, at most
+    /// 131,072: 512 KiB), and the slots themselves (key cell, agent cell, a cell
     /// per CPU: 64 bytes, as in `SCORE_SLOTS` on 2 CPUs) are handed out in
     /// the order pairs are first seen, so that live pairs share pages
     /// instead of being spread over the whole array. The first frame of a
@@ -267,7 +269,8 @@ mod pieces {
     pub fn score_bench_count_dense(ctx: TcContext) -> i32 {
         if let Some((k, len)) = keyed(&ctx) {
             let word = k.word();
-            let first = score_common::slot_index(&k, VARIANT_MAX - 1);
+            let mask = SCORE_SLOT_MASK.load() & (VARIANT_MAX - 1);
+            let first = score_common::slot_index(&k, mask);
             for j in 0..SLOT_WAYS {
                 let Some(e) = INDEX.get_ptr_mut(slot_candidate(first, j)) else {
                     break;

@@ -36,7 +36,7 @@ pub(crate) static SLOTS: Array<SlotCell> =
 
 /// Slots of `SCORE_SLOTS` minus one; set by the agent at load time.
 #[unsafe(no_mangle)]
-static SCORE_SLOT_MASK: Global<u32> = Global::new(0);
+pub(crate) static SCORE_SLOT_MASK: Global<u32> = Global::new(0);
 /// Cells per slot (2 + possible CPUs); set by the agent at load time.
 #[unsafe(no_mangle)]
 static SCORE_SLOT_CELLS: Global<u32> = Global::new(0);
