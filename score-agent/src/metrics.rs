@@ -445,6 +445,7 @@ pub struct Metrics {
     migration_cost_bytes: Gauge,
     swaps: IntCounterVec,
     chains: IntCounterVec,
+    rotations: IntCounterVec,
     swap_requests: IntCounterVec,
     rejected: IntCounterVec,
 
@@ -695,6 +696,16 @@ impl Metrics {
                     &["outcome"],
                 ),
             ),
+            rotations: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_rotations_total",
+                        "Rotations this host proposed and the asked hosts closed, by outcome: done (all three VMs moved), partial (one or two moved), failed (nothing moved), advisory (reported, not made).",
+                    ),
+                    &["outcome"],
+                ),
+            ),
             swap_requests: reg(
                 &r,
                 IntCounterVec::new(
@@ -783,6 +794,7 @@ impl Metrics {
         for o in SwapOutcome::ALL {
             m.swaps.with_label_values(&[o.label()]);
             m.chains.with_label_values(&[o.label()]);
+            m.rotations.with_label_values(&[o.label()]);
         }
         for a in SWAP_ANSWERS {
             m.swap_requests.with_label_values(&[a]);
@@ -895,6 +907,13 @@ impl Metrics {
     /// ended with `outcome` (the swaps' outcomes: a chain is two moves too).
     pub fn chain(&self, outcome: SwapOutcome) {
         self.chains.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// A rotation this host proposed, and the asked hosts closed, ended
+    /// with `outcome` (the swaps' outcomes; partial: one or two of its
+    /// three moves made).
+    pub fn rotation(&self, outcome: SwapOutcome) {
+        self.rotations.with_label_values(&[outcome.label()]).inc();
     }
 
     /// This host answered a swap proposal; answers outside
@@ -1231,7 +1250,11 @@ mod tests {
             assert_eq!(value(&text, &s), Some(0.0), "{s}");
         }
         for o in ["done", "partial", "failed", "advisory"] {
-            for name in ["score_swaps_total", "score_chains_total"] {
+            for name in [
+                "score_swaps_total",
+                "score_chains_total",
+                "score_rotations_total",
+            ] {
                 let s = format!("{name}{{outcome=\"{o}\"}}");
                 assert_eq!(value(&text, &s), Some(0.0), "{s}");
             }
@@ -1248,6 +1271,7 @@ mod tests {
         m.swap(SwapOutcome::Done);
         m.swap(SwapOutcome::from_label("partial").unwrap());
         m.chain(SwapOutcome::Failed);
+        m.rotation(SwapOutcome::Partial);
         assert_eq!(SwapOutcome::from_label("held"), None);
         for r in score_core::wire::SwapRefusal::ALL {
             assert!(SWAP_ANSWERS.contains(&r.name()), "{r:?}");
@@ -1267,6 +1291,14 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(value(&t, "score_chains_total{outcome=\"done\"}"), Some(0.0));
+        assert_eq!(
+            value(&t, "score_rotations_total{outcome=\"partial\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "score_rotations_total{outcome=\"done\"}"),
+            Some(0.0)
+        );
         assert_eq!(
             value(&t, "score_swap_requests_total{answer=\"no_partner\"}"),
             Some(2.0)

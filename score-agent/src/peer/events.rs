@@ -232,7 +232,7 @@ impl Events {
                 self.outcome(*vm, format!("chain {outcome:?}").to_lowercase());
             }
             // Rotations (off by default, `proto::Config::rotations`):
-            // logged and kept for /status.
+            // logged, kept for /status, counted by `score_rotations_total`.
             Event::RotationAgreed { rotation } => {
                 m.decision_evaluated();
                 m.observe_benefit(rotation.benefit);
@@ -244,6 +244,7 @@ impl Events {
                     warn!(vm = %ip(*vm), "rotation partly done");
                 }
                 info!(vm = %ip(*vm), ?outcome, "rotation ended");
+                m.rotation(*outcome);
                 self.outcome(*vm, format!("rotation {outcome:?}").to_lowercase());
             }
             Event::SwapRefused { vm, by, reason } => {

@@ -78,6 +78,9 @@ pub trait PeerMetrics: Send + Sync {
     /// An ejection chain this host proposed, and the asked host accepted,
     /// ended with `outcome`.
     fn chain(&self, _outcome: SwapOutcome) {}
+    /// A rotation this host proposed, and the asked hosts closed, ended
+    /// with `outcome`.
+    fn rotation(&self, _outcome: SwapOutcome) {}
     /// This host answered a swap proposal: accepted (`None`), or refused.
     fn swap_request(&self, _refused: Option<SwapRefusal>) {}
 }
