@@ -35,7 +35,7 @@ use score_core::group::{
 };
 use score_core::policy::{PolicyKind, TokenPolicy, advance, best_move, rank_by_saving};
 use score_core::swap::{
-    Scope, Settings, Step, choose_swap_partner, decide_with, local_vms, plan_with,
+    LocalVm, Scope, Settings, Step, choose_swap_partner, decide_with, local_vms, plan_with,
 };
 use score_core::token::{Load, Token, VmId};
 use score_core::topology::{HostId, Topology};
@@ -137,6 +137,18 @@ impl GroupMode {
     }
 }
 
+/// Host `h`'s VMs as `h` knows them (`lists`), each with the shape's VM
+/// memory: what a host decides or answers with.
+fn host_view(
+    model: &CostModel<'_>,
+    placement: &Placement,
+    lists: &HostLists,
+    shape: HostShape,
+    h: HostId,
+) -> Vec<LocalVm> {
+    local_vms(model, placement, lists.on(h), |_| shape.vm_mem_mb)
+}
+
 /// The holder's group move for `u` (`None` if it has none worth making):
 /// score-core's [`decide_group`] over the VMs of u's host as that host
 /// knows them (`lists`), capacity answered from the hosts' VM counts.
@@ -149,7 +161,7 @@ pub fn decide_group_move(
     cm: MigrationCost,
 ) -> Option<GroupMove> {
     let x = placement.host(u);
-    let local = local_vms(model, placement, lists.on(x), |_| shape.vm_mem_mb);
+    let local = host_view(model, placement, lists, shape, x);
     decide_group(model.topo, x, u, &local, cm, GroupLimits::default(), |h| {
         Some(shape.capacity(placement.count(h)))
     })
@@ -272,7 +284,7 @@ pub fn decide_scoped(
         free_mem(x),
         |h| Some(shape.capacity(placement.count(h))),
         |r| {
-            let local = local_vms(model, placement, lists.on(r.to), |_| shape.vm_mem_mb);
+            let local = host_view(model, placement, lists, shape, r.to);
             choose_swap_partner(model.topo, r.to, free_mem(r.to), &local, r, settings.cm)
         },
     );
@@ -309,7 +321,7 @@ pub fn decide_chain_move(
         CHAIN_ASKS,
         cap,
         |r| {
-            let local = local_vms(model, placement, lists.on(r.to), |_| shape.vm_mem_mb);
+            let local = host_view(model, placement, lists, shape, r.to);
             let free = shape.capacity(placement.count(r.to)).free_mem_mb;
             choose_ejection(model.topo, r.to, free, &local, r, settings.cm, set, cap)
         },
@@ -345,7 +357,7 @@ pub fn decide_group_swap_move(
     cm: MigrationCost,
 ) -> Option<GroupSwap> {
     let x = placement.host(u);
-    let local = |h: HostId| local_vms(model, placement, lists.on(h), |_| shape.vm_mem_mb);
+    let local = |h: HostId| host_view(model, placement, lists, shape, h);
     let room = |h: HostId| shape.capacity(placement.count(h));
     let lim = SwapLimits::default();
     let lx = local(x);
@@ -377,7 +389,7 @@ pub fn decide_rotation_move(
     let cm = settings.cm;
     let cap = |h: HostId| Some(shape.capacity(placement.count(h)));
     let free = |h: HostId| shape.capacity(placement.count(h)).free_mem_mb;
-    let local = |h: HostId| local_vms(model, placement, lists.on(h), |_| shape.vm_mem_mb);
+    let local = |h: HostId| host_view(model, placement, lists, shape, h);
     let me = local_vms(model, placement, &[u], |_| shape.vm_mem_mb).remove(0);
     let p = plan_with(model.topo, u, x, &me.peers, set);
     decide_rotation(&p, &me, cm, free(x), CHAIN_ASKS, cap, |r| {
