@@ -169,9 +169,22 @@ impl Recorded {
             stderr: read("stderr"),
             code: read("rc").trim().parse().unwrap(),
         };
+        // When the receiver dies, libxl reports the truncated read of its
+        // save helper's pipe only if it reads the pipe before it reaps the
+        // helper: a race inside xl, seen both ways on the rig. That one line
+        // is compared as optional; every other line must match.
+        let settled = |o: XlOutput| XlOutput {
+            stderr: o
+                .stderr
+                .lines()
+                .filter(|l| !l.contains("libxl_read_exactly: file/stream truncated"))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            ..o
+        };
         assert_eq!(
-            real.masked(),
-            XlOutput::captured(case, "", domid, &to.to_string()),
+            settled(real.masked()),
+            settled(XlOutput::captured(case, "", domid, &to.to_string())),
             "real xl 4.17 no longer prints what the stand-in replays as {case} \
              (tests/fixtures/xl-4.17/README)"
         );
