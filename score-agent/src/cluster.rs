@@ -240,6 +240,13 @@ pub struct PolicyConfig {
     /// The two asked hosts each need `node.migration_headroom`.
     #[serde(default)]
     pub rotations: bool,
+    /// Group moves when a VM would still stay (docs/PROTOCOL.md, "Group
+    /// moves"): the VM and the VMs it talks to on this host move together
+    /// into a rack near their peers, each destination reserving their
+    /// slots first. Off, this host proposes none (it still reserves slots
+    /// for another host's group move, as it answers capacity requests).
+    #[serde(default)]
+    pub groups: bool,
     /// c_m's factor per token round (docs/PROTOCOL.md, "A c_m that decays
     /// over the rounds"); 1: constant, the paper's.
     #[serde(default = "defaults::cm_decay")]
@@ -276,6 +283,7 @@ impl Default for PolicyConfig {
             swap_timeout: defaults::swap_timeout(),
             chains: false,
             rotations: false,
+            groups: false,
             cm_decay: defaults::cm_decay(),
             cm_floor: 0.0,
         }
@@ -680,12 +688,14 @@ mod tests {
         let e = resolve_error(1, "swaps = true\nmax_swap_asks = 0\n");
         assert!(e.contains("policy.max_swap_asks"), "{e}");
         // Chains and a decaying c_m: off and constant by default, checked.
-        assert!(!pol.chains && !pol.rotations && pol.cm_decay == 1.0 && pol.cm_floor == 0.0);
+        assert!(!pol.chains && !pol.rotations && !pol.groups);
+        assert!(pol.cm_decay == 1.0 && pol.cm_floor == 0.0);
         let (_, _, _, pol) = tables(
             0,
-            "chains = true\nrotations = true\ncm_decay = 0.5\ncm_floor = 0.003\n",
+            "chains = true\nrotations = true\ngroups = true\ncm_decay = 0.5\ncm_floor = 0.003\n",
         );
-        assert!(pol.chains && pol.rotations && pol.cm_decay == 0.5 && pol.cm_floor == 0.003);
+        assert!(pol.chains && pol.rotations && pol.groups);
+        assert!(pol.cm_decay == 0.5 && pol.cm_floor == 0.003);
         let e = resolve_error(1, "cm_decay = 0.0\n");
         assert!(e.contains("policy.cm_decay"), "{e}");
         let e = resolve_error(1, "cm_floor = 2.0\n");

@@ -14,7 +14,7 @@ use score_core::proto::{
 use score_core::swap::{CandidateSet, Scope};
 use score_core::token::VmId;
 use score_core::topology::{LinkWeights, Topology};
-use score_core::wire::{ClusterKey, Datagram, Header, KeyRing, Message, RejectReason};
+use score_core::wire::{ClusterKey, Datagram, Header, KeyRing, Kind, Message, RejectReason};
 
 const SEC: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -37,6 +37,9 @@ fn topology() -> Arc<Topology> {
     )
 }
 
+/// Something a test does to the data centre mid-run.
+type Hook = fn(&mut Dc);
+
 /// Four hosts, two racks of two (10.0.0.1-2 | 10.0.0.3-4), every node
 /// driven in one thread; datagrams arrive 1 ms after they are sent, in
 /// order; migrations end `migration_ns` after they start, with the
@@ -56,6 +59,12 @@ struct Dc {
     events: Vec<(usize, Event)>,
     /// Every datagram sent: (sender index, address, bytes).
     sent: Vec<(usize, Ipv4Addr, Vec<u8>)>,
+    /// Datagrams of this kind are lost.
+    drop_kind: Option<Kind>,
+    /// Before the first datagram of this kind is delivered, this is done.
+    before_kind: Option<(Kind, Hook)>,
+    /// The most VMs any host ran at once.
+    peak: usize,
 }
 
 impl Dc {
@@ -97,6 +106,9 @@ impl Dc {
             migration_ns: 500 * MS,
             events: Vec::new(),
             sent: Vec::new(),
+            drop_kind: None,
+            before_kind: None,
+            peak: 0,
         };
         for h in 0..4 {
             dc.refresh(h);
@@ -187,6 +199,16 @@ impl Dc {
             let now = self.now;
             if self.wire.front().is_some_and(|w| w.0 <= now) {
                 let (_, d, on, bytes) = self.wire.pop_front().unwrap();
+                let kind = bytes.get(5).and_then(|&k| Kind::from_u8(k));
+                if kind.is_some() && kind == self.drop_kind {
+                    continue;
+                }
+                if let Some((k, f)) = self.before_kind
+                    && kind == Some(k)
+                {
+                    self.before_kind = None;
+                    f(self);
+                }
                 self.nodes[d].handle_datagram(now, on, &bytes);
             } else if self.moves.front().is_some_and(|m| m.0 <= now) {
                 let (_, from, vm, to) = self.moves.pop_front().unwrap();
@@ -195,6 +217,8 @@ impl Dc {
                     self.at.insert(vm, to);
                     self.refresh(from);
                     self.refresh(to);
+                    let here = self.at.values().filter(|&&h| h == to).count();
+                    self.peak = self.peak.max(here);
                 }
                 self.nodes[from].migration_done(now, vm, outcome);
             } else {
@@ -534,4 +558,137 @@ fn a_previous_key_is_accepted_until_its_deadline() {
     assert_eq!(verdict(&mut node), Some(RejectReason::BadMac));
     node.handle_datagram(after, me, &notice(&new, 4, after, me));
     assert_eq!(verdict(&mut node), None);
+}
+
+/// A group move's world: a and b talk most to each other on full host 0
+/// (rack 0), a to c and b to d on full host 2 (rack 1); host 3 (rack 1)
+/// is empty. The paper's candidates are the peers' hosts, all full, so no
+/// single migration helps; a and b together on host 3 do.
+fn group_world(cfg: impl Fn(&mut Config)) -> Dc {
+    let (a, b, c, d) = (vm(1), vm(2), vm(3), vm(4));
+    Dc::new(
+        &[(a, 0), (b, 0), (c, 2), (d, 2)],
+        &[(a, b, 4000.0), (a, c, 1000.0), (b, d, 1000.0)],
+        |c| {
+            c.policy = PolicyKind::RoundRobin;
+            c.groups = true;
+            cfg(c);
+        },
+    )
+}
+
+/// The group moves: agreed once host 3 reserved both slots, both
+/// migrations done, and no host ever ran more than its two slots. With
+/// group moves off a and b stay.
+#[test]
+fn a_group_moves_into_the_rack_of_its_peers() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = group_world(|_| {});
+    dc.run(30 * SEC);
+    let agreed = dc.count(|e| matches!(e, Event::GroupAgreed { group } if group.moves.len() == 2));
+    let done = dc.count(|e| {
+        matches!(
+            e,
+            Event::GroupFinished {
+                moved: 2,
+                outcome: SwapOutcome::Done,
+                ..
+            }
+        )
+    });
+    assert_eq!((agreed, done), (1, 1), "{:?}", dc.events);
+    assert_eq!((dc.at[&a], dc.at[&b]), (3, 3));
+    assert!(dc.peak <= 2, "a host ran {} VMs", dc.peak);
+
+    let mut off = group_world(|c| c.groups = false);
+    off.run(30 * SEC);
+    assert_eq!((off.at[&a], off.at[&b]), (0, 0));
+    assert_eq!(off.count(|e| matches!(e, Event::GroupAgreed { .. })), 0);
+}
+
+/// The target host's room went to another VM between its capacity answer
+/// and the reservation: it refuses the reservation (all or none), the
+/// group stays, and the decision is told as a stay.
+#[test]
+fn a_group_reservation_refused_for_lack_of_room_moves_nothing() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = group_world(|_| {});
+    // A VM arrives on host 3 just before the first reservation: one slot
+    // is left, not two. It talks to nobody, so it never moves.
+    dc.before_kind = Some((Kind::GroupReserve, |dc| {
+        dc.at.insert(vm(9), 3);
+        dc.refresh(3);
+    }));
+    dc.run(4 * SEC);
+    assert_eq!((dc.at[&a], dc.at[&b]), (0, 0));
+    // (c and d, each a group of one, may go to the empty host 1.)
+    let of_a_or_b = |e: &Event| matches!(e, Event::GroupAgreed { group } if group.moves.iter().any(|m| m.0 == a || m.0 == b));
+    assert_eq!(dc.count(of_a_or_b), 0, "{:?}", dc.events);
+    assert!(
+        dc.count(|e| matches!(
+            e,
+            Event::Decided {
+                decision: Decision::Stay { .. }
+            }
+        )) >= 1
+    );
+    assert!(dc.peak <= 2);
+    assert!(
+        dc.sent
+            .iter()
+            .any(|(_, _, b)| b[5] == Kind::GroupReserve as u8),
+        "a reservation was asked"
+    );
+}
+
+/// The destination never answers the reservation: after the request
+/// time-out the holder releases it (it may have been made) and u stays.
+#[test]
+fn an_unanswered_group_reservation_is_released() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = group_world(|_| {});
+    dc.drop_kind = Some(Kind::GroupReserve);
+    dc.run(4 * SEC);
+    assert_eq!((dc.at[&a], dc.at[&b]), (0, 0));
+    assert_eq!(dc.count(|e| matches!(e, Event::GroupAgreed { .. })), 0);
+    let released = dc.sent.iter().any(|(from, to, b)| {
+        *from == 0 && *to == dc.topo.host_addr(3) && b[5] == Kind::GroupRelease as u8
+    });
+    assert!(released, "the holder released host 3's reservation");
+}
+
+/// b's migration fails: the group move ends partly done (a moved), is
+/// told so, b's slot on host 3 is released, and no host exceeds its
+/// slots.
+#[test]
+fn a_half_done_group_move_is_told_and_leaves_every_host_within_its_slots() {
+    let (a, b) = (vm(1), vm(2));
+    let mut dc = group_world(|_| {});
+    dc.outcome = |v| {
+        if v == vm(2) {
+            MigrationOutcome::Failed
+        } else {
+            MigrationOutcome::Done
+        }
+    };
+    dc.run(8 * SEC);
+    let partial = dc.count(|e| {
+        matches!(
+            e,
+            Event::GroupFinished {
+                moved: 1,
+                outcome: SwapOutcome::Partial,
+                ..
+            }
+        )
+    });
+    assert!(partial >= 1, "{:?}", dc.events);
+    // b stays (held down after its failed migration); a went on.
+    assert_eq!(dc.at[&b], 0);
+    assert_ne!(dc.at[&a], 0);
+    assert!(dc.peak <= 2);
+    let released = dc.sent.iter().any(|(from, to, b)| {
+        *from == 0 && *to == dc.topo.host_addr(3) && b[5] == Kind::GroupRelease as u8
+    });
+    assert!(released, "b's slot on host 3 was released");
 }

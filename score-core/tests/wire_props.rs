@@ -9,11 +9,11 @@ use proptest::prelude::*;
 use score_core::token::{Load, Token, TokenEntry};
 use score_core::wire::{
     ChunkBitmap, ChunkOutcome, ClusterKey, EjectAcceptance, FlowEntry, FlowReport, HEADER_LEN,
-    Header, HopAck, Kind, MAC_LEN, MAX_FLOW_ENTRIES, MAX_ORDER_VMS, MAX_ROTATION_PEERS,
-    MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler, RotationAcceptance,
-    RotationLeg, RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
-    SwapResult, TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token, seal,
-    token_chunks,
+    Header, HopAck, Kind, MAC_LEN, MAX_FLOW_ENTRIES, MAX_GROUP_VMS, MAX_ORDER_VMS,
+    MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, PartsAssembler, PartsOutcome, Reassembler,
+    RotationAcceptance, RotationLeg, RotationProposal, SwapAcceptance, SwapOrder, SwapProposal,
+    SwapRefusal, SwapResult, TokenChunk, TokenOrder, WireError, decode, decode_token, encode_token,
+    seal, token_chunks,
 };
 use score_core::wire::{Freshness, KeyRing, ReplayTable};
 
@@ -201,6 +201,20 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         ),
         swap_strategy(),
         rotation_strategy(),
+        group_strategy(),
+    ]
+}
+
+/// The group move messages (WIRE.md, "Group moves"): 1 to
+/// `MAX_GROUP_VMS` distinct VMs, none 0.
+fn group_strategy() -> impl Strategy<Value = Message> {
+    let vms = || {
+        proptest::collection::btree_set(1u32.., 1..=MAX_GROUP_VMS)
+            .prop_map(|s| s.into_iter().collect::<Vec<_>>())
+    };
+    prop_oneof![
+        vms().prop_map(|vms| Message::GroupReserve { vms }),
+        vms().prop_map(|vms| Message::GroupRelease { vms }),
     ]
 }
 

@@ -87,6 +87,11 @@ enum Cmd {
         /// seeds with swaps every host is full, with one VM of headroom.
         #[arg(long)]
         rotations: bool,
+        /// Seeded runs: group moves on every seed (beyond the paper); on
+        /// the seeds with swaps, half the hosts get one VM fewer so a group
+        /// has somewhere to go.
+        #[arg(long)]
+        groups: bool,
         /// Seeded runs: c_m as START/DECAY/FLOOR, START in mean VM costs
         /// (C^A / |V| at the start), decayed each round to FLOOR x START
         /// (the capacity variants' `@start/decay/floor`).
@@ -105,7 +110,8 @@ enum Cmd {
         fanout: Vec<u32>,
         /// With --fill: variants as `score-sim capacity` names them, of
         /// what the protocol's node has: `paper` or `swap`, then `+chain`,
-        /// then `+cycle` (rotations), then `@start/decay/floor` (default
+        /// then `+cycle` (rotations), then `+group` (group moves when u
+        /// would stay), then `@start/decay/floor` (default
         /// swap+chain@10/0.5/0.003).
         #[arg(long, value_delimiter = ',')]
         variant: Vec<Variant>,
@@ -566,6 +572,7 @@ fn main() -> ExitCode {
             paper_rounds: None,
             chains,
             rotations,
+            groups,
             cm,
             ..
         } => (|| {
@@ -576,6 +583,9 @@ fn main() -> ExitCode {
                 }
                 if rotations {
                     *c = c.clone().with_rotations();
+                }
+                if groups {
+                    *c = c.clone().with_groups();
                 }
                 if let Some((spec, decay)) = cm {
                     c.cm = spec;
@@ -639,13 +649,14 @@ fn protocol_versus(
         variants
     };
     for v in variants {
-        if v.group != score_sim::engine::GroupMode::Off
+        if v.group == score_sim::engine::GroupMode::Best
             || v.gswap
             || v.scope.candidates != score_core::swap::CandidateSet::Paper
         {
             anyhow::bail!(
                 "variant {}: the protocol's node has swaps over the paper's candidates, \
-                 chains, rotations and a c_m schedule, not group moves, group swaps or wider sets",
+                 chains, rotations, group moves when u would stay (+group) and a c_m schedule, \
+                 not +group-best, group swaps or wider sets",
                 v.label()
             );
         }
@@ -653,7 +664,7 @@ fn protocol_versus(
     println!(
         "fill,vms,hosts,variant,policy,baseline_pct,baseline_moved,protocol_pct,protocol_of_best,\
          protocol_migrations,protocol_migrations_over_baseline,swaps_done,chains_done,chains_third_host,\
-         chains_half_done,rotations_done,rotations_partly_done,rounds,engine_pct,engine_of_best,engine_migrations,engine_rounds,\
+         chains_half_done,rotations_done,rotations_partly_done,groups_done,groups_partly_done,group_members,rounds,engine_pct,engine_of_best,engine_migrations,engine_rounds,\
          datagrams,protocol_wall_s,violations"
     );
     for &fill in fills {
@@ -669,7 +680,7 @@ fn protocol_versus(
                 }
             };
             println!(
-                "{:.3},{},{},{},{},{:.3},{},{:.3},{:.4},{},{:.3},{},{},{},{},{},{},{},{:.3},{:.4},{},{},{},{:.1},{}",
+                "{:.3},{},{},{},{},{:.3},{},{:.3},{:.4},{},{:.3},{},{},{},{},{},{},{},{},{},{},{:.3},{:.4},{},{},{},{:.1},{}",
                 r.fill,
                 r.vms,
                 r.hosts,
@@ -687,6 +698,9 @@ fn protocol_versus(
                 p.chains_partial,
                 p.rotations_done,
                 p.rotations_partial,
+                p.groups_done,
+                p.groups_partial,
+                p.group_members,
                 p.rounds,
                 e.reduction_pct(),
                 of(e.reduction_pct()),

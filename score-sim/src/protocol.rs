@@ -131,6 +131,8 @@ pub struct SimConfig {
     pub chains: bool,
     /// Rotations when a VM would still stay (beyond the paper).
     pub rotations: bool,
+    /// Group moves when a VM would still stay (beyond the paper).
+    pub groups: bool,
     /// Slots left free in the random world: `vms_per_host` on every host
     /// but this many fewer VMs in all (so a chain's third host has room).
     pub spare_slots: u32,
@@ -206,6 +208,7 @@ impl SimConfig {
             migration_headroom: u32::from(swaps),
             chains: false,
             rotations: false,
+            groups: false,
             spare_slots: 0,
             peers_per_vm: 2,
             policy: [
@@ -242,6 +245,18 @@ impl SimConfig {
         if self.swaps && self.world.is_none() {
             let hosts: u32 = self.fanout.iter().product();
             self.spare_slots = hosts / 2;
+        }
+        self
+    }
+
+    /// Turns group moves on for a seeded run: half the hosts get one VM
+    /// fewer (on the seeds with swaps, whose hosts are full), so a group
+    /// has somewhere to go.
+    pub fn with_groups(mut self) -> Self {
+        self.groups = true;
+        if self.swaps && self.world.is_none() {
+            let hosts: u32 = self.fanout.iter().product();
+            self.spare_slots = self.spare_slots.max(hosts / 2);
         }
         self
     }
@@ -374,6 +389,20 @@ pub struct Report {
     pub rotations_done: u64,
     /// See `rotations_agreed`.
     pub rotations_partial: u64,
+    /// Group moves agreed, done (every member moved), and partly done
+    /// (some moved).
+    pub groups_agreed: u64,
+    /// See `groups_agreed`.
+    pub groups_done: u64,
+    /// See `groups_agreed`.
+    pub groups_partial: u64,
+    /// Members of the group moves agreed (each one migration).
+    pub group_members: u64,
+    /// Every group move agreed (with [`SimConfig::record`]): its benefit
+    /// as the holder computed it, the drop of the equation 1 total
+    /// recomputed on the placement of the moment with its moves made, and
+    /// its threshold.
+    pub group_benefits: Vec<(f64, f64, f64)>,
     /// Every rotation agreed (with [`SimConfig::record`]): its benefit as
     /// the hosts computed it, the drop of the equation 1 total recomputed
     /// on the placement of the moment with its three moves made, and its
@@ -540,6 +569,7 @@ impl Sim {
         }
         c.chains = self.cfg.chains;
         c.rotations = self.cfg.rotations;
+        c.groups = self.cfg.groups;
         c.migration_headroom = self.cfg.migration_headroom;
         c.swap_timeout_ns = c.reservation_ns;
         c
@@ -781,6 +811,33 @@ impl Sim {
                         .push((rotation.benefit, drop, rotation.c_m));
                 }
             }
+            Event::GroupAgreed { group } => {
+                self.report.groups_agreed += 1;
+                self.report.group_members += group.moves.len() as u64;
+                let vms: Option<Vec<usize>> = group
+                    .moves
+                    .iter()
+                    .map(|(v, _)| self.vm_by_id.get(v).copied())
+                    .collect();
+                if self.cfg.record
+                    && let Some(vms) = vms
+                {
+                    let model = CostModel::new(&self.topo, &self.traffic);
+                    let mut after = self.placement.clone();
+                    for (&v, &(_, to)) in vms.iter().zip(&group.moves) {
+                        after.move_vm(v as VmIdx, to);
+                    }
+                    let drop = model.total_cost(&self.placement) - model.total_cost(&after);
+                    self.report
+                        .group_benefits
+                        .push((group.benefit, drop, group.c_m));
+                }
+            }
+            Event::GroupFinished { outcome, .. } => match outcome {
+                SwapOutcome::Done => self.report.groups_done += 1,
+                SwapOutcome::Partial => self.report.groups_partial += 1,
+                _ => {}
+            },
             Event::RotationFinished { outcome, .. } => match outcome {
                 SwapOutcome::Done => self.report.rotations_done += 1,
                 SwapOutcome::Partial => self.report.rotations_partial += 1,
@@ -997,7 +1054,8 @@ impl Sim {
             // A superseded copy ends when its migration does; a swap's
             // when both did, or when its proposer stops waiting for the
             // partner (the swap time-out, the sim's reservation time).
-            let held = if self.cfg.swaps || self.cfg.chains || self.cfg.rotations {
+            let held = if self.cfg.swaps || self.cfg.chains || self.cfg.rotations || self.cfg.groups
+            {
                 // A rotation's third migration after its second.
                 let third = if self.cfg.rotations {
                     self.cfg.migration_max_ns + 2 * SEC
@@ -1046,6 +1104,21 @@ pub fn liveness_bound_ns(cfg: &SimConfig, vms: u64) -> u64 {
         // its commit.
         asks += 4 * (500 * MS + 5 * 500 * MS);
         migrations += cfg.migration_max_ns + 4 * 500 * MS;
+    }
+    if cfg.groups {
+        // The members' peers located with u's; up to four target racks
+        // asked (a rack at once; with pods, its pod's other racks each
+        // at once too), then the reservations; the members' migrations
+        // at once.
+        let racks_per_pod = cfg.fanout.get(1).copied().unwrap_or(1).max(1);
+        let per_rack = if cfg.fanout.len() >= 3 {
+            u64::from(racks_per_pod)
+        } else {
+            1
+        };
+        asks += 500 * MS * u64::from(2 * cfg.peers_per_vm) * u64::from(cfg.vm_slots);
+        asks += 4 * per_rack * 500 * MS + 500 * MS;
+        migrations += cfg.migration_max_ns;
     }
     4 * cfg.token_timeout_ns + vms * (cfg.token_hold_ns + asks + migrations + hop)
 }
@@ -1335,7 +1408,8 @@ pub struct Versus {
 }
 
 /// Runs `variant` (swaps over the paper's candidates, ejection chains,
-/// rotations, a c_m schedule: what the `Node` has; no group moves)
+/// rotations, group moves when u would stay, a c_m schedule: what the
+/// `Node` has)
 /// through the protocol, without faults, on scenario `s` filled to
 /// `fill`, until a quiet round with c_m at its floor or `max_rounds`;
 /// beside the engine's run of the same variant and the best baseline.
@@ -1359,6 +1433,7 @@ pub fn versus_baseline(
     c.migration_headroom = u32::from(variant.scope.swaps || variant.cycle);
     c.chains = variant.chain;
     c.rotations = variant.cycle;
+    c.groups = variant.group != crate::engine::GroupMode::Off;
     c.cm = opts.cm;
     c.cm_decay = CmDecay {
         decay: opts.cm_decay,
@@ -1449,6 +1524,12 @@ pub struct Summary {
     pub rotations_done: u64,
     /// See `rotations_agreed`.
     pub rotations_partial: u64,
+    /// Group moves agreed, done and partly done.
+    pub groups_agreed: u64,
+    /// See `groups_agreed`.
+    pub groups_done: u64,
+    /// See `groups_agreed`.
+    pub groups_partial: u64,
     /// Hops skipped, tokens regenerated, copies superseded.
     pub skips: u64,
     /// See `skips`.
@@ -1495,6 +1576,13 @@ impl std::fmt::Display for Summary {
                 f,
                 "rotations: {} agreed, {} done, {} partly done",
                 self.rotations_agreed, self.rotations_done, self.rotations_partial
+            )?;
+        }
+        if self.groups_agreed > 0 {
+            writeln!(
+                f,
+                "group moves: {} agreed, {} done, {} partly done",
+                self.groups_agreed, self.groups_done, self.groups_partial
             )?;
         }
         writeln!(
@@ -1567,6 +1655,9 @@ pub fn soak_with(
         s.rotations_agreed += r.rotations_agreed;
         s.rotations_done += r.rotations_done;
         s.rotations_partial += r.rotations_partial;
+        s.groups_agreed += r.groups_agreed;
+        s.groups_done += r.groups_done;
+        s.groups_partial += r.groups_partial;
         s.skips += r.skips;
         s.regenerations += r.regenerations;
         s.superseded += r.superseded;
@@ -1779,6 +1870,53 @@ mod tests {
             assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
             agreed += r.rotations_agreed;
             partial += r.rotations_partial;
+        }
+        assert!(
+            agreed > 0 && partial > 0,
+            "{agreed} agreed, {partial} partly done"
+        );
+    }
+
+    /// Group moves on quiet runs: every host stays within its slots (the
+    /// run's invariants), every group move agreed is done, and its benefit
+    /// as the holder computed it is the drop of the equation 1 total
+    /// recomputed with all its moves made, above its threshold.
+    #[test]
+    fn group_moves_keep_every_host_within_its_slots_and_their_benefit_is_exact() {
+        let mut agreed = 0;
+        for seed in 0..12 {
+            let mut c = quiet(seed).with_groups();
+            c.record = true;
+            // Every host's view exact, as for chains.
+            (c.hold_down_ns, c.location_ttl_ns) = (0, SEC);
+            let r = run(&c);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            assert_eq!(r.groups_agreed, r.groups_done, "seed {seed}: {r:?}");
+            assert_eq!(r.group_benefits.len() as u64, r.groups_agreed);
+            for &(claimed, drop, c_m) in &r.group_benefits {
+                assert!(
+                    (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
+                    "seed {seed}: group benefit {claimed}, recomputed {drop}"
+                );
+                assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
+            }
+            agreed += r.groups_agreed;
+        }
+        assert!(agreed > 0, "some group move is agreed");
+    }
+
+    /// Group moves under faults keep the invariants, and some end partly
+    /// done (each member where its own migration left it).
+    #[test]
+    fn group_moves_under_faults_keep_the_invariants() {
+        let (mut agreed, mut partial) = (0, 0);
+        for seed in 0..12 {
+            let mut c = SimConfig::seeded(seed, 8).with_groups();
+            c.duration_ns = 1800 * SEC;
+            let r = run(&c);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            agreed += r.groups_agreed;
+            partial += r.groups_partial;
         }
         assert!(
             agreed > 0 && partial > 0,

@@ -600,6 +600,15 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
         1800,
         &["--rotations", "--cm", "10/0.5/0.003"],
     )?;
+    // Group moves (docs/PROTOCOL.md, "Group moves"): half the hosts of
+    // the seeds with swaps get one VM fewer, so a group has somewhere to go.
+    soak(
+        4_000_000,
+        120,
+        8,
+        1800,
+        &["--groups", "--cm", "10/0.5/0.003"],
+    )?;
 
     if !is_root() {
         eprintln!("xtask: SKIPPING privileged tests: they need root (BPF, network namespaces)");

@@ -247,6 +247,25 @@ impl Events {
                 m.rotation(*outcome);
                 self.outcome(*vm, format!("rotation {outcome:?}").to_lowercase());
             }
+            // Group moves (off by default, `proto::Config::groups`):
+            // logged and kept for /status.
+            Event::GroupAgreed { group } => {
+                m.decision_evaluated();
+                m.observe_benefit(group.benefit);
+                let to: Vec<String> = group
+                    .moves
+                    .iter()
+                    .map(|&(v, h)| format!("{}->host#{h}", ip(v)))
+                    .collect();
+                info!(vm = %ip(group.vm), members = group.moves.len(), moves = ?to, benefit = group.benefit, c_m = group.c_m, "group move");
+            }
+            Event::GroupFinished { vm, moved, outcome } => {
+                if *outcome == SwapOutcome::Partial {
+                    warn!(vm = %ip(*vm), moved, "group move partly done");
+                }
+                info!(vm = %ip(*vm), moved, ?outcome, "group move ended");
+                self.outcome(*vm, format!("group {outcome:?}").to_lowercase());
+            }
             Event::SwapRefused { vm, by, reason } => {
                 info!(vm = %ip(*vm), host = %by, reason = reason.name(), "swap refused");
             }

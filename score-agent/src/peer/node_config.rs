@@ -52,6 +52,7 @@ pub fn node_config(cfg: &ClusterSettings, advisory: bool, now_ms: u64) -> Config
     c.swap_timeout_ns = ns(cfg.policy.swap_timeout);
     c.chains = cfg.policy.chains;
     c.rotations = cfg.policy.rotations;
+    c.groups = cfg.policy.groups;
     c.cm_decay = CmDecay {
         decay: cfg.policy.cm_decay,
         floor: cfg.policy.cm_floor,

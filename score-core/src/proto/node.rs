@@ -18,6 +18,7 @@ use crate::cycle::{
     Leg, Rotation, RotationOffer, RotationRequest, close_rotation, decide_rotation, extend_rotation,
 };
 use crate::decision::{self, Capacity, CmDecay, Decision, MigrationCost, Plan, Rule};
+use crate::group::{GroupLimits, GroupMove, decide_group, local_group};
 use crate::policy::{self, HostShape, PolicyKind, TokenPolicy, order_from_reports};
 use crate::swap::{
     LocalVm, Query, Scope, ScopedDecider, Settings, Step, Swap, SwapOffer, SwapRequest,
@@ -27,10 +28,10 @@ use crate::token::{Load, Token, VmId};
 use crate::topology::{HostId, Topology};
 use crate::wire::{
     ChunkBitmap, ChunkOutcome, Datagram, EjectAcceptance, FlowEntry, FlowReport, Freshness, Header,
-    KeyRing, MAX_MEMBER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, PartsAssembler,
-    PartsOutcome, Reassembler, RejectReason, ReplayTable, RotationAcceptance, RotationLeg,
-    RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
-    TokenOrder, token_chunks,
+    KeyRing, MAX_GROUP_VMS, MAX_MEMBER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message,
+    PartsAssembler, PartsOutcome, Reassembler, RejectReason, ReplayTable, RotationAcceptance,
+    RotationLeg, RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
+    SwapResult, TokenChunk, TokenOrder, token_chunks,
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -103,6 +104,12 @@ pub struct Config {
     /// Each of y and z needs `migration_headroom` for one VM. An asked
     /// host with rotations off refuses them.
     pub rotations: bool,
+    /// Group moves (beyond the paper; off by default): when u would still
+    /// stay, move u's group (its traffic component among this host's
+    /// VMs) into a rack near the members' peers, with score-core's
+    /// `group::decide_group`, each destination host reserving its
+    /// members' slots first (docs/PROTOCOL.md, "Group moves").
+    pub groups: bool,
     /// How long an asked host keeps a swap partner reserved, and how long
     /// a proposer waits for the partner to move; longer than any
     /// migration.
@@ -153,6 +160,7 @@ impl Config {
             migration_headroom: 0,
             chains: false,
             rotations: false,
+            groups: false,
             swap_timeout_ns: 600_000_000_000,
             advisory: false,
             coordinator: None,
@@ -396,6 +404,23 @@ pub enum Event {
         /// How.
         outcome: SwapOutcome,
     },
+    /// The holder agreed a group move: every destination host reserved
+    /// its members' slots.
+    GroupAgreed {
+        /// The group move with its numbers (hosts as the topology's
+        /// indices).
+        group: GroupMove,
+    },
+    /// A group move this node agreed as the holder ended (`Partial`: some
+    /// members moved, not all; each is where its migration left it).
+    GroupFinished {
+        /// The holder's VM u.
+        vm: VmId,
+        /// Members that moved.
+        moved: u32,
+        /// How.
+        outcome: SwapOutcome,
+    },
     /// A swap this node agreed as the proposer ended.
     SwapFinished {
         /// The proposing VM.
@@ -451,6 +476,45 @@ enum Phase {
     Migrating,
     /// An agreed swap is under way.
     Swapping(Deal),
+    /// A group move: asking, reserving, moving.
+    Grouping(Box<Grouping>),
+}
+
+/// The holder's group move for u: the capacities of the target racks'
+/// hosts, then the destinations' reservations, then the migrations.
+#[derive(Debug)]
+struct Grouping {
+    /// What is told if no group move is made.
+    stay: Decision,
+    load: Load,
+    /// This host's VMs that may move, u first, as it knows them.
+    local: Vec<LocalVm>,
+    /// Capacity answers by host (`None`: none in time).
+    rooms: BTreeMap<HostId, Option<Capacity>>,
+    /// Questions in flight: capacity requests (by host) or reservations
+    /// (by destination, with its members).
+    asking: BTreeMap<u64, (HostId, Vec<VmId>)>,
+    deadline: u64,
+    stage: GroupStage,
+}
+
+#[derive(Debug)]
+enum GroupStage {
+    /// Asking the target racks' hosts for their capacity.
+    Asking,
+    /// The destinations reserving their members' slots; those that did.
+    Reserving {
+        group: GroupMove,
+        granted: Vec<(HostId, Vec<VmId>)>,
+    },
+    /// Every member's migration started at once (each into a slot its
+    /// destination reserved); those still under way, and those done.
+    Moving {
+        group: GroupMove,
+        pending: BTreeMap<VmId, HostId>,
+        moved: u32,
+        outcome: Option<MigrationOutcome>,
+    },
 }
 
 /// What the holder's walk over the candidates decides.
@@ -981,7 +1045,10 @@ impl Node {
                     t = t.min(*deadline)
                 }
                 Phase::Swapping(d) if d.stage == Stage::Committing => t = t.min(d.resend_at),
-                Phase::Migrating | Phase::Swapping(_) => {}
+                Phase::Grouping(g) if !matches!(g.stage, GroupStage::Moving { .. }) => {
+                    t = t.min(g.deadline)
+                }
+                Phase::Migrating | Phase::Swapping(_) | Phase::Grouping(_) => {}
             }
         }
         if let Some(c) = &self.considering {
@@ -1079,6 +1146,9 @@ impl Node {
                 self.send(proposer, &done);
             }
         }
+        if self.group_member_done(vm, outcome) {
+            return;
+        }
         let Some(h) = self.held.as_mut().filter(|h| h.vm == vm) else {
             return;
         };
@@ -1135,6 +1205,9 @@ impl Node {
             Some(Phase::Locating { deadline, .. })
             | Some(Phase::Walking(Walk { deadline, .. })) => now >= *deadline,
             Some(Phase::Swapping(d)) => d.stage == Stage::Committing && now >= d.resend_at,
+            Some(Phase::Grouping(g)) => {
+                !matches!(g.stage, GroupStage::Moving { .. }) && now >= g.deadline
+            }
             _ => false,
         };
         if due {
@@ -1161,6 +1234,22 @@ impl Node {
                     self.swap_finished(outcome);
                 }
                 Some(Phase::Swapping(_)) => self.send_commit(),
+                Some(Phase::Grouping(g)) => {
+                    // Unanswered questions: no room.
+                    let late = std::mem::take(&mut g.asking);
+                    if matches!(g.stage, GroupStage::Asking) {
+                        for (h, _) in late.into_values() {
+                            g.rooms.insert(h, None);
+                        }
+                        self.group_next();
+                    } else {
+                        // A reservation may have been made: released.
+                        for (h, vms) in late.into_values() {
+                            self.release_group(h, vms);
+                        }
+                        self.group_refused();
+                    }
+                }
                 _ => {}
             }
         }
@@ -1394,6 +1483,34 @@ impl Node {
                 result,
                 ..
             } => self.on_swap_done(h.sender, vm, partner, result),
+            Message::GroupReserve { vms } => {
+                let free = self.free_slots();
+                // All of them or none: a group move needs every slot.
+                let sane = !vms.iter().any(|v| self.hosted.contains_key(v));
+                let granted = sane && u64::from(free) >= vms.len() as u64;
+                // An advisory cluster moves nothing: as for a capacity
+                // request, nothing is promised.
+                if granted && !self.cfg.advisory {
+                    let until = self.now.saturating_add(self.cfg.reservation_ns);
+                    for v in vms {
+                        self.reservations.insert(v, until);
+                    }
+                }
+                let free = if sane { free } else { 0 };
+                let reply = Message::CapacityResponse {
+                    in_reply_to: h.seq,
+                    free_slots: free,
+                    free_memory_mib: u64::from(free) * self.cfg.vm_memory_mib,
+                };
+                self.send(h.sender, &reply);
+            }
+            Message::GroupRelease { vms } => {
+                for v in vms {
+                    if !self.hosted.contains_key(&v) {
+                        self.reservations.remove(&v);
+                    }
+                }
+            }
             Message::TokenOrder(o) => {
                 if self.cfg.coordinator != Some(h.sender) {
                     return self.reject(RejectReason::Other);
@@ -1526,16 +1643,28 @@ impl Node {
     /// the migration does.
     fn drop_superseded_if_idle(&mut self) {
         let idle = self.held.as_ref().is_some_and(|h| {
-            h.superseded && !matches!(h.phase, Phase::Migrating | Phase::Swapping(_))
+            h.superseded
+                && !matches!(h.phase, Phase::Migrating | Phase::Swapping(_))
+                && !matches!(&h.phase, Phase::Grouping(g) if matches!(g.stage, GroupStage::Moving { .. }))
         });
         if idle {
             let h = self.held.take().expect("checked");
             let mine = self.stamp(&h.token, Some(h.vm));
             self.events.push_back(Event::TokenSuperseded { mine });
-            if let Phase::Walking(w) = h.phase {
-                for a in w.accepted {
-                    self.release(&a);
+            match h.phase {
+                Phase::Walking(w) => {
+                    for a in w.accepted {
+                        self.release(&a);
+                    }
                 }
+                Phase::Grouping(g) => {
+                    if let GroupStage::Reserving { granted, .. } = g.stage {
+                        for (to, vms) in granted.into_iter().chain(g.asking.into_values()) {
+                            self.release_group(to, vms);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -1810,12 +1939,25 @@ impl Node {
             return self.hand_on();
         }
         let mut pending = BTreeMap::new();
-        for (p, rate) in peers {
+        let mut asked = BTreeSet::new();
+        // With group moves, the peers of every member of u's group too:
+        // a group move is decided with their places.
+        let members = if self.cfg.groups {
+            self.group_members(vm)
+        } else {
+            Vec::new()
+        };
+        let others = members
+            .iter()
+            .filter(|&&g| g != vm)
+            .flat_map(|g| self.hosted.get(g).cloned().unwrap_or_default());
+        let all: Vec<(VmId, f64)> = peers.into_iter().chain(others).collect();
+        for (p, rate) in all {
             if rate < self.cfg.min_rate || rate <= 0.0 || p == vm || self.hosted.contains_key(&p) {
                 continue;
             }
             let fresh = self.locations.get(&p).is_some_and(|(_, t)| *t > self.now);
-            if !fresh {
+            if !fresh && asked.insert(p) {
                 let seq = self.send(Ipv4Addr::from(p), &Message::LocationRequest { vm: p });
                 pending.insert(seq, p);
             }
@@ -2084,6 +2226,20 @@ impl Node {
                 },
                 _,
             ) if self.cfg.rotations => self.walk_again(WalkKind::Rotations { stay }),
+            (WalkEnd::Step(Step::Single(stay @ Decision::Stay { .. })), _)
+            | (
+                WalkEnd::Chain {
+                    stay, chain: None, ..
+                },
+                _,
+            )
+            | (
+                WalkEnd::Rotation {
+                    stay,
+                    rotation: None,
+                },
+                _,
+            ) if self.cfg.groups => self.start_groups(stay, load),
             (WalkEnd::Step(step), chosen) => {
                 if let Some(h) = self.held.as_mut() {
                     h.token.update(vm, step.level_after(), load);
@@ -2187,6 +2343,416 @@ impl Node {
             w.deadline = self.now;
         }
         self.walk_next()
+    }
+
+    /// The group moves' limits: at most [`MAX_GROUP_VMS`] members, so a
+    /// destination's share fits one reservation.
+    fn group_limits() -> GroupLimits {
+        let l = GroupLimits::default();
+        GroupLimits {
+            max_members: l.max_members.min(MAX_GROUP_VMS),
+            ..l
+        }
+    }
+
+    /// This host's VMs that a group move of `vm` may take, `vm` first, as
+    /// this host knows them: the others as for a swap (not moving, not
+    /// reserved, not undefined, not held down).
+    fn group_view(&self, vm: VmId) -> Vec<LocalVm> {
+        std::iter::once(vm)
+            .chain(self.swap_candidates())
+            .map(|w| self.local_vm(w, &[]))
+            .collect()
+    }
+
+    /// The members of `vm`'s group as this host knows it now
+    /// (score-core's `group::local_group`), `vm` first.
+    fn group_members(&self, vm: VmId) -> Vec<VmId> {
+        let local = self.group_view(vm);
+        local_group(vm, &local, Self::group_limits().max_members)
+            .into_iter()
+            .map(|i| local[i].id)
+            .collect()
+    }
+
+    /// Whether `w` is a member of the group move under way here (reserved
+    /// at its destination or moving): no swap, chain or rotation may take
+    /// it meanwhile.
+    fn in_group_move(&self, w: VmId) -> bool {
+        let Some(Phase::Grouping(g)) = self.held.as_ref().map(|h| &h.phase) else {
+            return false;
+        };
+        match &g.stage {
+            GroupStage::Asking => false,
+            GroupStage::Reserving { group, .. } | GroupStage::Moving { group, .. } => {
+                group.moves.iter().any(|(v, _)| *v == w)
+            }
+        }
+    }
+
+    /// u would stay: a move of its group is looked for (docs/PROTOCOL.md,
+    /// "Group moves"), starting with the target racks' capacities.
+    fn start_groups(&mut self, stay: Decision, load: Load) {
+        let Some(vm) = self.held.as_ref().map(|h| h.vm) else {
+            return;
+        };
+        let g = Grouping {
+            stay,
+            load,
+            local: self.group_view(vm),
+            rooms: BTreeMap::new(),
+            asking: BTreeMap::new(),
+            deadline: self.now,
+            stage: GroupStage::Asking,
+        };
+        if let Some(h) = self.held.as_mut() {
+            h.phase = Phase::Grouping(Box::new(g));
+        }
+        self.group_next();
+    }
+
+    /// score-core's `group::decide_group`, replayed over the capacities
+    /// known so far: the hosts of the next rack it reaches are asked, all
+    /// at once (which hosts it asks beyond depends on their answers), or
+    /// the decision is made and its destinations asked to reserve.
+    fn group_next(&mut self) {
+        if self.held.as_ref().is_some_and(|h| h.superseded) {
+            return self.drop_superseded_if_idle();
+        }
+        let topo = self.cfg.topology.clone();
+        let cm = self.settings().cm;
+        let (decided, missing) = {
+            let Some(Held {
+                vm,
+                phase: Phase::Grouping(g),
+                ..
+            }) = self.held.as_ref()
+            else {
+                return;
+            };
+            let mut missing = Vec::new();
+            let decided = decide_group(
+                &topo,
+                self.host,
+                *vm,
+                &g.local,
+                cm,
+                Self::group_limits(),
+                |h| match g.rooms.get(&h) {
+                    Some(c) => *c,
+                    None => {
+                        missing.push(h);
+                        None
+                    }
+                },
+            );
+            (decided, missing)
+        };
+        if let Some(&first) = missing.first() {
+            let rack = topo.group_of(first, 1);
+            let mut asking = BTreeMap::new();
+            for h in missing {
+                if topo.group_of(h, 1) == rack && !asking.values().any(|(a, _)| *a == h) {
+                    let seq = self.send(topo.host_addr(h), &Message::CapacityRequest { vm: 0 });
+                    asking.insert(seq, (h, Vec::new()));
+                }
+            }
+            let deadline = self.now + self.cfg.request_timeout_ns;
+            if let Some(Held {
+                phase: Phase::Grouping(g),
+                ..
+            }) = self.held.as_mut()
+            {
+                g.asking = asking;
+                g.deadline = deadline;
+            }
+            return;
+        }
+        let Some(group) = decided else {
+            return self.group_refused();
+        };
+        // Each destination reserves its members' slots, all or none.
+        let mut shares: BTreeMap<HostId, Vec<VmId>> = BTreeMap::new();
+        for &(v, h) in &group.moves {
+            shares.entry(h).or_default().push(v);
+        }
+        let mut asking = BTreeMap::new();
+        for (h, vms) in shares {
+            let m = Message::GroupReserve { vms: vms.clone() };
+            let seq = self.send(topo.host_addr(h), &m);
+            asking.insert(seq, (h, vms));
+        }
+        let deadline = self.now + self.cfg.request_timeout_ns;
+        if let Some(Held {
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_mut()
+        {
+            g.asking = asking;
+            g.deadline = deadline;
+            g.stage = GroupStage::Reserving {
+                group,
+                granted: Vec::new(),
+            };
+        }
+    }
+
+    /// A capacity answer for the group move: a target host's room, or a
+    /// destination's reservation (made if its free slots, counted before
+    /// it, cover its members); whether it was one.
+    fn group_answer(&mut self, in_reply_to: u64, cap: Capacity) -> bool {
+        enum Then {
+            Wait,
+            Next,
+            Move,
+            Refused(Vec<(HostId, Vec<VmId>)>),
+        }
+        let Some(Held {
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return false;
+        };
+        let Some((h, vms)) = g.asking.remove(&in_reply_to) else {
+            return false;
+        };
+        let all = g.asking.is_empty();
+        let then = match &mut g.stage {
+            GroupStage::Asking => {
+                g.rooms.insert(h, Some(cap));
+                if all { Then::Next } else { Then::Wait }
+            }
+            GroupStage::Reserving { granted, .. } => {
+                if u64::from(cap.free_slots) >= vms.len() as u64 {
+                    granted.push((h, vms));
+                    if all { Then::Move } else { Then::Wait }
+                } else {
+                    // The others' reservations are released (those still
+                    // asked too: their answers will not be waited for).
+                    let mut rest = std::mem::take(granted);
+                    rest.extend(std::mem::take(&mut g.asking).into_values());
+                    Then::Refused(rest)
+                }
+            }
+            GroupStage::Moving { .. } => Then::Wait,
+        };
+        match then {
+            Then::Wait => {}
+            Then::Next => self.group_next(),
+            Then::Move => self.start_group(),
+            Then::Refused(rest) => {
+                for (h, vms) in rest {
+                    self.release_group(h, vms);
+                }
+                self.group_refused();
+            }
+        }
+        true
+    }
+
+    /// Tells destination `h` the slots reserved for `vms` are not needed.
+    /// Sent once: if it is lost, the reservations expire there.
+    fn release_group(&mut self, h: HostId, vms: Vec<VmId>) {
+        if vms.is_empty() {
+            return;
+        }
+        let to = self.cfg.topology.host_addr(h);
+        self.send(to, &Message::GroupRelease { vms });
+    }
+
+    /// No group move: u stays, as the walk decided.
+    fn group_refused(&mut self) {
+        let Some(Held {
+            vm,
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_ref()
+        else {
+            return;
+        };
+        let (vm, stay, load) = (*vm, g.stay, g.load);
+        if let Some(h) = self.held.as_mut() {
+            h.token.update(vm, stay.level_after(), load);
+        }
+        self.events.push_back(Event::Decided { decision: stay });
+        self.hand_on();
+    }
+
+    /// The members' levels with each on `placed` (its host), their peers
+    /// elsewhere where this host believes they are.
+    fn group_levels(&self, local: &[LocalVm], placed: &[(VmId, HostId)]) -> Vec<(VmId, u8)> {
+        let topo = &self.cfg.topology;
+        placed
+            .iter()
+            .filter_map(|&(v, at)| {
+                let g = local.iter().find(|l| l.id == v)?;
+                let mut ps = g.peers.clone();
+                for p in ps.iter_mut() {
+                    if let Some(&(_, h)) = placed.iter().find(|(m, _)| *m == p.id) {
+                        p.host = h;
+                    }
+                }
+                Some((v, level_at(topo, v, &ps, at)))
+            })
+            .collect()
+    }
+
+    /// Every destination reserved its members' slots: the members'
+    /// migrations start, all at once. x only loses VMs and each
+    /// destination receives only into slots it reserved, so no order can
+    /// take a host beyond its slots; at once, because a reservation lasts
+    /// `reservation_ns`, longer than one migration, not than k in a row.
+    fn start_group(&mut self) {
+        let Some(Held {
+            vm,
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return;
+        };
+        let vm = *vm;
+        let GroupStage::Reserving { group, .. } =
+            std::mem::replace(&mut g.stage, GroupStage::Asking)
+        else {
+            return;
+        };
+        let (load, local) = (g.load, std::mem::take(&mut g.local));
+        // A member taken meanwhile (gone, moving, a swap's partner) stays,
+        // and its slot is released.
+        let (go, stay): (Vec<_>, Vec<_>) = group.moves.iter().partition(|&&(v, _)| {
+            self.hosted.contains_key(&v)
+                && !self.migrating.contains_key(&v)
+                && !self.frozen.contains(&v)
+                && !self.swaps.holds(v)
+        });
+        let levels = self.group_levels(&local, &group.moves);
+        if let Some(h) = self.held.as_mut() {
+            for &(v, level) in &levels {
+                if v == vm {
+                    h.token.update(vm, level, load);
+                } else if let Some(e) = h.token.get_mut(v) {
+                    e.level = level.min(15);
+                }
+            }
+            if let Phase::Grouping(g) = &mut h.phase {
+                g.local = local;
+                g.stage = GroupStage::Moving {
+                    group: group.clone(),
+                    pending: go.iter().copied().collect(),
+                    moved: 0,
+                    outcome: None,
+                };
+            }
+        }
+        self.events.push_back(Event::GroupAgreed { group });
+        for (v, h) in stay {
+            self.release_group(h, vec![v]);
+        }
+        let topo = self.cfg.topology.clone();
+        for &(v, h) in &go {
+            self.start_migration(v, topo.host_addr(h));
+        }
+        if go.is_empty() {
+            self.group_finished();
+        }
+    }
+
+    /// A migration ended: if of a member of the group move under way, it
+    /// is counted (a failed one's slot released), and the move ends with
+    /// the last; whether it was one.
+    fn group_member_done(&mut self, vm: VmId, outcome: MigrationOutcome) -> bool {
+        let Some(Held {
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_mut()
+        else {
+            return false;
+        };
+        let GroupStage::Moving {
+            pending,
+            moved,
+            outcome: worst,
+            ..
+        } = &mut g.stage
+        else {
+            return false;
+        };
+        let Some(to) = pending.remove(&vm) else {
+            return false;
+        };
+        let last = pending.is_empty();
+        match outcome {
+            MigrationOutcome::Done => *moved += 1,
+            other => *worst = worst.or(Some(other)),
+        }
+        // A VM whose migration ended undefined may be there: its slot
+        // stays reserved until it expires.
+        if matches!(
+            outcome,
+            MigrationOutcome::Failed | MigrationOutcome::Advisory
+        ) {
+            self.release_group(to, vec![vm]);
+        }
+        if last {
+            self.group_finished();
+        }
+        true
+    }
+
+    /// The group move ended: told, u's and the members' levels where they
+    /// are, and the token goes on.
+    fn group_finished(&mut self) {
+        let Some(Held {
+            vm,
+            phase: Phase::Grouping(g),
+            ..
+        }) = self.held.as_ref()
+        else {
+            return;
+        };
+        let GroupStage::Moving {
+            group,
+            moved,
+            outcome,
+            ..
+        } = &g.stage
+        else {
+            return;
+        };
+        let (vm, moved) = (*vm, *moved);
+        let outcome = if moved as usize == group.moves.len() {
+            SwapOutcome::Done
+        } else if moved > 0 {
+            SwapOutcome::Partial
+        } else if *outcome == Some(MigrationOutcome::Advisory) {
+            SwapOutcome::Advisory
+        } else {
+            SwapOutcome::Failed
+        };
+        if outcome != SwapOutcome::Done {
+            // Where each member is now: moved, or still here.
+            let placed: Vec<(VmId, HostId)> = group
+                .moves
+                .iter()
+                .map(|&(v, to)| {
+                    let here = self.hosted.contains_key(&v) || self.frozen.contains(&v);
+                    (v, if here { self.host } else { to })
+                })
+                .collect();
+            let levels = self.group_levels(&g.local, &placed);
+            if let Some(h) = self.held.as_mut() {
+                for (v, level) in levels {
+                    if let Some(e) = h.token.get_mut(v) {
+                        e.level = level.min(15);
+                    }
+                }
+            }
+        }
+        self.events
+            .push_back(Event::GroupFinished { vm, moved, outcome });
+        self.hand_on();
     }
 
     /// Releases what an asked host reserved for a proposal not chosen
@@ -2543,6 +3109,9 @@ impl Node {
         if self.walk_answer(in_reply_to, None, Answer::Capacity(Some(cap))) {
             return self.walk_next();
         }
+        if self.group_answer(in_reply_to, cap) {
+            return;
+        }
         if self.placing.as_ref().is_some_and(|p| p.seq == in_reply_to) {
             return self.placed(Some(cap));
         }
@@ -2759,6 +3328,7 @@ impl Node {
                     && !self.migrating.contains_key(w)
                     && !self.frozen.contains(w)
                     && !self.swaps.holds(*w)
+                    && !self.in_group_move(*w)
                     && self
                         .migrated_at
                         .get(w)
@@ -2928,41 +3498,44 @@ impl Node {
     /// it knows them: their peers where it believes they are (those in
     /// `placed` where it says).
     fn local_with(&self, placed: &[(VmId, HostId)]) -> Vec<LocalVm> {
-        let now = self.now;
-        let topo = self.cfg.topology.clone();
         self.swap_candidates()
             .into_iter()
-            .map(|w| {
-                let peers = self
-                    .hosted
-                    .get(&w)
-                    .map(|ps| {
-                        ps.iter()
-                            .filter(|(_, rate)| *rate >= self.cfg.min_rate && *rate > 0.0)
-                            .filter_map(|&(z, rate)| {
-                                let host =
-                                    if let Some(&(_, h)) = placed.iter().find(|(v, _)| *v == z) {
-                                        Some(h)
-                                    } else if self.hosted.contains_key(&z) {
-                                        Some(self.host)
-                                    } else {
-                                        self.locations
-                                            .get(&z)
-                                            .filter(|(_, t)| *t > now)
-                                            .and_then(|(a, _)| topo.host_by_addr(*a))
-                                    };
-                                host.map(|host| decision::Peer { id: z, host, rate })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                LocalVm {
-                    id: w,
-                    mem_mb: self.cfg.vm_memory_mib,
-                    peers,
-                }
-            })
+            .map(|w| self.local_vm(w, placed))
             .collect()
+    }
+
+    /// Hosted VM `w` as this host knows it: its peers where it believes
+    /// they are (those in `placed` where it says; unknown ones left out).
+    fn local_vm(&self, w: VmId, placed: &[(VmId, HostId)]) -> LocalVm {
+        let now = self.now;
+        let topo = &self.cfg.topology;
+        let peers = self
+            .hosted
+            .get(&w)
+            .map(|ps| {
+                ps.iter()
+                    .filter(|(_, rate)| *rate >= self.cfg.min_rate && *rate > 0.0)
+                    .filter_map(|&(z, rate)| {
+                        let host = if let Some(&(_, h)) = placed.iter().find(|(v, _)| *v == z) {
+                            Some(h)
+                        } else if self.hosted.contains_key(&z) {
+                            Some(self.host)
+                        } else {
+                            self.locations
+                                .get(&z)
+                                .filter(|(_, t)| *t > now)
+                                .and_then(|(a, _)| topo.host_by_addr(*a))
+                        };
+                        host.map(|host| decision::Peer { id: z, host, rate })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        LocalVm {
+            id: w,
+            mem_mb: self.cfg.vm_memory_mib,
+            peers,
+        }
     }
 
     /// The proposal as score-core's request to this host.

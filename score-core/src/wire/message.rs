@@ -29,6 +29,10 @@ pub const MAX_ORDER_VMS: usize = (MAX_PAYLOAD - LIST_HEADER_LEN) / 4;
 /// Most VM IDs in one [`Message::Members`] datagram (a count, then IDs).
 pub const MAX_MEMBER_VMS: usize = (MAX_PAYLOAD - 2) / 4;
 
+/// Most VMs in one [`Message::GroupReserve`] or [`Message::GroupRelease`]:
+/// score-core's `group::GroupLimits` default (a group move's members).
+pub const MAX_GROUP_VMS: usize = 32;
+
 /// One chunk of an encoded token (see [`token_chunks`](super::token_chunks)).
 /// Every chunk but the last carries exactly
 /// [`CHUNK_DATA_LEN`](super::CHUNK_DATA_LEN) bytes, so index, count and
@@ -558,6 +562,23 @@ pub enum Message {
         /// What became of the partner's migration.
         result: SwapResult,
     },
+    /// From the holder of a group move to one of its destination hosts:
+    /// reserve a slot for each of these VMs, all of them or none. Answered
+    /// with a [`Message::CapacityResponse`] whose free slots are counted
+    /// before the reservation: the reservation was made if and only if
+    /// they are at least the number of VMs (docs/PROTOCOL.md, "Group
+    /// moves").
+    GroupReserve {
+        /// The members bound for that host: 1 to [`MAX_GROUP_VMS`], none 0.
+        vms: Vec<VmId>,
+    },
+    /// From the holder of a group move to a destination host: the slots
+    /// reserved for these VMs are not needed (the move stopped, or will
+    /// not happen). Not answered; if lost, the reservations expire.
+    GroupRelease {
+        /// As in [`Message::GroupReserve`].
+        vms: Vec<VmId>,
+    },
 }
 
 impl Message {
@@ -584,6 +605,8 @@ impl Message {
             Message::EjectAccept(_) => Kind::EjectAccept,
             Message::RotatePropose(_) => Kind::RotatePropose,
             Message::RotateAccept(_) => Kind::RotateAccept,
+            Message::GroupReserve { .. } => Kind::GroupReserve,
+            Message::GroupRelease { .. } => Kind::GroupRelease,
         }
     }
 
@@ -644,6 +667,8 @@ impl Message {
             Message::RotatePropose(p) => p.check(),
             Message::RotateAccept(a) => a.check(),
             Message::Members { vms } => check_members(vms),
+            Message::GroupReserve { vms } => check_group(Kind::GroupReserve, vms),
+            Message::GroupRelease { vms } => check_group(Kind::GroupRelease, vms),
             _ => Ok(()),
         }
     }
@@ -802,6 +827,12 @@ impl Message {
             }
             Message::Members { vms } => {
                 buf.put_u16(vms.len() as u16); // <= MAX_MEMBER_VMS
+                for vm in vms {
+                    buf.put_u32(*vm);
+                }
+            }
+            Message::GroupReserve { vms } | Message::GroupRelease { vms } => {
+                buf.put_u8(vms.len() as u8); // <= MAX_GROUP_VMS
                 for vm in vms {
                     buf.put_u32(*vm);
                 }
@@ -1048,10 +1079,40 @@ impl Message {
                 check_members(&vms)?;
                 Message::Members { vms }
             }
+            kind @ (Kind::GroupReserve | Kind::GroupRelease) => {
+                let n = usize::from(r.u8()?);
+                if n == 0 || n > MAX_GROUP_VMS {
+                    return Err(r.invalid("count"));
+                }
+                r.expect_exactly(n * 4)?;
+                let vms = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+                check_group(kind, &vms)?;
+                if kind == Kind::GroupReserve {
+                    Message::GroupReserve { vms }
+                } else {
+                    Message::GroupRelease { vms }
+                }
+            }
         };
         r.end()?;
         Ok(msg)
     }
+}
+
+/// A group's VMs: 1 to [`MAX_GROUP_VMS`], none 0, none twice (a slot
+/// per VM).
+fn check_group(kind: Kind, vms: &[VmId]) -> Result<(), WireError> {
+    let bad = |field| Err(WireError::InvalidField { kind, field });
+    if vms.is_empty() || vms.len() > MAX_GROUP_VMS {
+        return bad("count");
+    }
+    if vms.contains(&0) {
+        return bad("vm");
+    }
+    if vms.iter().enumerate().any(|(i, v)| vms[..i].contains(v)) {
+        return bad("vm");
+    }
+    Ok(())
 }
 
 /// A members list: not empty, at most [`MAX_MEMBER_VMS`], no VM 0.
@@ -1491,6 +1552,57 @@ mod tests {
                 result,
             };
             assert_eq!(round_trip(&m), h + 17);
+        }
+    }
+
+    #[test]
+    fn group_reservations_round_trip_and_are_bounded() {
+        for make in [
+            (|vms| Message::GroupReserve { vms }) as fn(Vec<VmId>) -> Message,
+            |vms| Message::GroupRelease { vms },
+        ] {
+            assert_eq!(round_trip(&make(vec![7])), HEADER_LEN + 1 + 4 + 32);
+            let all: Vec<VmId> = (1..=MAX_GROUP_VMS as u32).collect();
+            assert_eq!(
+                round_trip(&make(all)),
+                HEADER_LEN + 1 + 4 * MAX_GROUP_VMS + 32
+            );
+            let mut b = BytesMut::new();
+            for bad in [
+                vec![],
+                vec![3, 0],
+                vec![3, 4, 3],
+                (1..=MAX_GROUP_VMS as u32 + 1).collect(),
+            ] {
+                assert!(make(bad).encode(&header(), &key(), &mut b).is_err());
+            }
+            assert!(b.is_empty());
+        }
+        // A body whose count is 0, above the bound, or not the IDs that
+        // follow, or that names a VM twice, is refused.
+        let k = key();
+        for kind in [Kind::GroupReserve, Kind::GroupRelease] {
+            for (body, field) in [
+                (vec![0u8], Some("count")),
+                (vec![33u8], Some("count")),
+                (vec![2u8, 0, 0, 0, 5, 0, 0, 0, 5], Some("vm")),
+                (vec![1u8, 0, 0, 0, 0], Some("vm")),
+                (vec![2u8, 0, 0, 0, 5], None),
+            ] {
+                let mut b = BytesMut::new();
+                seal(kind as u8, &header(), &body, &k, &mut b).unwrap();
+                let got = decode(&b, &k);
+                match field {
+                    Some(field) => {
+                        assert_eq!(
+                            got,
+                            Err(WireError::InvalidField { kind, field }),
+                            "{body:?}"
+                        )
+                    }
+                    None => assert!(got.is_err(), "{body:?}"),
+                }
+            }
         }
     }
 

@@ -35,10 +35,10 @@ pub use chunk::{
 };
 pub use frame::{Frame, HEADER_LEN, Header, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, VERSION, seal};
 pub use message::{
-    Datagram, EjectAcceptance, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_MEMBER_VMS,
-    MAX_ORDER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, RotationAcceptance, RotationLeg,
-    RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal, SwapResult, TokenChunk,
-    TokenOrder,
+    Datagram, EjectAcceptance, FlowEntry, FlowReport, HopAck, MAX_FLOW_ENTRIES, MAX_GROUP_VMS,
+    MAX_MEMBER_VMS, MAX_ORDER_VMS, MAX_ROTATION_PEERS, MAX_SWAP_PEERS, Message, RotationAcceptance,
+    RotationLeg, RotationProposal, SwapAcceptance, SwapOrder, SwapProposal, SwapRefusal,
+    SwapResult, TokenChunk, TokenOrder,
 };
 pub use parts::{PartsAssembler, PartsError, PartsLimits, PartsOutcome};
 pub use replay::{Freshness, REPLAY_WINDOW, ReplayTable, ReplayWindow, SeqCounter};
@@ -89,11 +89,15 @@ pub enum Kind {
     RotatePropose = 19,
     /// A rotation is closed: its three VMs, their hosts and its benefit.
     RotateAccept = 20,
+    /// A group move's slots: reserve one for each VM named, all or none.
+    GroupReserve = 21,
+    /// Release the slots a group reservation made.
+    GroupRelease = 22,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 22] = [
         Kind::TokenChunk,
         Kind::HopAck,
         Kind::LocationRequest,
@@ -114,6 +118,8 @@ impl Kind {
         Kind::EjectAccept,
         Kind::RotatePropose,
         Kind::RotateAccept,
+        Kind::GroupReserve,
+        Kind::GroupRelease,
     ];
 
     /// The kind a wire byte stands for, if any.
@@ -144,6 +150,8 @@ impl Kind {
             Kind::EjectAccept => "eject_accept",
             Kind::RotatePropose => "rotate_propose",
             Kind::RotateAccept => "rotate_accept",
+            Kind::GroupReserve => "group_reserve",
+            Kind::GroupRelease => "group_release",
         }
     }
 }
@@ -427,7 +435,9 @@ mod tests {
         assert_eq!(Kind::from_u8(16), Some(Kind::Members));
         assert_eq!(Kind::from_u8(18), Some(Kind::EjectAccept));
         assert_eq!(Kind::from_u8(20), Some(Kind::RotateAccept));
-        assert_eq!(Kind::from_u8(21), None);
+        assert_eq!(Kind::from_u8(21), Some(Kind::GroupReserve));
+        assert_eq!(Kind::from_u8(22), Some(Kind::GroupRelease));
+        assert_eq!(Kind::from_u8(23), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 }
