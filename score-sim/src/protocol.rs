@@ -1800,13 +1800,7 @@ mod tests {
             assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
             assert_eq!(r.chains_agreed, r.chains_done, "seed {seed}: {r:?}");
             assert!(r.cost_end < r.cost_start, "{r:?}");
-            for &(claimed, drop, c_m) in &r.chain_benefits {
-                assert!(
-                    (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
-                    "seed {seed}: chain benefit {claimed}, recomputed {drop}"
-                );
-                assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
-            }
+            assert_exact(seed, "chain", &r.chain_benefits);
             assert_eq!(r.chain_benefits.len() as u64, r.chains_agreed);
             third += r.chains_third_host;
         }
@@ -1827,6 +1821,19 @@ mod tests {
         assert!(agreed > 0, "some rotation is agreed");
     }
 
+    /// Every (benefit as the hosts computed it, drop recomputed,
+    /// threshold) of seed `seed`'s `what`s: the benefit is the drop, and
+    /// above the threshold.
+    fn assert_exact(seed: u64, what: &str, benefits: &[(f64, f64, f64)]) {
+        for &(claimed, drop, c_m) in benefits {
+            assert!(
+                (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
+                "seed {seed}: {what} benefit {claimed}, recomputed {drop}"
+            );
+            assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
+        }
+    }
+
     /// One quiet run with rotations (and swaps, on full hosts): its
     /// rotations are all done and exact; how many there were.
     fn rotations_are_exact(seed: u64) -> u64 {
@@ -1838,13 +1845,7 @@ mod tests {
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
         assert_eq!(r.rotations_agreed, r.rotations_done, "seed {seed}: {r:?}");
         assert_eq!(r.rotation_benefits.len() as u64, r.rotations_agreed);
-        for &(claimed, drop, c_m) in &r.rotation_benefits {
-            assert!(
-                (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
-                "seed {seed}: rotation benefit {claimed}, recomputed {drop}"
-            );
-            assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
-        }
+        assert_exact(seed, "rotation", &r.rotation_benefits);
         r.rotations_agreed
     }
 
@@ -1858,19 +1859,27 @@ mod tests {
         }
     }
 
+    /// Twelve seeded fault runs of 1,800 s on 8 hosts, each configured by
+    /// `with`: none breaks an invariant.
+    fn under_faults(with: fn(SimConfig) -> SimConfig) -> Vec<Report> {
+        (0..12)
+            .map(|seed| {
+                let mut c = with(SimConfig::seeded(seed, 8));
+                c.duration_ns = 1800 * SEC;
+                let r = run(&c);
+                assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+                r
+            })
+            .collect()
+    }
+
     /// Rotations under faults keep the invariants, and some end partly
     /// done (a host then holds one VM more, within its headroom).
     #[test]
     fn rotations_under_faults_keep_the_invariants() {
-        let (mut agreed, mut partial) = (0, 0);
-        for seed in 0..12 {
-            let mut c = SimConfig::seeded(seed, 8).with_rotations();
-            c.duration_ns = 1800 * SEC;
-            let r = run(&c);
-            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
-            agreed += r.rotations_agreed;
-            partial += r.rotations_partial;
-        }
+        let runs = under_faults(SimConfig::with_rotations);
+        let agreed: u64 = runs.iter().map(|r| r.rotations_agreed).sum();
+        let partial: u64 = runs.iter().map(|r| r.rotations_partial).sum();
         assert!(
             agreed > 0 && partial > 0,
             "{agreed} agreed, {partial} partly done"
@@ -1893,13 +1902,7 @@ mod tests {
             assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
             assert_eq!(r.groups_agreed, r.groups_done, "seed {seed}: {r:?}");
             assert_eq!(r.group_benefits.len() as u64, r.groups_agreed);
-            for &(claimed, drop, c_m) in &r.group_benefits {
-                assert!(
-                    (claimed - drop).abs() <= 1e-9 * drop.abs().max(1.0),
-                    "seed {seed}: group benefit {claimed}, recomputed {drop}"
-                );
-                assert!(claimed > c_m, "seed {seed}: {claimed} <= {c_m}");
-            }
+            assert_exact(seed, "group", &r.group_benefits);
             agreed += r.groups_agreed;
         }
         assert!(agreed > 0, "some group move is agreed");
@@ -1909,15 +1912,9 @@ mod tests {
     /// done (each member where its own migration left it).
     #[test]
     fn group_moves_under_faults_keep_the_invariants() {
-        let (mut agreed, mut partial) = (0, 0);
-        for seed in 0..12 {
-            let mut c = SimConfig::seeded(seed, 8).with_groups();
-            c.duration_ns = 1800 * SEC;
-            let r = run(&c);
-            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
-            agreed += r.groups_agreed;
-            partial += r.groups_partial;
-        }
+        let runs = under_faults(SimConfig::with_groups);
+        let agreed: u64 = runs.iter().map(|r| r.groups_agreed).sum();
+        let partial: u64 = runs.iter().map(|r| r.groups_partial).sum();
         assert!(
             agreed > 0 && partial > 0,
             "{agreed} agreed, {partial} partly done"

@@ -688,6 +688,18 @@ struct Rotating {
     deadline: u64,
 }
 
+/// What an asked host answers a swap or chain proposal with: the
+/// proposer's host, this host's VMs that may be given and their peers,
+/// the proposal as score-core's request, and this host's free memory.
+struct Answering {
+    now: u64,
+    topo: Arc<Topology>,
+    from: HostId,
+    local: Vec<LocalVm>,
+    req: SwapRequest,
+    free_mem: u64,
+}
+
 /// An asked host's chain partner about to leave for a third host: the
 /// slot asked for it there (a capacity request that reserves it).
 #[derive(Debug)]
@@ -2422,19 +2434,14 @@ impl Node {
         let topo = self.cfg.topology.clone();
         let cm = self.settings().cm;
         let (decided, missing) = {
-            let Some(Held {
-                vm,
-                phase: Phase::Grouping(g),
-                ..
-            }) = self.held.as_ref()
-            else {
+            let Some((vm, g)) = self.grouping() else {
                 return;
             };
             let mut missing = Vec::new();
             let decided = decide_group(
                 &topo,
                 self.host,
-                *vm,
+                vm,
                 &g.local,
                 cm,
                 Self::group_limits(),
@@ -2450,23 +2457,17 @@ impl Node {
         };
         if let Some(&first) = missing.first() {
             let rack = topo.group_of(first, 1);
-            let mut asking = BTreeMap::new();
+            let mut hosts: Vec<HostId> = Vec::new();
             for h in missing {
-                if topo.group_of(h, 1) == rack && !asking.values().any(|(a, _)| *a == h) {
-                    let seq = self.send(topo.host_addr(h), &Message::CapacityRequest { vm: 0 });
-                    asking.insert(seq, (h, Vec::new()));
+                if topo.group_of(h, 1) == rack && !hosts.contains(&h) {
+                    hosts.push(h);
                 }
             }
-            let deadline = self.now + self.cfg.request_timeout_ns;
-            if let Some(Held {
-                phase: Phase::Grouping(g),
-                ..
-            }) = self.held.as_mut()
-            {
-                g.asking = asking;
-                g.deadline = deadline;
-            }
-            return;
+            let asks = hosts
+                .into_iter()
+                .map(|h| (h, Vec::new(), Message::CapacityRequest { vm: 0 }))
+                .collect();
+            return self.group_ask(asks, None);
         }
         let Some(group) = decided else {
             return self.group_refused();
@@ -2476,9 +2477,24 @@ impl Node {
         for &(v, h) in &group.moves {
             shares.entry(h).or_default().push(v);
         }
+        let asks = shares
+            .into_iter()
+            .map(|(h, vms)| (h, vms.clone(), Message::GroupReserve { vms }))
+            .collect();
+        let reserving = GroupStage::Reserving {
+            group,
+            granted: Vec::new(),
+        };
+        self.group_ask(asks, Some(reserving));
+    }
+
+    /// Sends the group move's questions (each to its host, with the
+    /// members it concerns) and waits a request's time-out for them; they
+    /// belong to `stage` if one is given, else to the stage now.
+    fn group_ask(&mut self, asks: Vec<(HostId, Vec<VmId>, Message)>, stage: Option<GroupStage>) {
+        let topo = self.cfg.topology.clone();
         let mut asking = BTreeMap::new();
-        for (h, vms) in shares {
-            let m = Message::GroupReserve { vms: vms.clone() };
+        for (h, vms, m) in asks {
             let seq = self.send(topo.host_addr(h), &m);
             asking.insert(seq, (h, vms));
         }
@@ -2490,10 +2506,9 @@ impl Node {
         {
             g.asking = asking;
             g.deadline = deadline;
-            g.stage = GroupStage::Reserving {
-                group,
-                granted: Vec::new(),
-            };
+            if let Some(s) = stage {
+                g.stage = s;
+            }
         }
     }
 
@@ -2561,17 +2576,24 @@ impl Node {
         self.send(to, &Message::GroupRelease { vms });
     }
 
+    /// The held VM and its group move, if one is under way.
+    fn grouping(&self) -> Option<(VmId, &Grouping)> {
+        match self.held.as_ref() {
+            Some(Held {
+                vm,
+                phase: Phase::Grouping(g),
+                ..
+            }) => Some((*vm, g)),
+            _ => None,
+        }
+    }
+
     /// No group move: u stays, as the walk decided.
     fn group_refused(&mut self) {
-        let Some(Held {
-            vm,
-            phase: Phase::Grouping(g),
-            ..
-        }) = self.held.as_ref()
-        else {
+        let Some((vm, g)) = self.grouping() else {
             return;
         };
-        let (vm, stay, load) = (*vm, g.stay, g.load);
+        let (stay, load) = (g.stay, g.load);
         if let Some(h) = self.held.as_mut() {
             h.token.update(vm, stay.level_after(), load);
         }
@@ -2704,12 +2726,7 @@ impl Node {
     /// The group move ended: told, u's and the members' levels where they
     /// are, and the token goes on.
     fn group_finished(&mut self) {
-        let Some(Held {
-            vm,
-            phase: Phase::Grouping(g),
-            ..
-        }) = self.held.as_ref()
-        else {
+        let Some((vm, g)) = self.grouping() else {
             return;
         };
         let GroupStage::Moving {
@@ -2721,7 +2738,7 @@ impl Node {
         else {
             return;
         };
-        let (vm, moved) = (*vm, *moved);
+        let moved = *moved;
         let outcome = if moved as usize == group.moves.len() {
             SwapOutcome::Done
         } else if moved > 0 {
@@ -3582,14 +3599,10 @@ impl Node {
         hosts
     }
 
-    /// The chain this host offers for `p`, with the third hosts' answers
-    /// `rooms`: the partner (reserved) and where it goes, or a refusal.
-    fn consider_eject(
-        &mut self,
-        p: &SwapProposal,
-        round: u32,
-        rooms: &[(HostId, Option<Capacity>)],
-    ) -> Result<EjectAcceptance, SwapRefusal> {
+    /// What the answer to a swap or chain proposal `p` starts from, or the
+    /// refusal it ends with at once (this host is busy with another, or
+    /// `p` is not sane).
+    fn answering(&mut self, p: &SwapProposal) -> Result<Answering, SwapRefusal> {
         let now = self.now;
         self.swaps.expire(now);
         if self.swaps.busy() {
@@ -3600,9 +3613,32 @@ impl Node {
         }
         let topo = self.cfg.topology.clone();
         let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
-        let local = self.local_view(p, from);
-        let req = self.request_of(p, from);
-        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
+        Ok(Answering {
+            now,
+            from,
+            local: self.local_view(p, from),
+            req: self.request_of(p, from),
+            free_mem: u64::from(self.free_slots()) * self.cfg.vm_memory_mib,
+            topo,
+        })
+    }
+
+    /// The chain this host offers for `p`, with the third hosts' answers
+    /// `rooms`: the partner (reserved) and where it goes, or a refusal.
+    fn consider_eject(
+        &mut self,
+        p: &SwapProposal,
+        round: u32,
+        rooms: &[(HostId, Option<Capacity>)],
+    ) -> Result<EjectAcceptance, SwapRefusal> {
+        let Answering {
+            now,
+            topo,
+            from,
+            local,
+            req,
+            free_mem,
+        } = self.answering(p)?;
         let offer = choose_ejection(
             &topo,
             self.host,
@@ -3652,21 +3688,16 @@ impl Node {
     }
 
     fn consider(&mut self, p: &SwapProposal) -> Result<(SwapOffer, SwapOrder), SwapRefusal> {
-        let now = self.now;
-        self.swaps.expire(now);
-        if self.swaps.busy() {
-            return Err(SwapRefusal::Busy);
-        }
-        if self.hosted.contains_key(&p.vm) {
-            return Err(SwapRefusal::Invalid);
-        }
+        let Answering {
+            now,
+            topo,
+            local,
+            req,
+            free_mem,
+            ..
+        } = self.answering(p)?;
         let here = !self.holder_claims() && self.room_for_one_more();
         let order = swap_order(self.cfg.advisory, here, p.from_headroom)?;
-        let topo = self.cfg.topology.clone();
-        let from = topo.host_by_addr(p.from).ok_or(SwapRefusal::Invalid)?;
-        let local = self.local_view(p, from);
-        let req = self.request_of(p, from);
-        let free_mem = u64::from(self.free_slots()) * self.cfg.vm_memory_mib;
         let offer = choose_swap_partner(
             &topo,
             self.host,
