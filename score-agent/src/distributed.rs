@@ -84,13 +84,16 @@ impl PeerMetrics for Metrics {
     fn rotation(&self, outcome: proto::SwapOutcome) {
         Metrics::rotation(self, swap_outcome(outcome))
     }
+    fn group_move(&self, outcome: proto::SwapOutcome) {
+        Metrics::group_move(self, swap_outcome(outcome))
+    }
     fn swap_request(&self, refused: Option<score_core::wire::SwapRefusal>) {
         Metrics::swap_request(self, refused.map_or("accepted", |r| r.name()))
     }
 }
 
-/// The protocol's outcome of a swap, chain or rotation, as the metrics
-/// label it.
+/// The protocol's outcome of a swap, chain, rotation or group move, as
+/// the metrics label it.
 fn swap_outcome(outcome: proto::SwapOutcome) -> SwapOutcome {
     match outcome {
         proto::SwapOutcome::Done => SwapOutcome::Done,

@@ -446,6 +446,7 @@ pub struct Metrics {
     swaps: IntCounterVec,
     chains: IntCounterVec,
     rotations: IntCounterVec,
+    group_moves: IntCounterVec,
     swap_requests: IntCounterVec,
     rejected: IntCounterVec,
 
@@ -706,6 +707,16 @@ impl Metrics {
                     &["outcome"],
                 ),
             ),
+            group_moves: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "score_group_moves_total",
+                        "Group moves this host agreed (every destination reserved its members' slots), by outcome: done (every member moved), partial (some moved), failed (none moved), advisory (reported, not made).",
+                    ),
+                    &["outcome"],
+                ),
+            ),
             swap_requests: reg(
                 &r,
                 IntCounterVec::new(
@@ -795,6 +806,7 @@ impl Metrics {
             m.swaps.with_label_values(&[o.label()]);
             m.chains.with_label_values(&[o.label()]);
             m.rotations.with_label_values(&[o.label()]);
+            m.group_moves.with_label_values(&[o.label()]);
         }
         for a in SWAP_ANSWERS {
             m.swap_requests.with_label_values(&[a]);
@@ -914,6 +926,12 @@ impl Metrics {
     /// three moves made).
     pub fn rotation(&self, outcome: SwapOutcome) {
         self.rotations.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// A group move this host agreed ended with `outcome` (the swaps'
+    /// outcomes; partial: some of its members moved).
+    pub fn group_move(&self, outcome: SwapOutcome) {
+        self.group_moves.with_label_values(&[outcome.label()]).inc();
     }
 
     /// This host answered a swap proposal; answers outside
@@ -1254,6 +1272,7 @@ mod tests {
                 "score_swaps_total",
                 "score_chains_total",
                 "score_rotations_total",
+                "score_group_moves_total",
             ] {
                 let s = format!("{name}{{outcome=\"{o}\"}}");
                 assert_eq!(value(&text, &s), Some(0.0), "{s}");
@@ -1272,6 +1291,7 @@ mod tests {
         m.swap(SwapOutcome::from_label("partial").unwrap());
         m.chain(SwapOutcome::Failed);
         m.rotation(SwapOutcome::Partial);
+        m.group_move(SwapOutcome::Done);
         assert_eq!(SwapOutcome::from_label("held"), None);
         for r in score_core::wire::SwapRefusal::ALL {
             assert!(SWAP_ANSWERS.contains(&r.name()), "{r:?}");
@@ -1298,6 +1318,10 @@ mod tests {
         assert_eq!(
             value(&t, "score_rotations_total{outcome=\"done\"}"),
             Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "score_group_moves_total{outcome=\"done\"}"),
+            Some(1.0)
         );
         assert_eq!(
             value(&t, "score_swap_requests_total{answer=\"no_partner\"}"),

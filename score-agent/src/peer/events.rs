@@ -248,7 +248,8 @@ impl Events {
                 self.outcome(*vm, format!("rotation {outcome:?}").to_lowercase());
             }
             // Group moves (off by default, `proto::Config::groups`):
-            // logged and kept for /status.
+            // logged, kept for /status, counted by
+            // `score_group_moves_total`.
             Event::GroupAgreed { group } => {
                 m.decision_evaluated();
                 m.observe_benefit(group.benefit);
@@ -264,6 +265,7 @@ impl Events {
                     warn!(vm = %ip(*vm), moved, "group move partly done");
                 }
                 info!(vm = %ip(*vm), moved, ?outcome, "group move ended");
+                m.group_move(*outcome);
                 self.outcome(*vm, format!("group {outcome:?}").to_lowercase());
             }
             Event::SwapRefused { vm, by, reason } => {

@@ -81,6 +81,9 @@ pub trait PeerMetrics: Send + Sync {
     /// A rotation this host proposed, and the asked hosts closed, ended
     /// with `outcome`.
     fn rotation(&self, _outcome: SwapOutcome) {}
+    /// A group move this host agreed (every destination reserved) ended
+    /// with `outcome`.
+    fn group_move(&self, _outcome: SwapOutcome) {}
     /// This host answered a swap proposal: accepted (`None`), or refused.
     fn swap_request(&self, _refused: Option<SwapRefusal>) {}
 }
