@@ -229,11 +229,12 @@ impl Collector {
                 Vec::new()
             };
             drop(flows);
-            // One read of the VM table, and one list made of it, serve
+            // One read of the VM table (none if no VM was learnt or
+            // forgotten since the last), and one list made of it, serve
             // the metrics and the facts: the two name the same VMs, those
             // behind an attached interface (an entry pinned by an earlier
             // run for a vif gone since is not hosted here).
-            let vms = dp.hosted_vms_of(&dp.vm_macs()?);
+            let vms = dp.drain_hosted_vms()?;
             hosted.clear();
             hosted.extend(vms.iter().map(|v| v.ip));
             let vms = if want_facts { vms } else { Vec::new() };

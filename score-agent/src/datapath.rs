@@ -214,6 +214,29 @@ pub struct Datapath {
     slots: Slots,
     /// When a drain may skip the walk of `SCORE_FLOWS`.
     walk: FlowsWalk,
+    /// `SCORE_VM_MACS` as the last drain read it.
+    vms: VmTable,
+}
+
+/// The VM table (`SCORE_VM_MACS`) as last read, and what tells a drain
+/// that it has not changed since, so that it skips the batched read,
+/// which walks all of the map's buckets (4,096) however few VMs there
+/// are. Only the classifiers write the table, and they count every write
+/// (`Stat::VmsLearnt`); only this agent deletes from it
+/// ([`Datapath::forget`]), and then forgets what it read.
+#[derive(Debug, Default)]
+struct VmTable {
+    /// The entries as last read.
+    macs: Vec<(Ipv4Addr, VmMac)>,
+    /// The write count, summed over CPUs, read just before `macs`; None
+    /// when `macs` may be stale (never read, or entries deleted since).
+    learnt: Option<u64>,
+    /// Whether the statistics map has room for the count: a map pinned by
+    /// an agent without it is shorter, and then every drain reads the
+    /// table.
+    counted: bool,
+    /// Reads of the table so far, for tests and benches.
+    reads: u64,
 }
 
 /// What tells a drain that `SCORE_FLOWS` holds nothing to read, so that it
@@ -562,11 +585,11 @@ impl Datapath {
                 })?;
         }
         let slots = Slots::open(&bpf, slots, cells)?;
-        let counted = match bpf.map(STATS_MAP) {
-            Some(aya::maps::Map::PerCpuArray(md)) => {
-                md.info()?.max_entries() > Stat::FlowsInserted as u32
-            }
-            _ => false,
+        // A statistics map pinned by an earlier agent keeps its length:
+        // the counts appended since are missing from it.
+        let stats_len = match bpf.map(STATS_MAP) {
+            Some(aya::maps::Map::PerCpuArray(md)) => md.info()?.max_entries(),
+            _ => 0,
         };
         Ok(Datapath {
             bpf,
@@ -577,7 +600,11 @@ impl Datapath {
             walk: FlowsWalk {
                 left: true,
                 inserted: None,
-                counted,
+                counted: stats_len > Stat::FlowsInserted as u32,
+            },
+            vms: VmTable {
+                counted: stats_len > Stat::VmsLearnt as u32,
+                ..VmTable::default()
             },
         })
     }
@@ -1070,12 +1097,53 @@ impl Datapath {
         })
     }
 
+    /// [`Datapath::hosted_vms`] as a drain needs them, called after the
+    /// pairs are read (so that every VM whose frames were counted is known):
+    /// reads the VM table only if a classifier wrote into it
+    /// (`Stat::VmsLearnt` moved) or this agent deleted from it since the
+    /// last read, and otherwise costs one lookup of that count. A classifier
+    /// counts a frame after learning its sender, so a VM whose frames the
+    /// pairs hold has moved the count before they were read.
+    pub fn drain_hosted_vms(&mut self) -> Result<Vec<HostedVm>, DatapathError> {
+        let learnt = if self.vms.counted {
+            Some(self.learnt_count()?)
+        } else {
+            None
+        };
+        if learnt.is_none() || learnt != self.vms.learnt {
+            // The count before the table: a write after the count was read
+            // moves it past what is kept, and the next drain reads again.
+            self.vms.macs = self.vm_macs()?;
+            self.vms.learnt = learnt;
+            self.vms.reads += 1;
+        }
+        Ok(self.hosted_vms_of(&self.vms.macs))
+    }
+
+    /// How many times [`Datapath::drain_hosted_vms`] read the VM table:
+    /// the drains less those that skipped it.
+    pub fn vm_table_reads(&self) -> u64 {
+        self.vms.reads
+    }
+
+    /// `Stat::VmsLearnt`, summed over CPUs: one lookup of one slot.
+    fn learnt_count(&self) -> Result<u64, DatapathError> {
+        let data = self
+            .bpf
+            .map(STATS_MAP)
+            .ok_or(DatapathError::Map(STATS_MAP))?;
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(data)?;
+        Ok(map.get(&(Stat::VmsLearnt as u32), 0)?.iter().sum())
+    }
+
     /// Number of attached interfaces: each is one VM's vif.
     pub fn attached_count(&self) -> usize {
         self.attached.len()
     }
 
     fn drop_vm_macs_on(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        // Whatever is deleted below, the table read last may name it.
+        self.vms.learnt = None;
         let gone: Vec<u32> = self
             .vm_macs()?
             .into_iter()

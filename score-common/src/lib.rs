@@ -320,10 +320,19 @@ pub enum Stat {
     /// left entries there at the last drain: with every pair in a slot,
     /// a drain then costs no walk over the map's empty buckets.
     FlowsInserted = 6,
+    /// Writes into [`VM_MACS_MAP`] by the classifiers (a VM learnt, or its
+    /// MAC or vif changed). The agent reads the VM table again only when
+    /// this moved (or it deleted entries itself) since its last read: the
+    /// table's batched read walks all of its buckets, whatever the VMs.
+    /// Appended last, so a statistics map pinned by an agent without it
+    /// keeps its other slots; in such a map (one entry short) the
+    /// classifier's bump finds no slot, and the agent reads the table at
+    /// every drain, as before.
+    VmsLearnt = 7,
 }
 
 /// Number of slots in [`STATS_MAP`].
-pub const STATS_LEN: u32 = 7;
+pub const STATS_LEN: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<PairKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);

@@ -449,7 +449,12 @@ pub(crate) fn learn_mac(src: u32, mac: [u8; 6], ifindex: u32) -> bool {
         ifindex,
     };
     match VM_MACS.insert(&src, &entry, 0) {
-        Ok(()) => true,
+        // After the insert: an agent that sees the count move reads the
+        // table again and finds the entry.
+        Ok(()) => {
+            bump(Stat::VmsLearnt);
+            true
+        }
         Err(e) => {
             if e == E2BIG {
                 bump(Stat::MacsMapFull);
