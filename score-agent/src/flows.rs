@@ -26,11 +26,21 @@
 //!   a window of 8 s or less), every drain is its own bucket and the span is
 //!   exactly what a full list of samples would give: the newest drain at or
 //!   before `now - window`;
-//! - a pair born while the agent watched counts from its first frame
-//!   (kernel first-seen stamp, zero bytes, kept as the pair's own anchor
-//!   until its first sample leaves the window); one that predates the
-//!   agent (pinned counters of an earlier run) has a rate from its second
-//!   sample in a later bucket (so does one whose counters restarted);
+//! - a pair born while the agent watched had zero bytes before its first
+//!   frame (kernel first-seen stamp). Once the agent has watched a whole
+//!   window, that zero sits at the anchor, as every other pair's bytes
+//!   do: a new pair's rate ramps up over one window, as the paper's
+//!   average over the window does. Before that (the first window after
+//!   a start, and always for `watch`, whose window is endless) it counts
+//!   from its first frame, so the first drains give rates at all. Counting
+//!   from the first frame for good made a migrated VM's new pairs read
+//!   several times their rate for a second: the frames its peers queued
+//!   while it moved (neighbour resolution) arrive at once, just after the
+//!   first-seen stamp, and a VM could be sent straight back
+//!   (docs/EVALUATION.md, "A migrated VM's new pairs read too high");
+//! - a pair that predates the agent (pinned counters of an earlier run)
+//!   has a rate from its second sample in a later bucket (so does one
+//!   whose counters restarted);
 //! - a pair missing from a drain (its kernel entry gone) adds no sample
 //!   there; if it comes back, the drains it missed count as drains without
 //!   traffic. Once its samples have left the window, its rate is 0.
@@ -337,6 +347,22 @@ impl FlowTable {
         self.times[generation as usize % RING]
     }
 
+    /// When a pair born since the agent started had zero bytes, if its
+    /// first sample is newer than the window's start (see the module
+    /// documentation): the anchor drain once the agent has watched a whole
+    /// window, else the pair's first frame.
+    fn birth_anchor(&self, e: &Entry) -> Option<u64> {
+        if e.birth_ns == NO_BIRTH || e.first < self.head || self.time(e.first) <= self.horizon {
+            return None;
+        }
+        let anchor = self.time(self.head);
+        Some(if anchor <= self.horizon {
+            e.birth_ns.min(anchor)
+        } else {
+            e.birth_ns
+        })
+    }
+
     /// Bytes per second between the pair's oldest and newest sample in the
     /// window.
     fn rate_of(&self, e: &Entry) -> f64 {
@@ -345,10 +371,8 @@ impl FlowTable {
             return 0.0;
         }
         let t1 = self.time(e.last);
-        let born =
-            e.birth_ns != NO_BIRTH && e.first >= self.head && self.time(e.first) > self.horizon;
-        let (t0, sent) = if born {
-            (e.birth_ns, e.newest_bytes() as f64)
+        let (t0, sent) = if let Some(t) = self.birth_anchor(e) {
+            (t, e.newest_bytes() as f64)
         } else {
             (self.time(lo), e.sent_since(lo))
         };
@@ -495,8 +519,8 @@ impl FlowTable {
         if e.last < lo {
             return v;
         }
-        if e.birth_ns != NO_BIRTH && e.first >= self.head && self.time(e.first) > self.horizon {
-            v.push((e.birth_ns, 0));
+        if let Some(t) = self.birth_anchor(e) {
+            v.push((t, 0));
         }
         v.extend((lo..=e.last).map(|g| (self.time(g), e.newest_bytes() - e.sent_since(g) as u64)));
         v
@@ -692,10 +716,13 @@ mod tests {
 
     /// The ring as each pair kept it before the table shared its times:
     /// the reference the shared ring must agree with for every pair that
-    /// is in every drain from its first.
+    /// is in every drain from its first. It samples a pair at every drain
+    /// of the table, with zero bytes before the pair's first frame.
     #[derive(Default)]
     struct Reference {
         samples: Vec<(u64, u64)>,
+        /// The pair's first frame, once seen.
+        birth: Option<u64>,
     }
 
     impl Reference {
@@ -704,20 +731,26 @@ mod tests {
             while self.samples.len() > 1 && self.samples[1].0 <= horizon {
                 self.samples.remove(0);
             }
-            if self.samples.len() >= 2 {
-                let last = self.samples.len() - 1;
-                if self.samples[last].0 / bucket_ns == now / bucket_ns {
-                    self.samples[last] = (now, bytes);
-                    return;
-                }
+            if let Some(last) = self.samples.last_mut()
+                && last.0 / bucket_ns == now / bucket_ns
+            {
+                *last = (now, bytes);
+                return;
             }
             self.samples.push((now, bytes));
         }
 
-        fn rate(&self) -> f64 {
-            let (Some(&(t0, b0)), Some(&(t1, b1))) = (self.samples.first(), self.samples.last())
+        /// Over the window from its oldest sample; while no sample is as
+        /// old as the window (the table's first window), a pair born since
+        /// counts from its first frame.
+        fn rate(&self, now: u64, window_ns: u64) -> f64 {
+            let (Some(&first), Some(&(t1, b1))) = (self.samples.first(), self.samples.last())
             else {
                 return 0.0;
+            };
+            let (t0, b0) = match self.birth {
+                Some(birth) if first.0 > now.saturating_sub(window_ns) => (birth, 0),
+                _ => first,
             };
             if t1 > t0 {
                 (b1 - b0) as f64 / ((t1 - t0) as f64 / 1e9)
@@ -762,11 +795,13 @@ mod tests {
                 fast.update_each(now, snap.iter().copied(), |_, _, _, _| seen += 1);
                 assert_eq!(seen, snap.len());
                 slow.update(now, snap.iter().rev().copied());
-                for (p, t) in &snap {
-                    let r = reference.entry(*p).or_insert_with(|| Reference {
-                        samples: vec![(t.first_seen_ns, 0)],
-                    });
-                    r.record(now, t.bytes, window, bucket);
+                for p in &pairs {
+                    let r = reference.entry(*p).or_default();
+                    let t = snap.iter().find(|(q, _)| q == p).map(|(_, t)| *t);
+                    if let Some(t) = t {
+                        r.birth.get_or_insert(t.first_seen_ns);
+                    }
+                    r.record(now, t.map_or(0, |t| t.bytes), window, bucket);
                 }
                 assert!(
                     fast.entries
@@ -775,7 +810,7 @@ mod tests {
                 );
                 assert_eq!(fast.len(), snap.len());
                 for (p, _) in &snap {
-                    let want = reference[p].rate();
+                    let want = reference[p].rate(now, window);
                     assert!(
                         (fast.rate(p) - want).abs() < 1e-9,
                         "{p:?} at {sec}, window {window}: {} vs {want}; {:?} vs {:?}",
@@ -1056,9 +1091,40 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t.rate(&(ip(1), ip(2))), 0.0);
         // A pair that comes back after eviction starts a new history from
-        // its new kernel entry's first frame.
+        // its new kernel entry, with zero bytes at the anchor (the drain at
+        // 5 s, the newest at or before 40 - 10 s).
         t.update(40 * S, [((ip(1), ip(2)), tot(500, 39 * S, 40 * S))]);
-        assert!((t.rate(&(ip(1), ip(2))) - 500.0).abs() < 1e-9);
+        assert!((t.rate(&(ip(1), ip(2))) - 500.0 / 35.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_burst_at_a_new_pairs_start_weighs_over_the_window() {
+        // A VM arrives at 20.5 s, when the agent has watched more than a
+        // window: its peer's frames queued while it moved come at once
+        // (40 kB), then 10 kB a second. Over the 10 s window that is
+        // (40 + 10 x 1.5) kB / 10 s, not 55 kB / 1.5 s.
+        let mut t = FlowTable::new(10 * S, 60 * S, 0);
+        let old = (ip(1), ip(2));
+        for sec in 1..=20u64 {
+            t.update(sec * S, [(old, tot(sec * 1000, S / 2, sec * S))]);
+        }
+        let new = (ip(3), ip(2));
+        for (sec, bytes) in [(21u64, 45_000u64), (22, 55_000)] {
+            let now = sec * S;
+            t.update(
+                now,
+                [
+                    (old, tot(sec * 1000, S / 2, now)),
+                    (new, tot(bytes, 20 * S + S / 2, now)),
+                ],
+            );
+        }
+        assert!(
+            (t.rate(&new) - 55_000.0 / 10.0).abs() < 1e-6,
+            "{}",
+            t.rate(&new)
+        );
+        assert!((t.rate(&old) - 1000.0).abs() < 1e-6);
     }
 
     #[test]
@@ -1110,7 +1176,8 @@ mod tests {
         let mut t = FlowTable::new(window, 600 * S, 0);
         let p = (ip(1), ip(2));
         let mut reference = Reference {
-            samples: vec![(S / 2, 0)],
+            samples: Vec::new(),
+            birth: Some(S / 2),
         };
         let mut bytes = 0u64;
         for ms in (1..=120_000u64).step_by(250) {
@@ -1118,7 +1185,7 @@ mod tests {
             bytes += 5_000_000_000 / 4 + ms % 7;
             t.update(now, [(p, tot(bytes, S / 2, now))]);
             reference.record(now, bytes, window, bucket);
-            let want = reference.rate();
+            let want = reference.rate(now, window);
             assert!(
                 (t.rate(&p) - want).abs() <= want * 1e-6,
                 "at {ms} ms: {} vs {want}",
