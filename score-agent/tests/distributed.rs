@@ -1092,3 +1092,80 @@ fn an_ejection_chain_sends_a_full_hosts_vm_on_to_a_host_with_room() {
     assert!(line.contains("order=PartnerFirst"), "{line}");
     eprintln!("{line}");
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn a_rotation_of_three_vms_does_what_no_swap_can_between_full_hosts() {
+    // Three full hosts of one rack, two slots each: a1 b1 | a2 b2 | a3 b3.
+    // Each a_i talks to its host mate b_i at r and to b_(i+1) at s, with
+    // r < s < 2r. Any swap parts two co-located pairs to join at most one
+    // (s - 2r: a loss) and no host has room for a migration or a chain;
+    // the rotation a1 -> h2, a2 -> h3, a3 -> h1 gains 3(s - r) and is the
+    // optimum. With one VM of headroom, h2 and h3 each run three VMs from
+    // the arrival of the VM they take until theirs leaves.
+    let r = 100_000;
+    let s = 170_000;
+    let mut dc = Dc::build("sct-rot-", vec![vec![vec![0, 1, 2]]], &[0, 0, 1, 1, 2, 2]);
+    for (a, b, rate) in [
+        (0, 1, r),
+        (2, 3, r),
+        (4, 5, r),
+        (0, 3, s),
+        (2, 5, s),
+        (4, 1, s),
+    ] {
+        dc.chat(a, b, rate);
+        dc.chat(b, a, rate);
+    }
+    let o = Options {
+        swaps: true,
+        rotations: true,
+        headroom: 1,
+        ..Options::default()
+    };
+    dc.start_agents(&o);
+    dc.wait_until("a rotation done", Duration::from_secs(90), |dc| {
+        total(dc, "score_rotations_total{outcome=\"done\"}") >= 1.0
+    });
+    // Every a_i beside b_(i+1), or every b_i beside a_(i-1): both are the
+    // optimum; which one depends on the VM that held the token first.
+    let paired = |h: &[Option<usize>]| {
+        h.iter().all(Option::is_some) && h[0] == h[3] && h[2] == h[5] && h[4] == h[1]
+    };
+    dc.wait_until("each a beside the next b", Duration::from_secs(10), |dc| {
+        paired(&(0..6).map(|v| dc.host_of(v)).collect::<Vec<_>>())
+    });
+    // Another round: nothing else moves.
+    let decided = total(&dc, "score_decisions_evaluated_total");
+    dc.wait_until("another round", Duration::from_secs(60), |dc| {
+        total(dc, "score_decisions_evaluated_total") >= decided + 7.0
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let (after, optimum) = costs(&dc, o.slots);
+    assert!(
+        after <= optimum * 1.05 + 1.0,
+        "cost {after}, optimum {optimum}"
+    );
+    assert_eq!(total(&dc, "score_rotations_total{outcome=\"done\"}"), 1.0);
+    assert_eq!(total(&dc, "score_rotations_total"), 1.0);
+    assert_eq!(total(&dc, "score_swaps_total"), 0.0, "no swap gains here");
+    assert_eq!(total(&dc, "score_chains_total"), 0.0);
+    assert_eq!(
+        total(&dc, "score_migrations_total{outcome=\"done\"}"),
+        3.0,
+        "a rotation is three migrations"
+    );
+    assert_eq!(total(&dc, "score_migrations_total"), 3.0);
+    for (a, b) in [(0, 3), (3, 0), (2, 5), (5, 2), (4, 1), (1, 4)] {
+        let took = reachable_within(&dc, a, b, Duration::from_secs(10));
+        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
+    }
+    let logs = dc.stop_agents();
+    let line = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .find(|l| l.contains(" rotation ") && l.contains("third="))
+        .expect("a rotation line")
+        .to_owned();
+    eprintln!("{line}");
+}

@@ -51,6 +51,8 @@ pub struct Options {
     pub swaps: bool,
     /// `[policy] chains`: ejection chains when a VM would stay.
     pub chains: bool,
+    /// `[policy] rotations`: three-VM rotations when a VM would stay.
+    pub rotations: bool,
     /// `[node] migration_headroom`.
     pub headroom: u32,
     /// (host index, headroom): another `migration_headroom` on that host.
@@ -96,6 +98,7 @@ impl Default for Options {
             token_timeout: "4s",
             swaps: false,
             chains: false,
+            rotations: false,
             headroom: 0,
             headroom_at: Vec::new(),
             candidates: "paper",
@@ -255,7 +258,7 @@ impl Dc {
              [topology]\nfile = \"{dir}/topology.toml\"\n\
              [peer]\nport = {PORT}\nkey_file = \"{dir}/{key}\"\nprevious_key_files = [{previous}]\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
-             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\nchains = {chains}\n\
+             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\nchains = {chains}\nrotations = {rotations}\n\
              candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{cm}{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
@@ -270,6 +273,7 @@ impl Dc {
                 .map_or(o.headroom, |(_, n)| *n),
             swaps = o.swaps,
             chains = o.chains,
+            rotations = o.rotations,
             candidates = o.candidates,
             cm = o
                 .migration_cost
