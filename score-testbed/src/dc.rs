@@ -53,6 +53,8 @@ pub struct Options {
     pub chains: bool,
     /// `[policy] rotations`: three-VM rotations when a VM would stay.
     pub rotations: bool,
+    /// `[policy] groups`: group moves when a VM would stay.
+    pub groups: bool,
     /// `[node] migration_headroom`.
     pub headroom: u32,
     /// (host index, headroom): another `migration_headroom` on that host.
@@ -99,6 +101,7 @@ impl Default for Options {
             swaps: false,
             chains: false,
             rotations: false,
+            groups: false,
             headroom: 0,
             headroom_at: Vec::new(),
             candidates: "paper",
@@ -258,7 +261,7 @@ impl Dc {
              [topology]\nfile = \"{dir}/topology.toml\"\n\
              [peer]\nport = {PORT}\nkey_file = \"{dir}/{key}\"\nprevious_key_files = [{previous}]\nstate_dir = \"{dir}/state\"\nhop_timeout = \"200ms\"\nhop_retries = 3\n\
              request_timeout = \"300ms\"\ntoken_timeout = \"{tt}\"\nreport_interval = \"1s\"\n{coordinator}\
-             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\nchains = {chains}\nrotations = {rotations}\n\
+             [policy]\nkind = \"{policy}\"\ntoken_hold = \"400ms\"\nhold_down = \"30s\"\nswaps = {swaps}\nchains = {chains}\nrotations = {rotations}\ngroups = {groups}\n\
              candidates = \"{candidates}\"\nswap_timeout = \"20s\"\n{cm}{backend}",
             bpf = self._bpffs.path,
             ns = h.ns,
@@ -274,6 +277,7 @@ impl Dc {
             swaps = o.swaps,
             chains = o.chains,
             rotations = o.rotations,
+            groups = o.groups,
             candidates = o.candidates,
             cm = o
                 .migration_cost
