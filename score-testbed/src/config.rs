@@ -32,6 +32,13 @@ pub struct AgentOptions {
     /// Ejection chains when a VM would stay (`[policy] chains`).
     #[serde(default)]
     pub chains: bool,
+    /// Three-VM rotations between full hosts when a VM would stay
+    /// (`[policy] rotations`; each host gets one VM of headroom).
+    #[serde(default)]
+    pub rotations: bool,
+    /// Group moves when a VM would stay (`[policy] groups`).
+    #[serde(default)]
+    pub groups: bool,
 }
 
 fn paper_candidates() -> String {
@@ -48,6 +55,8 @@ impl AgentOptions {
             candidates: paper_candidates(),
             swaps: false,
             chains: false,
+            rotations: false,
+            groups: false,
         }
     }
 }
@@ -74,8 +83,9 @@ pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool)
     }
     let slots = state.sizes.slots;
     // A swap between full hosts needs one VM of headroom on one of them
-    // while its first migration is under way, and the memory for it.
-    let headroom = u32::from(opts.swaps);
+    // while its first migration is under way, and the memory for it; a
+    // rotation on two of them (docs/PROTOCOL.md, "Rotations").
+    let headroom = u32::from(opts.swaps || opts.rotations);
     s.push_str(&format!(
         "\n[node]\n\
          address = \"{addr}\"\n\
@@ -95,6 +105,8 @@ pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool)
          candidates = \"{candidates}\"\n\
          swaps = {swaps}\n\
          chains = {chains}\n\
+         rotations = {rotations}\n\
+         groups = {groups}\n\
          \n[backend]\n\
          {backend}\
          \n[backend.hosts]\n",
@@ -104,6 +116,8 @@ pub fn agent_config(state: &State, host: &Host, opts: &AgentOptions, full: bool)
         candidates = opts.candidates,
         swaps = opts.swaps,
         chains = opts.chains,
+        rotations = opts.rotations,
+        groups = opts.groups,
         backend = backend_config(state, host),
         topo = state.topology_file.display(),
         key = state.key_file.display(),

@@ -62,6 +62,15 @@ pub(crate) struct DemoArgs {
     /// sends one of its VMs on to a host with room (docs/PROTOCOL.md).
     #[arg(long)]
     chains: bool,
+    /// Three-VM rotations between full hosts when a VM would stay (each
+    /// host gets one VM of headroom; docs/PROTOCOL.md, "Rotations").
+    #[arg(long)]
+    rotations: bool,
+    /// Group moves when a VM would stay: the VMs it talks to on its host
+    /// move with it, into a rack near their peers (docs/PROTOCOL.md,
+    /// "Group moves").
+    #[arg(long)]
+    groups: bool,
     /// Seconds between cost reports when the agents export no token round.
     #[arg(long, default_value_t = 15)]
     period: u64,
@@ -287,6 +296,8 @@ pub(crate) fn demo(args: &DemoArgs) -> Result<()> {
         candidates: args.candidates.clone(),
         swaps: args.swaps,
         chains: args.chains,
+        rotations: args.rotations,
+        groups: args.groups,
         ..AgentOptions::paper(binary, args.policy.clone(), args.token_hold.clone())
     };
     let started = Instant::now();
