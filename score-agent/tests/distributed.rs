@@ -711,6 +711,46 @@ fn total(dc: &Dc, name: &str) -> f64 {
     (0..dc.hosts.len()).map(|i| dc.metric(i, name)).sum()
 }
 
+/// After a move of the repertoire: another round (`decisions` more
+/// decisions) in which nothing else moves, the cost then within 5 % of the
+/// exact optimum of the measured traffic, and `migrations` made in all,
+/// every one done.
+fn settles_at_the_optimum(dc: &Dc, slots: u32, decisions: f64, migrations: f64) {
+    let decided = total(dc, "score_decisions_evaluated_total");
+    dc.wait_until("another round", Duration::from_secs(60), |dc| {
+        total(dc, "score_decisions_evaluated_total") >= decided + decisions
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let (after, optimum) = costs(dc, slots);
+    assert!(
+        after <= optimum * 1.05 + 1.0,
+        "cost {after}, optimum {optimum}"
+    );
+    assert_eq!(
+        total(dc, "score_migrations_total{outcome=\"done\"}"),
+        migrations,
+        "migrations done"
+    );
+    assert_eq!(total(dc, "score_migrations_total"), migrations);
+}
+
+/// Every (a, b) of `pairs`: VM a reaches VM b within 10 s.
+fn assert_reachable(dc: &Dc, pairs: &[(usize, usize)]) {
+    for &(a, b) in pairs {
+        let took = reachable_within(dc, a, b, Duration::from_secs(10));
+        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
+    }
+}
+
+/// The first line of the agents' logs holding every one of `parts`.
+fn log_line(logs: &[String], parts: &[&str]) -> String {
+    logs.iter()
+        .flat_map(|l| l.lines())
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .unwrap_or_else(|| panic!("no log line with {parts:?}"))
+        .to_owned()
+}
+
 /// v1 and v2 on h1, v3 and v4 on h3, two slots each: v1 talks to v3 and v2
 /// to v4, across the core. Every VM's peer lives on a full host.
 fn full_pairs(prefix: &str) -> Dc {
@@ -1011,14 +1051,7 @@ fn a_wider_candidate_set_moves_next_to_a_full_peer_host() {
     assert!(after < before, "cost {before} -> {after}");
     assert!(total(&dc, "score_migrations_total{outcome=\"done\"}") >= 1.0);
     assert_eq!(total(&dc, "score_swaps_total"), 0.0);
-    for (a, b) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
-        assert!(
-            reachable_within(&dc, a, b, Duration::from_secs(10)).is_some(),
-            "vm{} cannot reach vm{}",
-            a + 1,
-            b + 1
-        );
-    }
+    assert_reachable(&dc, &[(0, 2), (2, 0), (1, 3), (3, 1)]);
     let hosts: Vec<usize> = (0..4).map(|v| dc.host_of(v).unwrap()).collect();
     eprintln!("peer-racks: cost {before:.0} -> {after:.0} (optimum {optimum:.0}), hosts {hosts:?}");
     dc.stop_agents();
@@ -1056,37 +1089,13 @@ fn an_ejection_chain_sends_a_full_hosts_vm_on_to_a_host_with_room() {
         },
     );
     assert_eq!(dc.host_of(1), Some(0), "v2 stays");
-    // Another round: nothing else moves.
-    let decided = total(&dc, "score_decisions_evaluated_total");
-    dc.wait_until("another round", Duration::from_secs(60), |dc| {
-        total(dc, "score_decisions_evaluated_total") >= decided + 5.0
-    });
-    std::thread::sleep(Duration::from_secs(4));
-    let (after, optimum) = costs(&dc, o.slots);
-    assert!(
-        after <= optimum * 1.05 + 1.0,
-        "cost {after}, optimum {optimum}"
-    );
+    // A chain is two migrations.
+    settles_at_the_optimum(&dc, o.slots, 5.0, 2.0);
     assert_eq!(total(&dc, "score_chains_total{outcome=\"done\"}"), 1.0);
     assert_eq!(total(&dc, "score_chains_total"), 1.0);
     assert_eq!(total(&dc, "score_swaps_total"), 0.0);
-    assert_eq!(
-        total(&dc, "score_migrations_total{outcome=\"done\"}"),
-        2.0,
-        "a chain is two migrations"
-    );
-    assert_eq!(total(&dc, "score_migrations_total"), 2.0);
-    for (a, b) in [(0, 2), (2, 0), (2, 3), (3, 4), (4, 3), (0, 1)] {
-        let took = reachable_within(&dc, a, b, Duration::from_secs(10));
-        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
-    }
-    let logs = dc.stop_agents();
-    let line = logs
-        .iter()
-        .flat_map(|l| l.lines())
-        .find(|l| l.contains("ejection chain vm="))
-        .expect("an ejection chain line")
-        .to_owned();
+    assert_reachable(&dc, &[(0, 2), (2, 0), (2, 3), (3, 4), (4, 3), (0, 1)]);
+    let line = log_line(&dc.stop_agents(), &["ejection chain vm="]);
     assert!(line.contains("vm=198.18.1.1 "), "{line}");
     assert!(line.contains("partner=198.18.1.4 "), "{line}");
     assert!(line.contains("order=PartnerFirst"), "{line}");
@@ -1135,38 +1144,14 @@ fn a_rotation_of_three_vms_does_what_no_swap_can_between_full_hosts() {
     dc.wait_until("each a beside the next b", Duration::from_secs(10), |dc| {
         paired(&(0..6).map(|v| dc.host_of(v)).collect::<Vec<_>>())
     });
-    // Another round: nothing else moves.
-    let decided = total(&dc, "score_decisions_evaluated_total");
-    dc.wait_until("another round", Duration::from_secs(60), |dc| {
-        total(dc, "score_decisions_evaluated_total") >= decided + 7.0
-    });
-    std::thread::sleep(Duration::from_secs(4));
-    let (after, optimum) = costs(&dc, o.slots);
-    assert!(
-        after <= optimum * 1.05 + 1.0,
-        "cost {after}, optimum {optimum}"
-    );
+    // A rotation is three migrations.
+    settles_at_the_optimum(&dc, o.slots, 7.0, 3.0);
     assert_eq!(total(&dc, "score_rotations_total{outcome=\"done\"}"), 1.0);
     assert_eq!(total(&dc, "score_rotations_total"), 1.0);
     assert_eq!(total(&dc, "score_swaps_total"), 0.0, "no swap gains here");
     assert_eq!(total(&dc, "score_chains_total"), 0.0);
-    assert_eq!(
-        total(&dc, "score_migrations_total{outcome=\"done\"}"),
-        3.0,
-        "a rotation is three migrations"
-    );
-    assert_eq!(total(&dc, "score_migrations_total"), 3.0);
-    for (a, b) in [(0, 3), (3, 0), (2, 5), (5, 2), (4, 1), (1, 4)] {
-        let took = reachable_within(&dc, a, b, Duration::from_secs(10));
-        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
-    }
-    let logs = dc.stop_agents();
-    let line = logs
-        .iter()
-        .flat_map(|l| l.lines())
-        .find(|l| l.contains(" rotation ") && l.contains("third="))
-        .expect("a rotation line")
-        .to_owned();
+    assert_reachable(&dc, &[(0, 3), (3, 0), (2, 5), (5, 2), (4, 1), (1, 4)]);
+    let line = log_line(&dc.stop_agents(), &[" rotation ", "third="]);
     eprintln!("{line}");
 }
 
@@ -1197,38 +1182,14 @@ fn a_group_moves_where_no_single_vm_would() {
         let rack = |v: usize| h[v].map(|x| x / 2);
         h[0].is_some() && h[0] == h[1] && rack(0) == rack(2) && rack(1) == rack(3)
     });
-    // Another round: nothing else moves.
-    let decided = total(&dc, "score_decisions_evaluated_total");
-    dc.wait_until("another round", Duration::from_secs(60), |dc| {
-        total(dc, "score_decisions_evaluated_total") >= decided + 5.0
-    });
-    std::thread::sleep(Duration::from_secs(4));
-    let (after, optimum) = costs(&dc, o.slots);
-    assert!(
-        after <= optimum * 1.05 + 1.0,
-        "cost {after}, optimum {optimum}"
-    );
+    // Two migrations, whichever group moved.
+    settles_at_the_optimum(&dc, o.slots, 5.0, 2.0);
     assert_eq!(
         total(&dc, "score_group_moves_total{outcome=\"partial\"}"),
         0.0
     );
     assert_eq!(total(&dc, "score_swaps_total"), 0.0);
-    assert_eq!(
-        total(&dc, "score_migrations_total{outcome=\"done\"}"),
-        2.0,
-        "two migrations"
-    );
-    assert_eq!(total(&dc, "score_migrations_total"), 2.0);
-    for (a, b) in [(0, 1), (0, 2), (1, 3)] {
-        let took = reachable_within(&dc, a, b, Duration::from_secs(10));
-        assert!(took.is_some(), "vm{} cannot reach vm{}", a + 1, b + 1);
-    }
-    let logs = dc.stop_agents();
-    let line = logs
-        .iter()
-        .flat_map(|l| l.lines())
-        .find(|l| l.contains("group move") && l.contains("members="))
-        .expect("a group move line")
-        .to_owned();
+    assert_reachable(&dc, &[(0, 1), (0, 2), (1, 3)]);
+    let line = log_line(&dc.stop_agents(), &["group move", "members="]);
     eprintln!("{line}");
 }
