@@ -41,6 +41,37 @@ const B: &str = "198.18.1.2";
 const C: &str = "198.18.1.3";
 const X: &str = "198.18.9.1";
 
+/// The interface index of `vif` in host `h`.
+fn ifindex(h: &str, vif: &str) -> u32 {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        h,
+        "cat",
+        &format!("/sys/class/net/{vif}/ifindex"),
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// The classifiers loaded with `opts` and attached to vif1.0 and vif2.0 of
+/// host `h`, from inside it (interface names resolve in the attaching
+/// thread's namespace).
+fn datapath_on(
+    h: &str,
+    opts: score_agent::datapath::LoadOptions,
+) -> score_agent::datapath::Datapath {
+    let (i1, i2) = (ifindex(h, "vif1.0"), ifindex(h, "vif2.0"));
+    in_netns(h, move || {
+        let mut dp = score_agent::datapath::Datapath::load(&opts).expect("load the classifiers");
+        dp.attach("vif1.0", i1).expect("attach vif1.0");
+        dp.attach("vif2.0", i2).expect("attach vif2.0");
+        dp
+    })
+}
+
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn watch_counts_every_pair_exactly_once() {
@@ -404,7 +435,7 @@ fn send_to_port(ns: &str, src: &str, dst: &str, port: u16, payloads: Vec<Vec<u8>
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn a_guests_own_datagrams_to_the_control_port_reach_it() {
-    use score_agent::datapath::{Datapath, LoadOptions};
+    use score_agent::datapath::LoadOptions;
     const PORT: u16 = 7760;
     let mut lab = Lab::new("sct-ctl-");
     let h = lab.host("h");
@@ -417,31 +448,14 @@ fn a_guests_own_datagrams_to_the_control_port_reach_it() {
 
     // The kernel side with interception on, attached from inside the host
     // (interface names resolve in the attaching thread's namespace).
-    let ifindex = |vif: &str| -> u32 {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h,
-            "cat",
-            &format!("/sys/class/net/{vif}/ifindex"),
-        ])
-        .trim()
-        .parse()
-        .unwrap()
-    };
-    let (i1, i2) = (ifindex("vif1.0"), ifindex("vif2.0"));
-    let mut dp = in_netns(&h, move || {
-        let mut dp = Datapath::load(&LoadOptions {
+    let mut dp = datapath_on(
+        &h,
+        LoadOptions {
             flows_max: 1024,
             pin_dir: None,
             control_port: Some(PORT),
-        })
-        .expect("load the classifiers");
-        dp.attach("vif1.0", i1).expect("attach vif1.0");
-        dp.attach("vif2.0", i2).expect("attach vif2.0");
-        dp
-    });
+        },
+    );
     let mut ring = dp.take_control_reader().expect("control ring");
 
     // ARP first, and a's MAC learnt as a hosted VM's.
@@ -539,31 +553,14 @@ fn slotted_pairs_count_exactly_through_slot_moves_and_eviction() {
     let b = lab.vm(&h, "vif2.0", "b", B);
     let x = lab.vm(&h, "up0", "x", X);
     let _sinks = [sink(&a, A), sink(&b, B), sink(&x, X)];
-    let ifindex = |vif: &str| -> u32 {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h,
-            "cat",
-            &format!("/sys/class/net/{vif}/ifindex"),
-        ])
-        .trim()
-        .parse()
-        .unwrap()
-    };
-    let (i1, i2) = (ifindex("vif1.0"), ifindex("vif2.0"));
-    let mut dp = in_netns(&h, move || {
-        let mut dp = Datapath::load(&LoadOptions {
+    let mut dp = datapath_on(
+        &h,
+        LoadOptions {
             flows_max: 1024,
             pin_dir: None,
             control_port: None,
-        })
-        .expect("load the classifiers");
-        dp.attach("vif1.0", i1).expect("attach vif1.0");
-        dp.attach("vif2.0", i2).expect("attach vif2.0");
-        dp
-    });
+        },
+    );
     let mut snap: Vec<(Pair, Totals)> = Vec::new();
     // Drains (each may move pairs into slots) until the pair reads
     // `want`, then checks that it stays there: exact, not at least.
@@ -627,31 +624,14 @@ fn a_drain_reads_the_vm_table_only_when_a_vm_was_learnt_or_forgotten() {
     let a = lab.vm(&h, "vif1.0", "a", A);
     let b = lab.vm(&h, "vif2.0", "b", B);
     let _sinks = [sink(&a, A), sink(&b, B)];
-    let ifindex = |vif: &str| -> u32 {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h,
-            "cat",
-            &format!("/sys/class/net/{vif}/ifindex"),
-        ])
-        .trim()
-        .parse()
-        .unwrap()
-    };
-    let (i1, i2) = (ifindex("vif1.0"), ifindex("vif2.0"));
-    let mut dp = in_netns(&h, move || {
-        let mut dp = Datapath::load(&LoadOptions {
+    let mut dp = datapath_on(
+        &h,
+        LoadOptions {
             flows_max: 1024,
             pin_dir: None,
             control_port: None,
-        })
-        .expect("load the classifiers");
-        dp.attach("vif1.0", i1).expect("attach vif1.0");
-        dp.attach("vif2.0", i2).expect("attach vif2.0");
-        dp
-    });
+        },
+    );
     let hosted = |dp: &mut Datapath| -> Vec<String> {
         dp.drain_hosted_vms()
             .expect("read the hosted VMs")
@@ -688,7 +668,7 @@ fn a_drain_reads_the_vm_table_only_when_a_vm_was_learnt_or_forgotten() {
     expect(&mut dp, &[A, B]);
     // Forgetting b's vif deletes b's entry: the next drain reads again.
     let reads = dp.vm_table_reads();
-    assert_eq!(dp.forget("vif2.0"), Some(i2));
+    assert_eq!(dp.forget("vif2.0"), Some(ifindex(&h, "vif2.0")));
     assert_eq!(hosted(&mut dp), [A]);
     assert_eq!(dp.vm_table_reads(), reads + 1);
     expect(&mut dp, &[A]);
@@ -701,7 +681,7 @@ fn a_drain_reads_the_vm_table_only_when_a_vm_was_learnt_or_forgotten() {
 #[test]
 #[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
 fn a_statistics_map_pinned_without_the_vm_count_still_serves() {
-    use score_agent::datapath::{Datapath, LoadOptions};
+    use score_agent::datapath::LoadOptions;
     // The old map is made with bpftool (`cargo xtask setup` installs it).
     if std::process::Command::new("bpftool")
         .arg("version")
@@ -736,32 +716,14 @@ fn a_statistics_map_pinned_without_the_vm_count_still_serves() {
         "name",
         score_common::STATS_MAP,
     ]);
-    let ifindex = |vif: &str| -> u32 {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &h,
-            "cat",
-            &format!("/sys/class/net/{vif}/ifindex"),
-        ])
-        .trim()
-        .parse()
-        .unwrap()
-    };
-    let (i1, i2) = (ifindex("vif1.0"), ifindex("vif2.0"));
-    let pin_dir = pins.clone();
-    let mut dp = in_netns(&h, move || {
-        let mut dp = Datapath::load(&LoadOptions {
+    let mut dp = datapath_on(
+        &h,
+        LoadOptions {
             flows_max: 1024,
-            pin_dir: Some(pin_dir),
+            pin_dir: Some(pins.clone()),
             control_port: None,
-        })
-        .expect("load the classifiers on the old statistics map");
-        dp.attach("vif1.0", i1).expect("attach vif1.0");
-        dp.attach("vif2.0", i2).expect("attach vif2.0");
-        dp
-    });
+        },
+    );
     udp(&a, A, B, 4, 100);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut snap = Vec::new();
