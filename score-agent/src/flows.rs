@@ -179,8 +179,8 @@ struct Entry {
     /// move (the classifiers do not stamp every frame), or the kernel's
     /// stamp if later.
     active_ns: u64,
-    /// The kernel's first-frame stamp, the pair's anchor (zero bytes)
-    /// until its first sample leaves the window; [`NO_BIRTH`]: none.
+    /// The kernel's first-frame stamp, before which the pair had zero
+    /// bytes (see [`FlowTable::birth_anchor`]); [`NO_BIRTH`]: none.
     birth_ns: u64,
     /// Generations (drain numbers) of the pair's first and newest samples:
     /// the samples are valid for every `g` from `first` (or
