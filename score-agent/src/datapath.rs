@@ -23,9 +23,10 @@ use aya::{
     util::KernelVersion,
 };
 use score_common::{
-    FLOWS_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters, PairKey, SLOT_CELLS_GLOBAL,
-    SLOT_MASK_GLOBAL, SLOT_WAYS, SLOTS_MAP, STATS_MAP, SlotCell, Stat, VIF_SEEN_MAP,
-    VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac, slot_candidate, slot_index,
+    FLOWS_MAP, HOSTED_FILTER_CELLS, HOSTED_FILTER_MAP, PROG_EGRESS, PROG_INGRESS, PairCounters,
+    PairKey, SLOT_CELLS_GLOBAL, SLOT_MASK_GLOBAL, SLOT_WAYS, SLOTS_MAP, STATS_MAP, SlotCell, Stat,
+    VIF_SEEN_MAP, VIF_SEEN_SLOTS, VM_MACS_MAP, VifSeen, VmMac, hosted_cell, slot_candidate,
+    slot_index,
 };
 use serde::Serialize;
 
@@ -216,6 +217,8 @@ pub struct Datapath {
     walk: FlowsWalk,
     /// `SCORE_VM_MACS` as the last drain read it.
     vms: VmTable,
+    /// `SCORE_HOSTED_FILTER`, mapped.
+    filter: HostedFilter,
 }
 
 /// The VM table (`SCORE_VM_MACS`) as last read, and what tells a drain
@@ -303,63 +306,123 @@ struct Owned {
     packets: u64,
 }
 
-/// A shared, read-write mapping of `SCORE_SLOTS`: `slots` slots of
-/// `cells` cells.
-struct SlotMem {
-    ptr: std::ptr::NonNull<SlotCell>,
-    slots: u32,
-    cells: u32,
-    map_len: usize,
+/// A read-write mapping of an eBPF array map created with
+/// `BPF_F_MMAPABLE`, seen as 64-bit words: the agent reads and writes the
+/// classifiers' memory without a syscall.
+struct Mapping {
+    ptr: std::ptr::NonNull<u64>,
+    /// Words mapped.
+    words: usize,
+    /// Bytes mapped (a whole number of pages).
+    len: usize,
 }
 
 // SAFETY: the mapping is plain shared memory, valid until Drop; every
-// access to a cell goes through atomics (see `SlotMem::word`).
-unsafe impl Send for SlotMem {}
+// access to a word goes through atomics (see `Mapping::word`).
+unsafe impl Send for Mapping {}
 // SAFETY: as above.
-unsafe impl Sync for SlotMem {}
+unsafe impl Sync for Mapping {}
 
-impl SlotMem {
-    fn map(fd: std::os::fd::BorrowedFd<'_>, slots: u32, cells: u32) -> std::io::Result<Self> {
+impl Mapping {
+    /// Maps the first `bytes` of the map behind `fd` (rounded up to a page).
+    fn shared(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
+        Self::new(bytes, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    /// Zeroed private memory laid out as a mapped map, for unit tests.
+    #[cfg(test)]
+    fn anonymous(bytes: usize) -> Self {
+        Self::new(bytes, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1).expect("anonymous mapping")
+    }
+
+    fn new(bytes: usize, flags: libc::c_int, fd: libc::c_int) -> std::io::Result<Self> {
         let page = 4096;
-        let bytes = slots as usize * cells as usize * std::mem::size_of::<SlotCell>();
-        let map_len = bytes.div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd (created with
-        // BPF_F_MMAPABLE), of the array's size rounded up to a page.
+        let len = bytes.div_ceil(page) * page;
+        // SAFETY: a fresh mapping of `len` bytes (of the map's fd, created
+        // with BPF_F_MMAPABLE, or anonymous), unmapped once in Drop.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                map_len,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                flags,
+                fd,
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(SlotMem {
+        Ok(Mapping {
             ptr: std::ptr::NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?,
+            words: bytes / 8,
+            len,
+        })
+    }
+
+    /// Word `at`, as an atomic: the classifiers write the same memory.
+    fn word(&self, at: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(at < self.words);
+        // SAFETY: `at` is in bounds (checked), the mapping is page aligned
+        // and lives as long as self.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(at)) }
+    }
+
+    /// Asks the CPU to start loading the cache line of word `at`.
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        if at >= self.words {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `at` is within the mapping; a prefetch reads nothing
+            // the program sees and cannot fault.
+            unsafe {
+                let p = self.ptr.as_ptr().add(at);
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.cast::<i8>(),
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// `SCORE_SLOTS` as mapped into this process: `slots` slots of `cells`
+/// cells.
+struct SlotMem {
+    mem: Mapping,
+    slots: u32,
+    cells: u32,
+}
+
+/// Words per cell of `SCORE_SLOTS` ([`SlotCell`]: `a`, then `b`).
+const CELL_WORDS: usize = std::mem::size_of::<SlotCell>() / 8;
+
+impl SlotMem {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, slots: u32, cells: u32) -> std::io::Result<Self> {
+        let bytes = slots as usize * cells as usize * std::mem::size_of::<SlotCell>();
+        Ok(SlotMem {
+            mem: Mapping::shared(fd, bytes)?,
             slots,
             cells,
-            map_len,
         })
     }
 
     /// Word `half` (0: `a`, 1: `b`) of cell `cell` of slot `idx`, as an
     /// atomic: the classifiers write the same memory.
     fn word(&self, idx: u32, cell: u32, half: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(idx < self.slots && cell < self.cells && half < 2);
+        assert!(idx < self.slots && cell < self.cells && half < CELL_WORDS);
         let at = idx as usize * self.cells as usize + cell as usize;
-        // SAFETY: `at` is in bounds (checked), the mapping is 8-byte
-        // aligned (page aligned, cells of 16 bytes) and lives as long as
-        // self.
-        unsafe {
-            std::sync::atomic::AtomicU64::from_ptr(
-                self.ptr.as_ptr().add(at).cast::<u64>().add(half),
-            )
-        }
+        self.mem.word(at * CELL_WORDS + half)
     }
 
     /// Asks the CPU to start loading slot `idx`'s first cache line: the
@@ -367,20 +430,9 @@ impl SlotMem {
     /// miss when read cold; started a few slots ahead, the misses overlap.
     #[inline(always)]
     fn prefetch(&self, idx: u32) {
-        if idx >= self.slots {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let at = idx as usize * self.cells as usize;
-            // SAFETY: `at` is within the mapping (idx < slots); a prefetch
-            // reads nothing the program sees and cannot fault.
-            unsafe {
-                let p = self.ptr.as_ptr().add(at);
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p.cast::<i8>(),
-                );
-            }
+        if idx < self.slots {
+            self.mem
+                .prefetch(idx as usize * self.cells as usize * CELL_WORDS);
         }
     }
 
@@ -429,10 +481,32 @@ impl SlotMem {
     }
 }
 
-impl Drop for SlotMem {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+/// `SCORE_HOSTED_FILTER` as mapped into this process (score-common's
+/// `HOSTED_FILTER_MAP`): per cell, how many addresses of `SCORE_VM_MACS`
+/// fall in it, or more, never fewer. The classifiers add before they
+/// insert; this agent, the only one to delete, takes off after it deletes.
+struct HostedFilter {
+    mem: Mapping,
+}
+
+impl HostedFilter {
+    fn open(bpf: &Ebpf) -> Result<Self, DatapathError> {
+        let Some(aya::maps::Map::Array(md)) = bpf.map(HOSTED_FILTER_MAP) else {
+            return Err(DatapathError::Map(HOSTED_FILTER_MAP));
+        };
+        let info = md.info()?;
+        if info.max_entries() != HOSTED_FILTER_CELLS || info.value_size() != 8 {
+            return Err(DatapathError::Map(HOSTED_FILTER_MAP));
+        }
+        let bytes = HOSTED_FILTER_CELLS as usize * 8;
+        Ok(HostedFilter {
+            mem: Mapping::shared(md.fd().as_fd(), bytes).map_err(DatapathError::Slots)?,
+        })
+    }
+
+    /// `ip`'s cell (network order, as the classifiers see it).
+    fn cell(&self, ip: u32) -> &std::sync::atomic::AtomicU64 {
+        self.mem.word(hosted_cell(ip) as usize)
     }
 }
 
@@ -566,14 +640,24 @@ impl Datapath {
         let port = opts.control_port.unwrap_or(0);
         loader.override_global(score_common::CONTROL_PORT_GLOBAL, &port, true);
         let pins: Vec<(&'static str, PathBuf)>;
+        // The filter counts the VM table's addresses: one pinned before it
+        // (by an agent from before the filter) is counted into a new one.
+        let mut seed_filter = true;
         if let Some(dir) = &opts.pin_dir {
             prepare_bpffs(dir)?;
-            pins = [FLOWS_MAP, SLOTS_MAP, VM_MACS_MAP, STATS_MAP]
-                .map(|m| (m, dir.join(m)))
-                .to_vec();
+            pins = [
+                FLOWS_MAP,
+                SLOTS_MAP,
+                VM_MACS_MAP,
+                STATS_MAP,
+                HOSTED_FILTER_MAP,
+            ]
+            .map(|m| (m, dir.join(m)))
+            .to_vec();
             for (name, path) in &pins {
                 loader.map_pin_path(name, path.as_path());
             }
+            seed_filter = !dir.join(HOSTED_FILTER_MAP).exists();
         }
         let mut bpf = loader.load(object)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
@@ -591,7 +675,8 @@ impl Datapath {
             Some(aya::maps::Map::PerCpuArray(md)) => md.info()?.max_entries(),
             _ => 0,
         };
-        Ok(Datapath {
+        let filter = HostedFilter::open(&bpf)?;
+        let dp = Datapath {
             bpf,
             attached: HashMap::new(),
             mode: AttachMode::Auto.resolve(),
@@ -606,7 +691,17 @@ impl Datapath {
                 counted: stats_len > Stat::VmsLearnt as u32,
                 ..VmTable::default()
             },
-        })
+            filter,
+        };
+        if seed_filter {
+            // Nothing is attached yet: no classifier learns meanwhile.
+            for (ip, _) in dp.vm_macs()? {
+                dp.filter
+                    .cell(u32::from(ip).to_be())
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(dp)
     }
 
     /// Hands the object's aya-log ring to the caller, who forwards its
@@ -1053,6 +1148,15 @@ impl Datapath {
         Ok(sums)
     }
 
+    /// `ip`'s cell of the hosted-VM filter (score-common's
+    /// `HOSTED_FILTER_MAP`): how many hosted VMs' addresses fall in it, or
+    /// more while a classifier is learning one.
+    pub fn hosted_filter_cell(&self, ip: Ipv4Addr) -> u64 {
+        self.filter
+            .cell(u32::from(ip).to_be())
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Hosted VMs seen sending: address, MAC and the interface behind them.
     pub fn vm_macs(&self) -> Result<Vec<(Ipv4Addr, VmMac)>, DatapathError> {
         let data = self
@@ -1156,7 +1260,13 @@ impl Datapath {
                 .ok_or(DatapathError::Map(VM_MACS_MAP))?,
         )?;
         for k in gone {
-            let _ = map.remove(&k);
+            // Taken off the filter only once gone from the table, so that a
+            // cell never counts fewer addresses than the table holds.
+            if map.remove(&k).is_ok() {
+                self.filter
+                    .cell(k)
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         // Then the vif's slot of remembered senders, so that a sender seen
         // on this ifindex again is learnt again (the classifier skips MAC
@@ -1525,24 +1635,10 @@ mod tests {
 
     /// A slot array in anonymous memory, laid out as the kernel's.
     fn anonymous(slots: u32, cells: u32) -> SlotMem {
-        let map_len = (slots * cells) as usize * std::mem::size_of::<SlotCell>();
-        // SAFETY: a fresh private anonymous mapping, unmapped by SlotMem.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
         SlotMem {
-            ptr: std::ptr::NonNull::new(ptr.cast()).unwrap(),
+            mem: Mapping::anonymous((slots * cells) as usize * std::mem::size_of::<SlotCell>()),
             slots,
             cells,
-            map_len,
         }
     }
 

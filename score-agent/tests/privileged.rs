@@ -758,3 +758,106 @@ fn a_statistics_map_pinned_without_the_vm_count_still_serves() {
     drop(dp);
     assert!(stats.exists(), "the old map stays pinned");
 }
+
+/// Egress counts the frames of a peer elsewhere and skips a hosted VM's
+/// (counted at its own vif), whichever of its three reads decides: the
+/// receiving vif's slot for a sender that entered through its own vif,
+/// the hosted-VM filter's zero cell for a peer elsewhere, and the VM
+/// table for a peer elsewhere that shares a hosted VM's filter cell. The
+/// filter follows the table: one per hosted address, taken off when a vif
+/// is forgotten, and counted from a table pinned without it.
+#[test]
+#[ignore = "privileged: needs root, BPF and netns; run by `cargo xtask test`"]
+fn egress_counts_a_peer_elsewhere_once_whatever_its_filter_cell() {
+    use score_agent::datapath::LoadOptions;
+    use score_common::hosted_cell;
+    use std::net::Ipv4Addr;
+    let cell = |ip: &str| hosted_cell(u32::from(ip.parse::<Ipv4Addr>().unwrap()).to_be());
+    // A peer elsewhere whose address falls in a's filter cell.
+    let y = (2..=u32::from(u16::MAX))
+        .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i).to_string())
+        .find(|y| cell(y) == cell(A) && ![A, B, X].contains(&y.as_str()))
+        .expect("an address of the /16 in a's cell");
+    let y = y.as_str();
+    assert_ne!(cell(X), cell(A));
+    assert_ne!(cell(X), cell(B));
+    assert_ne!(cell(A), cell(B));
+
+    let mut lab = Lab::new("sct-filter-");
+    let h = lab.host("h");
+    let a = lab.vm(&h, "vif1.0", "a", A);
+    let b = lab.vm(&h, "vif2.0", "b", B);
+    let x = lab.vm(&h, "up0", "x", X);
+    let yn = lab.vm(&h, "up1", "y", y);
+    let _sinks = [sink(&a, A), sink(&b, B), sink(&x, X), sink(&yn, y)];
+    let bpffs = BpfFs::mount(&format!(
+        "/run/score-test-bpf-filter-{}",
+        std::process::id()
+    ));
+    let pins = std::path::PathBuf::from(&bpffs.path).join("score");
+    let opts = || LoadOptions {
+        flows_max: 1024,
+        pin_dir: Some(pins.clone()),
+        control_port: None,
+    };
+    let mut dp = datapath_on(&h, opts());
+    assert_eq!(dp.hosted_filter_cell(A.parse().unwrap()), 0);
+
+    udp(&a, A, B, 3, 100);
+    udp(&b, B, A, 2, 200);
+    udp(&x, X, A, 4, 300);
+    udp(&yn, y, A, 5, 400);
+    udp(&a, A, y, 6, 500);
+    let want = [
+        ((A, B), (3, 100)),
+        ((B, A), (2, 200)),
+        ((X, A), (4, 300)),
+        ((y, A), (5, 400)),
+        ((A, y), (6, 500)),
+    ];
+    let mut snap = Vec::new();
+    let got = |snap: &Vec<(score_agent::flows::Pair, score_agent::flows::Totals)>| -> Counts {
+        snap.iter()
+            .map(|((s, d), t)| ((s.to_string(), d.to_string()), (t.bytes, t.packets)))
+            .collect()
+    };
+    let expected: Counts = want
+        .iter()
+        .map(|((s, d), (n, len))| {
+            (
+                (s.to_string(), d.to_string()),
+                (*n as u64 * udp_frame(*len), *n as u64),
+            )
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        dp.snapshot_into(&mut snap).expect("drain");
+        if got(&snap) == expected || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(got(&snap), expected, "each frame counted once");
+    assert_eq!(dp.hosted_filter_cell(A.parse().unwrap()), 1);
+    assert_eq!(dp.hosted_filter_cell(B.parse().unwrap()), 1);
+    assert_eq!(dp.hosted_filter_cell(y.parse().unwrap()), 1, "a's cell");
+    assert_eq!(dp.hosted_filter_cell(X.parse().unwrap()), 0);
+
+    // b's vif forgotten: b's address leaves the table, then the filter.
+    assert!(dp.forget("vif2.0").is_some());
+    assert_eq!(dp.hosted_filter_cell(B.parse().unwrap()), 0);
+    assert_eq!(dp.hosted_filter_cell(A.parse().unwrap()), 1);
+    drop(dp);
+
+    // The next agent keeps the pinned filter as it is; one that finds the
+    // table pinned without a filter counts the table's addresses into it.
+    let dp = datapath_on(&h, opts());
+    assert_eq!(dp.hosted_filter_cell(A.parse().unwrap()), 1);
+    assert_eq!(dp.hosted_filter_cell(B.parse().unwrap()), 0);
+    drop(dp);
+    std::fs::remove_file(pins.join(score_common::HOSTED_FILTER_MAP)).unwrap();
+    let dp = datapath_on(&h, opts());
+    assert_eq!(dp.hosted_filter_cell(A.parse().unwrap()), 1);
+    assert_eq!(dp.hosted_filter_cell(X.parse().unwrap()), 0);
+}

@@ -41,6 +41,30 @@ pub const VIF_SEEN_MAP: &str = "SCORE_VIF_SEEN";
 /// vifs sharing a slot only cost each other a hash lookup.
 pub const VIF_SEEN_SLOTS: u32 = 1024;
 
+/// Name of the array that filters egress's "is the sender a hosted VM"
+/// question: cell [`hosted_cell`]`(ip)` holds how many addresses in
+/// [`VM_MACS_MAP`] fall in that cell. A zero cell proves the sender is not
+/// hosted without the hash lookup (the frames egress counts, from peers
+/// elsewhere, nearly always find zero); any other value sends the question
+/// on to [`VM_MACS_MAP`]. The cell may count more than the map holds, never
+/// fewer: the classifier adds one before it inserts an address (and takes
+/// it back if the insert fails), the agent takes one off after it deletes
+/// one. Both write through atomic adds; the agent through a shared mapping.
+pub const HOSTED_FILTER_MAP: &str = "SCORE_HOSTED_FILTER";
+/// Cells of [`HOSTED_FILTER_MAP`], each a `u64` (the eBPF target's one
+/// width of atomic add): 64 KiB, so that with 16 hosted VMs a peer
+/// elsewhere shares a cell with one of them about once in 500.
+pub const HOSTED_FILTER_CELLS: u32 = 8_192;
+
+/// The cell of [`HOSTED_FILTER_MAP`] for an IPv4 address in network byte
+/// order (as [`PairKey`] holds it): a multiplicative hash whose top bits
+/// are the cell, so that every octet of the address moves it.
+#[inline(always)]
+pub fn hosted_cell(ip: u32) -> u32 {
+    const SHIFT: u32 = 32 - HOSTED_FILTER_CELLS.trailing_zeros();
+    ip.wrapping_mul(0x9e37_79b1) >> SHIFT
+}
+
 /// Name of the ring buffer that carries intercepted S-CORE control
 /// datagrams (addressed to a hosted VM) from the classifier to the agent.
 pub const CONTROL_RING: &str = "SCORE_CONTROL";
@@ -208,6 +232,25 @@ mod tests {
             }
         }
         n
+    }
+
+    #[test]
+    fn hosted_cells_are_in_range_and_spread_a_subnet() {
+        assert!(HOSTED_FILTER_CELLS.is_power_of_two());
+        let mut used = vec![false; HOSTED_FILTER_CELLS as usize];
+        // The 256 addresses of one /24, as a host's VMs often are.
+        for last in 0..=255u8 {
+            let c = hosted_cell(u32::from_ne_bytes([10, 1, 2, last]));
+            assert!(c < HOSTED_FILTER_CELLS);
+            used[c as usize] = true;
+        }
+        let cells = used.iter().filter(|&&u| u).count();
+        assert!(cells >= 250, "256 addresses in only {cells} cells");
+        // And the first octets move the cell too.
+        assert_ne!(
+            hosted_cell(u32::from_ne_bytes([10, 1, 2, 3])),
+            hosted_cell(u32::from_ne_bytes([11, 1, 2, 3]))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_EXIST, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -14,8 +14,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use score_common::{
     BPF_F_MMAPABLE, CONTROL_MAGIC, CONTROL_MAX_PAYLOAD, CONTROL_RING_BYTES, ControlFrame,
-    DEFAULT_FLOWS_MAX, PairCounters, PairKey, SLOT_WAYS, STATS_LEN, SlotCell, Stat, VIF_SEEN_SLOTS,
-    VM_MACS_MAX, VifSeen, VmMac, slot_candidate, slot_index,
+    DEFAULT_FLOWS_MAX, HOSTED_FILTER_CELLS, PairCounters, PairKey, SLOT_WAYS, STATS_LEN, SlotCell,
+    Stat, VIF_SEEN_SLOTS, VM_MACS_MAX, VifSeen, VmMac, hosted_cell, slot_candidate, slot_index,
 };
 
 #[map(name = "SCORE_CONTROL")]
@@ -43,6 +43,13 @@ static SCORE_SLOT_CELLS: Global<u32> = Global::new(0);
 
 #[map(name = "SCORE_VM_MACS")]
 pub(crate) static VM_MACS: HashMap<u32, VmMac> = HashMap::with_max_entries(VM_MACS_MAX, 0);
+
+/// How many of `VM_MACS`' addresses fall in each cell (score-common's
+/// `HOSTED_FILTER_MAP`): egress's way to skip the hash lookup for a
+/// sender no hosted VM shares a cell with.
+#[map(name = "SCORE_HOSTED_FILTER")]
+pub(crate) static HOSTED_FILTER: Array<u64> =
+    Array::with_max_entries(HOSTED_FILTER_CELLS, BPF_F_MMAPABLE);
 
 #[map(name = "SCORE_VIF_SEEN")]
 static VIF_SEEN: Array<VifSeen> = Array::with_max_entries(VIF_SEEN_SLOTS, 0);
@@ -279,8 +286,8 @@ fn count(ctx: &TcContext, h: &Headers, from_vm: bool) -> Result<(), ()> {
 
     if from_vm {
         remember_mac(ctx, src, h.mac);
-    } else if VM_MACS.get_ptr(src).is_some() {
-        // Sent by a VM on this host: already counted at its own vif.
+    } else if sent_by_hosted_vm(ctx, src) {
+        // Already counted at the sender's own vif.
         return Ok(());
     }
 
@@ -337,6 +344,61 @@ fn count(ctx: &TcContext, h: &Headers, from_vm: bool) -> Result<(), ()> {
         }
     }
     Ok(())
+}
+
+/// Whether `src` is a VM on this host, whose frames its own vif's ingress
+/// counted: the answer of a lookup in `VM_MACS`, reached by the cheapest
+/// of three reads. A frame that entered the host through the vif whose
+/// last learnt sender is `src` (`ingress_ifindex` is the interface the
+/// kernel received it on, which bridging and forwarding keep) was sent by
+/// that hosted VM: the vif's `VIF_SEEN` slot says so, an array read. A
+/// sender whose `HOSTED_FILTER` cell is zero is in no entry of `VM_MACS`:
+/// another array read, and the usual answer for the frames egress counts.
+/// Only a sender sharing a cell with a hosted VM is looked up.
+#[inline(always)]
+pub(crate) fn sent_by_hosted_vm(ctx: &TcContext, src: u32) -> bool {
+    // SAFETY: the skb pointer is this run's live context.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if iif != 0
+        && let Some(seen) = VIF_SEEN.get_ptr(iif % VIF_SEEN_SLOTS)
+    {
+        // SAFETY: a valid array element; a torn read (see `remember_mac`)
+        // can only pair fields that were each written after `VM_MACS`
+        // held their sender, and an ifindex is never reused while the
+        // agent keeps its slot.
+        let (ifindex, ip) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*seen).ifindex),
+                core::ptr::read_volatile(&raw const (*seen).ip),
+            )
+        };
+        if ifindex == iif && ip == src {
+            return true;
+        }
+    }
+    match HOSTED_FILTER.get_ptr(hosted_cell(src)) {
+        // SAFETY: a valid array element, written only with atomic adds.
+        Some(cell) if unsafe { core::ptr::read_volatile(cell) } == 0 => false,
+        _ => VM_MACS.get_ptr(src).is_some(),
+    }
+}
+
+/// Adds `delta` (1, or -1 as its two's complement) to `src`'s cell of
+/// `HOSTED_FILTER` as one BPF atomic add (`lock *(u64 *)p += delta`): the
+/// classifiers on every CPU and the agent write the cells. core's
+/// `AtomicU64::fetch_add` is not offered on the BPF target; the intrinsic
+/// with its result unused is the instruction itself.
+#[inline(always)]
+fn filter_add(src: u32, delta: u64) {
+    if let Some(cell) = HOSTED_FILTER.get_ptr_mut(hosted_cell(src)) {
+        // SAFETY: a valid, 8-byte aligned u64 of the array, alive for the
+        // map's life.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                cell, delta,
+            );
+        }
+    }
 }
 
 /// Counts a frame at the pair's slot, if the agent gave it one: a pair
@@ -434,21 +496,32 @@ pub(crate) fn remember_mac(ctx: &TcContext, src: u32, mac: [u8; 6]) {
 /// already says so. True if the map holds the entry afterwards.
 #[inline(always)]
 pub(crate) fn learn_mac(src: u32, mac: [u8; 6], ifindex: u32) -> bool {
-    if let Some(known) = VM_MACS.get_ptr(src) {
-        // SAFETY: a valid value of the shared hash; the agent deletes
-        // entries only for a vif that is gone, and the kernel keeps a
-        // looked-up element readable for this RCU-protected run.
-        let known = unsafe { &*known };
-        if known.mac == mac && known.ifindex == ifindex {
-            return true;
+    let known = match VM_MACS.get_ptr(src) {
+        Some(known) => {
+            // SAFETY: a valid value of the shared hash; the agent deletes
+            // entries only for a vif that is gone, and the kernel keeps a
+            // looked-up element readable for this RCU-protected run.
+            let known = unsafe { &*known };
+            if known.mac == mac && known.ifindex == ifindex {
+                return true;
+            }
+            true
         }
-    }
+        None => false,
+    };
     let entry = VmMac {
         mac,
         _pad: [0; 2],
         ifindex,
     };
-    match VM_MACS.insert(&src, &entry, 0) {
+    // A new address is counted in its filter cell before it can be found
+    // in the table, so that a cell never counts fewer addresses than the
+    // table holds (see `sent_by_hosted_vm`).
+    if !known {
+        filter_add(src, 1);
+    }
+    let flags = if known { BPF_EXIST } else { BPF_NOEXIST };
+    match VM_MACS.insert(&src, &entry, u64::from(flags)) {
         // After the insert: an agent that sees the count move reads the
         // table again and finds the entry.
         Ok(()) => {
@@ -456,9 +529,15 @@ pub(crate) fn learn_mac(src: u32, mac: [u8; 6], ifindex: u32) -> bool {
             true
         }
         Err(e) => {
+            if !known {
+                filter_add(src, u64::MAX);
+            }
             if e == E2BIG {
                 bump(Stat::MacsMapFull);
             }
+            // Otherwise -EEXIST (another CPU learnt the address first) or
+            // -ENOENT (the agent deleted it meanwhile): the sender's next
+            // frame learns it.
             false
         }
     }

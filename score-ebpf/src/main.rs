@@ -47,7 +47,12 @@
 //! The per-frame path of an existing pair is kept to parsing, one slot
 //! (or per-CPU hash) update and, at ingress, an array read (the vif's last learnt sender
 //! in `SCORE_VIF_SEEN`, which spares the `SCORE_VM_MACS` lookup), or at
-//! egress the hosted-sender lookup. No clock is read per frame (on a
+//! egress the question "is the sender hosted here", answered by array
+//! reads where they can: the slot of the vif the frame entered by (a
+//! hosted VM's frame names its sender there), else the sender's cell of
+//! `SCORE_HOSTED_FILTER`, which counts the hosted addresses that fall in
+//! it (zero for nearly every peer elsewhere). Only a sender sharing a cell
+//! with a hosted VM is looked up in `SCORE_VM_MACS`. No clock is read per frame (on a
 //! virtual machine it cost more than the rest): only a new pair's entry is
 //! stamped, and the agent sees activity from the counters moving.
 //! The `score_bench_*` classifiers that run single pieces of this path
@@ -60,6 +65,9 @@
 //! time, per CPU, that the flow map is found full.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF atomic add of the hosted-VM filter (`classifiers::filter_add`).
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod classifiers;
