@@ -382,6 +382,13 @@ const _: () = assert!(core::mem::size_of::<PairCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<VmMac>() == 12);
 const _: () = assert!(core::mem::size_of::<SlotCell>() == 16);
 const _: () = assert!(core::mem::size_of::<VifSeen>() == 16);
+// The classifiers read a `VifSeen` as two 8-byte words: (ifindex, ip) and
+// (mac, padding).
+const _: () = assert!(
+    core::mem::offset_of!(VifSeen, ifindex) == 0
+        && core::mem::offset_of!(VifSeen, ip) == 4
+        && core::mem::offset_of!(VifSeen, mac) == 8
+);
 const _: () = assert!(core::mem::align_of::<PairCounters>() == 8);
 const _: () = assert!(core::mem::size_of::<ControlFrame>() == 16 + CONTROL_MAX_PAYLOAD);
 

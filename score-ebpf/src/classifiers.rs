@@ -362,17 +362,11 @@ pub(crate) fn sent_by_hosted_vm(ctx: &TcContext, src: u32) -> bool {
     if iif != 0
         && let Some(seen) = VIF_SEEN.get_ptr(iif % VIF_SEEN_SLOTS)
     {
-        // SAFETY: a valid array element; a torn read (see `remember_mac`)
+        // SAFETY: a valid array element. A torn copy (see `remember_mac`)
         // can only pair fields that were each written after `VM_MACS`
-        // held their sender, and an ifindex is never reused while the
-        // agent keeps its slot.
-        let (ifindex, ip) = unsafe {
-            (
-                core::ptr::read_volatile(&raw const (*seen).ifindex),
-                core::ptr::read_volatile(&raw const (*seen).ip),
-            )
-        };
-        if ifindex == iif && ip == src {
+        // held their sender.
+        let (head, _) = unsafe { seen_words(seen) };
+        if head == seen_head(iif, src) {
             return true;
         }
     }
@@ -467,9 +461,10 @@ pub(crate) fn remember_mac(ctx: &TcContext, src: u32, mac: [u8; 6]) {
         // ifindex shares the slot), so the copy may be torn. Each field it
         // can hold was written after VM_MACS held that sender, so a torn
         // copy can at worst delay learning a changed MAC or vif to a later
-        // frame; counting never depends on the slot.
-        let seen = unsafe { core::ptr::read_volatile(seen) };
-        if seen.ifindex == ifindex && seen.ip == src && seen.mac == mac {
+        // frame, and egress's reading of the slot (`sent_by_hosted_vm`)
+        // finds a sender VM_MACS holds.
+        let (head, tail) = unsafe { seen_words(seen) };
+        if head == seen_head(ifindex, src) && tail == seen_tail(mac) {
             return;
         }
     }
@@ -490,6 +485,43 @@ pub(crate) fn remember_mac(ctx: &TcContext, src: u32, mac: [u8; 6]) {
             };
         }
     }
+}
+
+/// A `VIF_SEEN` element as two aligned 8-byte loads (the array's elements
+/// are 16 bytes, 8-aligned): (ifindex, ip) and (mac, zero padding), in the
+/// layout of score-common's `VifSeen`. Field by field, the compiler reads
+/// the MAC a byte at a time.
+///
+/// # Safety
+///
+/// `seen` points at a live element of `VIF_SEEN`.
+#[inline(always)]
+unsafe fn seen_words(seen: *const VifSeen) -> (u64, u64) {
+    let w = seen.cast::<u64>();
+    // SAFETY: the caller's contract; both words are inside the element.
+    unsafe {
+        (
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+        )
+    }
+}
+
+/// The first word of a `VifSeen` holding `ifindex` and `ip`.
+#[inline(always)]
+fn seen_head(ifindex: u32, ip: u32) -> u64 {
+    // What one load of the two u32s gives (byte arrays do not fold).
+    if cfg!(target_endian = "little") {
+        u64::from(ifindex) | (u64::from(ip) << 32)
+    } else {
+        (u64::from(ifindex) << 32) | u64::from(ip)
+    }
+}
+
+/// The second word of a `VifSeen` holding `mac` (its padding is zero).
+#[inline(always)]
+fn seen_tail(mac: [u8; 6]) -> u64 {
+    u64::from_ne_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
 }
 
 /// The MAC learning itself: `VM_MACS[src] = (mac, ifindex)` unless it
