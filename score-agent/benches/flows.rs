@@ -372,10 +372,15 @@ fn packet(plan: &Plan) -> Result<()> {
     };
     // Interception of control datagrams off (`watch`, a daemon without
     // [cluster]) and on (the distributed agent: every frame at egress is
-    // first checked for the peer protocol's port); the third as the first,
-    // with its pairs moved into slots as the first drain does (the steady
-    // state of every pair after its first drain interval).
-    let mut dps = [load(None)?, load(Some(PEER_PORT))?, load(None)?];
+    // first checked for the peer protocol's port); the third and fourth as
+    // those two, with their pairs moved into slots as the first drain does
+    // (the steady state of every pair after its first drain interval).
+    let mut dps = [
+        load(None)?,
+        load(Some(PEER_PORT))?,
+        load(None)?,
+        load(Some(PEER_PORT))?,
+    ];
 
     let vm = Ipv4Addr::new(198, 18, 200, 1);
     let peer = Ipv4Addr::new(198, 19, 200, 1);
@@ -388,7 +393,7 @@ fn packet(plan: &Plan) -> Result<()> {
     // The hosted sender's own frames at egress (delivered to another VM
     // of this host) are skipped there, having been counted at its ingress:
     // a double count would show in the ingress row's exact count.
-    let progs: [Subject; 9] = [
+    let progs: [Subject; 10] = [
         ("empty", 0, PROG_BENCH_EMPTY, &out, 0, None),
         ("ingress", 0, PROG_INGRESS, &out, 0, Some((vm, peer))),
         ("egress", 0, PROG_EGRESS, &inb, 0, Some((peer, vm))),
@@ -404,6 +409,14 @@ fn packet(plan: &Plan) -> Result<()> {
         ("egress, by its vif", 0, PROG_EGRESS, &out, LOOPBACK, None),
         ("slot: ingress", 2, PROG_INGRESS, &out, 0, Some((vm, peer))),
         ("slot: egress", 2, PROG_EGRESS, &inb, 0, Some((peer, vm))),
+        (
+            "slot: egress+intercept",
+            3,
+            PROG_EGRESS,
+            &inb,
+            0,
+            Some((peer, vm)),
+        ),
         ("slot: egress+skip", 2, PROG_EGRESS, &out, LOOPBACK, None),
     ];
     // The pair is created by the first run; the timed runs then take the
@@ -412,13 +425,15 @@ fn packet(plan: &Plan) -> Result<()> {
         test_run_from(&mut dps[*d], prog, frame, *iif, 1000)?;
     }
     let mut drained = Vec::new();
-    dps[2].snapshot_into(&mut drained)?;
-    ensure!(
-        dps[2].slotted_pairs() == drained.len() && drained.len() > 3200,
-        "{} of {} pairs in slots",
-        dps[2].slotted_pairs(),
-        drained.len()
-    );
+    for dp in &mut dps[2..] {
+        dp.snapshot_into(&mut drained)?;
+        ensure!(
+            dp.slotted_pairs() == drained.len() && drained.len() > 3200,
+            "{} of {} pairs in slots",
+            dp.slotted_pairs(),
+            drained.len()
+        );
+    }
     let before: Vec<(u64, u64)> = progs
         .iter()
         .map(|(_, d, _, _, _, p)| p.map_or(Ok((0, 0)), |p| packets_of(&dps[*d], p)))
@@ -463,14 +478,14 @@ fn packet(plan: &Plan) -> Result<()> {
     println!("  ns per frame: kernel's average (integer ns) | wall clock / repeats");
     for (label, ..) in &progs {
         println!(
-            "  {label:<18} kernel {:.0} | wall {:.2}",
+            "  {label:<22} kernel {:.0} | wall {:.2}",
             summarize(&kernel[label]),
             summarize(&wall[label])
         );
     }
     for (label, ..) in &progs[1..] {
         println!(
-            "  {label:<18} minus empty (kernel, same round): {:.0} ns",
+            "  {label:<22} minus empty (kernel, same round): {:.0} ns",
             summarize(&extra[label])
         );
     }
