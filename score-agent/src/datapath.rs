@@ -508,6 +508,26 @@ impl HostedFilter {
     fn cell(&self, ip: u32) -> &std::sync::atomic::AtomicU64 {
         self.mem.word(hosted_cell(ip) as usize)
     }
+
+    /// Raises every cell to at least the number of `table`'s addresses
+    /// that fall in it, at load: a filter pinned with a table it does not
+    /// count (new beside a table pinned by an agent from before it, or
+    /// left behind while an older agent ran) then counts it. A cell is
+    /// never lowered, so a classifier adding meanwhile loses nothing; a
+    /// cell left too high only costs its senders the table lookup.
+    fn cover(&self, table: &[(Ipv4Addr, VmMac)]) {
+        let mut counts: HashMap<u32, u64> = HashMap::new();
+        for (ip, _) in table {
+            *counts
+                .entry(hosted_cell(u32::from(*ip).to_be()))
+                .or_default() += 1;
+        }
+        for (cell, n) in counts {
+            self.mem
+                .word(cell as usize)
+                .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Waits until every BPF program run that started before now has ended:
@@ -640,9 +660,6 @@ impl Datapath {
         let port = opts.control_port.unwrap_or(0);
         loader.override_global(score_common::CONTROL_PORT_GLOBAL, &port, true);
         let pins: Vec<(&'static str, PathBuf)>;
-        // The filter counts the VM table's addresses: one pinned before it
-        // (by an agent from before the filter) is counted into a new one.
-        let mut seed_filter = true;
         if let Some(dir) = &opts.pin_dir {
             prepare_bpffs(dir)?;
             pins = [
@@ -657,7 +674,6 @@ impl Datapath {
             for (name, path) in &pins {
                 loader.map_pin_path(name, path.as_path());
             }
-            seed_filter = !dir.join(HOSTED_FILTER_MAP).exists();
         }
         let mut bpf = loader.load(object)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
@@ -693,14 +709,7 @@ impl Datapath {
             },
             filter,
         };
-        if seed_filter {
-            // Nothing is attached yet: no classifier learns meanwhile.
-            for (ip, _) in dp.vm_macs()? {
-                dp.filter
-                    .cell(u32::from(ip).to_be())
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
+        dp.filter.cover(&dp.vm_macs()?);
         Ok(dp)
     }
 
@@ -1640,6 +1649,37 @@ mod tests {
             slots,
             cells,
         }
+    }
+
+    #[test]
+    fn the_filter_is_raised_to_the_tables_count_and_never_lowered() {
+        let filter = HostedFilter {
+            mem: Mapping::anonymous(HOSTED_FILTER_CELLS as usize * 8),
+        };
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let be = |s: &str| u32::from(ip(s)).to_be();
+        let (a, b) = ("10.0.0.1", "10.0.0.2");
+        // Another address of a's cell, and one of a cell of its own.
+        let a2 = (3..=u32::from(u16::MAX))
+            .map(|i| Ipv4Addr::from(0x0a00_0000 + i).to_string())
+            .find(|x| hosted_cell(be(x)) == hosted_cell(be(a)))
+            .unwrap();
+        assert_ne!(hosted_cell(be(a)), hosted_cell(be(b)));
+        let mac = VmMac::default();
+        let load = |x: &str| {
+            filter
+                .cell(be(x))
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        filter.cover(&[(ip(a), mac), (ip(&a2), mac), (ip(b), mac)]);
+        assert_eq!((load(a), load(b)), (2, 1));
+        // A cell above the table's count (a classifier adding, or an
+        // address deleted while no agent ran) stays as it is.
+        filter
+            .cell(be(b))
+            .fetch_add(4, std::sync::atomic::Ordering::Relaxed);
+        filter.cover(&[(ip(a), mac), (ip(b), mac)]);
+        assert_eq!((load(a), load(b)), (2, 5));
     }
 
     fn pair(i: u32) -> Pair {
