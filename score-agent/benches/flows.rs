@@ -21,7 +21,7 @@ mod common;
 use common::{in_netns, machine, quiet, sh};
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::{BufRead, BufReader},
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -1090,10 +1090,10 @@ impl Drop for AgentProc {
 }
 
 /// CPU time of every live thread of `pid`, in ns (scheduler accounting,
-/// exact, unlike the 10 ms ticks of /proc/PID/stat), and their ids.
-fn cpu_ns(pid: u32) -> Result<(u64, BTreeSet<u32>)> {
-    let mut total = 0;
-    let mut tids = BTreeSet::new();
+/// exact, unlike the 10 ms ticks of /proc/PID/stat), by thread id, with
+/// the thread's name.
+fn cpu_ns(pid: u32) -> Result<BTreeMap<u32, (String, u64)>> {
+    let mut threads = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let entry = entry?;
         let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
@@ -1104,12 +1104,28 @@ fn cpu_ns(pid: u32) -> Result<(u64, BTreeSet<u32>)> {
             .next()
             .and_then(|v| v.parse().ok())
             .context("schedstat")?;
-        total += ns;
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.insert(tid);
+            threads.insert(tid, (name.trim().to_owned(), ns));
         }
     }
-    Ok((total, tids))
+    Ok(threads)
+}
+
+/// The CPU each thread name spent between two [`cpu_ns`] readings, in ns
+/// (a thread born in between counts from zero), and the threads of the
+/// first reading gone by the second.
+fn cpu_by_name(
+    before: &BTreeMap<u32, (String, u64)>,
+    after: &BTreeMap<u32, (String, u64)>,
+) -> (BTreeMap<String, u64>, usize) {
+    let mut by_name = BTreeMap::new();
+    for (tid, (name, ns)) in after {
+        let was = before.get(tid).map_or(0, |b| b.1);
+        *by_name.entry(name.clone()).or_default() += ns.saturating_sub(was);
+    }
+    let lost = before.keys().filter(|t| !after.contains_key(t)).count();
+    (by_name, lost)
 }
 
 /// utime + stime of `pid` in clock ticks (exited threads included).
@@ -1172,6 +1188,24 @@ fn flows_reply() -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
+/// `score_drain_duration_seconds`' sum and count from the agent's
+/// `/metrics`, inside its namespace: the daemon's own timing of its drains
+/// (wall clock).
+fn drain_histogram() -> Result<(f64, u64)> {
+    let body = score_testbed::http::get(HOST_NS, "127.0.0.1:9464".parse()?, "/metrics")?
+        .context("the agent did not answer /metrics")?;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("{name} in /metrics"))
+    };
+    Ok((
+        value("score_drain_duration_seconds_sum")?,
+        value("score_drain_duration_seconds_count")? as u64,
+    ))
+}
+
 /// What one agent run measured.
 #[derive(Debug)]
 struct AgentRun {
@@ -1186,6 +1220,12 @@ struct AgentRun {
     pairs: usize,
     median_rate: f64,
     threads_lost: usize,
+    /// CPU by thread name over the window, ns.
+    threads: BTreeMap<String, u64>,
+    /// Drains in the window, and their wall-clock time as the daemon
+    /// timed them (`score_drain_duration_seconds`).
+    drains: u64,
+    drain_wall_s: f64,
 }
 
 fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
@@ -1206,7 +1246,9 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
     };
     thread::sleep(plan.agent_warmup);
 
-    let (ns0, tids0) = cpu_ns(pid)?;
+    // Before the window: the scrape's own CPU is not counted.
+    let drains0 = drain_histogram()?;
+    let threads0 = cpu_ns(pid)?;
     let ticks0 = cpu_ticks(pid)?;
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -1215,10 +1257,11 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
         agent.alive()?;
         samples.push(memory_kib(pid)?);
     }
-    let (ns1, tids1) = cpu_ns(pid)?;
+    let threads1 = cpu_ns(pid)?;
     let ticks1 = cpu_ticks(pid)?;
     let wall = started.elapsed();
     let maps = map_memory(pid)?;
+    let drains1 = drain_histogram()?;
 
     // After the measured window, so the request costs the agent nothing
     // that was counted.
@@ -1242,7 +1285,8 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
     drop(load);
     agent.stop()?;
 
-    let cpu = ns1.saturating_sub(ns0) as f64;
+    let (threads, threads_lost) = cpu_by_name(&threads0, &threads1);
+    let cpu = threads.values().sum::<u64>() as f64;
     Ok(AgentRun {
         cpu_percent: 100.0 * cpu / wall.as_nanos() as f64,
         cpu_ms: cpu / 1e6,
@@ -1254,7 +1298,10 @@ fn agent_run(plan: &Plan, config: &Path, traffic: bool) -> Result<AgentRun> {
         maps,
         pairs: pairs.len(),
         median_rate,
-        threads_lost: tids0.difference(&tids1).count(),
+        threads_lost,
+        threads,
+        drains: drains1.1 - drains0.1,
+        drain_wall_s: drains1.0 - drains0.0,
     })
 }
 
@@ -1305,10 +1352,25 @@ fn agent_bed() -> Result<(Bed, PathBuf)> {
 /// (call graphs from DWARF, 30 s after a 10 s warm-up), for finding where
 /// its CPU goes; the data lands in `$SCORE_PROFILE_OUT` (default
 /// /tmp/score-agent.perf.data), read it with `perf report -i`.
+/// `$SCORE_PROFILE_FREQ` (samples per second, default 499) and
+/// `$SCORE_PROFILE_SECS` (default 30) change the sampling: at the default
+/// 4 s drains the daemon spends a few ms of CPU in 30 s, a handful of
+/// samples at 499 Hz.
 fn profile(_plan: &Plan) -> Result<()> {
     let (bed, config) = agent_bed()?;
     let out = std::env::var("SCORE_PROFILE_OUT")
         .unwrap_or_else(|_| "/tmp/score-agent.perf.data".to_owned());
+    let env_or = |name: &str, default: u32| -> Result<String> {
+        Ok(match std::env::var(name) {
+            Ok(v) => v
+                .parse::<u32>()
+                .with_context(|| format!("{name}={v}: not a number"))?
+                .to_string(),
+            Err(_) => default.to_string(),
+        })
+    };
+    let freq = env_or("SCORE_PROFILE_FREQ", 499)?;
+    let secs = env_or("SCORE_PROFILE_SECS", 30)?;
     let mut agent = AgentProc::start(&config)?;
     agent.wait_ready(Duration::from_secs(30))?;
     let load = Traffic::start()?;
@@ -1318,13 +1380,13 @@ fn profile(_plan: &Plan) -> Result<()> {
             "record",
             "-q",
             "-F",
-            "499",
+            &freq,
             "--call-graph",
             "dwarf,32768",
             "-o",
         ])
         .arg(&out)
-        .args(["-p", &agent.pid().to_string(), "--", "sleep", "30"])
+        .args(["-p", &agent.pid().to_string(), "--", "sleep", &secs])
         .status()
         .context("running perf record")?;
     ensure!(status.success(), "perf record failed: {status}");
@@ -1393,6 +1455,22 @@ fn report_run(r: &AgentRun) {
             )
         } else {
             String::new()
+        }
+    );
+    let by_thread: Vec<String> = r
+        .threads
+        .iter()
+        .filter(|(_, ns)| **ns > 0)
+        .map(|(name, ns)| format!("{name} {:.2} ms", *ns as f64 / 1e6))
+        .collect();
+    println!("  of which, by thread: {}", by_thread.join(", "));
+    println!(
+        "  drains in the window: {}, {:.3} ms each (wall clock, the daemon's own timing)",
+        r.drains,
+        if r.drains > 0 {
+            1e3 * r.drain_wall_s / r.drains as f64
+        } else {
+            0.0
         }
     );
     println!(

@@ -1370,22 +1370,30 @@ fn emit_pairs(
         fresh: fresh.iter().map(|(p, t)| (order.of(p), *p, *t)).peekable(),
         carry: carried.into_iter().peekable(),
     };
-    // Slots this far ahead are prefetched (see `SlotMem::prefetch`).
-    const AHEAD: usize = 8;
-    for o in owned.iter().take(AHEAD) {
-        mem.prefetch(o.idx);
-    }
+    // The slots are prefetched (see `SlotMem::prefetch`) in bursts: when
+    // fewer than PREFETCH_BURST prefetched slots are left ahead, the next
+    // ones up to twice that are asked for, back to back. Each slot of a
+    // sparse array is on a page of its own more often than not, and a
+    // prefetch waits for its page's translation, so the misses of a burst
+    // overlap where prefetches spread between the reads (eight slots
+    // ahead, one at a time) waited for one page walk after another
+    // (docs/BENCHMARKS.md, "Prefetch in bursts, top pairs made when scraped").
+    let mut prefetched = 0;
     let mut i = 0;
     while i < owned.len() {
+        if prefetched < i + PREFETCH_BURST {
+            let to = (i + 2 * PREFETCH_BURST).min(owned.len());
+            for o in &owned[prefetched.max(i)..to] {
+                mem.prefetch(o.idx);
+            }
+            prefetched = to;
+        }
         let group = owned[i].idx / SLOT_WAYS;
         let n = owned[i..]
             .iter()
             .take(SLOT_WAYS as usize)
             .take_while(|o| o.idx / SLOT_WAYS == group)
             .count();
-        for o in owned.iter().skip(i + AHEAD).take(n) {
-            mem.prefetch(o.idx);
-        }
         let mut read = [(0u128, key_of_word(0), Totals::default()); SLOT_WAYS as usize];
         for (k, o) in owned[i..i + n].iter_mut().enumerate() {
             let key = key_of_word(mem.key(o.idx));
@@ -1566,6 +1574,11 @@ fn stats_of(sums: &[u64; score_common::STATS_LEN as usize]) -> DatapathStats {
         control_ring_full: get(Stat::ControlRingFull),
     }
 }
+
+/// Slots [`emit_pairs`] prefetches at a time (see there): 16 to 32 read a
+/// sparse array's slots fastest on the machine of docs/BENCHMARKS.md;
+/// fewer waited for page walks one after another, more did not help.
+const PREFETCH_BURST: usize = 16;
 
 /// Pairs one drain moves into slots at most: each costs a read and a
 /// delete of its hash-map entry (two syscalls), so a drain that finds a

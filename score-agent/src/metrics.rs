@@ -396,9 +396,23 @@ struct DrainState {
     last_stats: Option<DatapathStats>,
     /// VMs that have `vm` labels now.
     labelled: BTreeSet<Ipv4Addr>,
+    /// The traffic series of the hosted VMs, as every drain updates them:
+    /// looked up by label (an address formatted, two hashes) once per VM,
+    /// not once per drain. Dropped whenever the VM's series are removed,
+    /// so that no update goes to a series the registry no longer has.
+    traffic: HashMap<Ipv4Addr, VmTraffic>,
     /// The communication cost last set for each hosted VM; the host cost
     /// is their sum.
     costs: HashMap<Ipv4Addr, f64>,
+}
+
+/// One hosted VM's traffic series.
+#[derive(Debug)]
+struct VmTraffic {
+    transmit_bytes: IntCounter,
+    transmit_rate: Gauge,
+    receive_bytes: IntCounter,
+    receive_rate: Gauge,
 }
 
 impl DrainState {
@@ -427,8 +441,7 @@ pub struct Metrics {
     vm_level: IntGaugeVec,
     vms_hosted: IntGauge,
     host_cost: Gauge,
-    top_pair_rate: GaugeVec,
-    top_pair_bytes: IntGaugeVec,
+    top_pairs: TopPairs,
 
     token_received: IntCounter,
     token_passed: IntCounter,
@@ -499,7 +512,6 @@ impl Metrics {
         let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help));
         let int_gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help));
         let vm = &["vm"];
-        let pair = &["src", "dst"];
 
         let m = Metrics {
             top_k: top_k.min(MAX_TOP_K),
@@ -576,24 +588,17 @@ impl Metrics {
                     "Sum of score_vm_communication_cost over the VMs hosted here.",
                 ),
             ),
-            top_pair_rate: reg(
+            top_pairs: reg(
                 &r,
-                GaugeVec::new(
+                TopPairs::new(
                     Opts::new(
                         "score_top_pair_bytes_per_second",
                         "Windowed rate of one of the top-K directed pairs by rate; the set is replaced at every drain.",
                     ),
-                    pair,
-                ),
-            ),
-            top_pair_bytes: reg(
-                &r,
-                IntGaugeVec::new(
                     Opts::new(
                         "score_top_pair_bytes",
                         "Bytes counted by the kernel for one of the top-K directed pairs by rate, since its map entry was created; the set is replaced at every drain.",
                     ),
-                    pair,
                 ),
             ),
             token_received: counter(
@@ -972,11 +977,25 @@ impl Metrics {
     pub fn forget_vm(&self, vm: Ipv4Addr) {
         let mut state = lock(&self.state);
         self.remove_vm_series(vm);
+        state.traffic.remove(&vm);
         state.labelled.remove(&vm);
         state.costs.remove(&vm);
         self.host_cost.set(state.host_cost());
     }
 
+    /// The traffic series of `vm`, made if absent.
+    fn vm_traffic(&self, vm: Ipv4Addr) -> VmTraffic {
+        let l = [vm.to_string()];
+        VmTraffic {
+            transmit_bytes: self.vm_transmit_bytes.with_label_values(&l),
+            transmit_rate: self.vm_transmit_rate.with_label_values(&l),
+            receive_bytes: self.vm_receive_bytes.with_label_values(&l),
+            receive_rate: self.vm_receive_rate.with_label_values(&l),
+        }
+    }
+
+    /// Removes the series of `vm` from the registry; the caller forgets
+    /// its cached [`VmTraffic`] too.
     fn remove_vm_series(&self, vm: Ipv4Addr) {
         let l = [vm.to_string()];
         // Absent series are fine: a VM may have traffic but no cost yet.
@@ -1065,22 +1084,23 @@ impl Metrics {
         let of = |sums: &AddrMap<(u64, f64)>, vm: &Ipv4Addr| {
             (*vm, sums.get(&u32::from(*vm)).copied().unwrap_or_default())
         };
-        let tx: Vec<(Ipv4Addr, (u64, f64))> = hosted.iter().map(|vm| of(&pairs.tx, vm)).collect();
-        let rx: Vec<(Ipv4Addr, (u64, f64))> = hosted.iter().map(|vm| of(&pairs.rx, vm)).collect();
-        for (vm, (delta, rate)) in &tx {
-            let l = [vm.to_string()];
-            self.vm_transmit_bytes.with_label_values(&l).inc_by(*delta);
-            self.vm_transmit_rate.with_label_values(&l).set(*rate);
-        }
-        for (vm, (delta, rate)) in &rx {
-            let l = [vm.to_string()];
-            self.vm_receive_bytes.with_label_values(&l).inc_by(*delta);
-            self.vm_receive_rate.with_label_values(&l).set(*rate);
-        }
         let gone: Vec<Ipv4Addr> = state.labelled.difference(&hosted).copied().collect();
         for vm in gone {
             self.remove_vm_series(vm);
+            state.traffic.remove(&vm);
             state.costs.remove(&vm);
+        }
+        for vm in &hosted {
+            let (_, (sent, sent_rate)) = of(&pairs.tx, vm);
+            let (_, (received, received_rate)) = of(&pairs.rx, vm);
+            let series = state
+                .traffic
+                .entry(*vm)
+                .or_insert_with(|| self.vm_traffic(*vm));
+            series.transmit_bytes.inc_by(sent);
+            series.transmit_rate.set(sent_rate);
+            series.receive_bytes.inc_by(received);
+            series.receive_rate.set(received_rate);
         }
         state.labelled = hosted;
         self.host_cost.set(state.host_cost());
@@ -1155,18 +1175,75 @@ impl Metrics {
         };
     }
 
-    /// Replaces the top-K pair series with `top`, the busiest pairs in
-    /// order (highest rate first, then most bytes, then lowest (src, dst)).
+    /// Replaces the top-K pairs with `top`, the busiest pairs in order
+    /// (highest rate first, then most bytes, then lowest (src, dst)).
     fn export_top_pairs(&self, top: &[PairSample]) {
-        self.top_pair_rate.reset();
-        self.top_pair_bytes.reset();
-        for p in top {
-            let l = [p.pair.0.to_string(), p.pair.1.to_string()];
-            self.top_pair_rate.with_label_values(&l).set(p.rate_bps);
-            self.top_pair_bytes
-                .with_label_values(&l)
-                .set(clamp_i64(p.totals.bytes));
+        let mut kept = lock(&self.top_pairs.top);
+        kept.clear();
+        kept.extend_from_slice(top);
+    }
+}
+
+/// `score_top_pair_bytes_per_second` and `score_top_pair_bytes`: the
+/// busiest pairs of the last drain, kept as a list and made into series
+/// only when the metrics are gathered. The set changes at nearly every
+/// drain, and making a series (its descriptor, label pairs and two
+/// formatted addresses) cost more than the rest of a drain's metrics
+/// together; a drain runs every few seconds, a scrape every 15 s or
+/// never.
+#[derive(Clone, Debug)]
+struct TopPairs {
+    rate: Opts,
+    bytes: Opts,
+    /// The two families' descriptors, for the registry.
+    descs: Vec<prometheus::core::Desc>,
+    top: std::sync::Arc<Mutex<Vec<PairSample>>>,
+}
+
+/// The labels of a top pair's series.
+const PAIR_LABELS: [&str; 2] = ["src", "dst"];
+
+impl TopPairs {
+    fn new(rate: Opts, bytes: Opts) -> prometheus::Result<Self> {
+        let mut descs = Vec::new();
+        for opts in [&rate, &bytes] {
+            let opts = opts
+                .clone()
+                .variable_labels(PAIR_LABELS.iter().map(|&l| l.to_owned()).collect());
+            descs.push(prometheus::core::Describer::describe(&opts)?);
         }
+        Ok(TopPairs {
+            rate,
+            bytes,
+            descs,
+            top: Default::default(),
+        })
+    }
+}
+
+impl prometheus::core::Collector for TopPairs {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    /// The same families two labelled vectors filled at the drain would
+    /// give: they are made here, from the list.
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let top = lock(&self.top).clone();
+        let (Ok(rate), Ok(bytes)) = (
+            GaugeVec::new(self.rate.clone(), &PAIR_LABELS),
+            IntGaugeVec::new(self.bytes.clone(), &PAIR_LABELS),
+        ) else {
+            return Vec::new();
+        };
+        for p in &top {
+            let l = [p.pair.0.to_string(), p.pair.1.to_string()];
+            rate.with_label_values(&l).set(p.rate_bps);
+            bytes.with_label_values(&l).set(clamp_i64(p.totals.bytes));
+        }
+        let mut families = prometheus::core::Collector::collect(&rate);
+        families.extend(prometheus::core::Collector::collect(&bytes));
+        families
     }
 }
 
@@ -1705,6 +1782,91 @@ mod tests {
             value(&m.render(), "score_host_communication_cost"),
             Some(7.0)
         );
+    }
+
+    /// A drain updates a hosted VM's traffic series through handles kept
+    /// from the drain before; once the series are removed (the VM left, or
+    /// was forgotten) the handles go too, and the VM's next drain counts
+    /// into series the registry shows, from that drain's bytes.
+    #[test]
+    fn a_vm_whose_series_were_removed_counts_again_at_its_next_drain() {
+        let m = Metrics::new(10);
+        let tx = |m: &Metrics| {
+            value(
+                &m.render(),
+                "score_vm_transmit_bytes_total{vm=\"198.18.0.1\"}",
+            )
+        };
+        let both = [ip(1), ip(2)];
+        let stats = DatapathStats::default();
+        drain(&m, &[pair(1, 2, 1000, 10.0)], &both, stats);
+        assert_eq!(tx(&m), Some(1000.0));
+        // Forgotten (migrated away), then hosted again.
+        m.forget_vm(ip(1));
+        assert_eq!(tx(&m), None);
+        drain(&m, &[pair(1, 2, 1500, 10.0)], &both, stats);
+        assert_eq!(tx(&m), Some(500.0));
+        // Not hosted at one drain, then hosted again.
+        drain(&m, &[pair(1, 2, 1600, 10.0)], &[ip(2)], stats);
+        assert_eq!(tx(&m), None);
+        drain(&m, &[pair(1, 2, 1800, 10.0)], &both, stats);
+        assert_eq!(tx(&m), Some(200.0));
+        drain(&m, &[pair(1, 2, 1850, 10.0)], &both, stats);
+        assert_eq!(tx(&m), Some(250.0));
+    }
+
+    /// The top pairs, kept as a list and made into series when gathered,
+    /// render exactly as two labelled vectors filled at the drain did:
+    /// names, help, type, labels, values (bytes clamped), order.
+    #[test]
+    fn top_pairs_render_as_labelled_vectors_filled_at_the_drain() {
+        let rate_opts = Opts::new("score_top_pair_bytes_per_second", "Rate help.");
+        let bytes_opts = Opts::new("score_top_pair_bytes", "Bytes help.");
+        let sample = |src: u8, dst: u8, bytes: u64, rate: f64| PairSample {
+            pair: (ip(src), ip(dst)),
+            totals: Totals {
+                bytes,
+                ..Totals::default()
+            },
+            rate_bps: rate,
+            previous: None,
+        };
+        let sets = [
+            vec![],
+            vec![sample(1, 2, 10, 0.5)],
+            vec![
+                sample(9, 2, 7, 1e9 / 3.0),
+                sample(1, 20, u64::MAX, 2.25),
+                sample(1, 3, 0, 0.0),
+                sample(10, 1, 123_456_789, 1e-7),
+            ],
+        ];
+        let text = |r: &Registry| {
+            let mut out = String::new();
+            TextEncoder::new()
+                .encode_utf8(&r.gather(), &mut out)
+                .unwrap();
+            out
+        };
+        for top in sets {
+            let ours = TopPairs::new(rate_opts.clone(), bytes_opts.clone()).unwrap();
+            let r = Registry::new();
+            r.register(Box::new(ours.clone())).unwrap();
+            *lock(&ours.top) = top.clone();
+
+            let rate = GaugeVec::new(rate_opts.clone(), &["src", "dst"]).unwrap();
+            let bytes = IntGaugeVec::new(bytes_opts.clone(), &["src", "dst"]).unwrap();
+            let want = Registry::new();
+            want.register(Box::new(rate.clone())).unwrap();
+            want.register(Box::new(bytes.clone())).unwrap();
+            for p in &top {
+                let l = [p.pair.0.to_string(), p.pair.1.to_string()];
+                rate.with_label_values(&l).set(p.rate_bps);
+                bytes.with_label_values(&l).set(clamp_i64(p.totals.bytes));
+            }
+            assert_eq!(text(&r), text(&want), "{top:?}");
+            assert_eq!(text(&r).is_empty(), top.is_empty());
+        }
     }
 
     #[test]
