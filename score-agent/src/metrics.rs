@@ -265,12 +265,7 @@ impl DrainPairs {
         // that adds nothing to a sum needs no entry (an absent address
         // sums to zero).
         if src != dst && (delta != 0 || p.rate_bps != 0.0) {
-            self.sum(Stray {
-                src: u32::from(src),
-                dst: u32::from(dst),
-                delta,
-                rate: p.rate_bps,
-            });
+            self.sum(u32::from(src), u32::from(dst), delta, p.rate_bps);
         }
         if self.top_k > 0
             && self
@@ -286,22 +281,27 @@ impl DrainPairs {
     }
 
     /// Adds a pair's share to the sums of its addresses that are summed,
-    /// and puts it aside if either is not.
-    fn sum(&mut self, s: Stray) {
+    /// and puts it aside if either is not. Inlined, with the share as
+    /// four values rather than a `Stray`: one built on the stack and then
+    /// copied into the list was where the profile found each pair
+    /// waiting (docs/BENCHMARKS.md, "Prefetch in bursts, top pairs made
+    /// when scraped").
+    #[inline(always)]
+    fn sum(&mut self, src: u32, dst: u32, delta: u64, rate: f64) {
         if self.spilled {
-            for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+            for (sums, vm) in [(&mut self.tx, src), (&mut self.rx, dst)] {
                 let t = sums.entry(vm).or_default();
-                t.0 += s.delta;
-                t.1 += s.rate;
+                t.0 += delta;
+                t.1 += rate;
             }
             return;
         }
         let mut aside = false;
-        for (sums, vm) in [(&mut self.tx, s.src), (&mut self.rx, s.dst)] {
+        for (sums, vm) in [(&mut self.tx, src), (&mut self.rx, dst)] {
             match sums.get_mut(&vm) {
                 Some(t) => {
-                    t.0 += s.delta;
-                    t.1 += s.rate;
+                    t.0 += delta;
+                    t.1 += rate;
                 }
                 None => aside = true,
             }
@@ -310,9 +310,20 @@ impl DrainPairs {
             return;
         }
         if self.strays.len() < self.strays_max {
-            self.strays.push(s);
+            self.strays.push(Stray {
+                src,
+                dst,
+                delta,
+                rate,
+            });
             return;
         }
+        let s = Stray {
+            src,
+            dst,
+            delta,
+            rate,
+        };
         // Too many to keep aside: sum for every address from here on,
         // starting with the shares put aside (this one included).
         self.spilled = true;
