@@ -35,7 +35,8 @@ pub const VM_MACS_MAP: &str = "SCORE_VM_MACS";
 pub const STATS_MAP: &str = "SCORE_STATS";
 /// Name of the array that remembers, per vif, the last sender learnt into
 /// [`VM_MACS_MAP`] there (see [`VifSeen`]): the classifier's way to skip
-/// the hash lookup of MAC learning for a sender it already knows.
+/// the hash lookup of MAC learning for a sender it already knows, and
+/// egress's way to know a hosted VM's frame by the vif it entered by.
 pub const VIF_SEEN_MAP: &str = "SCORE_VIF_SEEN";
 /// Slots of [`VIF_SEEN_MAP`], indexed by `ifindex % VIF_SEEN_SLOTS`; two
 /// vifs sharing a slot only cost each other a hash lookup.
