@@ -68,6 +68,9 @@ pub enum DatapathError {
     /// classifiers failed.
     #[error("counter slots: {0}")]
     Slots(std::io::Error),
+    /// The hosted-VM filter (`SCORE_HOSTED_FILTER`) could not be mapped.
+    #[error("hosted-VM filter: {0}")]
+    Filter(std::io::Error),
     /// bpffs could not be prepared for pinning.
     #[error("preparing bpffs at {path}: {reason}")]
     Bpffs {
@@ -500,7 +503,7 @@ impl HostedFilter {
         }
         let bytes = HOSTED_FILTER_CELLS as usize * 8;
         Ok(HostedFilter {
-            mem: Mapping::shared(md.fd().as_fd(), bytes).map_err(DatapathError::Slots)?,
+            mem: Mapping::shared(md.fd().as_fd(), bytes).map_err(DatapathError::Filter)?,
         })
     }
 
